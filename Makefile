@@ -1,0 +1,35 @@
+# The README's two commands: `make demo` and `make test`. Both bootstrap .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck unit bench soak clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/connector demo $(DEMO_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check connector tests benchmarks
+	$(BIN)/ruff format --check connector tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy --strict connector
+
+test: lint typecheck
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks all $(BENCH_ARGS)
+
+soak: $(STAMP)
+	$(BIN)/python -m tests.chaos.soak $(SOAK_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

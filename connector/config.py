@@ -1,0 +1,492 @@
+"""Typed configuration from a TOML file plus the environment, validated with clear errors.
+
+Secrets (client secret, refresh token, database password) are never written in the file: the
+file names an environment variable (``*_env``) or a file (``*_file``) that holds them. Every
+mistake is reported as ``ConfigError(key, message)`` naming the dotted key, the bad value and
+what was expected; ``connector config check FILE`` prints it and exits 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tomllib
+import warnings
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from connector.errors import ConfigError
+
+# Zoho data centres: accounts server, API domain. (zoho-crm-api.md §1.5)
+DATA_CENTRES: dict[str, tuple[str, str]] = {
+    "us": ("https://accounts.zoho.com", "https://www.zohoapis.com"),
+    "eu": ("https://accounts.zoho.eu", "https://www.zohoapis.eu"),
+    "in": ("https://accounts.zoho.in", "https://www.zohoapis.in"),
+    "au": ("https://accounts.zoho.com.au", "https://www.zohoapis.com.au"),
+    "cn": ("https://accounts.zoho.com.cn", "https://www.zohoapis.com.cn"),
+    "jp": ("https://accounts.zoho.jp", "https://www.zohoapis.jp"),
+    "ca": ("https://accounts.zohocloud.ca", "https://www.zohoapis.ca"),
+    "sa": ("https://accounts.zoho.sa", "https://www.zohoapis.sa"),
+}
+UPLOAD_HOSTS: dict[str, str] = {
+    "us": "https://content.zohoapis.com",
+    "eu": "https://content.zohoapis.eu",
+    "in": "https://content.zohoapis.in",
+    "au": "https://content.zohoapis.com.au",
+    "cn": "https://content.zohoapis.com.cn",
+    "jp": "https://content.zohoapis.jp",
+    "ca": "https://content.zohoapis.ca",
+    "sa": "https://content.zohoapis.sa",
+}
+
+EDITION_CONCURRENCY: dict[str, int] = {
+    "free": 5,
+    "standard": 10,
+    "starter": 10,
+    "professional": 15,
+    "enterprise": 20,
+    "zoho_one": 20,
+    "ultimate": 25,
+    "crm_plus": 25,
+}
+
+CRM_TYPES = (
+    "text",
+    "textarea",
+    "email",
+    "phone",
+    "url",
+    "picklist",
+    "multiselectpicklist",
+    "integer",
+    "bigint",
+    "decimal",
+    "currency",
+    "double",
+    "percent",
+    "boolean",
+    "date",
+    "datetime",
+)
+CrmType = Literal[
+    "text",
+    "textarea",
+    "email",
+    "phone",
+    "url",
+    "picklist",
+    "multiselectpicklist",
+    "integer",
+    "bigint",
+    "decimal",
+    "currency",
+    "double",
+    "percent",
+    "boolean",
+    "date",
+    "datetime",
+]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_IDENT = re.compile(r"^[^\x00]{1,63}$")
+
+
+def parse_duration(value: Any) -> timedelta:
+    """'10m', '30s', '1.5h', '500ms', or a number of seconds."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as '10m', '30s' or '1h'")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("expected a non-negative duration")
+        return timedelta(seconds=value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+    raise ValueError(f"expected a duration such as '10m', '30s' or '1h', got {value!r}")
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _read_secret_file(path: str, key: str) -> str:
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read secret file {path!r}: {exc.strerror}") from None
+    if st.st_mode & stat.S_IROTH:
+        warnings.warn(
+            f"{key}: secret file {path!r} is world-readable; chmod 600 it",
+            UserWarning,
+            stacklevel=2,
+        )
+    return p.read_text().strip()
+
+
+def resolve_secret(
+    env: str | None, file: str | None, key: str, environ: dict[str, str]
+) -> SecretStr:
+    if env:
+        value = environ.get(env)
+        if not value:
+            raise ConfigError(f"{key}_env", f"environment variable {env} is not set or empty")
+        return SecretStr(value)
+    if file:
+        return SecretStr(_read_secret_file(file, f"{key}_file"))
+    raise ConfigError(key, f"set {key}_env (an environment variable) or {key}_file (a file)")
+
+
+class CrmConfig(_Strict):
+    data_centre: Literal["us", "eu", "in", "au", "cn", "jp", "ca", "sa", "custom"] = "us"
+    accounts_url: str | None = None
+    api_url: str | None = None
+    upload_url: str | None = None
+    client_id: str = Field(min_length=1)
+    client_secret_env: str | None = None
+    client_secret_file: str | None = None
+    refresh_token_env: str | None = None
+    refresh_token_file: str | None = None
+    org_id: str | None = None
+    edition: Literal[
+        "free",
+        "standard",
+        "starter",
+        "professional",
+        "enterprise",
+        "zoho_one",
+        "ultimate",
+        "crm_plus",
+    ] = "enterprise"
+    max_concurrency: int | None = Field(default=None, ge=1, le=25)
+    daily_credit_budget: int = Field(default=50_000, ge=500)
+    credit_reserve: int = Field(default=1_000, ge=0)
+    request_timeout: Duration = timedelta(seconds=60)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secrets(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for bad in ("client_secret", "refresh_token", "access_token"):
+                if bad in data:
+                    raise ValueError(
+                        f"{bad} must not be written in the file; use {bad}_env or {bad}_file"
+                        if bad != "access_token"
+                        else "access_token must not be configured; it is obtained by refresh"
+                    )
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> CrmConfig:
+        if self.data_centre == "custom" and not (self.accounts_url and self.api_url):
+            raise ValueError("data_centre 'custom' needs accounts_url and api_url")
+        if self.credit_reserve >= self.daily_credit_budget:
+            raise ValueError("credit_reserve must be below daily_credit_budget")
+        for name in ("accounts_url", "api_url", "upload_url"):
+            url = getattr(self, name)
+            if url is not None and not re.match(r"^https?://[^\s/]+", url):
+                raise ValueError(f"{name} must be an http(s) URL, got {url!r}")
+        if not (self.client_secret_env or self.client_secret_file):
+            raise ValueError("set client_secret_env or client_secret_file")
+        if not (self.refresh_token_env or self.refresh_token_file):
+            raise ValueError("set refresh_token_env or refresh_token_file")
+        return self
+
+    @property
+    def resolved_accounts_url(self) -> str:
+        return (self.accounts_url or DATA_CENTRES[self.data_centre][0]).rstrip("/")
+
+    @property
+    def resolved_api_url(self) -> str:
+        return (self.api_url or DATA_CENTRES[self.data_centre][1]).rstrip("/")
+
+    @property
+    def resolved_upload_url(self) -> str:
+        if self.upload_url:
+            return self.upload_url.rstrip("/")
+        if self.data_centre == "custom":
+            return self.resolved_api_url
+        return UPLOAD_HOSTS[self.data_centre]
+
+    @property
+    def concurrency(self) -> int:
+        return self.max_concurrency or EDITION_CONCURRENCY[self.edition]
+
+
+class DatabaseConfig(_Strict):
+    dsn: str | None = None
+    dsn_env: str | None = None
+    state_dsn: str | None = None
+    state_dsn_env: str | None = None
+    state_schema: str = "connector"
+    pool_size: int = Field(default=8, ge=2, le=100)
+
+    @field_validator("dsn", "state_dsn")
+    @classmethod
+    def _no_password(cls, v: str | None) -> str | None:
+        if v is not None and re.search(r"(:[^:@/]+@)|password=", v):
+            raise ValueError(
+                "the DSN holds a password; put it in dsn_env, PGPASSWORD or ~/.pgpass instead"
+            )
+        return v
+
+    @field_validator("state_schema")
+    @classmethod
+    def _schema_name(cls, v: str) -> str:
+        if not _IDENT.match(v):
+            raise ValueError("expected a schema name of 1 to 63 characters")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> DatabaseConfig:
+        if not (self.dsn or self.dsn_env):
+            raise ValueError("set dsn or dsn_env")
+        return self
+
+
+class FieldMapping(_Strict):
+    field: str = Field(min_length=1)
+    type: CrmType = "text"
+
+
+def _mapping(v: Any) -> Any:
+    if isinstance(v, str):
+        return {"field": v}
+    return v
+
+
+class PipelineConfig(_Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,39}$")
+    source_table: str = Field(min_length=1)
+    key_column: str = Field(min_length=1)
+    module: str = Field(min_length=1)
+    key_field: str = "parent_id"
+    capture: Literal["triggers", "logical"] = "triggers"
+    max_staleness: Duration = timedelta(minutes=10)
+    daily_credit_budget: int | None = Field(default=None, ge=500)
+    delete_mode: Literal["delete", "mark", "ignore"] = "delete"
+    delete_mark_field: str | None = None
+    ignore_columns: tuple[str, ...] = ()
+    sync_flag_column: str | None = None
+    snapshot_chunk_size: int = Field(default=25_000, ge=1, le=25_000)
+    snapshot: Literal["auto", "never"] = "auto"
+    retention: Duration = timedelta(days=7)
+    fields: dict[str, Annotated[FieldMapping, BeforeValidator(_mapping)]]
+
+    @field_validator("source_table")
+    @classmethod
+    def _table(cls, v: str) -> str:
+        parts = v.split(".")
+        if len(parts) > 2 or not all(parts) or not all(_IDENT.match(p) for p in parts):
+            raise ValueError(f"expected 'table' or 'schema.table', got {v!r}")
+        return v
+
+    @field_validator("max_staleness")
+    @classmethod
+    def _staleness(cls, v: timedelta) -> timedelta:
+        if v < timedelta(seconds=1) or v > timedelta(days=1):
+            raise ValueError("expected a duration between 1s and 24h")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> PipelineConfig:
+        if not self.fields:
+            raise ValueError("fields must map at least one column to a CRM field")
+        crm_fields = [m.field for m in self.fields.values()]
+        dup = {f for f in crm_fields if crm_fields.count(f) > 1}
+        if dup:
+            raise ValueError(f"CRM field(s) mapped twice: {', '.join(sorted(dup))}")
+        if self.key_field in crm_fields:
+            raise ValueError(
+                f"key_field {self.key_field!r} is filled from key_column; do not map it in fields"
+            )
+        if self.delete_mode == "mark" and not self.delete_mark_field:
+            raise ValueError("delete_mode 'mark' needs delete_mark_field")
+        if self.sync_flag_column and self.sync_flag_column in self.fields:
+            raise ValueError("sync_flag_column must not be a mapped column")
+        if self.sync_flag_column and self.sync_flag_column not in self.ignore_columns:
+            object.__setattr__(
+                self, "ignore_columns", (*self.ignore_columns, self.sync_flag_column)
+            )
+        return self
+
+    @property
+    def table_parts(self) -> tuple[str, str]:
+        if "." in self.source_table:
+            schema, table = self.source_table.split(".", 1)
+            return schema, table
+        return "public", self.source_table
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=9108, ge=0, le=65535)
+    public_url: str | None = None  # base URL the CRM can reach for bulk callbacks
+    drain_timeout: Duration = timedelta(seconds=30)
+
+
+class LoggingConfig(_Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "text"] = "auto"
+
+
+class Settings(_Strict):
+    crm: CrmConfig
+    database: DatabaseConfig
+    server: ServerConfig = ServerConfig()
+    logging: LoggingConfig = LoggingConfig()
+    pipelines: list[PipelineConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> Settings:
+        names = [p.name for p in self.pipelines]
+        for i, n in enumerate(names):
+            if n in names[:i]:
+                raise ValueError(f"duplicate pipeline name {n!r}")
+        return self
+
+    def pipeline(self, name: str) -> PipelineConfig:
+        for p in self.pipelines:
+            if p.name == name:
+                return p
+        raise ConfigError(
+            "--pipeline", f"no pipeline named {name!r}; have {[p.name for p in self.pipelines]}"
+        )
+
+
+class Secrets:
+    """Secrets resolved from the environment or files. ``repr`` never shows them."""
+
+    def __init__(
+        self, client_secret: SecretStr, refresh_token: SecretStr, dsn: str, state_dsn: str
+    ) -> None:
+        self.client_secret = client_secret
+        self.refresh_token = refresh_token
+        self._dsn = SecretStr(dsn)
+        self._state_dsn = SecretStr(state_dsn)
+
+    @property
+    def dsn(self) -> str:
+        return self._dsn.get_secret_value()
+
+    @property
+    def state_dsn(self) -> str:
+        return self._state_dsn.get_secret_value()
+
+    def values(self) -> list[str]:
+        return [
+            self.client_secret.get_secret_value(),
+            self.refresh_token.get_secret_value(),
+        ]
+
+    def __repr__(self) -> str:
+        return "Secrets(***)"
+
+
+def _loc(loc: tuple[int | str, ...], data: Any) -> str:
+    parts: list[str] = []
+    node = data
+    for item in loc:
+        if isinstance(item, int):
+            name = None
+            if isinstance(node, list) and 0 <= item < len(node) and isinstance(node[item], dict):
+                name = node[item].get("name")
+            parts[-1] = (
+                f"{parts[-1]}[{name!r}]"
+                if name and parts
+                else f"{parts[-1] if parts else ''}[{item}]"
+            )
+        else:
+            parts.append(str(item))
+        try:
+            node = node[item]
+        except (KeyError, IndexError, TypeError):
+            node = None
+    return ".".join(p for p in parts if p) or "<root>"
+
+
+def _describe(err: Any, data: Any) -> ConfigError:
+    loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+    key = _loc(loc, data)
+    etype = err["type"]
+    msg = err["msg"]
+    if etype == "extra_forbidden":
+        return ConfigError(key, "unknown key (check the spelling; see docs/configuration.md)")
+    if etype == "missing":
+        return ConfigError(key, "required key is missing")
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    given = err.get("input")
+    shown = "" if isinstance(given, dict | list) or given is None else f" (got {given!r})"
+    return ConfigError(key, f"{msg}{shown}")
+
+
+def parse_settings(data: dict[str, Any]) -> Settings:
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise _describe(exc.errors()[0], data) from None
+
+
+def load_settings(path: str | Path) -> Settings:
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read configuration file: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), f"not valid TOML: {exc}") from None
+    return parse_settings(data)
+
+
+def resolve_secrets(settings: Settings, environ: dict[str, str] | None = None) -> Secrets:
+    env = dict(os.environ if environ is None else environ)
+    crm = settings.crm
+    client_secret = resolve_secret(
+        crm.client_secret_env, crm.client_secret_file, "crm.client_secret", env
+    )
+    refresh = resolve_secret(
+        crm.refresh_token_env, crm.refresh_token_file, "crm.refresh_token", env
+    )
+    db = settings.database
+    if db.dsn_env:
+        dsn = env.get(db.dsn_env)
+        if not dsn:
+            raise ConfigError(
+                "database.dsn_env", f"environment variable {db.dsn_env} is not set or empty"
+            )
+    else:
+        assert db.dsn is not None
+        dsn = db.dsn
+    if db.state_dsn_env:
+        state = env.get(db.state_dsn_env)
+        if not state:
+            raise ConfigError(
+                "database.state_dsn_env",
+                f"environment variable {db.state_dsn_env} is not set or empty",
+            )
+    else:
+        state = db.state_dsn or dsn
+    return Secrets(client_secret, refresh, dsn, state)

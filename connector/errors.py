@@ -1,0 +1,42 @@
+"""One exception tree for the whole connector (STYLE.md §7).
+
+Each boundary (database, CRM HTTP, configuration) maps its own failures onto these classes in
+one place; callers decide on retry / dead-letter / stop by class, never by message text.
+Messages must never contain secrets: build them from names and codes, not from request bodies
+or headers.
+"""
+
+from __future__ import annotations
+
+
+class ConnectorError(Exception):
+    """Base class of every error the connector raises on purpose."""
+
+
+class ConfigError(ConnectorError):
+    """Bad configuration: refused at start, exit code 2. The message names the key."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        super().__init__(f"{key}: {message}")
+
+
+class TransientError(ConnectorError):
+    """Worth retrying with backoff: 5xx, 429, timeouts, lost connections."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class PermanentError(ConnectorError):
+    """Retrying will not help and the pipeline cannot go on (e.g. a failed token refresh)."""
+
+
+class DataError(ConnectorError):
+    """One record cannot be delivered as it is; it goes to dead_letters, the rest proceeds."""
+
+    def __init__(self, code: str, message: str, *, field: str | None = None) -> None:
+        self.code = code
+        self.field = field
+        super().__init__(message)
