@@ -1,0 +1,760 @@
+"""All SQL on the connector's own bookkeeping tables.
+
+``key_state``, ``dead_letters``, ``bulk_jobs``, ``snapshots``, ``snapshot_chunks`` and
+``credit_ledger`` are read and written only through this module. Every query is a named
+constant; the state schema is substituted as a quoted identifier (``psycopg.sql``), never by
+string formatting. Functions take an open connection and run in whatever transaction the
+caller holds, so that an effect and its bookkeeping can be committed together (a bulk job's
+result is applied to ``key_state`` and the job marked ``applied`` in one transaction).
+
+xid8 and pg_snapshot values travel as text (``::text`` out, ``::xid8`` / ``::pg_snapshot`` in).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from connector.events import EventStamp, SnapshotVisibility
+
+AnyConn = psycopg.AsyncConnection[Any]
+
+
+def _q(text: str, schema: str) -> sql.Composed:
+    return sql.SQL(text).format(schema=sql.Identifier(schema))
+
+
+def _snap_text(snapshot: SnapshotVisibility | None) -> str | None:
+    return None if snapshot is None else str(snapshot)
+
+
+def _stamp(version: Any, source_xid: Any, snapshot: Any) -> EventStamp | None:
+    if version is None:
+        return None
+    snap = SnapshotVisibility.parse(str(snapshot)) if snapshot is not None else None
+    return EventStamp(int(version), int(source_xid) if source_xid is not None else 0, snap)
+
+
+# --------------------------------------------------------------------------- key_state
+
+
+@dataclass(frozen=True, slots=True)
+class KeyState:
+    key: str
+    crm_id: str | None
+    stamp: EventStamp | None  # last acknowledged or dead-lettered event
+    deleted: bool
+    status: str
+    synced_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The CRM acknowledged the event with this stamp for ``key``."""
+
+    key: str
+    stamp: EventStamp
+    crm_id: str | None
+    deleted: bool = False
+
+
+Q_KEY_STATES = """
+SELECT key, crm_id, version, source_xid::text AS source_xid, snapshot::text AS snapshot,
+       deleted, status, synced_at
+  FROM {schema}.key_state
+ WHERE pipeline = %s AND key = ANY(%s)
+"""
+
+Q_ACK = """
+INSERT INTO {schema}.key_state AS k
+       (pipeline, key, crm_id, version, source_xid, snapshot, deleted, status, last_error,
+        synced_at, updated_at)
+SELECT %s, a.key, a.crm_id, a.version, a.source_xid::xid8, a.snapshot::pg_snapshot, a.deleted,
+       'synced', NULL, now(), now()
+  FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[], %s::boolean[])
+       AS a(key, crm_id, version, source_xid, snapshot, deleted)
+ON CONFLICT (pipeline, key) DO UPDATE
+   SET crm_id = coalesce(EXCLUDED.crm_id, k.crm_id),
+       version = EXCLUDED.version, source_xid = EXCLUDED.source_xid,
+       snapshot = EXCLUDED.snapshot, deleted = EXCLUDED.deleted, status = 'synced',
+       last_error = NULL, synced_at = now(), updated_at = now()
+"""
+
+Q_RESOLVE_DEAD_LETTERS = """
+UPDATE {schema}.dead_letters
+   SET status = 'resolved', updated_at = now()
+ WHERE pipeline = %s AND key = ANY(%s) AND status IN ('open', 'retried')
+"""
+
+Q_SET_CRM_ID = """
+INSERT INTO {schema}.key_state AS k (pipeline, key, crm_id)
+VALUES (%s, %s, %s)
+ON CONFLICT (pipeline, key) DO UPDATE SET crm_id = EXCLUDED.crm_id, updated_at = now()
+"""
+
+Q_KEY_STATUS_COUNTS = """
+SELECT status, count(*) AS n FROM {schema}.key_state WHERE pipeline = %s GROUP BY status
+"""
+
+
+async def key_states(
+    conn: AnyConn, schema: str, pipeline: str, keys: Sequence[str]
+) -> dict[str, KeyState]:
+    """The stored state of the given keys (absent keys are not in the result)."""
+    if not keys:
+        return {}
+    cur = await conn.execute(_q(Q_KEY_STATES, schema), (pipeline, list(keys)))
+    out: dict[str, KeyState] = {}
+    for r in await cur.fetchall():
+        row = _as_dict(cur, r)
+        out[row["key"]] = KeyState(
+            key=row["key"],
+            crm_id=row["crm_id"],
+            stamp=_stamp(row["version"], row["source_xid"], row["snapshot"]),
+            deleted=bool(row["deleted"]),
+            status=row["status"],
+            synced_at=row["synced_at"],
+        )
+    return out
+
+
+async def record_acks(conn: AnyConn, schema: str, pipeline: str, acks: Sequence[Ack]) -> None:
+    """Store acknowledgements and resolve the keys' open dead letters (a newer version arrived)."""
+    if not acks:
+        return
+    keys = [a.key for a in acks]
+    await conn.execute(
+        _q(Q_ACK, schema),
+        (
+            pipeline,
+            keys,
+            [a.crm_id for a in acks],
+            [a.stamp.version for a in acks],
+            [str(a.stamp.source_xid) for a in acks],
+            [_snap_text(a.stamp.snapshot) for a in acks],
+            [a.deleted for a in acks],
+        ),
+    )
+    await conn.execute(_q(Q_RESOLVE_DEAD_LETTERS, schema), (pipeline, keys))
+
+
+async def set_crm_id(conn: AnyConn, schema: str, pipeline: str, key: str, crm_id: str) -> None:
+    await conn.execute(_q(Q_SET_CRM_ID, schema), (pipeline, key, crm_id))
+
+
+async def key_status_counts(conn: AnyConn, schema: str, pipeline: str) -> dict[str, int]:
+    cur = await conn.execute(_q(Q_KEY_STATUS_COUNTS, schema), (pipeline,))
+    return _pairs(cur, await cur.fetchall())
+
+
+# --------------------------------------------------------------------------- dead_letters
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    key: str
+    stamp: EventStamp
+    outbox_id: int | None
+    payload: dict[str, Any] | None
+    code: str
+    message: str
+    field: str | None = None
+    api: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterRow:
+    id: int
+    pipeline: str
+    key: str
+    version: int
+    outbox_id: int | None
+    payload: Any
+    error_code: str
+    error_field: str | None
+    error_message: str
+    api: str | None
+    attempts: int
+    status: str
+    created_at: datetime
+
+
+# A second dead letter for the same key and version (a replay, a retried bulk row) counts as one
+# more attempt of the existing open letter rather than a new row.
+Q_BUMP_DEAD_LETTER = """
+UPDATE {schema}.dead_letters
+   SET attempts = attempts + 1, error_code = %s, error_field = %s, error_message = %s,
+       api = %s, status = 'open', updated_at = now()
+ WHERE pipeline = %s AND key = %s AND version = %s AND status IN ('open', 'retried')
+RETURNING id
+"""
+
+Q_INSERT_DEAD_LETTER = """
+INSERT INTO {schema}.dead_letters
+       (pipeline, key, version, source_xid, outbox_id, payload, error_code, error_field,
+        error_message, api)
+VALUES (%s, %s, %s, %s::text::xid8, %s, %s, %s, %s, %s, %s)
+"""
+
+# key_state remembers the dead-lettered version so that a replay of older events is filtered;
+# crm_id and deleted are kept from the last successful write.
+Q_KEY_FAILED = """
+INSERT INTO {schema}.key_state AS k
+       (pipeline, key, version, source_xid, snapshot, status, last_error, updated_at)
+VALUES (%s, %s, %s, %s::text::xid8, %s::pg_snapshot, 'failed', %s, now())
+ON CONFLICT (pipeline, key) DO UPDATE
+   SET version = EXCLUDED.version, source_xid = EXCLUDED.source_xid,
+       snapshot = EXCLUDED.snapshot, status = 'failed', last_error = EXCLUDED.last_error,
+       updated_at = now()
+"""
+
+Q_LIST_DEAD_LETTERS = """
+SELECT id, pipeline, key, version, outbox_id, payload, error_code, error_field, error_message,
+       api, attempts, status, created_at
+  FROM {schema}.dead_letters
+ WHERE pipeline = %s AND (%s::text IS NULL OR status = %s)
+ ORDER BY id
+ LIMIT %s
+"""
+
+Q_COUNT_OPEN_DEAD_LETTERS = """
+SELECT count(*) FROM {schema}.dead_letters WHERE pipeline = %s AND status = 'open'
+"""
+
+Q_MARK_DEAD_LETTERS = """
+UPDATE {schema}.dead_letters SET status = %s, updated_at = now()
+ WHERE pipeline = %s AND id = ANY(%s) AND status = 'open'
+RETURNING id, key, outbox_id
+"""
+
+
+async def record_dead_letters(
+    conn: AnyConn, schema: str, pipeline: str, letters: Sequence[DeadLetter]
+) -> None:
+    for d in letters:
+        cur = await conn.execute(
+            _q(Q_BUMP_DEAD_LETTER, schema),
+            (d.code, d.field, d.message, d.api, pipeline, d.key, d.stamp.version),
+        )
+        if await cur.fetchone() is None:
+            await conn.execute(
+                _q(Q_INSERT_DEAD_LETTER, schema),
+                (
+                    pipeline,
+                    d.key,
+                    d.stamp.version,
+                    str(d.stamp.source_xid),
+                    d.outbox_id,
+                    Jsonb(d.payload) if d.payload is not None else None,
+                    d.code,
+                    d.field,
+                    d.message,
+                    d.api,
+                ),
+            )
+        await conn.execute(
+            _q(Q_KEY_FAILED, schema),
+            (
+                pipeline,
+                d.key,
+                d.stamp.version,
+                str(d.stamp.source_xid),
+                _snap_text(d.stamp.snapshot),
+                f"{d.code}: {d.message}"[:1000],
+            ),
+        )
+
+
+async def list_dead_letters(
+    conn: AnyConn, schema: str, pipeline: str, status: str | None = "open", limit: int = 1000
+) -> list[DeadLetterRow]:
+    cur = await conn.execute(_q(Q_LIST_DEAD_LETTERS, schema), (pipeline, status, status, limit))
+    out: list[DeadLetterRow] = []
+    for r in await cur.fetchall():
+        row = _as_dict(cur, r)
+        out.append(DeadLetterRow(**row))
+    return out
+
+
+async def open_dead_letter_count(conn: AnyConn, schema: str, pipeline: str) -> int:
+    cur = await conn.execute(_q(Q_COUNT_OPEN_DEAD_LETTERS, schema), (pipeline,))
+    row = await cur.fetchone()
+    return int(_first(row)) if row else 0
+
+
+async def mark_dead_letters(
+    conn: AnyConn, schema: str, pipeline: str, ids: Sequence[int], status: str
+) -> list[tuple[int, str, int | None]]:
+    """Set open letters to ``retried`` or ``discarded``; returns (id, key, outbox_id)."""
+    if status not in ("retried", "discarded"):
+        raise ValueError(f"status must be 'retried' or 'discarded', got {status!r}")
+    cur = await conn.execute(_q(Q_MARK_DEAD_LETTERS, schema), (status, pipeline, list(ids)))
+    out: list[tuple[int, str, int | None]] = []
+    for r in await cur.fetchall():
+        row = _as_dict(cur, r)
+        out.append((int(row["id"]), str(row["key"]), row["outbox_id"]))
+    return out
+
+
+# --------------------------------------------------------------------------- bulk_jobs
+
+
+class BulkStatus(enum.StrEnum):
+    INTENT = "intent"  # recorded before any CRM call: not paid
+    UPLOADED = "uploaded"  # file on the CRM's file server: not paid
+    CREATED = "created"  # job created (500 credits paid): poll this job id
+    RUNNING = "running"
+    COMPLETED = "completed"  # result known, not yet applied to key_state
+    FAILED = "failed"  # job failed as a whole, not yet applied
+    APPLIED = "applied"  # result applied to key_state / dead_letters
+    ABANDONED = "abandoned"  # entries handed back to the pipeline without a result
+
+
+OPEN_BULK_STATUSES = ("intent", "uploaded", "created", "running", "completed", "failed")
+
+
+@dataclass(frozen=True, slots=True)
+class BulkEntry:
+    """One record of a bulk job, as recorded at intent."""
+
+    key: str
+    stamp: EventStamp
+    op: str
+    outbox_id: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "version": self.stamp.version,
+            "source_xid": self.stamp.source_xid,
+            "snapshot": _snap_text(self.stamp.snapshot),
+            "op": self.op,
+            "outbox_id": self.outbox_id,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> BulkEntry:
+        snap = d.get("snapshot")
+        return cls(
+            key=str(d["key"]),
+            stamp=EventStamp(
+                int(d["version"]),
+                int(d["source_xid"]),
+                SnapshotVisibility.parse(snap) if snap else None,
+            ),
+            op=str(d["op"]),
+            outbox_id=int(d["outbox_id"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BulkJobRow:
+    id: int
+    pipeline: str
+    status: BulkStatus
+    operation: str
+    file_id: str | None
+    job_id: str | None
+    callback_secret: str | None
+    entries: list[BulkEntry]
+    record_count: int
+    created_at: datetime
+
+
+Q_BULK_INTENT = """
+INSERT INTO {schema}.bulk_jobs (pipeline, status, operation, entries, record_count)
+VALUES (%s, 'intent', %s, %s, %s)
+RETURNING id
+"""
+
+Q_BULK_UPLOADED = """
+UPDATE {schema}.bulk_jobs SET status = 'uploaded', file_id = %s, updated_at = now()
+ WHERE id = %s AND status IN ('intent', 'uploaded')
+"""
+
+Q_BULK_CREATED = """
+UPDATE {schema}.bulk_jobs
+   SET status = 'created', job_id = %s, callback_secret = %s, updated_at = now()
+ WHERE id = %s AND status IN ('intent', 'uploaded')
+"""
+
+Q_BULK_RUNNING = """
+UPDATE {schema}.bulk_jobs SET status = 'running', updated_at = now()
+ WHERE id = %s AND status = 'created'
+"""
+
+Q_BULK_COMPLETED = """
+UPDATE {schema}.bulk_jobs
+   SET status = 'completed', added_count = %s, updated_count = %s, skipped_count = %s,
+       updated_at = now()
+ WHERE id = %s AND status IN ('created', 'running', 'completed')
+"""
+
+Q_BULK_FAILED = """
+UPDATE {schema}.bulk_jobs SET status = 'failed', error = %s, updated_at = now()
+ WHERE id = %s AND status NOT IN ('applied', 'abandoned')
+"""
+
+Q_BULK_FINISH = """
+UPDATE {schema}.bulk_jobs SET status = %s, updated_at = now()
+ WHERE id = %s AND status NOT IN ('applied', 'abandoned')
+RETURNING id
+"""
+
+Q_BULK_OPEN = """
+SELECT id, pipeline, status, operation, file_id, job_id, callback_secret, entries, record_count,
+       created_at
+  FROM {schema}.bulk_jobs
+ WHERE pipeline = %s AND status = ANY(%s)
+ ORDER BY id
+"""
+
+Q_BULK_BY_SECRET = """
+SELECT id, pipeline, job_id FROM {schema}.bulk_jobs
+ WHERE job_id = %s AND callback_secret = %s
+"""
+
+Q_BULK_COUNTS = """
+SELECT status, count(*) FROM {schema}.bulk_jobs WHERE pipeline = %s GROUP BY status
+"""
+
+
+async def bulk_intent(
+    conn: AnyConn, schema: str, pipeline: str, operation: str, entries: Sequence[BulkEntry]
+) -> int:
+    cur = await conn.execute(
+        _q(Q_BULK_INTENT, schema),
+        (pipeline, operation, Jsonb([e.to_json() for e in entries]), len(entries)),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return int(_first(row))
+
+
+async def bulk_uploaded(conn: AnyConn, schema: str, job: int, file_id: str) -> None:
+    await conn.execute(_q(Q_BULK_UPLOADED, schema), (file_id, job))
+
+
+async def bulk_created(
+    conn: AnyConn, schema: str, job: int, job_id: str, callback_secret: str | None
+) -> None:
+    await conn.execute(_q(Q_BULK_CREATED, schema), (job_id, callback_secret, job))
+
+
+async def bulk_running(conn: AnyConn, schema: str, job: int) -> None:
+    await conn.execute(_q(Q_BULK_RUNNING, schema), (job,))
+
+
+async def bulk_completed(
+    conn: AnyConn, schema: str, job: int, *, added: int, updated: int, skipped: int
+) -> None:
+    await conn.execute(_q(Q_BULK_COMPLETED, schema), (added, updated, skipped, job))
+
+
+async def bulk_failed(conn: AnyConn, schema: str, job: int, error: str) -> None:
+    await conn.execute(_q(Q_BULK_FAILED, schema), (error[:1000], job))
+
+
+async def bulk_finish(conn: AnyConn, schema: str, job: int, status: BulkStatus) -> bool:
+    """Mark a job ``applied`` or ``abandoned``; False if it already was (fenced)."""
+    if status not in (BulkStatus.APPLIED, BulkStatus.ABANDONED):
+        raise ValueError("a job finishes as applied or abandoned")
+    cur = await conn.execute(_q(Q_BULK_FINISH, schema), (str(status), job))
+    return await cur.fetchone() is not None
+
+
+async def open_bulk_jobs(
+    conn: AnyConn, schema: str, pipeline: str, statuses: Iterable[str] = OPEN_BULK_STATUSES
+) -> list[BulkJobRow]:
+    cur = await conn.execute(_q(Q_BULK_OPEN, schema), (pipeline, list(statuses)))
+    out: list[BulkJobRow] = []
+    for r in await cur.fetchall():
+        row = _as_dict(cur, r)
+        raw = row["entries"]
+        if isinstance(raw, str | bytes):
+            raw = orjson.loads(raw)
+        out.append(
+            BulkJobRow(
+                id=int(row["id"]),
+                pipeline=row["pipeline"],
+                status=BulkStatus(row["status"]),
+                operation=row["operation"],
+                file_id=row["file_id"],
+                job_id=row["job_id"],
+                callback_secret=row["callback_secret"],
+                entries=[BulkEntry.from_json(e) for e in raw],
+                record_count=int(row["record_count"]),
+                created_at=row["created_at"],
+            )
+        )
+    return out
+
+
+async def bulk_job_for_callback(
+    conn: AnyConn, schema: str, job_id: str, secret: str
+) -> tuple[int, str] | None:
+    """(bulk_jobs.id, pipeline) of the job a callback names, if its secret matches."""
+    cur = await conn.execute(_q(Q_BULK_BY_SECRET, schema), (job_id, secret))
+    r = await cur.fetchone()
+    if r is None:
+        return None
+    row = _as_dict(cur, r)
+    return int(row["id"]), str(row["pipeline"])
+
+
+async def bulk_status_counts(conn: AnyConn, schema: str, pipeline: str) -> dict[str, int]:
+    cur = await conn.execute(_q(Q_BULK_COUNTS, schema), (pipeline,))
+    return _pairs(cur, await cur.fetchall())
+
+
+# --------------------------------------------------------------------------- credit_ledger
+
+Q_CREDIT = """
+INSERT INTO {schema}.credit_ledger (pipeline, api, credits, records, remaining)
+VALUES (%s, %s, %s, %s, %s)
+"""
+
+Q_CREDITS_SINCE = """
+SELECT coalesce(sum(credits), 0) FROM {schema}.credit_ledger
+ WHERE spent_at > now() - %s AND (%s::text IS NULL OR pipeline = %s)
+"""
+
+Q_LAST_REMAINING = """
+SELECT remaining FROM {schema}.credit_ledger
+ WHERE remaining IS NOT NULL AND spent_at > now() - interval '1 day'
+ ORDER BY id DESC LIMIT 1
+"""
+
+
+async def record_credits(
+    conn: AnyConn,
+    schema: str,
+    pipeline: str | None,
+    *,
+    api: str,
+    credits: int,
+    records: int = 0,
+    remaining: int | None = None,
+) -> None:
+    await conn.execute(_q(Q_CREDIT, schema), (pipeline, api, credits, records, remaining))
+
+
+async def credits_spent(
+    conn: AnyConn,
+    schema: str,
+    window: timedelta = timedelta(days=1),
+    pipeline: str | None = None,
+) -> int:
+    """Credits spent in the rolling window (all pipelines share the org's allowance)."""
+    cur = await conn.execute(_q(Q_CREDITS_SINCE, schema), (window, pipeline, pipeline))
+    row = await cur.fetchone()
+    return int(_first(row)) if row else 0
+
+
+async def last_remaining(conn: AnyConn, schema: str) -> int | None:
+    """The CRM's last reported X-API-CREDITS-REMAINING in the last day, if any."""
+    cur = await conn.execute(_q(Q_LAST_REMAINING, schema))
+    row = await cur.fetchone()
+    return None if row is None else int(_first(row))
+
+
+# --------------------------------------------------------------------------- snapshots
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRow:
+    pipeline: str
+    status: str
+    cursor: Any  # last key read (JSON value) or None before the first chunk
+    chunks_done: int
+    rows_read: int
+    estimated_rows: int | None
+    report: dict[str, Any] | None
+    started_at: datetime
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRow:
+    id: int
+    chunk_no: int
+    snapshot: SnapshotVisibility
+    rows: int
+
+
+Q_SNAPSHOT_GET = """
+SELECT pipeline, status, cursor, chunks_done, rows_read, estimated_rows, report, started_at,
+       finished_at
+  FROM {schema}.snapshots WHERE pipeline = %s
+"""
+
+Q_SNAPSHOT_START = """
+INSERT INTO {schema}.snapshots (pipeline, status, estimated_rows)
+VALUES (%s, 'running', %s)
+ON CONFLICT (pipeline) DO UPDATE
+   SET status = 'running', cursor = NULL, chunks_done = 0, rows_read = 0,
+       estimated_rows = EXCLUDED.estimated_rows, report = NULL, started_at = now(),
+       finished_at = NULL
+"""
+
+Q_SNAPSHOT_CLEAR_CHUNKS = """
+DELETE FROM {schema}.snapshot_chunks WHERE pipeline = %s
+"""
+
+Q_SNAPSHOT_PROGRESS = """
+UPDATE {schema}.snapshots
+   SET cursor = %s, chunks_done = chunks_done + 1, rows_read = rows_read + %s,
+       estimated_rows = greatest(coalesce(estimated_rows, 0), %s)
+ WHERE pipeline = %s AND status = 'running'
+"""
+
+Q_SNAPSHOT_FINISH = """
+UPDATE {schema}.snapshots SET status = %s, report = %s, finished_at = now()
+ WHERE pipeline = %s
+"""
+
+Q_SNAPSHOT_REPORT = """
+UPDATE {schema}.snapshots SET report = %s WHERE pipeline = %s
+"""
+
+Q_CHUNK_INSERT = """
+INSERT INTO {schema}.snapshot_chunks (pipeline, chunk_no, snapshot, first_key, last_key, rows)
+VALUES (%s, %s, pg_current_snapshot(), %s, %s, %s)
+RETURNING id, snapshot::text
+"""
+
+Q_CHUNK_ROWS = """
+UPDATE {schema}.snapshot_chunks SET rows = %s, last_key = %s, first_key = %s WHERE id = %s
+"""
+
+Q_CHUNKS = """
+SELECT id, chunk_no, snapshot::text, rows FROM {schema}.snapshot_chunks
+ WHERE pipeline = %s ORDER BY chunk_no
+"""
+
+Q_CHUNK_SNAPSHOTS = """
+SELECT id, snapshot::text FROM {schema}.snapshot_chunks WHERE id = ANY(%s)
+"""
+
+
+async def get_snapshot(conn: AnyConn, schema: str, pipeline: str) -> SnapshotRow | None:
+    cur = await conn.execute(_q(Q_SNAPSHOT_GET, schema), (pipeline,))
+    r = await cur.fetchone()
+    if r is None:
+        return None
+    return SnapshotRow(**_as_dict(cur, r))
+
+
+async def start_snapshot(
+    conn: AnyConn, schema: str, pipeline: str, estimated_rows: int | None
+) -> None:
+    """Begin (or restart from scratch) the pipeline's snapshot."""
+    await conn.execute(_q(Q_SNAPSHOT_CLEAR_CHUNKS, schema), (pipeline,))
+    await conn.execute(_q(Q_SNAPSHOT_START, schema), (pipeline, estimated_rows))
+
+
+async def insert_chunk(
+    conn: AnyConn,
+    schema: str,
+    pipeline: str,
+    *,
+    chunk_no: int,
+    first_key: Any,
+    last_key: Any,
+    rows: int,
+) -> ChunkRow:
+    """Record a chunk with the snapshot of the caller's (REPEATABLE READ) transaction."""
+    cur = await conn.execute(
+        _q(Q_CHUNK_INSERT, schema),
+        (pipeline, chunk_no, Jsonb(first_key), Jsonb(last_key), rows),
+    )
+    r = await cur.fetchone()
+    assert r is not None
+    vals = list(r.values()) if isinstance(r, dict) else list(r)
+    return ChunkRow(int(vals[0]), chunk_no, SnapshotVisibility.parse(str(vals[1])), rows)
+
+
+async def update_chunk(
+    conn: AnyConn, schema: str, chunk: int, *, first_key: Any, last_key: Any, rows: int
+) -> None:
+    await conn.execute(_q(Q_CHUNK_ROWS, schema), (rows, Jsonb(last_key), Jsonb(first_key), chunk))
+
+
+async def chunk_snapshots(
+    conn: AnyConn, schema: str, chunk_ids: Sequence[int]
+) -> dict[int, SnapshotVisibility]:
+    if not chunk_ids:
+        return {}
+    cur = await conn.execute(_q(Q_CHUNK_SNAPSHOTS, schema), (list(chunk_ids),))
+    out: dict[int, SnapshotVisibility] = {}
+    for r in await cur.fetchall():
+        vals = list(r.values()) if isinstance(r, dict) else list(r)
+        out[int(vals[0])] = SnapshotVisibility.parse(str(vals[1]))
+    return out
+
+
+async def chunks(conn: AnyConn, schema: str, pipeline: str) -> list[ChunkRow]:
+    cur = await conn.execute(_q(Q_CHUNKS, schema), (pipeline,))
+    out: list[ChunkRow] = []
+    for r in await cur.fetchall():
+        vals = list(r.values()) if isinstance(r, dict) else list(r)
+        out.append(
+            ChunkRow(
+                int(vals[0]), int(vals[1]), SnapshotVisibility.parse(str(vals[2])), int(vals[3])
+            )
+        )
+    return out
+
+
+async def snapshot_progress(
+    conn: AnyConn, schema: str, pipeline: str, *, cursor: Any, rows: int, estimated: int
+) -> None:
+    await conn.execute(_q(Q_SNAPSHOT_PROGRESS, schema), (Jsonb(cursor), rows, estimated, pipeline))
+
+
+async def finish_snapshot(
+    conn: AnyConn, schema: str, pipeline: str, status: str, report: dict[str, Any] | None
+) -> None:
+    await conn.execute(
+        _q(Q_SNAPSHOT_FINISH, schema),
+        (status, Jsonb(report) if report is not None else None, pipeline),
+    )
+
+
+async def set_snapshot_report(
+    conn: AnyConn, schema: str, pipeline: str, report: dict[str, Any]
+) -> None:
+    await conn.execute(_q(Q_SNAPSHOT_REPORT, schema), (Jsonb(report), pipeline))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _as_dict(cur: Any, row: Any) -> dict[str, Any]:
+    """Rows as dicts whatever the connection's row factory (tuple or dict_row)."""
+    if isinstance(row, dict):
+        return row
+    names = [d.name for d in cur.description]
+    return dict(zip(names, row, strict=True))
+
+
+def _first(row: Any) -> Any:
+    if isinstance(row, dict):
+        return next(iter(row.values()))
+    return row[0]
+
+
+def _pairs(cur: Any, rows: Sequence[Any]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in rows:
+        vals = list(_as_dict(cur, r).values())
+        out[str(vals[0])] = int(vals[1])
+    return out
