@@ -1,5 +1,248 @@
+"""The `connector` command: argparse verbs that call into the modules; no logic of its own.
+
+Every flag has an environment fallback shown in --help. Errors become one clear stderr line and
+an exit code: 2 for configuration mistakes, 1 for anything else.
+"""
+
 from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from connector import __version__
+from connector.errors import ConfigError, ConnectorError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name, default)
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        "-c",
+        default=_env("CONNECTOR_CONFIG", "connector.toml"),
+        help="configuration file (env CONNECTOR_CONFIG; default connector.toml)",
+    )
+
+
+def _add_pipeline(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--pipeline", "-p", action="append", help="pipeline name (repeatable; default: all)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="connector",
+        description="Keep a Zoho CRM module in step with a legacy PostgreSQL table (CDC).",
+    )
+    parser.add_argument("--version", action="version", version=f"connector {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default=_env("CONNECTOR_LOG_LEVEL"),
+        choices=["debug", "info", "warning", "error"],
+        help="override logging.level (env CONNECTOR_LOG_LEVEL)",
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    p = sub.add_parser("config", help="configuration helpers")
+    csub = p.add_subparsers(dest="config_verb", required=True)
+    pc = csub.add_parser("check", help="validate a configuration file (exit 2 when invalid)")
+    pc.add_argument("file", nargs="?", default=_env("CONNECTOR_CONFIG", "connector.toml"))
+    pc.add_argument(
+        "--secrets", action="store_true", help="also resolve secrets from the environment/files"
+    )
+
+    p = sub.add_parser("init", help="create/migrate the state schema and install capture")
+    _add_config(p)
+    _add_pipeline(p)
+
+    p = sub.add_parser("uninstall", help="drop triggers, functions, publication and slot")
+    _add_config(p)
+    _add_pipeline(p)
+    p.add_argument("--drop-state", action="store_true", help="also drop the state schema")
+
+    p = sub.add_parser("run", help="run capture, sync and the HTTP server")
+    _add_config(p)
+    _add_pipeline(p)
+
+    p = sub.add_parser("snapshot", help="run (or resume) the initial sync now")
+    _add_config(p)
+    _add_pipeline(p)
+    p.add_argument("--restart", action="store_true", help="start a new snapshot from the beginning")
+
+    p = sub.add_parser("status", help="per-pipeline lag, pending, credits, bulk jobs, dead letters")
+    _add_config(p)
+    _add_pipeline(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("replay", help="re-emit a range of the outbox")
+    _add_config(p)
+    p.add_argument("--pipeline", "-p", required=True)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--from-offset", type=int)
+    g.add_argument("--since", help="ISO timestamp, e.g. 2026-11-26T10:00:00Z")
+    p.add_argument("--to", help="offset or ISO timestamp (inclusive)")
+    p.add_argument("--key", help="only this parent_id")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the plan and its credits; send nothing"
+    )
+
+    p = sub.add_parser("dead-letters", help="list / show / retry / discard dead letters")
+    _add_config(p)
+    p.add_argument("--pipeline", "-p")
+    dsub = p.add_subparsers(dest="dl_verb", required=True)
+    d = dsub.add_parser("list")
+    d.add_argument("--all", action="store_true", help="include retried/discarded/resolved")
+    d.add_argument("--json", action="store_true")
+    d = dsub.add_parser("show")
+    d.add_argument("id", type=int)
+    d = dsub.add_parser("retry")
+    d.add_argument("ids", type=int, nargs="*")
+    d.add_argument("--all", action="store_true")
+    d = dsub.add_parser("discard")
+    d.add_argument("ids", type=int, nargs="+")
+
+    p = sub.add_parser("verify", help="compare the source table with the CRM")
+    _add_config(p)
+    p.add_argument("--pipeline", "-p", required=True)
+    p.add_argument("--repair", action="store_true", help="re-emit missing/different records")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("emulator", help="run the local Zoho CRM emulator")
+    p.add_argument("--host", default=_env("CONNECTOR_EMULATOR_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(_env("CONNECTOR_EMULATOR_PORT", "8799") or 8799))
+    p.add_argument("--config", default=_env("CONNECTOR_EMULATOR_CONFIG"), help="emulator TOML")
+
+    p = sub.add_parser("demo", help="embedded PostgreSQL + emulator + workload, end to end")
+    p.add_argument("--rows", type=int, default=int(_env("CONNECTOR_DEMO_ROWS", "50000") or 50000))
+    p.add_argument("--duration", type=float, default=60.0, help="live workload seconds")
+    p.add_argument("--rate", type=float, default=50.0, help="live changes per second")
+    p.add_argument("--report", help="write a JSON report to this file")
+    p.add_argument("--keep", action="store_true", help="keep the demo's data directory")
+    return parser
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    return asyncio.run(coro)
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    from connector.config import load_settings, resolve_secrets
+    from connector.logs import add_secrets, setup_logging
+
+    settings = load_settings(args.config)
+    setup_logging(args.log_level or settings.logging.level, settings.logging.format)
+    secrets = resolve_secrets(settings)
+    add_secrets(secrets.values())
+    return settings, secrets
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from connector.config import load_settings, resolve_secrets
+
+    settings = load_settings(args.file)
+    if args.secrets:
+        resolve_secrets(settings)
+    names = ", ".join(f"{p.name} ({p.capture})" for p in settings.pipelines)
+    print(f"{args.file}: OK — {len(settings.pipelines)} pipeline(s): {names}")
+    return EXIT_OK
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from connector import admin
+
+    settings, secrets = _load(args)
+    report = _run_report(admin.init(settings, secrets, args.pipeline))
+    applied = ", ".join(str(v) for v in report.migrations_applied) or "none (up to date)"
+    print(
+        f"state schema {settings.database.state_schema!r} at version {report.schema_version}; "
+        f"migrations applied: {applied}"
+    )
+    for name, mode in report.pipelines.items():
+        print(f"pipeline {name}: capture ({mode}) installed")
+    return EXIT_OK
+
+
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    from connector import admin
+
+    settings, secrets = _load(args)
+    done = _run_report(
+        admin.uninstall(settings, secrets, args.pipeline, drop_state=args.drop_state)
+    )
+    for name in done:
+        print(f"pipeline {name}: capture removed (trigger, function, publication, slot)")
+    if args.drop_state:
+        print(f"state schema {settings.database.state_schema!r} dropped")
+    return EXIT_OK
+
+
+def _run_report(coro: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run(coro)
+
+
+def cmd_emulator(args: argparse.Namespace) -> int:
+    from connector.emulator.main import run_emulator_cli
+    from connector.logs import setup_logging
+
+    setup_logging(args.log_level or "info")
+    return int(run_emulator_cli(args.host, args.port, args.config))
+
+
+def _operate(name: str) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        from connector import operate
+
+        settings, secrets = _load(args)
+        fn: Callable[..., Coroutine[Any, Any, int]] = getattr(operate, name)
+        return _run(fn(settings, secrets, args))
+
+    return handler
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from connector import demo
+    from connector.logs import setup_logging
+
+    setup_logging(args.log_level or "warning")
+    return int(demo.main(args))
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "config": cmd_config,
+    "init": cmd_init,
+    "uninstall": cmd_uninstall,
+    "emulator": cmd_emulator,
+    "demo": cmd_demo,
+    "run": _operate("run"),
+    "snapshot": _operate("snapshot"),
+    "status": _operate("status"),
+    "replay": _operate("replay"),
+    "dead-letters": _operate("dead_letters"),
+    "verify": _operate("verify"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return HANDLERS[args.verb](args)
+    except ConfigError as exc:
+        print(f"connector: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ConnectorError as exc:
+        print(f"connector: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130

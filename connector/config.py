@@ -357,13 +357,14 @@ class Settings(_Strict):
     logging: LoggingConfig = LoggingConfig()
     pipelines: list[PipelineConfig] = Field(min_length=1)
 
-    @model_validator(mode="after")
-    def _unique(self) -> Settings:
-        names = [p.name for p in self.pipelines]
+    @field_validator("pipelines")
+    @classmethod
+    def _unique(cls, pipelines: list[PipelineConfig]) -> list[PipelineConfig]:
+        names = [p.name for p in pipelines]
         for i, n in enumerate(names):
             if n in names[:i]:
                 raise ValueError(f"duplicate pipeline name {n!r}")
-        return self
+        return pipelines
 
     def pipeline(self, name: str) -> PipelineConfig:
         for p in self.pipelines:

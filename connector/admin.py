@@ -1,0 +1,84 @@
+"""`connector init` / `connector uninstall`: the state schema and capture objects."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import psycopg
+
+from connector import db
+from connector.config import PipelineConfig, Secrets, Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InitReport:
+    migrations_applied: list[int] = field(default_factory=list)
+    schema_version: int = 0
+    pipelines: dict[str, str] = field(default_factory=dict)
+
+
+async def install_capture(
+    conn: psycopg.AsyncConnection[object], schema: str, pipeline: PipelineConfig
+) -> None:
+    if pipeline.capture == "triggers":
+        from connector.capture import triggers
+
+        await triggers.install(conn, schema, pipeline)
+    else:
+        from connector.capture import logical
+
+        await logical.install(conn, schema, pipeline)
+
+
+async def uninstall_capture(
+    conn: psycopg.AsyncConnection[object], schema: str, pipeline: PipelineConfig
+) -> None:
+    from connector.capture import logical, triggers
+
+    # both, so that a pipeline whose mode was changed leaves nothing behind
+    await triggers.uninstall(conn, schema, pipeline)
+    await logical.uninstall(conn, schema, pipeline)
+
+
+async def init(
+    settings: Settings, secrets: Secrets, pipelines: list[str] | None = None
+) -> InitReport:
+    """Create or migrate the state schema, then install capture for each pipeline. Idempotent."""
+    schema = settings.database.state_schema
+    report = InitReport()
+    async with await psycopg.AsyncConnection.connect(secrets.state_dsn, autocommit=True) as conn:
+        report.migrations_applied = await db.migrate(conn, schema)
+        report.schema_version = await db.schema_version(conn, schema)
+        for p in settings.pipelines:
+            if pipelines and p.name not in pipelines:
+                continue
+            await install_capture(conn, schema, p)
+            report.pipelines[p.name] = p.capture
+    return report
+
+
+async def uninstall(
+    settings: Settings,
+    secrets: Secrets,
+    pipelines: list[str] | None = None,
+    *,
+    drop_state: bool = False,
+) -> list[str]:
+    schema = settings.database.state_schema
+    done: list[str] = []
+    async with await psycopg.AsyncConnection.connect(secrets.state_dsn, autocommit=True) as conn:
+        for p in settings.pipelines:
+            if pipelines and p.name not in pipelines:
+                continue
+            await uninstall_capture(conn, schema, p)
+            done.append(p.name)
+        if drop_state and not pipelines:
+            await conn.execute(
+                psycopg.sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+                    psycopg.sql.Identifier(schema)
+                )
+            )
+    return done
