@@ -1,0 +1,471 @@
+"""Legacy row image → CRM record: field mapping and type conversion (zoho-crm-api.md §6).
+
+Input rows are outbox row images (docs/architecture.md): what ``to_jsonb(row)`` gives with
+``TimeZone=UTC``, parsed with ``parse_float=Decimal`` — so values are ``str``, ``int``,
+``Decimal``, ``bool``, ``None``, lists and dicts. Python ``date``/``datetime``/``float`` values are
+accepted too.
+
+Rule: a :class:`DataError` only for a value that *cannot be represented* in the CRM's type
+(NaN/Infinity, a non-integral value for an integer field, a date outside 1900-01-01..9999-12-31,
+an unparseable date or boolean, a multi-select item containing ``;``). Everything the CRM can
+judge by itself (email syntax, text length, picklist membership, digit limits) is sent as is and
+the CRM's per-record error is dead-lettered with its own code and field.
+
+Formats:
+
+===================  ====================================  =================================
+CRM type             JSON (record APIs)                    CSV (bulk write)
+===================  ====================================  =================================
+text, textarea,      string, unchanged (no trimming)       same string
+email, phone, url,
+picklist
+multiselectpicklist  array of strings                      items joined with ``;``
+integer              JSON number                           digits
+bigint               **string** of digits (§6.1)           digits
+decimal, currency,   JSON number written from the Decimal  plain decimal notation
+double, percent      text (no float round trip)
+boolean              true / false                          ``true`` / ``false``
+date                 ``yyyy-MM-dd``                        ``yyyy-MM-dd`` (declared format)
+datetime             ``yyyy-MM-ddTHH:mm:ss±HH:MM``         same (declared format)
+NULL                 null (clears the field)               empty cell (ignore_empty=false)
+===================  ====================================  =================================
+
+Datetimes keep their offset, drop fractional seconds (truncated) and are never sent with
+``Z``; a timestamp without a zone (``timestamp`` column) is read in ``naive_timezone`` (UTC by
+default).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from datetime import UTC, date, datetime, timedelta, tzinfo
+from decimal import Decimal, InvalidOperation
+from typing import Any, Protocol
+
+import orjson
+
+from connector.config import CrmType, PipelineConfig
+from connector.errors import ConfigError, DataError
+
+MIN_DATE = date(1900, 1, 1)
+
+#: Java-style patterns declared in the bulk job's ``field_mappings[].format``.
+CSV_DATE_FORMAT = "yyyy-MM-dd"
+CSV_DATETIME_FORMAT = "yyyy-MM-dd'T'HH:mm:ssXXX"
+
+_TEXT_TYPES = frozenset({"text", "textarea", "email", "phone", "url", "picklist"})
+_DECIMAL_TYPES = frozenset({"decimal", "currency", "double", "percent"})
+_TRUE = frozenset({"true", "t", "yes", "y", "1", "on"})
+_FALSE = frozenset({"false", "f", "no", "n", "0", "off"})
+
+#: config type -> CRM field-metadata ``data_type`` values it may map to. Zoho calls a URL field
+#: ``website`` and a decimal field ``double``.
+COMPATIBLE_DATA_TYPES: dict[str, frozenset[str]] = {
+    "text": frozenset({"text"}),
+    "textarea": frozenset({"textarea"}),
+    "email": frozenset({"email"}),
+    "phone": frozenset({"phone"}),
+    "url": frozenset({"website", "url"}),
+    "picklist": frozenset({"picklist"}),
+    "multiselectpicklist": frozenset({"multiselectpicklist"}),
+    "integer": frozenset({"integer"}),
+    "bigint": frozenset({"bigint"}),
+    "decimal": frozenset({"decimal", "double"}),
+    "double": frozenset({"double", "decimal"}),
+    "currency": frozenset({"currency"}),
+    "percent": frozenset({"percent"}),
+    "boolean": frozenset({"boolean"}),
+    "date": frozenset({"date"}),
+    "datetime": frozenset({"datetime"}),
+}
+#: CRM data types a key_field may have (the key is sent as a string).
+KEY_DATA_TYPES = frozenset({"text", "email", "phone", "website", "autonumber"})
+
+
+class RecordMapper:
+    """Converts row images of one pipeline into CRM JSON records and bulk CSV rows."""
+
+    def __init__(self, pipeline: PipelineConfig, *, naive_timezone: tzinfo = UTC) -> None:
+        self.pipeline = pipeline
+        self.key_column = pipeline.key_column
+        self.key_field = pipeline.key_field
+        self._naive_tz = naive_timezone
+        # (column, CRM api_name, CRM type) in config order, key excluded
+        self._columns: list[tuple[str, str, CrmType]] = [
+            (column, m.field, m.type)
+            for column, m in pipeline.fields.items()
+            if column != pipeline.key_column
+        ]
+
+    @property
+    def crm_fields(self) -> list[str]:
+        """CRM api names in CSV order: the key field first."""
+        return [self.key_field, *(api for _, api, _ in self._columns)]
+
+    # ---- JSON (record APIs) ------------------------------------------------------------------
+
+    def key_of(self, row: dict[str, Any]) -> str:
+        value = row.get(self.key_column)
+        if value is None or (isinstance(value, str) and value == ""):
+            raise DataError(
+                "MISSING_KEY",
+                f"key column {self.key_column!r} is NULL or empty",
+                field=self.key_field,
+            )
+        if isinstance(value, bool | dict | list):
+            raise DataError(
+                "INVALID_KEY",
+                f"key column {self.key_column!r} holds a {type(value).__name__}",
+                field=self.key_field,
+            )
+        if isinstance(value, Decimal | float):
+            return _decimal_text(_to_decimal(value, self.key_field))
+        return str(value)
+
+    def to_json(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The CRM record for ``row``: ``key_field`` = the key, then each mapped field.
+
+        Decimal values stay ``Decimal``; serialise with :func:`dumps_json` (the client does).
+        """
+        record: dict[str, Any] = {self.key_field: self.key_of(row)}
+        for column, api, crm_type in self._columns:
+            record[api] = to_json_value(self._get(row, column, api), crm_type, api, self._naive_tz)
+        return record
+
+    # ---- CSV (bulk write) --------------------------------------------------------------------
+
+    def csv_header(self) -> list[str]:
+        return self.crm_fields
+
+    def to_csv_values(self, row: dict[str, Any]) -> list[str]:
+        """One CSV row in :meth:`csv_header` order (key first)."""
+        values = [self.key_of(row)]
+        for column, api, crm_type in self._columns:
+            values.append(to_csv_value(self._get(row, column, api), crm_type, api, self._naive_tz))
+        return values
+
+    def field_mappings(self) -> list[dict[str, Any]]:
+        """``resource[].field_mappings`` for a bulk job over :meth:`csv_header` columns."""
+        out: list[dict[str, Any]] = [{"api_name": self.key_field, "index": 0}]
+        for i, (_, api, crm_type) in enumerate(self._columns, start=1):
+            item: dict[str, Any] = {"api_name": api, "index": i}
+            if crm_type == "date":
+                item["format"] = CSV_DATE_FORMAT
+            elif crm_type == "datetime":
+                item["format"] = CSV_DATETIME_FORMAT
+            out.append(item)
+        return out
+
+    def _get(self, row: dict[str, Any], column: str, api: str) -> Any:
+        try:
+            return row[column]
+        except KeyError:
+            raise DataError(
+                "MISSING_COLUMN",
+                f"the row has no column {column!r} (mapped to {api!r}); "
+                "was the column renamed or dropped?",
+                field=api,
+            ) from None
+
+
+# ---- conversion of one value --------------------------------------------------------------------
+
+
+def to_json_value(value: Any, crm_type: str, api: str, naive_tz: tzinfo = UTC) -> Any:
+    if value is None:
+        return None
+    if crm_type in _TEXT_TYPES:
+        return _text(value)
+    if crm_type == "multiselectpicklist":
+        return _multiselect(value, api)
+    if crm_type == "integer":
+        return _integer(value, api)
+    if crm_type == "bigint":
+        return str(_integer(value, api))
+    if crm_type in _DECIMAL_TYPES:
+        return _to_decimal(value, api)
+    if crm_type == "boolean":
+        return _boolean(value, api)
+    if crm_type == "date":
+        return _date(value, api).isoformat()
+    if crm_type == "datetime":
+        return _datetime_text(value, api, naive_tz)
+    raise ValueError(f"unknown CRM type {crm_type!r}")
+
+
+def to_csv_value(value: Any, crm_type: str, api: str, naive_tz: tzinfo = UTC) -> str:
+    if value is None:
+        return ""
+    if crm_type in _DECIMAL_TYPES:
+        return _decimal_text(_to_decimal(value, api))
+    if crm_type == "multiselectpicklist":
+        return ";".join(_multiselect(value, api))
+    converted = to_json_value(value, crm_type, api, naive_tz)
+    if isinstance(converted, bool):
+        return "true" if converted else "false"
+    return str(converted)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Decimal):
+        return _decimal_text(value) if value.is_finite() else str(value)
+    if isinstance(value, dict | list):
+        return dumps_json(value).decode()
+    return str(value)
+
+
+def _multiselect(value: Any, api: str) -> list[str]:
+    if isinstance(value, str):
+        return [item for item in (part.strip() for part in value.split(";")) if item]
+    if isinstance(value, list | tuple):
+        items = [_text(v) for v in value if v is not None]
+        for item in items:
+            if ";" in item:
+                raise DataError(
+                    "INVALID_MULTISELECT",
+                    f"multi-select value {item!r} contains ';', the CRM's value separator",
+                    field=api,
+                )
+        return items
+    raise DataError(
+        "INVALID_MULTISELECT",
+        f"expected a list of values or a ';'-separated string, got {type(value).__name__}",
+        field=api,
+    )
+
+
+def _to_decimal(value: Any, api: str) -> Decimal:
+    if isinstance(value, bool):
+        raise DataError("INVALID_NUMBER", "expected a number, got a boolean", field=api)
+    try:
+        if isinstance(value, Decimal):
+            d = value
+        elif isinstance(value, int):
+            d = Decimal(value)
+        elif isinstance(value, float):
+            d = Decimal(repr(value)) if math.isfinite(value) else Decimal(str(value))
+        elif isinstance(value, str):
+            d = Decimal(value.strip())
+        else:
+            raise InvalidOperation
+    except (InvalidOperation, ValueError):
+        raise DataError(
+            "INVALID_NUMBER", f"cannot read {_show(value)} as a number", field=api
+        ) from None
+    if not d.is_finite():
+        raise DataError(
+            "NOT_A_NUMBER",
+            f"{d} cannot be represented in the CRM (not a finite number)",
+            field=api,
+        )
+    return d
+
+
+def _integer(value: Any, api: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    d = _to_decimal(value, api)
+    if d != d.to_integral_value():
+        raise DataError("NOT_AN_INTEGER", f"{_decimal_text(d)} is not a whole number", field=api)
+    return int(d)
+
+
+def _decimal_text(d: Decimal) -> str:
+    """Plain notation, every digit kept (``1E+3`` → ``1000``, ``1.50`` stays ``1.50``)."""
+    text = format(d, "f")
+    return "0" if text in ("-0", "-0.0") else text
+
+
+def _boolean(value: Any, api: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+    raise DataError("INVALID_BOOLEAN", f"cannot read {_show(value)} as a boolean", field=api)
+
+
+def _date(value: Any, api: str) -> date:
+    if isinstance(value, datetime):
+        d = value.date()
+    elif isinstance(value, date):
+        d = value
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            d = date.fromisoformat(text) if len(text) == 10 else datetime.fromisoformat(text).date()
+        except ValueError:
+            raise DataError(
+                "INVALID_DATE", f"cannot read {_show(value)} as a date", field=api
+            ) from None
+    else:
+        raise DataError("INVALID_DATE", f"cannot read {_show(value)} as a date", field=api)
+    if d < MIN_DATE:
+        raise DataError(
+            "DATE_OUT_OF_RANGE", f"date {d.isoformat()} is before 1900-01-01", field=api
+        )
+    return d
+
+
+def _datetime_text(value: Any, api: str, naive_tz: tzinfo) -> str:
+    if isinstance(value, datetime):
+        dt = value
+    elif isinstance(value, date):
+        dt = datetime(value.year, value.month, value.day)
+    elif isinstance(value, str):
+        try:
+            dt = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise DataError(
+                "INVALID_DATETIME", f"cannot read {_show(value)} as a date and time", field=api
+            ) from None
+    else:
+        raise DataError(
+            "INVALID_DATETIME", f"cannot read {_show(value)} as a date and time", field=api
+        )
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=naive_tz)
+    offset = dt.utcoffset()
+    assert offset is not None
+    if offset % timedelta(minutes=1):
+        # an offset with seconds (historic local mean time) has no ±HH:MM form: use UTC
+        dt = dt.astimezone(UTC)
+    if dt.astimezone(UTC).date() < MIN_DATE or dt.date() < MIN_DATE:
+        raise DataError(
+            "DATE_OUT_OF_RANGE", f"timestamp {dt.isoformat()} is before 1900-01-01", field=api
+        )
+    return dt.replace(microsecond=0).isoformat()
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# ---- JSON serialisation without float loss ------------------------------------------------------
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, Decimal):
+        if not obj.is_finite():
+            raise TypeError("non-finite Decimal cannot be sent as JSON")
+        return orjson.Fragment(_decimal_text(obj).encode())
+    if isinstance(obj, datetime | date):
+        return obj.isoformat()
+    raise TypeError(f"cannot serialise {type(obj).__name__}")
+
+
+def dumps_json(obj: Any) -> bytes:
+    """orjson with ``Decimal`` written as a JSON number from its exact digits."""
+    return orjson.dumps(obj, default=_default)
+
+
+# ---- mapping check against the CRM's field metadata -----------------------------------------
+
+
+class FieldInfo(Protocol):
+    @property
+    def api_name(self) -> str: ...
+    @property
+    def data_type(self) -> str: ...
+    @property
+    def unique(self) -> bool: ...
+    @property
+    def mandatory(self) -> bool: ...
+    @property
+    def read_only(self) -> bool: ...
+
+
+class FieldSource(Protocol):
+    async def fields(self, module: str) -> Sequence[FieldInfo]: ...
+
+
+async def check_mapping(client: FieldSource, pipeline: PipelineConfig) -> None:
+    """Refuse a mapping that cannot work against the CRM's module, naming the config key.
+
+    Checks: every mapped field exists, is writable and has a compatible ``data_type``; the
+    key_field exists, is unique and holds text; every mandatory CRM field is filled; the
+    delete mark field (delete_mode 'mark') exists and is a boolean.
+    """
+    metas = {f.api_name: f for f in await client.fields(pipeline.module)}
+    prefix = f"pipelines[{pipeline.name!r}]"
+    module = pipeline.module
+
+    key = metas.get(pipeline.key_field)
+    if key is None:
+        raise ConfigError(
+            f"{prefix}.key_field",
+            f"CRM module {module!r} has no field {pipeline.key_field!r}; expected a unique "
+            "text field that holds the legacy key",
+        )
+    if not key.unique:
+        raise ConfigError(
+            f"{prefix}.key_field",
+            f"CRM field {module}.{key.api_name} is not unique; expected a field marked "
+            "'Do not allow duplicate values' so upserts can find records by it",
+        )
+    if key.data_type not in KEY_DATA_TYPES:
+        raise ConfigError(
+            f"{prefix}.key_field",
+            f"CRM field {module}.{key.api_name} has data_type {key.data_type!r}; expected "
+            "a text field (single line)",
+        )
+
+    for column, m in pipeline.fields.items():
+        where = f"{prefix}.fields.{column}"
+        meta = metas.get(m.field)
+        if meta is None:
+            raise ConfigError(
+                where,
+                f"CRM module {module!r} has no field {m.field!r} "
+                f"(its fields: {', '.join(sorted(metas))})",
+            )
+        if meta.read_only:
+            raise ConfigError(where, f"CRM field {module}.{m.field} is read-only")
+        allowed = COMPATIBLE_DATA_TYPES[m.type]
+        if meta.data_type not in allowed:
+            raise ConfigError(
+                where,
+                f"type {m.type!r} does not match CRM field {module}.{m.field}, whose "
+                f"data_type is {meta.data_type!r}; expected type "
+                f"{_config_type_for(meta.data_type)!r}",
+            )
+
+    mapped = {m.field for m in pipeline.fields.values()} | {pipeline.key_field}
+    if pipeline.delete_mode == "mark" and pipeline.delete_mark_field:
+        mark = metas.get(pipeline.delete_mark_field)
+        if mark is None or mark.data_type != "boolean":
+            raise ConfigError(
+                f"{prefix}.delete_mark_field",
+                f"expected a boolean field of CRM module {module!r}, "
+                + (
+                    "found none with that name"
+                    if mark is None
+                    else f"found data_type {mark.data_type!r}"
+                ),
+            )
+        mapped.add(mark.api_name)
+    missing = sorted(a for a, f in metas.items() if f.mandatory and a not in mapped)
+    if missing:
+        raise ConfigError(
+            f"{prefix}.fields",
+            f"CRM module {module!r} requires field(s) {', '.join(missing)} but no column "
+            "is mapped to them",
+        )
+
+
+def _config_type_for(data_type: str) -> str:
+    for config_type, allowed in COMPATIBLE_DATA_TYPES.items():
+        if data_type in allowed:
+            return config_type
+    return f"(none: CRM data_type {data_type!r} is not supported)"

@@ -1,0 +1,46 @@
+"""Zoho CRM client: OAuth (auth.py), records and bulk APIs (client.py), bulk files (bulk.py),
+adaptive concurrency (limiter.py). See docs/zoho-client.md."""
+
+from __future__ import annotations
+
+from connector.zoho.auth import TokenManager
+from connector.zoho.bulk import (
+    BulkFile,
+    BulkJob,
+    BulkRowResult,
+    JobStatus,
+    RowOutcome,
+    build_bulk_zip,
+    match_results,
+    normalise_job_status,
+    parse_result_zip,
+)
+from connector.zoho.client import (
+    CallHook,
+    CreditCosts,
+    FieldMeta,
+    RecordResult,
+    RetryPolicy,
+    ZohoClient,
+)
+from connector.zoho.limiter import AdaptiveLimiter
+
+__all__ = [
+    "AdaptiveLimiter",
+    "BulkFile",
+    "BulkJob",
+    "BulkRowResult",
+    "CallHook",
+    "CreditCosts",
+    "FieldMeta",
+    "JobStatus",
+    "RecordResult",
+    "RetryPolicy",
+    "RowOutcome",
+    "TokenManager",
+    "ZohoClient",
+    "build_bulk_zip",
+    "match_results",
+    "normalise_job_status",
+    "parse_result_zip",
+]
