@@ -1,0 +1,127 @@
+"""The CRM's price list as a pure cost model (DESIGN.md §1, zoho-crm-api.md §4.2).
+
+Shared by the planner, the benchmarks and the emulator, so that all three charge the same:
+
+* Insert / Update / Upsert: at most ``upsert_batch`` records per call, 1 credit per
+  ``records_per_credit`` records of the call, rounded up;
+* Bulk Write: at most ``bulk_batch`` records per job, ``bulk_job_credits`` per job (charged when
+  the job is created).
+
+Nothing here is a constant of the decision: ``break_even`` and ``cheapest`` are derived from the
+four prices, so a different price list gives consistent answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True, slots=True)
+class Mix:
+    """How to send ``records`` distinct records: ``bulk_records`` of them in ``bulk_jobs`` jobs,
+    the other ``upsert_records`` in ``upsert_calls`` upsert calls packed at the call limit."""
+
+    records: int
+    bulk_jobs: int
+    bulk_records: int
+    upsert_calls: int
+    upsert_records: int
+    credits: int
+
+
+@dataclass(frozen=True, slots=True)
+class CostModel:
+    upsert_batch: int = 100
+    records_per_credit: int = 10
+    bulk_batch: int = 25_000
+    bulk_job_credits: int = 500
+
+    def __post_init__(self) -> None:
+        for name in ("upsert_batch", "records_per_credit", "bulk_batch", "bulk_job_credits"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"CostModel.{name} must be at least 1")
+
+    # -- upsert -----------------------------------------------------------------------------
+    def call_credits(self, k: int) -> int:
+        """Credits of one upsert call carrying ``k`` records (1 ≤ k ≤ upsert_batch)."""
+        if not 0 < k <= self.upsert_batch:
+            raise ValueError(f"an upsert call carries 1..{self.upsert_batch} records, not {k}")
+        return _ceil_div(k, self.records_per_credit)
+
+    def upsert_calls(self, n: int) -> int:
+        """Calls needed for ``n`` records packed ``upsert_batch`` to a call."""
+        _check_n(n)
+        return _ceil_div(n, self.upsert_batch)
+
+    def upsert_credits(self, n: int) -> int:
+        """Credits for ``n`` records packed ``upsert_batch`` to a call (full calls, then one
+        partial call)."""
+        _check_n(n)
+        full, rest = divmod(n, self.upsert_batch)
+        return full * self.call_credits(self.upsert_batch) + (
+            self.call_credits(rest) if rest else 0
+        )
+
+    # -- bulk -------------------------------------------------------------------------------
+    def bulk_jobs(self, n: int) -> int:
+        _check_n(n)
+        return _ceil_div(n, self.bulk_batch)
+
+    def bulk_credits(self, n: int) -> int:
+        return self.bulk_jobs(n) * self.bulk_job_credits
+
+    # -- decisions --------------------------------------------------------------------------
+    def mix(self, n: int, jobs: int) -> Mix:
+        """The mix that sends ``n`` records with ``jobs`` bulk jobs, each as full as possible,
+        and the rest by upsert."""
+        _check_n(n)
+        if jobs < 0:
+            raise ValueError("jobs must be non-negative")
+        bulk = min(n, jobs * self.bulk_batch)
+        jobs = _ceil_div(bulk, self.bulk_batch)  # never an empty job
+        rest = n - bulk
+        return Mix(
+            records=n,
+            bulk_jobs=jobs,
+            bulk_records=bulk,
+            upsert_calls=self.upsert_calls(rest),
+            upsert_records=rest,
+            credits=jobs * self.bulk_job_credits + self.upsert_credits(rest),
+        )
+
+    def mixes(self, n: int) -> list[Mix]:
+        """Every sensible mix for ``n`` records: 0 … ⌈n / bulk_batch⌉ bulk jobs."""
+        return [self.mix(n, j) for j in range(self.bulk_jobs(n) + 1)]
+
+    def cheapest(self, n: int) -> Mix:
+        """The mix of fewest credits; on a tie the one with fewer bulk jobs (upsert answers in
+        about a second, a bulk job in a minute or more)."""
+        best = self.mix(n, 0)
+        for m in self.mixes(n)[1:]:
+            if m.credits < best.credits:
+                best = m
+        return best
+
+    def break_even(self) -> int:
+        """The largest number of records for which upsert costs no more than one bulk job.
+
+        Above it a bulk job is strictly cheaper (5,000 with the default prices). Derived by
+        bisection on ``upsert_credits``, which never decreases with n.
+        """
+        lo, hi = 0, self.bulk_job_credits * self.upsert_batch + 1  # upsert_credits(hi) > job
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self.upsert_credits(mid) <= self.bulk_job_credits:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+
+def _check_n(n: int) -> None:
+    if n < 0:
+        raise ValueError("a number of records must be non-negative")
