@@ -1,0 +1,1029 @@
+"""Logical-replication capture: a publication, a ``pgoutput`` slot, and a streaming consumer.
+
+``install`` / ``uninstall`` / ``slot_lag_bytes`` / ``slot_status`` manage the server objects;
+``LogicalCapture.run`` streams the slot through a psycopg 3.3 ``replication="database"``
+connection (``START_REPLICATION`` returns a CopyBoth cursor; its ``pgconn`` reads CopyData and
+sends standby status updates), decodes pgoutput (``pgoutput.py``), converts values
+(``values.py``) and appends outbox rows with COPY, many source transactions per outbox
+transaction. The position is confirmed to the server only after the outbox transaction holding
+those rows (and ``capture_state.last_commit_lsn``) has committed, and only at commit boundaries;
+source commits whose end LSN is ``<= last_commit_lsn`` are replays and are dropped. See
+docs/capture-logical.md for the design and its trade-offs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from connector.capture import pgoutput as po
+from connector.capture import values as vals
+from connector.config import PipelineConfig
+from connector.errors import ConfigError, PermanentError
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_PREFIX = "connector-heartbeat"
+
+# ---------------------------------------------------------------------------------------------
+# names and installation
+# ---------------------------------------------------------------------------------------------
+
+
+def object_name(schema: str, pipeline: str) -> str:
+    """The slot and publication name of a pipeline: ``<schema>_<pipeline>``, sanitised.
+
+    Slot names allow only lower-case letters, digits and underscores (at most 63 bytes).
+    """
+    raw = re.sub(r"[^a-z0-9_]", "_", f"{schema}_{pipeline}".lower())
+    return raw[:63]
+
+
+def _key(pipeline: PipelineConfig, attr: str) -> str:
+    return f"pipelines[{pipeline.name!r}].{attr}"
+
+
+def _table_ident(pipeline: PipelineConfig) -> sql.Identifier:
+    schema, table = pipeline.table_parts
+    return sql.Identifier(schema, table)
+
+
+async def _one(conn: psycopg.AsyncConnection[Any], query: Any, params: Any = None) -> Any:
+    cur = await conn.execute(query, params)
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    return row[0] if not isinstance(row, dict) else next(iter(row.values()))
+
+
+async def check_source(conn: psycopg.AsyncConnection[Any], pipeline: PipelineConfig) -> None:
+    """Refuse clearly: wal_level, missing table or key column, non-unique key, replica identity
+    that would not carry the key of a deleted row."""
+    level = await _one(conn, "SELECT current_setting('wal_level')")
+    if level != "logical":
+        raise ConfigError(
+            _key(pipeline, "capture"),
+            f"capture = 'logical' needs wal_level = logical on the source server (it is "
+            f"{level!r}); set wal_level = logical and restart PostgreSQL, or use "
+            f"capture = 'triggers'",
+        )
+    schema, table = pipeline.table_parts
+    cur = await conn.execute(
+        "SELECT c.oid, c.relreplident FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
+        (schema, table),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        raise ConfigError(
+            _key(pipeline, "source_table"), f"table {pipeline.source_table!r} does not exist"
+        )
+    relid, replident = (row["oid"], row["relreplident"]) if isinstance(row, dict) else row
+    attnum = await _one(
+        conn,
+        "SELECT attnum FROM pg_attribute WHERE attrelid = %s AND attname = %s"
+        " AND attnum > 0 AND NOT attisdropped",
+        (relid, pipeline.key_column),
+    )
+    if attnum is None:
+        raise ConfigError(
+            _key(pipeline, "key_column"),
+            f"column {pipeline.key_column!r} does not exist in {pipeline.source_table!r}",
+        )
+    for col, attr in [(c, f"fields[{c!r}]") for c in pipeline.fields] + [
+        (c, "ignore_columns") for c in pipeline.ignore_columns
+    ]:
+        found = await _one(
+            conn,
+            "SELECT 1 FROM pg_attribute WHERE attrelid = %s AND attname = %s"
+            " AND attnum > 0 AND NOT attisdropped",
+            (relid, col),
+        )
+        if found is None:
+            raise ConfigError(
+                _key(pipeline, attr),
+                f"column {col!r} does not exist in {pipeline.source_table!r}",
+            )
+    cur = await conn.execute(
+        "SELECT indisprimary, indisreplident FROM pg_index WHERE indrelid = %s AND indisunique"
+        " AND indnkeyatts = 1 AND indkey[0] = %s AND indpred IS NULL AND indexprs IS NULL",
+        (relid, attnum),
+    )
+    idx = [tuple(r.values()) if isinstance(r, dict) else tuple(r) for r in await cur.fetchall()]
+    if not idx:
+        raise ConfigError(
+            _key(pipeline, "key_column"),
+            f"column {pipeline.key_column!r} of {pipeline.source_table!r} is not unique "
+            f"(needs a primary key or a unique index on that column alone)",
+        )
+    carried = replident == "f" or any(
+        (replident == "d" and prim) or (replident == "i" and rid) for prim, rid in idx
+    )
+    if not carried:
+        raise ConfigError(
+            _key(pipeline, "key_column"),
+            f"the replica identity of {pipeline.source_table!r} does not include "
+            f"{pipeline.key_column!r}, so deletes would not carry the key; make it the primary "
+            f"key, or run ALTER TABLE ... REPLICA IDENTITY USING INDEX <its unique index> "
+            f"(or REPLICA IDENTITY FULL)",
+        )
+
+
+async def install(
+    conn: psycopg.AsyncConnection[Any],
+    schema: str,
+    pipeline: PipelineConfig,
+    *,
+    state_conn: psycopg.AsyncConnection[Any] | None = None,
+) -> None:
+    """Create the publication (FOR TABLE the source table), the pgoutput slot and the
+    ``capture_state`` row. Idempotent. ``conn``: autocommit connection to the source database;
+    ``state_conn``: to the state database when it is another one."""
+    state = state_conn or conn
+    await check_source(conn, pipeline)
+    mode = await _one(
+        state,
+        sql.SQL("SELECT mode FROM {}.capture_state WHERE pipeline = %s").format(
+            sql.Identifier(schema)
+        ),
+        (pipeline.name,),
+    )
+    if mode is not None and mode != "logical":
+        raise ConfigError(
+            _key(pipeline, "capture"),
+            f"pipeline {pipeline.name!r} is installed with capture = {mode!r}; "
+            f"run `connector uninstall` for it first",
+        )
+    name = object_name(schema, pipeline.name)
+    table = _table_ident(pipeline)
+    sch, tbl = pipeline.table_parts
+    exists = await _one(conn, "SELECT 1 FROM pg_publication WHERE pubname = %s", (name,))
+    if exists is None:
+        await conn.execute(
+            sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(sql.Identifier(name), table)
+        )
+    else:
+        has = await _one(
+            conn,
+            "SELECT 1 FROM pg_publication_tables WHERE pubname = %s AND schemaname = %s"
+            " AND tablename = %s",
+            (name, sch, tbl),
+        )
+        if has is None:
+            await conn.execute(
+                sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(sql.Identifier(name), table)
+            )
+    plugin = await _one(
+        conn, "SELECT plugin FROM pg_replication_slots WHERE slot_name = %s", (name,)
+    )
+    created_lsn: str | None = None
+    if plugin is None:
+        created_lsn = await _one(
+            conn,
+            "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')",
+            (name,),
+        )
+    elif plugin != "pgoutput":
+        raise ConfigError(
+            _key(pipeline, "capture"),
+            f"replication slot {name!r} exists with plugin {plugin!r}, not pgoutput",
+        )
+    ident = sql.Identifier(schema)
+    await state.execute(
+        sql.SQL(
+            "INSERT INTO {}.capture_state (pipeline, mode, slot_name, publication_name,"
+            " last_commit_lsn) VALUES (%s, 'logical', %s, %s, %s::pg_lsn)"
+            " ON CONFLICT (pipeline) DO UPDATE SET slot_name = EXCLUDED.slot_name,"
+            " publication_name = EXCLUDED.publication_name,"
+            " last_commit_lsn = CASE WHEN %s THEN EXCLUDED.last_commit_lsn"
+            " ELSE {}.capture_state.last_commit_lsn END, updated_at = now()"
+        ).format(ident, ident),
+        (pipeline.name, name, name, created_lsn, created_lsn is not None),
+    )
+
+
+async def uninstall(
+    conn: psycopg.AsyncConnection[Any],
+    schema: str,
+    pipeline: PipelineConfig,
+    *,
+    state_conn: psycopg.AsyncConnection[Any] | None = None,
+) -> None:
+    """Drop the slot (terminating a walsender still using it) and the publication, and delete the
+    ``capture_state`` row. Idempotent. A forgotten slot retains WAL until the disk fills."""
+    state = state_conn or conn
+    name = object_name(schema, pipeline.name)
+    for _ in range(50):
+        cur = await conn.execute(
+            "SELECT active, active_pid FROM pg_replication_slots WHERE slot_name = %s", (name,)
+        )
+        row = await cur.fetchone()
+        if row is None:
+            break
+        active, pid = tuple(row.values()) if isinstance(row, dict) else tuple(row)
+        if active and pid is not None:
+            await conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            await asyncio.sleep(0.1)
+            continue
+        try:
+            await conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+        except psycopg.errors.ObjectInUse:
+            await asyncio.sleep(0.1)
+            continue
+        except psycopg.errors.UndefinedObject:
+            pass
+        break
+    else:
+        raise PermanentError(f"replication slot {name!r} stays in use; cannot drop it")
+    await conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(name)))
+    await state.execute(
+        sql.SQL("DELETE FROM {}.capture_state WHERE pipeline = %s AND mode = 'logical'").format(
+            sql.Identifier(schema)
+        ),
+        (pipeline.name,),
+    )
+
+
+@dataclass(frozen=True)
+class SlotStatus:
+    """What ``connector status`` and the metrics show about a pipeline's slot."""
+
+    slot_name: str
+    active: bool
+    lag_bytes: int | None  # current WAL position - confirmed_flush_lsn
+    retained_bytes: int | None  # current WAL position - restart_lsn (WAL kept for the slot)
+    wal_status: str | None  # reserved / extended / unreserved / lost
+    safe_wal_size: int | None
+    confirmed_flush_lsn: str | None
+
+
+async def slot_status(
+    conn: psycopg.AsyncConnection[Any], schema: str, pipeline: str | PipelineConfig
+) -> SlotStatus | None:
+    name = object_name(schema, pipeline if isinstance(pipeline, str) else pipeline.name)
+    cur = await conn.execute(
+        "SELECT active,"
+        " pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint,"
+        " pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint,"
+        " wal_status, safe_wal_size, confirmed_flush_lsn::text"
+        " FROM pg_replication_slots WHERE slot_name = %s",
+        (name,),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    active, lag, retained, wal_status, safe, confirmed = (
+        tuple(row.values()) if isinstance(row, dict) else tuple(row)
+    )
+    return SlotStatus(name, bool(active), lag, retained, wal_status, safe, confirmed)
+
+
+async def slot_lag_bytes(
+    conn: psycopg.AsyncConnection[Any], schema: str, pipeline: str | PipelineConfig
+) -> int | None:
+    """Bytes of WAL between the server's current position and the slot's confirmed position;
+    None when the slot does not exist."""
+    st = await slot_status(conn, schema, pipeline)
+    return None if st is None else st.lag_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# the consumer
+# ---------------------------------------------------------------------------------------------
+
+_TOAST = 1
+_SERVER = 2
+
+
+@dataclass
+class CaptureStats:
+    events: int = 0  # outbox rows committed
+    transactions: int = 0  # source transactions whose rows are committed
+    outbox_commits: int = 0
+    skipped_replays: int = 0  # source transactions dropped as already stored
+    toast_cache_hits: int = 0
+    toast_fetches: int = 0
+    toast_missing: int = 0  # unchanged TOAST value whose row had gone (written as null)
+    truncates: int = 0
+    heartbeats: int = 0
+    reconnects: int = 0
+    last_commit_lsn: int = 0
+    confirmed_lsn: int = 0
+
+
+@dataclass
+class _Codec:
+    """Per-Relation: converters and JSON key prefixes chosen once."""
+
+    relation: po.Relation
+    convs: list[vals.Converter]
+    prefixes: list[str]
+    names: list[str]
+    key_idx: int
+    key_cols: list[int]
+    ignored: frozenset[int] = frozenset()
+
+
+@dataclass
+class _Event:
+    op: str
+    key: str
+    frags: list[str | None]  # None: column left out (key-only delete image)
+    xid: int
+    commit_lsn: int
+    codec: _Codec
+    deferred: list[tuple[int, int, str]] | None = None  # (column, kind, text for _SERVER)
+
+
+@dataclass
+class _Pending:
+    events: list[_Event] = field(default_factory=list)
+    committed: int = 0  # events[:committed] belong to committed source transactions
+    last_end_lsn: int = 0
+    last_xid: int = 0
+    transactions: int = 0
+    first_commit_at: float | None = None
+
+
+class _Closed(Exception):
+    """The server ended the replication stream."""
+
+
+class LogicalCapture:
+    """Stream the pipeline's slot into the outbox. One instance per pipeline and process."""
+
+    def __init__(
+        self,
+        dsn: str,
+        schema: str,
+        pipeline: PipelineConfig,
+        *,
+        state_dsn: str | None = None,
+        batch_rows: int = 10_000,
+        flush_interval: float = 0.1,
+        heartbeat_interval: float = 10.0,
+        status_interval: float = 10.0,
+        max_backoff: float = 30.0,
+        toast_cache_bytes: int = 64 << 20,
+        after_outbox_commit: Callable[[int], Awaitable[None]] | None = None,
+    ) -> None:
+        self.dsn = dsn
+        self.state_dsn = state_dsn or dsn
+        self.schema = schema
+        self.pipeline = pipeline
+        self.batch_rows = batch_rows
+        self.flush_interval = flush_interval
+        self.heartbeat_interval = heartbeat_interval
+        self.status_interval = status_interval
+        self.max_backoff = max_backoff
+        self.toast_cache_bytes = toast_cache_bytes
+        self.after_outbox_commit = after_outbox_commit
+        self.stats = CaptureStats()
+        self.slot_name = object_name(schema, pipeline.name)
+        self._schema_ident = sql.Identifier(schema)
+        self._types = vals.TypeRegistry()
+        self._toast: OrderedDict[str, dict[int, str]] = OrderedDict()
+        self._toast_bytes = 0
+        self._codecs: dict[int, _Codec] = {}
+
+    # -- supervision -------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        """Stream until ``stop`` is set; reconnect with capped exponential backoff (jittered)
+        when a connection is lost. Configuration problems raise ``ConfigError``."""
+        backoff = 0.2
+        while not stop.is_set():
+            try:
+                started = await self._session(stop)
+                if started:
+                    backoff = 0.2
+            except (psycopg.OperationalError, OSError, _Closed) as exc:
+                self.stats.reconnects += 1
+                delay = min(self.max_backoff, backoff) * (0.5 + random.random() / 2)
+                log.warning(
+                    "logical capture connection lost; reconnecting",
+                    extra={
+                        "pipeline": self.pipeline.name,
+                        "error": type(exc).__name__,
+                        "delay": round(delay, 2),
+                    },
+                )
+                backoff = min(self.max_backoff, backoff * 2)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+
+    async def _session(self, stop: asyncio.Event) -> bool:
+        self._codecs = {}
+        self._toast.clear()
+        self._toast_bytes = 0
+        opts = vals.SESSION_OPTIONS
+        state = await psycopg.AsyncConnection.connect(self.state_dsn, autocommit=False)
+        try:
+            src = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True, options=opts)
+            try:
+                repl = await psycopg.AsyncConnection.connect(
+                    self.dsn, autocommit=True, replication="database", options=opts
+                )
+                try:
+                    return await self._stream(stop, state, src, repl)
+                finally:
+                    await repl.close()
+            finally:
+                await src.close()
+        finally:
+            await state.close()
+
+    async def _stream(
+        self,
+        stop: asyncio.Event,
+        state: psycopg.AsyncConnection[Any],
+        src: psycopg.AsyncConnection[Any],
+        repl: psycopg.AsyncConnection[Any],
+    ) -> bool:
+        ident = self._schema_ident
+        cur = await state.execute(
+            sql.SQL(
+                "SELECT slot_name, publication_name, last_commit_lsn::text"
+                " FROM {}.capture_state WHERE pipeline = %s AND mode = 'logical'"
+            ).format(ident),
+            (self.pipeline.name,),
+        )
+        row = await cur.fetchone()
+        await state.commit()
+        if row is None:
+            raise ConfigError(
+                _key(self.pipeline, "capture"),
+                f"logical capture is not installed for pipeline {self.pipeline.name!r}; "
+                f"run `connector init`",
+            )
+        slot, publication, last_lsn = row
+        self._stored_lsn = po.str_to_lsn(last_lsn) if last_lsn else 0
+        self._confirmed = self._stored_lsn
+        self._received = self._stored_lsn
+        self._seq = await _one(
+            state,
+            "SELECT pg_get_serial_sequence(%s, 'id')",
+            (f"{_quote(self.schema)}.outbox",),
+        )
+        await state.commit()
+        self._state, self._src, self._repl = state, src, repl
+        self._xid_ref = 0
+        self._xid_ref_at = 0.0
+        self._copy_sql = sql.SQL(
+            "COPY {}.outbox (id, pipeline, op, key, version, source_xid, source_lsn, row)"
+            " FROM STDIN"
+        ).format(ident)
+        self._fetch_sql = sql.SQL(
+            "SELECT j.key, j.value::text FROM {} t, jsonb_each(to_jsonb(t)) j"
+            " WHERE t.{} = %s AND j.key = ANY(%s)"
+        ).format(_table_ident(self.pipeline), sql.Identifier(self.pipeline.key_column))
+        self._outbox_open = False
+        self._spilled_open = False
+        await repl.execute(
+            sql.SQL(
+                "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1',"
+                " publication_names {}, messages 'true')"
+            ).format(
+                sql.Identifier(slot),
+                sql.SQL(po.lsn_to_str(self._stored_lsn)),
+                sql.Literal(publication),
+            )
+        )
+        log.info(
+            "logical capture streaming",
+            extra={
+                "pipeline": self.pipeline.name,
+                "slot": slot,
+                "from_lsn": po.lsn_to_str(self._stored_lsn),
+            },
+        )
+        await self._consume(stop, repl.pgconn)
+        return True
+
+    # -- the stream loop ----------------------------------------------------------------------
+    async def _consume(self, stop: asyncio.Event, pgconn: Any) -> None:
+        loop = asyncio.get_running_loop()
+        pending = _Pending()
+        self._pending = pending
+        in_txn = False
+        skip = False
+        xid = 0
+        commit_lsn = 0
+        last_status = time.monotonic()
+        last_activity = time.monotonic()
+        get = pgconn.get_copy_data
+        decode_tuple = po.decode_tuple
+        unpack_xlog = po._XLOG.unpack_from
+        unpack_rel = po._U32.unpack_from
+        monotonic = time.monotonic
+        while True:
+            nbytes, data = get(1)
+            if nbytes > 0:
+                kind = data[0]
+                if kind == 0x77:  # 'w' XLogData
+                    start, _end, _ts = unpack_xlog(data, 1)
+                    self._received = max(self._received, start)
+                    m = data[25]
+                    if m in {73, 85, 68}:  # I / U / D
+                        if skip:
+                            continue
+                        (relid,) = unpack_rel(data, 26)
+                        codec = self._codecs.get(relid)
+                        if codec is None:
+                            continue
+                        if m == 0x49:
+                            new, _ = decode_tuple(data, 31)
+                            self._on_row("insert", codec, new, None, None, xid, commit_lsn)
+                        else:
+                            msg = po.decode(data[25:])
+                            if isinstance(msg, po.Update):
+                                self._on_row(
+                                    "update",
+                                    codec,
+                                    msg.new,
+                                    msg.old,
+                                    msg.old_kind,
+                                    xid,
+                                    commit_lsn,
+                                )
+                            elif isinstance(msg, po.Delete):
+                                self._on_row(
+                                    "delete", codec, None, msg.old, msg.old_kind, xid, commit_lsn
+                                )
+                        if len(pending.events) - pending.committed >= self.batch_rows:
+                            # a large source transaction: spill its rows into the open outbox
+                            # transaction, which is committed only after the source commit
+                            await self._write(pending.events)
+                            pending.events = []
+                            pending.committed = 0
+                            self._spilled_open = True
+                        continue
+                    msg = po.decode(data[25:])
+                    if isinstance(msg, po.Begin):
+                        in_txn = True
+                        xid = msg.xid
+                        commit_lsn = msg.final_lsn
+                        # a commit record before the stored one ends at or before it: a replay
+                        skip = msg.final_lsn < self._stored_lsn
+                    elif isinstance(msg, po.Commit):
+                        in_txn = False
+                        now = monotonic()
+                        last_activity = now
+                        if skip:
+                            skip = False
+                            self.stats.skipped_replays += 1
+                            continue
+                        if len(pending.events) > pending.committed or self._spilled_open:
+                            self._spilled_open = False
+                            pending.committed = len(pending.events)
+                            pending.last_end_lsn = msg.end_lsn
+                            pending.last_xid = xid
+                            pending.transactions += 1
+                            if pending.first_commit_at is None:
+                                pending.first_commit_at = now
+                        elif not pending.transactions and not self._outbox_open:
+                            # nothing of ours in it and nothing unstored before it
+                            self._confirmed = max(self._confirmed, msg.end_lsn)
+                        if pending.transactions and (
+                            pending.committed >= self.batch_rows
+                            or self._outbox_open
+                            or stop.is_set()
+                            or now - (pending.first_commit_at or now) >= self.flush_interval
+                        ):
+                            await self._flush()
+                            last_status = monotonic()
+                        if stop.is_set():
+                            self._send_status()
+                            return
+                    elif isinstance(msg, po.Relation):
+                        await self._on_relation(msg)
+                    elif isinstance(msg, po.Truncate):
+                        if not skip:
+                            self._on_truncate(msg)
+                    elif isinstance(msg, po.Message) and (
+                        msg.prefix == HEARTBEAT_PREFIX
+                        and not in_txn
+                        and not pending.events
+                        and not self._outbox_open
+                        and msg.lsn > self._confirmed
+                    ):
+                        # every commit before the heartbeat is stored: confirm past it
+                        self._confirmed = msg.lsn
+                        self._send_status()
+                        last_status = monotonic()
+                    # Type / Origin: nothing to do (types are looked up by OID)
+                elif kind == 0x6B:  # 'k' keepalive
+                    ka = po.parse_copy_data(data)
+                    assert isinstance(ka, po.Keepalive)
+                    self._received = max(self._received, ka.wal_end)
+                    if not in_txn and not pending.events and not self._outbox_open:
+                        # nothing of ours is in flight: everything before wal_end is handled
+                        self._confirmed = max(self._confirmed, ka.wal_end)
+                    if ka.reply_requested:
+                        self._send_status()
+                        last_status = monotonic()
+                continue
+            if nbytes == -1:
+                raise _Closed("replication stream ended by the server")
+            if nbytes < -1:
+                raise psycopg.OperationalError("replication stream error")
+            # nothing buffered: time-based flush, housekeeping, then wait for the socket
+            now = monotonic()
+            can_flush = pending.transactions and not (in_txn and self._outbox_open)
+            if can_flush and (
+                stop.is_set() or now - (pending.first_commit_at or now) >= self.flush_interval
+            ):
+                await self._flush()
+                last_status = monotonic()
+                continue
+            if stop.is_set() and not pending.transactions:
+                self._send_status()
+                return
+            if now - last_status >= self.status_interval:
+                self._send_status()
+                last_status = now
+            if now - last_activity >= self.heartbeat_interval and not in_txn and not pending.events:
+                # the captured table is idle: a non-transactional message lets the slot's
+                # confirmed position follow the WAL even when other tables are busy
+                await self._src.execute(
+                    "SELECT pg_logical_emit_message(false, %s, now()::text)", (HEARTBEAT_PREFIX,)
+                )
+                self.stats.heartbeats += 1
+                last_activity = now
+            timeout = 0.1
+            if pending.first_commit_at is not None:
+                timeout = max(
+                    0.0, min(timeout, pending.first_commit_at + self.flush_interval - now)
+                )
+            await _wait_readable(loop, pgconn.socket, timeout)
+            pgconn.consume_input()
+
+    # -- decoding helpers ---------------------------------------------------------------------
+    async def _on_relation(self, rel: po.Relation) -> None:
+        schema, table = self.pipeline.table_parts
+        if (rel.namespace or "pg_catalog") != schema or rel.name != table:
+            return
+        oids = [c.type_oid for c in rel.columns]
+        missing = self._types.missing(oids)
+        while missing:
+            await self._lookup_types(missing)
+            missing = self._types.missing(oids)
+        names = [c.name for c in rel.columns]
+        if self.pipeline.key_column not in names:
+            raise PermanentError(
+                f"{_key(self.pipeline, 'key_column')}: column {self.pipeline.key_column!r} "
+                f"is no longer in {self.pipeline.source_table!r}"
+            )
+        codec = _Codec(
+            relation=rel,
+            convs=[self._types.converter(o) for o in oids],
+            prefixes=[vals.dumps_str(n) + ":" for n in names],
+            names=names,
+            key_idx=names.index(self.pipeline.key_column),
+            key_cols=[i for i, c in enumerate(rel.columns) if c.is_key],
+            ignored=frozenset(
+                i for i, n in enumerate(names) if n in self.pipeline.ignore_columns
+            ),
+        )
+        self._codecs[rel.oid] = codec
+        # a new Relation may change column positions or types: cached images are stale
+        self._toast.clear()
+        self._toast_bytes = 0
+
+    async def _lookup_types(self, oids: list[int]) -> None:
+        cur = await self._src.execute(
+            "SELECT t.oid, t.typtype, t.typbasetype, t.typelem,"
+            " (t.typelem <> 0 AND t.typsubscript = 'array_subscript_handler'::regproc),"
+            " coalesce(e.typdelim, ','), format_type(t.oid, NULL), t.typrelid,"
+            " (t.oid >= 16384 AND EXISTS (SELECT 1 FROM pg_cast c WHERE c.castsource = t.oid"
+            "  AND c.casttarget = 'json'::regtype AND c.castmethod = 'f'))"
+            " FROM pg_type t LEFT JOIN pg_type e ON e.oid = t.typelem WHERE t.oid = ANY(%s)",
+            (oids,),
+        )
+        found = set()
+        for (
+            oid,
+            typtype,
+            base,
+            elem,
+            is_array,
+            delim,
+            name,
+            _relid,
+            castjson,
+        ) in await cur.fetchall():
+            found.add(oid)
+            if typtype == "d":
+                info = vals.TypeInfo(oid, base, sql_name=name)
+            elif is_array:
+                info = vals.TypeInfo(oid, oid, elem=elem, delim=delim, sql_name=name)
+            elif typtype == "c" or oid == vals.RECORD:
+                info = vals.TypeInfo(oid, oid, category="composite", sql_name=name)
+            elif castjson:
+                info = vals.TypeInfo(oid, oid, category="castjson", sql_name=name)
+            else:
+                info = vals.TypeInfo(oid, oid, category="other", sql_name=name)
+            self._types.add(info)
+        for oid in oids:
+            if oid not in found:
+                raise PermanentError(f"type OID {oid} of {self.pipeline.source_table!r} is unknown")
+
+    def _convert(
+        self, codec: _Codec, tup: list[po.Value], key: str, old: list[po.Value] | None
+    ) -> tuple[list[str | None], list[tuple[int, int, str]] | None]:
+        frags: list[str | None] = []
+        deferred: list[tuple[int, int, str]] | None = None
+        convs = codec.convs
+        cached: dict[int, str] | None = None
+        for i, raw in enumerate(tup):
+            if raw is None:
+                frags.append("null")
+            elif raw is po.UNCHANGED:
+                val: str | None = None
+                raw_old = old[i] if old is not None else None
+                if isinstance(raw_old, bytes):
+                    more: list[tuple[int, int, str]] = []
+                    val = self._conv1(convs[i], raw_old, i, more)
+                    if more:
+                        deferred = (deferred or []) + more
+                if val is None:
+                    if cached is None:
+                        cached = self._toast.get(key, {})
+                    val = cached.get(i)
+                    if val is not None:
+                        self.stats.toast_cache_hits += 1
+                if val is None:
+                    deferred = deferred or []
+                    deferred.append((i, _TOAST, ""))
+                    frags.append("null")
+                else:
+                    frags.append(val)
+            else:
+                assert isinstance(raw, bytes)
+                try:
+                    frags.append(convs[i](raw.decode()))
+                except vals.NeedsServer:
+                    deferred = deferred or []
+                    deferred.append((i, _SERVER, raw.decode()))
+                    frags.append("null")
+        return frags, deferred
+
+    @staticmethod
+    def _conv1(
+        conv: vals.Converter, raw: bytes, i: int, deferred: list[tuple[int, int, str]]
+    ) -> str | None:
+        try:
+            return conv(raw.decode())
+        except vals.NeedsServer:
+            deferred.append((i, _SERVER, raw.decode()))
+            return "null"
+
+    def _remember(self, key: str, frags: list[str | None]) -> None:
+        """Keep the larger values of the latest image of ``key`` (bounded LRU by bytes) so that
+        a later update that leaves them TOASTed and unchanged can be completed exactly."""
+        entry = {i: f for i, f in enumerate(frags) if f is not None and len(f) > 32}
+        old = self._toast.pop(key, None)
+        if old is not None:
+            self._toast_bytes -= sum(len(v) for v in old.values())
+        if not entry:
+            return
+        size = sum(len(v) for v in entry.values())
+        if size > self.toast_cache_bytes:
+            return
+        self._toast[key] = entry
+        self._toast_bytes += size
+        while self._toast_bytes > self.toast_cache_bytes and self._toast:
+            _, ev = self._toast.popitem(last=False)
+            self._toast_bytes -= sum(len(v) for v in ev.values())
+
+    def _forget(self, key: str) -> None:
+        old = self._toast.pop(key, None)
+        if old is not None:
+            self._toast_bytes -= sum(len(v) for v in old.values())
+
+    def _on_row(  # noqa: PLR0917
+        self,
+        op: str,
+        codec: _Codec,
+        new: list[po.Value] | None,
+        old: list[po.Value] | None,
+        old_kind: str | None,
+        xid: int,
+        commit_lsn: int,
+    ) -> None:
+        ki = codec.key_idx
+        events = self._pending.events
+        if new is None:  # delete
+            assert old is not None
+            raw_key = old[ki]
+            if not isinstance(raw_key, bytes):
+                log.warning("delete without a key value", extra={"pipeline": self.pipeline.name})
+                return
+            key = raw_key.decode()
+            if old_kind == "K":
+                only = set(codec.key_cols)
+                img: list[po.Value] = [v if i in only else None for i, v in enumerate(old)]
+                frags, deferred = self._convert(codec, img, key, None)
+                frags = [f if i in only else None for i, f in enumerate(frags)]
+            else:
+                frags, deferred = self._convert(codec, old, key, None)
+            self._forget(key)
+            events.append(_Event("delete", key, frags, xid, commit_lsn, codec, deferred))
+            return
+        raw_key = new[ki]
+        if not isinstance(raw_key, bytes):
+            log.warning("row without a key value", extra={"pipeline": self.pipeline.name})
+            return
+        key = raw_key.decode()
+        if old is not None and isinstance(old[ki], bytes) and old[ki] != raw_key:
+            # the key itself changed: the old key is gone
+            old_key = old[ki]
+            assert isinstance(old_key, bytes)
+            ok = old_key.decode()
+            only = set(codec.key_cols) if old_kind == "K" else set(range(len(old)))
+            ofr, odef = self._convert(
+                codec, [v if i in only else None for i, v in enumerate(old)], ok, None
+            )
+            ofr = [f if i in only else None for i, f in enumerate(ofr)]
+            cached = self._toast.get(ok)
+            if cached is not None:
+                self._toast[key] = cached
+                self._toast.pop(ok, None)
+            events.append(_Event("delete", ok, ofr, xid, commit_lsn, codec, odef))
+            op = "insert"  # as trigger mode: a key change is a delete plus an insert
+        frags, deferred = self._convert(codec, new, key, old if old_kind == "O" else None)
+        if op == "update" and old_kind == "O" and old is not None and not deferred:
+            # REPLICA IDENTITY FULL gives the old image: skip no-op updates (as trigger mode)
+            ofr2, odef2 = self._convert(codec, old, key, None)
+            ignored = codec.ignored
+            if not odef2 and all(
+                a == b or i in ignored for i, (a, b) in enumerate(zip(frags, ofr2, strict=True))
+            ):
+                return
+        self._remember(key, frags)
+        events.append(_Event(op, key, frags, xid, commit_lsn, codec, deferred))
+
+    def _on_truncate(self, msg: po.Truncate) -> None:
+        if any(r in self._codecs for r in msg.relations):
+            self.stats.truncates += 1
+            self._toast.clear()
+            self._toast_bytes = 0
+            log.error(
+                "TRUNCATE of the source table: the deleted keys are not in the WAL; run "
+                "`connector snapshot` / `connector verify` to reconcile the CRM",
+                extra={"pipeline": self.pipeline.name},
+            )
+
+    # -- writing ------------------------------------------------------------------------------
+    async def _xid_reference(self) -> int:
+        now = time.monotonic()
+        if now - self._xid_ref_at > 1.0:
+            text = await _one(self._src, "SELECT pg_snapshot_xmax(pg_current_snapshot())::text")
+            self._xid_ref = int(text)
+            self._xid_ref_at = now
+        return self._xid_ref
+
+    async def _resolve(self, events: list[_Event]) -> None:
+        for ev in events:
+            if not ev.deferred:
+                continue
+            toast_cols = [i for i, kind, _ in ev.deferred if kind == _TOAST]
+            if toast_cols:
+                self.stats.toast_fetches += 1
+                names = [ev.codec.names[i] for i in toast_cols]
+                cur = await self._src.execute(self._fetch_sql, (ev.key, names))
+                got = {k: v for k, v in await cur.fetchall()}
+                for i in toast_cols:
+                    v = got.get(ev.codec.names[i])
+                    if v is None:
+                        self.stats.toast_missing += 1
+                        log.warning(
+                            "unchanged TOAST value of a row that is gone; a later delete of the "
+                            "key supersedes this event",
+                            extra={"pipeline": self.pipeline.name},
+                        )
+                        v = "null"
+                    ev.frags[i] = v
+            for i, kind, text in ev.deferred:
+                if kind == _SERVER:
+                    conv_sql = sql.SQL("SELECT to_jsonb(CAST(%s::text AS {}))::text").format(
+                        sql.SQL(self._types_sql_name(ev.codec, i))
+                    )
+                    ev.frags[i] = await _one(self._src, conv_sql, (text,))
+            ev.deferred = None
+
+    def _types_sql_name(self, codec: _Codec, i: int) -> str:
+        oid = codec.relation.columns[i].type_oid
+        info = self._types._infos.get(oid)
+        if info is None:
+            raise PermanentError(f"type OID {oid} cannot be converted")
+        return info.sql_name
+
+    async def _write(self, events: list[_Event]) -> None:
+        """COPY the events into the open outbox transaction (opened here if needed)."""
+        if not events:
+            return
+        await self._resolve(events)
+        ref = await self._xid_reference()
+        n = len(events)
+        cur = await self._state.execute(
+            "SELECT nextval(%s::regclass) FROM generate_series(1, %s)", (self._seq, n)
+        )
+        ids = sorted(r[0] for r in await cur.fetchall())
+        self._outbox_open = True
+        pipeline = self.pipeline.name
+        widen = po.widen_xid
+        lsn_str = po.lsn_to_str
+        xid_cache: dict[int, str] = {}
+        lsn_cache: dict[int, str] = {}
+        async with self._state.cursor() as c, c.copy(self._copy_sql) as copy:
+            for ident, ev in zip(ids, events, strict=True):
+                sx = xid_cache.get(ev.xid)
+                if sx is None:
+                    sx = xid_cache[ev.xid] = str(widen(ev.xid, ref))
+                sl = lsn_cache.get(ev.commit_lsn)
+                if sl is None:
+                    sl = lsn_cache[ev.commit_lsn] = lsn_str(ev.commit_lsn)
+                prefixes = ev.codec.prefixes
+                body = ",".join(prefixes[i] + f for i, f in enumerate(ev.frags) if f is not None)
+                await copy.write_row(
+                    (ident, pipeline, ev.op, ev.key, ident, sx, sl, "{" + body + "}")
+                )
+
+    async def _flush(self) -> None:
+        """Write the committed events, commit the outbox transaction together with
+        capture_state, then confirm the last stored commit to the server."""
+        pending = self._pending
+        done = pending.events[: pending.committed]
+        rest = pending.events[pending.committed :]
+        await self._write(done)
+        end_lsn = pending.last_end_lsn
+        ref = await self._xid_reference()
+        res = await self._state.execute(
+            sql.SQL(
+                "UPDATE {}.capture_state SET last_commit_lsn = %s::pg_lsn,"
+                " last_source_xid = %s::xid8, updated_at = now()"
+                " WHERE pipeline = %s AND mode = 'logical'"
+            ).format(self._schema_ident),
+            (po.lsn_to_str(end_lsn), str(po.widen_xid(pending.last_xid, ref)), self.pipeline.name),
+        )
+        if res.rowcount != 1:
+            await self._state.rollback()
+            raise PermanentError(
+                f"capture_state row of pipeline {self.pipeline.name!r} disappeared "
+                f"(uninstalled while running?)"
+            )
+        await self._state.commit()
+        self._outbox_open = False
+        self.stats.events += len(done)
+        self.stats.transactions += pending.transactions
+        self.stats.outbox_commits += 1
+        self.stats.last_commit_lsn = end_lsn
+        self._stored_lsn = end_lsn
+        self._pending.events = rest
+        pending.committed = 0
+        pending.transactions = 0
+        pending.first_commit_at = None
+        if self.after_outbox_commit is not None:
+            await self.after_outbox_commit(end_lsn)
+        self._confirmed = max(self._confirmed, end_lsn)
+        self._send_status()
+
+    def _send_status(self, *, reply: bool = False) -> None:
+        pg = self._repl.pgconn
+        msg = po.standby_status(
+            max(self._received, self._confirmed), self._confirmed, self._confirmed, reply=reply
+        )
+        if pg.put_copy_data(msg) != 1:
+            raise psycopg.OperationalError("cannot send the standby status update")
+        pg.flush()
+        self.stats.confirmed_lsn = self._confirmed
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+async def _wait_readable(loop: asyncio.AbstractEventLoop, fd: int, timeout: float) -> None:
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_reader(fd, ready)
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(fut, timeout)
+    finally:
+        loop.remove_reader(fd)

@@ -1,0 +1,344 @@
+"""Convert pgoutput text values into the JSON that ``to_jsonb(row)`` gives (TimeZone=UTC).
+
+Pure: no I/O. The converters produce *JSON text fragments* (``str``), not Python objects, so that
+numerics keep every digit and nothing goes through a binary float; the capture joins the
+fragments of a row into one JSON object text and writes it into the ``jsonb`` outbox column,
+where PostgreSQL normalises it exactly as it normalises ``to_jsonb`` output (``1e+100`` and
+``1.5e-07`` become the same jsonb numerics as in ``to_jsonb``).
+
+The replication session must run with ``TimeZone=UTC``, ``DateStyle=ISO``,
+``IntervalStyle=postgres``, ``bytea_output=hex`` and ``extra_float_digits=1`` (see
+``SESSION_OPTIONS``): pgoutput formats text values with the walsender's settings, exactly as a
+trigger's ``to_jsonb`` formats them with its session's.
+
+The rules follow PostgreSQL's ``jsonb_categorize_type`` (``src/backend/utils/adt/jsonb.c``),
+applied to the base type of a domain:
+
+* bool: ``true`` / ``false``;
+* int2/int4/int8/float4/float8/numeric: the output text as a JSON number if it is a valid JSON
+  number, otherwise a string (``"NaN"``, ``"Infinity"``);
+* date / timestamp / timestamptz: ISO 8601 strings (``2024-01-02T03:04:05.123456+00:00``),
+  ``"infinity"``, and PostgreSQL's `` BC`` suffix kept;
+* json / jsonb: the value itself;
+* arrays: JSON arrays (nested for several dimensions, bounds dropped) of converted elements;
+* composite types, and types with a cast to json: not convertible from text alone
+  (``NeedsServer``); the capture asks the server for ``to_jsonb(CAST(text AS type))``;
+* anything else: the output text as a JSON string (bytea ``"\\\\x0102"``, interval, uuid, ...).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+#: GUCs a replication (or fallback) session needs so that text values match ``to_jsonb``.
+SESSION_OPTIONS = (
+    "-c TimeZone=UTC -c DateStyle=ISO,YMD -c IntervalStyle=postgres"
+    " -c bytea_output=hex -c extra_float_digits=1"
+)
+
+Converter = Callable[[str], str]
+"""From a value's text output to a JSON text fragment."""
+
+# Built-in type OIDs (src/include/catalog/pg_type.dat).
+BOOL = 16
+BYTEA = 17
+INT8 = 20
+INT2 = 21
+INT4 = 23
+TEXT = 25
+OID = 26
+JSON = 114
+FLOAT4 = 700
+FLOAT8 = 701
+VARCHAR = 1043
+DATE = 1082
+TIMESTAMP = 1114
+TIMESTAMPTZ = 1184
+NUMERIC = 1700
+JSONB = 3802
+RECORD = 2249
+
+_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?\Z")
+_TZ_OFFSET = re.compile(r"([+-]\d\d)(?::(\d\d))?(?::(\d\d))?( BC)?\Z")
+
+
+class NeedsServer(Exception):
+    """The type's ``to_jsonb`` form cannot be derived from its text alone."""
+
+
+def dumps_str(text: str) -> str:
+    return orjson.dumps(text).decode()
+
+
+def conv_text(text: str) -> str:
+    return orjson.dumps(text).decode()
+
+
+def conv_bool(text: str) -> str:
+    return "true" if text == "t" else "false"
+
+
+def conv_int(text: str) -> str:
+    return text
+
+
+def conv_number(text: str) -> str:
+    if _NUMBER.match(text):
+        return text
+    return orjson.dumps(text).decode()
+
+
+def conv_json(text: str) -> str:
+    return text
+
+
+def conv_date(text: str) -> str:
+    return orjson.dumps(text).decode()
+
+
+def conv_timestamp(text: str) -> str:
+    # '2024-01-02 03:04:05.5' -> '2024-01-02T03:04:05.5'; 'infinity' has no space.
+    return orjson.dumps(text.replace(" ", "T", 1)).decode()
+
+
+def conv_timestamptz(text: str) -> str:
+    if text[0] not in "0123456789":  # infinity / -infinity
+        return orjson.dumps(text).decode()
+    out = text.replace(" ", "T", 1)
+    m = _TZ_OFFSET.search(out)
+    if m:
+        hh, mm, ss, bc = m.groups()
+        offset = f"{hh}:{mm or '00'}" + (f":{ss}" if ss else "")
+        out = out[: m.start()] + offset + (bc or "")
+    return orjson.dumps(out).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class TypeInfo:
+    """What the converter needs about a (non built-in) type, as read from ``pg_type``.
+
+    ``base``: the type after stripping domains; ``elem``: the element type of an array
+    (0 when not an array); ``delim``: the element delimiter; ``category``: one of ``scalar``
+    (use the base type's converter), ``composite``, ``castjson``, ``other``.
+    """
+
+    oid: int
+    base: int
+    elem: int = 0
+    delim: str = ","
+    category: str = "scalar"
+    sql_name: str = ""
+
+
+_BUILTIN: dict[int, Converter] = {
+    BOOL: conv_bool,
+    INT2: conv_int,
+    INT4: conv_int,
+    INT8: conv_int,
+    FLOAT4: conv_number,
+    FLOAT8: conv_number,
+    NUMERIC: conv_number,
+    DATE: conv_date,
+    TIMESTAMP: conv_timestamp,
+    TIMESTAMPTZ: conv_timestamptz,
+    JSON: conv_json,
+    JSONB: conv_json,
+}
+
+# Common built-in array types: array OID -> element OID (delimiter ',').
+_BUILTIN_ARRAYS: dict[int, int] = {
+    1000: BOOL,
+    1001: BYTEA,
+    1005: INT2,
+    1007: INT4,
+    1016: INT8,
+    1009: TEXT,
+    1015: VARCHAR,
+    1021: FLOAT4,
+    1022: FLOAT8,
+    1231: NUMERIC,
+    1182: DATE,
+    1115: TIMESTAMP,
+    1185: TIMESTAMPTZ,
+    199: JSON,
+    3807: JSONB,
+    2951: 2950,  # uuid[]
+}
+
+# Scalar built-in types whose to_jsonb form is their output text as a string.
+_BUILTIN_STRING = {
+    BYTEA,
+    TEXT,
+    VARCHAR,
+    18,  # char
+    19,  # name
+    OID,
+    1042,  # bpchar
+    1083,  # time
+    1266,  # timetz
+    1186,  # interval
+    2950,  # uuid
+    869,  # inet
+    650,  # cidr
+    829,  # macaddr
+    790,  # money
+    1560,  # bit
+    1562,  # varbit
+    3614,  # tsvector
+    3904,  # int4range
+    3926,  # int8range
+    3906,  # numrange
+    3910,  # tstzrange
+    3912,  # daterange
+    3908,  # tsrange
+    600,  # point
+}
+
+
+def parse_array(text: str, delim: str = ",") -> list[Any]:
+    """Parse PostgreSQL's array output into nested lists of ``str | None`` (bounds dropped)."""
+    i = 0
+    n = len(text)
+    if text.startswith("["):  # '[2:3]={1,2}': explicit bounds
+        i = text.index("=") + 1
+    if i >= n or text[i] != "{":
+        raise ValueError(f"malformed array text: {text[:40]!r}")
+    stack: list[list[Any]] = []
+    result: list[Any] = []
+    while i < n:
+        ch = text[i]
+        if ch == "{":
+            new: list[Any] = []
+            if stack:
+                stack[-1].append(new)
+            else:
+                result = new
+            stack.append(new)
+            i += 1
+        elif ch == "}":
+            stack.pop()
+            i += 1
+            if not stack:
+                break
+        elif ch in (delim, " "):
+            i += 1
+        elif ch == '"':
+            i += 1
+            buf: list[str] = []
+            while True:
+                c = text[i]
+                if c == "\\":
+                    buf.append(text[i + 1])
+                    i += 2
+                elif c == '"':
+                    i += 1
+                    break
+                else:
+                    j = i
+                    while text[j] not in '\\"':
+                        j += 1
+                    buf.append(text[i:j])
+                    i = j
+            stack[-1].append("".join(buf))
+        else:
+            j = i
+            while text[j] != delim and text[j] != "}":
+                j += 1
+            item = text[i:j].strip()
+            stack[-1].append(None if item.upper() == "NULL" else item)
+            i = j
+    return result
+
+
+def array_converter(elem: Converter, delim: str = ",") -> Converter:
+    def render(node: Any) -> str:
+        if node is None:
+            return "null"
+        if isinstance(node, list):
+            return "[" + ", ".join(render(x) for x in node) + "]"
+        return elem(node)
+
+    def conv(text: str) -> str:
+        return render(parse_array(text, delim))
+
+    return conv
+
+
+def server_converter(sql_name: str) -> Converter:
+    def conv(text: str) -> str:
+        raise NeedsServer(sql_name)
+
+    return conv
+
+
+class TypeRegistry:
+    """OID -> converter. Built-in types are known; others are added from ``pg_type`` rows."""
+
+    def __init__(self) -> None:
+        self._infos: dict[int, TypeInfo] = {}
+        self._cache: dict[int, Converter] = {}
+
+    def add(self, info: TypeInfo) -> None:
+        self._infos[info.oid] = info
+        self._cache.clear()
+
+    def known(self, oid: int) -> bool:
+        try:
+            self.converter(oid)
+        except KeyError:
+            return False
+        return True
+
+    def missing(self, oids: list[int]) -> list[int]:
+        """The OIDs (and element/base OIDs reached from them) that still need a lookup."""
+        out: list[int] = []
+        for oid in oids:
+            try:
+                self.converter(oid)
+            except KeyError as exc:
+                out.append(int(exc.args[0]))
+        return out
+
+    def converter(self, oid: int) -> Converter:
+        """Raises ``KeyError(oid)`` with the OID that needs a ``pg_type`` lookup."""
+        conv = self._cache.get(oid)
+        if conv is None:
+            conv = self._build(oid, 0)
+            self._cache[oid] = conv
+        return conv
+
+    def _build(self, oid: int, depth: int) -> Converter:
+        if depth > 10:
+            raise ValueError(f"type {oid}: domain/array nesting too deep")
+        if oid in _BUILTIN:
+            return _BUILTIN[oid]
+        if oid in _BUILTIN_ARRAYS:
+            return array_converter(self._build(_BUILTIN_ARRAYS[oid], depth + 1))
+        if oid in _BUILTIN_STRING:
+            return conv_text
+        info = self._infos.get(oid)
+        if info is None:
+            raise KeyError(oid)
+        if info.category in {"composite", "castjson"}:
+            return server_converter(info.sql_name)
+        if info.elem:
+            elem = self._infos.get(info.elem)
+            if elem is not None and elem.category in ("composite", "castjson"):
+                return server_converter(info.sql_name)
+            return array_converter(self._build(info.elem, depth + 1), info.delim)
+        if info.base != oid:
+            return self._build(info.base, depth + 1)
+        return conv_text
+
+
+def to_json_value(fragment: str) -> Any:
+    """A JSON fragment as a Python value, numerics as ``Decimal`` (the outbox reader's rule)."""
+    import json
+
+    return json.loads(fragment, parse_float=Decimal)
