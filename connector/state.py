@@ -24,6 +24,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from connector.events import EventStamp, SnapshotVisibility
+from connector.mapping import dumps_json
 
 AnyConn = psycopg.AsyncConnection[Any]
 
@@ -253,7 +254,7 @@ async def record_dead_letters(
                     d.stamp.version,
                     str(d.stamp.source_xid),
                     d.outbox_id,
-                    Jsonb(d.payload) if d.payload is not None else None,
+                    Jsonb(d.payload, dumps=_dumps) if d.payload is not None else None,
                     d.code,
                     d.field,
                     d.message,
@@ -559,6 +560,20 @@ async def credits_spent(
     return int(_first(row)) if row else 0
 
 
+Q_CREDITS_AFTER = """
+SELECT coalesce(sum(credits), 0) FROM {schema}.credit_ledger
+ WHERE spent_at >= %s AND (%s::text IS NULL OR pipeline = %s)
+"""
+
+
+async def credits_since(
+    conn: AnyConn, schema: str, since: datetime, pipeline: str | None = None
+) -> int:
+    cur = await conn.execute(_q(Q_CREDITS_AFTER, schema), (since, pipeline, pipeline))
+    row = await cur.fetchone()
+    return int(_first(row)) if row else 0
+
+
 async def last_remaining(conn: AnyConn, schema: str) -> int | None:
     """The CRM's last reported X-API-CREDITS-REMAINING in the last day, if any."""
     cur = await conn.execute(_q(Q_LAST_REMAINING, schema))
@@ -627,7 +642,7 @@ UPDATE {schema}.snapshots SET report = %s WHERE pipeline = %s
 
 Q_CHUNK_INSERT = """
 INSERT INTO {schema}.snapshot_chunks (pipeline, chunk_no, snapshot, first_key, last_key, rows)
-VALUES (%s, %s, pg_current_snapshot(), %s, %s, %s)
+VALUES (%s, %s, %s::pg_snapshot, %s, %s, %s)
 RETURNING id, snapshot::text
 """
 
@@ -670,11 +685,13 @@ async def insert_chunk(
     first_key: Any,
     last_key: Any,
     rows: int,
+    snapshot: str,
 ) -> ChunkRow:
-    """Record a chunk with the snapshot of the caller's (REPEATABLE READ) transaction."""
+    """Record a chunk read in ``snapshot`` (the text of the source transaction's
+    ``pg_current_snapshot()``)."""
     cur = await conn.execute(
         _q(Q_CHUNK_INSERT, schema),
-        (pipeline, chunk_no, Jsonb(first_key), Jsonb(last_key), rows),
+        (pipeline, chunk_no, snapshot, Jsonb(first_key), Jsonb(last_key), rows),
     )
     r = await cur.fetchone()
     assert r is not None
@@ -729,6 +746,32 @@ async def finish_snapshot(
     )
 
 
+Q_SNAPSHOT_COUNTS = """
+UPDATE {schema}.snapshots
+   SET report = coalesce(report, '{{}}'::jsonb) || jsonb_build_object(
+       'sent', coalesce((report->>'sent')::bigint, 0) + %s,
+       'added', coalesce((report->>'added')::bigint, 0) + %s,
+       'updated', coalesce((report->>'updated')::bigint, 0) + %s,
+       'skipped', coalesce((report->>'skipped')::bigint, 0) + %s)
+ WHERE pipeline = %s AND status = 'running'
+"""
+
+
+async def add_snapshot_counts(
+    conn: AnyConn,
+    schema: str,
+    pipeline: str,
+    *,
+    sent: int = 0,
+    added: int = 0,
+    updated: int = 0,
+    skipped: int = 0,
+) -> None:
+    """Count snapshot rows acknowledged (added / updated) or dead-lettered (skipped)."""
+    if sent or added or updated or skipped:
+        await conn.execute(_q(Q_SNAPSHOT_COUNTS, schema), (sent, added, updated, skipped, pipeline))
+
+
 async def set_snapshot_report(
     conn: AnyConn, schema: str, pipeline: str, report: dict[str, Any]
 ) -> None:
@@ -758,3 +801,8 @@ def _pairs(cur: Any, rows: Sequence[Any]) -> dict[str, int]:
         vals = list(_as_dict(cur, r).values())
         out[str(vals[0])] = int(vals[1])
     return out
+
+
+def _dumps(obj: Any) -> str:
+    """JSON for payloads holding Decimal / date values (never through binary floats)."""
+    return dumps_json(obj).decode()

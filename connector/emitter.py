@@ -1,0 +1,735 @@
+"""Runs the planner's decisions against the CRM and records every outcome (docs/emitter.md).
+
+* **Upsert** (≤ 100 records per call, ``duplicate_check_fields = [key_field]``): each record's
+  answer is an acknowledgement (``key_state``: CRM id, version stamp, ``synced``) or a dead
+  letter with the CRM's code, field and message; the rest of the call proceeds.
+* **Unconvertible values** (``DataError`` from the mapper) are dead-lettered without a call.
+* **Deletes** follow ``delete_mode``: ``delete`` through the Delete Records API with the CRM id
+  from ``key_state`` (looked up by key with COQL when unknown); ``mark`` upserts
+  ``delete_mark_field = true``; ``ignore`` acknowledges without a call.
+* **Bulk Write** jobs are durable and fenced: ``bulk_jobs`` records each job from intent (its
+  entries: key, stamp, op, outbox id) through upload (file id), creation (job id, callback
+  secret: 500 credits are spent here), completion and application of the result. A job whose id
+  was recorded is only ever polled again, never re-created: after a restart, ``recover`` resumes
+  it by id; ``intent`` / ``uploaded`` jobs were never paid for and are abandoned (their events
+  are re-read from the checkpoint).
+* **Transient failures** (``TransientError`` after the client's own retries) hand the entries
+  back (``EmitOutcome.retry``); nothing is dead-lettered for a transient cause.
+
+The emitter never decides what is newer: the coalescer fences keys in flight, and the engine
+calls ``Coalescer.complete`` with the outcome (acknowledged and dead-lettered entries are
+``done``: their reader batches resolve and the checkpoint may pass them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
+
+from connector import state
+from connector.coalesce import PendingEntry
+from connector.config import PipelineConfig
+from connector.errors import DataError, TransientError
+from connector.events import ChangeEvent, Op, stamp_of
+from connector.mapping import RecordMapper, dumps_json
+from connector.metrics import Metrics
+from connector.zoho.bulk import BulkJob, BulkRowResult, RowOutcome, build_bulk_zip
+from connector.zoho.client import MAX_RECORDS_PER_CALL, RecordResult, ZohoClient
+
+log = logging.getLogger(__name__)
+
+#: The pipeline on whose behalf a CRM call is made (credit ledger attribution).
+current_pipeline: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "connector_current_pipeline", default=None
+)
+
+CallbackUrl = Callable[[int, str], str]  # (bulk_jobs.id, secret) -> URL the CRM calls back
+
+# A delete of an id the CRM no longer has: the wanted end state is already there.
+_GONE_CODES = frozenset({"INVALID_DATA", "RECORD_NOT_FOUND", "RESOURCE_NOT_FOUND"})
+
+
+@dataclass
+class EmitOutcome:
+    """What became of the entries handed to one emitter call."""
+
+    done: list[PendingEntry] = field(default_factory=list)  # acknowledged or dead-lettered
+    retry: list[PendingEntry] = field(default_factory=list)  # transient failure: pending again
+    acked: int = 0
+    dead: int = 0
+    added: int = 0
+    updated: int = 0
+
+    def merge(self, other: EmitOutcome) -> None:
+        self.done.extend(other.done)
+        self.retry.extend(other.retry)
+        self.acked += other.acked
+        self.dead += other.dead
+        self.added += other.added
+        self.updated += other.updated
+
+
+@dataclass
+class _Results:
+    """Acknowledgements and dead letters gathered before one state transaction."""
+
+    acks: list[state.Ack] = field(default_factory=list)
+    dead: list[state.DeadLetter] = field(default_factory=list)
+    snapshot_sent: int = 0
+    snapshot_added: int = 0
+    snapshot_updated: int = 0
+    snapshot_skipped: int = 0
+    added: int = 0
+    updated: int = 0
+
+    def ack(self, event: ChangeEvent, crm_id: str | None, action: str | None = None) -> None:
+        self.acks.append(
+            state.Ack(event.key, stamp_of(event), crm_id, deleted=event.op is Op.DELETE)
+        )
+        if action == "insert":
+            self.added += 1
+        elif action == "update":
+            self.updated += 1
+        if event.op is Op.SNAPSHOT:
+            self.snapshot_sent += 1
+            if action == "insert":
+                self.snapshot_added += 1
+            elif action == "update":
+                self.snapshot_updated += 1
+
+    def reject(  # noqa: PLR0917
+        self,
+        event: ChangeEvent,
+        code: str,
+        message: str,
+        field_name: str | None,
+        api: str,
+        payload: dict[str, Any] | None = None,
+    ) -> None:
+        self.dead.append(
+            state.DeadLetter(
+                key=event.key,
+                stamp=stamp_of(event),
+                outbox_id=event.offset,
+                payload=payload if payload is not None else event.row,
+                code=code,
+                message=message,
+                field=field_name,
+                api=api,
+            )
+        )
+        if event.op is Op.SNAPSHOT:
+            self.snapshot_skipped += 1
+
+
+class Emitter:
+    """Sends entries of one pipeline to the CRM and records the outcomes in the state schema."""
+
+    def __init__(
+        self,
+        pipeline: PipelineConfig,
+        *,
+        client: ZohoClient,
+        pool: AsyncConnectionPool[Any],
+        schema: str = "connector",
+        mapper: RecordMapper | None = None,
+        metrics: Metrics | None = None,
+        source_dsn: str | None = None,
+        callback_url: CallbackUrl | None = None,
+        bulk_poll_initial: float = 2.0,
+        bulk_poll_max: float = 30.0,
+    ) -> None:
+        self.pipeline = pipeline
+        self.client = client
+        self.pool = pool
+        self.schema = schema
+        self.mapper = mapper or RecordMapper(pipeline)
+        self.metrics = metrics
+        self.source_dsn = source_dsn
+        self.callback_url = callback_url
+        self.bulk_poll_initial = bulk_poll_initial
+        self.bulk_poll_max = bulk_poll_max
+        self._wake: dict[int, asyncio.Event] = {}
+        self._mark_mapped = pipeline.delete_mark_field in {
+            m.field for m in pipeline.fields.values()
+        }
+        self.upsert_latency: float | None = None  # EWMA of an upsert call, seconds
+        self.bulk_latency: float | None = None  # EWMA of a bulk job, intent to applied
+
+    # ------------------------------------------------------------------ upsert path
+    async def send_upsert(self, entries: Sequence[PendingEntry]) -> EmitOutcome:
+        """One planned upsert group (≤ 100 keys): upserts, marks and deletes as the ops say."""
+        token = current_pipeline.set(self.pipeline.name)
+        try:
+            out = EmitOutcome()
+            res = _Results()
+            deletes = [e for e in entries if e.event.op is Op.DELETE]
+            upserts = [e for e in entries if e.event.op is not Op.DELETE]
+            records: list[tuple[PendingEntry, dict[str, Any], str]] = []
+            for e in upserts:
+                try:
+                    records.append((e, self._json(e.event), "upsert"))
+                except DataError as exc:
+                    res.reject(e.event, exc.code, str(exc), exc.field, "mapping")
+                    out.done.append(e)
+            if deletes:
+                if self.pipeline.delete_mode == "mark":
+                    for e in deletes:
+                        records.append((e, self._mark_record(e.event), "mark"))
+                elif self.pipeline.delete_mode == "ignore":
+                    for e in deletes:
+                        res.ack(e.event, None)
+                        out.done.append(e)
+                else:
+                    sub = await self._delete(deletes, res)
+                    out.merge(sub)
+            for i in range(0, len(records), MAX_RECORDS_PER_CALL):
+                part = records[i : i + MAX_RECORDS_PER_CALL]
+                started = time.monotonic()
+                try:
+                    results = await self.client.upsert(
+                        self.pipeline.module, [r for _, r, _ in part], [self.pipeline.key_field]
+                    )
+                except TransientError as exc:
+                    log.warning(
+                        "upsert failed after retries; entries stay pending",
+                        extra={"pipeline": self.pipeline.name, "error": str(exc)},
+                    )
+                    out.retry.extend(e for e, _, _ in part)
+                    continue
+                self.upsert_latency = _ewma(self.upsert_latency, time.monotonic() - started)
+                for (e, record, api), r in zip(part, results, strict=True):
+                    self._count(api, "success" if r.ok else "rejected")
+                    if r.ok:
+                        res.ack(e.event, r.id, r.action)
+                    else:
+                        res.reject(e.event, r.code, _message(r), r.field, api, record)
+                    out.done.append(e)
+            await self._store(res)
+            out.acked += len(res.acks)
+            out.dead += len(res.dead)
+            out.added += res.added
+            out.updated += res.updated
+            return out
+        finally:
+            current_pipeline.reset(token)
+
+    async def _delete(self, entries: Sequence[PendingEntry], res: _Results) -> EmitOutcome:
+        """delete_mode 'delete': Delete Records API with the CRM ids (≤ 100 per call)."""
+        out = EmitOutcome()
+        async with self.pool.connection() as conn:
+            known = await state.key_states(
+                conn, self.schema, self.pipeline.name, [e.key for e in entries]
+            )
+        targets: list[tuple[PendingEntry, str]] = []
+        for e in entries:
+            ks = known.get(e.key)
+            crm_id = ks.crm_id if ks is not None else None
+            if crm_id is None:
+                try:
+                    crm_id = await self._lookup_id(e.key)
+                except TransientError:
+                    out.retry.append(e)
+                    continue
+            if crm_id is None:  # never reached the CRM: nothing to delete
+                res.ack(e.event, None)
+                self._count("delete", "success")
+                out.done.append(e)
+            else:
+                targets.append((e, crm_id))
+        for i in range(0, len(targets), MAX_RECORDS_PER_CALL):
+            part = targets[i : i + MAX_RECORDS_PER_CALL]
+            try:
+                results = await self.client.delete(self.pipeline.module, [c for _, c in part])
+            except TransientError:
+                out.retry.extend(e for e, _ in part)
+                continue
+            for (e, crm_id), r in zip(part, results, strict=True):
+                if r.ok or r.code in _GONE_CODES:
+                    res.ack(e.event, crm_id)
+                    self._count("delete", "success")
+                else:
+                    res.reject(e.event, r.code, _message(r), r.field, "delete", {"id": crm_id})
+                    self._count("delete", "rejected")
+                out.done.append(e)
+        return out
+
+    async def _lookup_id(self, key: str) -> str | None:
+        escaped = key.replace("\\", "\\\\").replace("'", "\\'")
+        rows = await self.client.coql(
+            f"select id from {self.pipeline.module} "
+            f"where {self.pipeline.key_field} = '{escaped}' limit 1"
+        )
+        return str(rows[0]["id"]) if rows and rows[0].get("id") is not None else None
+
+    # ------------------------------------------------------------------ bulk path
+    async def send_bulk(self, entries: Sequence[PendingEntry]) -> EmitOutcome:
+        """One planned bulk group (≤ 25,000 keys) as one Bulk Write upsert job. Deletes in the
+        group go through the upsert path (the Bulk Write API does not delete)."""
+        token = current_pipeline.set(self.pipeline.name)
+        try:
+            out = EmitOutcome()
+            deletes = [e for e in entries if e.event.op is Op.DELETE]
+            if deletes:
+                out.merge(await self._send_deletes(deletes))
+            rows: list[tuple[PendingEntry, list[str]]] = []
+            res = _Results()
+            for e in entries:
+                if e.event.op is Op.DELETE:
+                    continue
+                try:
+                    rows.append((e, self._csv(e.event)))
+                except DataError as exc:
+                    res.reject(e.event, exc.code, str(exc), exc.field, "mapping")
+                    out.done.append(e)
+            if res.dead:
+                await self._store(res)
+                out.dead += len(res.dead)
+            if rows:
+                out.merge(await self._bulk_job(rows))
+            return out
+        finally:
+            current_pipeline.reset(token)
+
+    async def _send_deletes(self, deletes: Sequence[PendingEntry]) -> EmitOutcome:
+        out = EmitOutcome()
+        for i in range(0, len(deletes), MAX_RECORDS_PER_CALL):
+            out.merge(await self.send_upsert(deletes[i : i + MAX_RECORDS_PER_CALL]))
+        return out
+
+    async def _bulk_job(self, rows: Sequence[tuple[PendingEntry, list[str]]]) -> EmitOutcome:
+        started = time.monotonic()
+        by_key = {e.key: e for e, _ in rows}
+        entries = [
+            state.BulkEntry(e.key, stamp_of(e.event), e.event.op.value, e.event.offset)
+            for e, _ in rows
+        ]
+        async with self.pool.connection() as conn:
+            job_row = await state.bulk_intent(
+                conn, self.schema, self.pipeline.name, "upsert", entries
+            )
+        self._bulk_gauge(+1)
+        try:
+            header, mappings = self._csv_layout()
+            bulk_file = build_bulk_zip(header, [values for _, values in rows])
+            try:
+                file_id = await self.client.upload_bulk_file(bulk_file)
+                async with self.pool.connection() as conn:
+                    await state.bulk_uploaded(conn, self.schema, job_row, file_id)
+                secret = secrets.token_urlsafe(24)
+                url = self.callback_url(job_row, secret) if self.callback_url else None
+                job_id = await self.client.create_bulk_job(
+                    self.pipeline.module,
+                    file_id,
+                    operation="upsert",
+                    find_by=self.pipeline.key_field,
+                    field_mappings=mappings,
+                    callback_url=url,
+                )
+            except TransientError as exc:
+                # no job id came back: nothing recorded as paid, hand the entries back
+                log.warning(
+                    "bulk job not created; entries stay pending",
+                    extra={"pipeline": self.pipeline.name, "error": str(exc)},
+                )
+                async with self.pool.connection() as conn:
+                    await state.bulk_finish(conn, self.schema, job_row, state.BulkStatus.ABANDONED)
+                return EmitOutcome(retry=[e for e, _ in rows])
+            async with self.pool.connection() as conn:
+                await state.bulk_created(conn, self.schema, job_row, job_id, secret)
+            log.info(
+                "bulk job created",
+                extra={"pipeline": self.pipeline.name, "job_id": job_id, "records": len(rows)},
+            )
+            out = await self._finish_job(job_row, job_id, entries, by_key)
+            self.bulk_latency = _ewma(self.bulk_latency, time.monotonic() - started)
+            return out
+        finally:
+            self._bulk_gauge(-1)
+            self._wake.pop(job_row, None)
+
+    async def _finish_job(
+        self,
+        job_row: int,
+        job_id: str,
+        entries: Sequence[state.BulkEntry],
+        by_key: dict[str, PendingEntry] | None,
+    ) -> EmitOutcome:
+        """Wait for the job (poll, or a callback wake-up), download its result and apply it in
+        one transaction with marking the job applied. Transient errors are retried here: the
+        job is paid for, its entries stay in flight until its result is known."""
+        wake = self._wake.setdefault(job_row, asyncio.Event())
+        delay = 1.0
+        while True:
+            try:
+                job = await self.client.wait_bulk_job(
+                    job_id,
+                    wake=wake,
+                    poll_initial=self.bulk_poll_initial,
+                    poll_max=self.bulk_poll_max,
+                )
+                results = (
+                    await self.client.bulk_results(
+                        job, [e.key for e in entries], key_column=self.pipeline.key_field
+                    )
+                    if job.download_url
+                    else None
+                )
+                break
+            except TransientError as exc:
+                log.warning(
+                    "bulk job poll failed; retrying",
+                    extra={"pipeline": self.pipeline.name, "job_id": job_id, "error": str(exc)},
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        return await self._apply(job_row, job, results, entries, by_key)
+
+    async def _apply(
+        self,
+        job_row: int,
+        job: BulkJob,
+        results: dict[str, BulkRowResult] | None,
+        entries: Sequence[state.BulkEntry],
+        by_key: dict[str, PendingEntry] | None,
+    ) -> EmitOutcome:
+        out = EmitOutcome()
+        res = _Results()
+        retry_keys: list[str] = []
+        if results is None:
+            retry_keys = [e.key for e in entries]
+        else:
+            for be in entries:
+                r = results[be.key]
+                event = _entry_event(be, by_key)
+                if r.ok:
+                    action = "insert" if r.outcome is RowOutcome.ADDED else "update"
+                    res.ack(event, r.record_id, action)
+                    self._count("bulk", "success")
+                elif r.outcome is RowOutcome.UNPROCESSED:
+                    retry_keys.append(be.key)
+                else:
+                    res.reject(event, r.code or "SKIPPED", r.message, r.field, "bulk", None)
+                    self._count("bulk", "skipped")
+        async with self.pool.connection() as conn, conn.transaction():
+            if job.status.value == "FAILED":
+                await state.bulk_failed(conn, self.schema, job_row, "job FAILED")
+            else:
+                await state.bulk_completed(
+                    conn,
+                    self.schema,
+                    job_row,
+                    added=job.added,
+                    updated=job.updated,
+                    skipped=job.skipped,
+                )
+            await self._store_in(conn, res)
+            finished = await state.bulk_finish(conn, self.schema, job_row, state.BulkStatus.APPLIED)
+            if not finished:
+                raise RuntimeError(f"bulk job row {job_row} was applied twice")
+        if self.metrics is not None:
+            outcome = "failed" if job.status.value == "FAILED" else "completed"
+            self.metrics.bulk_jobs_total.labels(pipeline=self.pipeline.name, outcome=outcome).inc()
+        if by_key is not None:
+            done_keys = {a.key for a in res.acks} | {d.key for d in res.dead}
+            out.done.extend(by_key[k] for k in done_keys if k in by_key)
+            out.retry.extend(by_key[k] for k in retry_keys if k in by_key)
+        out.acked += len(res.acks)
+        out.dead += len(res.dead)
+        out.added += res.added
+        out.updated += res.updated
+        log.info(
+            "bulk job applied",
+            extra={
+                "pipeline": self.pipeline.name,
+                "job_id": job.id,
+                "acked": len(res.acks),
+                "dead": len(res.dead),
+                "retry": len(retry_keys),
+            },
+        )
+        return out
+
+    async def recover(self) -> EmitOutcome:
+        """Resume the pipeline's open bulk jobs after a restart (call before reading).
+
+        created / running / completed: poll the same job id, download, apply (never
+        re-created: it was paid for). intent / uploaded (not paid) and failed: abandoned; their
+        events are past the checkpoint and are read and planned again."""
+        token = current_pipeline.set(self.pipeline.name)
+        out = EmitOutcome()
+        try:
+            async with self.pool.connection() as conn:
+                jobs = await state.open_bulk_jobs(conn, self.schema, self.pipeline.name)
+            for job in jobs:
+                if job.status in (state.BulkStatus.INTENT, state.BulkStatus.UPLOADED) or (
+                    job.job_id is None
+                ):
+                    async with self.pool.connection() as conn:
+                        await state.bulk_finish(
+                            conn, self.schema, job.id, state.BulkStatus.ABANDONED
+                        )
+                    log.info(
+                        "unpaid bulk job abandoned after restart",
+                        extra={"pipeline": self.pipeline.name, "job_row": job.id},
+                    )
+                    continue
+                log.info(
+                    "resuming bulk job",
+                    extra={"pipeline": self.pipeline.name, "job_id": job.job_id},
+                )
+                if self.metrics is not None:
+                    self.metrics.bulk_jobs_total.labels(
+                        pipeline=self.pipeline.name, outcome="resumed"
+                    ).inc()
+                self._bulk_gauge(+1)
+                try:
+                    out.merge(await self._finish_job(job.id, job.job_id, job.entries, None))
+                finally:
+                    self._bulk_gauge(-1)
+                    self._wake.pop(job.id, None)
+            return out
+        finally:
+            current_pipeline.reset(token)
+
+    def wake_bulk(self, job_row: int) -> bool:
+        """A verified callback for ``bulk_jobs.id = job_row``: stop waiting, poll now."""
+        event = self._wake.get(job_row)
+        if event is None:
+            return False
+        event.set()
+        return True
+
+    # ------------------------------------------------------------------ sync flag
+    async def write_sync_flags(self, events: Sequence[ChangeEvent]) -> int:
+        """Set ``sync_flag_column`` on the legacy rows that are still at the acknowledged
+        image (compared without the ignored columns). The trigger ignores updates that touch
+        only ignored columns, so this does not produce a capture event."""
+        column = self.pipeline.sync_flag_column
+        rows = [e for e in events if e.op is not Op.DELETE and e.row is not None]
+        if column is None or self.source_dsn is None or not rows:
+            return 0
+        table = sql.Identifier(*self.pipeline.table_parts)
+        key = sql.Identifier(self.pipeline.key_column)
+        ignored = list(self.pipeline.ignore_columns)
+        async with await psycopg.AsyncConnection.connect(self.source_dsn) as conn:
+            key_type = await _column_type(conn, self.pipeline)
+            for name, value in _IMAGE_SETTINGS:
+                await conn.execute(
+                    sql.SQL("SET LOCAL {} = {}").format(sql.Identifier(name), sql.Literal(value))
+                )
+            cur = await conn.execute(
+                sql.SQL(
+                    "UPDATE {table} AS t SET {flag} = true"
+                    " FROM unnest(%s::text[], %s::text[]) AS u(k, img)"
+                    " WHERE t.{key} = u.k::{ktype}"
+                    " AND (to_jsonb(t) - %s::text[]) = (u.img::jsonb - %s::text[])"
+                    " AND t.{flag} IS DISTINCT FROM true"
+                ).format(
+                    table=table,
+                    flag=sql.Identifier(column),
+                    key=key,
+                    ktype=sql.SQL(key_type),
+                ),
+                (
+                    [e.key for e in rows],
+                    [dumps_json(e.row).decode() for e in rows],
+                    ignored,
+                    ignored,
+                ),
+            )
+            await conn.commit()
+            return cur.rowcount
+
+    # ------------------------------------------------------------------ internals
+    def _json(self, event: ChangeEvent) -> dict[str, Any]:
+        if event.row is None:
+            raise DataError("MISSING_ROW", "the event carries no row image")
+        record = self.mapper.to_json(event.row)
+        mark = self.pipeline.delete_mark_field
+        if self.pipeline.delete_mode == "mark" and mark and not self._mark_mapped:
+            record[mark] = False
+        return record
+
+    def _mark_record(self, event: ChangeEvent) -> dict[str, Any]:
+        mark = self.pipeline.delete_mark_field
+        assert mark is not None
+        return {self.pipeline.key_field: event.key, mark: True}
+
+    def _csv(self, event: ChangeEvent) -> list[str]:
+        if event.row is None:
+            raise DataError("MISSING_ROW", "the event carries no row image")
+        values = self.mapper.to_csv_values(event.row)
+        if self._extra_mark_column():
+            values.append("false")
+        return values
+
+    def _extra_mark_column(self) -> bool:
+        return bool(
+            self.pipeline.delete_mode == "mark"
+            and self.pipeline.delete_mark_field
+            and not self._mark_mapped
+        )
+
+    def _csv_layout(self) -> tuple[list[str], list[dict[str, Any]]]:
+        header = list(self.mapper.csv_header())
+        mappings = self.mapper.field_mappings()
+        if self._extra_mark_column():
+            assert self.pipeline.delete_mark_field is not None
+            mappings.append({"api_name": self.pipeline.delete_mark_field, "index": len(header)})
+            header.append(self.pipeline.delete_mark_field)
+        return header, mappings
+
+    async def _store(self, res: _Results) -> None:
+        if not res.acks and not res.dead:
+            return
+        async with self.pool.connection() as conn, conn.transaction():
+            await self._store_in(conn, res)
+
+    async def _store_in(self, conn: psycopg.AsyncConnection[Any], res: _Results) -> None:
+        name = self.pipeline.name
+        # a key both acknowledged and dead-lettered in one result cannot happen (one entry per
+        # key); dead letters first so that an ack's resolution wins if it ever did
+        await state.record_dead_letters(conn, self.schema, name, res.dead)
+        await state.record_acks(conn, self.schema, name, res.acks)
+        await state.add_snapshot_counts(
+            conn,
+            self.schema,
+            name,
+            sent=res.snapshot_sent,
+            added=res.snapshot_added,
+            updated=res.snapshot_updated,
+            skipped=res.snapshot_skipped,
+        )
+        if self.metrics is not None:
+            for d in res.dead:
+                self.metrics.dead_letters_total.labels(pipeline=name, code=d.code).inc()
+
+    def _count(self, api: str, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.records_emitted_total.labels(
+                pipeline=self.pipeline.name, api=api, outcome=outcome
+            ).inc()
+
+    def _bulk_gauge(self, delta: int) -> None:
+        if self.metrics is not None:
+            self.metrics.bulk_jobs_in_flight.labels(pipeline=self.pipeline.name).inc(delta)
+
+
+class CreditRecorder:
+    """A ``ZohoClient.on_call`` hook that queues charged calls for the ``credit_ledger``.
+
+    The hook is synchronous (it runs inside the client's request); ``flush`` writes the queue.
+    Calls are attributed to ``current_pipeline`` (set by the emitter around its calls).
+    ``chain`` is called too (e.g. the metrics hook of the runtime).
+    """
+
+    def __init__(self, chain: Callable[..., None] | None = None) -> None:
+        self._queue: list[tuple[str | None, str, int, int, int | None]] = []
+        self._chain = chain
+
+    def __call__(  # noqa: PLR0917 (CallHook's positional contract)
+        self,
+        api: str,
+        records: int,
+        credits: int,
+        latency_s: float,
+        status: int,
+        remaining: int | None,
+    ) -> None:
+        if credits > 0:
+            self._queue.append((current_pipeline.get(), api, credits, records, remaining))
+        if self._chain is not None:
+            self._chain(api, records, credits, latency_s, status, remaining)
+
+    def pending(self) -> int:
+        return len(self._queue)
+
+    async def flush(self, conn: psycopg.AsyncConnection[Any], schema: str) -> int:
+        queue, self._queue = self._queue, []
+        try:
+            async with conn.transaction():
+                for pipeline, api, credits, records, remaining in queue:
+                    await state.record_credits(
+                        conn,
+                        schema,
+                        pipeline,
+                        api=api,
+                        credits=credits,
+                        records=records,
+                        remaining=remaining,
+                    )
+        except BaseException:
+            self._queue[:0] = queue
+            raise
+        return sum(q[2] for q in queue)
+
+
+# What to_jsonb() prints depends on these (same as the capture trigger and the snapshot).
+_IMAGE_SETTINGS: tuple[tuple[str, str], ...] = (
+    ("TimeZone", "UTC"),
+    ("IntervalStyle", "postgres"),
+    ("bytea_output", "hex"),
+    ("extra_float_digits", "1"),
+)
+
+
+async def _column_type(conn: psycopg.AsyncConnection[Any], pipeline: PipelineConfig) -> str:
+    cur = await conn.execute(
+        "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_catalog.pg_attribute a"
+        " WHERE a.attrelid = %s::regclass AND a.attname = %s AND NOT a.attisdropped",
+        (sql.Identifier(*pipeline.table_parts).as_string(conn), pipeline.key_column),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        raise DataError("MISSING_COLUMN", f"key column {pipeline.key_column!r} not found")
+    return str(row[0])
+
+
+def _entry_event(be: state.BulkEntry, by_key: dict[str, PendingEntry] | None) -> ChangeEvent:
+    """The event a bulk entry carried: the live entry's event, or (after a restart) one
+    rebuilt from the stamp recorded at intent (enough for key_state and dead_letters)."""
+    if by_key is not None and be.key in by_key:
+        return by_key[be.key].event
+    from datetime import UTC, datetime
+
+    return ChangeEvent(
+        offset=be.outbox_id,
+        pipeline="",
+        op=Op(be.op),
+        key=be.key,
+        version=be.stamp.version,
+        source_xid=be.stamp.source_xid,
+        row=None,
+        captured_at=datetime.now(UTC),
+        snapshot=be.stamp.snapshot,
+    )
+
+
+def _message(r: RecordResult) -> str:
+    return r.message or r.code
+
+
+def _ewma(prev: float | None, sample: float, alpha: float = 0.2) -> float:
+    return sample if prev is None else (1 - alpha) * prev + alpha * sample
+
+
+@contextlib.contextmanager
+def acting_for(pipeline: str) -> Iterator[None]:
+    """Attribute CRM calls made inside the block to ``pipeline`` (credit ledger)."""
+    token = current_pipeline.set(pipeline)
+    try:
+        yield
+    finally:
+        current_pipeline.reset(token)

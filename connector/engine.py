@@ -1,0 +1,600 @@
+"""One pipeline's loop: outbox → coalescer → planner → emitter → checkpoint.
+
+::
+
+    read a batch (gap-free, outbox.read_batch)          ← NOTIFY wake-up, or the poll interval
+      └─ seed acknowledged stamps from key_state, add to the coalescer (BatchTracker counts)
+    plan (planner.plan: wait / upsert groups / bulk groups)
+      └─ take the keys (in-flight fencing), one task per group → Emitter
+           └─ done → Coalescer.complete(acked=True); transient → complete(acked=False)
+    checkpoint the position of the last fully resolved reader batch (invariant 5)
+    sleep until the plan's wake_at, a new batch, a finished call, or stop
+
+Backpressure: no reading while more than ``max_pending`` keys are pending or in flight.
+On start, open bulk jobs are resumed (``Emitter.recover``) before anything is read, and a
+pipeline never synced runs its initial sync (``snapshot.Snapshotter``) alongside the loop, one
+chunk at a time: each chunk is flushed as soon as it has been read (a 25,000-row chunk goes as
+one Bulk Write job) and the next chunk is read once it is resolved.
+
+On stop: no more reading or planning; calls in flight get ``drain_timeout`` to finish, then are
+cancelled (an unfinished bulk job stays recorded and is resumed by id on the next start); the
+checkpoint only ever covers resolved events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import tuple_row
+from psycopg_pool import AsyncConnectionPool
+
+from connector import outbox, state
+from connector.coalesce import BatchTracker, Coalescer, PendingEntry
+from connector.config import PipelineConfig
+from connector.costs import CostModel
+from connector.emitter import CallbackUrl, CreditRecorder, EmitOutcome, Emitter, acting_for
+from connector.errors import TransientError
+from connector.events import ChangeEvent
+from connector.metrics import Metrics
+from connector.outbox import OutboxListener, ReadPosition
+from connector.planner import PendingKey, Plan, PlannerInput, choose_mix, plan
+from connector.snapshot import Chunk, SnapshotProgress, Snapshotter
+from connector.zoho.client import ZohoClient
+
+log = logging.getLogger(__name__)
+
+SnapshotMode = Literal["auto", "never", "force"]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    poll_interval: float = 1.0  # seconds between reads without a NOTIFY
+    read_limit: int = 25_000  # outbox rows per read (a whole snapshot chunk fits)
+    max_pending: int = 50_000  # backpressure: stop reading above this many keys
+    drain_timeout: float = 30.0  # on stop, how long calls in flight may take to finish
+    default_upsert_latency: float = 2.0  # planner input until measured
+    default_bulk_latency: float = 120.0
+    retry_backoff_max: float = 30.0
+
+
+class Engine:
+    """Runs one pipeline. Construct, then ``await run(stop)`` (or ``drain()`` /
+    ``run_snapshot()``). No I/O in the constructor."""
+
+    def __init__(
+        self,
+        pipeline: PipelineConfig,
+        *,
+        client: ZohoClient,
+        state_dsn: str,
+        source_dsn: str | None = None,
+        schema: str = "connector",
+        metrics: Metrics | None = None,
+        daily_credit_budget: int = 50_000,
+        credit_reserve: int = 1_000,
+        callback_url: CallbackUrl | None = None,
+        credit_recorder: CreditRecorder | None = None,
+        options: EngineOptions | None = None,
+        snapshot: SnapshotMode | None = None,
+        snapshot_progress: bool | None = None,
+        cost: CostModel | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.client = client
+        self.state_dsn = state_dsn
+        self.source_dsn = source_dsn or state_dsn
+        self.schema = schema
+        self.metrics = metrics
+        self.budget = pipeline.daily_credit_budget or daily_credit_budget
+        self.reserve = credit_reserve
+        self.callback_url = callback_url
+        self.options = options or EngineOptions()
+        self.snapshot_mode: SnapshotMode = snapshot or pipeline.snapshot
+        self.snapshot_progress = snapshot_progress
+        self.cost = cost or CostModel()
+        self.credits = credit_recorder
+        self.tracker = BatchTracker()
+        self.coalescer = Coalescer(self.tracker)
+        self.emitter: Emitter | None = None
+        self.snapshot_report: dict[str, Any] | None = None
+        self._pool: AsyncConnectionPool[Any] | None = None
+        self._positions: dict[int, ReadPosition] = {}
+        self._batch_no = 0
+        self._read_pos = outbox.START
+        self._saved_pos = outbox.START
+        self._resolved_pos = outbox.START
+        self._tasks: set[asyncio.Task[EmitOutcome]] = set()
+        self._kick = asyncio.Event()
+        self._changed = asyncio.Condition()
+        self._drain_once = False
+        self._drain_all = False
+        self._retry_until = 0.0
+        self._retry_delay = 0.0
+        self._caught_up = False
+        self._snapshot_task: asyncio.Task[None] | None = None
+        self._installed_hook = False
+        self._prev_hook: Any = None
+        self._spent_24h = 0
+        self._force_restart = False
+
+    # ------------------------------------------------------------------ public API
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set, then drain (finish calls in flight within
+        ``drain_timeout``) and return."""
+        await self._run(stop, until_idle=False)
+
+    async def drain(self, stop: asyncio.Event | None = None) -> None:
+        """Send everything now: read the outbox to its end, flush every pending change with the
+        cheapest API for its size (no waiting for deadlines), wait for the results and the
+        snapshot (if one runs), checkpoint, and return. For tests, replay and the demo."""
+        self._drain_all = True
+        await self._run(stop or asyncio.Event(), until_idle=True)
+
+    async def run_snapshot(
+        self, stop: asyncio.Event | None = None, *, restart: bool = False
+    ) -> dict[str, Any] | None:
+        """``connector snapshot``: run the initial sync (resume it, or start over with
+        ``restart``) through the pipeline until every row is acknowledged or dead-lettered;
+        returns the snapshot's report (None when stopped before the end)."""
+        self.snapshot_mode = "force" if restart else "auto"
+        self._force_restart = restart
+        self._drain_all = True
+        await self._run(stop or asyncio.Event(), until_idle=True)
+        return self.snapshot_report
+
+    def flush_all(self) -> None:
+        """While ``run`` runs: send everything pending now instead of waiting for deadlines
+        (one flush; later changes are planned normally again)."""
+        self._drain_once = True
+        self._kick.set()
+
+    def wake_bulk(self, job_row_id: int) -> bool:
+        """A verified bulk-write callback for ``bulk_jobs.id``: poll that job now."""
+        return self.emitter.wake_bulk(job_row_id) if self.emitter is not None else False
+
+    @property
+    def checkpoint(self) -> ReadPosition:
+        return self._saved_pos
+
+    # ------------------------------------------------------------------ the loop
+    async def _run(self, stop: asyncio.Event, *, until_idle: bool) -> None:
+        name = self.pipeline.name
+        if self.credits is None:
+            self._prev_hook = self.client.on_call
+            self.credits = CreditRecorder(chain=self.client.on_call)
+            self.client.on_call = self.credits
+            self._installed_hook = True
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            self.state_dsn,
+            min_size=1,
+            max_size=4,
+            kwargs={"autocommit": True},
+            open=False,
+            name=f"engine-{name}",
+        )
+        await pool.open(wait=True)
+        self._pool = pool
+        self.emitter = Emitter(
+            self.pipeline,
+            client=self.client,
+            pool=pool,
+            schema=self.schema,
+            metrics=self.metrics,
+            source_dsn=self.source_dsn,
+            callback_url=self.callback_url,
+        )
+        listener = OutboxListener(self.state_dsn, self.schema, [name])
+        reader: psycopg.AsyncConnection[Any] | None = None
+        try:
+            await listener.start()
+            reader = await psycopg.AsyncConnection.connect(self.state_dsn, autocommit=True)
+            self._read_pos = await outbox.load_checkpoint(reader, self.schema, name)
+            self._saved_pos = self._resolved_pos = self._read_pos
+            with acting_for(name):
+                await self.emitter.recover()
+            await self._flush_credits()
+            await self._maybe_start_snapshot(stop)
+            await self._loop(stop, reader, listener, until_idle=until_idle)
+        finally:
+            await self._shutdown()
+            if reader is not None:
+                await reader.close()
+            await listener.close()
+            with contextlib.suppress(Exception):
+                await self._flush_credits()
+            await pool.close()
+            self._pool = None
+            if self._installed_hook:
+                self.client.on_call = self._prev_hook
+                self.credits = None
+                self._installed_hook = False
+
+    async def _loop(
+        self,
+        stop: asyncio.Event,
+        reader: psycopg.AsyncConnection[Any],
+        listener: OutboxListener,
+        *,
+        until_idle: bool,
+    ) -> None:
+        name = self.pipeline.name
+        backoff = 0.1
+        while not stop.is_set():
+            self._raise_failed()
+            # -- read
+            try:
+                read_any = await self._read(reader)
+                backoff = 0.1
+            except psycopg.OperationalError as exc:
+                log.warning("outbox read failed; reconnecting", extra={"error": str(exc)})
+                await _sleep_or_stop(stop, backoff)
+                backoff = min(backoff * 2, 10.0)
+                with contextlib.suppress(Exception):
+                    await reader.close()
+                try:
+                    reader = await psycopg.AsyncConnection.connect(self.state_dsn, autocommit=True)
+                except psycopg.OperationalError:
+                    continue
+                continue
+            # -- plan and dispatch
+            now = _now()
+            wake_at = self._dispatch(now)
+            # -- checkpoint
+            await self._save_checkpoint()
+            await self._flush_credits()
+            self._export_gauges(now)
+            if until_idle and self._idle():
+                log.info("pipeline drained", extra={"pipeline": name})
+                return
+            if read_any and self._can_read():
+                continue  # more may be waiting: read again before sleeping
+            timeout = self.options.poll_interval
+            if wake_at is not None:
+                timeout = max(0.0, min(timeout, wake_at - _now()))
+            if self._retry_until > now:
+                timeout = min(timeout, max(0.0, self._retry_until - now))
+            await self._sleep(stop, listener, timeout)
+
+    async def _read(self, reader: psycopg.AsyncConnection[Any]) -> bool:
+        """Read one batch unless backpressure holds; True if it brought events."""
+        if not self._can_read():
+            return False
+        events, pos = await outbox.read_batch(
+            reader, self.schema, self.pipeline.name, self._read_pos, self.options.read_limit
+        )
+        self._batch_no += 1
+        batch = self._batch_no
+        self._positions[batch] = pos
+        if events:
+            await self._seed_acked(reader, events)
+            for ev in events:
+                self.coalescer.add(ev, batch)
+        self.tracker.register(batch, len(events))
+        self._caught_up = not events
+        self._read_pos = pos
+        async with self._changed:
+            self._changed.notify_all()
+        return bool(events)
+
+    async def _seed_acked(
+        self, conn: psycopg.AsyncConnection[Any], events: list[ChangeEvent]
+    ) -> None:
+        """Load key_state's acknowledged stamps for keys the coalescer has not seen, so that
+        replayed or superseded events are dropped (invariant 7)."""
+        unknown = sorted({ev.key for ev in events if self.coalescer.acked(ev.key) is None})
+        if not unknown:
+            return
+        known = await state.key_states(conn, self.schema, self.pipeline.name, unknown)
+        for key, ks in known.items():
+            if ks.stamp is None:
+                continue
+            current = self.coalescer.acked(key)
+            if current is None or ks.stamp.newer_than(current):
+                self.coalescer.set_acked(key, ks.stamp)
+
+    def _can_read(self) -> bool:
+        busy = len(self.coalescer) + len(self.coalescer.in_flight())
+        return busy < self.options.max_pending
+
+    def _idle(self) -> bool:
+        return (
+            self._caught_up
+            and not self._tasks
+            and len(self.coalescer) == 0
+            and not self.coalescer.in_flight()
+            and (self._snapshot_task is None or self._snapshot_task.done())
+        )
+
+    # ------------------------------------------------------------------ planning
+    def _dispatch(self, now: float) -> float | None:
+        if now < self._retry_until:
+            return self._retry_until
+        p = self._plan(now)
+        if p is None:
+            return None
+        assert self.emitter is not None
+        for keys in p.bulk:
+            entries = self.coalescer.take(keys)
+            if entries:
+                self._spawn(self.emitter.send_bulk, entries, "bulk")
+        for keys in p.upserts:
+            entries = self.coalescer.take(keys)
+            if entries:
+                self._spawn(self.emitter.send_upsert, entries, "upsert")
+        if p.upserts or p.bulk:
+            log.debug(
+                "plan dispatched",
+                extra={
+                    "pipeline": self.pipeline.name,
+                    "reason": p.reason,
+                    "upsert_calls": len(p.upserts),
+                    "bulk_jobs": len(p.bulk),
+                },
+            )
+        if self.metrics is not None and p.budget_alert:
+            self.metrics.api_credits_below_reserve.set(1)
+        return p.wake_at
+
+    def _plan(self, now: float) -> Plan | None:
+        pending = self.coalescer.pending()
+        if not pending:
+            self._drain_once = False
+            return None
+        in_flight = self.coalescer.in_flight()
+        keys = [
+            PendingKey(e.key, e.oldest_at.timestamp(), e.key in in_flight) for e in pending.values()
+        ]
+        assert self.emitter is not None
+        inp = PlannerInput(
+            now=now,
+            pending=keys,
+            max_staleness=self.pipeline.max_staleness.total_seconds(),
+            credits_left=self._credits_left,
+            reserve=self.reserve,
+            concurrency=self.client.limiter.limit,
+            upsert_latency=self.emitter.upsert_latency or self.options.default_upsert_latency,
+            bulk_latency=self.emitter.bulk_latency or self.options.default_bulk_latency,
+            cost=self.cost,
+        )
+        if self._drain_all or self._drain_once:
+            self._drain_once = False
+            return drain_plan(inp)
+        return plan(inp)
+
+    @property
+    def _credits_left(self) -> int:
+        left = self.budget - self._spent_24h
+        remaining = self.client.credits_remaining
+        if remaining is not None:
+            left = min(left, remaining)
+        return left
+
+    def _spawn(
+        self,
+        send: Callable[[list[PendingEntry]], Awaitable[EmitOutcome]],
+        entries: list[PendingEntry],
+        kind: str,
+    ) -> None:
+        async def job() -> EmitOutcome:
+            try:
+                outcome = await send(entries)
+            except (TransientError, psycopg.OperationalError) as exc:
+                log.warning("%s call failed; entries stay pending", kind, extra={"error": str(exc)})
+                outcome = EmitOutcome(retry=list(entries))
+            except BaseException:
+                # cancelled (stop) or a permanent error: nothing is acknowledged, the events
+                # stay behind the checkpoint
+                self.coalescer.complete(entries, acked=False)
+                raise
+            self.coalescer.complete(outcome.done, acked=True)
+            self.coalescer.complete(outcome.retry, acked=False)
+            if outcome.retry:
+                self._retry_delay = min(
+                    max(self._retry_delay * 2, 1.0), self.options.retry_backoff_max
+                )
+                self._retry_until = _now() + self._retry_delay
+            elif outcome.done:
+                self._retry_delay = 0.0
+            self._kick.set()
+            return outcome
+
+        task = asyncio.create_task(job(), name=f"emit-{kind}:{self.pipeline.name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[EmitOutcome]) -> None:
+        self._kick.set()
+
+    def _raise_failed(self) -> None:
+        for task in list(self._tasks):
+            if task.done():
+                self._tasks.discard(task)
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        snap = self._snapshot_task
+        if snap is not None and snap.done() and not snap.cancelled():
+            exc = snap.exception()
+            if exc is not None:
+                raise exc
+
+    # ------------------------------------------------------------------ checkpoint & state
+    async def _save_checkpoint(self) -> None:
+        upto = self.tracker.resolved_upto()
+        if upto is None or upto not in self._positions:
+            return
+        pos = self._positions[upto]
+        for b in [b for b in self._positions if b < upto]:
+            del self._positions[b]
+        if pos == self._saved_pos:
+            return
+        assert self._pool is not None
+        async with self._pool.connection() as conn:
+            await outbox.save_checkpoint(conn, self.schema, self.pipeline.name, pos)
+            self._spent_24h = await state.credits_spent(conn, self.schema)
+        self._saved_pos = pos
+        self._resolved_pos = pos
+        if self.metrics is not None:
+            self.metrics.checkpoint_offset.labels(pipeline=self.pipeline.name).set(pos.last_id)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _flush_credits(self) -> None:
+        if self.credits is None or not self.credits.pending() or self._pool is None:
+            return
+        async with self._pool.connection() as conn:
+            await self.credits.flush(conn, self.schema)
+            self._spent_24h = await state.credits_spent(conn, self.schema)
+
+    def _export_gauges(self, now: float) -> None:
+        if self.metrics is None:
+            return
+        name = self.pipeline.name
+        self.metrics.pending_keys.labels(pipeline=name).set(len(self.coalescer))
+        oldest = self.coalescer.oldest_at()
+        age = max(0.0, now - oldest.timestamp()) if oldest is not None else 0.0
+        self.metrics.oldest_pending_change_age_seconds.labels(pipeline=name).set(age)
+
+    async def _sleep(self, stop: asyncio.Event, listener: OutboxListener, timeout: float) -> None:
+        if self._kick.is_set() or listener.event.is_set():
+            self._kick.clear()
+            listener.event.clear()
+            return
+        waiters = [
+            asyncio.ensure_future(stop.wait()),
+            asyncio.ensure_future(self._kick.wait()),
+            asyncio.ensure_future(listener.event.wait()),
+        ]
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+        self._kick.clear()
+        listener.event.clear()
+
+    async def _shutdown(self) -> None:
+        snap = self._snapshot_task
+        if snap is not None and not snap.done():
+            snap.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await snap
+        if self._tasks:
+            _done, pending = await asyncio.wait(
+                set(self._tasks), timeout=self.options.drain_timeout
+            )
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+            self._tasks.clear()
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                await self._save_checkpoint()
+
+    # ------------------------------------------------------------------ snapshot
+    async def _maybe_start_snapshot(self, stop: asyncio.Event) -> None:
+        if self.snapshot_mode == "never":
+            return
+        snap = Snapshotter(
+            self.pipeline,
+            source_dsn=self.source_dsn,
+            state_dsn=self.state_dsn,
+            schema=self.schema,
+            metrics=self.metrics,
+            progress=SnapshotProgress(self.pipeline.name, terminal=self.snapshot_progress)
+            if self.snapshot_progress is not False
+            else None,
+        )
+        current = await snap.status()
+        restart = self.snapshot_mode == "force" and self._force_restart
+        if current is not None and current.status == "done" and not restart:
+            self.snapshot_report = current.report
+            return
+        await snap.prepare(restart=restart)
+        self._force_restart = False
+
+        async def run_snapshot() -> None:
+            with acting_for(self.pipeline.name):
+                row = await snap.run(stop, chunk_sent=self._chunk_sent)
+            if row.status == "running" and not stop.is_set():
+                # every chunk is written; wait until its last row is resolved (chunk_sent
+                # waited for each chunk of this run; a resumed run may have older ones)
+                await self._wait_snapshot_resolved()
+                self.snapshot_report = await snap.finish()
+
+        self._snapshot_task = asyncio.create_task(
+            run_snapshot(), name=f"snapshot:{self.pipeline.name}"
+        )
+        self._snapshot_task.add_done_callback(lambda _t: self._kick.set())
+
+    async def _wait_snapshot_resolved(self) -> None:
+        assert self._pool is not None
+        async with self._pool.connection() as conn:
+            cur = await conn.cursor(row_factory=tuple_row).execute(
+                sql.SQL(Q_LAST_SNAPSHOT_ROW).format(schema=sql.Identifier(self.schema)),
+                (self.pipeline.name,),
+            )
+            row = await cur.fetchone()
+        if row is None:
+            return
+        last_id, txid = int(row[0]), int(row[1])
+        self.flush_all()
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._saved_pos.passed(last_id, txid))
+
+    async def _chunk_sent(self, chunk: Chunk) -> None:
+        """Snapshot hook: once the reader has the whole chunk, flush it now; return when the
+        checkpoint has passed it (every row acknowledged or dead-lettered)."""
+        self._kick.set()
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: self._read_pos.passed(chunk.max_outbox_id, chunk.txid)
+            )
+        self.flush_all()
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: self._saved_pos.passed(chunk.max_outbox_id, chunk.txid)
+            )
+
+
+Q_LAST_SNAPSHOT_ROW = """
+SELECT id, txid::text FROM {schema}.outbox
+ WHERE pipeline = %s AND op = 'snapshot' ORDER BY id DESC LIMIT 1
+"""
+
+
+def drain_plan(inp: PlannerInput) -> Plan:
+    """Everything pending and not in flight, now, with the cheapest mix for its size (ties go
+    to fewer bulk jobs): the planner's cost rule without its waiting."""
+    free = sorted((pk for pk in inp.pending if not pk.in_flight), key=lambda pk: pk.oldest_at)
+    if not free:
+        return Plan([], [], None, "drain: all pending keys in flight", False)
+    keys = [pk.key for pk in free]
+    mix = choose_mix(inp, len(keys), math.inf)
+    c = inp.cost
+    bulk_keys, up_keys = keys[: mix.bulk_records], keys[mix.bulk_records :]
+    bulk = [bulk_keys[i : i + c.bulk_batch] for i in range(0, len(bulk_keys), c.bulk_batch)]
+    ups = [up_keys[i : i + c.upsert_batch] for i in range(0, len(up_keys), c.upsert_batch)]
+    return Plan(ups, bulk, None, f"drain {len(keys)}", inp.credits_left < inp.reserve)
+
+
+def _now() -> float:
+    return datetime.now(UTC).timestamp()
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+__all__ = ["Engine", "EngineOptions", "drain_plan"]
