@@ -293,6 +293,7 @@ class Metrics:
             self.bulk_job_oldest_age_seconds,
             self.dead_letters_open,
             self.checkpoint_offset,
+            self.replication_slot_lag_bytes,
             self.pipeline_up,
             self.snapshot_progress_ratio,
         ):
