@@ -1,0 +1,30 @@
+"""The emulator's clock: real time plus an offset that tests advance."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta, timezone
+
+
+class Clock:
+    """``now()`` is wall-clock time plus ``offset``; ``advance`` moves it forward instantly."""
+
+    def __init__(self, offset: float = 0.0, tz_offset: str = "+00:00") -> None:
+        self.offset = offset
+        sign = -1 if tz_offset.startswith("-") else 1
+        hours, minutes = tz_offset.lstrip("+-").split(":")
+        self.tz = timezone(sign * timedelta(hours=int(hours), minutes=int(minutes)))
+
+    def now(self) -> float:
+        return time.time() + self.offset
+
+    def advance(self, seconds: float) -> float:
+        if seconds < 0:
+            raise ValueError("the emulator clock only moves forward")
+        self.offset += seconds
+        return self.now()
+
+    def iso(self, ts: float | None = None) -> str:
+        """``yyyy-MM-ddTHH:mm:ss±HH:MM`` in the configured zone (Zoho's record time format)."""
+        t = self.now() if ts is None else ts
+        return datetime.fromtimestamp(t, tz=UTC).astimezone(self.tz).isoformat(timespec="seconds")

@@ -1,0 +1,222 @@
+"""Configuration of the Zoho CRM emulator: modules and fields, credentials, editions, bulk
+timing and faults. Loadable from TOML (`EmulatorConfig.from_toml`); the packaged default is
+``default.toml`` next to this file."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DataType = Literal[
+    "text",
+    "textarea",
+    "email",
+    "phone",
+    "website",
+    "picklist",
+    "multiselectpicklist",
+    "integer",
+    "bigint",
+    "double",
+    "currency",
+    "percent",
+    "decimal",
+    "boolean",
+    "date",
+    "datetime",
+]
+
+# Default maximum lengths per data type (reference §2.5); a field's `length` overrides.
+DEFAULT_LENGTH: dict[str, int] = {
+    "text": 255,
+    "textarea": 2000,
+    "email": 100,
+    "phone": 30,
+    "website": 255,
+    "picklist": 120,
+    "multiselectpicklist": 2000,
+    "integer": 9,
+    "bigint": 18,
+    "double": 16,
+    "currency": 16,
+    "decimal": 16,
+    "percent": 5,
+    "boolean": 5,
+    "date": 10,
+    "datetime": 30,
+}
+
+EDITIONS: dict[str, dict[str, int | None]] = {
+    # per-user credits, cap (None = unlimited), concurrency (reference §4.1, §4.3)
+    "free": {"per_user": 0, "cap": 5_000, "concurrency": 5, "base": 5_000},
+    "standard": {"per_user": 250, "cap": 100_000, "concurrency": 10, "base": 50_000},
+    "professional": {"per_user": 500, "cap": 3_000_000, "concurrency": 15, "base": 50_000},
+    "enterprise": {"per_user": 1_000, "cap": 5_000_000, "concurrency": 20, "base": 50_000},
+    "ultimate": {"per_user": 2_000, "cap": None, "concurrency": 25, "base": 50_000},
+}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class FieldSpec(_Model):
+    api_name: str
+    data_type: DataType = "text"
+    label: str | None = None
+    length: int | None = None
+    mandatory: bool = False
+    unique: bool = False
+    picklist: list[str] = Field(default_factory=list)
+    decimal_places: int = 2
+
+    @property
+    def max_length(self) -> int:
+        return self.length if self.length is not None else DEFAULT_LENGTH[self.data_type]
+
+    @model_validator(mode="after")
+    def _picklist_values(self) -> FieldSpec:
+        if self.data_type in ("picklist", "multiselectpicklist") and not self.picklist:
+            raise ValueError(f"field {self.api_name}: a picklist needs `picklist` values")
+        return self
+
+
+class ModuleSpec(_Model):
+    api_name: str
+    singular_label: str | None = None
+    plural_label: str | None = None
+    id: str | None = None
+    # System-defined duplicate-check fields: used by upsert matching, not enforced on insert.
+    system_duplicate_check_fields: list[str] = Field(default_factory=lambda: ["Name"])
+    fields: list[FieldSpec]
+
+    @model_validator(mode="after")
+    def _names(self) -> ModuleSpec:
+        names = [f.api_name for f in self.fields]
+        if len(names) != len(set(names)):
+            raise ValueError(f"module {self.api_name}: duplicate field api_name")
+        return self
+
+
+class TokenSpec(_Model):
+    refresh_token: str
+    # Scope prefixes granted (e.g. "ZohoCRM.modules"); "*" grants everything.
+    scopes: list[str] = Field(default_factory=lambda: ["*"])
+
+
+class AuthConfig(_Model):
+    client_id: str = "emulator-client-id"
+    client_secret: str = "emulator-client-secret"
+    refresh_tokens: list[TokenSpec] = Field(
+        default_factory=lambda: [TokenSpec(refresh_token="emulator-refresh-token")]
+    )
+    grant_codes: list[str] = Field(default_factory=lambda: ["emulator-grant-code"])
+    access_token_ttl: float = 3600.0
+    # Accounts throttle: more than `throttle_max_tokens` access tokens from one refresh token
+    # within `throttle_window` seconds is refused (reference §1.2). Off by default.
+    throttle: bool = False
+    throttle_max_tokens: int = 10
+    throttle_window: float = 600.0
+    accept_bearer: bool = False
+
+
+class CreditsConfig(_Model):
+    edition: Literal["free", "standard", "professional", "enterprise", "ultimate"] = "enterprise"
+    users: int = 10
+    addon_credits: int = 0
+    window_seconds: float = 86_400.0
+    concurrency: int | None = None  # None = the edition's limit
+    sub_concurrency: int = 10
+    # Credits per call by API name; "records" APIs cost ceil(n / records_per_credit).
+    records_per_credit: int = 10
+    costs: dict[str, int] = Field(
+        default_factory=lambda: {
+            "default": 1,
+            "bulk_write_job": 500,
+            "bulk_upload": 0,
+            "bulk_job_details": 0,
+            "bulk_download": 0,
+        }
+    )
+
+
+class BulkConfig(_Model):
+    # Simulated-clock rows per second; 0 means a job completes as soon as it is looked at.
+    rows_per_second: float = 0.0
+    # Seconds a job stays ADDED before processing starts (simulated clock).
+    queue_seconds: float = 0.0
+    in_progress_status: str = "INPROGRESS"
+    max_zip_bytes: int = 25 * 1024 * 1024
+    max_rows: int = 25_000
+    max_columns: int = 200
+    result_link_ttl: float = 7 * 86_400.0
+    callback_timeout: float = 5.0
+    # Real seconds between two steps of the background job runner.
+    tick_seconds: float = 0.05
+
+
+class FaultConfig(_Model):
+    error_rate: float = 0.0  # share of API calls answered 500 INTERNAL_ERROR
+    latency: Literal["none", "fixed", "uniform", "exponential"] = "none"
+    latency_ms: float = 0.0  # fixed value, uniform minimum, or exponential mean
+    latency_max_ms: float = 0.0  # uniform maximum / exponential cap
+    burst_429: int = 0  # the next N API calls are answered 429
+    rate_429: float = 0.0  # share of API calls answered 429
+    expire_tokens_after_calls: int = 0  # after N more API calls, all access tokens expire
+    bulk_fail_next: int = 0  # the next N bulk jobs end FAILED
+    bulk_fail_rate: float = 0.0
+    skip_rows_field: str | None = None  # bulk rows whose field matches the pattern are skipped
+    skip_rows_pattern: str | None = None
+    drop_callbacks: bool = False
+    seed: int | None = None
+
+
+class UserSpec(_Model):
+    id: str = "4876876000000331001"
+    name: str = "Emulator Bot"
+    email: str = "emulatorbot@crmemulator.com"
+    zuid: str = "700000001"
+
+
+class EmulatorConfig(_Model):
+    org_id: str = "emulator-org"
+    # Base URLs the emulator advertises; None means the URL it is served on.
+    api_domain: str | None = None
+    accounts_url: str | None = None
+    upload_url: str | None = None
+    download_url: str | None = None
+    # When true, a request must arrive on the host of its base URL (data-centre routing tests).
+    strict_hosts: bool = False
+    timezone_offset: str = "+00:00"
+    strict_picklists: bool = True
+    # Emit details.maximum_length as a string (Zoho's OAS types it string); false = integer.
+    maximum_length_as_string: bool = True
+    user: UserSpec = Field(default_factory=UserSpec)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    credits: CreditsConfig = Field(default_factory=CreditsConfig)
+    bulk: BulkConfig = Field(default_factory=BulkConfig)
+    faults: FaultConfig = Field(default_factory=FaultConfig)
+    modules: list[ModuleSpec] = Field(default_factory=list)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> EmulatorConfig:
+        with Path(path).open("rb") as fh:
+            data = tomllib.load(fh)
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EmulatorConfig:
+        return cls.model_validate(data)
+
+    @classmethod
+    def default(cls) -> EmulatorConfig:
+        return cls.from_toml(Path(__file__).with_name("default.toml"))
+
+    def module(self, api_name: str) -> ModuleSpec | None:
+        for m in self.modules:
+            if m.api_name == api_name:
+                return m
+        return None

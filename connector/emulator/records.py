@@ -1,0 +1,421 @@
+"""Module metadata compiled for fast validation, and the record store with its unique indexes
+and per-record write history. The JSON API and bulk write both go through `ModuleStore`."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from itertools import count
+from typing import Any
+
+from connector.emulator.clock import Clock
+from connector.emulator.config import FieldSpec, ModuleSpec
+
+MESSAGES: dict[str, str] = {
+    "INVALID_DATA": "invalid data",
+    "MANDATORY_NOT_FOUND": "required field not found",
+    "DUPLICATE_DATA": "duplicate data",
+    "RESOURCE_NOT_FOUND": "The requested resource doesn't exist.",
+    "CANNOT_PROCESS": "the record cannot be processed",
+}
+
+EMAIL_RE = re.compile(r"^[A-Za-z0-9._%+'-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}$")
+URL_RE = re.compile(r"^(https?://)?[A-Za-z0-9.-]+\.[A-Za-z]{2,}(:[0-9]+)?(/\S*)?$")
+DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+DATETIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:[+-]\d{2}:\d{2}|Z)$")
+ID_RE = re.compile(r"^[0-9]{1,19}$")
+
+SYSTEM_FIELDS = frozenset(
+    {"id", "Created_Time", "Modified_Time", "Created_By", "Modified_By", "$approval_state"}
+)
+
+# An error found on one value: (code, api_name, extra details).
+FieldError = tuple[str, str, dict[str, Any]]
+Checker = Callable[[Any], "dict[str, Any] | None"]
+
+
+def _digits_before_point(value: float | int) -> int:
+    return len(str(abs(int(value))))
+
+
+def make_checker(spec: FieldSpec, strict_picklists: bool, max_len_str: bool) -> Checker:
+    """A function returning None when a JSON value is valid for the field, else extra details."""
+    dt = spec.data_type
+    limit = spec.max_length
+    max_len: Any = str(limit) if max_len_str else limit
+    expected = {"expected_data_type": dt}
+    too_long = {"maximum_length": max_len}
+
+    if dt in ("text", "textarea", "phone"):
+
+        def check_text(v: Any) -> dict[str, Any] | None:
+            if not isinstance(v, str):
+                return expected
+            return too_long if len(v) > limit else None
+
+        return check_text
+    if dt == "email":
+
+        def check_email(v: Any) -> dict[str, Any] | None:
+            if not isinstance(v, str):
+                return expected
+            if len(v) > limit:
+                return too_long
+            return None if (v == "" or EMAIL_RE.match(v)) else expected
+
+        return check_email
+    if dt == "website":
+
+        def check_url(v: Any) -> dict[str, Any] | None:
+            if not isinstance(v, str):
+                return expected
+            if len(v) > limit:
+                return too_long
+            return None if (v == "" or URL_RE.match(v)) else expected
+
+        return check_url
+    if dt == "picklist":
+        allowed = frozenset(spec.picklist)
+        supported = {"supported_values": list(spec.picklist)}
+
+        def check_pick(v: Any) -> dict[str, Any] | None:
+            if not isinstance(v, str):
+                return expected
+            if len(v) > limit:
+                return too_long
+            if strict_picklists and v not in allowed:
+                return supported
+            return None
+
+        return check_pick
+    if dt == "multiselectpicklist":
+        allowed_m = frozenset(spec.picklist)
+        supported_m = {"supported_values": list(spec.picklist)}
+
+        def check_multi(v: Any) -> dict[str, Any] | None:
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                return expected
+            if strict_picklists and any(x not in allowed_m for x in v):
+                return supported_m
+            return None
+
+        return check_multi
+    if dt == "integer":
+
+        def check_int(v: Any) -> dict[str, Any] | None:
+            if isinstance(v, bool) or not isinstance(v, int):
+                return expected
+            return too_long if _digits_before_point(v) > limit else None
+
+        return check_int
+    if dt == "bigint":
+
+        def check_long(v: Any) -> dict[str, Any] | None:
+            if isinstance(v, bool):
+                return expected
+            if isinstance(v, str):
+                if not re.fullmatch(r"-?\d+", v):
+                    return expected
+                return too_long if len(v.lstrip("-")) > limit else None
+            if isinstance(v, int):
+                return too_long if _digits_before_point(v) > limit else None
+            return expected
+
+        return check_long
+    if dt in ("double", "currency", "decimal", "percent"):
+
+        def check_num(v: Any) -> dict[str, Any] | None:
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                return expected
+            if isinstance(v, float) and not math.isfinite(v):
+                return expected
+            return too_long if _digits_before_point(v) > limit else None
+
+        return check_num
+    if dt == "boolean":
+
+        def check_bool(v: Any) -> dict[str, Any] | None:
+            return None if isinstance(v, bool) else expected
+
+        return check_bool
+    if dt == "date":
+
+        def check_date(v: Any) -> dict[str, Any] | None:
+            if not isinstance(v, str) or not DATE_RE.match(v):
+                return expected
+            try:
+                date.fromisoformat(v)
+            except ValueError:
+                return expected
+            return None
+
+        return check_date
+    if dt == "datetime":
+
+        def check_dt(v: Any) -> dict[str, Any] | None:
+            if not isinstance(v, str) or not DATETIME_RE.match(v):
+                return expected
+            try:
+                datetime.fromisoformat(v)
+            except ValueError:
+                return expected
+            return None
+
+        return check_dt
+    raise ValueError(f"unsupported data type {dt}")  # pragma: no cover - Literal guards it
+
+
+def index_key(value: Any) -> Any:
+    """Uniqueness is case-insensitive for strings (emulator choice, see docs/emulator.md)."""
+    if isinstance(value, str):
+        return value.casefold()
+    return value
+
+
+@dataclass
+class CompiledModule:
+    spec: ModuleSpec
+    fields: dict[str, FieldSpec]
+    checkers: dict[str, Checker]
+    mandatory: list[str]
+    unique: list[str]
+    dup_check: list[str]  # system duplicate-check fields that exist in the module
+
+    @classmethod
+    def build(cls, spec: ModuleSpec, strict_picklists: bool, max_len_str: bool) -> CompiledModule:
+        fields = {f.api_name: f for f in spec.fields}
+        return cls(
+            spec=spec,
+            fields=fields,
+            checkers={
+                f.api_name: make_checker(f, strict_picklists, max_len_str) for f in spec.fields
+            },
+            mandatory=[f.api_name for f in spec.fields if f.mandatory],
+            unique=[f.api_name for f in spec.fields if f.unique],
+            dup_check=[n for n in spec.system_duplicate_check_fields if n in fields],
+        )
+
+    def check_values(
+        self, data: dict[str, Any], creating: bool
+    ) -> tuple[dict[str, Any], list[FieldError]]:
+        """Validate one record's values; returns the accepted values and every error found."""
+        errors: list[FieldError] = []
+        clean: dict[str, Any] = {}
+        checkers = self.checkers
+        for name, value in data.items():
+            chk = checkers.get(name)
+            if chk is None:
+                continue  # unknown and system fields are ignored, as Zoho does
+            if value is None or value == "":
+                if name in self.mandatory:
+                    errors.append(("MANDATORY_NOT_FOUND", name, {}))
+                    continue
+                clean[name] = None
+                continue
+            bad = chk(value)
+            if bad is None:
+                clean[name] = value
+            else:
+                errors.append(("INVALID_DATA", name, bad))
+        if creating:
+            for name in self.mandatory:
+                if name not in data:
+                    errors.append(("MANDATORY_NOT_FOUND", name, {}))
+        return clean, errors
+
+
+@dataclass
+class WriteResult:
+    ok: bool
+    record_id: str | None = None
+    action: str | None = None  # insert / update / delete
+    duplicate_field: str | None = None
+    errors: list[FieldError] = field(default_factory=list)
+    code: str | None = None  # record-level error code when not a field error
+    details: dict[str, Any] = field(default_factory=dict)
+    message: str | None = None
+    created_time: str | None = None
+    modified_time: str | None = None
+
+
+class ModuleStore:
+    """Records of one module: a dict keyed by id, an index per unique / duplicate-check field,
+    and the full history of every write."""
+
+    def __init__(
+        self, compiled: CompiledModule, clock: Clock, ids: count[int], user: dict[str, str]
+    ) -> None:
+        self.m = compiled
+        self.clock = clock
+        self.ids = ids
+        self.user = user
+        self.records: dict[str, dict[str, Any]] = {}
+        self.deleted: dict[str, dict[str, Any]] = {}
+        self.history: dict[str, list[dict[str, Any]]] = {}
+        self.index: dict[str, dict[Any, set[str]]] = {
+            n: {} for n in dict.fromkeys([*compiled.unique, *compiled.dup_check])
+        }
+
+    # -- indexes ---------------------------------------------------------------------------
+    def find(self, field_name: str, value: Any) -> str | None:
+        if value is None or value == "":
+            return None
+        if field_name == "id":
+            return value if isinstance(value, str) and value in self.records else None
+        idx = self.index.get(field_name)
+        if idx is not None:
+            ids = idx.get(index_key(value))
+            if ids:
+                return min(ids)
+            return None
+        for rid, rec in self.records.items():  # non-indexed field: linear scan
+            if rec.get(field_name) == value:
+                return rid
+        return None
+
+    def _unindex(self, rid: str, rec: dict[str, Any]) -> None:
+        for name, idx in self.index.items():
+            v = rec.get(name)
+            if v is not None and v != "":
+                ids = idx.get(index_key(v))
+                if ids is not None:
+                    ids.discard(rid)
+                    if not ids:
+                        del idx[index_key(v)]
+
+    def _index(self, rid: str, rec: dict[str, Any]) -> None:
+        for name, idx in self.index.items():
+            v = rec.get(name)
+            if v is not None and v != "":
+                idx.setdefault(index_key(v), set()).add(rid)
+
+    def _duplicates(self, values: dict[str, Any], own_id: str | None) -> list[FieldError]:
+        errors: list[FieldError] = []
+        for name in self.m.unique:
+            v = values.get(name)
+            if v is None or v == "":
+                continue
+            ids = self.index[name].get(index_key(v))
+            if ids:
+                other = next((i for i in ids if i != own_id), None)
+                if other is not None:
+                    errors.append(
+                        (
+                            "DUPLICATE_DATA",
+                            name,
+                            {
+                                "duplicate_record": {
+                                    "id": other,
+                                    "Owner": {"name": self.user["name"], "id": self.user["id"]},
+                                    "module": {
+                                        "api_name": self.m.spec.api_name,
+                                        "id": self.m.spec.id or "",
+                                    },
+                                },
+                                "more_records": False,
+                            },
+                        )
+                    )
+        return errors
+
+    # -- writes ----------------------------------------------------------------------------
+    def _record_history(self, rid: str, api: str, values: dict[str, Any], now: float) -> None:
+        self.history.setdefault(rid, []).append(
+            {"time": self.clock.iso(now), "timestamp": now, "api": api, "values": dict(values)}
+        )
+
+    def insert(
+        self, data: dict[str, Any], api: str, extra_errors: list[FieldError] | None = None
+    ) -> WriteResult:
+        clean, errors = self.m.check_values(data, creating=True)
+        if extra_errors:
+            errors.extend(extra_errors)
+        if not errors:
+            errors = self._duplicates(clean, None)
+        if errors:
+            return WriteResult(ok=False, errors=errors)
+        now = self.clock.now()
+        iso = self.clock.iso(now)
+        rid = str(next(self.ids))
+        by = {"name": self.user["name"], "id": self.user["id"]}
+        rec = {
+            "id": rid,
+            **clean,
+            "Created_Time": iso,
+            "Modified_Time": iso,
+            "Created_By": by,
+            "Modified_By": by,
+        }
+        self.records[rid] = rec
+        self._index(rid, rec)
+        self._record_history(rid, api, rec, now)
+        return WriteResult(
+            ok=True, record_id=rid, action="insert", created_time=iso, modified_time=iso
+        )
+
+    def update(
+        self, rid: str, data: dict[str, Any], api: str, extra_errors: list[FieldError] | None = None
+    ) -> WriteResult:
+        rec = self.records.get(rid)
+        if rec is None:
+            return WriteResult(
+                ok=False,
+                code="INVALID_DATA",
+                details={"id": rid},
+                message="the id given seems to be invalid",
+            )
+        clean, errors = self.m.check_values(data, creating=False)
+        if extra_errors:
+            errors.extend(extra_errors)
+        if not errors:
+            errors = self._duplicates(clean, rid)
+        if errors:
+            return WriteResult(ok=False, errors=errors)
+        now = self.clock.now()
+        iso = self.clock.iso(now)
+        self._unindex(rid, rec)
+        rec.update(clean)
+        rec["Modified_Time"] = iso
+        rec["Modified_By"] = {"name": self.user["name"], "id": self.user["id"]}
+        self._index(rid, rec)
+        self._record_history(rid, api, rec, now)
+        return WriteResult(
+            ok=True,
+            record_id=rid,
+            action="update",
+            created_time=rec["Created_Time"],
+            modified_time=iso,
+        )
+
+    def match_order(self, duplicate_check_fields: list[str] | None) -> list[str]:
+        if duplicate_check_fields:
+            return [f for f in duplicate_check_fields if f in self.m.fields or f == "id"]
+        return list(dict.fromkeys([*self.m.dup_check, *self.m.unique]))
+
+    def upsert(self, data: dict[str, Any], api: str, order: list[str]) -> WriteResult:
+        for name in order:
+            rid = self.find(name, data.get(name))
+            if rid is not None:
+                res = self.update(rid, data, api)
+                res.duplicate_field = name
+                return res
+        res = self.insert(data, api)
+        # Zoho's samples show duplicate_field null or a field name on insert; the OAS types it
+        # as a string, so the emulator names the first field it checked.
+        res.duplicate_field = order[0] if order else None
+        return res
+
+    def delete(self, rid: str, api: str = "delete") -> WriteResult:
+        rec = self.records.pop(rid, None)
+        if rec is None:
+            return WriteResult(
+                ok=False, code="INVALID_DATA", details={"id": rid}, message="record not deleted"
+            )
+        self._unindex(rid, rec)
+        now = self.clock.now()
+        self.deleted[rid] = rec
+        self._record_history(rid, api, rec, now)
+        return WriteResult(ok=True, record_id=rid, action="delete")
