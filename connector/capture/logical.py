@@ -396,6 +396,10 @@ class LogicalCapture:
         self._toast: OrderedDict[str, dict[int, str]] = OrderedDict()
         self._toast_bytes = 0
         self._codecs: dict[int, _Codec] = {}
+        # START_REPLICATION at the stored commit, so the server itself skips what is stored;
+        # the client-side skip rule covers a slot that went back (tests turn this off to
+        # exercise that rule)
+        self.request_stored_lsn = True
 
     # -- supervision -------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -495,7 +499,7 @@ class LogicalCapture:
                 " publication_names {}, messages 'true')"
             ).format(
                 sql.Identifier(slot),
-                sql.SQL(po.lsn_to_str(self._stored_lsn)),
+                sql.SQL(po.lsn_to_str(self._stored_lsn if self.request_stored_lsn else 0)),
                 sql.Literal(publication),
             )
         )
@@ -691,9 +695,7 @@ class LogicalCapture:
             names=names,
             key_idx=names.index(self.pipeline.key_column),
             key_cols=[i for i, c in enumerate(rel.columns) if c.is_key],
-            ignored=frozenset(
-                i for i, n in enumerate(names) if n in self.pipeline.ignore_columns
-            ),
+            ignored=frozenset(i for i, n in enumerate(names) if n in self.pipeline.ignore_columns),
         )
         self._codecs[rel.oid] = codec
         # a new Relation may change column positions or types: cached images are stale

@@ -81,7 +81,7 @@ def conv_text(text: str) -> str:
 
 
 def conv_bool(text: str) -> str:
-    return "true" if text == "t" else "false"
+    return "true" if text in ("t", "true") else "false"
 
 
 def conv_int(text: str) -> str:

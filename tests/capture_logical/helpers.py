@@ -39,9 +39,7 @@ async def outbox(dsn: str) -> list[dict[str, Any]]:
         return await cur.fetchall()
 
 
-async def wait_for(
-    pred: Callable[[], Awaitable[bool]], what: str, deadline: float = 30.0
-) -> None:
+async def wait_for(pred: Callable[[], Awaitable[bool]], what: str, deadline: float = 30.0) -> None:
     loop = asyncio.get_running_loop()
     end = loop.time() + deadline
     while not await pred():
