@@ -64,7 +64,11 @@ async def migrate(
     lock = advisory_key(schema, "migrate")
     await conn.execute("SELECT pg_advisory_lock(%s)", (lock,))
     try:
-        await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
+        cur = await conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,))
+        if await cur.fetchone() is None:
+            # only then: CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the
+            # schema exists, which a least-privilege role does not have
+            await conn.execute(sql.SQL("CREATE SCHEMA {}").format(ident))
         await conn.execute(
             sql.SQL(
                 "CREATE TABLE IF NOT EXISTS {}.schema_migrations ("
