@@ -276,9 +276,9 @@ class Engine:
         self._positions[batch] = pos
         if events:
             await self._seed_acked(reader, events)
-            for ev in events:
-                self.coalescer.add(ev, batch)
         self.tracker.register(batch, len(events))
+        for ev in events:
+            self.coalescer.add(ev, batch)
         self._caught_up = not events
         self._read_pos = pos
         async with self._changed:
