@@ -1,0 +1,648 @@
+"""The operator verbs: ``run``, ``snapshot``, ``status``, ``replay``, ``dead-letters``, ``verify``.
+
+Each is ``async def verb(settings, secrets, args) -> int`` (exit code), called by ``cli.py``.
+docs/operations-cli.md shows every verb with an example and explains how to read ``status``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg import sql
+from psycopg.rows import tuple_row
+
+from connector import db, state
+from connector.config import PipelineConfig, Secrets, Settings
+from connector.costs import CostModel
+from connector.errors import ConfigError, ConnectorError
+from connector.events import stamp_of
+from connector.outbox import ReadPosition, load_checkpoint, read_range
+
+EXIT_OK = 0
+EXIT_MISMATCH = 1
+
+
+def _pipelines(settings: Settings, names: list[str] | str | None) -> list[PipelineConfig]:
+    if not names:
+        return list(settings.pipelines)
+    if isinstance(names, str):
+        names = [names]
+    return [settings.pipeline(n) for n in names]
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _dump(doc: Any) -> None:
+    sys.stdout.write(orjson.dumps(doc, default=str, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+# --------------------------------------------------------------------------- run / snapshot
+
+
+async def run(settings: Settings, secrets: Secrets, args: argparse.Namespace) -> int:
+    """`connector run`: the long-running process (see connector/runtime.py)."""
+    from connector.runtime import Runtime
+
+    runtime = Runtime(settings, secrets, pipelines=getattr(args, "pipeline", None))
+    return await runtime.run()
+
+
+async def snapshot(settings: Settings, secrets: Secrets, args: argparse.Namespace) -> int:
+    """`connector snapshot [--restart]`: run (or resume) the initial sync now, then exit.
+
+    It runs the pipeline the same way ``run`` does (it takes the pipeline's lease, so it waits
+    if a ``run`` owns the pipeline) until the snapshot is done and every event up to the end
+    of the snapshot is acknowledged."""
+    from connector.runtime import Runtime
+
+    runtime = Runtime(
+        settings,
+        secrets,
+        pipelines=getattr(args, "pipeline", None),
+        mode="snapshot",
+        restart_snapshot=bool(getattr(args, "restart", False)),
+        serve_http=False,
+    )
+    return await runtime.run()
+
+
+# --------------------------------------------------------------------------- status
+
+
+Q_PENDING = """
+SELECT count(DISTINCT o.key), extract(epoch FROM clock_timestamp() - min(o.captured_at))::float8
+  FROM {outbox} o
+  LEFT JOIN {key_state} k ON k.pipeline = o.pipeline AND k.key = o.key
+ WHERE o.pipeline = %s AND {cond}
+   AND (k.version IS NULL OR o.version > k.version)
+"""
+
+Q_CHECKPOINT = """
+SELECT last_id, cardinality(pending_txids), events_passed, updated_at, owner
+  FROM {schema}.checkpoints WHERE pipeline = %s
+"""
+
+Q_CAPTURE = """
+SELECT mode, slot_name, publication_name, last_commit_lsn::text, updated_at
+  FROM {schema}.capture_state WHERE pipeline = %s
+"""
+
+Q_SLOT_LAG = """
+SELECT pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), confirmed_flush_lsn)::bigint,
+       active
+  FROM pg_catalog.pg_replication_slots WHERE slot_name = %s
+"""
+
+Q_OWNER = """
+SELECT a.pid, a.application_name, a.client_addr::text, a.backend_start
+  FROM pg_catalog.pg_locks l
+  JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
+ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+   AND l.database = (SELECT oid FROM pg_catalog.pg_database
+                      WHERE datname = pg_catalog.current_database())
+   AND ((l.classid::bigint << 32) | l.objid::bigint) = %s
+"""
+
+Q_BULK_OLDEST = """
+SELECT count(*), extract(epoch FROM now() - min(created_at))::float8
+  FROM {schema}.bulk_jobs WHERE pipeline = %s AND status = ANY(%s)
+"""
+
+
+def _not_passed(position: ReadPosition) -> tuple[sql.Composable, list[Any]]:
+    if not position.pending_txids:
+        return sql.SQL("o.id > %s"), [position.last_id]
+    listed = [str(x) for x in position.pending_txids[:-1]]
+    horizon = str(position.pending_txids[-1])
+    return (
+        sql.SQL(
+            "(o.id > %s OR (o.id <= %s AND"
+            " (o.txid = ANY(%s::text[]::xid8[]) OR o.txid >= %s::text::xid8)))"
+        ),
+        [position.last_id, position.last_id, listed, horizon],
+    )
+
+
+async def pipeline_status(
+    conn: psycopg.AsyncConnection[Any],
+    settings: Settings,
+    pipeline: PipelineConfig,
+    source: psycopg.AsyncConnection[Any] | None = None,
+) -> dict[str, Any]:
+    """One pipeline's status as a JSON-ready dict (also used by the demo and the tests)."""
+    from connector.outbox import outbox_lag
+
+    schema = settings.database.state_schema
+    name = pipeline.name
+    q = db.render
+    position = await load_checkpoint(conn, schema, name)
+    lag_events, lag_seconds = await outbox_lag(conn, schema, name, position)
+    cond, params = _not_passed(position)
+    cur = await conn.cursor(row_factory=tuple_row).execute(
+        sql.SQL(Q_PENDING).format(
+            outbox=sql.Identifier(schema, "outbox"),
+            key_state=sql.Identifier(schema, "key_state"),
+            cond=cond,
+        ),
+        [name, *params],
+    )
+    prow = await cur.fetchone()
+    pending_keys, oldest = (int(prow[0]), float(prow[1] or 0.0)) if prow else (0, 0.0)
+
+    cur = await conn.cursor(row_factory=tuple_row).execute(q(Q_CHECKPOINT, schema), (name,))
+    cp = await cur.fetchone()
+    checkpoint = (
+        {
+            "offset": int(cp[0]),
+            "pending_transactions": int(cp[1] or 0),
+            "events_passed": int(cp[2]),
+            "updated_at": cp[3],
+            "owner": cp[4],
+        }
+        if cp
+        else {"offset": 0, "pending_transactions": 0, "events_passed": 0, "updated_at": None}
+    )
+
+    cur = await conn.cursor(row_factory=tuple_row).execute(q(Q_CAPTURE, schema), (name,))
+    cap = await cur.fetchone()
+    capture: dict[str, Any] = {
+        "mode": pipeline.capture,
+        "installed": cap is not None,
+        "lag_events": lag_events,
+        "lag_seconds": round(lag_seconds, 3),
+        "slot_lag_bytes": None,
+    }
+    if cap is not None and cap[1]:
+        capture["slot"] = cap[1]
+        src = source or conn
+        cur = await src.cursor(row_factory=tuple_row).execute(Q_SLOT_LAG, (cap[1],))
+        slot = await cur.fetchone()
+        if slot is not None:
+            capture["slot_lag_bytes"] = int(slot[0] or 0)
+            capture["slot_active"] = bool(slot[1])
+
+    window = timedelta(days=1)
+    spent_all = await state.credits_spent(conn, schema, window)
+    spent_pipeline = await state.credits_spent(conn, schema, window, name)
+    remaining = await state.last_remaining(conn, schema)
+    budget = pipeline.daily_credit_budget or settings.crm.daily_credit_budget
+    credits = {
+        "spent_24h": spent_pipeline,
+        "spent_24h_all_pipelines": spent_all,
+        "budget": budget,
+        "left": max(budget - spent_all, 0),
+        "reserve": settings.crm.credit_reserve,
+        "crm_remaining": remaining,
+    }
+
+    cur = await conn.cursor(row_factory=tuple_row).execute(
+        q(Q_BULK_OLDEST, schema), (name, list(state.OPEN_BULK_STATUSES))
+    )
+    b = await cur.fetchone()
+    bulk = {
+        "in_flight": int(b[0]) if b else 0,
+        "oldest_age_seconds": round(float(b[1]), 1) if b and b[1] is not None else None,
+        "by_status": await state.bulk_status_counts(conn, schema, name),
+    }
+    dead = await state.open_dead_letter_count(conn, schema, name)
+    keys = await state.key_status_counts(conn, schema, name)
+    snap = await state.get_snapshot(conn, schema, name)
+    snapshot: dict[str, Any] | None = None
+    if snap is not None:
+        snapshot = {
+            "status": snap.status,
+            "rows_read": snap.rows_read,
+            "estimated_rows": snap.estimated_rows,
+            "chunks_done": snap.chunks_done,
+            "started_at": snap.started_at,
+            "finished_at": snap.finished_at,
+        }
+    key = db.advisory_key(schema, "pipeline", name)
+    cur = await conn.cursor(row_factory=tuple_row).execute(Q_OWNER, (key,))
+    owner = await cur.fetchone()
+    return {
+        "pipeline": name,
+        "source_table": pipeline.source_table,
+        "module": pipeline.module,
+        "running": owner is not None,
+        "owner": (
+            {"pid": owner[0], "application_name": owner[1], "client_addr": owner[2]}
+            if owner
+            else None
+        ),
+        "capture": capture,
+        "pending_keys": pending_keys,
+        "oldest_pending_change_seconds": round(oldest, 3),
+        "max_staleness_seconds": pipeline.max_staleness.total_seconds(),
+        "credits": credits,
+        "bulk_jobs": bulk,
+        "dead_letters_open": dead,
+        "keys": keys,
+        "checkpoint": checkpoint,
+        "snapshot": snapshot,
+    }
+
+
+def _fmt_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def format_status(doc: dict[str, Any]) -> str:
+    c = doc["capture"]
+    cr = doc["credits"]
+    b = doc["bulk_jobs"]
+    cp = doc["checkpoint"]
+    snap = doc["snapshot"]
+    state_word = "RUNNING" if doc["running"] else "NOT RUNNING"
+    late = doc["oldest_pending_change_seconds"] > doc["max_staleness_seconds"]
+    lines = [
+        f"pipeline {doc['pipeline']}  ({doc['source_table']} -> {doc['module']})  {state_word}",
+        f"  capture      {c['mode']}{'' if c['installed'] else ' (NOT INSTALLED: run init)'}"
+        f"  lag {c['lag_events']} events / {_fmt_age(c['lag_seconds'])}"
+        + (f" / slot {c['slot_lag_bytes']} bytes" if c.get("slot_lag_bytes") is not None else ""),
+        f"  pending      {doc['pending_keys']} keys, oldest change "
+        f"{_fmt_age(doc['oldest_pending_change_seconds'])} "
+        f"(max_staleness {_fmt_age(doc['max_staleness_seconds'])})"
+        + ("  <-- OVER max_staleness" if late else ""),
+        f"  credits      {cr['spent_24h']} spent in 24 h by this pipeline "
+        f"({cr['spent_24h_all_pipelines']} all), {cr['left']} left of {cr['budget']}"
+        + (
+            f", CRM says {cr['crm_remaining']} remaining" if cr["crm_remaining"] is not None else ""
+        ),
+        f"  bulk jobs    {b['in_flight']} in flight"
+        + (f", oldest {_fmt_age(b['oldest_age_seconds'])}" if b["in_flight"] else ""),
+        f"  dead letters {doc['dead_letters_open']} open"
+        + ("  (see: connector dead-letters list)" if doc["dead_letters_open"] else ""),
+        "  keys         "
+        + (", ".join(f"{k} {v}" for k, v in sorted(doc["keys"].items())) or "none yet"),
+        f"  checkpoint   offset {cp['offset']}, {cp['pending_transactions']} open transaction(s)"
+        f" tracked, {cp['events_passed']} events passed, updated {cp['updated_at'] or 'never'}",
+    ]
+    if snap is not None:
+        total = snap["estimated_rows"]
+        lines.append(
+            f"  initial sync {snap['status']}, {snap['rows_read']} rows"
+            + (f" of ~{total}" if total else "")
+            + f", {snap['chunks_done']} chunks"
+        )
+    else:
+        lines.append("  initial sync not started")
+    return "\n".join(lines)
+
+
+async def status(settings: Settings, secrets: Secrets, args: argparse.Namespace) -> int:
+    """`connector status [--json]`."""
+    docs: list[dict[str, Any]] = []
+    async with await psycopg.AsyncConnection.connect(secrets.state_dsn, autocommit=True) as conn:
+        source: psycopg.AsyncConnection[Any] | None = None
+        if secrets.dsn != secrets.state_dsn:
+            source = await psycopg.AsyncConnection.connect(secrets.dsn, autocommit=True)
+        try:
+            for p in _pipelines(settings, getattr(args, "pipeline", None)):
+                docs.append(await pipeline_status(conn, settings, p, source))
+        finally:
+            if source is not None:
+                await source.close()
+    if getattr(args, "json", False):
+        _dump({"generated_at": datetime.now(UTC), "pipelines": docs})
+    else:
+        _out("\n\n".join(format_status(d) for d in docs))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- replay
+
+
+def _parse_time(text: str, key: str) -> datetime:
+    try:
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(
+            key, f"expected an ISO timestamp such as 2026-11-26T10:00:00Z, got {text!r}"
+        ) from None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+@dataclass
+class ReplayPlan:
+    pipeline: str
+    events_in_range: int
+    keys_in_range: int
+    to_send: list[tuple[str, str, int]]  # (key, op of the newest event, offset)
+    skipped_older: int  # keys whose newest event in the range is older than what the CRM has
+
+    def credits(self, cost: CostModel) -> tuple[str, int, int]:
+        """(api, calls, credits) of the cheaper way to send the upserts."""
+        n = sum(1 for _, op, _ in self.to_send if op != "delete")
+        if n == 0:
+            return "upsert", 0, 0
+        up, bulk = cost.upsert_credits(n), cost.bulk_credits(n)
+        if bulk < up:
+            return "bulk", cost.bulk_jobs(n), bulk
+        return "upsert", cost.upsert_calls(n), up
+
+
+async def plan_replay(
+    conn: psycopg.AsyncConnection[Any],
+    schema: str,
+    pipeline: PipelineConfig,
+    *,
+    from_offset: int | None,
+    to_offset: int | None,
+    since: datetime | None,
+    until: datetime | None,
+    key: str | None,
+) -> ReplayPlan:
+    """Newest event per key in the range; a key is re-sent only if that event is not older
+    than the key's acknowledged stamp (so a replay never makes the CRM older)."""
+    newest: dict[str, Any] = {}
+    events = 0
+    async for page in read_range(
+        conn,
+        schema,
+        pipeline.name,
+        from_offset=from_offset if from_offset is not None else (None if since else 1),
+        to_offset=to_offset,
+        since=since,
+        until=until,
+        key=key,
+    ):
+        for ev in page:
+            events += 1
+            cur = newest.get(ev.key)
+            if cur is None or ev.newer_than(cur):
+                newest[ev.key] = ev
+    acked = await state.key_states(conn, schema, pipeline.name, list(newest))
+    to_send: list[tuple[str, str, int]] = []
+    skipped = 0
+    for k, ev in sorted(newest.items(), key=lambda kv: kv[1].offset):
+        ks = acked.get(k)
+        if ks is not None and ks.stamp is not None and ks.stamp.newer_than(stamp_of(ev)):
+            skipped += 1
+            continue
+        to_send.append((k, str(ev.op), ev.offset))
+    return ReplayPlan(pipeline.name, events, len(newest), to_send, skipped)
+
+
+async def replay(settings: Settings, secrets: Secrets, args: argparse.Namespace) -> int:
+    """`connector replay --pipeline P (--from-offset N | --since T) [--to X] [--key K]
+    [--dry-run]`.
+
+    The newest event of each key in the range is re-sent, unless the CRM already holds a newer
+    version of that key. Re-sending means re-capturing the key's *current* row (see
+    connector/verify.py, ``recapture``): the CRM ends in the same state as the table, however
+    often the range is replayed (invariant 7), and never older (invariant 2). The running
+    connector (or the next ``run``) delivers the re-captured events."""
+    from connector.verify import recapture
+
+    pipeline = settings.pipeline(args.pipeline)
+    schema = settings.database.state_schema
+    since = _parse_time(args.since, "--since") if args.since else None
+    to_offset: int | None = None
+    until: datetime | None = None
+    if args.to:
+        if args.to.isdigit():
+            to_offset = int(args.to)
+        else:
+            until = _parse_time(args.to, "--to")
+    async with await psycopg.AsyncConnection.connect(secrets.state_dsn, autocommit=True) as conn:
+        plan = await plan_replay(
+            conn,
+            schema,
+            pipeline,
+            from_offset=args.from_offset,
+            to_offset=to_offset,
+            since=since,
+            until=until,
+            key=args.key,
+        )
+    api, calls, credits = plan.credits(CostModel())
+    deletes = sum(1 for _, op, _ in plan.to_send if op == "delete")
+    _out(
+        f"replay {pipeline.name}: {plan.events_in_range} events in range, "
+        f"{plan.keys_in_range} keys; {len(plan.to_send)} to re-send, "
+        f"{plan.skipped_older} skipped (the CRM already has a newer version)"
+    )
+    _out(
+        f"  would send {len(plan.to_send) - deletes} record(s) by {api} "
+        f"({calls} call(s), {credits} credits) and {deletes} delete(s)"
+        " (if no newer change arrives first; the planner decides at send time)"
+    )
+    if args.dry_run:
+        for k, op, off in plan.to_send[:50]:
+            _out(f"  key {k}: {'delete' if op == 'delete' else 'upsert'} (newest event @{off})")
+        if len(plan.to_send) > 50:
+            _out(f"  ... and {len(plan.to_send) - 50} more")
+        _out("dry run: nothing sent")
+        return EXIT_OK
+    done = await recapture(
+        pipeline=pipeline,
+        keys=[k for k, _, _ in plan.to_send],
+        source_dsn=secrets.dsn,
+        state_dsn=secrets.state_dsn,
+        schema=schema,
+    )
+    _out(
+        f"re-captured {len(done.updated)} row(s) and {len(done.deleted)} delete(s) into the outbox"
+        + (f" at offsets {done.first_offset}..{done.last_offset}" if done.total else "")
+        + "; the running connector sends them (see `connector status`)"
+    )
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- dead letters
+
+
+async def dead_letters(settings: Settings, secrets: Secrets, args: argparse.Namespace) -> int:
+    """`connector dead-letters [--pipeline P] list [--all] [--json] | show ID | retry [ID…|--all]
+    | discard ID…`.
+
+    ``retry`` re-captures the key's *current* source row (the source may have been fixed since
+    the CRM rejected it) and marks the letter ``retried``; a successful send resolves it."""
+    from connector.verify import recapture
+
+    schema = settings.database.state_schema
+    pipelines = _pipelines(settings, args.pipeline)
+    verb = args.dl_verb
+    async with await psycopg.AsyncConnection.connect(secrets.state_dsn, autocommit=True) as conn:
+        if verb == "list":
+            rows: list[state.DeadLetterRow] = []
+            for p in pipelines:
+                rows += await state.list_dead_letters(
+                    conn, schema, p.name, None if args.all else "open"
+                )
+            if args.json:
+                _dump([_dl_json(r) for r in rows])
+                return EXIT_OK
+            if not rows:
+                _out("no dead letters" + ("" if args.all else " open"))
+                return EXIT_OK
+            _out(
+                f"{'ID':>6}  {'PIPELINE':<12} {'KEY':<14} {'STATUS':<9} {'CODE':<22} "
+                "FIELD / MESSAGE"
+            )
+            for r in rows:
+                what = f"{r.error_field + ': ' if r.error_field else ''}{r.error_message}"
+                _out(
+                    f"{r.id:>6}  {r.pipeline:<12} {r.key:<14} {r.status:<9} "
+                    f"{r.error_code:<22} {what[:80]}"
+                )
+            return EXIT_OK
+        found = await _dead_letters_by_id(conn, schema, pipelines, getattr(args, "ids", None))
+        if verb == "show":
+            row = next((r for r in found if r.id == args.id), None)
+            if row is None:
+                found = await _dead_letters_by_id(conn, schema, pipelines, [args.id])
+                row = found[0] if found else None
+            if row is None:
+                raise ConnectorError(f"no dead letter with id {args.id}")
+            _dump(_dl_json(row))
+            return EXIT_OK
+        if verb == "discard":
+            return await _mark(conn, schema, pipelines, args.ids, "discarded")
+        # retry
+        if not args.ids and not args.all:
+            raise ConfigError("dead-letters retry", "give letter ids or --all")
+        total = 0
+        for p in pipelines:
+            open_rows = await state.list_dead_letters(conn, schema, p.name, "open", 1_000_000)
+            chosen = [r for r in open_rows if args.all or r.id in set(args.ids)]
+            if not chosen:
+                continue
+            keys = sorted({r.key for r in chosen})
+            done = await recapture(
+                pipeline=p,
+                keys=keys,
+                source_dsn=secrets.dsn,
+                state_dsn=secrets.state_dsn,
+                schema=schema,
+            )
+            marked = await state.mark_dead_letters(
+                conn, schema, p.name, [r.id for r in chosen], "retried"
+            )
+            total += len(marked)
+            _out(
+                f"{p.name}: {len(marked)} letter(s) retried: {len(done.updated)} current row(s)"
+                f" and {len(done.deleted)} delete(s) re-captured"
+            )
+        if total == 0:
+            _out("nothing to retry (no matching open dead letters)")
+        return EXIT_OK
+
+
+async def _dead_letters_by_id(
+    conn: psycopg.AsyncConnection[Any],
+    schema: str,
+    pipelines: list[PipelineConfig],
+    ids: list[int] | None,
+) -> list[state.DeadLetterRow]:
+    if not ids:
+        return []
+    out: list[state.DeadLetterRow] = []
+    for p in pipelines:
+        for r in await state.list_dead_letters(conn, schema, p.name, None, 1_000_000):
+            if r.id in ids:
+                out.append(r)
+    return out
+
+
+async def _mark(
+    conn: psycopg.AsyncConnection[Any],
+    schema: str,
+    pipelines: list[PipelineConfig],
+    ids: list[int],
+    status: str,
+) -> int:
+    total = 0
+    for p in pipelines:
+        total += len(await state.mark_dead_letters(conn, schema, p.name, ids, status))
+    _out(f"{total} dead letter(s) {status}")
+    return EXIT_OK if total else EXIT_MISMATCH
+
+
+def _dl_json(r: state.DeadLetterRow) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "pipeline": r.pipeline,
+        "key": r.key,
+        "version": r.version,
+        "outbox_id": r.outbox_id,
+        "status": r.status,
+        "error_code": r.error_code,
+        "error_field": r.error_field,
+        "error_message": r.error_message,
+        "api": r.api,
+        "attempts": r.attempts,
+        "created_at": r.created_at,
+        "payload": r.payload,
+    }
+
+
+# --------------------------------------------------------------------------- verify
+
+
+async def verify(settings: Settings, secrets: Secrets, args: argparse.Namespace) -> int:
+    """`connector verify --pipeline P [--repair] [--json]`: exit 1 when mismatches remain."""
+    from connector.verify import recapture
+    from connector.verify import verify as compare_all
+    from connector.zoho import ZohoClient
+
+    pipeline = settings.pipeline(args.pipeline)
+    schema = settings.database.state_schema
+    async with ZohoClient.from_config(
+        settings.crm, client_secret=secrets.client_secret, refresh_token=secrets.refresh_token
+    ) as client:
+        report = await compare_all(
+            pipeline=pipeline,
+            client=client,
+            source_dsn=secrets.dsn,
+            state_dsn=secrets.state_dsn,
+            schema=schema,
+        )
+    if args.repair and report.mismatches:
+        done = await recapture(
+            pipeline=pipeline,
+            keys=report.keys(),
+            source_dsn=secrets.dsn,
+            state_dsn=secrets.state_dsn,
+            schema=schema,
+        )
+        report.repaired = done.total
+    doc = report.to_json()
+    if args.json:
+        _dump(doc)
+    else:
+        _out(
+            f"verify {pipeline.name}: {report.rows_in_source} rows in {pipeline.source_table}, "
+            f"{report.records_in_crm} records in {pipeline.module}"
+        )
+        _out(
+            f"  missing {len(report.missing)}, extra {len(report.extra)}, "
+            f"different {len(report.different)}, dead-lettered {len(report.dead_lettered)}"
+        )
+        for kind in ("missing", "extra", "different"):
+            for m in doc["examples"][kind][:10]:
+                detail = ", ".join(f"{f}: {a!r} != {b!r}" for f, (a, b) in m["fields"].items())
+                _out(f"  {kind:<9} key {m['key']}" + (f"  {detail}" if detail else ""))
+        if report.repaired:
+            _out(
+                f"  re-captured {report.repaired} key(s) into the outbox; the running connector"
+                " sends them — run verify again once `status` shows nothing pending"
+            )
+    if report.mismatches == 0:
+        return EXIT_OK
+    return EXIT_MISMATCH

@@ -1,0 +1,840 @@
+"""The composition root and supervisor of ``connector run``.
+
+One :class:`Runtime` owns the event loop's work: it opens the state pool (failing fast), the CRM
+client and the HTTP server, checks each pipeline's mapping against the CRM (bad configuration:
+``ConfigError``, exit 2), then runs one supervised task per pipeline:
+
+* the task first takes the pipeline's **lease** (a session advisory lock on a dedicated
+  connection, :class:`PipelineLease`); while another process holds it,
+  this one is a hot standby and retries every second;
+* once owner, it starts the pipeline's engine (reader → coalescer → planner → emitter, plus the
+  initial sync when the pipeline was never synced and ``snapshot = "auto"``), logical capture
+  for ``capture = "logical"``, and a watch of the lease connection. If that connection is lost
+  the pipeline is stopped at once (ownership can no longer be proved) and the task goes back to
+  standby;
+* any task that dies stops the whole process with a clear log line and exit code 1.
+
+SIGTERM / SIGINT (handlers installed as a context manager that restores the previous ones):
+stop reading, let in-flight work finish for at most ``server.drain_timeout``, cancel the rest,
+release the leases, exit 0. The checkpoint only ever passes acknowledged events, so whatever was
+cancelled is re-read by the next owner.
+
+Shutdown order is the reverse of start-up (an ``AsyncExitStack``): pipelines, side tasks, HTTP
+server, CRM client, pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from connector import db
+from connector.config import PipelineConfig, Secrets, Settings
+from connector.errors import ConfigError, ConnectorError, PermanentError
+from connector.metrics import Metrics, status_class
+from connector.server import HttpServer, ProbeResult, build_app, callback_url
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+
+GAUGE_INTERVAL = 5.0
+CREDIT_FLUSH_INTERVAL = 2.0
+
+
+# --------------------------------------------------------------------------- supervision primitives
+@dataclass(frozen=True, slots=True)
+class TaskFailure:
+    name: str
+    error: BaseException | None  # None: the task returned although it should run until stopped
+
+    def describe(self) -> str:
+        if self.error is None:
+            return f"task {self.name!r} ended unexpectedly"
+        return f"task {self.name!r} failed: {type(self.error).__name__}: {self.error}"
+
+
+class TaskSupervisor:
+    """Named, referenced, watched tasks (pgqueuer's task manager, procrastinate's monitor)."""
+
+    def __init__(self, name: str = "runtime") -> None:
+        self._name = name
+        self._tasks: dict[str, asyncio.Task[Any]] = {}
+        self.failure: TaskFailure | None = None
+        self.failed = asyncio.Event()
+        self._closing = False
+
+    def spawn(
+        self, name: str, coro: Coroutine[Any, Any, Any], *, may_return: bool = False
+    ) -> asyncio.Task[Any]:
+        """Start ``coro`` as task ``name``; a failure (or, unless ``may_return``, a return
+        before :meth:`close`) is recorded and sets :attr:`failed`."""
+        if name in self._tasks and not self._tasks[name].done():
+            coro.close()
+            raise RuntimeError(f"task {name!r} is already running")
+        task = asyncio.create_task(coro, name=name)
+        self._tasks[name] = task
+        task.add_done_callback(lambda t: self._done(name, t, may_return))
+        return task
+
+    def _done(self, name: str, task: asyncio.Task[Any], may_return: bool) -> None:
+        if self._tasks.get(name) is task:
+            del self._tasks[name]
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None and (may_return or self._closing):
+            return
+        if self._closing and exc is None:
+            return
+        if self.failure is None:
+            self.failure = TaskFailure(name, exc)
+            log.error(
+                self.failure.describe(),
+                exc_info=exc if exc is not None else None,
+                extra={"task": name},
+            )
+        self.failed.set()
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._tasks)
+
+    def task(self, name: str) -> asyncio.Task[Any] | None:
+        return self._tasks.get(name)
+
+    async def cancel(self, names: list[str] | None = None, timeout: float = 5.0) -> None:
+        """Cancel the named tasks (all by default) and wait for them to finish."""
+        targets = [t for n, t in self._tasks.items() if names is None or n in names]
+        for t in targets:
+            t.cancel()
+        if targets:
+            done, pending = await asyncio.wait(targets, timeout=timeout)
+            for t in pending:
+                log.error("task did not stop after cancellation", extra={"task": t.get_name()})
+            for t in done:
+                if not t.cancelled() and t.exception() is not None:
+                    exc = t.exception()
+                    log.warning(
+                        "task raised while being cancelled: %s",
+                        type(exc).__name__,
+                        extra={"task": t.get_name()},
+                    )
+
+    async def wait(self, names: list[str], timeout: float) -> list[str]:
+        """Wait for the named tasks to finish by themselves; returns those still running."""
+        targets = [t for n, t in self._tasks.items() if n in names]
+        if not targets:
+            return []
+        _, pending = await asyncio.wait(targets, timeout=timeout)
+        return [t.get_name() for t in pending]
+
+    async def close(self, timeout: float = 5.0) -> None:
+        self._closing = True
+        await self.cancel(None, timeout)
+
+
+@contextlib.contextmanager
+def on_stop_signals(callback: Callable[[signal.Signals], None]) -> Iterator[None]:
+    """Call ``callback(sig)`` on SIGTERM / SIGINT while inside the block; restore afterwards."""
+    loop = asyncio.get_running_loop()
+    sigs = (signal.SIGTERM, signal.SIGINT)
+    previous = {s: signal.getsignal(s) for s in sigs}
+    installed: list[signal.Signals] = []
+    try:
+        for s in sigs:
+            try:
+                loop.add_signal_handler(s, callback, s)
+                installed.append(s)
+            except (NotImplementedError, RuntimeError, ValueError):
+                # not the main thread (tests running the runtime in a thread): no handler
+                pass
+        yield
+    finally:
+        for s in installed:
+            loop.remove_signal_handler(s)
+            prev = previous[s]
+            if prev is not None:
+                with contextlib.suppress(ValueError, TypeError):
+                    signal.signal(s, prev)
+
+
+class LeaseLost(Exception):
+    """The advisory-lock connection was lost: ownership can no longer be proved."""
+
+
+class PipelineLease:
+    """A session-level advisory lock on a dedicated connection (one owner per pipeline)."""
+
+    def __init__(
+        self,
+        dsn: str,
+        key: int,
+        *,
+        name: str,
+        owner: str,
+        retry_interval: float = 1.0,
+        check_interval: float = 1.0,
+    ) -> None:
+        self._dsn = dsn
+        self._key = key
+        self._name = name
+        self._owner = owner
+        self._retry = retry_interval
+        self._check = check_interval
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self.held = False
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        return await psycopg.AsyncConnection.connect(
+            self._dsn,
+            autocommit=True,
+            application_name=f"connector-lease-{self._name}"[:63],
+            connect_timeout=5,
+            keepalives=1,
+            keepalives_idle=5,
+            keepalives_interval=2,
+            keepalives_count=3,
+        )
+
+    async def acquire(self, stop: asyncio.Event, on_wait: Callable[[], None] | None = None) -> bool:
+        """Wait until the lock is ours (True) or ``stop`` is set (False)."""
+        announced = False
+        while not stop.is_set():
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = await self._connect()
+                cur = await self._conn.execute("SELECT pg_try_advisory_lock(%s)", (self._key,))
+                row = await cur.fetchone()
+                if row is not None and row[0]:
+                    self.held = True
+                    log.info(
+                        "pipeline lease acquired: this process owns the pipeline",
+                        extra={"pipeline": self._name, "owner": self._owner},
+                    )
+                    return True
+                if not announced:
+                    log.info(
+                        "pipeline owned by another process; waiting as hot standby",
+                        extra={"pipeline": self._name},
+                    )
+                    announced = True
+                    if on_wait is not None:
+                        on_wait()
+            except psycopg.OperationalError as exc:
+                log.warning(
+                    "lease connection failed; retrying: %s",
+                    type(exc).__name__,
+                    extra={"pipeline": self._name},
+                )
+                await self._drop()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._retry)
+        return False
+
+    async def watch(self) -> None:
+        """Return never while the lock connection is healthy; raise :class:`LeaseLost`."""
+        while True:
+            await asyncio.sleep(self._check)
+            conn = self._conn
+            if conn is None or conn.closed:
+                self.held = False
+                raise LeaseLost(f"pipeline {self._name}: lease connection closed")
+            try:
+                await asyncio.wait_for(conn.execute("SELECT 1"), timeout=max(self._check, 2.0))
+            except (psycopg.Error, TimeoutError) as exc:
+                self.held = False
+                await self._drop()
+                raise LeaseLost(
+                    f"pipeline {self._name}: lease connection lost ({type(exc).__name__})"
+                ) from None
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    async def release(self) -> None:
+        if self._conn is not None and not self._conn.closed and self.held:
+            with contextlib.suppress(psycopg.Error):
+                await self._conn.execute("SELECT pg_advisory_unlock(%s)", (self._key,))
+        self.held = False
+        await self._drop()
+
+
+# --------------------------------------------------------------------------- composition
+
+# ZohoClient api names → the bounded ``api`` label of connector_api_calls_total
+_API_LABELS = {
+    "get_records": "get",
+    "bulk_job": "bulk_status",
+    "users": "other",
+    "org": "other",
+}
+
+
+def _api_label(api: str) -> str:
+    from connector.metrics import CALL_APIS
+
+    label = _API_LABELS.get(api, api)
+    return label if label in CALL_APIS else "other"
+
+
+def _retry_cause(status: int) -> str | None:
+    if status == 429:
+        return "429"
+    if status >= 500:
+        return "5xx"
+    if status == 0:
+        return "connection"
+    if status == 401:
+        return "invalid_token"
+    return None
+
+
+class PipelineRunner:
+    """One pipeline in this process: standby until it owns the lease, then the engine."""
+
+    def __init__(self, runtime: Runtime, pipeline: PipelineConfig) -> None:
+        self.runtime = runtime
+        self.pipeline = pipeline
+        self.state: Literal["standby", "starting", "running", "draining", "stopped", "failed"] = (
+            "standby"
+        )
+        self.engine: Any = None
+        self.capture: Any = None
+        self.lease = PipelineLease(
+            runtime.secrets.state_dsn,
+            db.advisory_key(runtime.schema, "pipeline", pipeline.name),
+            name=pipeline.name,
+            owner=runtime.owner,
+            retry_interval=runtime.lease_retry,
+        )
+        self.finished = asyncio.Event()  # snapshot mode: the work asked for is done
+
+    @property
+    def owned(self) -> bool:
+        return self.lease.held and self.state in ("starting", "running", "draining")
+
+    def wake_bulk(self, job_row_id: int) -> bool:
+        engine = self.engine
+        return bool(engine.wake_bulk(job_row_id)) if engine is not None else False
+
+    async def run(self) -> None:
+        rt = self.runtime
+        name = self.pipeline.name
+        up = rt.metrics.pipeline_up.labels(pipeline=name)
+        try:
+            while not rt.stopping.is_set():
+                self.state = "standby"
+                up.set(0)
+                if not await self.lease.acquire(rt.stopping):
+                    return
+                try:
+                    await self._record_owner()
+                    done = await self._own()
+                finally:
+                    up.set(0)
+                    await self.lease.release()
+                if done:
+                    return
+        finally:
+            self.state = "stopped" if self.state != "failed" else "failed"
+
+    async def _record_owner(self) -> None:
+        rt = self.runtime
+        async with rt.pool.connection() as conn:
+            await conn.execute(
+                db.render(
+                    "INSERT INTO {schema}.checkpoints AS c (pipeline, owner) VALUES (%s, %s)"
+                    " ON CONFLICT (pipeline) DO UPDATE SET owner = EXCLUDED.owner",
+                    rt.schema,
+                ),
+                (self.pipeline.name, rt.owner),
+            )
+
+    async def _own(self) -> bool:
+        """Run the pipeline while the lease is held. True when the runner is finished (stop
+        requested, or snapshot mode done); False to go back to standby (lease lost)."""
+        rt = self.runtime
+        name = self.pipeline.name
+        self.state = "starting"
+        pstop = asyncio.Event()
+        self.engine = rt.build_engine(self.pipeline)
+        tasks: dict[str, asyncio.Task[Any]] = {}
+        tasks["engine"] = asyncio.create_task(
+            rt.run_engine(self.engine, self.pipeline, pstop, self), name=f"{name}:engine"
+        )
+        if self.pipeline.capture == "logical":
+            self.capture = rt.build_capture(self.pipeline)
+            tasks["capture"] = asyncio.create_task(self.capture.run(pstop), name=f"{name}:capture")
+        tasks["lease"] = asyncio.create_task(self.lease.watch(), name=f"{name}:lease")
+        stop_wait = asyncio.create_task(rt.stopping.wait(), name=f"{name}:stop-wait")
+        self.state = "running"
+        rt.metrics.pipeline_up.labels(pipeline=name).set(1)
+        log.info("pipeline running", extra={"pipeline": name, "capture": self.pipeline.capture})
+        try:
+            done, _ = await asyncio.wait(
+                [*tasks.values(), stop_wait], return_when=asyncio.FIRST_COMPLETED
+            )
+            lease_task = tasks["lease"]
+            if lease_task in done:
+                exc = lease_task.exception()
+                # lost ownership: stop now, without draining (another process may own it)
+                log.error(
+                    "lost the pipeline lease; stopping the pipeline immediately and going back"
+                    " to standby",
+                    extra={"pipeline": name, "reason": str(exc) if exc else "watch ended"},
+                )
+                self.state = "stopped"
+                await _cancel(tasks.values())
+                return False
+            engine_task = tasks["engine"]
+            if engine_task in done and not rt.stopping.is_set():
+                exc = engine_task.exception()
+                if exc is not None:
+                    self.state = "failed"
+                    await _cancel([t for k, t in tasks.items() if k != "engine"])
+                    raise exc
+                if rt.mode == "snapshot":
+                    await _cancel(tasks.values())
+                    self.finished.set()
+                    return True
+                self.state = "failed"
+                await _cancel(tasks.values())
+                raise PermanentError(f"pipeline {name}: engine stopped unexpectedly")
+            capture_task = tasks.get("capture")
+            if capture_task is not None and capture_task in done and not rt.stopping.is_set():
+                exc = capture_task.exception()
+                self.state = "failed"
+                await _cancel([t for k, t in tasks.items() if k != "capture"])
+                if exc is not None:
+                    raise exc
+                raise PermanentError(f"pipeline {name}: capture stopped unexpectedly")
+            # graceful stop: stop reading, drain in-flight work within drain_timeout
+            self.state = "draining"
+            pstop.set()
+            work = [t for k, t in tasks.items() if k != "lease"]
+            drain = rt.settings.server.drain_timeout.total_seconds()
+            started = time.monotonic()
+            _, pending = await asyncio.wait(work, timeout=drain)
+            if pending:
+                log.warning(
+                    "drain timeout: abandoning in-flight work (it stays in the outbox and is"
+                    " re-sent by the next owner)",
+                    extra={"pipeline": name, "tasks": sorted(t.get_name() for t in pending)},
+                )
+            else:
+                log.info(
+                    "pipeline drained",
+                    extra={"pipeline": name, "seconds": round(time.monotonic() - started, 2)},
+                )
+            await _cancel(tasks.values())
+            for t in work:
+                if t.done() and not t.cancelled() and t.exception() is not None:
+                    exc = t.exception()
+                    log.error(
+                        "pipeline task failed while draining: %s",
+                        type(exc).__name__,
+                        extra={"pipeline": name, "task": t.get_name()},
+                    )
+            self.state = "stopped"
+            return True
+        finally:
+            stop_wait.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stop_wait
+            self.engine = None
+            self.capture = None
+
+
+async def _cancel(tasks: Any) -> None:
+    pending = [t for t in tasks if not t.done()]
+    for t in pending:
+        t.cancel()
+    if pending:
+        await asyncio.wait(pending, timeout=10)
+    for t in tasks:
+        if t.done() and not t.cancelled():
+            t.exception()  # retrieved: no "exception was never retrieved" warning
+
+
+class Runtime:
+    """``connector run`` (and ``connector snapshot``, ``mode="snapshot"``)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        secrets: Secrets,
+        *,
+        pipelines: list[str] | None = None,
+        metrics: Metrics | None = None,
+        mode: Literal["run", "snapshot"] = "run",
+        restart_snapshot: bool = False,
+        serve_http: bool = True,
+        handle_signals: bool = True,
+        lease_retry: float = 1.0,
+        owner: str | None = None,
+        snapshot_progress: bool | None = False,
+        engine_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.secrets = secrets
+        self.schema = settings.database.state_schema
+        self.pipelines = (
+            [settings.pipeline(n) for n in pipelines] if pipelines else list(settings.pipelines)
+        )
+        self.metrics = metrics or Metrics()
+        self.mode = mode
+        self.restart_snapshot = restart_snapshot
+        self.serve_http = serve_http
+        self.handle_signals = handle_signals
+        self.lease_retry = lease_retry
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
+        self.snapshot_progress = snapshot_progress
+        self.engine_options = dict(engine_options or {})
+        self.supervisor = TaskSupervisor()
+        self.runners: dict[str, PipelineRunner] = {}
+        self.http: HttpServer | None = None
+        self._pool: AsyncConnectionPool[Any] | None = None
+        self._client: Any = None
+        self._credits: Any = None
+        self._stopping: asyncio.Event | None = None
+        self._token_refreshes_seen = 0
+        self.stop_signal: signal.Signals | None = None
+
+    # ---------------------------------------------------------------- accessors
+    @property
+    def pool(self) -> AsyncConnectionPool[Any]:
+        assert self._pool is not None, "runtime not started"
+        return self._pool
+
+    @property
+    def client(self) -> Any:
+        assert self._client is not None, "runtime not started"
+        return self._client
+
+    @property
+    def stopping(self) -> asyncio.Event:
+        if self._stopping is None:
+            self._stopping = asyncio.Event()
+        return self._stopping
+
+    def request_stop(self) -> None:
+        """Begin a graceful stop (what SIGTERM does)."""
+        self.stopping.set()
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self.stopping.is_set():
+            log.warning("second %s: still draining", sig.name)
+            return
+        self.stop_signal = sig
+        log.info("%s received: draining", sig.name)
+        self.stopping.set()
+
+    # ---------------------------------------------------------------- composition
+    def build_engine(self, pipeline: PipelineConfig) -> Any:
+        from connector.engine import Engine, EngineOptions
+
+        public = self.settings.server.public_url
+        crm = self.settings.crm
+        return Engine(
+            pipeline,
+            client=self.client,
+            state_dsn=self.secrets.state_dsn,
+            source_dsn=self.secrets.dsn,
+            schema=self.schema,
+            metrics=self.metrics,
+            daily_credit_budget=crm.daily_credit_budget,
+            credit_reserve=crm.credit_reserve,
+            callback_url=partial(callback_url, public) if public else None,
+            credit_recorder=self._credits,
+            options=EngineOptions(
+                drain_timeout=self.settings.server.drain_timeout.total_seconds(),
+                **self.engine_options,
+            ),
+            snapshot_progress=self.snapshot_progress,
+        )
+
+    def build_capture(self, pipeline: PipelineConfig) -> Any:
+        from connector.capture.logical import LogicalCapture
+
+        return LogicalCapture(
+            self.secrets.dsn, self.schema, pipeline, state_dsn=self.secrets.state_dsn
+        )
+
+    async def run_engine(
+        self, engine: Any, pipeline: PipelineConfig, stop: asyncio.Event, runner: PipelineRunner
+    ) -> None:
+        """The engine's life in this process: initial sync when needed, then streaming."""
+        if self.mode == "snapshot":
+            await engine.run_snapshot(stop, restart=self.restart_snapshot)
+            return
+        await engine.run(stop)
+
+    # ---------------------------------------------------------------- probes (server.Probe)
+    def health(self) -> ProbeResult:
+        if self.supervisor.failure is not None:
+            return ProbeResult(False, {"status": "failed", "reason": self.supervisor.failure.name})
+        return ProbeResult(True, {"status": "ok"})
+
+    async def readiness(self) -> ProbeResult:
+        checks: dict[str, Any] = {}
+        ok = True
+        try:
+            async with asyncio.timeout(3):
+                async with self.pool.connection() as conn:
+                    await conn.execute("SELECT 1")
+            checks["database"] = "ok"
+        except (psycopg.Error, PoolTimeout, TimeoutError) as exc:
+            checks["database"] = type(exc).__name__
+            ok = False
+        try:
+            async with asyncio.timeout(5):
+                await self.client.tokens.get()
+            checks["token"] = "ok"
+        except (ConnectorError, TimeoutError) as exc:
+            checks["token"] = "timeout" if isinstance(exc, TimeoutError) else "invalid_token"
+            ok = False
+        pipelines = {n: r.state for n, r in self.runners.items() if r.owned or r.state == "failed"}
+        role = "owner" if pipelines else "standby"
+        if any(s not in ("running", "starting") for s in pipelines.values()):
+            ok = False
+        checks["pipelines"] = pipelines
+        if ok:
+            return ProbeResult(True, {"status": "ready", "role": role, "pipelines": pipelines})
+        return ProbeResult(False, {"status": "not ready", "role": role, "checks": checks})
+
+    def wake_bulk(self, pipeline: str, job_row_id: int) -> bool:
+        runner = self.runners.get(pipeline)
+        return runner.wake_bulk(job_row_id) if runner is not None else False
+
+    # ---------------------------------------------------------------- side tasks
+    def _on_call(  # noqa: PLR0917 (the client's CallHook contract)
+        self,
+        api: str,
+        records: int,
+        credits: int,
+        latency_s: float,
+        status: int,
+        remaining: int | None,
+    ) -> None:
+        m = self.metrics
+        label = _api_label(api)
+        m.api_calls_total.labels(api=label, status=status_class(status or None)).inc()
+        m.api_request_duration_seconds.labels(api=label).observe(latency_s)
+        if credits > 0:
+            m.api_credits_spent_total.labels(api=label).inc(credits)
+        cause = _retry_cause(status)
+        if cause is not None:
+            m.api_retries_total.labels(api=label, cause=cause).inc()
+        if remaining is not None:
+            m.api_credits_remaining.set(remaining)
+
+    async def _credit_loop(self) -> None:
+        """Write the queued credit-ledger rows (the client hook is synchronous)."""
+        while True:
+            await asyncio.sleep(CREDIT_FLUSH_INTERVAL)
+            await self._flush_credits()
+
+    async def _flush_credits(self) -> None:
+        if self._credits is None or not self._credits.pending():
+            return
+        try:
+            async with self.pool.connection() as conn:
+                await self._credits.flush(conn, self.schema)
+        except (psycopg.Error, PoolTimeout) as exc:
+            log.warning("credit ledger write failed; will retry: %s", type(exc).__name__)
+
+    async def _gauge_loop(self) -> None:
+        while True:
+            try:
+                await self.update_gauges()
+            except (psycopg.Error, PoolTimeout) as exc:
+                log.warning("periodic gauges failed: %s", type(exc).__name__)
+            await asyncio.sleep(GAUGE_INTERVAL)
+
+    async def update_gauges(self) -> None:
+        """Database-derived gauges of the pipelines this process owns (and client gauges)."""
+        from connector import state
+        from connector.operate import pipeline_status
+
+        m = self.metrics
+        client = self._client
+        if client is not None:
+            m.api_concurrency_limit.set(client.limiter.limit)
+            m.api_in_flight_requests.set(client.limiter.in_flight)
+            refreshes = int(client.tokens.refreshes)
+            if refreshes > self._token_refreshes_seen:
+                m.token_refreshes_total.labels(outcome="success").inc(
+                    refreshes - self._token_refreshes_seen
+                )
+                self._token_refreshes_seen = refreshes
+        async with self.pool.connection() as conn:
+            spent = await state.credits_spent(conn, self.schema)
+            remaining = await state.last_remaining(conn, self.schema)
+            budget = self.settings.crm.daily_credit_budget
+            left = remaining if remaining is not None else max(budget - spent, 0)
+            m.api_credits_remaining.set(left)
+            m.api_credits_below_reserve.set(1 if left < self.settings.crm.credit_reserve else 0)
+            for name, runner in self.runners.items():
+                if not runner.owned:
+                    continue
+                doc = await pipeline_status(conn, self.settings, runner.pipeline)
+                cap = doc["capture"]
+                m.outbox_lag_events.labels(pipeline=name).set(cap["lag_events"])
+                m.outbox_lag_seconds.labels(pipeline=name).set(cap["lag_seconds"])
+                m.replication_slot_lag_bytes.labels(pipeline=name).set(cap["slot_lag_bytes"] or 0)
+                m.checkpoint_offset.labels(pipeline=name).set(doc["checkpoint"]["offset"])
+                m.dead_letters_open.labels(pipeline=name).set(doc["dead_letters_open"])
+                bulk = doc["bulk_jobs"]
+                m.bulk_jobs_in_flight.labels(pipeline=name).set(bulk["in_flight"])
+                m.bulk_job_oldest_age_seconds.labels(pipeline=name).set(
+                    bulk["oldest_age_seconds"] or 0
+                )
+                # pending_keys and the oldest pending change's age come from the engine's
+                # coalescer (it knows what is in flight), not from this query
+
+    # ---------------------------------------------------------------- start-up checks
+    async def check_mappings(self) -> None:
+        from connector.mapping import check_mapping
+
+        for p in self.pipelines:
+            await check_mapping(self.client, p)
+
+    # ---------------------------------------------------------------- main
+    async def run(self) -> int:
+        """Run until stopped (signal, ``request_stop``) or a task dies. Returns the exit code."""
+        from connector.emitter import CreditRecorder
+        from connector.zoho import ZohoClient
+
+        settings = self.settings
+        for p in self.pipelines:
+            self.metrics.add_pipeline(p.name, p.max_staleness.total_seconds())
+        self.metrics.set_credit_config(
+            settings.crm.daily_credit_budget, settings.crm.credit_reserve, settings.crm.concurrency
+        )
+        async with contextlib.AsyncExitStack() as stack:
+            pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+                self.secrets.state_dsn,
+                open=False,
+                min_size=2,
+                max_size=settings.database.pool_size,
+                kwargs={"autocommit": True, "application_name": "connector"},
+                name="connector-state",
+            )
+            try:
+                await pool.open(wait=True, timeout=15)
+            except PoolTimeout:
+                await pool.close()
+                raise ConnectorError(
+                    "cannot connect to the state database (database.dsn / state_dsn): "
+                    "no connection within 15 s; check the server, the network and the role"
+                ) from None
+            stack.push_async_callback(pool.close)
+            self._pool = pool
+            await self._check_schema()
+
+            self._credits = CreditRecorder(chain=self._on_call)
+            client = ZohoClient.from_config(
+                settings.crm,
+                client_secret=self.secrets.client_secret,
+                refresh_token=self.secrets.refresh_token,
+                on_call=self._credits,
+            )
+            await client.open()
+            stack.push_async_callback(client.aclose)
+            self._client = client
+            await self.check_mappings()
+
+            if self.serve_http:
+                app = build_app(self, self.metrics, pool, self.schema)
+                self.http = HttpServer(app, settings.server.host, settings.server.port)
+                await self.http.start()
+                stack.push_async_callback(self.http.stop)
+            stack.push_async_callback(self._flush_credits)
+            stack.push_async_callback(self.supervisor.close)
+
+            signals = (
+                on_stop_signals(self._on_signal)
+                if self.handle_signals
+                else contextlib.nullcontext()
+            )
+            with signals:
+                return await self._supervise()
+        return EXIT_FAILURE  # pragma: no cover (the block returns)
+
+    async def _check_schema(self) -> None:
+        async with self.pool.connection() as conn:
+            version = await db.schema_version(conn, self.schema)
+        latest = max(m.version for m in db.migrations())
+        if version < latest:
+            raise ConfigError(
+                "database.state_schema",
+                f"state schema {self.schema!r} is at version {version}, expected {latest}; "
+                "run `connector init`",
+            )
+
+    async def _supervise(self) -> int:
+        sup = self.supervisor
+        for p in self.pipelines:
+            runner = PipelineRunner(self, p)
+            self.runners[p.name] = runner
+            sup.spawn(f"pipeline:{p.name}", runner.run(), may_return=True)
+        sup.spawn("gauges", self._gauge_loop())
+        sup.spawn("credit-ledger", self._credit_loop())
+        log.info(
+            "connector running",
+            extra={
+                "pipelines": [p.name for p in self.pipelines],
+                "port": self.http.port if self.http else None,
+                "owner": self.owner,
+            },
+        )
+        waiters: list[asyncio.Task[Any]] = [
+            asyncio.create_task(self.stopping.wait(), name="wait:stop"),
+            asyncio.create_task(sup.failed.wait(), name="wait:failure"),
+        ]
+        if self.mode == "snapshot":
+            waiters.append(
+                asyncio.create_task(
+                    _all_set([r.finished for r in self.runners.values()]), name="wait:snapshot"
+                )
+            )
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+        self.stopping.set()
+        # pipelines drain by themselves (they watch ``stopping``); give them the drain time
+        names = [f"pipeline:{p.name}" for p in self.pipelines]
+        drain = self.settings.server.drain_timeout.total_seconds()
+        still = await sup.wait(names, timeout=drain + 5)
+        if still:
+            log.error("pipelines did not stop in time; cancelling", extra={"tasks": still})
+        await sup.close()
+        if sup.failure is not None:
+            log.error("connector stopped because %s", sup.failure.describe())
+            return EXIT_FAILURE
+        log.info("connector stopped cleanly")
+        return EXIT_OK
+
+
+async def _all_set(events: list[asyncio.Event]) -> None:
+    for e in events:
+        await e.wait()

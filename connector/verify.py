@@ -1,0 +1,409 @@
+"""`connector verify`: compare the legacy table with the CRM module; re-capture to repair.
+
+Comparison: every source row is converted with the pipeline's :class:`RecordMapper` (exactly
+what the emitter would send) and compared, field by field, with the CRM record that holds the
+same key (paged ``GET /crm/v8/{module}``). Values are compared by meaning, not by spelling:
+numbers as decimals (``12.5`` = ``12.50``), datetimes as instants, ``NULL`` = empty text.
+
+* **missing**: a source row with no CRM record;
+* **extra**: a CRM record whose key is not in the table (a delete that did not arrive; with
+  ``delete_mode = "mark"`` a record not marked deleted; with ``"ignore"`` never);
+* **different**: both exist and at least one mapped field differs;
+* **dead-lettered**: rows whose key has an open dead letter, or that cannot be converted
+  (they are reported, not counted as mismatches: the connector set them aside on purpose).
+
+Repair (``--repair``, also used by ``replay`` and ``dead-letters retry``) **re-captures** the
+keys: in one transaction it locks the source rows (``FOR SHARE``), reads their current image and
+appends it to the outbox with a fresh ``version`` from the outbox sequence, exactly as the
+capture trigger would for a change of that row (a delete event for a key no longer in the
+table). A concurrent update of the same row waits for the lock and therefore gets a later
+version, so a repair can never make the CRM older than the table (invariants 2 and 7), and the
+running connector (or the next ``run``) delivers the events through the normal pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import tuple_row
+
+from connector import state
+from connector.capture.triggers import notify_channel
+from connector.config import PipelineConfig
+from connector.errors import DataError
+from connector.mapping import RecordMapper
+from connector.outbox import load_row
+
+log = logging.getLogger(__name__)
+
+# to_jsonb() output depends on these; pinned like the capture trigger and the snapshot reader.
+IMAGE_SETTINGS: tuple[tuple[str, str], ...] = (
+    ("TimeZone", "UTC"),
+    ("IntervalStyle", "postgres"),
+    ("bytea_output", "hex"),
+    ("extra_float_digits", "1"),
+)
+
+_NUMERIC = frozenset({"integer", "bigint", "decimal", "currency", "double", "percent"})
+
+
+@dataclass
+class Mismatch:
+    key: str
+    kind: str  # missing | extra | different
+    fields: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # api: (source, crm)
+    crm_id: str | None = None
+
+
+@dataclass
+class VerifyReport:
+    pipeline: str
+    rows_in_source: int = 0
+    records_in_crm: int = 0
+    missing: list[Mismatch] = field(default_factory=list)
+    extra: list[Mismatch] = field(default_factory=list)
+    different: list[Mismatch] = field(default_factory=list)
+    dead_lettered: list[str] = field(default_factory=list)
+    repaired: int = 0
+
+    @property
+    def mismatches(self) -> int:
+        return len(self.missing) + len(self.extra) + len(self.different)
+
+    def keys(self) -> list[str]:
+        return [m.key for m in (*self.missing, *self.extra, *self.different)]
+
+    def to_json(self, limit: int = 100) -> dict[str, Any]:
+        def show(items: list[Mismatch]) -> list[dict[str, Any]]:
+            return [
+                {
+                    "key": m.key,
+                    "crm_id": m.crm_id,
+                    "fields": {k: [str(a), str(b)] for k, (a, b) in m.fields.items()},
+                }
+                for m in items[:limit]
+            ]
+
+        return {
+            "pipeline": self.pipeline,
+            "rows_in_source": self.rows_in_source,
+            "records_in_crm": self.records_in_crm,
+            "mismatches": self.mismatches,
+            "missing": len(self.missing),
+            "extra": len(self.extra),
+            "different": len(self.different),
+            "dead_lettered": len(self.dead_lettered),
+            "repaired": self.repaired,
+            "examples": {
+                "missing": show(self.missing),
+                "extra": show(self.extra),
+                "different": show(self.different),
+            },
+        }
+
+
+# --------------------------------------------------------------------------- value comparison
+
+
+def _as_decimal(v: Any) -> Decimal | None:
+    if v is None or v == "":
+        return None
+    try:
+        return Decimal(str(v))
+    except (InvalidOperation, ValueError):
+        return None
+
+
+def _as_instant(v: Any) -> datetime | str | None:
+    if v is None or v == "":
+        return None
+    try:
+        dt = v if isinstance(v, datetime) else datetime.fromisoformat(str(v))
+    except ValueError:
+        return str(v)
+    return dt.replace(microsecond=0) if dt.tzinfo is not None else dt
+
+
+def same_value(expected: Any, actual: Any, crm_type: str) -> bool:
+    """True when the CRM's ``actual`` holds what the connector sent as ``expected``."""
+    if crm_type in _NUMERIC:
+        return _as_decimal(expected) == _as_decimal(actual)
+    if crm_type == "datetime":
+        return _as_instant(expected) == _as_instant(actual)
+    if crm_type == "boolean":
+        return bool(expected) == bool(actual) if expected is not None else actual in (None, False)
+    if crm_type == "multiselectpicklist":
+        return sorted(expected or []) == sorted(actual or [])
+    return (expected if expected not in ("", None) else None) == (
+        actual if actual not in ("", None) else None
+    )
+
+
+# --------------------------------------------------------------------------- reading both sides
+
+
+async def _column_type(conn: psycopg.AsyncConnection[Any], pipeline: PipelineConfig) -> str:
+    schema, table = pipeline.table_parts
+    cur = await conn.cursor(row_factory=tuple_row).execute(
+        "SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) FROM pg_catalog.pg_attribute a"
+        " WHERE a.attrelid = %s::regclass AND a.attname = %s AND NOT a.attisdropped",
+        (sql.Identifier(schema, table).as_string(conn), pipeline.key_column),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        raise DataError(
+            "MISSING_COLUMN", f"{pipeline.source_table} has no column {pipeline.key_column!r}"
+        )
+    return str(row[0])
+
+
+async def _set_image_settings(conn: psycopg.AsyncConnection[Any]) -> None:
+    for name, value in IMAGE_SETTINGS:
+        await conn.execute("SELECT pg_catalog.set_config(%s, %s, true)", (name, value))
+
+
+async def source_rows(dsn: str, pipeline: PipelineConfig) -> dict[str, dict[str, Any]]:
+    """Every row of the source table as its outbox image (``to_jsonb`` with pinned settings)."""
+    out: dict[str, dict[str, Any]] = {}
+    table = sql.Identifier(*pipeline.table_parts)
+    async with await psycopg.AsyncConnection.connect(dsn) as conn, conn.transaction():
+        await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        await _set_image_settings(conn)
+        cur = conn.cursor(name="verify_source", row_factory=tuple_row)
+        await cur.execute(
+            sql.SQL("SELECT {key}::text, to_jsonb(t)::text FROM {table} t").format(
+                key=sql.Identifier(pipeline.key_column), table=table
+            )
+        )
+        while rows := await cur.fetchmany(5000):
+            for key, image in rows:
+                if key is not None:
+                    out[str(key)] = load_row(image)
+        await cur.close()
+    return out
+
+
+async def crm_records(client: Any, pipeline: PipelineConfig) -> dict[str, dict[str, Any]]:
+    """Every CRM record of the module that has a key, by key (paged get records)."""
+    mapper = RecordMapper(pipeline)
+    fields = list(dict.fromkeys([*mapper.crm_fields, pipeline.delete_mark_field or ""]))
+    fields = [f for f in fields if f]
+    out: dict[str, dict[str, Any]] = {}
+    async for page in client.get_records(pipeline.module, fields, per_page=200):
+        for rec in page:
+            key = rec.get(pipeline.key_field)
+            if key is None or key == "":
+                continue
+            out[str(key)] = rec
+    return out
+
+
+async def open_dead_letter_keys(
+    conn: psycopg.AsyncConnection[Any], schema: str, pipeline: str
+) -> set[str]:
+    rows = await state.list_dead_letters(conn, schema, pipeline, "open", limit=1_000_000)
+    return {r.key for r in rows}
+
+
+def compare(
+    pipeline: PipelineConfig,
+    source: dict[str, dict[str, Any]],
+    crm: dict[str, dict[str, Any]],
+    dead_letter_keys: set[str] = frozenset(),  # type: ignore[assignment]
+) -> VerifyReport:
+    report = VerifyReport(pipeline.name, rows_in_source=len(source))
+    mapper = RecordMapper(pipeline)
+    types = {m.field: m.type for c, m in pipeline.fields.items() if c != pipeline.key_column}
+    mark = pipeline.delete_mark_field if pipeline.delete_mode == "mark" else None
+    live_crm = 0
+    for rec in crm.values():
+        if mark and rec.get(mark) is True:
+            continue
+        live_crm += 1
+    report.records_in_crm = live_crm
+    for key, row in source.items():
+        try:
+            expected = mapper.to_json(row)
+        except DataError:
+            report.dead_lettered.append(key)
+            continue
+        found = crm.get(key)
+        if found is None or (mark and found.get(mark) is True):
+            if key in dead_letter_keys:
+                report.dead_lettered.append(key)
+            else:
+                report.missing.append(Mismatch(key, "missing"))
+            continue
+        rec = found
+        diffs: dict[str, tuple[Any, Any]] = {}
+        for api, crm_type in types.items():
+            if not same_value(expected.get(api), rec.get(api), crm_type):
+                diffs[api] = (expected.get(api), rec.get(api))
+        if diffs:
+            if key in dead_letter_keys:
+                report.dead_lettered.append(key)
+            else:
+                report.different.append(
+                    Mismatch(key, "different", diffs, crm_id=_str(rec.get("id")))
+                )
+    if pipeline.delete_mode != "ignore":
+        for key, rec in crm.items():
+            if key in source or (mark and rec.get(mark) is True):
+                continue
+            report.extra.append(Mismatch(key, "extra", crm_id=_str(rec.get("id"))))
+    return report
+
+
+def _str(v: Any) -> str | None:
+    return None if v is None else str(v)
+
+
+async def verify(
+    *,
+    pipeline: PipelineConfig,
+    client: Any,
+    source_dsn: str,
+    state_dsn: str,
+    schema: str,
+) -> VerifyReport:
+    source = await source_rows(source_dsn, pipeline)
+    crm = await crm_records(client, pipeline)
+    async with await psycopg.AsyncConnection.connect(state_dsn, autocommit=True) as conn:
+        dead = await open_dead_letter_keys(conn, schema, pipeline.name)
+    return compare(pipeline, source, crm, dead)
+
+
+# --------------------------------------------------------------------------- re-capture
+
+
+@dataclass
+class Recaptured:
+    updated: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    first_offset: int | None = None
+    last_offset: int | None = None
+
+    @property
+    def total(self) -> int:
+        return len(self.updated) + len(self.deleted)
+
+
+Q_OUTBOX_SEQUENCE = "SELECT pg_catalog.pg_get_serial_sequence(%s, 'id')"
+
+
+async def recapture(
+    *,
+    pipeline: PipelineConfig,
+    keys: Iterable[str],
+    source_dsn: str,
+    state_dsn: str,
+    schema: str,
+    batch: int = 5000,
+) -> Recaptured:
+    """Append the current source image of ``keys`` to the outbox as fresh events (see module
+    docstring); keys no longer in the table get a delete event with a key-only image."""
+    todo = sorted(set(keys))
+    result = Recaptured()
+    if not todo:
+        return result
+    same_db = source_dsn == state_dsn
+    async with await psycopg.AsyncConnection.connect(source_dsn) as src:
+        ctype = await _column_type(src, pipeline)
+        await src.commit()
+        st = src if same_db else await psycopg.AsyncConnection.connect(state_dsn)
+        try:
+            cur = await st.cursor(row_factory=tuple_row).execute(
+                Q_OUTBOX_SEQUENCE, (sql.Identifier(schema, "outbox").as_string(st),)
+            )
+            seq_row = await cur.fetchone()
+            assert seq_row is not None and seq_row[0] is not None
+            seq = str(seq_row[0])
+            await st.commit()
+            for i in range(0, len(todo), batch):
+                await _recapture_batch(
+                    src, st, pipeline, todo[i : i + batch], ctype, seq, schema, result
+                )
+        finally:
+            if st is not src:
+                await st.close()
+    log.info(
+        "re-captured keys into the outbox",
+        extra={
+            "pipeline": pipeline.name,
+            "updated": len(result.updated),
+            "deleted": len(result.deleted),
+        },
+    )
+    return result
+
+
+async def _recapture_batch(  # noqa: PLR0917
+    src: psycopg.AsyncConnection[Any],
+    st: psycopg.AsyncConnection[Any],
+    pipeline: PipelineConfig,
+    keys: Sequence[str],
+    ctype: str,
+    seq: str,
+    schema: str,
+    result: Recaptured,
+) -> None:
+    key = sql.Identifier(pipeline.key_column)
+    table = sql.Identifier(*pipeline.table_parts)
+    typ = sql.SQL(ctype)  # from pg_catalog.format_type, not from configuration text
+    await _set_image_settings(src)
+    cur = await src.cursor(row_factory=tuple_row).execute(
+        sql.SQL(
+            "SELECT t.{key}::text, to_jsonb(t)::text FROM {table} t"
+            " WHERE t.{key} = ANY(%s::text[]::{typ}[]) ORDER BY t.{key} FOR SHARE"
+        ).format(key=key, table=table, typ=typ),
+        (list(keys),),
+    )
+    found = {str(k): img for k, img in await cur.fetchall()}
+    cur = await src.cursor(row_factory=tuple_row).execute("SELECT pg_current_xact_id()::text")
+    xid_row = await cur.fetchone()
+    assert xid_row is not None
+    source_xid = str(xid_row[0])
+    gone = [k for k in keys if k not in found]
+    images: list[tuple[str, str, str]] = [(k, "update", img) for k, img in found.items()]
+    if gone:
+        cur = await src.cursor(row_factory=tuple_row).execute(
+            sql.SQL(
+                "SELECT k, jsonb_build_object({col}, k::{typ})::text FROM unnest(%s::text[]) k"
+            ).format(col=sql.Literal(pipeline.key_column), typ=typ),
+            (gone,),
+        )
+        images += [(str(k), "delete", img) for k, img in await cur.fetchall()]
+    cur = await st.cursor(row_factory=tuple_row).execute(
+        sql.SQL(
+            "WITH src AS (SELECT k, op, r, pg_catalog.nextval({seq}::regclass) AS v"
+            " FROM unnest(%s::text[], %s::text[], %s::text[]) WITH ORDINALITY AS u(k, op, r, o)"
+            " ORDER BY o)"
+            " INSERT INTO {outbox} (id, pipeline, op, key, version, source_xid, row)"
+            " SELECT v, %s, op, k, v, %s::text::xid8, r::jsonb FROM src RETURNING id"
+        ).format(seq=sql.Literal(seq), outbox=sql.Identifier(schema, "outbox")),
+        (
+            [i[0] for i in images],
+            [i[1] for i in images],
+            [i[2] for i in images],
+            pipeline.name,
+            source_xid,
+        ),
+    )
+    ids = [int(r[0]) for r in await cur.fetchall()]
+    await st.execute("SELECT pg_catalog.pg_notify(%s, %s)", (notify_channel(schema), pipeline.name))
+    # state first (the events exist), then release the source rows' locks
+    await st.commit()
+    if st is not src:
+        await src.commit()
+    if ids:
+        result.first_offset = min(ids) if result.first_offset is None else result.first_offset
+        result.last_offset = max(ids)
+    result.updated += [i[0] for i in images if i[1] == "update"]
+    result.deleted += [i[0] for i in images if i[1] == "delete"]
