@@ -86,6 +86,9 @@ class CallCtx:
     heavy: bool = False
 
 
+CTX_KEY = web.RequestKey("emulator_call", CallCtx)
+
+
 def _host_of(url: str) -> str:
     return urlsplit(url).netloc
 
@@ -161,7 +164,7 @@ async def _api_call(
         state.count_rejection("fault_500")
         raise ApiError(500, "INTERNAL_ERROR", "Internal server error occurred.", {})
     ctx = CallCtx(key)
-    request["emu_ctx"] = ctx
+    request[CTX_KEY] = ctx
     state.in_flight[key] = in_flight + 1
     try:
         resp = await handler(request)
@@ -185,7 +188,7 @@ async def admit(
 ) -> None:
     """Sub-concurrency and credit checks for one call, then its injected latency."""
     state = state_of(request)
-    ctx: CallCtx = request["emu_ctx"]
+    ctx = request[CTX_KEY]
     if heavy:
         n = state.heavy_in_flight.get(ctx.key, 0)
         if n >= state.config.credits.sub_concurrency:

@@ -177,7 +177,7 @@ class FaultConfig(_Model):
 class UserSpec(_Model):
     id: str = "4876876000000331001"
     name: str = "Emulator Bot"
-    email: str = "emulatorbot@crmemulator.com"
+    email: str = "emulatorbot@local.com"
     zuid: str = "700000001"
 
 

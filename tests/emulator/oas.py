@@ -6,9 +6,11 @@ these rules, each applied the same way to every operation:
 1. ``nullable: true`` allows null (OpenAPI 3.0 semantics; JSON Schema ignores the keyword).
 2. Cross-file ``$ref`` URLs (raw.githubusercontent.com/…/v8.0/<file>.json) resolve to the local
    copy; a file Zoho did not ship in this folder (tags.json, layouts.json, …) resolves to ``{}``.
-3. In a ``oneOf``, an object branch must see at least one of its declared properties. Without
-   this no body could pass: the ``API_Exception`` branches declare no ``required`` keys, so every
-   object (``{"data": […]}`` included) would match two branches.
+3. ``oneOf`` is read as ``anyOf``, and an object branch must see at least one of its declared
+   properties. Zoho's branches overlap: the ``API_Exception`` branches declare no ``required``
+   keys, so every object (``{"data": […]}`` included) would match two branches, and coql.json's
+   Syntax_Exception and Query_Exception both accept SYNTAX_ERROR; read strictly, no body of
+   those operations could ever pass. The property rule keeps a vacuous branch from matching.
 4. ``enum`` on ``message`` is not enforced: those lists are samples (one reads
    "Requested module 'asdf' is not available."). Enums on ``code``, ``status`` and every other
    key are enforced.
@@ -100,7 +102,7 @@ def _convert(node: Any, current: str, seen: dict[tuple[str, str], Any], depth: i
                 if props:
                     conv = {"allOf": [conv, {"anyOf": [{"required": [p]} for p in props]}]}
                 branches.append(conv)
-            out[k] = branches
+            out["anyOf"] = branches
         elif k in ("nullable", "format", "example", "examples", "description", "xml"):
             continue
         else:
