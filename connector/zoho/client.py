@@ -107,9 +107,17 @@ class CreditCosts:
     bulk_job_details: int = 0
     bulk_download: int = 0
     default: int = 1
+    # COQL by LIMIT (zoho-crm-api.md §4.2, third-party quotes of the v8 page): (max limit, cost)
+    coql_tiers: tuple[tuple[int, int], ...] = ((200, 1), (1_000, 2), (2_000, 3))
 
     def records(self, n: int) -> int:
         return max(1, math.ceil(n / self.records_per_credit))
+
+    def coql(self, limit: int) -> int:
+        for top, cost in self.coql_tiers:
+            if limit <= top:
+                return cost
+        return self.coql_tiers[-1][1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -451,7 +459,7 @@ class ZohoClient:
             "api",
             "/crm/v8/coql",
             api="coql",
-            cost=self._costs.default,
+            cost=self._costs.coql(_coql_limit(query)),
             content=dumps_json({"select_query": query}),
             complex_call=True,
         )
@@ -879,6 +887,15 @@ def _parse_json(raw: bytes) -> Any:
         return json.loads(raw, parse_float=Decimal)
     except (ValueError, UnicodeDecodeError):
         return None
+
+
+def _coql_limit(query: str) -> int:
+    """The row limit of a COQL query: ``limit n``, ``limit offset, n``, ``limit n offset m``;
+    200 when absent (Zoho's default)."""
+    m = re.search(r"\blimit\s+(\d+)(?:\s*,\s*(\d+))?", query, re.IGNORECASE)
+    if not m:
+        return 200
+    return int(m.group(2) or m.group(1))
 
 
 def _data(reply: _Reply) -> list[dict[str, Any]]:
