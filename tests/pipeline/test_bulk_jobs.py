@@ -1,0 +1,123 @@
+"""Bulk jobs are fenced and durable (invariants 2 and 6)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from connector.emulator import start_emulator
+from connector.emulator.server import EmulatorHandle
+from connector.engine import EngineOptions
+
+from .conftest import (
+    EngineFactory,
+    assert_crm_matches,
+    credits_by_api,
+    crm_by_key,
+    emulator_with,
+    execute,
+    fetch,
+    insert_sql,
+    make_client,
+    wait_for,
+)
+
+
+@pytest.fixture
+async def slow_emu() -> AsyncIterator[EmulatorHandle]:
+    """Bulk jobs stay queued until the test moves the emulator clock."""
+    async with start_emulator(emulator_with(queue_seconds=100.0)) as handle:
+        yield handle
+
+
+async def _job_rows(dsn: str) -> list[tuple[int, str, str | None]]:
+    rows = await fetch(dsn, "SELECT id, status, job_id FROM connector.bulk_jobs ORDER BY id")
+    return [(int(r[0]), str(r[1]), r[2]) for r in rows]
+
+
+async def _wait_job_status(dsn: str, status: str) -> None:
+    for _ in range(1_000):
+        if any(s == status for _, s, _ in await _job_rows(dsn)):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no bulk job reached {status}: {await _job_rows(dsn)}")
+
+
+async def test_newer_version_waits_for_the_job_in_flight(
+    legacy: str, slow_emu: EmulatorHandle, make_engine: EngineFactory
+) -> None:
+    emu = slow_emu
+    await execute(legacy, *insert_sql(6_000))
+    async with make_client(emu) as client:
+        engine = make_engine(client)
+        task = asyncio.create_task(engine.drain())
+        await _wait_job_status(legacy, "created")
+        # a newer version of a key inside the job in flight
+        await execute(legacy, "UPDATE public.orders SET name = 'NEWER' WHERE id = 42")
+        await wait_for(lambda: "42" in engine.coalescer.pending())
+        assert "42" in engine.coalescer.in_flight()  # fenced: not sent while the job runs
+        await asyncio.sleep(0.3)  # several planning rounds: still nothing sent for key 42
+        assert emu.usage()["totals"]["credits"] == 500
+        emu.advance(200)  # the CRM finishes the job
+        await asyncio.wait_for(task, 60)
+
+    rec = crm_by_key(emu)["42"]
+    assert rec["Name"] == "NEWER"
+    names = [h["values"].get("Name") for h in emu.history("Orders", rec["id"])]
+    assert names[-1] == "NEWER"
+    assert "NEWER" not in names[:-1]  # the older version never landed after the newer
+    await assert_crm_matches(emu, legacy)
+    assert credits_by_api(emu) == {"bulk_write_job": 500, "upsert": 1}
+
+
+async def test_killed_while_a_bulk_job_runs_resumes_the_same_job(
+    legacy: str, slow_emu: EmulatorHandle, make_engine: EngineFactory
+) -> None:
+    emu = slow_emu
+    await execute(legacy, *insert_sql(6_000))
+    fast_stop = EngineOptions(poll_interval=0.05, drain_timeout=0.05)
+    async with make_client(emu) as client:
+        first = asyncio.create_task(make_engine(client, options=fast_stop).drain())
+        await _wait_job_status(legacy, "created")
+        first.cancel()  # the process dies while the CRM works on the job
+        with pytest.raises(asyncio.CancelledError):
+            await first
+    jobs = await _job_rows(legacy)
+    assert [(s, j is not None) for _, s, j in jobs] == [("created", True)]
+    job_id = jobs[0][2]
+    checkpoint = await fetch(legacy, "SELECT last_id FROM connector.checkpoints")
+    assert checkpoint in ([], [(0,)])  # nothing acknowledged, nothing checkpointed
+
+    emu.advance(200)
+    async with make_client(emu) as client:
+        await make_engine(client).drain()
+
+    jobs = await _job_rows(legacy)
+    assert jobs == [(jobs[0][0], "applied", job_id)]
+    assert emu.usage()["bulk_jobs"] == 1
+    assert credits_by_api(emu) == {"bulk_write_job": 500}  # paid once
+    await assert_crm_matches(emu, legacy)
+    rows = await fetch(
+        legacy, "SELECT count(*) FROM connector.key_state WHERE status = 'synced'"
+    )
+    assert rows == [(6_000,)]
+
+
+async def test_unpaid_intent_is_abandoned_and_sent_again(
+    legacy: str, emu: EmulatorHandle, make_engine: EngineFactory
+) -> None:
+    """A job recorded at intent but never created (killed before the create call) was not
+    paid for: it is abandoned and its events are planned again."""
+    await execute(legacy, *insert_sql(6_000))
+    await execute(
+        legacy,
+        "INSERT INTO connector.bulk_jobs (pipeline, status, entries, record_count)"
+        " VALUES ('orders', 'uploaded', '[]', 0)",
+    )
+    async with make_client(emu) as client:
+        await make_engine(client).drain()
+    assert [s for _, s, _ in await _job_rows(legacy)] == ["abandoned", "applied"]
+    assert sum(credits_by_api(emu).values()) == 500
+    await assert_crm_matches(emu, legacy)
