@@ -13,9 +13,9 @@ import pytest
 from aiohttp import web
 from pydantic import SecretStr
 
-from connector.config import PipelineConfig
+from connector.config import CrmConfig, PipelineConfig
 from connector.emulator import EmulatorConfig, start_emulator
-from connector.errors import ConfigError, PermanentError
+from connector.errors import ConfigError, PermanentError, TransientError
 from connector.mapping import RecordMapper, check_mapping
 from connector.zoho.bulk import JobStatus, RowOutcome, build_bulk_zip
 from connector.zoho.client import RetryPolicy, ZohoClient
@@ -456,3 +456,48 @@ async def test_secrets_never_in_errors_or_logs(emu: Any, caplog: pytest.LogCaptu
     for text in texts:
         for secret in secrets:
             assert secret not in text
+
+
+async def test_timeouts_are_transient_and_reported_with_status_0(emu: Any) -> None:
+    statuses: list[int] = []
+    async with make_client(
+        emu,
+        request_timeout=0.2,
+        retry=RetryPolicy(max_attempts=2, backoff_base=0.001, backoff_max=0.01),
+        on_call=lambda a, r, c, lat, s, rem: statuses.append(s),
+    ) as client:
+        await client.fields("Orders")
+        emu.set_faults(latency="fixed", latency_ms=2000)
+        with pytest.raises(TransientError, match="timed out"):
+            await client.upsert("Orders", [MAPPER.to_json(row(1))], ["parent_id"])
+        assert statuses[-2:] == [0, 0]
+        emu.set_faults(latency="none")
+        res = await client.upsert("Orders", [MAPPER.to_json(row(1))], ["parent_id"])
+        assert res[0].ok
+
+
+async def test_from_config_with_custom_data_centre(emu: Any) -> None:
+    crm = CrmConfig.model_validate(
+        {
+            "data_centre": "custom",
+            "accounts_url": emu.url,
+            "api_url": emu.url,
+            "client_id": CLIENT_ID,
+            "client_secret_env": "X",
+            "refresh_token_env": "Y",
+            "org_id": "emulator-org",
+            "edition": "professional",
+            "request_timeout": "20s",
+        }
+    )
+    client = ZohoClient.from_config(
+        crm, client_secret=SecretStr(CLIENT_SECRET), refresh_token=SecretStr(REFRESH_TOKEN)
+    )
+    assert client.limiter.max_limit == 15
+    async with client:
+        user = await client.current_user()
+        assert user["id"]
+        bf = build_bulk_zip(MAPPER.csv_header(), [MAPPER.to_csv_values(row(1))])
+        assert await client.upload_bulk_file(bf)
+        # org id came from the configuration: no GET /crm/v8/org
+        assert "org" not in emu.usage()["by_api"]
