@@ -38,8 +38,13 @@ def check(spec: tuple[str, str], method: str, status: int, body: Any) -> None:
 
 def row(i: int, **kw: str) -> list[str]:
     values = {
-        "parent_id": str(i), "Name": f"Order {i}", "Status": "Paid", "Amount": f"{i}.25",
-        "Quantity": str(i % 5 + 1), "Order_Date": "03/02/2026", "Placed_At": "03/02/2026 10:11:12",
+        "parent_id": str(i),
+        "Name": f"Order {i}",
+        "Status": "Paid",
+        "Amount": f"{i}.25",
+        "Quantity": str(i % 5 + 1),
+        "Order_Date": "03/02/2026",
+        "Placed_At": "03/02/2026 10:11:12",
         "Is_Gift": "false",
     }
     values.update(kw)
@@ -57,7 +62,9 @@ def make_zip(rows: list[list[str]], header: list[str] = HEADER, name: str = "ord
     return buf.getvalue()
 
 
-async def upload(api: Api, payload: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+async def upload(
+    api: Api, payload: bytes, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
     form = aiohttp.FormData()
     form.add_field("file", payload, filename="orders.zip", content_type="application/zip")
     hdrs = {"feature": "bulk-write", "X-CRM-ORG": "emulator-org"} if headers is None else headers
@@ -98,7 +105,11 @@ def read_result(payload: bytes) -> tuple[str, list[dict[str, str]]]:
 
 
 async def test_full_job_with_skipped_rows(emu, api: Api) -> None:
-    await api.call("POST", "/crm/v8/Orders", json={"data": [{"Name": "Order 1", "parent_id": "1", "Status": "New"}]})
+    await api.call(
+        "POST",
+        "/crm/v8/Orders",
+        json={"data": [{"Name": "Order 1", "parent_id": "1", "Status": "New"}]},
+    )
     rows = [row(1), row(2), row(3, Status="Lost"), row(4, Name=""), row(5, Quantity="x")]
     st, up = await upload(api, make_zip(rows))
     assert st == 200 and up["code"] == "FILE_UPLOAD_SUCCESS" and up["message"] == "file uploaded."
@@ -107,7 +118,12 @@ async def test_full_job_with_skipped_rows(emu, api: Api) -> None:
     job = await details(api, out["details"]["id"])
     assert job["status"] == "COMPLETED"
     f = job["resource"][0]["file"]
-    assert (f["added_count"], f["updated_count"], f["skipped_count"], f["total_count"]) == (1, 1, 3, 5)
+    assert (f["added_count"], f["updated_count"], f["skipped_count"], f["total_count"]) == (
+        1,
+        1,
+        3,
+        5,
+    )
     url = job["result"]["download_url"]
     assert url.startswith(emu.url)
     st, headers, payload = await api.call("GET", url)
@@ -134,7 +150,9 @@ async def test_status_sequence_follows_the_clock() -> None:
         api = Api(emu, s)
         await api.login()
         _, up = await upload(api, make_zip([row(i) for i in range(100)]))
-        _, out = await create(api, job_body(up["details"]["file_id"], op="insert", resource={"find_by": None}))
+        _, out = await create(
+            api, job_body(up["details"]["file_id"], op="insert", resource={"find_by": None})
+        )
         jid = out["details"]["id"]
         seen = [(await details(api, jid))["status"]]
         emu.advance(30 + 2)
@@ -155,10 +173,15 @@ async def test_upload_errors() -> None:
         api = Api(emu, s)
         await api.login()
         st, body = await upload(api, make_zip([row(1)]), headers={})
-        assert st == 400 and body["x-error"] == "check if headers [feature, X-CRM-ORG] are present and valid"
+        assert (
+            st == 400
+            and body["x-error"] == "check if headers [feature, X-CRM-ORG] are present and valid"
+        )
         st, body = await upload(api, b"plain text, not a zip")
         assert st == 400 and body["code"] == "INVALID_FILE_FORMAT"
-        st, body = await upload(api, make_zip([row(i, Name="x" * 200) for i in range(3)]) + b"\0" * 3000)
+        st, body = await upload(
+            api, make_zip([row(i, Name="x" * 200) for i in range(3)]) + b"\0" * 3000
+        )
         assert st == 413 and body["code"] == "FILE_TOO_LARGE"
         st, body = await upload(api, make_zip([row(i) for i in range(4)]))
         assert st == 400 and body["code"] == "LIMIT_EXCEEDED"
@@ -170,8 +193,17 @@ async def test_upload_errors() -> None:
             zf.writestr("b.csv", "parent_id\n2\n")
         st, body = await upload(api, buf.getvalue())
         assert st == 400 and body["code"] == "FILE_NOT_SUPPORTED"
-        st, _, body = await api.call("POST", "/crm/v8/upload", data=make_zip([row(1)]), auth=True,
-                                     headers={"feature": "bulk-write", "X-CRM-ORG": "emulator-org", "Content-Type": "application/zip"})
+        st, _, body = await api.call(
+            "POST",
+            "/crm/v8/upload",
+            data=make_zip([row(1)]),
+            auth=True,
+            headers={
+                "feature": "bulk-write",
+                "X-CRM-ORG": "emulator-org",
+                "Content-Type": "application/zip",
+            },
+        )
         assert st == 400 and body["code"] == "INVALID_FILE_FORMAT"
 
 
@@ -182,11 +214,31 @@ async def test_upload_errors() -> None:
         ({"resource": {"module": {"api_name": "Nope"}}}, 400, "MODULE_NOT_AVAILABLE"),
         ({"resource": {"file_id": "123"}}, 400, "INVALID_FILE_ID"),
         ({"resource": {"find_by": None}}, 400, "MANDATORY_NOT_FOUND"),
-        ({"resource": {"field_mappings": [{"api_name": "Bogus", "index": 0}]}}, 400, "INVALID_FIELD"),
-        ({"resource": {"field_mappings": [{"api_name": "parent_id", "index": 40}]}}, 400, "COLUMN_INDEX_NOT_FOUND"),
-        ({"resource": {"field_mappings": [{"api_name": "parent_id"}]}}, 400, "MISSING_REQUIRED_KEY"),
-        ({"resource": {"field_mappings": [{"api_name": "parent_id", "index": 0}]}}, 400, "MANDATORY_FIELDS_NOT_MAPPED"),
-        ({"callback": {"url": "http://127.0.0.1:1/cb", "method": "get"}}, 400, "INVALID_CALLBACK_METHOD"),
+        (
+            {"resource": {"field_mappings": [{"api_name": "Bogus", "index": 0}]}},
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            {"resource": {"field_mappings": [{"api_name": "parent_id", "index": 40}]}},
+            400,
+            "COLUMN_INDEX_NOT_FOUND",
+        ),
+        (
+            {"resource": {"field_mappings": [{"api_name": "parent_id"}]}},
+            400,
+            "MISSING_REQUIRED_KEY",
+        ),
+        (
+            {"resource": {"field_mappings": [{"api_name": "parent_id", "index": 0}]}},
+            400,
+            "MANDATORY_FIELDS_NOT_MAPPED",
+        ),
+        (
+            {"callback": {"url": "http://127.0.0.1:1/cb", "method": "get"}},
+            400,
+            "INVALID_CALLBACK_METHOD",
+        ),
         ({"callback": {"url": "not a url", "method": "post"}}, 400, "INVALID_CALLBACK_URL"),
     ],
 )
@@ -279,19 +331,32 @@ async def test_rows_skipped_by_rule(emu, api: Api) -> None:
     job = await details(api, out["details"]["id"])
     assert job["resource"][0]["file"]["skipped_count"] == 2
     st, _, payload = await api.call("GET", job["result"]["download_url"])
+    assert st == 200
     _, result = read_result(payload)
-    assert [r["ERRORS"] for r in result] == ["", "CANNOT_PROCESS-parent_id", "CANNOT_PROCESS-parent_id"]
+    assert [r["ERRORS"] for r in result] == [
+        "",
+        "CANNOT_PROCESS-parent_id",
+        "CANNOT_PROCESS-parent_id",
+    ]
 
 
 async def test_insert_with_find_by_skips_existing_and_formats(emu, api: Api) -> None:
-    _, up = await upload(api, make_zip([row(1, Order_Date="2026-04-05"), row(1, Name="Again", Order_Date="2026-04-05"), row(2)]))
+    _, up = await upload(
+        api,
+        make_zip(
+            [row(1, Order_Date="2026-04-05"), row(1, Name="Again", Order_Date="2026-04-05"), row(2)]
+        ),
+    )
     mappings = [{"api_name": h, "index": i} for i, h in enumerate(HEADER)]
     mappings[5]["format"] = "yyyy-MM-dd"
-    _, out = await create(api, job_body(up["details"]["file_id"], op="insert", resource={"field_mappings": mappings}))
+    _, out = await create(
+        api, job_body(up["details"]["file_id"], op="insert", resource={"field_mappings": mappings})
+    )
     job = await details(api, out["details"]["id"])
     f = job["resource"][0]["file"]
     assert (f["added_count"], f["skipped_count"]) == (1, 2)
     st, _, payload = await api.call("GET", job["result"]["download_url"])
+    assert st == 200
     _, result = read_result(payload)
     assert result[1]["ERRORS"] == "DUPLICATE_DATA-parent_id"
     assert emu.records("Orders")[0]["Order_Date"] == "2026-04-05"

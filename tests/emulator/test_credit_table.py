@@ -34,8 +34,12 @@ async def test_upsert_column_of_the_table(api_session) -> None:
         emu.reset()
         for start in range(0, n, 100):
             st, _, _ = await api.call(
-                "POST", "/crm/v8/Orders/upsert",
-                json={"data": [rec(i) for i in range(start, start + 100)], "duplicate_check_fields": ["parent_id"]},
+                "POST",
+                "/crm/v8/Orders/upsert",
+                json={
+                    "data": [rec(i) for i in range(start, start + 100)],
+                    "duplicate_check_fields": ["parent_id"],
+                },
             )
             assert st == 200
         st, _, usage = await api.call("GET", "/__emulator__/usage")
@@ -58,13 +62,26 @@ async def test_bulk_column_of_the_table(api_session) -> None:
         form = aiohttp.FormData()
         form.add_field("file", buf.getvalue(), filename="orders.zip")
         st, _, up = await api.call(
-            "POST", "/crm/v8/upload", data=form, headers={"feature": "bulk-write", "X-CRM-ORG": "emulator-org"}
+            "POST",
+            "/crm/v8/upload",
+            data=form,
+            headers={"feature": "bulk-write", "X-CRM-ORG": "emulator-org"},
         )
         assert st == 200
         st, _, job = await api.call(
-            "POST", "/crm/bulk/v8/write",
-            json={"operation": "upsert", "resource": [{"type": "data", "module": {"api_name": "Orders"},
-                  "file_id": str(up["details"]["file_id"]), "find_by": "parent_id"}]},
+            "POST",
+            "/crm/bulk/v8/write",
+            json={
+                "operation": "upsert",
+                "resource": [
+                    {
+                        "type": "data",
+                        "module": {"api_name": "Orders"},
+                        "file_id": str(up["details"]["file_id"]),
+                        "find_by": "parent_id",
+                    }
+                ],
+            },
         )
         assert st == 201
         st, _, details = await api.call("GET", f"/crm/bulk/v8/write/{job['details']['id']}")
