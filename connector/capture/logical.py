@@ -35,6 +35,7 @@ from connector.errors import ConfigError, PermanentError
 log = logging.getLogger(__name__)
 
 HEARTBEAT_PREFIX = "connector-heartbeat"
+TOAST_CANDIDATE = 1000  # characters of a JSON fragment worth keeping for unchanged-TOAST fills
 
 # ---------------------------------------------------------------------------------------------
 # names and installation
@@ -333,6 +334,7 @@ class _Codec:
     key_idx: int
     key_cols: list[int]
     ignored: frozenset[int] = frozenset()
+    varlen: tuple[int, ...] = ()  # columns of types that can be TOASTed
 
 
 @dataclass
@@ -354,6 +356,17 @@ class _Pending:
     last_xid: int = 0
     transactions: int = 0
     first_commit_at: float | None = None
+
+
+@dataclass
+class _Batch:
+    """One unit of work for the writer task: rows to COPY, and, when ``end_lsn`` is set, the
+    commit of the outbox transaction (with capture_state) after them."""
+
+    events: list[_Event]
+    end_lsn: int = 0
+    xid: int = 0
+    transactions: int = 0
 
 
 class _Closed(Exception):
@@ -491,7 +504,6 @@ class LogicalCapture:
             "SELECT j.key, j.value::text FROM {} t, jsonb_each(to_jsonb(t)) j"
             " WHERE t.{} = %s AND j.key = ANY(%s)"
         ).format(_table_ident(self.pipeline), sql.Identifier(self.pipeline.key_column))
-        self._outbox_open = False
         self._spilled_open = False
         await repl.execute(
             sql.SQL(
@@ -511,8 +523,51 @@ class LogicalCapture:
                 "from_lsn": po.lsn_to_str(self._stored_lsn),
             },
         )
-        await self._consume(stop, repl.pgconn)
+        self._skip_below = self._stored_lsn
+        self._queue: asyncio.Queue[_Batch] = asyncio.Queue(maxsize=2)
+        self._inflight = 0
+        self._written = 0
+        writer = asyncio.create_task(self._writer(), name=f"outbox-writer-{self.pipeline.name}")
+        self._writer_task = writer
+        try:
+            await self._consume(stop, repl.pgconn)
+        finally:
+            if not writer.done():
+                writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
         return True
+
+    async def _writer(self) -> None:
+        """Write batches in order (overlapping the next batch's decoding), commit, confirm."""
+        while True:
+            batch = await self._queue.get()
+            await self._write(batch.events)
+            self._written += len(batch.events)
+            if batch.end_lsn:
+                await self._commit(batch)
+            self._inflight -= 1
+            self._queue.task_done()
+
+    async def _enqueue(self, batch: _Batch) -> None:
+        self._check_writer()
+        self._inflight += 1
+        await self._queue.put(batch)
+
+    def _check_writer(self) -> None:
+        w = self._writer_task
+        if w.done():
+            exc = w.exception()
+            if exc is not None:
+                raise exc
+            raise _Closed("outbox writer stopped")
+
+    async def _drain(self) -> None:
+        """Wait until every queued batch is written and committed."""
+        while self._inflight:
+            self._check_writer()
+            await asyncio.sleep(0.005)
+        self._check_writer()
 
     # -- the stream loop ----------------------------------------------------------------------
     async def _consume(self, stop: asyncio.Event, pgconn: Any) -> None:
@@ -531,8 +586,9 @@ class LogicalCapture:
         unpack_rel = po._U32.unpack_from
         monotonic = time.monotonic
         while True:
-            nbytes, data = get(1)
+            nbytes, view = get(1)
             if nbytes > 0:
+                data = bytes(view)
                 kind = data[0]
                 if kind == 0x77:  # 'w' XLogData
                     start, _end, _ts = unpack_xlog(data, 1)
@@ -567,7 +623,7 @@ class LogicalCapture:
                         if len(pending.events) - pending.committed >= self.batch_rows:
                             # a large source transaction: spill its rows into the open outbox
                             # transaction, which is committed only after the source commit
-                            await self._write(pending.events)
+                            await self._enqueue(_Batch(pending.events))
                             pending.events = []
                             pending.committed = 0
                             self._spilled_open = True
@@ -578,7 +634,7 @@ class LogicalCapture:
                         xid = msg.xid
                         commit_lsn = msg.final_lsn
                         # a commit record before the stored one ends at or before it: a replay
-                        skip = msg.final_lsn < self._stored_lsn
+                        skip = msg.final_lsn < self._skip_below
                     elif isinstance(msg, po.Commit):
                         in_txn = False
                         now = monotonic()
@@ -587,7 +643,8 @@ class LogicalCapture:
                             skip = False
                             self.stats.skipped_replays += 1
                             continue
-                        if len(pending.events) > pending.committed or self._spilled_open:
+                        spilled = self._spilled_open
+                        if len(pending.events) > pending.committed or spilled:
                             self._spilled_open = False
                             pending.committed = len(pending.events)
                             pending.last_end_lsn = msg.end_lsn
@@ -595,18 +652,19 @@ class LogicalCapture:
                             pending.transactions += 1
                             if pending.first_commit_at is None:
                                 pending.first_commit_at = now
-                        elif not pending.transactions and not self._outbox_open:
+                        elif not pending.transactions and not self._inflight:
                             # nothing of ours in it and nothing unstored before it
                             self._confirmed = max(self._confirmed, msg.end_lsn)
                         if pending.transactions and (
                             pending.committed >= self.batch_rows
-                            or self._outbox_open
+                            or spilled
                             or stop.is_set()
                             or now - (pending.first_commit_at or now) >= self.flush_interval
                         ):
                             await self._flush()
                             last_status = monotonic()
                         if stop.is_set():
+                            await self._drain()
                             self._send_status()
                             return
                     elif isinstance(msg, po.Relation):
@@ -618,7 +676,7 @@ class LogicalCapture:
                         msg.prefix == HEARTBEAT_PREFIX
                         and not in_txn
                         and not pending.events
-                        and not self._outbox_open
+                        and not self._inflight
                         and msg.lsn > self._confirmed
                     ):
                         # every commit before the heartbeat is stored: confirm past it
@@ -630,7 +688,7 @@ class LogicalCapture:
                     ka = po.parse_copy_data(data)
                     assert isinstance(ka, po.Keepalive)
                     self._received = max(self._received, ka.wal_end)
-                    if not in_txn and not pending.events and not self._outbox_open:
+                    if not in_txn and not pending.events and not self._inflight:
                         # nothing of ours is in flight: everything before wal_end is handled
                         self._confirmed = max(self._confirmed, ka.wal_end)
                     if ka.reply_requested:
@@ -643,7 +701,8 @@ class LogicalCapture:
                 raise psycopg.OperationalError("replication stream error")
             # nothing buffered: time-based flush, housekeeping, then wait for the socket
             now = monotonic()
-            can_flush = pending.transactions and not (in_txn and self._outbox_open)
+            self._check_writer()
+            can_flush = pending.transactions and not (in_txn and self._spilled_open)
             if can_flush and (
                 stop.is_set() or now - (pending.first_commit_at or now) >= self.flush_interval
             ):
@@ -651,6 +710,7 @@ class LogicalCapture:
                 last_status = monotonic()
                 continue
             if stop.is_set() and not pending.transactions:
+                await self._drain()
                 self._send_status()
                 return
             if now - last_status >= self.status_interval:
@@ -695,6 +755,7 @@ class LogicalCapture:
             names=names,
             key_idx=names.index(self.pipeline.key_column),
             key_cols=[i for i, c in enumerate(rel.columns) if c.is_key],
+            varlen=tuple(i for i, o in enumerate(oids) if o not in vals.FIXED_LENGTH),
             ignored=frozenset(i for i, n in enumerate(names) if n in self.pipeline.ignore_columns),
         )
         self._codecs[rel.oid] = codec
@@ -743,6 +804,14 @@ class LogicalCapture:
     def _convert(
         self, codec: _Codec, tup: list[po.Value], key: str, old: list[po.Value] | None
     ) -> tuple[list[str | None], list[tuple[int, int, str]] | None]:
+        if po.UNCHANGED not in tup:
+            try:  # fast path: every value sent, every type convertible from its text
+                return [
+                    "null" if raw is None else conv(raw.decode())  # type: ignore[union-attr]
+                    for conv, raw in zip(codec.convs, tup, strict=True)
+                ], None
+            except vals.NeedsServer:
+                pass
         frags: list[str | None] = []
         deferred: list[tuple[int, int, str]] | None = None
         convs = codec.convs
@@ -790,14 +859,25 @@ class LogicalCapture:
             deferred.append((i, _SERVER, raw.decode()))
             return "null"
 
-    def _remember(self, key: str, frags: list[str | None]) -> None:
-        """Keep the larger values of the latest image of ``key`` (bounded LRU by bytes) so that
-        a later update that leaves them TOASTed and unchanged can be completed exactly."""
-        entry = {i: f for i, f in enumerate(frags) if f is not None and len(f) > 32}
-        old = self._toast.pop(key, None)
-        if old is not None:
-            self._toast_bytes -= sum(len(v) for v in old.values())
-        if not entry:
+    def _remember(self, codec: _Codec, key: str, frags: list[str | None]) -> None:
+        """Keep the large values of the latest image of ``key`` (bounded LRU by bytes) so that
+        a later update that leaves them TOASTed and unchanged can be completed exactly.
+
+        Only variable-length columns whose value is over ``TOAST_CANDIDATE`` characters: a
+        value is moved out of line only when the row exceeds ~2 kB; a smaller out-of-line value
+        (possible in very wide rows) is completed from the source row instead."""
+        if self._toast:
+            old = self._toast.pop(key, None)
+            if old is not None:
+                self._toast_bytes -= sum(len(v) for v in old.values())
+        entry = None
+        for i in codec.varlen:
+            f = frags[i]
+            if f is not None and len(f) > TOAST_CANDIDATE:
+                if entry is None:
+                    entry = {}
+                entry[i] = f
+        if entry is None:
             return
         size = sum(len(v) for v in entry.values())
         if size > self.toast_cache_bytes:
@@ -872,7 +952,7 @@ class LogicalCapture:
                 a == b or i in ignored for i, (a, b) in enumerate(zip(frags, ofr2, strict=True))
             ):
                 return
-        self._remember(key, frags)
+        self._remember(codec, key, frags)
         events.append(_Event(op, key, frags, xid, commit_lsn, codec, deferred))
 
     def _on_truncate(self, msg: po.Truncate) -> None:
@@ -942,7 +1022,6 @@ class LogicalCapture:
             "SELECT nextval(%s::regclass) FROM generate_series(1, %s)", (self._seq, n)
         )
         ids = sorted(r[0] for r in await cur.fetchall())
-        self._outbox_open = True
         pipeline = self.pipeline.name
         widen = po.widen_xid
         lsn_str = po.lsn_to_str
@@ -963,13 +1042,23 @@ class LogicalCapture:
                 )
 
     async def _flush(self) -> None:
-        """Write the committed events, commit the outbox transaction together with
-        capture_state, then confirm the last stored commit to the server."""
+        """Hand the committed events to the writer (which commits them together with
+        capture_state, then confirms the last stored commit to the server)."""
         pending = self._pending
-        done = pending.events[: pending.committed]
-        rest = pending.events[pending.committed :]
-        await self._write(done)
-        end_lsn = pending.last_end_lsn
+        batch = _Batch(
+            pending.events[: pending.committed],
+            pending.last_end_lsn,
+            pending.last_xid,
+            pending.transactions,
+        )
+        pending.events = pending.events[pending.committed :]
+        pending.committed = 0
+        pending.transactions = 0
+        pending.first_commit_at = None
+        await self._enqueue(batch)
+
+    async def _commit(self, batch: _Batch) -> None:
+        end_lsn = batch.end_lsn
         ref = await self._xid_reference()
         res = await self._state.execute(
             sql.SQL(
@@ -977,7 +1066,7 @@ class LogicalCapture:
                 " last_source_xid = %s::xid8, updated_at = now()"
                 " WHERE pipeline = %s AND mode = 'logical'"
             ).format(self._schema_ident),
-            (po.lsn_to_str(end_lsn), str(po.widen_xid(pending.last_xid, ref)), self.pipeline.name),
+            (po.lsn_to_str(end_lsn), str(po.widen_xid(batch.xid, ref)), self.pipeline.name),
         )
         if res.rowcount != 1:
             await self._state.rollback()
@@ -986,16 +1075,12 @@ class LogicalCapture:
                 f"(uninstalled while running?)"
             )
         await self._state.commit()
-        self._outbox_open = False
-        self.stats.events += len(done)
-        self.stats.transactions += pending.transactions
+        self.stats.events += self._written
+        self._written = 0
+        self.stats.transactions += batch.transactions
         self.stats.outbox_commits += 1
         self.stats.last_commit_lsn = end_lsn
         self._stored_lsn = end_lsn
-        self._pending.events = rest
-        pending.committed = 0
-        pending.transactions = 0
-        pending.first_commit_at = None
         if self.after_outbox_commit is not None:
             await self.after_outbox_commit(end_lsn)
         self._confirmed = max(self._confirmed, end_lsn)

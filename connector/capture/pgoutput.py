@@ -226,15 +226,15 @@ PgOutputMessage = (
 )
 
 
-def _cstring(mv: memoryview, pos: int) -> tuple[str, int]:
+def _cstring(mv: bytes | memoryview, pos: int) -> tuple[str, int]:
     end = pos
     while mv[end] != 0:
         end += 1
     return bytes(mv[pos:end]).decode(), end + 1
 
 
-def decode_tuple(mv: memoryview, pos: int) -> tuple[list[Value], int]:
-    """TupleData at ``pos``: the values and the position after them."""
+def decode_tuple(mv: bytes | memoryview, pos: int) -> tuple[list[Value], int]:
+    """TupleData at ``pos``: the values and the position after them (fastest on ``bytes``)."""
     (ncols,) = _I16.unpack_from(mv, pos)
     pos += 2
     out: list[Value] = []
@@ -259,7 +259,7 @@ def decode_tuple(mv: memoryview, pos: int) -> tuple[list[Value], int]:
 
 def decode(buf: memoryview | bytes) -> PgOutputMessage:
     """Decode one pgoutput message (protocol version 1, no streaming)."""
-    mv = memoryview(buf)
+    mv = buf
     kind = mv[0]
     if kind == 0x42:  # 'B'
         final_lsn, ts, xid = _BEGIN.unpack_from(mv, 1)

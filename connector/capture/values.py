@@ -99,15 +99,17 @@ def conv_json(text: str) -> str:
 
 
 def conv_date(text: str) -> str:
-    return orjson.dumps(text).decode()
+    return '"' + text + '"'  # digits, '-', ' BC' or (-)infinity: nothing to escape
 
 
 def conv_timestamp(text: str) -> str:
     # '2024-01-02 03:04:05.5' -> '2024-01-02T03:04:05.5'; 'infinity' has no space.
-    return orjson.dumps(text.replace(" ", "T", 1)).decode()
+    return '"' + text.replace(" ", "T", 1) + '"'
 
 
 def conv_timestamptz(text: str) -> str:
+    if text.endswith("+00") and text[10:11] == " ":  # the usual case with TimeZone=UTC
+        return '"' + text[:10] + "T" + text[11:] + ':00"'
     if text[0] not in "0123456789":  # infinity / -infinity
         return orjson.dumps(text).decode()
     out = text.replace(" ", "T", 1)
@@ -150,6 +152,12 @@ _BUILTIN: dict[int, Converter] = {
     JSON: conv_json,
     JSONB: conv_json,
 }
+
+# Fixed-length built-in types: never TOASTed.
+FIXED_LENGTH = frozenset(
+    {BOOL, INT2, INT4, INT8, OID, FLOAT4, FLOAT8, DATE, TIMESTAMP, TIMESTAMPTZ, 18, 1083, 1266,
+     1186, 2950, 829, 790, 600}
+)  # fmt: skip
 
 # Common built-in array types: array OID -> element OID (delimiter ',').
 _BUILTIN_ARRAYS: dict[int, int] = {
@@ -250,7 +258,7 @@ def parse_array(text: str, delim: str = ",") -> list[Any]:
             j = i
             while text[j] != delim and text[j] != "}":
                 j += 1
-            item = text[i:j].strip()
+            item = text[i:j]
             stack[-1].append(None if item.upper() == "NULL" else item)
             i = j
     return result
