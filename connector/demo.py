@@ -174,6 +174,7 @@ class Workload:
     def __init__(self, dsn: str, ids: list[int], *, seed: int = 7) -> None:
         self._dsn = dsn
         self._ids = sorted(ids)
+        self._seed = seed
         self._rng = random.Random(seed)
         self._hot: list[int] = self._rng.sample(self._ids, min(len(self._ids), 50))
         self.stats = WorkloadStats()
@@ -207,7 +208,7 @@ class Workload:
                 " quantity, order_date, placed_at, notes, is_gift)"
                 " VALUES (%s, %s, 'New', %s, %s, current_date, now(), %s, %s) RETURNING id",
                 (
-                    f"SO-L{self.stats.inserts + 1:07d}",
+                    f"SO-W{self._seed}-{self.stats.inserts + 1:06d}",
                     f"customer{rng.randint(1, 5000)}@example.com",
                     f"{rng.uniform(5, 1000):.2f}",
                     rng.randint(1, 5),
@@ -252,15 +253,19 @@ class Workload:
             )
             self.stats.edits += 1
         elif r < 0.95:
-            await conn.execute(
+            cur = await conn.execute(
                 "UPDATE public.orders SET status = 'Cancelled', updated_at = now()"
                 " WHERE id = %s AND status IN ('New', 'Paid')",
                 (key,),
             )
+            if cur.rowcount == 0:
+                return []
             self.stats.cancellations += 1
         else:
-            await conn.execute("DELETE FROM public.orders WHERE id = %s", (key,))
+            cur = await conn.execute("DELETE FROM public.orders WHERE id = %s", (key,))
             self._forget(key)
+            if cur.rowcount == 0:
+                return []
             self.stats.deletes += 1
         return [str(key)]
 
@@ -541,7 +546,15 @@ async def run_demo(
                 f"legacy table public.orders: {rows} rows; capture installed (triggers); "
                 f"configuration {config}"
             )
-            runtime = Runtime(settings, secrets, metrics=Metrics(), lease_retry=0.5)
+            # the planner's bulk latency estimate until it has measured one job: the emulator
+            # processes 10,000 rows/s, so a 25,000-row job takes seconds, not the default 2 min
+            runtime = Runtime(
+                settings,
+                secrets,
+                metrics=Metrics(),
+                lease_retry=0.5,
+                engine_options={"default_bulk_latency": 10.0},
+            )
             runtime_task = asyncio.create_task(runtime.run(), name="demo:runtime")
             async with await psycopg.AsyncConnection.connect(dsn) as conn:
                 cur = await conn.execute("SELECT id FROM public.orders")

@@ -167,15 +167,16 @@ class HttpServer:
         self.port = port
 
     async def start(self) -> None:
-        runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(
+            self._app, access_log=None, handle_signals=False, shutdown_timeout=2.0
+        )
         await runner.setup()
-        site = web.TCPSite(runner, self._host, self._port, shutdown_timeout=2.0)
+        site = web.TCPSite(runner, self._host, self._port)
         await site.start()
         self._runner = runner
-        server = getattr(site, "_server", None)
-        sockets = getattr(server, "sockets", None) or []
-        if sockets:
-            self.port = int(sockets[0].getsockname()[1])
+        addresses = runner.addresses
+        if addresses:
+            self.port = int(addresses[0][1])
         log.info("HTTP server listening", extra={"host": self._host, "port": self.port})
 
     async def stop(self) -> None:

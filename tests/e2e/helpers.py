@@ -123,7 +123,9 @@ class ConnectorProcess:
         async with aiohttp.ClientSession() as s, s.get(self.url + path) as r:
             return r.status, await r.text()
 
-    async def wait_http(self, path: str = "/healthz", status: int = 200, timeout: float = 60) -> str:
+    async def wait_http(
+        self, path: str = "/healthz", status: int = 200, timeout: float = 60
+    ) -> str:
         deadline = time.monotonic() + timeout
         last: Any = None
         while time.monotonic() < deadline:
