@@ -1,0 +1,167 @@
+"""The operator verbs against a running connector (the real runtime, in-process): status,
+verify / verify --repair, replay (dry run and real), dead-letters list / show / retry /
+discard."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from connector import operate
+from connector.config import Settings, load_settings, resolve_secrets
+from connector.demo import DEMO_ENV
+from connector.metrics import Metrics
+from connector.runtime import Runtime
+from tests.e2e.helpers import Setup, emulator, prepare, verify_now, wait_in_sync
+
+
+def ns(**kw: Any) -> argparse.Namespace:
+    base: dict[str, Any] = {"pipeline": None, "json": False}
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+class Running:
+    def __init__(self, setup: Setup) -> None:
+        self.setup = setup
+        self.settings: Settings = load_settings(setup.config)
+        self.secrets = resolve_secrets(self.settings, dict(DEMO_ENV))
+        self.runtime = Runtime(
+            self.settings,
+            self.secrets,
+            metrics=Metrics(),
+            serve_http=False,
+            handle_signals=False,
+            lease_retry=0.2,
+        )
+        self.task: asyncio.Task[int] | None = None
+
+
+@pytest.fixture
+async def running(database: str, tmp_path: Path) -> AsyncIterator[tuple[Running, Any]]:
+    async with emulator() as emu:
+        setup = await prepare(database, tmp_path, emu.url, rows=120, max_staleness="1s")
+        r = Running(setup)
+        r.task = asyncio.create_task(r.runtime.run())
+        await wait_in_sync(setup, None)
+        try:
+            yield r, emu
+        finally:
+            r.runtime.request_stop()
+            assert await r.task == 0
+
+
+async def test_status_verify_and_repair(running: tuple[Running, Any], capsys: Any) -> None:
+    r, emu = running
+    assert await operate.status(r.settings, r.secrets, ns(json=True)) == 0
+    doc = json.loads(capsys.readouterr().out)["pipelines"][0]
+    assert doc["running"] is True
+    assert doc["capture"]["mode"] == "triggers"
+    assert doc["snapshot"]["status"] == "done"
+    assert doc["dead_letters_open"] == 0
+    assert doc["credits"]["spent_24h"] > 0
+    assert await operate.status(r.settings, r.secrets, ns()) == 0
+    text = capsys.readouterr().out
+    assert "pipeline orders" in text and "RUNNING" in text and "checkpoint" in text
+
+    # someone edits one record and deletes another in the CRM by hand
+    store = emu.state.store("Orders")
+    rids = sorted(store.records)
+    store.records[rids[0]]["Amount"] = 0.01
+    store.delete(rids[1])
+    assert await operate.verify(r.settings, r.secrets, ns(pipeline="orders", repair=False)) == 1
+    out = capsys.readouterr().out
+    assert "missing 1, extra 0, different 1" in out
+    assert await operate.verify(r.settings, r.secrets, ns(pipeline="orders", repair=True)) == 1
+    assert "re-captured 2 key(s)" in capsys.readouterr().out
+    await wait_in_sync(r.setup, None)
+    assert await operate.verify(r.settings, r.secrets, ns(pipeline="orders", repair=False)) == 0
+
+
+async def _versions(dsn: str) -> dict[str, int]:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute("SELECT key, version FROM connector.key_state")
+        return {str(k): int(v) for k, v in await cur.fetchall()}
+
+
+async def test_replay_is_idempotent_and_never_older(
+    running: tuple[Running, Any], capsys: Any
+) -> None:
+    r, _ = running
+    dsn = r.secrets.dsn
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("UPDATE public.orders SET status = 'Paid' WHERE id <= 10")
+        await conn.execute("UPDATE public.orders SET status = 'Shipped' WHERE id <= 5")
+    await wait_in_sync(r.setup, None)
+    before = await _versions(dsn)
+    args = ns(pipeline="orders", from_offset=1, since=None, to=None, key=None, dry_run=True)
+    assert await operate.replay(r.settings, r.secrets, args) == 0
+    out = capsys.readouterr().out
+    assert "dry run: nothing sent" in out
+    assert "120 keys; 120 to re-send" in out  # newest event per key, none older than acked
+    assert "would send 120 record(s) by upsert (2 call(s), 12 credits)" in out
+    assert await _versions(dsn) == before
+    args.dry_run = False
+    args.key = "3"
+    assert await operate.replay(r.settings, r.secrets, args) == 0
+    assert "re-captured 1 row(s)" in capsys.readouterr().out
+    for _ in range(300):  # the running connector sends the re-captured event
+        after = await _versions(dsn)
+        if after["3"] > before["3"]:
+            break
+        await asyncio.sleep(0.1)
+    assert after["3"] > before["3"]
+    assert all(after[k] >= v for k, v in before.items())
+    rep = await verify_now(r.setup)
+    assert rep.mismatches == 0
+
+
+async def test_dead_letters_retry_sends_the_current_row(
+    running: tuple[Running, Any], capsys: Any
+) -> None:
+    r, _ = running
+    dsn = r.secrets.dsn
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        # 'Lost' is not a value of the CRM's Status picklist: the CRM rejects the record
+        await conn.execute("UPDATE public.orders SET status = 'Lost' WHERE id = 7")
+    for _ in range(200):
+        async with await psycopg.AsyncConnection.connect(dsn) as conn:
+            cur = await conn.execute(
+                "SELECT id FROM connector.dead_letters WHERE key = '7' AND status = 'open'"
+            )
+            row = await cur.fetchone()
+        if row:
+            break
+        await asyncio.sleep(0.1)
+    assert row is not None
+    letter = int(row[0])
+    assert await operate.dead_letters(r.settings, r.secrets, ns(dl_verb="list", all=False)) == 0
+    out = capsys.readouterr().out
+    assert f"{letter:>6}" in out and "INVALID_DATA" in out
+    assert await operate.dead_letters(r.settings, r.secrets, ns(dl_verb="show", id=letter)) == 0
+    assert json.loads(capsys.readouterr().out)["key"] == "7"
+    # the source is fixed without a change event (e.g. by a bulk repair with triggers off)
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("SET session_replication_role = replica")
+        await conn.execute("UPDATE public.orders SET status = 'Cancelled' WHERE id = 7")
+    retry = ns(dl_verb="retry", ids=[letter], all=False)
+    assert await operate.dead_letters(r.settings, r.secrets, retry) == 0
+    assert "1 letter(s) retried" in capsys.readouterr().out
+    await wait_in_sync(r.setup, None)
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(
+            "SELECT status FROM connector.dead_letters WHERE id = %s", (letter,)
+        )
+        row = await cur.fetchone()
+    assert row is not None and row[0] == "resolved"
+    # discard: nothing open any more to discard
+    discard = ns(dl_verb="discard", ids=[letter])
+    assert await operate.dead_letters(r.settings, r.secrets, discard) == 1
+    assert "0 dead letter(s) discarded" in capsys.readouterr().out
