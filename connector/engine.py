@@ -64,6 +64,8 @@ class EngineOptions:
     default_upsert_latency: float = 2.0  # planner input until measured
     default_bulk_latency: float = 120.0
     retry_backoff_max: float = 30.0
+    bulk_poll_initial: float = 2.0  # first bulk job poll (a callback wakes it earlier)
+    bulk_poll_max: float = 30.0
 
 
 class Engine:
@@ -113,6 +115,7 @@ class Engine:
         self._saved_pos = outbox.START
         self._resolved_pos = outbox.START
         self._tasks: set[asyncio.Task[EmitOutcome]] = set()
+        self._bulk_tasks: set[asyncio.Task[EmitOutcome]] = set()
         self._kick = asyncio.Event()
         self._changed = asyncio.Condition()
         self._drain_once = False
@@ -191,9 +194,12 @@ class Engine:
             metrics=self.metrics,
             source_dsn=self.source_dsn,
             callback_url=self.callback_url,
+            bulk_poll_initial=self.options.bulk_poll_initial,
+            bulk_poll_max=self.options.bulk_poll_max,
         )
         listener = OutboxListener(self.state_dsn, self.schema, [name])
         reader: psycopg.AsyncConnection[Any] | None = None
+        abrupt = False
         try:
             await listener.start()
             reader = await psycopg.AsyncConnection.connect(self.state_dsn, autocommit=True)
@@ -204,8 +210,11 @@ class Engine:
             await self._flush_credits()
             await self._maybe_start_snapshot(stop)
             await self._loop(stop, reader, listener, until_idle=until_idle)
+        except asyncio.CancelledError:
+            abrupt = True
+            raise
         finally:
-            await self._shutdown()
+            await self._shutdown(abrupt=abrupt)
             if reader is not None:
                 await reader.close()
             await listener.close()
@@ -409,9 +418,12 @@ class Engine:
 
         task = asyncio.create_task(job(), name=f"emit-{kind}:{self.pipeline.name}")
         self._tasks.add(task)
+        if kind == "bulk":
+            self._bulk_tasks.add(task)
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[EmitOutcome]) -> None:
+        self._bulk_tasks.discard(task)
         self._kick.set()
 
     def _raise_failed(self) -> None:
@@ -482,13 +494,19 @@ class Engine:
         self._kick.clear()
         listener.event.clear()
 
-    async def _shutdown(self) -> None:
+    async def _shutdown(self, *, abrupt: bool) -> None:
+        """Stop the snapshot, give upsert calls in flight ``drain_timeout`` to finish (none
+        when cancelled), cancel bulk jobs' waits at once (they are recorded and resumed by id
+        on the next start), then checkpoint what is resolved."""
         snap = self._snapshot_task
         if snap is not None and not snap.done():
             snap.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await snap
         if self._tasks:
+            for t in self._tasks:
+                if abrupt or t in self._bulk_tasks:
+                    t.cancel()
             _done, pending = await asyncio.wait(
                 set(self._tasks), timeout=self.options.drain_timeout
             )
@@ -497,6 +515,7 @@ class Engine:
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
             self._tasks.clear()
+            self._bulk_tasks.clear()
         if self._pool is not None:
             with contextlib.suppress(Exception):
                 await self._save_checkpoint()
@@ -524,6 +543,8 @@ class Engine:
         self._force_restart = False
 
         async def run_snapshot() -> None:
+            # chunks written before a restart go first, each as its own flush
+            await self._wait_snapshot_resolved()
             with acting_for(self.pipeline.name):
                 row = await snap.run(stop, chunk_sent=self._chunk_sent)
             if row.status == "running" and not stop.is_set():

@@ -122,11 +122,15 @@ async def client(emu: EmulatorHandle) -> AsyncIterator[ZohoClient]:
 
 EngineFactory = Callable[..., Engine]
 
+FAST = EngineOptions(
+    poll_interval=0.05, drain_timeout=5.0, bulk_poll_initial=0.05, bulk_poll_max=0.5
+)
+
 
 @pytest.fixture
 def make_engine(legacy: str) -> EngineFactory:
     def factory(client: ZohoClient, pipeline: PipelineConfig | None = None, **kw: Any) -> Engine:
-        options = kw.pop("options", EngineOptions(poll_interval=0.05, drain_timeout=5.0))
+        options = kw.pop("options", FAST)
         return Engine(
             pipeline or pipeline_config(),
             client=client,

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 
 import pytest
 
 from connector.emulator import start_emulator
 from connector.emulator.server import EmulatorHandle
-from connector.engine import EngineOptions
 
 from .conftest import (
+    FAST,
     EngineFactory,
     assert_crm_matches,
     credits_by_api,
@@ -77,7 +78,7 @@ async def test_killed_while_a_bulk_job_runs_resumes_the_same_job(
 ) -> None:
     emu = slow_emu
     await execute(legacy, *insert_sql(6_000))
-    fast_stop = EngineOptions(poll_interval=0.05, drain_timeout=0.05)
+    fast_stop = dataclasses.replace(FAST, drain_timeout=0.05)
     async with make_client(emu) as client:
         first = asyncio.create_task(make_engine(client, options=fast_stop).drain())
         await _wait_job_status(legacy, "created")
@@ -99,9 +100,7 @@ async def test_killed_while_a_bulk_job_runs_resumes_the_same_job(
     assert emu.usage()["bulk_jobs"] == 1
     assert credits_by_api(emu) == {"bulk_write_job": 500}  # paid once
     await assert_crm_matches(emu, legacy)
-    rows = await fetch(
-        legacy, "SELECT count(*) FROM connector.key_state WHERE status = 'synced'"
-    )
+    rows = await fetch(legacy, "SELECT count(*) FROM connector.key_state WHERE status = 'synced'")
     assert rows == [(6_000,)]
 
 

@@ -48,9 +48,7 @@ async def test_pending_records_cost_what_the_price_list_says(
     # the credit ledger agrees with the CRM, and every key is synced
     rows = await fetch(legacy, "SELECT coalesce(sum(credits), 0) FROM connector.credit_ledger")
     assert rows[0][0] == credits
-    rows = await fetch(
-        legacy, "SELECT status, count(*) FROM connector.key_state GROUP BY status"
-    )
+    rows = await fetch(legacy, "SELECT status, count(*) FROM connector.key_state GROUP BY status")
     assert dict(rows) == {"synced": n}
     # the checkpoint passed every event
     rows = await fetch(

@@ -62,9 +62,7 @@ async def test_bulk_rejections_then_fixed_in_source(
     n = 6_000  # above break-even: one bulk job
     bad = list(range(100, 2_100, 100))  # 20 keys
     await execute(legacy, *insert_sql(n))
-    await execute(
-        legacy, "UPDATE public.orders SET status = 'Lost' WHERE id = ANY(%s)", (bad,)
-    )
+    await execute(legacy, "UPDATE public.orders SET status = 'Lost' WHERE id = ANY(%s)", (bad,))
     await make_engine(client).drain()
 
     assert emu.usage()["bulk_jobs"] == 1
@@ -78,9 +76,7 @@ async def test_bulk_rejections_then_fixed_in_source(
     assert len(crm_by_key(emu)) == n - 20
 
     # fixed in the source: the new versions are sent, the letters resolve themselves
-    await execute(
-        legacy, "UPDATE public.orders SET status = 'Paid' WHERE id = ANY(%s)", (bad,)
-    )
+    await execute(legacy, "UPDATE public.orders SET status = 'Paid' WHERE id = ANY(%s)", (bad,))
     await make_engine(client).drain()
     rows = await fetch(
         legacy, "SELECT status, count(*) FROM connector.dead_letters GROUP BY status"
