@@ -14,6 +14,8 @@ class Clock:
         sign = -1 if tz_offset.startswith("-") else 1
         hours, minutes = tz_offset.lstrip("+-").split(":")
         self.tz = timezone(sign * timedelta(hours=int(hours), minutes=int(minutes)))
+        self._iso_second = -1
+        self._iso_text = ""
 
     def now(self) -> float:
         return time.time() + self.offset
@@ -27,4 +29,8 @@ class Clock:
     def iso(self, ts: float | None = None) -> str:
         """``yyyy-MM-ddTHH:mm:ss±HH:MM`` in the configured zone (Zoho's record time format)."""
         t = self.now() if ts is None else ts
-        return datetime.fromtimestamp(t, tz=UTC).astimezone(self.tz).isoformat(timespec="seconds")
+        second = int(t)
+        if second != self._iso_second:
+            self._iso_text = datetime.fromtimestamp(second, tz=UTC).astimezone(self.tz).isoformat()
+            self._iso_second = second
+        return self._iso_text

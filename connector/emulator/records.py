@@ -292,14 +292,14 @@ class ModuleStore:
             if v is not None and v != "":
                 idx.setdefault(index_key(v), set()).add(rid)
 
-    def _duplicates(self, values: dict[str, Any], own_id: str | None) -> list[FieldError]:
+    def duplicates(self, values: dict[str, Any], own_id: str | None) -> list[FieldError]:
         errors: list[FieldError] = []
         for name in self.m.unique:
             v = values.get(name)
             if v is None or v == "":
                 continue
-            ids = self.index[name].get(index_key(v))
-            if ids:
+            ids = self.index[name].get(v.casefold() if v.__class__ is str else v)
+            if ids and (own_id is None or len(ids) > 1 or own_id not in ids):
                 other = next((i for i in ids if i != own_id), None)
                 if other is not None:
                     errors.append(
@@ -334,9 +334,13 @@ class ModuleStore:
         if extra_errors:
             errors.extend(extra_errors)
         if not errors:
-            errors = self._duplicates(clean, None)
+            errors = self.duplicates(clean, None)
         if errors:
             return WriteResult(ok=False, errors=errors)
+        return self.apply_insert(clean, api)
+
+    def apply_insert(self, clean: dict[str, Any], api: str) -> WriteResult:
+        """Store already validated values as a new record."""
         now = self.clock.now()
         iso = self.clock.iso(now)
         rid = str(next(self.ids))
@@ -357,7 +361,11 @@ class ModuleStore:
         )
 
     def update(
-        self, rid: str, data: dict[str, Any], api: str, extra_errors: list[FieldError] | None = None
+        self,
+        rid: str,
+        data: dict[str, Any],
+        api: str,
+        extra_errors: list[FieldError] | None = None,
     ) -> WriteResult:
         rec = self.records.get(rid)
         if rec is None:
@@ -371,16 +379,33 @@ class ModuleStore:
         if extra_errors:
             errors.extend(extra_errors)
         if not errors:
-            errors = self._duplicates(clean, rid)
+            errors = self.duplicates(clean, rid)
         if errors:
             return WriteResult(ok=False, errors=errors)
+        return self.apply_update(rid, rec, clean, api)
+
+    def apply_update(
+        self, rid: str, rec: dict[str, Any], clean: dict[str, Any], api: str
+    ) -> WriteResult:
+        """Merge already validated values into an existing record."""
         now = self.clock.now()
         iso = self.clock.iso(now)
-        self._unindex(rid, rec)
+        for name, idx in self.index.items():
+            if name in clean:
+                old = rec.get(name)
+                new = clean[name]
+                if old != new:
+                    if old is not None and old != "":
+                        ids = idx.get(index_key(old))
+                        if ids is not None:
+                            ids.discard(rid)
+                            if not ids:
+                                del idx[index_key(old)]
+                    if new is not None and new != "":
+                        idx.setdefault(index_key(new), set()).add(rid)
         rec.update(clean)
         rec["Modified_Time"] = iso
         rec["Modified_By"] = {"name": self.user["name"], "id": self.user["id"]}
-        self._index(rid, rec)
         self._record_history(rid, api, rec, now)
         return WriteResult(
             ok=True,
