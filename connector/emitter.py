@@ -92,11 +92,13 @@ class _Results:
     snapshot_skipped: int = 0
     added: int = 0
     updated: int = 0
+    acked_events: list[ChangeEvent] = field(default_factory=list)
 
     def ack(self, event: ChangeEvent, crm_id: str | None, action: str | None = None) -> None:
         self.acks.append(
             state.Ack(event.key, stamp_of(event), crm_id, deleted=event.op is Op.DELETE)
         )
+        self.acked_events.append(event)
         if action == "insert":
             self.added += 1
         elif action == "update":
@@ -438,6 +440,7 @@ class Emitter:
             finished = await state.bulk_finish(conn, self.schema, job_row, state.BulkStatus.APPLIED)
             if not finished:
                 raise RuntimeError(f"bulk job row {job_row} was applied twice")
+        await self._sync_flags(res)
         if self.metrics is not None:
             outcome = "failed" if job.status.value == "FAILED" else "completed"
             self.metrics.bulk_jobs_total.labels(pipeline=self.pipeline.name, outcome=outcome).inc()
@@ -596,6 +599,18 @@ class Emitter:
             return
         async with self.pool.connection() as conn, conn.transaction():
             await self._store_in(conn, res)
+        await self._sync_flags(res)
+
+    async def _sync_flags(self, res: _Results) -> None:
+        if self.pipeline.sync_flag_column is None or not res.acked_events:
+            return
+        try:
+            await self.write_sync_flags(res.acked_events)
+        except psycopg.Error as exc:  # the flag is a convenience; the ack is already stored
+            log.warning(
+                "could not write the sync flag",
+                extra={"pipeline": self.pipeline.name, "error": type(exc).__name__},
+            )
 
     async def _store_in(self, conn: psycopg.AsyncConnection[Any], res: _Results) -> None:
         name = self.pipeline.name

@@ -84,3 +84,45 @@ async def test_bulk_rejections_then_fixed_in_source(
     assert dict(rows) == {"resolved": 20}
     await assert_crm_matches(emu, legacy)
     assert emu.usage()["bulk_jobs"] == 1  # the 20 fixes went by upsert (2 credits)
+
+
+async def test_sync_flag_written_back_without_a_capture_event(
+    legacy: str, emu: EmulatorHandle, client: ZohoClient, make_engine: EngineFactory
+) -> None:
+    from .conftest import pipeline_config
+
+    pipeline = pipeline_config(sync_flag_column="synced")
+    await execute(legacy, *insert_sql(50))
+    await make_engine(client, pipeline).drain()
+    assert await fetch(legacy, "SELECT count(*) FROM public.orders WHERE synced") == [(50,)]
+    # writing the flag produced no outbox event (the trigger ignores that column)
+    assert await fetch(legacy, "SELECT count(*) FROM connector.outbox") == [(50,)]
+    # a row changed after its acknowledged version is not flagged by a late ack
+    await execute(legacy, "UPDATE public.orders SET synced = false, name = 'changed' WHERE id = 1")
+    await make_engine(client, pipeline).drain()
+    assert await fetch(legacy, "SELECT synced FROM public.orders WHERE id = 1") == [(True,)]
+    assert crm_by_key(emu)["1"]["Name"] == "changed"
+
+
+async def test_sync_flag_not_set_on_a_row_that_moved_on(legacy: str, client: ZohoClient) -> None:
+    import json
+    from datetime import UTC, datetime
+
+    from connector.emitter import Emitter
+    from connector.events import ChangeEvent, Op
+
+    from .conftest import pipeline_config
+
+    pipeline = pipeline_config(sync_flag_column="synced")
+    await execute(legacy, *insert_sql(2))
+    images = await fetch(legacy, "SELECT key, row::text FROM connector.outbox ORDER BY key")
+    old = {k: json.loads(r) for k, r in images}
+    await execute(legacy, "UPDATE public.orders SET name = 'moved on' WHERE id = 2")
+    emitter = Emitter(pipeline, client=client, pool=None, source_dsn=legacy)  # type: ignore[arg-type]
+    events = [
+        ChangeEvent(i, "orders", Op.INSERT, k, i, 1, old[k], datetime.now(UTC))
+        for i, k in enumerate(sorted(old), start=1)
+    ]
+    assert await emitter.write_sync_flags(events) == 1
+    rows = await fetch(legacy, "SELECT id, synced FROM public.orders ORDER BY id")
+    assert rows == [(1, True), (2, False)]
