@@ -42,7 +42,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from connector import db
 from connector.config import PipelineConfig, Secrets, Settings
-from connector.errors import ConfigError, ConnectorError, PermanentError
+from connector.errors import ConfigError, ConnectorError, PermanentError, TransientError
 from connector.metrics import Metrics, status_class
 from connector.server import HttpServer, ProbeResult, build_app, callback_url
 
@@ -608,7 +608,13 @@ class Runtime:
                 await self.client.tokens.get()
             checks["token"] = "ok"
         except (ConnectorError, TimeoutError) as exc:
-            checks["token"] = "timeout" if isinstance(exc, TimeoutError) else "invalid_token"
+            checks["token"] = (
+                "timeout"
+                if isinstance(exc, TimeoutError)
+                else "accounts_unreachable"
+                if isinstance(exc, TransientError)
+                else "invalid_token"
+            )
             ok = False
         pipelines = {n: r.state for n, r in self.runners.items() if r.owned or r.state == "failed"}
         role = "owner" if pipelines else "standby"

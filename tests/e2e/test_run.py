@@ -187,3 +187,79 @@ async def test_no_secret_in_logs_metrics_or_status(database: str, tmp_path: Path
     blob = "\n".join(outputs)
     for secret in (*SECRETS, *access_tokens):
         assert secret not in blob
+
+
+async def test_lost_lease_connection_stops_the_pipeline_then_it_recovers(
+    database: str, tmp_path: Path
+):
+    async with emulator() as emu:
+        setup = await prepare(database, tmp_path, emu.url, rows=50, max_staleness="2s")
+        run = ConnectorProcess(setup, tmp_path)
+        await run.start()
+        try:
+            await run.wait_metric('connector_pipeline_up{pipeline="orders"} 1.0')
+            await wait_in_sync(setup, run)
+            async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+                cur = await conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE application_name = 'connector-lease-orders'"
+                )
+                assert [r[0] for r in await cur.fetchall()] == [True]
+            for _ in range(100):
+                if "lost the pipeline lease" in run.logs():
+                    break
+                await asyncio.sleep(0.1)
+            assert "lost the pipeline lease" in run.logs()
+            # nobody else holds the lock: the same process takes the pipeline again
+            await run.wait_metric('connector_pipeline_up{pipeline="orders"} 1.0')
+            await change_orders(database, 20, seed=41)
+            await wait_in_sync(setup, run)
+        finally:
+            assert await run.stop() == 0
+
+
+async def test_logical_capture_pipeline_runs_end_to_end(database: str, tmp_path: Path):
+    async with emulator() as emu:
+        setup = await prepare(database, tmp_path, emu.url, rows=100, capture="logical")
+        run = ConnectorProcess(setup, tmp_path)
+        await run.start()
+        try:
+            await run.wait_http("/readyz")
+            await wait_in_sync(setup, run)
+            await change_orders(database, 40, seed=51)
+            await wait_in_sync(setup, run)
+            await run.wait_metric('connector_replication_slot_lag_bytes{pipeline="orders"}')
+        finally:
+            assert await run.stop() == 0
+
+
+def _cli(setup_config: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "connector", *args, "--config", str(setup_config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(ROOT),
+        timeout=120,
+        check=False,
+    )
+
+
+async def test_snapshot_verb_and_bad_mapping_refused(database: str, tmp_path: Path):
+    async with emulator() as emu:
+        setup = await prepare(database, tmp_path, emu.url, rows=150)
+        proc = await asyncio.to_thread(_cli, setup.config, setup.env(), "snapshot")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        await wait_in_sync(setup, None, timeout=10)
+        # a mapping that does not fit the CRM module is refused at start, naming the key
+        bad = setup.config.with_name("bad.toml")
+        bad.write_text(
+            setup.config.read_text().replace(
+                'quantity       = { field = "Quantity", type = "integer" }',
+                'quantity       = { field = "Quantity", type = "text" }',
+            )
+        )
+        proc = await asyncio.to_thread(_cli, bad, setup.env(), "run")
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "pipelines['orders'].fields.quantity" in proc.stderr
+        assert "integer" in proc.stderr
