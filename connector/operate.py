@@ -70,6 +70,7 @@ async def snapshot(settings: Settings, secrets: Secrets, args: argparse.Namespac
         mode="snapshot",
         restart_snapshot=bool(getattr(args, "restart", False)),
         serve_http=False,
+        snapshot_progress=None,  # a progress bar on a terminal, log lines otherwise
     )
     return await runtime.run()
 
