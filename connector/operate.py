@@ -262,6 +262,13 @@ def _fmt_age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
+def _fmt_time(t: datetime | None) -> str:
+    if t is None:
+        return "never"
+    age = (datetime.now(UTC) - t).total_seconds()
+    return f"{t.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC ({_fmt_age(max(age, 0.0))} ago)"
+
+
 def format_status(doc: dict[str, Any]) -> str:
     c = doc["capture"]
     cr = doc["credits"]
@@ -291,7 +298,7 @@ def format_status(doc: dict[str, Any]) -> str:
         "  keys         "
         + (", ".join(f"{k} {v}" for k, v in sorted(doc["keys"].items())) or "none yet"),
         f"  checkpoint   offset {cp['offset']}, {cp['pending_transactions']} open transaction(s)"
-        f" tracked, {cp['events_passed']} events passed, updated {cp['updated_at'] or 'never'}",
+        f" tracked, updated {_fmt_time(cp['updated_at'])}",
     ]
     if snap is not None:
         total = snap["estimated_rows"]

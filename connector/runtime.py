@@ -306,6 +306,17 @@ def _retry_cause(status: int) -> str | None:
     return None
 
 
+# failures of a pipeline that restart it (back to standby, backoff) instead of ending the process
+RESTARTABLE: tuple[type[BaseException], ...] = (
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    PoolTimeout,
+    TransientError,
+    LeaseLost,
+    OSError,
+)
+
+
 class PipelineRunner:
     """One pipeline in this process: standby until it owns the lease, then the engine."""
 
@@ -338,15 +349,35 @@ class PipelineRunner:
         rt = self.runtime
         name = self.pipeline.name
         up = rt.metrics.pipeline_up.labels(pipeline=name)
+        backoff = 1.0
         try:
             while not rt.stopping.is_set():
                 self.state = "standby"
                 up.set(0)
                 if not await self.lease.acquire(rt.stopping):
                     return
+                started = time.monotonic()
                 try:
                     await self._record_owner()
                     done = await self._own()
+                except RESTARTABLE as exc:
+                    # the database (or the CRM, after the client's own retries) went away:
+                    # nothing unacknowledged is checkpointed, so start the pipeline again
+                    # (and let a standby have it meanwhile) instead of ending the process
+                    done = False
+                    if time.monotonic() - started > 60:
+                        backoff = 1.0
+                    log.warning(
+                        "pipeline interrupted (%s); restarting it in %.0fs",
+                        type(exc).__name__,
+                        backoff,
+                        extra={"pipeline": name},
+                    )
+                    self.state = "standby"
+                    await self.lease.release()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(rt.stopping.wait(), backoff)
+                    backoff = min(backoff * 2, 30.0)
                 finally:
                     up.set(0)
                     await self.lease.release()
@@ -463,11 +494,19 @@ class PipelineRunner:
 
 
 async def _cancel(tasks: Any) -> None:
-    pending = [t for t in tasks if not t.done()]
-    for t in pending:
-        t.cancel()
-    if pending:
-        await asyncio.wait(pending, timeout=10)
+    """Cancel until done: a task whose clean-up awaits (a drain in a ``finally``) is cancelled
+    again, so that "stop now" means now. A task that still runs after that is logged."""
+    tasks = list(tasks)
+    for _ in range(5):
+        pending = [t for t in tasks if not t.done()]
+        if not pending:
+            break
+        for t in pending:
+            t.cancel()
+        await asyncio.wait(pending, timeout=2)
+    for t in tasks:
+        if not t.done():
+            log.error("task did not stop after repeated cancellation", extra={"task": t.get_name()})
     for t in tasks:
         if t.done() and not t.cancelled():
             t.exception()  # retrieved: no "exception was never retrieved" warning
@@ -742,6 +781,8 @@ class Runtime:
                 max_size=settings.database.pool_size,
                 kwargs={"autocommit": True, "application_name": "connector"},
                 name="connector-state",
+                # a connection broken by a server restart is replaced, not handed out
+                check=AsyncConnectionPool.check_connection,
             )
             try:
                 await pool.open(wait=True, timeout=15)

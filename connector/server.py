@@ -97,13 +97,13 @@ def _probe(request: web.Request) -> Probe:
 
 async def _healthz(request: web.Request) -> web.Response:
     result = _probe(request).health()
-    return _json(200 if result.ok else 503, {"ok": result.ok, **result.detail})
+    return _json(200 if result.ok else 503, result.detail)
 
 
 async def _readyz(request: web.Request) -> web.Response:
     result = await _probe(request).readiness()
     request.app[_Keys.metrics].ready.set(1 if result.ok else 0)
-    return _json(200 if result.ok else 503, {"ok": result.ok, **result.detail})
+    return _json(200 if result.ok else 503, result.detail)
 
 
 async def _bulk_callback(request: web.Request) -> web.Response:

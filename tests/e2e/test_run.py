@@ -263,3 +263,23 @@ async def test_snapshot_verb_and_bad_mapping_refused(database: str, tmp_path: Pa
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert "pipelines['orders'].fields.quantity" in proc.stderr
         assert "integer" in proc.stderr
+
+
+async def test_postgresql_restart_is_survived(pg_cluster, database: str, tmp_path: Path):
+    if pg_cluster.server is None:
+        import pytest
+
+        pytest.skip("needs the embedded cluster (CONNECTOR_TEST_DSN is set)")
+    async with emulator() as emu:
+        setup = await prepare(database, tmp_path, emu.url, rows=100, max_staleness="2s")
+        run = ConnectorProcess(setup, tmp_path)
+        await run.start()
+        try:
+            await run.wait_http("/readyz")
+            await wait_in_sync(setup, run)
+            await change_orders(database, 30, seed=61)
+            await asyncio.to_thread(pg_cluster.server.restart, "fast")
+            await change_orders(database, 30, seed=62)
+            await wait_in_sync(setup, run, timeout=120)  # nothing lost, process still alive
+        finally:
+            assert await run.stop() == 0
