@@ -44,7 +44,7 @@ from connector.errors import DataError, TransientError
 from connector.events import ChangeEvent, Op, stamp_of
 from connector.mapping import RecordMapper, dumps_json
 from connector.metrics import Metrics
-from connector.zoho.bulk import BulkJob, BulkRowResult, RowOutcome, build_bulk_zip
+from connector.zoho.bulk import BulkJob, BulkRowResult, JobStatus, RowOutcome, build_bulk_zip
 from connector.zoho.client import MAX_RECORDS_PER_CALL, RecordResult, ZohoClient
 
 log = logging.getLogger(__name__)
@@ -385,7 +385,7 @@ class Emitter:
                     await self.client.bulk_results(
                         job, [e.key for e in entries], key_column=self.pipeline.key_field
                     )
-                    if job.download_url
+                    if job.download_url and job.status is JobStatus.COMPLETED
                     else None
                 )
                 break
@@ -425,7 +425,7 @@ class Emitter:
                     res.reject(event, r.code or "SKIPPED", r.message, r.field, "bulk", None)
                     self._count("bulk", "skipped")
         async with self.pool.connection() as conn, conn.transaction():
-            if job.status.value == "FAILED":
+            if job.status is JobStatus.FAILED:
                 await state.bulk_failed(conn, self.schema, job_row, "job FAILED")
             else:
                 await state.bulk_completed(
@@ -442,7 +442,7 @@ class Emitter:
                 raise RuntimeError(f"bulk job row {job_row} was applied twice")
         await self._sync_flags(res)
         if self.metrics is not None:
-            outcome = "failed" if job.status.value == "FAILED" else "completed"
+            outcome = "failed" if job.status is JobStatus.FAILED else "completed"
             self.metrics.bulk_jobs_total.labels(pipeline=self.pipeline.name, outcome=outcome).inc()
         if by_key is not None:
             done_keys = {a.key for a in res.acks} | {d.key for d in res.dead}

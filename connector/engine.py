@@ -455,7 +455,12 @@ class Engine:
         self._saved_pos = pos
         self._resolved_pos = pos
         if self.metrics is not None:
-            self.metrics.checkpoint_offset.labels(pipeline=self.pipeline.name).set(pos.last_id)
+            name = self.pipeline.name
+            self.metrics.checkpoint_offset.labels(pipeline=name).set(pos.last_id)
+            async with self._pool.connection() as conn:
+                open_letters = await state.open_dead_letter_count(conn, self.schema, name)
+            self.metrics.dead_letters_open.labels(pipeline=name).set(open_letters)
+            self.metrics.api_credits_remaining.set(self._credits_left)
         async with self._changed:
             self._changed.notify_all()
 

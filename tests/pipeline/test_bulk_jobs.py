@@ -120,3 +120,16 @@ async def test_unpaid_intent_is_abandoned_and_sent_again(
     assert [s for _, s, _ in await _job_rows(legacy)] == ["abandoned", "applied"]
     assert sum(credits_by_api(emu).values()) == 500
     await assert_crm_matches(emu, legacy)
+
+
+async def test_failed_job_hands_its_entries_back(
+    legacy: str, emu: EmulatorHandle, make_engine: EngineFactory
+) -> None:
+    emu.set_faults(bulk_fail_next=1)
+    await execute(legacy, *insert_sql(6_000))
+    async with make_client(emu) as client:
+        await make_engine(client).drain()
+    assert [s for _, s, _ in await _job_rows(legacy)] == ["applied", "applied"]
+    assert emu.usage()["bulk_jobs"] == 2
+    await assert_crm_matches(emu, legacy)
+    assert await fetch(legacy, "SELECT count(*) FROM connector.dead_letters") == [(0,)]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import timedelta
+
+import psycopg
 
 from connector.emulator.server import EmulatorHandle
 from connector.engine import drain_plan
@@ -11,6 +14,7 @@ from connector.planner import PendingKey, PlannerInput
 from connector.zoho.client import ZohoClient
 
 from .conftest import (
+    FAST,
     EngineFactory,
     assert_crm_matches,
     credits_by_api,
@@ -27,13 +31,19 @@ async def test_run_waits_then_sends_within_max_staleness_and_stops_cleanly(
     legacy: str, emu: EmulatorHandle, client: ZohoClient, make_engine: EngineFactory
 ) -> None:
     pipeline = pipeline_config(max_staleness=timedelta(seconds=3))
-    engine = make_engine(client, pipeline)
+    # an upsert round trip assumed at 0.2 s until measured: the deadline leaves ~2.5 s to wait
+    options = dataclasses.replace(FAST, default_upsert_latency=0.2)
+    engine = make_engine(client, pipeline, options=options)
     stop = asyncio.Event()
     task = asyncio.create_task(engine.run(stop))
-    await execute(legacy, *insert_sql(150))
-    await execute(legacy, "UPDATE public.orders SET status = 'Paid' WHERE id <= 150")
-    await wait_for(lambda: len(emu.records("Orders")) == 150, timeout=30)
-    # the planner waited for its deadline: updates coalesced into the inserts, and the
+    async with await psycopg.AsyncConnection.connect(legacy) as conn:  # one transaction
+        await conn.execute(*insert_sql(150))
+        await conn.execute("UPDATE public.orders SET status = 'Paid' WHERE id <= 150")
+        await conn.commit()
+    await wait_for(
+        lambda: sum(r.get("Status") == "Paid" for r in emu.records("Orders")) == 150, timeout=30
+    )
+    # updates coalesced into the inserts, and the
     # 150 records left as one full call of 100 and one of 50 (15 credits, not 30)
     assert credits_by_api(emu) == {"upsert": 15}
     await wait_for(lambda: engine.checkpoint.last_id > 0, timeout=10)
@@ -117,3 +127,26 @@ def test_drain_plan_uses_the_cheapest_api_for_the_size() -> None:
     p = drain_plan(inp(250, in_flight=50))
     assert sorted(len(c) for c in p.upserts) == [100, 100]
     assert not {k for c in p.upserts for k in c} & {str(i) for i in range(50)}
+
+
+async def test_metrics_follow_the_pipeline(
+    legacy: str, emu: EmulatorHandle, client: ZohoClient, make_engine: EngineFactory
+) -> None:
+    from connector.metrics import Metrics
+
+    metrics = Metrics(version="test")
+    metrics.add_pipeline("orders", 600)
+    await execute(legacy, *insert_sql(120))
+    await execute(legacy, "UPDATE public.orders SET status = 'Lost' WHERE id = 7")
+    await make_engine(client, metrics=metrics).drain()
+
+    def value(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(f"connector_{name}", labels)
+
+    assert value("records_emitted_total", pipeline="orders", api="upsert", outcome="success") == 119
+    assert value("records_emitted_total", pipeline="orders", api="upsert", outcome="rejected") == 1
+    assert value("dead_letters_total", pipeline="orders", code="INVALID_DATA") == 1
+    assert value("dead_letters_open", pipeline="orders") == 1
+    assert value("pending_keys", pipeline="orders") == 0
+    last = await fetch(legacy, "SELECT max(id) FROM connector.outbox")
+    assert value("checkpoint_offset", pipeline="orders") == last[0][0]
