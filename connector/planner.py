@@ -150,7 +150,21 @@ def plan(inp: PlannerInput) -> Plan:
         return Plan([], [], go_at, "wait: full bulk job held back by the credit reserve", True)
 
     # the oldest change must leave now: flush everything with the cheapest mix in time
+    time_left = oldest + inp.max_staleness - margin(inp) - inp.now
     if mix.credits <= spendable:
+        # a partial last call is charged per started 10 records: the newest few that would
+        # start a new 10 stay for the next flush if they are not due themselves
+        hold = mix.upsert_records % cost.records_per_credit if mix.upsert_records else 0
+        if 0 < hold < mix.upsert_records:
+            rest = ordered[n - hold :]
+            nxt = leave_at(inp, rest[0].oldest_at, hold)[0]
+            if nxt > inp.now + _tick(inp):
+                sent = n - hold
+                m2 = choose_mix(inp, sent, time_left)
+                if m2.credits < mix.credits:
+                    ups, bulk = _split(inp, keys[:sent], m2)
+                    why = f"flush {sent} at deadline, {hold} newest wait: {_describe(m2)}"
+                    return Plan(ups, bulk, nxt, why, False)
         ups, bulk = _split(inp, keys, mix)
         return Plan(ups, bulk, None, f"flush {n} at deadline: {_describe(mix)}", False)
 
@@ -162,7 +176,6 @@ def plan(inp: PlannerInput) -> Plan:
     due = 0
     while due < n and ordered[due].oldest_at <= limit:
         due += 1
-    time_left = oldest + inp.max_staleness - margin(inp) - inp.now
     sent, m_due = _fit(inp, due, max(0, inp.credits_left), time_left)
     ups, bulk = _split(inp, keys[:sent], m_due)
     rest = ordered[sent:]
