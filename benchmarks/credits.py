@@ -484,6 +484,7 @@ def chart(name: str, res: dict[str, Any], out: Path) -> str:
     ax1.set_title(f"{name}: credits through the day")
     ax2.axvline(MAX_STALENESS, color="red", linestyle="--", linewidth=1, label="max_staleness")
     ax2.set_xscale("symlog", linthresh=10)
+    ax2.set_xlim(left=0)
     ax2.set_xlabel("staleness (s, commit → answered by the CRM)")
     ax2.set_ylabel("fraction of changes")
     ax2.set_title(f"{name}: staleness distribution (CDF)")
