@@ -178,3 +178,70 @@ async def test_snapshot_refuses_without_capture(database: str) -> None:
     )
     with pytest.raises(PermanentError, match="capture is not installed"):
         await snap.prepare()
+
+
+async def test_snapshot_rejections_are_dead_lettered_and_fixed_rows_arrive(
+    legacy: str, emu: EmulatorHandle, make_engine: EngineFactory
+) -> None:
+    n = 6_000
+    bad = list(range(50, 1_050, 50))  # 20 keys
+    await execute(legacy, *insert_sql(n))
+    await execute(legacy, "UPDATE public.orders SET status = 'Lost' WHERE id = ANY(%s)", (bad,))
+    await execute(legacy, "DELETE FROM connector.outbox")
+    pipeline = pipeline_config(snapshot="auto")
+    async with make_client(emu) as client:
+        await make_engine(client, pipeline).drain()
+        letters = await fetch(
+            legacy,
+            "SELECT key::int, error_code, error_field FROM connector.dead_letters"
+            " WHERE status = 'open' ORDER BY key::int",
+        )
+        assert [r[0] for r in letters] == bad
+        assert {(r[1], r[2]) for r in letters} == {("INVALID_DATA", "Status")}
+        report = (await fetch(legacy, "SELECT report FROM connector.snapshots"))[0][0]
+        assert (report["sent"], report["skipped"]) == (n - 20, 20)
+
+        await execute(legacy, "UPDATE public.orders SET status = 'New' WHERE id = ANY(%s)", (bad,))
+        await make_engine(client, pipeline).drain()
+    await assert_crm_matches(emu, legacy)
+    rows = await fetch(legacy, "SELECT status, count(*) FROM connector.dead_letters GROUP BY 1")
+    assert rows == [("resolved", 20)]
+
+
+async def test_progress_is_logged_once_per_chunk_without_a_terminal(
+    legacy: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from connector.snapshot import SnapshotProgress
+
+    await _preexisting(legacy, 2_500)
+    pipeline = pipeline_config(snapshot="auto", snapshot_chunk_size=1_000)
+    snap = Snapshotter(
+        pipeline,
+        source_dsn=legacy,
+        state_dsn=legacy,
+        schema=SCHEMA,
+        progress=SnapshotProgress("orders", terminal=False),
+    )
+    with caplog.at_level(logging.INFO, logger="connector.snapshot"):
+        row = await snap.run()
+    lines = [r for r in caplog.records if r.getMessage() == "snapshot chunk"]
+    assert [(r.chunk, r.rows_done) for r in lines] == [(1, 1_000), (2, 2_000), (3, 2_500)]  # type: ignore[attr-defined]
+    assert row.rows_read == 2_500 and row.chunks_done == 3 and row.status == "running"
+    report = await snap.finish()
+    assert report["rows_read"] == 2_500 and report["chunks"] == 3
+
+
+async def test_rich_progress_bar_on_a_terminal(legacy: str) -> None:
+    from connector.snapshot import SnapshotProgress
+
+    await _preexisting(legacy, 1_500)
+    pipeline = pipeline_config(snapshot="auto", snapshot_chunk_size=1_000)
+    progress = SnapshotProgress("orders", terminal=True)
+    snap = Snapshotter(
+        pipeline, source_dsn=legacy, state_dsn=legacy, schema=SCHEMA, progress=progress
+    )
+    row = await snap.run()
+    assert row.rows_read == 1_500
+    assert progress._progress is None  # started, updated per chunk, stopped
