@@ -462,8 +462,22 @@ class PipelineRunner:
             work = [t for k, t in tasks.items() if k != "lease"]
             drain = rt.settings.server.drain_timeout.total_seconds()
             started = time.monotonic()
-            _, pending = await asyncio.wait(work, timeout=drain)
-            if pending:
+            lease_task = tasks["lease"]
+            pending = set(work)
+            while pending and not lease_task.done():
+                left = drain - (time.monotonic() - started)
+                if left <= 0:
+                    break
+                _, pending = await asyncio.wait(
+                    [*pending, lease_task], timeout=left, return_when=asyncio.FIRST_COMPLETED
+                )
+                pending.discard(lease_task)
+            if lease_task.done() and pending:
+                log.error(
+                    "lost the pipeline lease while draining; abandoning in-flight work now",
+                    extra={"pipeline": name},
+                )
+            elif pending:
                 log.warning(
                     "drain timeout: abandoning in-flight work (it stays in the outbox and is"
                     " re-sent by the next owner)",
@@ -486,7 +500,8 @@ class PipelineRunner:
             self.state = "stopped"
             return True
         finally:
-            stop_wait.cancel()
+            for t in (*tasks.values(), stop_wait):
+                t.cancel()  # no-op for finished tasks; never leave one behind if we are cancelled
             with contextlib.suppress(asyncio.CancelledError):
                 await stop_wait
             self.engine = None
@@ -709,6 +724,8 @@ class Runtime:
         while True:
             try:
                 await self.update_gauges()
+                ready = await self.readiness()
+                self.metrics.ready.set(1 if ready.ok else 0)
             except (psycopg.Error, PoolTimeout) as exc:
                 log.warning("periodic gauges failed: %s", type(exc).__name__)
             await asyncio.sleep(GAUGE_INTERVAL)
