@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -43,7 +43,7 @@ from connector.config import PipelineConfig
 from connector.costs import CostModel
 from connector.emitter import CallbackUrl, CreditRecorder, EmitOutcome, Emitter, acting_for
 from connector.errors import TransientError
-from connector.events import ChangeEvent
+from connector.events import ChangeEvent, stamp_of
 from connector.metrics import Metrics
 from connector.outbox import OutboxListener, ReadPosition
 from connector.planner import PendingKey, Plan, PlannerInput, choose_mix, plan
@@ -53,6 +53,12 @@ from connector.zoho.client import ZohoClient
 log = logging.getLogger(__name__)
 
 SnapshotMode = Literal["auto", "never", "force"]
+
+
+@dataclass
+class ReplayReport:
+    events: int = 0  # outbox events in the range
+    sent_keys: int = 0  # keys sent (newest version each)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +160,72 @@ class Engine:
         await self._run(stop or asyncio.Event(), until_idle=True)
         return self.snapshot_report
 
+    async def replay(
+        self,
+        *,
+        from_offset: int | None = None,
+        to_offset: int | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        key: str | None = None,
+        resend: bool = False,
+    ) -> ReplayReport:
+        """Send an outbox range again (``connector replay``), newest version per key, with the
+        cheapest API for its size. Never stale: an event older than what ``key_state`` holds
+        for its key is skipped. Without ``resend`` an event equal to the acknowledged one is
+        skipped too (replay is then idempotent: only what never reached the CRM goes); with
+        ``resend`` the acknowledged version is sent again (e.g. after records were lost on the
+        CRM side). The checkpoint is not touched. Not while ``run`` runs for this pipeline."""
+        report = ReplayReport()
+        saved = self.coalescer, self.tracker
+        self.tracker = BatchTracker()
+        self.coalescer = Coalescer(self.tracker)
+        try:
+            async with self._resources():
+                assert self._pool is not None
+                batch = 0
+                async with self._pool.connection() as conn:
+                    async for page in outbox.read_range(
+                        conn,
+                        self.schema,
+                        self.pipeline.name,
+                        from_offset=from_offset,
+                        to_offset=to_offset,
+                        since=since,
+                        until=until,
+                        key=key,
+                    ):
+                        report.events += len(page)
+                        keys = sorted({ev.key for ev in page})
+                        known = await state.key_states(conn, self.schema, self.pipeline.name, keys)
+                        batch += 1
+                        self.tracker.register(batch, len(page))
+                        for ev in page:
+                            ks = known.get(ev.key)
+                            if ks is not None and ks.stamp is not None:
+                                stale = ks.stamp.newer_than(stamp_of(ev))
+                                same = not stale and not ev.newer_than(ks.stamp)
+                                if stale or (same and not resend):
+                                    self.coalescer.set_acked(ev.key, ks.stamp)
+                            self.coalescer.add(ev, batch)
+                            self.coalescer.set_acked(ev.key, None)
+                report.sent_keys = len(self.coalescer)
+                self._drain_all = True
+                while len(self.coalescer) or self._tasks:
+                    self._raise_failed()
+                    now = _now()
+                    self._dispatch(now)
+                    if self._tasks:
+                        await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
+                    elif len(self.coalescer):
+                        await asyncio.sleep(max(0.0, self._retry_until - _now()))
+                    await self._flush_credits()
+                self._raise_failed()
+        finally:
+            self.coalescer, self.tracker = saved
+            self._drain_all = False
+        return report
+
     def flush_all(self) -> None:
         """While ``run`` runs: send everything pending now instead of waiting for deadlines
         (one flush; later changes are planned normally again)."""
@@ -169,7 +241,9 @@ class Engine:
         return self._saved_pos
 
     # ------------------------------------------------------------------ the loop
-    async def _run(self, stop: asyncio.Event, *, until_idle: bool) -> None:
+    @contextlib.asynccontextmanager
+    async def _resources(self) -> AsyncIterator[None]:
+        """The state pool, the emitter and the credit hook, for one run / drain / replay."""
         name = self.pipeline.name
         if self.credits is None:
             self._prev_hook = self.client.on_call
@@ -184,40 +258,22 @@ class Engine:
             open=False,
             name=f"engine-{name}",
         )
-        await pool.open(wait=True)
-        self._pool = pool
-        self.emitter = Emitter(
-            self.pipeline,
-            client=self.client,
-            pool=pool,
-            schema=self.schema,
-            metrics=self.metrics,
-            source_dsn=self.source_dsn,
-            callback_url=self.callback_url,
-            bulk_poll_initial=self.options.bulk_poll_initial,
-            bulk_poll_max=self.options.bulk_poll_max,
-        )
-        listener = OutboxListener(self.state_dsn, self.schema, [name])
-        reader: psycopg.AsyncConnection[Any] | None = None
-        abrupt = False
         try:
-            await listener.start()
-            reader = await psycopg.AsyncConnection.connect(self.state_dsn, autocommit=True)
-            self._read_pos = await outbox.load_checkpoint(reader, self.schema, name)
-            self._saved_pos = self._resolved_pos = self._read_pos
-            with acting_for(name):
-                await self.emitter.recover()
-            await self._flush_credits()
-            await self._maybe_start_snapshot(stop)
-            await self._loop(stop, reader, listener, until_idle=until_idle)
-        except asyncio.CancelledError:
-            abrupt = True
-            raise
+            await pool.open(wait=True)
+            self._pool = pool
+            self.emitter = Emitter(
+                self.pipeline,
+                client=self.client,
+                pool=pool,
+                schema=self.schema,
+                metrics=self.metrics,
+                source_dsn=self.source_dsn,
+                callback_url=self.callback_url,
+                bulk_poll_initial=self.options.bulk_poll_initial,
+                bulk_poll_max=self.options.bulk_poll_max,
+            )
+            yield
         finally:
-            await self._shutdown(abrupt=abrupt)
-            if reader is not None:
-                await reader.close()
-            await listener.close()
             with contextlib.suppress(Exception):
                 await self._flush_credits()
             await pool.close()
@@ -226,6 +282,32 @@ class Engine:
                 self.client.on_call = self._prev_hook
                 self.credits = None
                 self._installed_hook = False
+
+    async def _run(self, stop: asyncio.Event, *, until_idle: bool) -> None:
+        name = self.pipeline.name
+        async with self._resources():
+            assert self.emitter is not None
+            listener = OutboxListener(self.state_dsn, self.schema, [name])
+            reader: psycopg.AsyncConnection[Any] | None = None
+            abrupt = False
+            try:
+                await listener.start()
+                reader = await psycopg.AsyncConnection.connect(self.state_dsn, autocommit=True)
+                self._read_pos = await outbox.load_checkpoint(reader, self.schema, name)
+                self._saved_pos = self._resolved_pos = self._read_pos
+                with acting_for(name):
+                    await self.emitter.recover()
+                await self._flush_credits()
+                await self._maybe_start_snapshot(stop)
+                await self._loop(stop, reader, listener, until_idle=until_idle)
+            except asyncio.CancelledError:
+                abrupt = True
+                raise
+            finally:
+                await self._shutdown(abrupt=abrupt)
+                if reader is not None:
+                    await reader.close()
+                await listener.close()
 
     async def _loop(
         self,
@@ -349,8 +431,8 @@ class Engine:
                     "bulk_jobs": len(p.bulk),
                 },
             )
-        if self.metrics is not None and p.budget_alert:
-            self.metrics.api_credits_below_reserve.set(1)
+        if self.metrics is not None:
+            self.metrics.api_credits_below_reserve.set(1 if p.budget_alert else 0)
         return p.wake_at
 
     def _plan(self, now: float) -> Plan | None:

@@ -150,3 +150,29 @@ async def test_metrics_follow_the_pipeline(
     assert value("pending_keys", pipeline="orders") == 0
     last = await fetch(legacy, "SELECT max(id) FROM connector.outbox")
     assert value("checkpoint_offset", pipeline="orders") == last[0][0]
+
+
+async def test_replay_is_idempotent_and_never_stale(
+    legacy: str, emu: EmulatorHandle, client: ZohoClient, make_engine: EngineFactory
+) -> None:
+    await execute(legacy, *insert_sql(100))
+    await make_engine(client).drain()
+    first = await fetch(legacy, "SELECT max(id) FROM connector.outbox")
+    await execute(legacy, "UPDATE public.orders SET name = 'second' WHERE id = 1")
+    await make_engine(client).drain()
+    calls = emu.usage()["totals"]["calls"]
+
+    # plain replay of everything: all acknowledged already, nothing is sent
+    report = await make_engine(client).replay()
+    assert (report.events, report.sent_keys) == (101, 0)
+    assert emu.usage()["totals"]["calls"] == calls
+
+    # the CRM lost its records: resend the first range; key 1's older version is not sent
+    emu.reset()
+    report = await make_engine(client).replay(to_offset=first[0][0], resend=True)
+    assert report.sent_keys == 99
+    assert "1" not in crm_by_key(emu)
+    report = await make_engine(client).replay(resend=True)
+    assert report.sent_keys == 100
+    await assert_crm_matches(emu, legacy)
+    assert crm_by_key(emu)["1"]["Name"] == "second"
