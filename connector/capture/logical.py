@@ -335,6 +335,8 @@ class _Codec:
     key_cols: list[int]
     ignored: frozenset[int] = frozenset()
     varlen: tuple[int, ...] = ()  # columns of types that can be TOASTed
+    encode: vals.RowEncoder | None = None  # fused decode + convert of a whole tuple
+    heads: dict[str, bytes] = field(default_factory=dict)  # op -> b"<pipeline>\t<op>\t"
 
 
 @dataclass
@@ -348,9 +350,14 @@ class _Event:
     deferred: list[tuple[int, int, str]] | None = None  # (column, kind, text for _SERVER)
 
 
+_Row = tuple[bytes, bytes, int, int]
+"""A row ready for COPY (the fast path): ``(head, body, xid, commit_lsn)``; ``head`` is
+``\\t<pipeline>\\t<op>\\t<key>\\t`` and ``body`` the JSON image, both COPY-escaped."""
+
+
 @dataclass
 class _Pending:
-    events: list[_Event] = field(default_factory=list)
+    events: list[_Event | _Row] = field(default_factory=list)
     committed: int = 0  # events[:committed] belong to committed source transactions
     last_end_lsn: int = 0
     last_xid: int = 0
@@ -363,7 +370,7 @@ class _Batch:
     """One unit of work for the writer task: rows to COPY, and, when ``end_lsn`` is set, the
     commit of the outbox transaction (with capture_state) after them."""
 
-    events: list[_Event]
+    events: list[_Event | _Row]
     end_lsn: int = 0
     xid: int = 0
     transactions: int = 0
@@ -584,6 +591,11 @@ class LogicalCapture:
         decode_tuple = po.decode_tuple
         unpack_xlog = po._XLOG.unpack_from
         unpack_rel = po._U32.unpack_from
+        unpack_begin = po._BEGIN.unpack_from
+        unpack_commit = po._COMMIT.unpack_from
+        escape = vals.copy_escape
+        needs_server = vals.NeedsServer
+        codecs = self._codecs
         monotonic = time.monotonic
         while True:
             nbytes, view = get(1)
@@ -591,17 +603,37 @@ class LogicalCapture:
                 data = bytes(view)
                 kind = data[0]
                 if kind == 0x77:  # 'w' XLogData
-                    start, _end, _ts = unpack_xlog(data, 1)
-                    self._received = max(self._received, start)
                     m = data[25]
                     if m in {73, 85, 68}:  # I / U / D
                         if skip:
                             continue
                         (relid,) = unpack_rel(data, 26)
-                        codec = self._codecs.get(relid)
+                        codec = codecs.get(relid)
                         if codec is None:
                             continue
-                        if m == 0x49:
+                        # fast path: an insert, or an update without an old tuple, whose
+                        # values are all sent as text and convertible from it
+                        res = None
+                        if (m == 0x49 or data[30] == 0x4E) and codec.encode is not None:
+                            try:
+                                res = codec.encode(data, 31)
+                            except needs_server:
+                                res = None
+                        if res is not None and (rkey := res[1]) is not None:
+                            body = res[0]
+                            if self._toast:
+                                self._forget(rkey.decode())
+                            pending.events.append(
+                                (
+                                    codec.heads["insert" if m == 0x49 else "update"]
+                                    + escape(rkey)
+                                    + b"\t",
+                                    escape(body),
+                                    xid,
+                                    commit_lsn,
+                                )
+                            )
+                        elif m == 0x49:
                             new, _ = decode_tuple(data, 31)
                             self._on_row("insert", codec, new, None, None, xid, commit_lsn)
                         else:
@@ -628,14 +660,16 @@ class LogicalCapture:
                             pending.committed = 0
                             self._spilled_open = True
                         continue
-                    msg = po.decode(data[25:])
-                    if isinstance(msg, po.Begin):
+                    if m == 0x42:  # 'B' Begin
+                        commit_lsn, _ts, xid = unpack_begin(data, 26)
                         in_txn = True
-                        xid = msg.xid
-                        commit_lsn = msg.final_lsn
                         # a commit record before the stored one ends at or before it: a replay
-                        skip = msg.final_lsn < self._skip_below
-                    elif isinstance(msg, po.Commit):
+                        skip = commit_lsn < self._skip_below
+                        continue
+                    start, _end, _ts = unpack_xlog(data, 1)
+                    self._received = max(self._received, start)
+                    if m == 0x43:  # 'C' Commit
+                        _flags, _lsn, end_lsn, _ts = unpack_commit(data, 26)
                         in_txn = False
                         now = monotonic()
                         last_activity = now
@@ -647,14 +681,14 @@ class LogicalCapture:
                         if len(pending.events) > pending.committed or spilled:
                             self._spilled_open = False
                             pending.committed = len(pending.events)
-                            pending.last_end_lsn = msg.end_lsn
+                            pending.last_end_lsn = end_lsn
                             pending.last_xid = xid
                             pending.transactions += 1
                             if pending.first_commit_at is None:
                                 pending.first_commit_at = now
                         elif not pending.transactions and not self._inflight:
                             # nothing of ours in it and nothing unstored before it
-                            self._confirmed = max(self._confirmed, msg.end_lsn)
+                            self._confirmed = max(self._confirmed, end_lsn)
                         if pending.transactions and (
                             pending.committed >= self.batch_rows
                             or spilled
@@ -667,7 +701,9 @@ class LogicalCapture:
                             await self._drain()
                             self._send_status()
                             return
-                    elif isinstance(msg, po.Relation):
+                        continue
+                    msg = po.decode(data[25:])
+                    if isinstance(msg, po.Relation):
                         await self._on_relation(msg)
                     elif isinstance(msg, po.Truncate):
                         if not skip:
@@ -748,15 +784,26 @@ class LogicalCapture:
                 f"{_key(self.pipeline, 'key_column')}: column {self.pipeline.key_column!r} "
                 f"is no longer in {self.pipeline.source_table!r}"
             )
+        convs = [self._types.converter(o) for o in oids]
+        key_idx = names.index(self.pipeline.key_column)
+        varlen = tuple(i for i, o in enumerate(oids) if o not in vals.FIXED_LENGTH)
+        pipe = vals.copy_escape(self.pipeline.name.encode())
         codec = _Codec(
             relation=rel,
-            convs=[self._types.converter(o) for o in oids],
+            convs=convs,
             prefixes=[vals.dumps_str(n) + ":" for n in names],
             names=names,
-            key_idx=names.index(self.pipeline.key_column),
+            key_idx=key_idx,
             key_cols=[i for i, c in enumerate(rel.columns) if c.is_key],
-            varlen=tuple(i for i, o in enumerate(oids) if o not in vals.FIXED_LENGTH),
+            varlen=varlen,
             ignored=frozenset(i for i, n in enumerate(names) if n in self.pipeline.ignore_columns),
+            encode=vals.row_encoder(
+                names, oids, convs, key_idx=key_idx, varlen=frozenset(varlen), big=TOAST_CANDIDATE
+            ),
+            heads={
+                op: b"\t" + pipe + b"\t" + op.encode() + b"\t"
+                for op in ("insert", "update", "delete")
+            },
         )
         self._codecs[rel.oid] = codec
         # a new Relation may change column positions or types: cached images are stale
@@ -1011,35 +1058,48 @@ class LogicalCapture:
             raise PermanentError(f"type OID {oid} cannot be converted")
         return info.sql_name
 
-    async def _write(self, events: list[_Event]) -> None:
-        """COPY the events into the open outbox transaction (opened here if needed)."""
+    def _render(self, ev: _Event) -> _Row:
+        """An event of the general path (deferred values resolved) as a COPY-ready row."""
+        prefixes = ev.codec.prefixes
+        body = ",".join(prefixes[i] + f for i, f in enumerate(ev.frags) if f is not None)
+        return (
+            ev.codec.heads[ev.op] + vals.copy_escape(ev.key.encode()) + b"\t",
+            vals.copy_escape(("{" + body + "}").encode()),
+            ev.xid,
+            ev.commit_lsn,
+        )
+
+    async def _write(self, events: list[_Event | _Row]) -> None:
+        """COPY the events into the open outbox transaction (opened here if needed), as one
+        text-format buffer."""
         if not events:
             return
-        await self._resolve(events)
+        slow = [ev for ev in events if isinstance(ev, _Event)]
+        if slow:
+            await self._resolve(slow)
         ref = await self._xid_reference()
-        n = len(events)
         cur = await self._state.execute(
-            "SELECT nextval(%s::regclass) FROM generate_series(1, %s)", (self._seq, n)
+            "SELECT nextval(%s::regclass) FROM generate_series(1, %s)", (self._seq, len(events))
         )
         ids = sorted(r[0] for r in await cur.fetchall())
-        pipeline = self.pipeline.name
         widen = po.widen_xid
         lsn_str = po.lsn_to_str
-        xid_cache: dict[int, str] = {}
-        lsn_cache: dict[int, str] = {}
+        render = self._render
+        last_xid = last_lsn = -1
+        sx = sl = b""
+        lines: list[bytes] = []
+        append = lines.append
+        for ident, ev in zip(ids, events, strict=True):
+            head, body, xid, lsn = render(ev) if isinstance(ev, _Event) else ev
+            if xid != last_xid:
+                sx = b"%d" % widen(xid, ref)
+                last_xid = xid
+            if lsn != last_lsn:
+                sl = lsn_str(lsn).encode()
+                last_lsn = lsn
+            append(b"%d%s%d\t%s\t%s\t%s\n" % (ident, head, ident, sx, sl, body))
         async with self._state.cursor() as c, c.copy(self._copy_sql) as copy:
-            for ident, ev in zip(ids, events, strict=True):
-                sx = xid_cache.get(ev.xid)
-                if sx is None:
-                    sx = xid_cache[ev.xid] = str(widen(ev.xid, ref))
-                sl = lsn_cache.get(ev.commit_lsn)
-                if sl is None:
-                    sl = lsn_cache[ev.commit_lsn] = lsn_str(ev.commit_lsn)
-                prefixes = ev.codec.prefixes
-                body = ",".join(prefixes[i] + f for i, f in enumerate(ev.frags) if f is not None)
-                await copy.write_row(
-                    (ident, pipeline, ev.op, ev.key, ident, sx, sl, "{" + body + "}")
-                )
+            await copy.write(b"".join(lines))
 
     async def _flush(self) -> None:
         """Hand the committed events to the writer (which commits them together with
