@@ -29,13 +29,13 @@ import contextvars
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from connector import state
 from connector.coalesce import PendingEntry
@@ -348,8 +348,10 @@ class Emitter:
                 async with self.pool.connection() as conn:
                     await state.bulk_finish(conn, self.schema, job_row, state.BulkStatus.ABANDONED)
                 return EmitOutcome(retry=[e for e, _ in rows])
-            async with self.pool.connection() as conn:
-                await state.bulk_created(conn, self.schema, job_row, job_id, secret)
+            # the job is paid for: its id must be recorded, however long the database is away
+            await self._until_stored(
+                lambda conn: state.bulk_created(conn, self.schema, job_row, job_id, secret)
+            )
             log.info(
                 "bulk job created",
                 extra={"pipeline": self.pipeline.name, "job_id": job_id, "records": len(rows)},
@@ -396,7 +398,35 @@ class Emitter:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
-        return await self._apply(job_row, job, results, entries, by_key)
+        delay = 0.5
+        while True:
+            try:
+                return await self._apply(job_row, job, results, entries, by_key)
+            except (psycopg.OperationalError, PoolTimeout) as exc:
+                log.warning(
+                    "cannot store the bulk job's result yet; retrying",
+                    extra={"pipeline": self.pipeline.name, "job_id": job_id, "error": str(exc)},
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def _until_stored(
+        self, write: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]
+    ) -> None:
+        """Run a state write, retrying while the database is unreachable."""
+        delay = 0.5
+        while True:
+            try:
+                async with self.pool.connection() as conn:
+                    await write(conn)
+                return
+            except (psycopg.OperationalError, PoolTimeout) as exc:
+                log.warning(
+                    "state database unavailable; retrying",
+                    extra={"pipeline": self.pipeline.name, "error": str(exc)},
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     async def _apply(
         self,

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import psycopg
 from psycopg import sql
 from psycopg.rows import tuple_row
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from connector import outbox, state
 from connector.coalesce import BatchTracker, Coalescer, PendingEntry
@@ -325,7 +325,7 @@ class Engine:
             try:
                 read_any = await self._read(reader)
                 backoff = 0.1
-            except psycopg.OperationalError as exc:
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 log.warning("outbox read failed; reconnecting", extra={"error": str(exc)})
                 await _sleep_or_stop(stop, backoff)
                 backoff = min(backoff * 2, 10.0)
@@ -340,8 +340,11 @@ class Engine:
             now = _now()
             wake_at = self._dispatch(now)
             # -- checkpoint
-            await self._save_checkpoint()
-            await self._flush_credits()
+            try:
+                await self._save_checkpoint()
+                await self._flush_credits()
+            except (psycopg.OperationalError, PoolTimeout) as exc:
+                log.warning("cannot checkpoint yet; retrying", extra={"error": str(exc)})
             self._export_gauges(now)
             if until_idle and self._idle():
                 log.info("pipeline drained", extra={"pipeline": name})
@@ -478,7 +481,7 @@ class Engine:
         async def job() -> EmitOutcome:
             try:
                 outcome = await send(entries)
-            except (TransientError, psycopg.OperationalError) as exc:
+            except (TransientError, psycopg.OperationalError, PoolTimeout) as exc:
                 log.warning("%s call failed; entries stay pending", kind, extra={"error": str(exc)})
                 outcome = EmitOutcome(retry=list(entries))
             except BaseException:
@@ -630,15 +633,25 @@ class Engine:
         self._force_restart = False
 
         async def run_snapshot() -> None:
-            # chunks written before a restart go first, each as its own flush
-            await self._wait_snapshot_resolved()
-            with acting_for(self.pipeline.name):
-                row = await snap.run(stop, chunk_sent=self._chunk_sent)
-            if row.status == "running" and not stop.is_set():
-                # every chunk is written; wait until its last row is resolved (chunk_sent
-                # waited for each chunk of this run; a resumed run may have older ones)
-                await self._wait_snapshot_resolved()
-                self.snapshot_report = await snap.finish()
+            delay = 0.5
+            while True:
+                try:
+                    # chunks written before a restart go first, each as its own flush
+                    await self._wait_snapshot_resolved()
+                    with acting_for(self.pipeline.name):
+                        row = await snap.run(stop, chunk_sent=self._chunk_sent)
+                    if row.status == "running" and not stop.is_set():
+                        # every chunk is written; wait until its last row is resolved
+                        await self._wait_snapshot_resolved()
+                        self.snapshot_report = await snap.finish()
+                    return
+                except (psycopg.OperationalError, PoolTimeout) as exc:
+                    # resumable by construction: go on from the last committed chunk
+                    log.warning("snapshot interrupted; resuming", extra={"error": str(exc)})
+                    await _sleep_or_stop(stop, delay)
+                    delay = min(delay * 2, 30.0)
+                    if stop.is_set():
+                        return
 
         self._snapshot_task = asyncio.create_task(
             run_snapshot(), name=f"snapshot:{self.pipeline.name}"
