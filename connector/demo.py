@@ -26,6 +26,7 @@ import random
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -523,6 +524,7 @@ async def run_demo(
         f"[bold]connector demo[/bold]: {rows} orders, {duration:.0f}s of live changes at "
         f"{rate:g}/s (work dir {tmp})"
     )
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")  # pgserver's platformdirs
     pg = EmbeddedPostgres(tmp / "pg")
     await asyncio.to_thread(pg.start)
     try:
@@ -562,6 +564,7 @@ async def run_demo(
             workload = Workload(dsn, ids)
             view = LiveView(runtime, emu, workload, rows)
             stop_view = asyncio.Event()
+            interrupted = False
             watcher = asyncio.create_task(_watch(view, stop_view), name="demo:view")
             try:
                 view.phase = "initial sync (Bulk Write)"
@@ -571,16 +574,20 @@ async def run_demo(
                 result.credits_initial_sync = _credits(_sync_usage(emu))
                 view.phase = "live changes"
                 mono_to_wall = time.time() - time.monotonic()
-                await workload.run(duration, rate)
+                await workload.run(duration, rate, stop=runtime.stopping)
                 view.phase = "draining"
                 await _drained(dsn, runtime, runtime_task)
+            except RuntimeError as exc:
+                out.print(f"[red]{exc}[/red]")
+                interrupted = True
             finally:
                 stop_view.set()
                 await watcher
                 runtime.request_stop()
                 rc = await runtime_task
-            if rc != 0:
-                out.print("[red]the connector stopped with an error (see the log above)[/red]")
+            if rc != 0 or interrupted:
+                if rc != 0:
+                    out.print("[red]the connector stopped with an error (see the log)[/red]")
                 return 1
             async with ZohoClient.from_config(
                 settings.crm,
