@@ -336,7 +336,9 @@ class _Codec:
     ignored: frozenset[int] = frozenset()
     varlen: tuple[int, ...] = ()  # columns of types that can be TOASTed
     encode: vals.RowEncoder | None = None  # fused decode + convert of a whole tuple
-    heads: dict[str, bytes] = field(default_factory=dict)  # op -> b"<pipeline>\t<op>\t"
+    heads: dict[str, bytes] = field(default_factory=dict)  # op -> b"\t<pipeline>\t<op>\t"
+    head_insert: bytes = b""
+    head_update: bytes = b""
 
 
 @dataclass
@@ -350,9 +352,9 @@ class _Event:
     deferred: list[tuple[int, int, str]] | None = None  # (column, kind, text for _SERVER)
 
 
-_Row = tuple[bytes, bytes, int, int]
-"""A row ready for COPY (the fast path): ``(head, body, xid, commit_lsn)``; ``head`` is
-``\\t<pipeline>\\t<op>\\t<key>\\t`` and ``body`` the JSON image, both COPY-escaped."""
+_Row = tuple[bytes, bytes, int, int, bytes]
+"""A row ready for COPY (the fast path): ``(head, body, xid, commit_lsn, raw key)``; ``head``
+is ``\\t<pipeline>\\t<op>\\t<key>\\t`` and ``body`` the JSON image, both COPY-escaped."""
 
 
 @dataclass
@@ -593,7 +595,6 @@ class LogicalCapture:
         unpack_rel = po._U32.unpack_from
         unpack_begin = po._BEGIN.unpack_from
         unpack_commit = po._COMMIT.unpack_from
-        escape = vals.copy_escape
         needs_server = vals.NeedsServer
         codecs = self._codecs
         monotonic = time.monotonic
@@ -613,26 +614,22 @@ class LogicalCapture:
                             continue
                         # fast path: an insert, or an update without an old tuple, whose
                         # values are all sent as text and convertible from it
-                        res = None
+                        row = None
                         if (m == 0x49 or data[30] == 0x4E) and codec.encode is not None:
                             try:
-                                res = codec.encode(data, 31)
-                            except needs_server:
-                                res = None
-                        if res is not None and (rkey := res[1]) is not None:
-                            body = res[0]
-                            if self._toast:
-                                self._forget(rkey.decode())
-                            pending.events.append(
-                                (
-                                    codec.heads["insert" if m == 0x49 else "update"]
-                                    + escape(rkey)
-                                    + b"\t",
-                                    escape(body),
+                                row = codec.encode(
+                                    data,
+                                    31,
+                                    codec.head_insert if m == 0x49 else codec.head_update,
                                     xid,
                                     commit_lsn,
                                 )
-                            )
+                            except needs_server:
+                                row = None
+                        if row is not None:
+                            if self._toast:
+                                self._forget(row[4].decode())
+                            pending.events.append(row)
                         elif m == 0x49:
                             new, _ = decode_tuple(data, 31)
                             self._on_row("insert", codec, new, None, None, xid, commit_lsn)
@@ -805,6 +802,8 @@ class LogicalCapture:
                 for op in ("insert", "update", "delete")
             },
         )
+        codec.head_insert = codec.heads["insert"]
+        codec.head_update = codec.heads["update"]
         self._codecs[rel.oid] = codec
         # a new Relation may change column positions or types: cached images are stale
         self._toast.clear()
@@ -1067,6 +1066,7 @@ class LogicalCapture:
             vals.copy_escape(("{" + body + "}").encode()),
             ev.xid,
             ev.commit_lsn,
+            b"",
         )
 
     async def _write(self, events: list[_Event | _Row]) -> None:
@@ -1083,19 +1083,18 @@ class LogicalCapture:
         )
         ids = sorted(r[0] for r in await cur.fetchall())
         widen = po.widen_xid
-        lsn_str = po.lsn_to_str
         render = self._render
         last_xid = last_lsn = -1
         sx = sl = b""
         lines: list[bytes] = []
         append = lines.append
         for ident, ev in zip(ids, events, strict=True):
-            head, body, xid, lsn = render(ev) if isinstance(ev, _Event) else ev
+            head, body, xid, lsn, _ = render(ev) if isinstance(ev, _Event) else ev
             if xid != last_xid:
                 sx = b"%d" % widen(xid, ref)
                 last_xid = xid
             if lsn != last_lsn:
-                sl = lsn_str(lsn).encode()
+                sl = b"%X/%X" % (lsn >> 32, lsn & 0xFFFFFFFF)
                 last_lsn = lsn
             append(b"%d%s%d\t%s\t%s\t%s\n" % (ident, head, ident, sx, sl, body))
         async with self._state.cursor() as c, c.copy(self._copy_sql) as copy:

@@ -72,15 +72,13 @@ def widen_xid(xid: int, reference: int) -> int:
     current xid it belongs to the previous epoch"; it also stays right when ``reference`` is a
     little older than the transaction (an xid just past an epoch boundary).
     """
-    epoch = reference >> 32
-    best = -1
-    for e in (epoch - 1, epoch, epoch + 1):
-        if e < 0:
-            continue
-        cand = (e << 32) | xid
-        if best < 0 or abs(cand - reference) < abs(best - reference):
-            best = cand
-    return best
+    cand = (reference & ~0xFFFF_FFFF) | xid
+    diff = cand - reference
+    if diff >= 1 << 31 and cand >= 1 << 32:  # the previous epoch is nearer (or as near)
+        return cand - (1 << 32)
+    if diff < -(1 << 31):  # the next epoch is nearer
+        return cand + (1 << 32)
+    return cand
 
 
 def now_pg_us() -> int:

@@ -357,17 +357,19 @@ def to_json_value(fragment: str) -> Any:
 
 # -- fused decoding + conversion of a whole tuple (the capture's hot path) ---------------------
 
-RowEncoder = Callable[[bytes, int], "tuple[bytes, bytes | None, int] | None"]
-"""``encode(data, pos)``: the TupleData at ``pos`` of ``data`` as the row's JSON object text
-(UTF-8), the raw text of the key column (None when NULL) and the position after the tuple; or
-None when the tuple needs the general path (an unchanged TOAST value, a binary value, a large
-variable-length value worth caching, a column count that differs from the Relation)."""
+RowEncoder = Callable[[bytes, int, bytes, int, int], "tuple[bytes, bytes, int, int, bytes] | None"]
+"""``encode(data, pos, head, xid, lsn)``: the TupleData at ``pos`` of ``data`` as an outbox row
+ready for COPY's text format: ``(head + key + "\\t", json_image, xid, lsn, raw_key)`` with the
+key and the row's JSON object text COPY-escaped; or None when the tuple needs the general path
+(NULL key, an unchanged TOAST value, a binary value, a large variable-length value worth
+caching, a column count that differs from the Relation)."""
 
 # Byte-level fast paths of the converters above, by kind; each is an expression of the raw text
 # ``r`` (bytes) giving the JSON fragment (bytes). ``test_decoder`` checks each one against the
 # ``str`` converter and against ``to_jsonb``.
 _FAST_EXPR = {
     "verbatim": "r",
+    "json": "r",
     # numeric / float output is a JSON number unless it ends with a letter (NaN, Infinity)
     "number": "r if 47 < r[-1] < 58 else b'\"' + r + b'\"'",
     "bool": "TRUE if r == b't' else FALSE",
@@ -385,7 +387,7 @@ _FAST_KIND = {
     INT2: "verbatim",
     INT4: "verbatim",
     INT8: "verbatim",
-    JSONB: "verbatim",  # jsonb output never holds a raw control character
+    JSONB: "json",  # jsonb output never holds a raw control character (json may)
     NUMERIC: "number",
     FLOAT4: "number",
     FLOAT8: "number",
@@ -438,27 +440,30 @@ def row_encoder(
         "TRUE": b"true",
         "FALSE": b"false",
         "NULL": b"null",
+        "TAB": b"\t",
     }
+    kinds = [fast_kind(oid, conv) for oid, conv in zip(oids, convs, strict=True)]
+    # may the JSON text hold a backslash (JSON escapes, bytea) or a raw control character?
+    escape_body = any(k in _UNSAFE_KINDS for k in kinds)
     n = len(names)
     lines = [
-        "def encode(d, p):",
+        "def encode(d, p, head, xid, lsn):",
         f"    if d[p] != {n >> 8} or d[p + 1] != {n & 0xFF}:",
         "        return None",
         "    p += 2",
-        "    key = None",
     ]
     out: list[str] = []
-    for i, (name, oid, conv) in enumerate(zip(names, oids, convs, strict=True)):
-        env[f"K{i}"] = ("{" if i == 0 else ",").encode() + orjson.dumps(name) + b":"
+    for i, (name, kind, conv) in enumerate(zip(names, kinds, convs, strict=True)):
+        prefix = ("{" if i == 0 else ",").encode() + orjson.dumps(name) + b":"
+        env[f"K{i}"] = prefix if escape_body else copy_escape(prefix)
         env[f"C{i}"] = conv
-        expr = _FAST_EXPR[fast_kind(oid, conv)].format(i=i)
         lines += [
             "    k = d[p]",
             "    if k == 116:",
             "        e = p + 5 + I32(d, p + 1)[0]",
             "        r = d[p + 5:e]",
             "        p = e",
-            f"        x{i} = {expr}",
+            f"        x{i} = {_FAST_EXPR[kind].format(i=i)}",
         ]
         if i in varlen:
             lines += [f"        if len(x{i}) > {big}:", "            return None"]
@@ -468,17 +473,38 @@ def row_encoder(
             "    elif k == 110:",
             "        p += 1",
             f"        x{i} = NULL",
-            "    else:",
-            "        return None",
         ]
+        if i == key_idx:
+            lines.append("        return None")
+        lines += ["    else:", "        return None"]
         out += [f"K{i}", f"x{i}"]
     out.append("b'}'" if n else "b'{}'")
-    lines.append(f"    return b''.join(({', '.join(out)},)), key, p")
+    lines.append(f"    b = b''.join(({', '.join(out)},))")
+    if escape_body:
+        lines += _escape_lines("b")
+    if n:
+        lines.append("    k = key")
+        if kinds[key_idx] != "verbatim":  # integers need no escaping
+            lines += _escape_lines("k")
+        lines.append("    return head + k + TAB, b, xid, lsn, key")
+    else:
+        lines.append("    return None")
     source = "\n".join(lines) + "\n"
-    exec(compile(source, f"<row encoder of {len(names)} columns>", "exec"), env)  # noqa: S102
+    exec(compile(source, f"<row encoder of {n} columns>", "exec"), env)  # noqa: S102
     fn: RowEncoder = env["encode"]
     fn.__doc__ = source
     return fn
+
+
+_UNSAFE_KINDS = frozenset({"json", "text", "generic"})
+
+
+def _escape_lines(var: str) -> list[str]:
+    """Source lines applying ``copy_escape`` to ``var`` in place (inlined: no call)."""
+    out = []
+    for ch, esc in (("\\\\", "\\\\\\\\"), ("\\n", "\\\\n"), ("\\r", "\\\\r"), ("\\t", "\\\\t")):
+        out += [f"    if b'{ch}' in {var}:", f"        {var} = {var}.replace(b'{ch}', b'{esc}')"]
+    return out
 
 
 def copy_escape(data: bytes) -> bytes:

@@ -312,12 +312,21 @@ async def test_install_checks_and_uninstall(database: str) -> None:
         await logical.install(conn, SCHEMA, cfg)
         await logical.install(conn, SCHEMA, cfg)  # idempotent
         assert await logical.slot_lag_bytes(conn, SCHEMA, cfg) is not None
-        cap = logical.LogicalCapture(database, SCHEMA, cfg)
-        async with running(cap):
-            await conn.execute("INSERT INTO orders VALUES (1, 'a', 1)")
-            await wait_rows(database, 1)
-            # uninstall while the capture is streaming: the walsender is terminated
-            await logical.uninstall(conn, SCHEMA, cfg)
+        cap = logical.LogicalCapture(database, SCHEMA, cfg, max_backoff=0.2)
+        stop = asyncio.Event()
+        task = asyncio.create_task(cap.run(stop))
+        await conn.execute("INSERT INTO orders VALUES (1, 'a', 1)")
+        await wait_rows(database, 1)
+        # uninstall while the capture is streaming: the walsender is terminated; the capture
+        # either sees the stop first or, reconnecting, refuses clearly as it is not installed
+        await logical.uninstall(conn, SCHEMA, cfg)
+        await asyncio.sleep(0.5)
+        stop.set()
+        try:
+            await asyncio.wait_for(task, 30)
+        except ConfigError as exc:
+            assert "not installed" in str(exc)
+        assert cap.stats.reconnects >= 1
         cur = await conn.execute(
             "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s),"
             " (SELECT count(*) FROM pg_publication WHERE pubname = %s),"
