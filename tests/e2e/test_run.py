@@ -283,3 +283,28 @@ async def test_postgresql_restart_is_survived(pg_cluster, database: str, tmp_pat
             await wait_in_sync(setup, run, timeout=120)  # nothing lost, process still alive
         finally:
             assert await run.stop() == 0
+
+
+async def test_bulk_write_callback_from_the_crm_wakes_the_owner(database: str, tmp_path: Path):
+    async with emulator() as emu:
+        # 6,000 rows: one Bulk Write job (500 credits) beats 60 upserts (600 credits)
+        setup = await prepare(database, tmp_path, emu.url, rows=6000, max_staleness="10m")
+        text = setup.config.read_text().replace(
+            "drain_timeout =", f'public_url = "http://127.0.0.1:{setup.port}"\ndrain_timeout ='
+        )
+        setup.config.write_text(text)
+        run = ConnectorProcess(setup, tmp_path)
+        await run.start()
+        try:
+            await wait_in_sync(setup, run, timeout=120)
+            calls = emu.callbacks()
+            assert calls, "the CRM was given no callback URL"
+            assert all(c["url"].startswith(f"{run.url}/callbacks/bulk/") for c in calls)
+            assert "secret=" in calls[0]["url"]
+            assert [c.get("http_status") for c in calls] == [202] * len(calls)
+            assert emu.usage()["by_api"]["bulk_write_job"]["calls"] == len(calls) == 1
+        finally:
+            assert await run.stop() == 0
+        # the callback URL's secret never appears in a log line
+        secret = calls[0]["url"].split("secret=", 1)[1]
+        assert secret not in run.logs()
