@@ -342,11 +342,12 @@ class Snapshotter:
                 return None
             first_key = orjson.loads(first_json) if first_json else None
             last_key = orjson.loads(last_json) if last_json else None
+            chunk_no = await state.next_chunk_no(st, self.schema, p.name)
             chunk_row = await state.insert_chunk(
                 st,
                 self.schema,
                 p.name,
-                chunk_no=chunks_done + 1,
+                chunk_no=chunk_no,
                 first_key=first_key,
                 last_key=last_key,
                 rows=len(keys),
@@ -374,7 +375,7 @@ class Snapshotter:
             await st.commit()
         chunk = Chunk(
             id=chunk_row.id,
-            chunk_no=chunks_done + 1,
+            chunk_no=chunk_no,
             rows=len(keys),
             first_key=first_key,
             last_key=last_key,

@@ -620,8 +620,8 @@ ON CONFLICT (pipeline) DO UPDATE
        finished_at = NULL
 """
 
-Q_SNAPSHOT_CLEAR_CHUNKS = """
-DELETE FROM {schema}.snapshot_chunks WHERE pipeline = %s
+Q_NEXT_CHUNK_NO = """
+SELECT coalesce(max(chunk_no), 0) + 1 FROM {schema}.snapshot_chunks WHERE pipeline = %s
 """
 
 Q_SNAPSHOT_PROGRESS = """
@@ -671,8 +671,8 @@ async def get_snapshot(conn: AnyConn, schema: str, pipeline: str) -> SnapshotRow
 async def start_snapshot(
     conn: AnyConn, schema: str, pipeline: str, estimated_rows: int | None
 ) -> None:
-    """Begin (or restart from scratch) the pipeline's snapshot."""
-    await conn.execute(_q(Q_SNAPSHOT_CLEAR_CHUNKS, schema), (pipeline,))
+    """Begin (or restart from scratch) the pipeline's snapshot. Earlier chunks are kept: outbox
+    rows not yet read still need their chunk's snapshot to be ordered."""
     await conn.execute(_q(Q_SNAPSHOT_START, schema), (pipeline, estimated_rows))
 
 
@@ -697,6 +697,12 @@ async def insert_chunk(
     assert r is not None
     vals = list(r.values()) if isinstance(r, dict) else list(r)
     return ChunkRow(int(vals[0]), chunk_no, SnapshotVisibility.parse(str(vals[1])), rows)
+
+
+async def next_chunk_no(conn: AnyConn, schema: str, pipeline: str) -> int:
+    cur = await conn.execute(_q(Q_NEXT_CHUNK_NO, schema), (pipeline,))
+    row = await cur.fetchone()
+    return int(_first(row)) if row else 1
 
 
 async def update_chunk(

@@ -245,3 +245,20 @@ async def test_rich_progress_bar_on_a_terminal(legacy: str) -> None:
     row = await snap.run()
     assert row.rows_read == 1_500
     assert progress._progress is None  # started, updated per chunk, stopped
+
+
+async def test_run_snapshot_restart_resyncs_everything(
+    legacy: str, emu: EmulatorHandle, make_engine: EngineFactory
+) -> None:
+    await _preexisting(legacy, 300)
+    pipeline = pipeline_config(snapshot="auto")
+    async with make_client(emu) as client:
+        first = await make_engine(client, pipeline).run_snapshot()
+        assert first is not None and (first["rows_read"], first["sent"]) == (300, 300)
+        emu.reset()  # the CRM lost everything
+        await execute(legacy, "UPDATE public.orders SET name = 'after' WHERE id = 5")
+        second = await make_engine(client, pipeline).run_snapshot(restart=True)
+    assert second is not None and second["rows_read"] == 300
+    await assert_crm_matches(emu, legacy)
+    chunks = await fetch(legacy, "SELECT chunk_no FROM connector.snapshot_chunks ORDER BY 1")
+    assert chunks == [(1,), (2,)]  # the first snapshot's chunk is kept (ordering of old rows)
