@@ -25,6 +25,10 @@ from typing import Any
 
 REGISTRY: dict[str, str] = {
     "credits": "benchmarks.credits",
+    "capture": "benchmarks.capture",
+    "ceiling": "benchmarks.ceiling",
+    "initial_sync": "benchmarks.initial_sync",
+    "freshness": "benchmarks.freshness",
 }
 
 RESULTS = Path(__file__).parent / "results"
