@@ -372,7 +372,7 @@ _FAST_EXPR = {
     "json": "r",
     # numeric / float output is a JSON number unless it ends with a letter (NaN, Infinity)
     "number": "r if 47 < r[-1] < 58 else b'\"' + r + b'\"'",
-    "bool": "TRUE if r == b't' else FALSE",
+    "bool": "TRUE if r[0] == 116 else FALSE",  # 't' (boolout) or 'true'
     "text": "dumps(r.decode())",
     "date": "b'\"' + r + b'\"'",
     "timestamp": "b'\"' + r.replace(b' ', b'T', 1) + b'\"'",
