@@ -1,0 +1,168 @@
+"""The end-state checks of a chaos run, on plain data (so that ``test_checker.py`` can show
+that each check fails when its property is broken):
+
+* the workload's own record of what it committed equals the table;
+* every table row is in the CRM with identical field values, or (only when one of its values
+  is one the CRM must refuse) in ``dead_letters`` with a data reason;
+* no live CRM record without a table row (delete mode), no key twice in the CRM;
+* no dead letter for a transient reason, none for a valid row image;
+* the write history: per key, ``Rev`` never decreases from one write to the next.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from tests.chaos.model import TRANSIENT_CODES, Row, field_differences, invalid_reason
+
+MAX_SHOWN = 20
+
+
+@dataclass
+class DeadLetter:
+    key: str
+    version: int
+    code: str
+    field: str | None
+    message: str
+    status: str
+    payload: dict[str, Any] | None
+
+
+@dataclass
+class Report:
+    rows: int = 0
+    valid_rows: int = 0
+    invalid_rows: int = 0
+    crm_records: int = 0
+    history_writes: int = 0
+    dead_letters: int = 0
+    dead_letter_codes: dict[str, int] = field(default_factory=dict)
+    problems: dict[str, list[str]] = field(default_factory=dict)
+    counts: Counter[str] = field(default_factory=Counter)
+
+    def problem(self, kind: str, text: str) -> None:
+        self.counts[kind] += 1
+        shown = self.problems.setdefault(kind, [])
+        if len(shown) < MAX_SHOWN:
+            shown.append(text)
+
+    @property
+    def ok(self) -> bool:
+        return not self.counts
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "rows": self.rows,
+            "valid_rows": self.valid_rows,
+            "invalid_rows": self.invalid_rows,
+            "crm_records": self.crm_records,
+            "history_writes_checked": self.history_writes,
+            "dead_letters": self.dead_letters,
+            "dead_letter_codes": self.dead_letter_codes,
+            "problem_counts": dict(self.counts),
+            "problems": self.problems,
+        }
+
+
+def check_model(expected: dict[int, Row], table: dict[int, Row], report: Report) -> None:
+    for k in expected.keys() - table.keys():
+        report.problem("model_vs_table", f"key {k}: committed by the workload, not in the table")
+    for k in table.keys() - expected.keys():
+        report.problem("model_vs_table", f"key {k}: in the table, the workload deleted it")
+    for k in expected.keys() & table.keys():
+        e, t = expected[k], table[k]
+        if e["rev"] != t["rev"] or invalid_reason(e) != invalid_reason(t):
+            report.problem("model_vs_table", f"key {k}: workload {e['rev']}, table {t['rev']}")
+
+
+def check_end_state(
+    table: dict[int, Row],
+    crm_live: list[dict[str, Any]],
+    dead_letters: list[DeadLetter],
+    report: Report,
+    key_field: str = "parent_id",
+) -> None:
+    by_key: dict[str, list[dict[str, Any]]] = {}
+    for rec in crm_live:
+        by_key.setdefault(str(rec.get(key_field)), []).append(rec)
+    report.crm_records = len(crm_live)
+    open_dl: dict[str, list[DeadLetter]] = {}
+    for d in dead_letters:
+        if d.status == "open":
+            open_dl.setdefault(d.key, []).append(d)
+    report.rows = len(table)
+    for k, row in table.items():
+        key = str(k)
+        recs = by_key.get(key, [])
+        if len(recs) > 1:
+            report.problem("duplicate_in_crm", f"key {key}: {len(recs)} CRM records")
+        why = invalid_reason(row)
+        if why is None:
+            report.valid_rows += 1
+            if not recs:
+                report.problem("missing_in_crm", f"key {key} (rev {row['rev']})")
+                continue
+            diff = field_differences(row, recs[0])
+            if diff:
+                report.problem("different_in_crm", f"key {key}: " + "; ".join(diff))
+        else:
+            report.invalid_rows += 1
+            if not open_dl.get(key):
+                state = f"CRM has rev {recs[0].get('Rev')}" if recs else "not in the CRM"
+                report.problem(
+                    "invalid_row_not_dead_lettered", f"key {key} ({why}, rev {row['rev']}): {state}"
+                )
+    for key, recs in by_key.items():
+        if not key.isdigit() or int(key) not in table:
+            report.problem("deleted_row_left_in_crm", f"key {key}: {len(recs)} CRM record(s)")
+
+
+def check_dead_letters(dead_letters: list[DeadLetter], report: Report) -> None:
+    report.dead_letters = len(dead_letters)
+    report.dead_letter_codes = dict(Counter(d.code for d in dead_letters))
+    for d in dead_letters:
+        if d.code in TRANSIENT_CODES:
+            report.problem(
+                "dead_letter_for_transient_fault", f"key {d.key} v{d.version}: {d.code} {d.message}"
+            )
+        elif d.payload is not None and invalid_reason(d.payload) is None:
+            report.problem(
+                "dead_letter_for_valid_row",
+                f"key {d.key} v{d.version}: {d.code} {d.field} {d.message[:120]}",
+            )
+        elif not d.message.strip() or not d.code.strip():
+            report.problem("dead_letter_without_reason", f"key {d.key} v{d.version}")
+
+
+def check_history(
+    history: dict[str, list[dict[str, Any]]], report: Report, key_field: str = "parent_id"
+) -> None:
+    """Per key (over every CRM record that ever held it, in write order): Rev never goes back."""
+    writes: dict[str, list[tuple[float, int, str, str]]] = {}
+    for rid, entries in history.items():
+        for seq, h in enumerate(entries):
+            if h.get("api") == "delete":
+                continue
+            values = h.get("values") or {}
+            rev = values.get("Rev")
+            key = values.get(key_field)
+            if rev is None or key is None:
+                continue
+            ts = float(h.get("timestamp", 0.0))
+            writes.setdefault(str(key), []).append((ts, seq, rid, f"{int(rev)}@{h.get('api')}"))
+    for key, items in writes.items():
+        items.sort(key=lambda t: (t[0], t[2], t[1]))
+        last = -1
+        for _ts, _seq, rid, tag in items:
+            report.history_writes += 1
+            rev = int(tag.split("@", 1)[0])
+            if rev < last:
+                report.problem(
+                    "record_moved_to_older_version",
+                    f"key {key} record {rid}: Rev {last} then {tag}",
+                )
+            last = max(last, rev)

@@ -1,0 +1,61 @@
+"""The emulator for a chaos run, as its own process: ``connector.emulator``'s application
+plus one read-only route, ``GET /__emulator__/chaos-history/{module}``, that returns the write
+history of every record of a module (live and deleted) in one answer (the standard admin API
+gives one record per call; a run checks tens of thousands).
+
+    python -m tests.chaos.emulator_main --port P --config emulator.toml
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from connector.emulator.app import STATE_KEY, create_app
+from connector.emulator.config import EmulatorConfig
+
+
+async def _all_history(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    store = state.store(request.match_info["module"])
+    doc: dict[str, Any] = {
+        "history": {rid: list(h) for rid, h in store.history.items()},
+        "deleted": sorted(store.deleted),
+    }
+    return web.Response(body=orjson.dumps(doc, default=str), content_type="application/json")
+
+
+async def serve(config: EmulatorConfig, port: int) -> None:
+    app = create_app(config)
+    app.router.add_get("/__emulator__/chaos-history/{module}", _all_history)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", port)
+        await site.start()
+        app[STATE_KEY].base_url = f"http://127.0.0.1:{port}"
+        print(f"chaos emulator listening on 127.0.0.1:{port}", flush=True)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--config", required=True)
+    ns = parser.parse_args()
+    asyncio.run(serve(EmulatorConfig.from_toml(ns.config), ns.port))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""The processes of a chaos run: the emulator and `connector run` as subprocesses in their own
+process groups (killed by group id, never by name), on 127.0.0.1 only, with their output in
+files; the emulator's admin API over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from connector.pgembed import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Secrets of a chaos run: unusual values, so that finding one in an output means a leak.
+CLIENT_ID = "chaos-client-id"
+CLIENT_SECRET_ENV = "CHAOS_ZOHO_CLIENT_SECRET"
+REFRESH_TOKEN_ENV = "CHAOS_ZOHO_REFRESH_TOKEN"
+
+
+def secrets_for(seed: int) -> dict[str, str]:
+    return {
+        CLIENT_SECRET_ENV: f"chaos-secret-{seed:x}-7f3a9c1e5b",
+        REFRESH_TOKEN_ENV: f"1000.chaos{seed:x}.refresh-4d2e8b6a0c",
+    }
+
+
+def emulator_toml(secrets: dict[str, str], *, rows_per_second: float = 10_000.0) -> str:
+    """The default emulator configuration plus an integer ``Rev`` field, the run's own client
+    credentials, and bulk jobs that take a few seconds (so kills land mid-job)."""
+    text = (ROOT / "connector" / "emulator" / "default.toml").read_text()
+    text = text.replace('client_id = "emulator-client-id"', f'client_id = "{CLIENT_ID}"')
+    text = text.replace(
+        'client_secret = "emulator-client-secret"',
+        f'client_secret = "{secrets[CLIENT_SECRET_ENV]}"',
+    )
+    text = text.replace(
+        'refresh_token = "emulator-refresh-token"',
+        f'refresh_token = "{secrets[REFRESH_TOKEN_ENV]}"',
+    )
+    text = text.replace(
+        "rows_per_second = 0.0", f"rows_per_second = {rows_per_second}\ntick_seconds = 0.05"
+    )
+    text = text.replace("queue_seconds = 0.0", "queue_seconds = 0.3")
+    marker = '  { api_name = "Deleted", data_type = "boolean", label = "Deleted" },\n'
+    assert marker in text, "default.toml changed: update tests/chaos/procs.py"
+    text = text.replace(
+        marker, marker + '  { api_name = "Rev", data_type = "integer", label = "Revision" },\n'
+    )
+    return text
+
+
+def connector_toml(
+    *,
+    dsn: str,
+    emulator_url: str,
+    port: int,
+    capture: str,
+    max_staleness: str,
+) -> str:
+    from tests.chaos.model import FIELDS
+
+    fields = "\n".join(
+        f'{col} = {{ field = "{f}", type = "{t}" }}' for col, (f, t) in FIELDS.items()
+    )
+    return f"""\
+[crm]
+data_centre = "custom"
+accounts_url = "{emulator_url}"
+api_url = "{emulator_url}"
+upload_url = "{emulator_url}"
+client_id = "{CLIENT_ID}"
+client_secret_env = "{CLIENT_SECRET_ENV}"
+refresh_token_env = "{REFRESH_TOKEN_ENV}"
+org_id = "emulator-org"
+edition = "enterprise"
+daily_credit_budget = 50000
+credit_reserve = 1000
+request_timeout = "20s"
+
+[database]
+dsn = "{dsn}"
+pool_size = 6
+
+[server]
+host = "127.0.0.1"
+port = {port}
+public_url = "http://127.0.0.1:{port}"
+drain_timeout = "10s"
+
+[logging]
+level = "info"
+format = "json"
+
+[[pipelines]]
+name = "orders"
+source_table = "public.orders"
+key_column = "id"
+module = "Orders"
+capture = "{capture}"
+max_staleness = "{max_staleness}"
+delete_mode = "delete"
+[pipelines.fields]
+{fields}
+"""
+
+
+def child_env(extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CONNECTOR_", "CHAOS_"))}
+    env.update(extra)
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+class Child:
+    """A subprocess in its own session (process group); output appended to ``log``."""
+
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str]) -> None:
+        self.argv = argv
+        self.log = log
+        self.env = env
+        self.proc: asyncio.subprocess.Process | None = None
+        self.starts = 0
+
+    async def start(self) -> None:
+        with self.log.open("ab") as fh:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv,
+                stdout=fh,
+                stderr=fh,
+                env=self.env,
+                cwd=str(ROOT),
+                start_new_session=True,
+            )
+        self.starts += 1
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+
+    async def kill(self) -> int | None:
+        """SIGKILL the process group and reap the process."""
+        if self.proc is None:
+            return None
+        self.signal(signal.SIGKILL)
+        return await self.proc.wait()
+
+    async def stop(self, timeout: float = 40) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout``."""
+        if self.proc is None:
+            return None
+        self.signal(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            return await self.kill()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+class Emulator(Child):
+    def __init__(self, workdir: Path, toml: str, env: dict[str, str]) -> None:
+        self.port = free_port()
+        config = workdir / "emulator.toml"
+        config.write_text(toml)
+        super().__init__(
+            [
+                sys.executable,
+                "-m",
+                "tests.chaos.emulator_main",
+                "--port",
+                str(self.port),
+                "--config",
+                str(config),
+            ],
+            workdir / "emulator.log",
+            env,
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        await super().start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if not self.running:
+                raise RuntimeError(f"emulator exited:\n{self.output()[-2000:]}")
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                await self.admin("GET", "usage")
+                return
+            await asyncio.sleep(0.1)
+        raise RuntimeError("emulator did not answer within 30 s")
+
+    async def admin(self, method: str, path: str, body: Any = None) -> Any:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
+        url = f"{self.url}/__emulator__/{path}"
+        async with self._session.request(method, url, json=body) as r:
+            r.raise_for_status()
+            return await r.json(content_type=None)
+
+    async def all_history(self, module: str = "Orders") -> Any:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
+        async with self._session.get(f"{self.url}/__emulator__/chaos-history/{module}") as r:
+            r.raise_for_status()
+            return await r.json(content_type=None)
+
+    async def faults(self, **changes: Any) -> Any:
+        return await self.admin("POST", "faults", changes)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+        await self.stop(10)
+
+
+class Connector(Child):
+    """`connector run --config F` (restartable; every start appends to the same log)."""
+
+    def __init__(self, workdir: Path, config: Path, port: int, env: dict[str, str]) -> None:
+        super().__init__(
+            [sys.executable, "-m", "connector", "run", "--config", str(config)],
+            workdir / "connector.log",
+            env,
+        )
+        self.config = config
+        self.port = port
+        self.exits: list[int | None] = []
+
+    async def kill(self) -> int | None:
+        rc = await super().kill()
+        self.exits.append(rc)
+        return rc
+
+    async def get(self, path: str) -> tuple[int, str]:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s,
+            s.get(f"http://127.0.0.1:{self.port}{path}") as r,
+        ):
+            return r.status, await r.text()
+
+    async def cli(self, *args: str) -> tuple[int, str, str]:
+        """Another verb against the same configuration (``status --json``, …)."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "connector",
+            args[0],
+            "--config",
+            str(self.config),
+            *args[1:],
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=self.env,
+            cwd=str(ROOT),
+            start_new_session=True,
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), 120)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")

@@ -1,0 +1,579 @@
+"""One chaos scenario, and the pair that the CI test and the soak run: the scenario with
+faults, and the same seeded workload without faults, side by side (separate PostgreSQL
+clusters, emulators and connectors), to compare credits.
+
+Faults (chaos run only), on a schedule drawn from the seed:
+
+* time-based: SIGKILL of the connector (restarted 0.5-4 s later), windows of 500s, latency
+  spikes, 429 storms, dropped callbacks, the credit budget running out and coming back, token
+  expiry, the next bulk job ending FAILED;
+* after each mass update (a transaction touching every row): a SIGKILL while the emulator
+  reports its bulk job queued or running (mid bulk job), or, in logical mode, 0.1-1.5 s after
+  the commit, while the connector writes the decoded rows to the outbox and confirms the slot;
+* PostgreSQL restarts at operation indices drawn from the seed (the workload holds no open
+  transaction across them).
+
+Then faults stop, the connector drains, and the checks of ``checker.py`` run; the secrets are
+searched in every output of the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import re
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from connector.pgembed import EmbeddedPostgres, free_port
+from tests.chaos import checker
+from tests.chaos.procs import (
+    Connector,
+    Emulator,
+    child_env,
+    connector_toml,
+    emulator_toml,
+    secrets_for,
+)
+from tests.chaos.workload import Workload
+
+log = logging.getLogger("chaos")
+
+SYNC_APIS = ("upsert", "insert", "update", "delete", "bulk_write_job")
+ACCESS_TOKEN = re.compile(r"1000\.[0-9a-f]{32}\.[0-9a-f]{16}")
+ROW_DATA_MARKERS = ("@example.org", "Order 1", "not-an-email", "gift wrap", "batch 1 of seed")
+BULK_JOB_CREDITS = 500
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int
+    minutes: float = 3.0
+    capture: str = "triggers"
+    rate: float = 20.0  # workload operations per second
+    # > 25,000 (+ keys in flight): the initial sync and each mass update fill a bulk job
+    initial_rows: int = 30_000
+    max_staleness: str = "10s"
+    bad_rate: float = 0.03
+    drain_seconds: float = 40.0  # part of ``minutes`` kept for the drain
+    drain_timeout: float = 240.0  # the drain must converge within this (else: failure)
+    credit_tolerance: float = 0.15
+
+    @property
+    def workload_seconds(self) -> float:
+        return max(30.0, self.minutes * 60 - self.drain_seconds)
+
+    @property
+    def ops(self) -> int:
+        return int(self.workload_seconds * self.rate)
+
+    @property
+    def mass_update_every(self) -> int:
+        # about every 70 s, at least one per run
+        return max(200, min(int(70 * self.rate), self.ops // 2))
+
+    def restart_points(self) -> tuple[int, ...]:
+        rng = random.Random(f"restarts:{self.seed}")
+        n = max(1, round(self.workload_seconds / 120))
+        lo, hi = self.ops // 10, self.ops - self.ops // 10
+        return tuple(sorted(rng.sample(range(lo, hi), n)))
+
+
+@dataclass(frozen=True)
+class FaultEvent:
+    at: float
+    kind: str
+    duration: float
+    params: dict[str, Any]
+
+
+FAULT_KINDS = {
+    "kill": 4,
+    "errors_500": 2,
+    "latency": 2,
+    "storm_429": 2,
+    "token_expiry": 1,
+    "bulk_fail": 1,
+    "drop_callbacks": 1,
+    "credits_out": 1,
+}
+
+
+def fault_schedule(seed: int, seconds: float) -> list[FaultEvent]:
+    rng = random.Random(f"faults:{seed}")
+    kinds = list(FAULT_KINDS)
+    weights = [FAULT_KINDS[k] for k in kinds]
+    out: list[FaultEvent] = []
+    t = rng.uniform(3, 10)
+    while t < seconds - 5:
+        kind = rng.choices(kinds, weights)[0]
+        if kind == "kill":
+            ev = FaultEvent(t, kind, rng.uniform(0.5, 4), {})
+        elif kind == "errors_500":
+            ev = FaultEvent(t, kind, rng.uniform(4, 15), {"error_rate": rng.uniform(0.2, 0.6)})
+        elif kind == "latency":
+            lo = rng.uniform(200, 800)
+            ev = FaultEvent(
+                t,
+                kind,
+                rng.uniform(4, 15),
+                {"latency": "uniform", "latency_ms": lo, "latency_max_ms": lo + 1500},
+            )
+        elif kind == "storm_429":
+            ev = FaultEvent(
+                t, kind, rng.uniform(3, 10), {"rate_429": rng.uniform(0.5, 0.9), "burst_429": 20}
+            )
+        elif kind == "drop_callbacks":
+            ev = FaultEvent(t, kind, rng.uniform(10, 40), {"drop_callbacks": True})
+        elif kind == "credits_out":
+            ev = FaultEvent(t, kind, rng.uniform(5, 20), {})
+        else:
+            ev = FaultEvent(t, kind, 0.0, {})
+        out.append(ev)
+        t += rng.expovariate(1 / 12)
+    return out
+
+
+RESET_FAULTS: dict[str, Any] = {
+    "error_rate": 0.0,
+    "latency": "none",
+    "latency_ms": 0.0,
+    "latency_max_ms": 0.0,
+    "rate_429": 0.0,
+    "burst_429": 0,
+    "bulk_fail_next": 0,
+    "drop_callbacks": False,
+    "expire_tokens_after_calls": 0,
+}
+
+
+@dataclass
+class RunResult:
+    name: str
+    seed: int
+    capture: str
+    faults: bool
+    ops: int = 0
+    workload: dict[str, int] = field(default_factory=dict)
+    injected: Counter[str] = field(default_factory=Counter)
+    evidence: Counter[str] = field(default_factory=Counter)
+    report: checker.Report | None = None
+    credits: dict[str, Any] = field(default_factory=dict)
+    drain_seconds: float | None = None
+    secret_leaks: list[str] = field(default_factory=list)
+    row_data_in_metrics: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return (
+            not self.errors
+            and self.report is not None
+            and self.report.ok
+            and not self.secret_leaks
+            and not self.row_data_in_metrics
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "seed": self.seed,
+            "capture": self.capture,
+            "faults": self.faults,
+            "ok": self.ok,
+            "ops": self.ops,
+            "workload": self.workload,
+            "injected": dict(self.injected),
+            "evidence": dict(self.evidence),
+            "check": self.report.summary() if self.report else None,
+            "credits": self.credits,
+            "drain_seconds": self.drain_seconds,
+            "secret_leaks": self.secret_leaks,
+            "row_data_in_metrics": self.row_data_in_metrics,
+            "errors": self.errors,
+            "seconds": round(self.seconds, 1),
+        }
+
+
+def restart_postgres(pg: EmbeddedPostgres) -> None:
+    pg.stop("fast")
+    if (pg.datadir / "postmaster.pid").exists():  # fast stop did not finish in time
+        pg.stop("immediate")
+    pg.start()
+
+
+class Scenario:
+    def __init__(self, params: Params, workdir: Path, *, faults: bool) -> None:
+        self.p = params
+        self.faults = faults
+        self.name = "chaos" if faults else "baseline"
+        self.dir = workdir / self.name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.secrets = secrets_for(params.seed)
+        self.env = child_env(self.secrets)
+        self.result = RunResult(self.name, params.seed, params.capture, faults)
+        self.pg = EmbeddedPostgres(self.dir / "pg")
+        self.emulator: Emulator | None = None
+        self.connector: Connector | None = None
+        self._kill_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._faults_on = False
+        self._restarting = False
+        self.outputs: list[str] = []
+
+    @property
+    def dsn(self) -> str:
+        return self.pg.dsn("postgres")
+
+    # ------------------------------------------------------------------ lifecycle
+    async def setup(self) -> Workload:
+        await asyncio.to_thread(self.pg.start)
+        self.emulator = Emulator(self.dir, emulator_toml(self.secrets), self.env)
+        await self.emulator.start()
+        await self.emulator.faults(seed=self.p.seed)
+        wl = Workload(
+            self.dsn,
+            self.p.seed,
+            initial_rows=self.p.initial_rows,
+            rate=self.p.rate,
+            bad_rate=self.p.bad_rate,
+            mass_update_every=self.p.mass_update_every,
+            restart_points=self.p.restart_points(),
+            restart_hook=self._restart_pg if self.faults else None,
+            on_mass_update=self._on_mass_update if self.faults else None,
+        )
+        await wl.create()
+        port = free_port()
+        config = self.dir / "connector.toml"
+        config.write_text(
+            connector_toml(
+                dsn=self.dsn,
+                emulator_url=self.emulator.url,
+                port=port,
+                capture=self.p.capture,
+                max_staleness=self.p.max_staleness,
+            )
+        )
+        self.connector = Connector(self.dir, config, port, self.env)
+        rc, out, err = await self.connector.cli("init")
+        self.outputs += [out, err]
+        if rc != 0:
+            raise RuntimeError(f"connector init failed ({rc}): {err[-2000:]}")
+        return wl
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        for t in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self.connector is not None:
+            await self.connector.kill()
+        if self.emulator is not None:
+            await self.emulator.close()
+        await asyncio.to_thread(self.pg.stop, "immediate")
+
+    # ------------------------------------------------------------------ faults
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _restart_pg(self, op: int) -> None:
+        self.result.injected["postgres_restart"] += 1
+        self._restarting = True
+        try:
+            await asyncio.to_thread(restart_postgres, self.pg)
+        finally:
+            self._restarting = False
+        log.info("%s: PostgreSQL restarted at operation %d", self.name, op)
+
+    async def _kill(self, kind: str, down: float) -> None:
+        assert self.connector is not None and self.emulator is not None
+        async with self._kill_lock:
+            if not self.connector.running:
+                return
+            with contextlib.suppress(Exception):
+                jobs = (await self.emulator.admin("GET", "jobs"))["jobs"]
+                if any(j.get("state") in ("ADDED", "INPROGRESS") for j in jobs):
+                    self.result.evidence["kills_while_a_bulk_job_ran"] += 1
+            await self.connector.kill()
+            self.result.injected[kind] += 1
+            if self.p.capture == "logical" and not self._restarting:
+                with contextlib.suppress(psycopg.Error):
+                    if await self._outbox_ahead_of_slot():
+                        self.result.evidence["kills_between_outbox_commit_and_slot_confirm"] += 1
+            await asyncio.sleep(down)
+            await self.connector.start()
+
+    async def _outbox_ahead_of_slot(self) -> bool:
+        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+            cur = await conn.execute(
+                "SELECT (SELECT max(source_lsn) FROM connector.outbox)"
+                " > (SELECT confirmed_flush_lsn FROM pg_replication_slots"
+                "    WHERE database = current_database() LIMIT 1)"
+            )
+            row = await cur.fetchone()
+            return bool(row and row[0])
+
+    def _on_mass_update(self, n: int) -> None:
+        rng = random.Random(f"mass:{self.p.seed}:{n}")
+        if self.p.capture == "logical" and rng.random() < 0.5:
+            self._spawn(self._kill_after(rng.uniform(0.1, 1.5), rng.uniform(0.5, 3)))
+        elif rng.random() < 0.8:
+            self._spawn(self._kill_mid_bulk(rng.uniform(0.5, 3)))
+
+    async def _kill_after(self, delay: float, down: float) -> None:
+        await asyncio.sleep(delay)
+        if self._faults_on:
+            await self._kill("kill_after_mass_update_commit", down)
+
+    async def _kill_mid_bulk(self, down: float) -> None:
+        assert self.emulator is not None
+        deadline = time.monotonic() + 60
+        seen = {j["id"] for j in (await self.emulator.admin("GET", "jobs"))["jobs"]}
+        while time.monotonic() < deadline and self._faults_on:
+            jobs = (await self.emulator.admin("GET", "jobs"))["jobs"]
+            if any(j["id"] not in seen and j.get("state") in ("ADDED", "INPROGRESS") for j in jobs):
+                await self._kill("kill_mid_bulk_job", down)
+                return
+            await asyncio.sleep(0.1)
+
+    async def _fault(self, ev: FaultEvent) -> None:
+        assert self.emulator is not None
+        if ev.kind == "kill":
+            await self._kill("kill_random", ev.duration)
+            return
+        self.result.injected[ev.kind] += 1
+        if ev.kind == "token_expiry":
+            await self.emulator.faults(expire_tokens_now=True)
+        elif ev.kind == "bulk_fail":
+            await self.emulator.faults(bulk_fail_next=1)
+        elif ev.kind == "credits_out":
+            await self.emulator.admin("POST", "credits", {"remaining": 0})
+            await asyncio.sleep(ev.duration)
+            await self.emulator.admin("POST", "credits", {"reset": True})
+        else:
+            await self.emulator.faults(**ev.params)
+            await asyncio.sleep(ev.duration)
+            await self.emulator.faults(**{k: RESET_FAULTS[k] for k in ev.params})
+
+    async def _schedule(self, events: list[FaultEvent]) -> None:
+        start = time.monotonic()
+        for ev in events:
+            delay = start + ev.at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if not self._faults_on:
+                return
+            self._spawn(self._fault(ev))
+
+    async def stop_faults(self) -> None:
+        assert self.emulator is not None and self.connector is not None
+        self._faults_on = False
+        for t in list(self._tasks):
+            t.cancel()
+        for t in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        await self.emulator.faults(**RESET_FAULTS)
+        await self.emulator.admin("POST", "credits", {"reset": True})
+        if not self.connector.running:
+            await self.connector.start()
+
+    # ------------------------------------------------------------------ checks
+    async def snapshot_state(
+        self,
+    ) -> tuple[dict[int, Any], list[dict[str, Any]], list[checker.DeadLetter]]:
+        assert self.emulator is not None
+        table: dict[int, Any] = {}
+        async with await psycopg.AsyncConnection.connect(self.dsn) as conn:
+            from tests.chaos.model import COLUMNS
+
+            cur = await conn.execute(f"SELECT {', '.join(COLUMNS)} FROM public.orders")
+            for r in await cur.fetchall():
+                table[int(r[0])] = dict(zip(COLUMNS, r, strict=True))
+            cur = await conn.execute(
+                "SELECT key, version, error_code, error_field, error_message, status, payload"
+                " FROM connector.dead_letters WHERE pipeline = 'orders'"
+            )
+            dls = [
+                checker.DeadLetter(str(r[0]), int(r[1]), r[2], r[3], r[4], r[5], r[6])
+                for r in await cur.fetchall()
+            ]
+        crm = (await self.emulator.admin("GET", "records/Orders"))["records"]
+        return table, crm, dls
+
+    async def drain_and_check(self, wl: Workload) -> checker.Report:
+        assert self.emulator is not None and self.connector is not None
+        began = time.monotonic()
+        report = checker.Report()
+        while True:
+            report = checker.Report()
+            table, crm, dls = await self.snapshot_state()
+            checker.check_end_state(table, crm, dls, report)
+            if report.ok:
+                self.result.drain_seconds = round(time.monotonic() - began, 1)
+                break
+            if time.monotonic() - began > self.p.drain_timeout:
+                report.problem("drain_timeout", f"not converged after {self.p.drain_timeout}s")
+                break
+            if not self.connector.running:
+                rc = self.connector.proc.returncode if self.connector.proc else None
+                self.result.errors.append(f"connector exited with {rc} while draining")
+                await self.connector.start()
+            await asyncio.sleep(3)
+        checker.check_model(wl.expected_rows(), table, report)
+        checker.check_dead_letters(dls, report)
+        hist = await self.emulator.all_history("Orders")
+        checker.check_history(hist["history"], report)
+        return report
+
+    async def credits(self) -> dict[str, Any]:
+        assert self.emulator is not None
+        usage = await self.emulator.admin("GET", "usage")
+        jobs = (await self.emulator.admin("GET", "jobs"))["jobs"]
+        by_api = usage["by_api"]
+        spent = {a: by_api.get(a, {}).get("credits", 0) for a in SYNC_APIS}
+        calls = {a: by_api.get(a, {}).get("calls", 0) for a in SYNC_APIS}
+        failed = sum(1 for j in jobs if j.get("state") == "FAILED")
+        total = sum(spent.values())
+        return {
+            "spent": total,
+            "by_api": spent,
+            "calls": calls,
+            "bulk_jobs": len(jobs),
+            "failed_bulk_jobs": failed,
+            # a job the CRM fails is charged by the CRM; the connector cannot avoid that
+            "spent_excluding_failed_jobs": total - failed * BULK_JOB_CREDITS,
+            "rejected_by_emulator": usage.get("rejected", {}),
+            "tokens_issued": usage.get("tokens_issued", 0),
+        }
+
+    async def collect_outputs(self) -> None:
+        """/metrics, /readyz, `status --json`, `dead-letters list`, then SIGTERM; logs."""
+        assert self.connector is not None and self.emulator is not None
+        for path in ("/metrics", "/readyz", "/healthz"):
+            with contextlib.suppress(Exception):
+                _, body = await self.connector.get(path)
+                self.outputs.append(body)
+                if path == "/metrics":
+                    self.result.row_data_in_metrics = [m for m in ROW_DATA_MARKERS if m in body]
+        for verb in (("status", "--json"), ("status",), ("dead-letters", "list")):
+            rc, out, err = await self.connector.cli(*verb)
+            self.outputs += [out, err]
+            if rc != 0:
+                self.result.errors.append(f"`connector {' '.join(verb)}` exited {rc}: {err[-500:]}")
+        rc = await self.connector.stop(40)
+        if rc != 0:
+            self.result.errors.append(f"SIGTERM after the drain: exit code {rc}")
+        self.outputs.append(self.connector.output())
+        cb = await self.emulator.admin("GET", "callbacks")
+        self.result.evidence["callbacks_dropped"] = sum(
+            1 for c in cb["callbacks"] if c.get("outcome", c.get("status")) == "dropped"
+        )
+        self.result.evidence["callbacks_delivered"] = sum(
+            1 for c in cb["callbacks"] if c.get("outcome", c.get("status")) == "delivered"
+        )
+        blob = "\n".join(self.outputs)
+        for name, value in self.secrets.items():
+            if value in blob:
+                self.result.secret_leaks.append(name)
+        if ACCESS_TOKEN.search(blob):
+            self.result.secret_leaks.append("an access token")
+
+    # ------------------------------------------------------------------ the run
+    async def run(self) -> RunResult:
+        began = time.monotonic()
+        try:
+            wl = await self.setup()
+            assert self.connector is not None
+            await self.connector.start()
+            if self.faults:
+                self._faults_on = True
+                self._spawn(self._schedule(fault_schedule(self.p.seed, self.p.workload_seconds)))
+            self.result.ops = await wl.run(self.p.ops)
+            self.result.workload = wl.stats.as_dict()
+            if self.faults:
+                await self.stop_faults()
+            self.result.report = await self.drain_and_check(wl)
+            self.result.credits = await self.credits()
+            await self.collect_outputs()
+        except Exception as exc:  # reported with the seed; the finally block cleans up
+            log.exception("%s run failed", self.name)
+            self.result.errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            await self.close()
+            self.result.seconds = time.monotonic() - began
+        return self.result
+
+
+@dataclass
+class PairResult:
+    params: Params
+    chaos: RunResult
+    baseline: RunResult
+
+    @property
+    def credit_ratio(self) -> float | None:
+        base = self.baseline.credits.get("spent")
+        mine = self.chaos.credits.get("spent_excluding_failed_jobs")
+        if not base or mine is None:
+            return None
+        return float(mine) / float(base)
+
+    @property
+    def credits_ok(self) -> bool:
+        r = self.credit_ratio
+        return r is not None and r <= 1 + self.params.credit_tolerance
+
+    @property
+    def ok(self) -> bool:
+        return self.chaos.ok and self.baseline.ok and self.credits_ok
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "seed": self.params.seed,
+            "minutes": self.params.minutes,
+            "capture": self.params.capture,
+            "ok": self.ok,
+            "credit_ratio": None if self.credit_ratio is None else round(self.credit_ratio, 3),
+            "credits_ok": self.credits_ok,
+            "chaos": self.chaos.to_json(),
+            "baseline": self.baseline.to_json(),
+        }
+
+    def failure_text(self) -> str:
+        return (
+            f"chaos run failed: seed {self.params.seed} ({self.params.capture}); rerun with "
+            f"`python -m tests.chaos.soak --minutes {self.params.minutes:g} --seed "
+            f"{self.params.seed} --capture {self.params.capture}`\n"
+            + json.dumps(self.to_json(), indent=2, default=str)[:20000]
+        )
+
+
+async def run_pair(params: Params, workdir: Path, *, keep: bool = False) -> PairResult:
+    """The scenario with faults and the fault-free baseline, side by side."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        chaos, base = await asyncio.gather(
+            Scenario(params, workdir, faults=True).run(),
+            Scenario(params, workdir, faults=False).run(),
+        )
+        result = PairResult(params, chaos, base)
+        (workdir / "result.json").write_text(json.dumps(result.to_json(), indent=2, default=str))
+        return result
+    finally:
+        if not keep:
+            shutil.rmtree(workdir / "chaos" / "pg", ignore_errors=True)
+            shutil.rmtree(workdir / "baseline" / "pg", ignore_errors=True)

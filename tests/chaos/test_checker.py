@@ -1,0 +1,127 @@
+"""The chaos checks fail when their property is broken (plain data, no processes)."""
+
+from __future__ import annotations
+
+import random
+from decimal import Decimal
+from typing import Any
+
+from tests.chaos import checker
+from tests.chaos.model import BAD_KINDS, Row, field_differences, invalid_reason, make_row
+
+
+def _record(row: Row) -> dict[str, Any]:
+    return {
+        "id": f"r{row['id']}",
+        "parent_id": str(row["id"]),
+        "Name": row["name"],
+        "Customer_Email": row["customer_email"],
+        "Status": row["status"],
+        "Amount": float(row["amount"]),
+        "Quantity": row["quantity"],
+        "Order_Date": row["order_date"].isoformat(),
+        "Placed_At": row["placed_at"].isoformat(),
+        "Notes": row["notes"],
+        "Is_Gift": row["is_gift"],
+        "Rev": row["rev"],
+    }
+
+
+def _rows(n: int = 50) -> dict[int, Row]:
+    rng = random.Random(3)
+    return {k: make_row(k, 1, rng, 0.0) for k in range(1, n + 1)}
+
+
+def test_every_bad_kind_is_recognised_and_good_rows_are_not() -> None:
+    rng = random.Random(1)
+    seen = set()
+    for k in range(3000):
+        row = make_row(k, 1, rng, 0.5)
+        why = invalid_reason(row)
+        if why:
+            seen.add(why)
+    assert seen == set(BAD_KINDS)
+    assert all(invalid_reason(r) is None for r in _rows().values())
+    # payloads come back as JSON (strings for dates, numbers or "NaN" for numerics)
+    assert invalid_reason({"name": "x", "amount": "NaN"}) == "amount_nan"
+    assert invalid_reason({"name": "x", "order_date": "1899-06-01"}) == "date_1899"
+
+
+def test_identical_state_passes() -> None:
+    rows = _rows()
+    report = checker.Report()
+    checker.check_end_state(rows, [_record(r) for r in rows.values()], [], report)
+    assert report.ok, report.summary()
+
+
+def test_missing_different_extra_and_duplicate_are_found() -> None:
+    rows = _rows()
+    crm = [_record(r) for r in rows.values()]
+    crm.pop(0)  # key 1 missing
+    crm[0] = dict(crm[0], Amount=float(rows[2]["amount"] + Decimal("0.01")))  # key 2 differs
+    crm.append(dict(_record(rows[3]), id="dup"))  # key 3 twice
+    crm.append(dict(_record(rows[4]), id="x", parent_id="999"))  # deleted row left
+    report = checker.Report()
+    checker.check_end_state(rows, crm, [], report)
+    assert set(report.counts) == {
+        "missing_in_crm",
+        "different_in_crm",
+        "duplicate_in_crm",
+        "deleted_row_left_in_crm",
+    }
+
+
+def test_invalid_rows_need_a_dead_letter_and_dead_letters_need_a_data_reason() -> None:
+    rows = _rows()
+    rows[5] = dict(rows[5], status="Lost")
+    crm = [_record(r) for k, r in rows.items() if k != 5]
+    report = checker.Report()
+    checker.check_end_state(rows, crm, [], report)
+    assert set(report.counts) == {"invalid_row_not_dead_lettered"}
+
+    dl = checker.DeadLetter("5", 9, "INVALID_DATA", "Status", "invalid data", "open", rows[5])
+    report = checker.Report()
+    checker.check_end_state(rows, crm, [dl], report)
+    checker.check_dead_letters([dl], report)
+    assert report.ok, report.summary()
+
+    transient = checker.DeadLetter("6", 3, "INTERNAL_ERROR", None, "boom", "open", rows[6])
+    valid = checker.DeadLetter("7", 3, "INVALID_DATA", "Name", "bad", "resolved", rows[7])
+    report = checker.Report()
+    checker.check_dead_letters([transient, valid], report)
+    assert set(report.counts) == {"dead_letter_for_transient_fault", "dead_letter_for_valid_row"}
+
+
+def test_field_comparison_is_by_meaning() -> None:
+    row = _rows(1)[1]
+    rec = _record(row)
+    rec["Amount"] = str(row["amount"])  # a string with the same digits
+    rec["Placed_At"] = row["placed_at"].isoformat().replace("+00:00", "Z")
+    assert field_differences(row, rec) == []
+    rec["Rev"] = 0
+    assert field_differences(row, rec) == ["Rev: expected 1, CRM has 0"]
+
+
+def _h(ts: float, rev: int, key: str = "1", api: str = "upsert") -> dict[str, Any]:
+    return {"timestamp": ts, "api": api, "values": {"parent_id": key, "Rev": rev}}
+
+
+def test_history_going_back_is_found_across_records() -> None:
+    good = {
+        "a": [_h(1, 1), _h(2, 2), _h(3, 2), _h(4, 2, api="delete")],
+        "b": [_h(5, 4), _h(6, 5)],  # re-inserted after a delete: a new record, higher Rev
+    }
+    report = checker.Report()
+    checker.check_history(good, report)
+    assert report.ok and report.history_writes == 5
+    bad = {"a": [_h(1, 1), _h(2, 3)], "b": [_h(3, 2)]}  # a later write of an older Rev
+    report = checker.Report()
+    checker.check_history(bad, report)
+    assert set(report.counts) == {"record_moved_to_older_version"}
+
+
+def test_workload_record_must_equal_the_table() -> None:
+    rows = _rows(5)
+    report = checker.Report()
+    checker.check_model(rows, {k: v for k, v in rows.items() if k != 2}, report)
+    assert report.counts["model_vs_table"] == 1

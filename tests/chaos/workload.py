@@ -1,0 +1,465 @@
+"""A seeded workload of concurrent transactions on the legacy ``orders`` table, with its own
+record of what it committed.
+
+The sequence of operations depends only on the seed (never on time or on the connector), so a
+fault-free run of the same seed commits the same transactions: the credit comparison runs both
+side by side. Operations: inserts, updates, deletes, re-inserts of a deleted key, multi-row
+transactions, rollbacks, pairs of transactions committing out of order (the first one to write
+commits last), long transactions left open for hundreds of operations (they also write), and
+"mass updates" that touch every row at once (a legacy batch job: the connector sends them with a
+Bulk Write job). PostgreSQL restarts happen at operation indices known in advance; no
+transaction is open across one (the hook runs between operations).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from tests.chaos.model import COLUMNS, KeySlot, Row, invalid_reason, make_row
+
+log = logging.getLogger(__name__)
+
+TABLE_DDL = """
+CREATE TABLE public.orders (
+    id             bigint PRIMARY KEY,
+    name           text,
+    customer_email text,
+    status         text,
+    amount         numeric(12, 2),
+    quantity       integer,
+    order_date     date,
+    placed_at      timestamptz,
+    notes          text,
+    is_gift        boolean,
+    rev            bigint NOT NULL
+)
+"""
+
+_INSERT = sql.SQL("INSERT INTO public.orders ({}) VALUES ({})").format(
+    sql.SQL(", ").join(map(sql.Identifier, COLUMNS)),
+    sql.SQL(", ").join(sql.Placeholder() * len(COLUMNS)),
+)
+_UPDATE = sql.SQL("UPDATE public.orders SET {} WHERE id = %s").format(
+    sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(c)) for c in COLUMNS if c != "id")
+)
+
+
+class KeySet:
+    """A set with O(1) random choice and removal."""
+
+    def __init__(self) -> None:
+        self.items: list[int] = []
+        self.pos: dict[int, int] = {}
+
+    def add(self, k: int) -> None:
+        if k not in self.pos:
+            self.pos[k] = len(self.items)
+            self.items.append(k)
+
+    def discard(self, k: int) -> None:
+        i = self.pos.pop(k, None)
+        if i is None:
+            return
+        last = self.items.pop()
+        if last != k:
+            self.items[i] = last
+            self.pos[last] = i
+
+    def __contains__(self, k: object) -> bool:
+        return k in self.pos
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def choice(self, rng: random.Random) -> int:
+        return self.items[rng.randrange(len(self.items))]
+
+
+@dataclass
+class WorkloadStats:
+    ops: int = 0
+    inserts: int = 0
+    updates: int = 0
+    deletes: int = 0
+    reinserts: int = 0
+    multi_row: int = 0
+    rollbacks: int = 0
+    out_of_order: int = 0
+    long_open: int = 0
+    mass_updates: int = 0
+    bad_writes: int = 0
+    uncertain: int = 0  # operations hit by a connection error; their keys were re-read
+    row_writes: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(vars(self))
+
+
+@dataclass
+class Holder:
+    """A transaction left open: its writes are done, its commit (or rollback) comes later."""
+
+    conn: psycopg.AsyncConnection[Any]
+    close_at: int
+    commit: bool
+    writes: dict[int, Row] = field(default_factory=dict)
+    kind: str = "long"
+
+
+RestartHook = Callable[[int], Awaitable[None]]
+
+
+class Workload:
+    def __init__(
+        self,
+        dsn: str,
+        seed: int,
+        *,
+        initial_rows: int = 30_000,
+        rate: float = 20.0,
+        bad_rate: float = 0.03,
+        mass_update_every: int = 1_500,
+        restart_points: tuple[int, ...] = (),
+        restart_hook: RestartHook | None = None,
+        on_mass_update: Callable[[int], None] | None = None,
+    ) -> None:
+        self.dsn = dsn
+        self.seed = seed
+        self.rng = random.Random(f"workload:{seed}")
+        self.initial_rows = initial_rows
+        self.rate = rate
+        self.bad_rate = bad_rate
+        self.mass_update_every = mass_update_every
+        self.restart_points = tuple(sorted(restart_points))
+        self.restart_hook = restart_hook
+        self.on_mass_update = on_mass_update
+        self.slots: dict[int, KeySlot] = {}
+        self.live = KeySet()
+        self.deleted = KeySet()
+        self.locked: set[int] = set()
+        self.hot: list[int] = []
+        self.next_id = 1
+        self.holders: list[Holder] = []
+        self.stats = WorkloadStats()
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    # ------------------------------------------------------------------ model
+    def expected_rows(self) -> dict[int, Row]:
+        """What the table must hold: every live key with its last committed row."""
+        return {k: s.row for k, s in self.slots.items() if s.row is not None}
+
+    def _new_row(self, key: int, bad_rate: float | None = None) -> Row:
+        slot = self.slots.get(key)
+        rev = (slot.max_rev if slot else 0) + 1
+        row = make_row(key, rev, self.rng, self.bad_rate if bad_rate is None else bad_rate)
+        if slot is None:
+            self.slots[key] = KeySlot(None, rev)
+        else:
+            slot.max_rev = rev
+        self.stats.row_writes += 1
+        if invalid_reason(row) is not None:
+            self.stats.bad_writes += 1
+        return row
+
+    def _commit_model(self, writes: dict[int, Row | None]) -> None:
+        for k, row in writes.items():
+            slot = self.slots.setdefault(k, KeySlot(None, 0))
+            slot.row = row
+            if row is not None:
+                slot.max_rev = max(slot.max_rev, int(row["rev"]))
+                self.live.add(k)
+                self.deleted.discard(k)
+            else:
+                self.live.discard(k)
+                self.deleted.add(k)
+
+    def _pick_live(self) -> int | None:
+        for _ in range(20):
+            if not len(self.live):
+                return None
+            if self.hot and self.rng.random() < 0.5:
+                k = self.rng.choice(self.hot)
+            else:
+                k = self.live.choice(self.rng)
+            if k in self.live and k not in self.locked:
+                return k
+        return None
+
+    # ------------------------------------------------------------------ setup
+    async def create(self) -> None:
+        """Create the table and fill it with ``initial_rows`` rows (COPY)."""
+        rows: list[Row] = []
+        for _ in range(self.initial_rows):
+            k = self.next_id
+            self.next_id += 1
+            rows.append(self._new_row(k, bad_rate=min(self.bad_rate, 0.01)))
+        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+            await conn.execute(TABLE_DDL)
+            async with conn.cursor() as cur:
+                copy_sql = sql.SQL("COPY public.orders ({}) FROM STDIN").format(
+                    sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
+                )
+                async with cur.copy(copy_sql) as copy:
+                    for r in rows:
+                        await copy.write_row([r[c] for c in COLUMNS])
+            await conn.execute("ANALYZE public.orders")
+        self._commit_model({int(r["id"]): r for r in rows})
+        self.hot = self.live.items[: min(200, len(self.live))]
+
+    # ------------------------------------------------------------------ connections
+    async def _main(self) -> psycopg.AsyncConnection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = await psycopg.AsyncConnection.connect(self.dsn)
+        return self._conn
+
+    async def close(self) -> None:
+        for h in self.holders:
+            await h.conn.close()
+        self.holders.clear()
+        self.locked.clear()
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    async def _resync(self, keys: set[int]) -> None:
+        """After a connection error: the table says what was committed."""
+        self.stats.uncertain += 1
+        for attempt in range(60):
+            try:
+                async with await psycopg.AsyncConnection.connect(self.dsn) as conn:
+                    cur = await conn.execute(
+                        sql.SQL("SELECT {} FROM public.orders WHERE id = ANY(%s)").format(
+                            sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
+                        ),
+                        (sorted(keys),),
+                    )
+                    found = {
+                        int(r[0]): dict(zip(COLUMNS, r, strict=True)) for r in await cur.fetchall()
+                    }
+                break
+            except psycopg.OperationalError:
+                await asyncio.sleep(0.5 + attempt * 0.1)
+        else:
+            raise RuntimeError("the workload cannot reach PostgreSQL for 30 s")
+        self._commit_model({k: found.get(k) for k in keys})
+
+    # ------------------------------------------------------------------ operations
+    async def _write(
+        self, conn: psycopg.AsyncConnection[Any], key: int, row: Row | None, *, exists: bool
+    ) -> None:
+        if row is None:
+            await conn.execute("DELETE FROM public.orders WHERE id = %s", (key,))
+        elif exists:
+            await conn.execute(_UPDATE, [*(row[c] for c in COLUMNS if c != "id"), key])
+        else:
+            await conn.execute(_INSERT, [row[c] for c in COLUMNS])
+
+    def _plan_writes(self, n: int) -> dict[int, Row | None]:
+        """``n`` writes on distinct keys (updates mostly, some inserts and deletes)."""
+        writes: dict[int, Row | None] = {}
+        for _ in range(n):
+            r = self.rng.random()
+            if r < 0.2:
+                k = self.next_id
+                self.next_id += 1
+                writes[k] = self._new_row(k)
+                self.stats.inserts += 1
+                continue
+            k_or_none = self._pick_live()
+            if k_or_none is None or k_or_none in writes:
+                continue
+            if r < 0.9:
+                writes[k_or_none] = self._new_row(k_or_none)
+                self.stats.updates += 1
+            else:
+                writes[k_or_none] = None
+                self.stats.deletes += 1
+        return writes
+
+    async def _txn(self, writes: dict[int, Row | None], *, rollback: bool = False) -> None:
+        conn = await self._main()
+        try:
+            async with conn.transaction() as tx:
+                for k, row in writes.items():
+                    await self._write(conn, k, row, exists=k in self.live)
+                if rollback:
+                    raise psycopg.Rollback(tx)
+        except psycopg.OperationalError:
+            await self._drop_main()
+            await self._resync(set(writes))
+            return
+        if not rollback:
+            self._commit_model(writes)
+
+    async def _drop_main(self) -> None:
+        if self._conn is not None:
+            try:
+                await self._conn.close()
+            except psycopg.Error:
+                pass
+            self._conn = None
+
+    def _clamp(self, i: int, close_at: int) -> int:
+        for r in self.restart_points:
+            if i < r <= close_at:
+                return r - 1
+        return close_at
+
+    async def _open_holder(self, i: int, kind: str, close_at: int, commit: bool) -> None:
+        close_at = self._clamp(i, close_at)
+        n = 1 if kind == "out_of_order" else self.rng.randint(1, 3)
+        writes: dict[int, Row] = {}
+        for _ in range(n):
+            if self.rng.random() < 0.25:
+                k = self.next_id
+                self.next_id += 1
+            else:
+                k_or_none = self._pick_live()
+                if k_or_none is None:
+                    continue
+                k = k_or_none
+            if k not in writes:
+                writes[k] = self._new_row(k)
+        if close_at <= i or not writes:
+            return
+        try:
+            conn = await psycopg.AsyncConnection.connect(self.dsn)
+            for k, row in writes.items():
+                await self._write(conn, k, row, exists=k in self.live)
+        except psycopg.OperationalError:
+            self.stats.uncertain += 1  # never committed: nothing to record
+            return
+        self.locked |= set(writes)
+        self.holders.append(Holder(conn, close_at, commit, writes, kind))
+        if kind == "out_of_order":
+            self.stats.out_of_order += 1
+        else:
+            self.stats.long_open += 1
+
+    async def _close_holders(self, i: int, *, all_: bool = False) -> None:
+        for h in [h for h in self.holders if all_ or h.close_at <= i]:
+            self.holders.remove(h)
+            self.locked -= set(h.writes)
+            try:
+                if h.commit:
+                    await h.conn.commit()
+                else:
+                    await h.conn.rollback()
+                    self.stats.rollbacks += 1
+            except psycopg.OperationalError:
+                await self._resync(set(h.writes))
+                continue
+            finally:
+                await h.conn.close()
+            if h.commit:
+                self._commit_model(dict(h.writes))
+
+    async def _mass_update(self, n: int) -> None:
+        note = f"batch {n} of seed {self.seed}"
+        locked = sorted(self.locked)
+        conn = await self._main()
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    "UPDATE public.orders SET rev = rev + 1, notes = %s WHERE id <> ALL(%s)",
+                    (note, locked),
+                )
+        except psycopg.OperationalError:
+            await self._drop_main()
+            await self._resync(set(self.live.items))
+            return
+        for k in list(self.live.items):
+            if k in self.locked:
+                continue
+            slot = self.slots[k]
+            assert slot.row is not None
+            row = dict(slot.row, rev=int(slot.row["rev"]) + 1, notes=note)
+            slot.row = row
+            slot.max_rev = max(slot.max_rev, int(row["rev"]))
+        self.stats.mass_updates += 1
+        self.stats.row_writes += len(self.live) - len(locked)
+        if self.on_mass_update is not None:
+            self.on_mass_update(n)
+
+    async def step(self, i: int) -> None:
+        """Operation number ``i``."""
+        self.stats.ops += 1
+        if i in self.restart_points:
+            await self._close_holders(i, all_=True)  # none by construction (see _clamp)
+            if self.restart_hook is not None:
+                await self._drop_main()
+                await self.restart_hook(i)
+        await self._close_holders(i)
+        if self.mass_update_every and i > 0 and i % self.mass_update_every == 0:
+            await self._mass_update(i // self.mass_update_every)
+            return
+        r = self.rng.random()
+        if r < 0.25:
+            k = self.next_id
+            self.next_id += 1
+            self.stats.inserts += 1
+            await self._txn({k: self._new_row(k)})
+        elif r < 0.65:
+            k_or_none = self._pick_live()
+            if k_or_none is not None:
+                self.stats.updates += 1
+                await self._txn({k_or_none: self._new_row(k_or_none)})
+        elif r < 0.73:
+            k_or_none = self._pick_live()
+            if k_or_none is not None:
+                self.stats.deletes += 1
+                await self._txn({k_or_none: None})
+        elif r < 0.77:
+            if len(self.deleted):
+                k = self.deleted.choice(self.rng)
+                self.stats.reinserts += 1
+                await self._txn({k: self._new_row(k)})
+        elif r < 0.87:
+            self.stats.multi_row += 1
+            await self._txn(self._plan_writes(self.rng.randint(2, 5)))
+        elif r < 0.92:
+            self.stats.rollbacks += 1
+            await self._txn(self._plan_writes(self.rng.randint(1, 3)), rollback=True)
+        elif r < 0.96:
+            if len(self.holders) < 4:
+                await self._open_holder(i, "out_of_order", i + self.rng.randint(1, 3), True)
+        elif len(self.holders) < 4:
+            life = self.rng.randint(100, 400)
+            await self._open_holder(i, "long", i + life, self.rng.random() < 0.9)
+
+    async def run(self, ops: int, stop: asyncio.Event | None = None) -> int:
+        """``ops`` operations at ``rate`` per second (catching up after a pause: the same
+        operations whatever the timing); then every open transaction is closed as planned.
+        Returns the operations run."""
+        start = time.monotonic()
+        i = 0
+        try:
+            while i < ops and not (stop and stop.is_set()):
+                await self.step(i)
+                i += 1
+                delay = start + i / self.rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            # finish the open transactions as they were planned (commit or roll back)
+            await self._close_holders(i, all_=True)
+        finally:
+            await self.close()
+        return i
+
+    async def table_rows(self) -> dict[int, Row]:
+        async with await psycopg.AsyncConnection.connect(self.dsn) as conn:
+            cur = await conn.execute(
+                sql.SQL("SELECT {} FROM public.orders").format(
+                    sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
+                )
+            )
+            return {int(r[0]): dict(zip(COLUMNS, r, strict=True)) for r in await cur.fetchall()}
