@@ -410,11 +410,17 @@ async def replay(settings: Settings, secrets: Secrets, args: argparse.Namespace)
     """`connector replay --pipeline P (--from-offset N | --since T) [--to X] [--key K]
     [--dry-run]`.
 
-    The newest event of each key in the range is re-sent, unless the CRM already holds a newer
-    version of that key. Re-sending means re-capturing the key's *current* row (see
-    connector/verify.py, ``recapture``): the CRM ends in the same state as the table, however
-    often the range is replayed (invariant 7), and never older (invariant 2). The running
-    connector (or the next ``run``) delivers the re-captured events."""
+    The newest event of each key in the range is re-sent unless the CRM already acknowledged a
+    newer version of that key (never stale: invariant 2; the same final state however often
+    it is replayed: invariant 7). Two ways, chosen by who owns the pipeline:
+
+    * no ``run`` owns it: this process takes the pipeline's lease and sends the range through
+      its own coalescer / planner / emitter (``Engine.replay``, acknowledged versions sent
+      again);
+    * a ``run`` owns it: the keys' *current* rows are re-captured into the outbox (see
+      connector/verify.py, ``recapture``) and the running connector sends them, ordered after
+      any concurrent change of the same row.
+    """
     from connector.verify import recapture
 
     pipeline = settings.pipeline(args.pipeline)
@@ -457,6 +463,10 @@ async def replay(settings: Settings, secrets: Secrets, args: argparse.Namespace)
             _out(f"  ... and {len(plan.to_send) - 50} more")
         _out("dry run: nothing sent")
         return EXIT_OK
+    if await _replay_here(
+        settings, secrets, pipeline, args, since=since, until=until, to_offset=to_offset
+    ):
+        return EXIT_OK
     done = await recapture(
         pipeline=pipeline,
         keys=[k for k, _, _ in plan.to_send],
@@ -465,11 +475,70 @@ async def replay(settings: Settings, secrets: Secrets, args: argparse.Namespace)
         schema=schema,
     )
     _out(
-        f"re-captured {len(done.updated)} row(s) and {len(done.deleted)} delete(s) into the outbox"
-        + (f" at offsets {done.first_offset}..{done.last_offset}" if done.total else "")
-        + "; the running connector sends them (see `connector status`)"
+        "a running connector owns the pipeline: re-captured the current row of each key for it"
+        f" to send ({len(done.updated)} row(s), {len(done.deleted)} delete(s)"
+        + (f", outbox offsets {done.first_offset}..{done.last_offset}" if done.total else "")
+        + "; see `connector status`)"
     )
     return EXIT_OK
+
+
+async def _replay_here(
+    settings: Settings,
+    secrets: Secrets,
+    pipeline: PipelineConfig,
+    args: argparse.Namespace,
+    *,
+    since: datetime | None,
+    until: datetime | None,
+    to_offset: int | None,
+) -> bool:
+    """When no ``run`` owns the pipeline: take its lease and send the range through this
+    process's own coalescer / planner / emitter (``Engine.replay``, acknowledged versions sent
+    again). False when another process owns the pipeline."""
+    from connector.engine import Engine
+    from connector.runtime import PipelineLease
+    from connector.zoho import ZohoClient
+
+    schema = settings.database.state_schema
+    lease = PipelineLease(
+        secrets.state_dsn,
+        db.advisory_key(schema, "pipeline", pipeline.name),
+        name=pipeline.name,
+        owner="replay",
+    )
+    if not await lease.try_acquire():
+        return False
+    try:
+        async with ZohoClient.from_config(
+            settings.crm, client_secret=secrets.client_secret, refresh_token=secrets.refresh_token
+        ) as client:
+            engine = Engine(
+                pipeline,
+                client=client,
+                state_dsn=secrets.state_dsn,
+                source_dsn=secrets.dsn,
+                schema=schema,
+                daily_credit_budget=settings.crm.daily_credit_budget,
+                credit_reserve=settings.crm.credit_reserve,
+                snapshot="never",
+                snapshot_progress=False,
+            )
+            report = await engine.replay(
+                from_offset=args.from_offset,
+                to_offset=to_offset,
+                since=since,
+                until=until,
+                key=args.key,
+                resend=True,
+            )
+    finally:
+        await lease.release()
+    _out(
+        f"replayed {report.events} event(s): the newest version of {report.sent_keys} key(s)"
+        " sent again (none older than what the CRM acknowledged)"
+    )
+    return True
 
 
 # --------------------------------------------------------------------------- dead letters

@@ -245,6 +245,17 @@ class PipelineLease:
                 await asyncio.wait_for(stop.wait(), self._retry)
         return False
 
+    async def try_acquire(self) -> bool:
+        """One attempt: True if the lock is now ours (then :meth:`release` it)."""
+        if self._conn is None or self._conn.closed:
+            self._conn = await self._connect()
+        cur = await self._conn.execute("SELECT pg_try_advisory_lock(%s)", (self._key,))
+        row = await cur.fetchone()
+        self.held = bool(row is not None and row[0])
+        if not self.held:
+            await self._drop()
+        return self.held
+
     async def watch(self) -> None:
         """Return never while the lock connection is healthy; raise :class:`LeaseLost`."""
         while True:

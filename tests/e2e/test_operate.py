@@ -111,7 +111,8 @@ async def test_replay_is_idempotent_and_never_older(
     args.dry_run = False
     args.key = "3"
     assert await operate.replay(r.settings, r.secrets, args) == 0
-    assert "re-captured 1 row(s)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "a running connector owns the pipeline" in out and "(1 row(s), 0 delete(s)" in out
     for _ in range(300):  # the running connector sends the re-captured event
         after = await _versions(dsn)
         if after["3"] > before["3"]:
@@ -165,3 +166,19 @@ async def test_dead_letters_retry_sends_the_current_row(
     discard = ns(dl_verb="discard", ids=[letter])
     assert await operate.dead_letters(r.settings, r.secrets, discard) == 1
     assert "0 dead letter(s) discarded" in capsys.readouterr().out
+
+
+async def test_replay_without_a_running_connector_sends_through_its_own_engine(
+    running: tuple[Running, Any], capsys: Any
+) -> None:
+    r, emu = running
+    r.runtime.request_stop()
+    assert r.task is not None and await r.task == 0
+    upserts = emu.usage()["by_api"]["upsert"]["records"]
+    args = ns(pipeline="orders", from_offset=1, since=None, to=None, key=None, dry_run=False)
+    assert await operate.replay(r.settings, r.secrets, args) == 0
+    out = capsys.readouterr().out
+    assert "the newest version of 120 key(s) sent again" in out
+    assert emu.usage()["by_api"]["upsert"]["records"] == upserts + 120
+    rep = await verify_now(r.setup)
+    assert rep.mismatches == 0
