@@ -5,6 +5,11 @@ captured by a fresh slot, then measures (a) LogicalCapture decoding them and com
 into the outbox (events/s, from start to the last outbox commit), and (b) pg_recvlogical reading
 the same changes from a second slot to /dev/null. Prints JSON.
 
+Wall-clock rates depend on whatever else runs on the machine, so the script also reports CPU
+time spent during the capture run: by this Python process (``capture_cpu_us_per_event``) and,
+with the embedded cluster, by all PostgreSQL processes (walsender + outbox backend + background
+workers; ``postgres_cpu_us_per_event``, read from /proc on Linux).
+
     .venv/bin/python benchmarks/capture_logical.py [--events 100000] [--dsn DSN]
 """
 
@@ -83,6 +88,26 @@ async def _prepare(dsn: str, events: int, per_txn: int) -> str:
         return str(row[0])
 
 
+def _postgres_cpu(postmaster: int | None) -> float | None:
+    """CPU seconds used so far by a postmaster and its children (exited ones included)."""
+    if postmaster is None or not Path("/proc").exists():
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry) == postmaster:  # own time + that of waited-for (exited) children
+            total += sum(int(x) for x in fields[11:15])
+        elif int(fields[1]) == postmaster:
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
 async def _run_capture(dsn: str, events: int) -> float:
     cap = logical.LogicalCapture(dsn, SCHEMA, _cfg(), heartbeat_interval=3600)
     stop = asyncio.Event()
@@ -116,9 +141,14 @@ def _run_recvlogical(dsn: str, end_lsn: str) -> float:
     return time.perf_counter() - t0
 
 
-async def _bench(dsn: str, events: int, per_txn: int) -> dict[str, Any]:
+async def _bench(dsn: str, events: int, per_txn: int, postmaster: int | None) -> dict[str, Any]:
     end_lsn = await _prepare(dsn, events, per_txn)
+    await asyncio.sleep(1)  # let the checkpoint / autovacuum work of the fill settle
+    pg0 = _postgres_cpu(postmaster)
+    cpu0 = time.process_time()
     cap_s = await _run_capture(dsn, events)
+    cpu_s = time.process_time() - cpu0
+    pg1 = _postgres_cpu(postmaster)
     recv_s = await asyncio.to_thread(_run_recvlogical, dsn, end_lsn)
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         cur = await conn.execute(f"SELECT count(*) FROM {SCHEMA}.outbox")
@@ -131,6 +161,10 @@ async def _bench(dsn: str, events: int, per_txn: int) -> dict[str, Any]:
         "events": events,
         "capture_seconds": round(cap_s, 3),
         "capture_events_per_s": round(events / cap_s),
+        "capture_cpu_us_per_event": round(cpu_s / events * 1e6, 2),
+        "postgres_cpu_us_per_event": (
+            None if pg0 is None or pg1 is None else round((pg1 - pg0) / events * 1e6, 2)
+        ),
         "pg_recvlogical_seconds": round(recv_s, 3),
         "pg_recvlogical_events_per_s": round(events / recv_s),
         "ratio_capture_to_recvlogical": round(recv_s / cap_s, 3),
@@ -153,7 +187,8 @@ async def main() -> None:
     try:
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
             await db.migrate(conn, SCHEMA)
-        results = [await _bench(dsn, args.events, k) for k in (1, 100)]
+        pm = server.pid() if server is not None else None
+        results = [await _bench(dsn, args.events, k, pm) for k in (1, 100)]
     finally:
         if server is not None:
             server.stop("immediate")
