@@ -615,7 +615,7 @@ class LogicalCapture:
                         # fast path: an insert, or an update without an old tuple, whose
                         # values are all sent as text and convertible from it
                         row = None
-                        if (m == 0x49 or data[30] == 0x4E) and codec.encode is not None:
+                        if data[30] == 0x4E and codec.encode is not None:  # 'N' new tuple
                             try:
                                 row = codec.encode(
                                     data,
