@@ -29,6 +29,7 @@ from psycopg import sql
 
 from connector.capture import pgoutput as po
 from connector.capture import values as vals
+from connector.capture.triggers import missing_key_message
 from connector.config import PipelineConfig
 from connector.errors import ConfigError, PermanentError
 
@@ -305,6 +306,7 @@ async def slot_lag_bytes(
 
 _TOAST = 1
 _SERVER = 2
+_MISSING_KEY = "missing_key"  # _Event.op of a row whose key is NULL: a dead letter, not a row
 
 
 @dataclass
@@ -513,6 +515,11 @@ class LogicalCapture:
             "SELECT j.key, j.value::text FROM {} t, jsonb_each(to_jsonb(t)) j"
             " WHERE t.{} = %s AND j.key = ANY(%s)"
         ).format(_table_ident(self.pipeline), sql.Identifier(self.pipeline.key_column))
+        self._dead_sql = sql.SQL(
+            "INSERT INTO {}.dead_letters (pipeline, key, version, source_xid, payload,"
+            " error_code, error_field, error_message)"
+            " VALUES (%s, '', nextval(%s::regclass), %s::xid8, %s::jsonb, 'MISSING_KEY', %s, %s)"
+        ).format(ident)
         self._spilled_open = False
         await repl.execute(
             sql.SQL(
@@ -551,8 +558,7 @@ class LogicalCapture:
         """Write batches in order (overlapping the next batch's decoding), commit, confirm."""
         while True:
             batch = await self._queue.get()
-            await self._write(batch.events)
-            self._written += len(batch.events)
+            self._written += await self._write(batch.events)
             if batch.end_lsn:
                 await self._commit(batch)
             self._inflight -= 1
@@ -970,7 +976,7 @@ class LogicalCapture:
             return
         raw_key = new[ki]
         if not isinstance(raw_key, bytes):
-            log.warning("row without a key value", extra={"pipeline": self.pipeline.name})
+            self._on_missing_key(codec, new, old, old_kind, xid, commit_lsn)
             return
         key = raw_key.decode()
         if old is not None and isinstance(old[ki], bytes) and old[ki] != raw_key:
@@ -989,6 +995,9 @@ class LogicalCapture:
                 self._toast.pop(ok, None)
             events.append(_Event("delete", ok, ofr, xid, commit_lsn, codec, odef))
             op = "insert"  # as trigger mode: a key change is a delete plus an insert
+        elif old is not None and old[ki] is None:
+            op = "insert"  # the key was NULL (a dead letter so far): the row appears, as in
+            # trigger mode
         frags, deferred = self._convert(codec, new, key, old if old_kind == "O" else None)
         if op == "update" and old_kind == "O" and old is not None and not deferred:
             # REPLICA IDENTITY FULL gives the old image: skip no-op updates (as trigger mode)
@@ -1000,6 +1009,37 @@ class LogicalCapture:
                 return
         self._remember(codec, key, frags)
         events.append(_Event(op, key, frags, xid, commit_lsn, codec, deferred))
+
+    def _on_missing_key(  # noqa: PLR0917
+        self,
+        codec: _Codec,
+        new: list[po.Value],
+        old: list[po.Value] | None,
+        old_kind: str | None,
+        xid: int,
+        commit_lsn: int,
+    ) -> None:
+        """A row whose key column is NULL: contained as a ``MISSING_KEY`` dead letter, written
+        in the outbox transaction of its batch (invariant 8). When the key was set before
+        (an update to NULL), the old key is gone from the source: a delete, as for a key
+        change. Unchanged TOAST values of the image are not fetched (there is no key to fetch
+        them by) and stay null in the payload."""
+        ki = codec.key_idx
+        events = self._pending.events
+        raw_old = old[ki] if old is not None else None
+        if isinstance(raw_old, bytes):
+            assert old is not None
+            ok = raw_old.decode()
+            only = set(codec.key_cols) if old_kind == "K" else set(range(len(old)))
+            ofr, odef = self._convert(
+                codec, [v if i in only else None for i, v in enumerate(old)], ok, None
+            )
+            ofr = [f if i in only else None for i, f in enumerate(ofr)]
+            self._forget(ok)
+            events.append(_Event("delete", ok, ofr, xid, commit_lsn, codec, odef))
+        image = [None if v is po.UNCHANGED else v for v in new]
+        frags, deferred = self._convert(codec, image, "", None)
+        events.append(_Event(_MISSING_KEY, "", frags, xid, commit_lsn, codec, deferred))
 
     def _on_truncate(self, msg: po.Truncate) -> None:
         if any(r in self._codecs for r in msg.relations):
@@ -1069,14 +1109,16 @@ class LogicalCapture:
             b"",
         )
 
-    async def _write(self, events: list[_Event | _Row]) -> None:
+    async def _write(self, events: list[_Event | _Row]) -> int:
         """COPY the events into the open outbox transaction (opened here if needed), as one
-        text-format buffer."""
+        text-format buffer. Returns the number of outbox rows written."""
         if not events:
-            return
+            return 0
         slow = [ev for ev in events if isinstance(ev, _Event)]
         if slow:
             await self._resolve(slow)
+            if any(ev.op == _MISSING_KEY for ev in slow):
+                return await self._write_with_dead_letters(events)
         ref = await self._xid_reference()
         cur = await self._state.execute(
             "SELECT nextval(%s::regclass) FROM generate_series(1, %s)", (self._seq, len(events))
@@ -1099,6 +1141,35 @@ class LogicalCapture:
             append(b"%d%s%d\t%s\t%s\t%s\n" % (ident, head, ident, sx, sl, body))
         async with self._state.cursor() as c, c.copy(self._copy_sql) as copy:
             await copy.write(b"".join(lines))
+        return len(events)
+
+    async def _write_with_dead_letters(self, events: list[_Event | _Row]) -> int:
+        """``_write`` for a batch holding rows without a key: those become ``MISSING_KEY`` dead
+        letters in the same (open) outbox transaction, with a version drawn from the outbox
+        sequence in their place in the stream; the others are written as usual."""
+        rows: list[_Event | _Row] = []
+        written = 0
+        for ev in events:
+            if not (isinstance(ev, _Event) and ev.op == _MISSING_KEY):
+                rows.append(ev)
+                continue
+            written += await self._write(rows)
+            rows = []
+            ref = await self._xid_reference()
+            prefixes = ev.codec.prefixes
+            body = ",".join(prefixes[i] + f for i, f in enumerate(ev.frags) if f is not None)
+            await self._state.execute(
+                self._dead_sql,
+                (
+                    self.pipeline.name,
+                    self._seq,
+                    str(po.widen_xid(ev.xid, ref)),
+                    "{" + body + "}",
+                    self.pipeline.key_field,
+                    missing_key_message(self.pipeline),
+                ),
+            )
+        return written + await self._write(rows)
 
     async def _flush(self) -> None:
         """Hand the committed events to the writer (which commits them together with

@@ -58,6 +58,15 @@ def trigger_name(schema: str, pipeline: PipelineConfig) -> str:
     return f"zoho_cdc_{pipeline.name}_{digest}"
 
 
+def missing_key_message(pipeline: PipelineConfig) -> str:
+    """The dead-letter message of a row whose key column is NULL (both capture modes)."""
+    return (
+        f"key column {pipeline.key_column!r} of {pipeline.source_table!r} is NULL: the row "
+        f"cannot be identified in the CRM ({pipeline.key_field!r}); set the key and the row is "
+        f"synced as an insert"
+    )
+
+
 def _key(pipeline: PipelineConfig, attr: str) -> str:
     return f"pipelines[{pipeline.name!r}].{attr}"
 
@@ -176,6 +185,25 @@ def _function_body(schema: str, pipeline: PipelineConfig, sequence: str) -> sql.
             image=sql.SQL(image),
         )
 
+    # a row without a key cannot be identified in the CRM: it is contained as a dead letter
+    # (invariant 8), with the outbox sequence's next value as its version; a later update that
+    # sets the key is captured as an insert
+    def dead(image: str) -> sql.Composed:
+        return sql.SQL(
+            "    v_id := pg_catalog.nextval({seq});\n"
+            "    INSERT INTO {dead} (pipeline, key, version, source_xid, payload, error_code,\n"
+            "        error_field, error_message)\n"
+            "      VALUES ({name}, '', v_id, pg_catalog.pg_current_xact_id(), {image},\n"
+            "        'MISSING_KEY', {field}, {message});\n"
+        ).format(
+            seq=seq,
+            dead=sql.Identifier(schema, "dead_letters"),
+            name=name,
+            image=sql.SQL(image),
+            field=sql.Literal(pipeline.key_field),
+            message=sql.Literal(missing_key_message(pipeline)),
+        )
+
     return sql.SQL(
         "DECLARE\n"
         "  v_new jsonb;\n"
@@ -186,7 +214,10 @@ def _function_body(schema: str, pipeline: PipelineConfig, sequence: str) -> sql.
         "BEGIN\n"
         "  IF TG_OP = 'INSERT' THEN\n"
         "    v_new_key := NEW.{key}::text;\n"
-        "    IF v_new_key IS NULL THEN RETURN NULL; END IF;\n"
+        "    IF v_new_key IS NULL THEN\n"
+        "{dins}"
+        "      RETURN NULL;\n"
+        "    END IF;\n"
         "{ins}"
         "  ELSIF TG_OP = 'DELETE' THEN\n"
         "    v_old_key := OLD.{key}::text;\n"
@@ -200,7 +231,10 @@ def _function_body(schema: str, pipeline: PipelineConfig, sequence: str) -> sql.
         "    v_new_key := NEW.{key}::text;\n"
         "    v_old_key := OLD.{key}::text;\n"
         "    IF v_new_key IS NOT DISTINCT FROM v_old_key THEN\n"
-        "      IF v_new_key IS NULL THEN RETURN NULL; END IF;\n"
+        "      IF v_new_key IS NULL THEN\n"
+        "{dupd}"
+        "        RETURN NULL;\n"
+        "      END IF;\n"
         "{upd}"
         "    ELSE\n"
         "      IF v_old_key IS NOT NULL THEN\n"
@@ -208,6 +242,8 @@ def _function_body(schema: str, pipeline: PipelineConfig, sequence: str) -> sql.
         "      END IF;\n"
         "      IF v_new_key IS NOT NULL THEN\n"
         "{kins}"
+        "      ELSE\n"
+        "{dupd}"
         "      END IF;\n"
         "    END IF;\n"
         "  END IF;\n"
@@ -217,6 +253,8 @@ def _function_body(schema: str, pipeline: PipelineConfig, sequence: str) -> sql.
     ).format(
         key=key,
         ins=emit("insert", "v_new_key", "pg_catalog.to_jsonb(NEW)"),
+        dins=dead("pg_catalog.to_jsonb(NEW)"),
+        dupd=dead("v_new"),
         dele=emit("delete", "v_old_key", "pg_catalog.to_jsonb(OLD)"),
         unchanged=unchanged,
         upd=emit("update", "v_new_key", "v_new"),

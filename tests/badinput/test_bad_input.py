@@ -148,11 +148,6 @@ async def test_values_that_cannot_be_converted_are_dead_lettered(database: str) 
     assert crm["8"]["Amount"] == 8.5 and crm["8"]["Quantity"] == 8
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trigger capture skips a row whose key is NULL (capture/triggers.py: "
-    "IF v_new_key IS NULL THEN RETURN NULL); invariant 8 wants a dead letter MISSING_KEY",
-)
 async def test_a_row_with_a_null_key_is_dead_lettered(database: str) -> None:
     await _exec(database, CONVERSION_DDL)
     pipeline = pipeline_config(fields={"name": FIELDS["name"]})
