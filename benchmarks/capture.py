@@ -61,7 +61,9 @@ def _trigger(dsn: str, writers: int, seconds: float, rounds: int) -> dict[str, A
     }
 
 
-async def _logical(dsn: str, events: int) -> list[dict[str, Any]]:
+async def _logical(dsn: str, events: int, postmaster: int | None) -> list[dict[str, Any]]:
+    import inspect
+
     import psycopg
 
     from connector import db
@@ -70,7 +72,12 @@ async def _logical(dsn: str, events: int) -> list[dict[str, Any]]:
         await db.migrate(conn, logical_bench.SCHEMA)
     out = []
     for per_txn in (1, 100):
-        r = await logical_bench._bench(dsn, events, per_txn)
+        extra = (
+            (postmaster,)
+            if "postmaster" in inspect.signature(logical_bench._bench).parameters
+            else ()
+        )
+        r = await logical_bench._bench(dsn, events, per_txn, *extra)
         print(
             f"  logical, {per_txn} row(s)/txn: capture {r['capture_events_per_s']:,}/s, "
             f"pg_recvlogical {r['pg_recvlogical_events_per_s']:,}/s"
@@ -99,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trigger mode: {args.writers} writers, {args.rounds} × {seconds:g} s per config")
         trig = _trigger(dsn, args.writers, seconds, args.rounds)
         print(f"logical mode: {events:,} events per shape")
-        logi = asyncio.run(_logical(dsn, events))
+        logi = asyncio.run(_logical(dsn, events, c.postmaster_pid(pg)))
     shown = [f"--scale {args.scale:g}"] if args.scale != 1 else []
     for flag, val, default in (
         ("--seconds", args.seconds, None),
@@ -158,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                 "capture → outbox events/s",
                 "pg_recvlogical events/s",
                 "ratio capture/recvlogical",
+                "capture CPU µs/event",
+                "PostgreSQL CPU µs/event",
             ],
             "rows": [
                 [
@@ -166,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                     r["capture_events_per_s"],
                     r["pg_recvlogical_events_per_s"],
                     r["ratio_capture_to_recvlogical"],
+                    r.get("capture_cpu_us_per_event"),
+                    r.get("postgres_cpu_us_per_event"),
                 ]
                 for r in logi
             ],

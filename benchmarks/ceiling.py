@@ -153,6 +153,7 @@ def summarize(profile: Path, top: int = 12) -> dict[str, Any]:
         "groups": [
             [label, round(t, 2), round(100 * t / total, 1)]
             for label, t in sorted(groups.items(), key=lambda kv: -kv[1])
+            if t >= 0.005 * total
         ],
         "top_functions": [
             [name, round(t, 2), round(100 * t / total, 1)] for t, name in funcs[:top]
