@@ -120,3 +120,16 @@ async def wait_crm(
             return crm
         await asyncio.sleep(0.2)
     raise AssertionError(f"CRM never reached: {what}; has {sorted(crm)}\n{run.logs()[-3000:]}")
+
+
+class EnvSetup(Setup):
+    """A Setup whose subprocess environment is changed by ``extra`` (e.g. a wrong secret)."""
+
+    def __init__(self, base: Setup, extra: dict[str, str]) -> None:
+        super().__init__(base.dsn, base.config, base.port, base.emulator_url)
+        self.extra = extra
+
+    def env(self) -> dict[str, str]:
+        env = super().env()
+        env.update(self.extra)
+        return env
