@@ -132,5 +132,30 @@ async def test_init_and_run_as_the_documented_role(
             )
             foreign: Any = await cur.fetchone()
             assert foreign == (0,)  # every state table was created by the runtime role
+        if capture == "triggers":
+            # only the table's owner can drop the trigger (the documented step), then
+            # `connector uninstall` as the runtime role removes the rest
+            async with await psycopg.AsyncConnection.connect(admin, autocommit=True) as conn:
+                cur = await conn.execute(
+                    "SELECT tgname FROM pg_trigger"
+                    " WHERE tgrelid = 'public.orders'::regclass AND NOT tgisinternal"
+                )
+                names = [str(r[0]) for r in await cur.fetchall()]
+                assert len(names) == 1
+                async with conn.transaction():
+                    await conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(owner)))
+                    await conn.execute(
+                        sql.SQL("DROP TRIGGER {} ON public.orders").format(sql.Identifier(names[0]))
+                    )
+        done = await acli(setup, "uninstall")
+        assert done.returncode == 0, done.stderr[-3000:]
+        async with await psycopg.AsyncConnection.connect(admin) as conn:
+            cur = await conn.execute(
+                "SELECT (SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal),"
+                " (SELECT count(*) FROM pg_publication),"
+                " (SELECT count(*) FROM pg_replication_slots"
+                "  WHERE database = current_database())"
+            )
+            assert await cur.fetchone() == (0, 0, 0)
     finally:
         await _drop_roles(admin, [runtime, app, owner])
