@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import psycopg
+
 from connector import __version__
 from connector.errors import ConfigError, ConnectorError
 
@@ -233,6 +235,11 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -243,6 +250,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except ConnectorError as exc:
         print(f"connector: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except psycopg.errors.InsufficientPrivilege as exc:
+        print(
+            f"connector: permission denied in the database: {exc.diag.message_primary}"
+            " (see docs/security.md for the GRANTs each verb needs)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    except psycopg.OperationalError as exc:
+        print(f"connector: cannot reach the database: {_first_line(exc)}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130

@@ -598,6 +598,15 @@ async def dead_letters(settings: Settings, secrets: Secrets, args: argparse.Name
         for p in pipelines:
             open_rows = await state.list_dead_letters(conn, schema, p.name, "open", 1_000_000)
             chosen = [r for r in open_rows if args.all or r.id in set(args.ids)]
+            keyless = [r for r in chosen if r.key == ""]
+            if keyless:
+                # MISSING_KEY letters: there is no key to re-read; the row must get a key at
+                # the source, which then flows as a normal insert by itself
+                _out(
+                    f"{p.name}: {len(keyless)} letter(s) skipped: the source row has no"
+                    f" {p.key_column}; set it in {p.source_table} and the row syncs by itself"
+                )
+                chosen = [r for r in chosen if r.key != ""]
             if not chosen:
                 continue
             keys = sorted({r.key for r in chosen})

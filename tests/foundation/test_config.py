@@ -265,3 +265,19 @@ def test_cli_help_lists_verbs() -> None:
         "config",
     ]:
         assert verb in out
+
+
+def test_unreachable_database_is_one_clear_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from connector.pgembed import free_port
+
+    monkeypatch.setenv("ZOHO_CLIENT_SECRET", "cs-unreachable-secret")
+    monkeypatch.setenv("ZOHO_REFRESH_TOKEN", "rt-unreachable-secret")
+    monkeypatch.setenv(
+        "LEGACY_DSN", f"postgresql://nobody@127.0.0.1:{free_port()}/x?connect_timeout=2"
+    )
+    assert main(["init", "--config", str(write(tmp_path, GOOD))]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("connector: cannot reach the database:"), err
+    assert "Traceback" not in err and "secret" not in err
