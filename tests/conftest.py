@@ -62,11 +62,15 @@ def pg_cluster() -> Iterator[Cluster]:
 
 def _make_template(cluster: Cluster) -> None:
     with psycopg.connect(cluster.base_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(TEMPLATE_DB)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(TEMPLATE_DB))
+        )
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE_DB)))
 
     async def _init() -> None:
-        async with await psycopg.AsyncConnection.connect(cluster.dsn(TEMPLATE_DB), autocommit=True) as conn:
+        async with await psycopg.AsyncConnection.connect(
+            cluster.dsn(TEMPLATE_DB), autocommit=True
+        ) as conn:
             await db.migrate(conn, STATE_SCHEMA)
 
     asyncio.run(_init())
@@ -78,7 +82,9 @@ def database(pg_cluster: Cluster) -> Iterator[str]:
     name = f"t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(pg_cluster.base_dsn, autocommit=True) as conn:
         conn.execute(
-            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(TEMPLATE_DB))
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(TEMPLATE_DB)
+            )
         )
     try:
         yield pg_cluster.dsn(name)
@@ -90,7 +96,9 @@ def database(pg_cluster: Cluster) -> Iterator[str]:
                 " WHERE database = %s AND NOT active",
                 (name,),
             )
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
 
 
 @pytest.fixture
@@ -103,7 +111,9 @@ def empty_database(pg_cluster: Cluster) -> Iterator[str]:
         yield pg_cluster.dsn(name)
     finally:
         with psycopg.connect(pg_cluster.base_dsn, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
 
 
 @pytest.fixture
