@@ -13,6 +13,11 @@ Pure: no I/O, no clock. Ordering of two events of one key is ``ChangeEvent.newer
   answered) keeps a newer event pending, but ``take`` will not hand that key out again until the
   in-flight entry is completed. So two versions of one key are never on the wire together and
   an older one can never land after a newer one.
+* Orphan fences: keys of a bulk job that may still run on the CRM without our knowing its id
+  (``fence(keys, tag)``) are not handed out by ``take`` either, until ``unfence(tag)`` (the
+  engine decides when: the job's callback or its time bound).
+* Backlog: an entry made only of initial-sync (``snapshot``) events has no staleness deadline
+  (``live_at is None``); see docs/planner.md.
 * ``BatchTracker`` turns "every event of reader batches ≤ b is acknowledged, dead-lettered or
   superseded by one that is" into a number the emitter can checkpoint (invariant 5).
 """
@@ -26,15 +31,16 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
 
-from connector.events import ChangeEvent, EventStamp, stamp_of
+from connector.events import ChangeEvent, EventStamp, Op, stamp_of
 
 
 @dataclass(slots=True, eq=False)
 class PendingEntry:
     """The newest pending event of one key.
 
-    oldest_at: captured_at of the oldest change merged into this entry and not yet sent (the
-        staleness clock of the entry).
+    oldest_at: captured_at of the oldest change merged into this entry and not yet sent.
+    live_at: the same among live (non-snapshot) changes only: the entry's staleness clock;
+        None when the entry holds initial-sync rows only (a backlog without a deadline).
     batches: reader batch numbers whose events were merged into (or superseded by) this entry;
         they are resolved when the entry is acknowledged or dead-lettered.
     """
@@ -43,6 +49,7 @@ class PendingEntry:
     event: ChangeEvent
     oldest_at: datetime
     batches: set[int] = field(default_factory=set)
+    live_at: datetime | None = None
 
 
 class BatchTracker:
@@ -144,6 +151,8 @@ class Coalescer:
         self._acked: dict[str, EventStamp] = {}
         self._heap: list[tuple[datetime, int, PendingEntry]] = []
         self._seq = itertools.count()
+        self._fenced: dict[str, set[int]] = {}
+        self._fence_keys: dict[int, list[str]] = {}
 
     # -- input ------------------------------------------------------------------------------
     def add(self, event: ChangeEvent, batch: int) -> bool:
@@ -162,16 +171,16 @@ class Coalescer:
         entry = self._pending.get(key)
         live = entry if entry is not None else self._in_flight.get(key)
         if live is not None and not event.newer_than(live.event):
-            self._attach(live, batch, event.captured_at)
+            self._attach(live, batch, event)
             return False
         if entry is None:
             entry = PendingEntry(key, event, event.captured_at)
             self._pending[key] = entry
-            self._attach(entry, batch, event.captured_at)
+            self._attach(entry, batch, event)
             self._push(entry)
         else:
             entry.event = event
-            self._attach(entry, batch, event.captured_at)
+            self._attach(entry, batch, event)
         return True
 
     def set_acked(self, key: str, stamp: EventStamp | None) -> None:
@@ -198,6 +207,36 @@ class Coalescer:
     def in_flight(self) -> Set[str]:
         return self._in_flight.keys()
 
+    # -- orphan fences ----------------------------------------------------------------------
+    def fence(self, keys: Iterable[str], tag: int) -> None:
+        """Hold ``keys`` back (``take`` skips them) until ``unfence(tag)``: a bulk job that may
+        still write older versions of them on the CRM (``tag`` = its bulk_jobs id)."""
+        if tag in self._fence_keys:
+            return
+        listed = list(dict.fromkeys(keys))
+        self._fence_keys[tag] = listed
+        for key in listed:
+            self._fenced.setdefault(key, set()).add(tag)
+
+    def unfence(self, tag: int) -> list[str]:
+        """Release the keys fenced under ``tag``; returns those no longer fenced at all."""
+        freed: list[str] = []
+        for key in self._fence_keys.pop(tag, []):
+            tags = self._fenced.get(key)
+            if tags is None:
+                continue
+            tags.discard(tag)
+            if not tags:
+                del self._fenced[key]
+                freed.append(key)
+        return freed
+
+    def fenced(self) -> Set[str]:
+        return self._fenced.keys()
+
+    def fence_tags(self) -> list[int]:
+        return list(self._fence_keys)
+
     def __len__(self) -> int:
         """Number of pending entries (not counting those in flight)."""
         return len(self._pending)
@@ -221,7 +260,7 @@ class Coalescer:
         ``complete``. Keys not pending, or already in flight, are skipped (fencing)."""
         out: list[PendingEntry] = []
         for key in keys:
-            if key in self._in_flight:
+            if key in self._in_flight or key in self._fenced:
                 continue
             entry = self._pending.pop(key, None)
             if entry is None:
@@ -265,15 +304,22 @@ class Coalescer:
                     else:
                         newer.batches.add(b)
                 entry.batches.clear()
+                if entry.live_at is not None and (
+                    newer.live_at is None or entry.live_at < newer.live_at
+                ):
+                    newer.live_at = entry.live_at
                 if entry.oldest_at < newer.oldest_at:
                     newer.oldest_at = entry.oldest_at
                     self._push(newer)
 
     # -- internals --------------------------------------------------------------------------
-    def _attach(self, entry: PendingEntry, batch: int, captured_at: datetime) -> None:
+    def _attach(self, entry: PendingEntry, batch: int, event: ChangeEvent) -> None:
         if batch not in entry.batches:
             entry.batches.add(batch)
             self.tracker.hold(batch)
+        captured_at = event.captured_at
+        if event.op is not Op.SNAPSHOT and (entry.live_at is None or captured_at < entry.live_at):
+            entry.live_at = captured_at
         if captured_at < entry.oldest_at:
             entry.oldest_at = captured_at
             if self._pending.get(entry.key) is entry:

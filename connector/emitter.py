@@ -70,10 +70,13 @@ class EmitOutcome:
     dead: int = 0
     added: int = 0
     updated: int = 0
+    # bulk jobs that may run on the CRM unknown to us: (bulk_jobs.id, keys, seconds to fence)
+    fences: list[state.BulkFence] = field(default_factory=list)
 
     def merge(self, other: EmitOutcome) -> None:
         self.done.extend(other.done)
         self.retry.extend(other.retry)
+        self.fences.extend(other.fences)
         self.acked += other.acked
         self.dead += other.dead
         self.added += other.added
@@ -151,6 +154,9 @@ class Emitter:
         callback_url: CallbackUrl | None = None,
         bulk_poll_initial: float = 2.0,
         bulk_poll_max: float = 30.0,
+        default_bulk_latency: float = 120.0,
+        orphan_fence_factor: float = 3.0,
+        orphan_fence_min: float = 5.0,
     ) -> None:
         self.pipeline = pipeline
         self.client = client
@@ -166,8 +172,35 @@ class Emitter:
         self._mark_mapped = pipeline.delete_mark_field in {
             m.field for m in pipeline.fields.values()
         }
+        self.default_bulk_latency = default_bulk_latency
+        self.orphan_fence_factor = orphan_fence_factor
+        self.orphan_fence_min = orphan_fence_min
         self.upsert_latency: float | None = None  # EWMA of an upsert call, seconds
         self.bulk_latency: float | None = None  # EWMA of a bulk job, intent to applied
+        self.bulk_records: float | None = None  # EWMA of the records of those jobs
+
+    # ------------------------------------------------------------------ estimates
+    def restore_bulk_latency(self, durations: Sequence[tuple[int, float]]) -> None:
+        """Seed the bulk estimates from jobs measured by earlier runs ((records, seconds),
+        oldest first, ``state.bulk_durations``): a restart does not forget them."""
+        for records, seconds in durations:
+            self._measured_bulk(records, seconds)
+
+    def _measured_bulk(self, records: int, seconds: float) -> None:
+        self.bulk_latency = _ewma(self.bulk_latency, seconds)
+        self.bulk_records = _ewma(self.bulk_records, float(max(records, 1)))
+
+    def orphan_fence_seconds(self, records: int) -> float:
+        """How long the keys of a job that may run on the CRM unknown to us (its create call
+        may have reached the CRM, its id never came back) are held back: ``orphan_fence_factor``
+        × the expected duration of a job of that size (measured latency, scaled by records when
+        the job is larger than the measured ones; the default latency when nothing was measured
+        yet), at least ``orphan_fence_min``. Counted from the moment the process that could
+        have created the job is known to be gone (or its create call to have returned)."""
+        latency = self.bulk_latency if self.bulk_latency is not None else self.default_bulk_latency
+        per_job = self.bulk_records or float(records or 1)
+        expected = latency * max(1.0, records / max(per_job, 1.0))
+        return max(self.orphan_fence_min, self.orphan_fence_factor * expected)
 
     # ------------------------------------------------------------------ upsert path
     async def send_upsert(self, entries: Sequence[PendingEntry]) -> EmitOutcome:
@@ -325,12 +358,22 @@ class Emitter:
         try:
             header, mappings = self._csv_layout()
             bulk_file = build_bulk_zip(header, [values for _, values in rows])
+            secret = secrets.token_urlsafe(24)
             try:
                 file_id = await self.client.upload_bulk_file(bulk_file)
                 async with self.pool.connection() as conn:
-                    await state.bulk_uploaded(conn, self.schema, job_row, file_id)
-                secret = secrets.token_urlsafe(24)
-                url = self.callback_url(job_row, secret) if self.callback_url else None
+                    await state.bulk_uploaded(conn, self.schema, job_row, file_id, secret)
+            except TransientError as exc:
+                # no create call was made: nothing can run on the CRM, hand the entries back
+                log.warning(
+                    "bulk file not uploaded; entries stay pending",
+                    extra={"pipeline": self.pipeline.name, "error": str(exc)},
+                )
+                async with self.pool.connection() as conn:
+                    await state.bulk_finish(conn, self.schema, job_row, state.BulkStatus.ABANDONED)
+                return EmitOutcome(retry=[e for e, _ in rows])
+            url = self.callback_url(job_row, secret) if self.callback_url else None
+            try:
                 job_id = await self.client.create_bulk_job(
                     self.pipeline.module,
                     file_id,
@@ -340,14 +383,24 @@ class Emitter:
                     callback_url=url,
                 )
             except TransientError as exc:
-                # no job id came back: nothing recorded as paid, hand the entries back
+                # no job id came back, but an attempt may have reached the CRM (a timeout, a
+                # lost answer): such a job would write these versions later. The entries are
+                # handed back fenced until it can no longer write (its callback, or the bound).
+                fence = self.orphan_fence_seconds(len(rows))
                 log.warning(
-                    "bulk job not created; entries stay pending",
-                    extra={"pipeline": self.pipeline.name, "error": str(exc)},
+                    "bulk job not created; entries stay pending, fenced",
+                    extra={
+                        "pipeline": self.pipeline.name,
+                        "error": str(exc),
+                        "job_row": job_row,
+                        "fence_seconds": round(fence, 1),
+                    },
                 )
-                async with self.pool.connection() as conn:
-                    await state.bulk_finish(conn, self.schema, job_row, state.BulkStatus.ABANDONED)
-                return EmitOutcome(retry=[e for e, _ in rows])
+                await self._until_stored(lambda conn: self._abandon_fenced(conn, job_row, fence))
+                return EmitOutcome(
+                    retry=[e for e, _ in rows],
+                    fences=[state.BulkFence(job_row, list(by_key), fence)],
+                )
             # the job is paid for: its id must be recorded, however long the database is away
             await self._until_stored(
                 lambda conn: state.bulk_created(conn, self.schema, job_row, job_id, secret)
@@ -356,9 +409,7 @@ class Emitter:
                 "bulk job created",
                 extra={"pipeline": self.pipeline.name, "job_id": job_id, "records": len(rows)},
             )
-            out = await self._finish_job(job_row, job_id, entries, by_key)
-            self.bulk_latency = _ewma(self.bulk_latency, time.monotonic() - started)
-            return out
+            return await self._finish_job(job_row, job_id, entries, by_key, started=started)
         finally:
             self._bulk_gauge(-1)
             self._wake.pop(job_row, None)
@@ -369,10 +420,14 @@ class Emitter:
         job_id: str,
         entries: Sequence[state.BulkEntry],
         by_key: dict[str, PendingEntry] | None,
+        *,
+        started: float | None = None,
     ) -> EmitOutcome:
         """Wait for the job (poll, or a callback wake-up), download its result and apply it in
         one transaction with marking the job applied. Transient errors are retried here: the
-        job is paid for, its entries stay in flight until its result is known."""
+        job is paid for, its entries stay in flight until its result is known. ``started``
+        (monotonic, at intent) when this process ran the whole job: its duration is measured
+        and stored (the estimate survives restarts)."""
         wake = self._wake.setdefault(job_row, asyncio.Event())
         delay = 1.0
         while True:
@@ -398,10 +453,14 @@ class Emitter:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
+        duration = None
+        if started is not None and job.status is JobStatus.COMPLETED:
+            duration = time.monotonic() - started
+            self._measured_bulk(len(entries), duration)
         delay = 0.5
         while True:
             try:
-                return await self._apply(job_row, job, results, entries, by_key)
+                return await self._apply(job_row, job, results, entries, by_key, duration=duration)
             except (psycopg.OperationalError, PoolTimeout) as exc:
                 log.warning(
                     "cannot store the bulk job's result yet; retrying",
@@ -435,6 +494,8 @@ class Emitter:
         results: dict[str, BulkRowResult] | None,
         entries: Sequence[state.BulkEntry],
         by_key: dict[str, PendingEntry] | None,
+        *,
+        duration: float | None = None,
     ) -> EmitOutcome:
         out = EmitOutcome()
         res = _Results()
@@ -467,7 +528,9 @@ class Emitter:
                     skipped=job.skipped,
                 )
             await self._store_in(conn, res)
-            finished = await state.bulk_finish(conn, self.schema, job_row, state.BulkStatus.APPLIED)
+            finished = await state.bulk_finish(
+                conn, self.schema, job_row, state.BulkStatus.APPLIED, duration=duration
+            )
             if not finished:
                 raise RuntimeError(f"bulk job row {job_row} was applied twice")
         await self._sync_flags(res)
@@ -498,17 +561,22 @@ class Emitter:
         """Resume the pipeline's open bulk jobs after a restart (call before reading).
 
         created / running / completed: poll the same job id, download, apply (never
-        re-created: it was paid for). intent / uploaded (not paid) and failed: abandoned; their
-        events are past the checkpoint and are read and planned again."""
+        re-created: it was paid for). intent (no create call was made): abandoned; its events
+        are past the checkpoint and are read and planned again. uploaded (the create call may
+        have reached the CRM, the id never came back: an *orphan* may run there and write these
+        versions later): abandoned with a fence (``bulk_jobs.fence_until``,
+        ``orphan_fence_seconds`` from now, when the process that could create it is gone);
+        the engine holds its keys back until then or until the orphan's callback."""
         token = current_pipeline.set(self.pipeline.name)
         out = EmitOutcome()
         try:
             async with self.pool.connection() as conn:
                 jobs = await state.open_bulk_jobs(conn, self.schema, self.pipeline.name)
+                self.restore_bulk_latency(
+                    await state.bulk_durations(conn, self.schema, self.pipeline.name)
+                )
             for job in jobs:
-                if job.status in (state.BulkStatus.INTENT, state.BulkStatus.UPLOADED) or (
-                    job.job_id is None
-                ):
+                if job.status is state.BulkStatus.INTENT:
                     async with self.pool.connection() as conn:
                         await state.bulk_finish(
                             conn, self.schema, job.id, state.BulkStatus.ABANDONED
@@ -516,6 +584,20 @@ class Emitter:
                     log.info(
                         "unpaid bulk job abandoned after restart",
                         extra={"pipeline": self.pipeline.name, "job_row": job.id},
+                    )
+                    continue
+                if job.status is state.BulkStatus.UPLOADED or job.job_id is None:
+                    fence = self.orphan_fence_seconds(job.record_count)
+                    async with self.pool.connection() as conn:
+                        await self._abandon_fenced(conn, job.id, fence)
+                    log.warning(
+                        "bulk job without a recorded id abandoned after restart; its keys are"
+                        " fenced in case the CRM runs it",
+                        extra={
+                            "pipeline": self.pipeline.name,
+                            "job_row": job.id,
+                            "fence_seconds": round(fence, 1),
+                        },
                     )
                     continue
                 log.info(
@@ -535,6 +617,11 @@ class Emitter:
             return out
         finally:
             current_pipeline.reset(token)
+
+    async def _abandon_fenced(
+        self, conn: psycopg.AsyncConnection[Any], job_row: int, seconds: float
+    ) -> None:
+        await state.bulk_abandon_fenced(conn, self.schema, job_row, seconds)
 
     def wake_bulk(self, job_row: int) -> bool:
         """A verified callback for ``bulk_jobs.id = job_row``: stop waiting, poll now."""

@@ -72,6 +72,10 @@ class EngineOptions:
     retry_backoff_max: float = 30.0
     bulk_poll_initial: float = 2.0  # first bulk job poll (a callback wakes it earlier)
     bulk_poll_max: float = 30.0
+    # keys of a bulk job that may run on the CRM without its id known are held back for
+    # factor × its expected duration (at least the minimum), or until its callback
+    orphan_fence_factor: float = 3.0
+    orphan_fence_min: float = 5.0
 
 
 class Engine:
@@ -134,6 +138,10 @@ class Engine:
         self._prev_hook: Any = None
         self._spent_24h = 0
         self._force_restart = False
+        self._batch_events: dict[int, int] = {}
+        self._fences: dict[int, float] = {}  # bulk_jobs.id -> when its fence ends (wall clock)
+        self._backlog_hold: tuple[int, int] | None = None  # snapshot chunk being read: (id, txid)
+        self._side_tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ public API
     async def run(self, stop: asyncio.Event) -> None:
@@ -233,7 +241,13 @@ class Engine:
         self._kick.set()
 
     def wake_bulk(self, job_row_id: int) -> bool:
-        """A verified bulk-write callback for ``bulk_jobs.id``: poll that job now."""
+        """A verified bulk-write callback for ``bulk_jobs.id``: poll that job now. For a job
+        abandoned without its id (an orphan the CRM may run), the callback says it has
+        finished, so it can no longer write: its keys are released at once."""
+        if job_row_id in self._fences:
+            self._release_fence(job_row_id, persist=True)
+            self._kick.set()
+            return True
         return self.emitter.wake_bulk(job_row_id) if self.emitter is not None else False
 
     @property
@@ -271,6 +285,9 @@ class Engine:
                 callback_url=self.callback_url,
                 bulk_poll_initial=self.options.bulk_poll_initial,
                 bulk_poll_max=self.options.bulk_poll_max,
+                default_bulk_latency=self.options.default_bulk_latency,
+                orphan_fence_factor=self.options.orphan_fence_factor,
+                orphan_fence_min=self.options.orphan_fence_min,
             )
             yield
         finally:
@@ -297,6 +314,7 @@ class Engine:
                 self._saved_pos = self._resolved_pos = self._read_pos
                 with acting_for(name):
                     await self.emitter.recover()
+                await self._load_fences()
                 await self._flush_credits()
                 await self._maybe_start_snapshot(stop)
                 await self._loop(stop, reader, listener, until_idle=until_idle)
@@ -368,6 +386,7 @@ class Engine:
         self._batch_no += 1
         batch = self._batch_no
         self._positions[batch] = pos
+        self._batch_events[batch] = len(events)
         if events:
             await self._seed_acked(reader, events)
         self.tracker.register(batch, len(events))
@@ -410,11 +429,12 @@ class Engine:
 
     # ------------------------------------------------------------------ planning
     def _dispatch(self, now: float) -> float | None:
+        fence_end = self._expire_fences(now)
         if now < self._retry_until:
-            return self._retry_until
+            return _earliest(self._retry_until, fence_end)
         p = self._plan(now)
         if p is None:
-            return None
+            return fence_end
         assert self.emitter is not None
         for keys in p.bulk:
             entries = self.coalescer.take(keys)
@@ -436,7 +456,7 @@ class Engine:
             )
         if self.metrics is not None:
             self.metrics.api_credits_below_reserve.set(1 if p.budget_alert else 0)
-        return p.wake_at
+        return _earliest(p.wake_at, fence_end)
 
     def _plan(self, now: float) -> Plan | None:
         pending = self.coalescer.pending()
@@ -444,8 +464,15 @@ class Engine:
             self._drain_once = False
             return None
         in_flight = self.coalescer.in_flight()
+        fenced = self.coalescer.fenced()
         keys = [
-            PendingKey(e.key, e.oldest_at.timestamp(), e.key in in_flight) for e in pending.values()
+            PendingKey(
+                e.key,
+                (e.live_at or e.oldest_at).timestamp(),
+                e.key in in_flight or e.key in fenced,
+                backlog=e.live_at is None,
+            )
+            for e in pending.values()
         ]
         assert self.emitter is not None
         inp = PlannerInput(
@@ -458,6 +485,7 @@ class Engine:
             upsert_latency=self.emitter.upsert_latency or self.options.default_upsert_latency,
             bulk_latency=self.emitter.bulk_latency or self.options.default_bulk_latency,
             cost=self.cost,
+            hold_backlog=self._holding_backlog(),
         )
         if self._drain_all or self._drain_once:
             self._drain_once = False
@@ -489,6 +517,8 @@ class Engine:
                 # stay behind the checkpoint
                 self.coalescer.complete(entries, acked=False)
                 raise
+            for fence in outcome.fences:  # before the entries are pending again
+                self._add_fence(fence.job, fence.keys, fence.seconds_left)
             self.coalescer.complete(outcome.done, acked=True)
             self.coalescer.complete(outcome.retry, acked=False)
             if outcome.retry:
@@ -523,6 +553,63 @@ class Engine:
             if exc is not None:
                 raise exc
 
+    # ------------------------------------------------------------------ orphan fences
+    async def _load_fences(self) -> None:
+        """Fences of bulk jobs abandoned without their id (``bulk_jobs.fence_until``, by this
+        start's ``recover`` or an earlier run): their keys wait until the bound or the job's
+        callback. Loaded before anything is read, so no newer version can go first."""
+        assert self._pool is not None
+        async with self._pool.connection() as conn:
+            fences = await state.bulk_fences(conn, self.schema, self.pipeline.name)
+        for f in fences:
+            self._add_fence(f.job, f.keys, f.seconds_left)
+
+    def _add_fence(self, job: int, keys: list[str], seconds: float) -> None:
+        self.coalescer.fence(keys, job)
+        self._fences[job] = max(self._fences.get(job, 0.0), _now() + seconds)
+        log.info(
+            "keys fenced: a bulk job may still write them on the CRM",
+            extra={
+                "pipeline": self.pipeline.name,
+                "job_row": job,
+                "keys": len(keys),
+                "seconds": round(seconds, 1),
+            },
+        )
+
+    def _expire_fences(self, now: float) -> float | None:
+        """Release fences whose time is up; the earliest remaining end (a wake-up)."""
+        for job, until in list(self._fences.items()):
+            if until <= now:
+                self._release_fence(job, persist=False)
+        return min(self._fences.values()) if self._fences else None
+
+    def _release_fence(self, job: int, *, persist: bool) -> None:
+        self._fences.pop(job, None)
+        self.coalescer.unfence(job)
+        if persist and self._pool is not None:
+            pool = self._pool
+
+            async def clear() -> None:
+                with contextlib.suppress(psycopg.Error, PoolTimeout):
+                    async with pool.connection() as conn:
+                        await state.bulk_unfence(conn, self.schema, job)
+
+            task = asyncio.create_task(clear(), name=f"unfence:{self.pipeline.name}:{job}")
+            self._side_tasks.add(task)
+            task.add_done_callback(self._side_tasks.discard)
+
+    def _holding_backlog(self) -> bool:
+        """While a snapshot chunk is being read, its rows leave only as full bulk jobs or with
+        the chunk's flush: a partly read chunk is not sent by a costlier mix."""
+        hold = self._backlog_hold
+        if hold is None:
+            return False
+        if self._read_pos.passed(*hold):
+            self._backlog_hold = None
+            return False
+        return True
+
     # ------------------------------------------------------------------ checkpoint & state
     async def _save_checkpoint(self) -> None:
         upto = self.tracker.resolved_upto()
@@ -534,8 +621,12 @@ class Engine:
         if pos == self._saved_pos:
             return
         assert self._pool is not None
+        passed_batches = [b for b in self._batch_events if b <= upto]
+        passed = sum(self._batch_events[b] for b in passed_batches)
         async with self._pool.connection() as conn:
-            await outbox.save_checkpoint(conn, self.schema, self.pipeline.name, pos)
+            await outbox.save_checkpoint(conn, self.schema, self.pipeline.name, pos, passed)
+            for b in passed_batches:
+                del self._batch_events[b]
             self._spent_24h = await state.credits_spent(conn, self.schema)
         self._saved_pos = pos
         self._resolved_pos = pos
@@ -606,6 +697,8 @@ class Engine:
                 await asyncio.gather(*pending, return_exceptions=True)
             self._tasks.clear()
             self._bulk_tasks.clear()
+        if self._side_tasks:
+            await asyncio.gather(*self._side_tasks, return_exceptions=True)
         if self._pool is not None:
             with contextlib.suppress(Exception):
                 await self._save_checkpoint()
@@ -631,6 +724,11 @@ class Engine:
             return
         await snap.prepare(restart=restart)
         self._force_restart = False
+        last = await self._last_snapshot_row()
+        if last is not None and not self._saved_pos.passed(*last):
+            # a chunk written before this start: held until read whole (set before the first
+            # read, so that no part of it leaves on its own by a costlier mix)
+            self._backlog_hold = last
 
         async def run_snapshot() -> None:
             delay = 0.5
@@ -658,7 +756,7 @@ class Engine:
         )
         self._snapshot_task.add_done_callback(lambda _t: self._kick.set())
 
-    async def _wait_snapshot_resolved(self) -> None:
+    async def _last_snapshot_row(self) -> tuple[int, int] | None:
         assert self._pool is not None
         async with self._pool.connection() as conn:
             cur = await conn.cursor(row_factory=tuple_row).execute(
@@ -666,9 +764,20 @@ class Engine:
                 (self.pipeline.name,),
             )
             row = await cur.fetchone()
-        if row is None:
+        return None if row is None else (int(row[0]), int(row[1]))
+
+    async def _wait_snapshot_resolved(self) -> None:
+        last = await self._last_snapshot_row()
+        if last is None:
             return
-        last_id, txid = int(row[0]), int(row[1])
+        last_id, txid = last
+        if self._saved_pos.passed(last_id, txid):
+            return
+        # the chunk written before the restart: flush it once it is read whole
+        self._backlog_hold = (last_id, txid)
+        self._kick.set()
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._read_pos.passed(last_id, txid))
         self.flush_all()
         async with self._changed:
             await self._changed.wait_for(lambda: self._saved_pos.passed(last_id, txid))
@@ -676,6 +785,7 @@ class Engine:
     async def _chunk_sent(self, chunk: Chunk) -> None:
         """Snapshot hook: once the reader has the whole chunk, flush it now; return when the
         checkpoint has passed it (every row acknowledged or dead-lettered)."""
+        self._backlog_hold = (chunk.max_outbox_id, chunk.txid)
         self._kick.set()
         async with self._changed:
             await self._changed.wait_for(
@@ -707,6 +817,12 @@ def drain_plan(inp: PlannerInput) -> Plan:
     bulk = [bulk_keys[i : i + c.bulk_batch] for i in range(0, len(bulk_keys), c.bulk_batch)]
     ups = [up_keys[i : i + c.upsert_batch] for i in range(0, len(up_keys), c.upsert_batch)]
     return Plan(ups, bulk, None, f"drain {len(keys)}", inp.credits_left < inp.reserve)
+
+
+def _earliest(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    return a if b is None else min(a, b)
 
 
 def _now() -> float:

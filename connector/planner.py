@@ -16,10 +16,17 @@ leave to arrive in time, then flush everything that is pending with the cheapest
 that still arrives in time. A full bulk job's worth of records leaves at once: nothing can make
 it cheaper per record. Below the credit reserve only changes at their deadline are sent, and
 nothing is ever planned beyond the credits left.
+
+Initial-sync rows (``PendingKey.backlog``) have no commit-to-CRM deadline of their own: they are
+never forced onto a faster, costlier API. Full bulk jobs of them leave at once; the rest leaves
+with the cheapest mix for its size, when the engine flushes the chunk (``hold_backlog`` is set
+while a chunk is still being read) or at the latest ``max_staleness`` after capture. Live
+changes keep their deadline and are planned exactly as before, separately.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -30,7 +37,8 @@ from connector.costs import CostModel, Mix
 class PendingKey:
     key: str
     oldest_at: float  # seconds, same clock as PlannerInput.now
-    in_flight: bool = False
+    in_flight: bool = False  # or otherwise not to be sent now (fenced)
+    backlog: bool = False  # initial-sync rows only: no arrival deadline (cheapest API)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +52,7 @@ class PlannerInput:
     upsert_latency: float  # seconds per upsert call, measured
     bulk_latency: float  # seconds per bulk job, upload to result, measured
     cost: CostModel = field(default_factory=CostModel)
+    hold_backlog: bool = False  # a snapshot chunk is still being read: backlog only in full jobs
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,11 +130,64 @@ def _fit(inp: PlannerInput, n: int, credits: int, time_left: float) -> tuple[int
 
 
 def plan(inp: PlannerInput) -> Plan:
-    cost = inp.cost
     free = [pk for pk in inp.pending if not pk.in_flight]
     if not free:
         reason = "all pending keys are in flight" if inp.pending else "nothing pending"
         return Plan([], [], None, reason, inp.credits_left < inp.reserve)
+    live = [pk for pk in free if not pk.backlog]
+    backlog = [pk for pk in free if pk.backlog]
+    if not backlog:
+        return _plan_live(inp, live)
+    p_live = _plan_live(inp, live) if live else None
+    spent = p_live.credits(inp.cost) if p_live is not None else 0
+    p_back = _plan_backlog(inp, backlog, spent)
+    if p_live is None:
+        return p_back
+    wakes = [w for w in (p_live.wake_at, p_back.wake_at) if w is not None]
+    return Plan(
+        p_live.upserts + p_back.upserts,
+        p_live.bulk + p_back.bulk,
+        min(wakes) if wakes else None,
+        f"{p_live.reason}; backlog: {p_back.reason}",
+        p_live.budget_alert or p_back.budget_alert,
+    )
+
+
+def _plan_backlog(inp: PlannerInput, free: list[PendingKey], already: int) -> Plan:
+    """Initial-sync rows: no arrival deadline, so always the cheapest mix for their number;
+    full bulk jobs at once, the rest when the chunk is read (not ``hold_backlog``) and its
+    oldest row is ``max_staleness`` old (the engine's chunk flush sends it sooner). Only what
+    the credits above the reserve allow, after ``already`` (the live changes' flush)."""
+    cost = inp.cost
+    spendable = inp.credits_left - inp.reserve - already
+    ordered = sorted(free, key=lambda pk: pk.oldest_at)
+    keys = [pk.key for pk in ordered]
+    n = len(ordered)
+    full_jobs = n // cost.bulk_batch
+    if full_jobs:
+        m = cost.mix(full_jobs * cost.bulk_batch, full_jobs)
+        if m.credits > spendable:
+            return Plan([], [], inp.now + _budget_retry(inp), "full jobs held by credits", True)
+        ups, bulk = _split(inp, keys[: m.records], m)
+        rest = ordered[m.records :]
+        wake = None
+        if rest and not inp.hold_backlog:
+            wake = max(inp.now, rest[0].oldest_at + inp.max_staleness - margin(inp))
+        return Plan(ups, bulk, wake, f"{full_jobs} full bulk job(s) of {n} backlog", False)
+    go_at = ordered[0].oldest_at + inp.max_staleness - margin(inp)
+    if inp.hold_backlog:
+        return Plan([], [], None, f"hold {n} backlog: chunk being read", False)
+    mix = choose_mix(inp, n, math.inf)
+    if inp.now < go_at:
+        return Plan([], [], go_at, f"wait: {n} backlog, {_describe(mix)}", False)
+    if mix.credits > spendable:
+        return Plan([], [], inp.now + _budget_retry(inp), f"{n} backlog held by credits", True)
+    ups, bulk = _split(inp, keys, mix)
+    return Plan(ups, bulk, None, f"backlog {n}: {_describe(mix)}", False)
+
+
+def _plan_live(inp: PlannerInput, free: list[PendingKey]) -> Plan:
+    cost = inp.cost
 
     n = len(free)
     oldest = min(pk.oldest_at for pk in free)

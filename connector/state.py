@@ -376,8 +376,12 @@ VALUES (%s, 'intent', %s, %s, %s)
 RETURNING id
 """
 
+# the callback secret is stored before the create call: an orphan's callback (a job created
+# whose id never came back) is then still recognised by the server
 Q_BULK_UPLOADED = """
-UPDATE {schema}.bulk_jobs SET status = 'uploaded', file_id = %s, updated_at = now()
+UPDATE {schema}.bulk_jobs
+   SET status = 'uploaded', file_id = %s, callback_secret = coalesce(%s, callback_secret),
+       updated_at = now()
  WHERE id = %s AND status IN ('intent', 'uploaded')
 """
 
@@ -405,9 +409,36 @@ UPDATE {schema}.bulk_jobs SET status = 'failed', error = %s, updated_at = now()
 """
 
 Q_BULK_FINISH = """
-UPDATE {schema}.bulk_jobs SET status = %s, updated_at = now()
+UPDATE {schema}.bulk_jobs
+   SET status = %s, duration_seconds = coalesce(%s, duration_seconds), updated_at = now()
  WHERE id = %s AND status NOT IN ('applied', 'abandoned')
 RETURNING id
+"""
+
+Q_BULK_ABANDON_FENCED = """
+UPDATE {schema}.bulk_jobs
+   SET status = 'abandoned', fence_until = now() + make_interval(secs => %s), updated_at = now()
+ WHERE id = %s AND status NOT IN ('applied', 'abandoned')
+RETURNING id
+"""
+
+Q_BULK_FENCES = """
+SELECT id, entries, extract(epoch FROM fence_until - now())::float8 AS seconds_left
+  FROM {schema}.bulk_jobs
+ WHERE pipeline = %s AND fence_until IS NOT NULL AND fence_until > now()
+ ORDER BY id
+"""
+
+Q_BULK_UNFENCE = """
+UPDATE {schema}.bulk_jobs SET fence_until = NULL WHERE id = %s AND fence_until IS NOT NULL
+"""
+
+Q_BULK_DURATIONS = """
+SELECT record_count, duration_seconds FROM (
+    SELECT id, record_count, duration_seconds FROM {schema}.bulk_jobs
+     WHERE pipeline = %s AND status = 'applied' AND duration_seconds IS NOT NULL
+     ORDER BY id DESC LIMIT %s
+) recent ORDER BY id
 """
 
 Q_BULK_OPEN = """
@@ -440,8 +471,12 @@ async def bulk_intent(
     return int(_first(row))
 
 
-async def bulk_uploaded(conn: AnyConn, schema: str, job: int, file_id: str) -> None:
-    await conn.execute(_q(Q_BULK_UPLOADED, schema), (file_id, job))
+async def bulk_uploaded(
+    conn: AnyConn, schema: str, job: int, file_id: str, callback_secret: str | None = None
+) -> None:
+    """The file is on the CRM's file server; the create call comes next. ``callback_secret``
+    is stored now, so that the callback of a job whose create answer was lost is recognised."""
+    await conn.execute(_q(Q_BULK_UPLOADED, schema), (file_id, callback_secret, job))
 
 
 async def bulk_created(
@@ -464,12 +499,66 @@ async def bulk_failed(conn: AnyConn, schema: str, job: int, error: str) -> None:
     await conn.execute(_q(Q_BULK_FAILED, schema), (error[:1000], job))
 
 
-async def bulk_finish(conn: AnyConn, schema: str, job: int, status: BulkStatus) -> bool:
-    """Mark a job ``applied`` or ``abandoned``; False if it already was (fenced)."""
+async def bulk_finish(
+    conn: AnyConn,
+    schema: str,
+    job: int,
+    status: BulkStatus,
+    *,
+    duration: float | None = None,
+) -> bool:
+    """Mark a job ``applied`` or ``abandoned``; False if it already was (fenced).
+    ``duration``: intent to result in seconds, when this process ran the whole job."""
     if status not in (BulkStatus.APPLIED, BulkStatus.ABANDONED):
         raise ValueError("a job finishes as applied or abandoned")
-    cur = await conn.execute(_q(Q_BULK_FINISH, schema), (str(status), job))
+    cur = await conn.execute(_q(Q_BULK_FINISH, schema), (str(status), duration, job))
     return await cur.fetchone() is not None
+
+
+async def bulk_abandon_fenced(conn: AnyConn, schema: str, job: int, seconds: float) -> bool:
+    """Abandon a job whose create call may have reached the CRM: its keys stay fenced for
+    ``seconds`` from now (database clock) or until its callback. False if already finished."""
+    cur = await conn.execute(_q(Q_BULK_ABANDON_FENCED, schema), (float(seconds), job))
+    return await cur.fetchone() is not None
+
+
+@dataclass(frozen=True, slots=True)
+class BulkFence:
+    """An abandoned job that may still write on the CRM: its keys wait ``seconds_left``."""
+
+    job: int
+    keys: list[str]
+    seconds_left: float
+
+
+async def bulk_fences(conn: AnyConn, schema: str, pipeline: str) -> list[BulkFence]:
+    cur = await conn.execute(_q(Q_BULK_FENCES, schema), (pipeline,))
+    out: list[BulkFence] = []
+    for r in await cur.fetchall():
+        row = _as_dict(cur, r)
+        raw = row["entries"]
+        if isinstance(raw, str | bytes):
+            raw = orjson.loads(raw)
+        keys = [str(e["key"]) for e in raw]
+        out.append(BulkFence(int(row["id"]), keys, float(row["seconds_left"])))
+    return out
+
+
+async def bulk_unfence(conn: AnyConn, schema: str, job: int) -> None:
+    """The job can no longer write (its callback came): drop its fence."""
+    await conn.execute(_q(Q_BULK_UNFENCE, schema), (job,))
+
+
+async def bulk_durations(
+    conn: AnyConn, schema: str, pipeline: str, limit: int = 10
+) -> list[tuple[int, float]]:
+    """(records, seconds) of the pipeline's latest measured jobs, oldest first."""
+    cur = await conn.execute(_q(Q_BULK_DURATIONS, schema), (pipeline, limit))
+    out: list[tuple[int, float]] = []
+    for r in await cur.fetchall():
+        row = _as_dict(cur, r)
+        out.append((int(row["record_count"]), float(row["duration_seconds"])))
+    return out
 
 
 async def open_bulk_jobs(
