@@ -191,6 +191,7 @@ class Engine:
         try:
             async with self._resources():
                 assert self._pool is not None
+                await self._load_fences()  # an orphan bulk job may still write these keys
                 batch = 0
                 async with self._pool.connection() as conn:
                     async for page in outbox.read_range(
@@ -222,16 +223,18 @@ class Engine:
                 while len(self.coalescer) or self._tasks:
                     self._raise_failed()
                     now = _now()
-                    self._dispatch(now)
+                    wake = self._dispatch(now)
                     if self._tasks:
                         await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
                     elif len(self.coalescer):
-                        await asyncio.sleep(max(0.0, self._retry_until - _now()))
+                        resume_at = wake if wake is not None else self._retry_until
+                        await asyncio.sleep(max(0.05, resume_at - _now()))
                     await self._flush_credits()
                 self._raise_failed()
         finally:
             self.coalescer, self.tracker = saved
             self._drain_all = False
+            self._fences.clear()
         return report
 
     def flush_all(self) -> None:

@@ -288,3 +288,32 @@ def test_coalescer_model(ops: list[tuple[object, ...]]) -> None:
     while len(c):
         c.complete(c.take(list(c.pending())), acked=True)
     assert c.tracker.resolved_upto() == (batch_no or None)
+
+
+def test_fenced_keys_are_not_taken_until_unfenced() -> None:
+    c = _coal(1)
+    c.add(ev("a", 1), 1)
+    c.add(ev("b", 2), 1)
+    c.fence(["a", "x"], 7)
+    c.fence(["a"], 8)
+    assert set(c.fenced()) == {"a", "x"}
+    assert [e.key for e in c.take(["a", "b"])] == ["b"]
+    assert c.unfence(7) == ["x"]  # "a" is still fenced by job 8
+    assert c.take(["a"]) == []
+    assert c.unfence(8) == ["a"]
+    assert [e.key for e in c.take(["a"])] == ["a"]
+
+
+def test_live_at_is_the_clock_of_live_changes_only() -> None:
+    snap = SnapshotVisibility.parse("100:100:")
+    c = _coal(1)
+    c.add(ev("s", 50, Op.SNAPSHOT, snap=snap, at=1), 1)
+    assert c.pending()["s"].live_at is None  # initial-sync row only: no deadline
+    c.add(ev("s", 60, xid=200, at=5), 1)  # a live change the chunk does not contain
+    entry = c.pending()["s"]
+    assert entry.live_at == T0 + timedelta(seconds=5)
+    assert entry.oldest_at == T0 + timedelta(seconds=1)
+    # an older live change covered by a chunk row still counts for the deadline
+    c.add(ev("t", 70, Op.SNAPSHOT, snap=SnapshotVisibility.parse("300:300:"), at=9), 1)
+    assert not c.add(ev("t", 65, xid=250, at=3), 1)
+    assert c.pending()["t"].live_at == T0 + timedelta(seconds=3)

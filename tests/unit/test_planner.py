@@ -140,11 +140,17 @@ arrivals = st.lists(
 
 
 def simulate(
-    prm: dict[str, float], bursts: list[tuple[float, int, int]], budget: int, reserve: int
+    prm: dict[str, float],
+    bursts: list[tuple[float, int, int]],
+    budget: int,
+    reserve: int,
+    backlog: int = 0,
 ) -> tuple[list[float], int, list[Plan], list[PlannerInput]]:
     """A CRM answering at exactly the assumed latencies: upsert calls ``concurrency`` at a time
     (FIFO slots), bulk jobs side by side. The driver plans at every arrival, every answer and
-    every wake-up, like the emitter. Returns staleness per change and credits spent."""
+    every wake-up, like the emitter. Returns staleness per change and credits spent.
+    ``backlog``: that many initial-sync rows (keys ``b…``, no deadline) captured at 0; their
+    staleness is returned too (after the live changes', in key order)."""
     smax = prm["max_staleness"]
     c = int(prm["concurrency"])
     lat = prm["upsert_latency"]
@@ -152,6 +158,7 @@ def simulate(
     changes: list[tuple[float, str]] = []
     for t0, k0, n in bursts:
         changes.extend((round(t0, 3), f"k{(k0 + j * 7) % 200}") for j in range(n))
+    changes.extend((0.0, f"b{j}") for j in range(backlog))
     changes.sort()
     pending: dict[str, list[float]] = {}  # key -> [oldest_at]
     newest: dict[str, int] = {}  # key -> newest change index
@@ -194,7 +201,10 @@ def simulate(
             i += 1
         pi = PlannerInput(
             now=now,
-            pending=[PendingKey(k, v[0], k in in_flight) for k, v in pending.items()],
+            pending=[
+                PendingKey(k, v[0], k in in_flight, backlog=k.startswith("b"))
+                for k, v in pending.items()
+            ],
             max_staleness=smax,
             credits_left=budget - spent,
             reserve=reserve,
@@ -227,7 +237,9 @@ def simulate(
                 heapq.heappush(done_heap, (t_done, seq, items))
         if len(plans) > 20_000:
             raise AssertionError("planner loops")
-    stale = [delivered.get(j, math.inf) - changes[j][0] for j in range(len(changes))]
+    live = [j for j in range(len(changes)) if not changes[j][1].startswith("b")]
+    rows = [j for j in range(len(changes)) if changes[j][1].startswith("b")]
+    stale = [delivered.get(j, math.inf) - changes[j][0] for j in live + rows]
     return stale, spent, plans, inputs
 
 
@@ -276,3 +288,77 @@ def test_flush_never_costlier_than_the_other_api(n: int, now: float, cost: CostM
     time_left = S - margin(inp(pend)) - now
     if time_left >= 85.0:  # a bulk job is an alternative only if it arrives in time
         assert credits <= cost.bulk_credits(k)
+
+
+# -- the initial sync's backlog: no deadline, cheapest API, live changes keep theirs ----------
+
+
+def backlog_keys(n: int, at: float = 0.0) -> list[PendingKey]:
+    return [PendingKey(f"b{i}", at + i * 1e-6, False, backlog=True) for i in range(n)]
+
+
+def test_overdue_chunk_goes_by_bulk_not_by_the_faster_upsert() -> None:
+    # captured an hour ago, bulk slower than the staleness budget: still one job (500)
+    p = plan(inp(backlog_keys(25_000), now=3_600.0, max_staleness=10.0, bulk_latency=120.0))
+    assert sizes(p) == ([], [25_000]) and p.credits(COST) == 500
+    p = plan(inp(backlog_keys(6_000), now=3_600.0, max_staleness=10.0, bulk_latency=120.0))
+    assert sizes(p) == ([], [6_000])
+
+
+def test_chunk_being_read_leaves_only_as_full_jobs() -> None:
+    p = plan(inp(backlog_keys(20_000), now=3_600.0, hold_backlog=True))
+    assert p.is_empty and not p.budget_alert
+    p = plan(inp(backlog_keys(26_000), now=3_600.0, hold_backlog=True))
+    assert sizes(p) == ([], [25_000])
+
+
+def test_live_changes_keep_their_deadline_beside_a_backlog() -> None:
+    pend = [*keys(30, at=0.0), *backlog_keys(20_000, at=0.0)]
+    p = plan(inp(pend, now=S, hold_backlog=True))  # live due now, chunk still being read
+    assert sizes(p) == ([30], [])
+    p = plan(inp(pend, now=S))  # chunk read whole: it goes too, by its own cheapest mix
+    assert sorted(sizes(p)[0]) == [30] and sizes(p)[1] == [20_000]
+    assert all(k.startswith("k") for c in p.upserts for k in c)
+
+
+@settings(max_examples=40, deadline=None)
+@given(params, arrivals, st.integers(1, 700))
+def test_backlog_never_delays_live_changes_and_always_leaves(
+    prm: dict[str, float],
+    bursts: list,
+    backlog: int,  # type: ignore[type-arg]
+) -> None:
+    stale, _, _, _ = simulate(prm, bursts, budget=10**9, reserve=0, backlog=backlog)
+    live, rows = stale[: len(stale) - backlog], stale[len(stale) - backlog :]
+    assert max(live) <= prm["max_staleness"] + 1e-6
+    assert max(rows) < math.inf  # nothing held forever
+
+
+@settings(max_examples=40, deadline=None)
+@given(params, arrivals, st.integers(1, 700), st.integers(0, 400), st.integers(0, 100))
+def test_budget_never_exceeded_with_a_backlog(
+    prm: dict[str, float],
+    bursts: list,  # type: ignore[type-arg]
+    backlog: int,
+    budget: int,
+    reserve: int,
+) -> None:
+    _, spent, plans, inputs = simulate(prm, bursts, budget=budget, reserve=reserve, backlog=backlog)
+    assert spent <= budget
+    for p, pi in zip(plans, inputs, strict=True):
+        assert p.credits(SMALL) <= max(0, pi.credits_left)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 80_000), st.floats(0.0, 5_000.0), st.sampled_from([COST, SMALL]))
+def test_backlog_flush_is_the_cheapest_whatever_the_time(
+    n: int, now: float, cost: CostModel
+) -> None:
+    p = plan(inp(backlog_keys(n), now=now, cost=cost, credits_left=10**9, reserve=0))
+    k = sum(len(c) for c in p.upserts) + sum(len(j) for j in p.bulk)
+    if not k:
+        assert p.wake_at is not None and p.wake_at > now
+        return
+    assert p.credits(cost) <= cost.upsert_credits(k)
+    assert p.credits(cost) <= cost.bulk_credits(k)
+    assert p.credits(cost) == min(m.credits for m in cost.mixes(k))
