@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -76,6 +77,9 @@ class EngineOptions:
     # factor × its expected duration (at least the minimum), or until its callback
     orphan_fence_factor: float = 3.0
     orphan_fence_min: float = 5.0
+    # the CRM's X-API-CREDITS-REMAINING is trusted this long after the last call; then the
+    # planner goes by the ledger again, so one call probes whether the credits came back
+    credit_probe_interval: float = 30.0
 
 
 class Engine:
@@ -142,6 +146,8 @@ class Engine:
         self._fences: dict[int, float] = {}  # bulk_jobs.id -> when its fence ends (wall clock)
         self._backlog_hold: tuple[int, int] | None = None  # snapshot chunk being read: (id, txid)
         self._side_tasks: set[asyncio.Task[None]] = set()
+        self._calls_seen = -1
+        self._calls_seen_at = 0.0
 
     # ------------------------------------------------------------------ public API
     async def run(self, stop: asyncio.Event) -> None:
@@ -499,9 +505,20 @@ class Engine:
     def _credits_left(self) -> int:
         left = self.budget - self._spent_24h
         remaining = self.client.credits_remaining
-        if remaining is not None:
+        if remaining is not None and self._crm_remaining_fresh():
             left = min(left, remaining)
         return left
+
+    def _crm_remaining_fresh(self) -> bool:
+        """The CRM's remaining count is a reading at the last call. Without calls it never
+        changes, so a 0 read when the allowance ran out would stop sending for good although
+        the CRM's window rolls on: after ``credit_probe_interval`` without a call it is not
+        used (the ledger is), and the next flush's answer reads it again."""
+        calls = int(getattr(self.client, "calls", 0))
+        now = time.monotonic()
+        if calls != self._calls_seen:
+            self._calls_seen, self._calls_seen_at = calls, now
+        return now - self._calls_seen_at < self.options.credit_probe_interval
 
     def _spawn(
         self,

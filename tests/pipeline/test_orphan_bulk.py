@@ -252,3 +252,25 @@ async def test_bulk_estimate_survives_a_restart_and_checkpoint_counts_events(
         assert engine.emitter.bulk_latency == pytest.approx(rows[0][0])
     passed = await fetch(legacy, "SELECT events_passed FROM connector.checkpoints")
     assert passed == [(6_000,)]
+
+
+async def test_sending_resumes_when_the_crm_credits_come_back(
+    legacy: str, emu: EmulatorHandle, make_engine: EngineFactory
+) -> None:
+    """The CRM said 0 credits remaining; without calls that reading never changes. After the
+    probe interval the engine tries again and delivers once the allowance is back."""
+    ledger = emu.state.ledger
+    ledger.set_used(ledger.allowance)  # the allowance is spent
+    await execute(legacy, *insert_sql(10))
+    options = dataclasses.replace(FAST, credit_probe_interval=0.3, retry_backoff_max=0.5)
+    async with make_client(emu) as client:
+        engine = make_engine(client, pipeline_config(max_staleness="1s"), options=options)
+        stop = asyncio.Event()
+        task = asyncio.create_task(engine.run(stop))
+        await wait_for(lambda: client.credits_remaining == 0 and engine._retry_delay > 0)
+        await asyncio.sleep(1.0)  # the engine has planned with 0 credits left meanwhile
+        ledger.set_used(0)  # the CRM's window rolled on
+        await wait_for(lambda: len(emu.records("Orders")) == 10, 30)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    await assert_crm_matches(emu, legacy)
