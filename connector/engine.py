@@ -257,7 +257,12 @@ class Engine:
             self._release_fence(job_row_id, persist=True)
             self._kick.set()
             return True
-        return self.emitter.wake_bulk(job_row_id) if self.emitter is not None else False
+        if self.emitter is not None and self.emitter.wake_bulk(job_row_id):
+            return True
+        # not (yet) known here: perhaps an orphan's callback arriving while its fence is being
+        # set up (recover); recorded so that the fence, when set, is already over
+        self._persist_unfence(job_row_id)
+        return False
 
     @property
     def checkpoint(self) -> ReadPosition:
@@ -607,7 +612,11 @@ class Engine:
     def _release_fence(self, job: int, *, persist: bool) -> None:
         self._fences.pop(job, None)
         self.coalescer.unfence(job)
-        if persist and self._pool is not None:
+        if persist:
+            self._persist_unfence(job)
+
+    def _persist_unfence(self, job: int) -> None:
+        if self._pool is not None:
             pool = self._pool
 
             async def clear() -> None:

@@ -417,7 +417,9 @@ RETURNING id
 
 Q_BULK_ABANDON_FENCED = """
 UPDATE {schema}.bulk_jobs
-   SET status = 'abandoned', fence_until = now() + make_interval(secs => %s), updated_at = now()
+   SET status = 'abandoned',
+       fence_until = coalesce(fence_until, now() + make_interval(secs => %s)),
+       updated_at = now()
  WHERE id = %s AND status NOT IN ('applied', 'abandoned')
 RETURNING id
 """
@@ -429,8 +431,11 @@ SELECT id, entries, extract(epoch FROM fence_until - now())::float8 AS seconds_l
  ORDER BY id
 """
 
+# a callback for a job whose id we never got: it has finished. fence_until = now() ends a
+# fence, and one set later (a restart's recover) keeps it (coalesce above)
 Q_BULK_UNFENCE = """
-UPDATE {schema}.bulk_jobs SET fence_until = NULL WHERE id = %s AND fence_until IS NOT NULL
+UPDATE {schema}.bulk_jobs SET fence_until = now()
+ WHERE id = %s AND job_id IS NULL AND (fence_until IS NULL OR fence_until > now())
 """
 
 Q_BULK_DURATIONS = """
@@ -545,7 +550,8 @@ async def bulk_fences(conn: AnyConn, schema: str, pipeline: str) -> list[BulkFen
 
 
 async def bulk_unfence(conn: AnyConn, schema: str, job: int) -> None:
-    """The job can no longer write (its callback came): drop its fence."""
+    """The job (one whose id never came back) can no longer write: its callback came. Ends
+    its fence, now or when a later ``bulk_abandon_fenced`` would set one."""
     await conn.execute(_q(Q_BULK_UNFENCE, schema), (job,))
 
 

@@ -12,8 +12,10 @@ import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
+import psycopg
 import pytest
 
+from connector import state
 from connector.costs import CostModel
 from connector.emulator import start_emulator
 from connector.emulator.server import EmulatorHandle
@@ -143,10 +145,29 @@ async def test_orphan_callback_releases_the_fence_early(
         await asyncio.wait_for(task, 30)  # far sooner than the 1,800 s bound
     assert _history_names(emu, "42")[-1] == "NEWER"
     await assert_crm_matches(emu, legacy)
-    fence = await fetch(
-        legacy, "SELECT fence_until FROM connector.bulk_jobs WHERE id = %s", (job_row,)
+    over = await fetch(
+        legacy, "SELECT fence_until <= now() FROM connector.bulk_jobs WHERE id = %s", (job_row,)
     )
-    assert fence == [(None,)]
+    assert over == [(True,)]  # a restart does not fence it again
+
+
+async def test_orphan_callback_before_the_fence_is_set_ends_it(
+    legacy: str, slow_emu: EmulatorHandle, make_engine: EngineFactory
+) -> None:
+    """The callback came while the restarted engine was still recovering: the fence that
+    recover then sets is already over."""
+    emu = slow_emu
+    job_row = await _orphan(legacy, emu, make_engine)
+    emu.advance(200)  # the orphan finishes
+    async with await psycopg.AsyncConnection.connect(legacy, autocommit=True) as conn:
+        await state.bulk_unfence(conn, "connector", job_row)  # what Engine.wake_bulk stores
+    await execute(legacy, "UPDATE public.orders SET name = 'NEWER' WHERE id = 42")
+    long_fence = dataclasses.replace(FAST, default_bulk_latency=600.0)
+    async with make_client(emu) as client:
+        engine = make_engine(client, options=long_fence)
+        await asyncio.wait_for(engine.drain(), 30)  # not held for the 1,800 s bound
+    assert _history_names(emu, "42")[-1] == "NEWER"
+    await assert_crm_matches(emu, legacy)
 
 
 async def test_fence_survives_a_restart(
