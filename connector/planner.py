@@ -91,12 +91,17 @@ def send_time(inp: PlannerInput, mix: Mix) -> float:
 
 def choose_mix(inp: PlannerInput, n: int, time_left: float) -> Mix:
     """The cheapest mix for ``n`` records that is acknowledged within ``time_left``; ties go to
-    fewer bulk jobs. If none is fast enough, the fastest one (staleness comes first)."""
+    fewer bulk jobs. If none is fast enough (already late: after a restart or a fault), the
+    fastest one (staleness comes first) — but among the mixes within ``margin`` of the
+    fastest, the cheapest: a 500-credit job is not bought to arrive a fraction of a second
+    less late than one upsert call."""
     mixes = inp.cost.mixes(n)
     in_time = [m for m in mixes if send_time(inp, m) <= time_left]
     if in_time:
         return min(in_time, key=lambda m: (m.credits, m.bulk_jobs))
-    return min(mixes, key=lambda m: (send_time(inp, m), m.credits, m.bulk_jobs))
+    fastest = min(send_time(inp, m) for m in mixes)
+    near = [m for m in mixes if send_time(inp, m) <= fastest + margin(inp)]
+    return min(near, key=lambda m: (m.credits, send_time(inp, m), m.bulk_jobs))
 
 
 def leave_at(inp: PlannerInput, oldest: float, n: int) -> tuple[float, Mix]:

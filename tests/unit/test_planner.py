@@ -362,3 +362,12 @@ def test_backlog_flush_is_the_cheapest_whatever_the_time(
     assert p.credits(cost) <= cost.upsert_credits(k)
     assert p.credits(cost) <= cost.bulk_credits(k)
     assert p.credits(cost) == min(m.credits for m in cost.mixes(k))
+
+
+def test_late_small_flush_is_not_bought_a_bulk_job() -> None:
+    # overdue; one slow upsert call (2.3 s) vs a measured small bulk job (2.0 s): upsert
+    p = plan(inp(keys(61), now=S + 50.0, upsert_latency=2.3, bulk_latency=2.0))
+    assert sizes(p) == ([61], [])
+    # a big late flush still takes the clearly faster API
+    p = plan(inp(keys(25_000), now=S + 50.0, upsert_latency=1.0, bulk_latency=3.0))
+    assert sizes(p) == ([], [25_000])
