@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from types import TracebackType
 from typing import Any, Literal, Protocol
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 from pydantic import SecretStr
@@ -66,6 +66,8 @@ from connector.zoho.bulk import (
 from connector.zoho.limiter import AdaptiveLimiter
 
 log = logging.getLogger(__name__)
+# hosts of Zoho's own services (download links of bulk results live on e.g. download.zoho.com)
+_ZOHO_HOST = re.compile(r"(^|\.)zoho(apis|cloud)?\.(com|eu|in|jp|sa|ca|com\.au|com\.cn)$")
 
 MAX_RECORDS_PER_CALL = 100
 MAX_FIELDS_PER_READ = 50
@@ -774,10 +776,25 @@ class ZohoClient:
         assert reply is not None
         return self._check(api, path if base != "absolute" else "download", reply, record_errors)
 
+    def _trusted_download_host(self, url: str, api_base: str | None) -> bool:
+        host = (urlsplit(url).hostname or "").lower()
+        known = {
+            (urlsplit(u).hostname or "").lower()
+            for u in (api_base, self._upload_url, self._default_api_url)
+            if u
+        }
+        return host in known or _ZOHO_HOST.search(host) is not None
+
     def _url(self, base: Literal["api", "upload", "absolute"], path: str) -> str:
         api_base = self._api_url or self.tokens.api_domain or self._default_api_url
         if base == "absolute":
             if re.match(r"^https?://", path):
+                if not self._trusted_download_host(path, api_base):
+                    # the access token travels with this request: never to a foreign host
+                    raise PermanentError(
+                        f"refusing to download a bulk result from untrusted host "
+                        f"{urlsplit(path).hostname!r}"
+                    )
                 return path
             if api_base is None:
                 raise PermanentError("no API base URL known for a relative download_url")
