@@ -141,7 +141,9 @@ class Coalescer:
     """Pending changes of one pipeline, newest per key.
 
     Memory per pending key: one ``PendingEntry`` (the event itself, a timestamp, a small set of
-    batch numbers) plus, for keys seen before, the acknowledged ``EventStamp``.
+    batch numbers) plus, for keys seen before, the acknowledged ``EventStamp``. Acknowledged
+    stamps of keys no longer pending are a cache of ``key_state``: the owner bounds it with
+    ``trim_acked`` (otherwise it would grow with every key ever sent).
     """
 
     def __init__(self, tracker: BatchTracker | None = None) -> None:
@@ -198,6 +200,28 @@ class Coalescer:
         ``set_acked`` them again before adding events of those keys."""
         for key in keys:
             self._acked.pop(key, None)
+
+    def acked_size(self) -> int:
+        """Number of acknowledged stamps held in memory."""
+        return len(self._acked)
+
+    def trim_acked(self, keep: int) -> int:
+        """Forget the least recently acknowledged stamps beyond ``keep`` (they stay in
+        key_state, which is written before ``complete``; the engine reloads a forgotten key's
+        stamp before it adds an event of that key). Stamps of keys pending or in flight are
+        kept: ``complete(acked=False)`` compares against them. Returns how many were dropped."""
+        excess = len(self._acked) - keep
+        if excess <= 0:
+            return 0
+        drop: list[str] = []
+        for key in self._acked:
+            if len(drop) >= excess:
+                break
+            if key not in self._pending and key not in self._in_flight:
+                drop.append(key)
+        for key in drop:
+            del self._acked[key]
+        return len(drop)
 
     # -- views ------------------------------------------------------------------------------
     def pending(self) -> Mapping[str, PendingEntry]:
@@ -280,9 +304,10 @@ class Coalescer:
             if self._in_flight.get(key) is entry:
                 del self._in_flight[key]
             if acked:
-                prev = self._acked.get(key)
+                prev = self._acked.pop(key, None)  # re-inserted last: most recently acked
                 if prev is None or entry.event.newer_than(prev):
-                    self._acked[key] = stamp_of(entry.event)
+                    prev = stamp_of(entry.event)
+                self._acked[key] = prev
                 for b in entry.batches:
                     self.tracker.release(b)
                 entry.batches.clear()

@@ -80,6 +80,9 @@ class EngineOptions:
     # the CRM's X-API-CREDITS-REMAINING is trusted this long after the last call; then the
     # planner goes by the ledger again, so one call probes whether the credits came back
     credit_probe_interval: float = 30.0
+    # acknowledged stamps kept in memory once the checkpoint has passed them (most recent
+    # first); older ones are reloaded from key_state when their key shows up again
+    acked_cache: int = 10_000
 
 
 class Engine:
@@ -133,6 +136,8 @@ class Engine:
         self._kick = asyncio.Event()
         self._changed = asyncio.Condition()
         self._drain_once = False
+        self._flush_seq = 0  # flush_all requests so far
+        self._flushing = False  # the plan being dispatched is a flush_all's
         self._drain_all = False
         self._retry_until = 0.0
         self._retry_delay = 0.0
@@ -247,6 +252,7 @@ class Engine:
         """While ``run`` runs: send everything pending now instead of waiting for deadlines
         (one flush; later changes are planned normally again)."""
         self._drain_once = True
+        self._flush_seq += 1
         self._kick.set()
 
     def wake_bulk(self, job_row_id: int) -> bool:
@@ -446,6 +452,7 @@ class Engine:
         fence_end = self._expire_fences(now)
         if now < self._retry_until:
             return _earliest(self._retry_until, fence_end)
+        self._flushing = False
         p = self._plan(now)
         if p is None:
             return fence_end
@@ -502,6 +509,7 @@ class Engine:
             hold_backlog=self._holding_backlog(),
         )
         if self._drain_all or self._drain_once:
+            self._flushing = self._drain_once
             self._drain_once = False
             return drain_plan(inp)
         return plan(inp)
@@ -531,6 +539,8 @@ class Engine:
         entries: list[PendingEntry],
         kind: str,
     ) -> None:
+        flush_seq, by_flush = self._flush_seq, self._flushing
+
         async def job() -> EmitOutcome:
             try:
                 outcome = await send(entries)
@@ -551,6 +561,11 @@ class Engine:
                     max(self._retry_delay * 2, 1.0), self.options.retry_backoff_max
                 )
                 self._retry_until = _now() + self._retry_delay
+                if by_flush or self._flush_seq != flush_seq:
+                    # a flush_all covered these entries (they were sent by it, or in flight
+                    # when it was asked for): they go with a flush again after the backoff,
+                    # not at their deadline
+                    self._drain_once = True
             elif outcome.done:
                 self._retry_delay = 0.0
             self._kick.set()
@@ -659,6 +674,8 @@ class Engine:
             self._spent_24h = await state.credits_spent(conn, self.schema)
         self._saved_pos = pos
         self._resolved_pos = pos
+        # memory stays flat in the table size: what the checkpoint passed is in key_state
+        self.coalescer.trim_acked(self.options.acked_cache)
         if self.metrics is not None:
             name = self.pipeline.name
             self.metrics.checkpoint_offset.labels(pipeline=name).set(pos.last_id)

@@ -317,3 +317,35 @@ def test_live_at_is_the_clock_of_live_changes_only() -> None:
     c.add(ev("t", 70, Op.SNAPSHOT, snap=SnapshotVisibility.parse("300:300:"), at=9), 1)
     assert not c.add(ev("t", 65, xid=250, at=3), 1)
     assert c.pending()["t"].live_at == T0 + timedelta(seconds=3)
+
+
+def test_trim_acked_keeps_the_most_recent_and_never_pending_or_in_flight() -> None:
+    c = _coal(1, 2)
+    for i in range(10):
+        c.add(ev(f"k{i}", i + 1), 1)
+    c.complete(c.take([f"k{i}" for i in range(10)]), acked=True)
+    assert c.acked_size() == 10
+    c.add(ev("k0", 20), 2)  # k0 pending again: its stamp stays
+    c.complete(c.take(["k1"]), acked=True)  # nothing to take: k1 is not pending
+    c.add(ev("k1", 21), 2)
+    taken = c.take(["k1"])  # k1 in flight: its stamp stays
+    assert c.trim_acked(3) == 7
+    assert c.acked_size() == 3
+    assert c.acked("k0") is not None and c.acked("k1") is not None
+    assert c.acked("k9") is not None  # the most recently acknowledged free key
+    assert c.acked("k2") is None
+    c.complete(taken, acked=True)
+    assert c.acked("k1") == stamp_of(ev("k1", 21))
+    assert c.trim_acked(0) == 2  # k0 is still pending
+    assert c.acked_size() == 1 and c.acked("k0") is not None
+
+
+def test_forgotten_stamp_set_again_still_drops_an_older_event() -> None:
+    c = _coal(1, 2)
+    c.add(ev("a", 5), 1)
+    c.complete(c.take(["a"]), acked=True)
+    c.trim_acked(0)
+    assert c.acked("a") is None
+    c.set_acked("a", stamp_of(ev("a", 5)))  # what the engine reloads from key_state
+    assert not c.add(ev("a", 4), 2)
+    assert not c.pending()
