@@ -250,7 +250,9 @@ class Engine:
 
     def flush_all(self) -> None:
         """While ``run`` runs: send everything pending now instead of waiting for deadlines
-        (one flush; later changes are planned normally again)."""
+        (one flush; later changes are planned normally again). Entries it sends, or that
+        are in flight now, and that come back for a retry are flushed again after the
+        backoff."""
         self._drain_once = True
         self._flush_seq += 1
         self._kick.set()
