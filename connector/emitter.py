@@ -38,6 +38,7 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from connector import state
+from connector.capture import pin_image_settings
 from connector.coalesce import PendingEntry
 from connector.config import PipelineConfig
 from connector.errors import DataError, TransientError
@@ -645,10 +646,7 @@ class Emitter:
         ignored = list(self.pipeline.ignore_columns)
         async with await psycopg.AsyncConnection.connect(self.source_dsn) as conn:
             key_type = await _column_type(conn, self.pipeline)
-            for name, value in _IMAGE_SETTINGS:
-                await conn.execute(
-                    sql.SQL("SET LOCAL {} = {}").format(sql.Identifier(name), sql.Literal(value))
-                )
+            await pin_image_settings(conn)
             cur = await conn.execute(
                 sql.SQL(
                     "UPDATE {table} AS t SET {flag} = true"
@@ -806,15 +804,6 @@ class CreditRecorder:
             self._queue[:0] = queue
             raise
         return sum(q[2] for q in queue)
-
-
-# What to_jsonb() prints depends on these (same as the capture trigger and the snapshot).
-_IMAGE_SETTINGS: tuple[tuple[str, str], ...] = (
-    ("TimeZone", "UTC"),
-    ("IntervalStyle", "postgres"),
-    ("bytea_output", "hex"),
-    ("extra_float_digits", "1"),
-)
 
 
 async def _column_type(conn: psycopg.AsyncConnection[Any], pipeline: PipelineConfig) -> str:

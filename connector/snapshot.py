@@ -35,20 +35,12 @@ import psycopg
 from psycopg import sql
 
 from connector import state
+from connector.capture import pin_image_settings
 from connector.config import PipelineConfig
 from connector.errors import PermanentError
 from connector.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-# What to_jsonb() prints depends on these settings; the capture trigger pins the same values
-# (capture/triggers.py) so that a snapshot row and a captured row of the same data are equal.
-IMAGE_SETTINGS: tuple[tuple[str, str], ...] = (
-    ("TimeZone", "UTC"),
-    ("IntervalStyle", "postgres"),
-    ("bytea_output", "hex"),
-    ("extra_float_digits", "1"),
-)
 
 FETCH_SIZE = 5_000
 
@@ -304,10 +296,7 @@ class Snapshotter:
             cursor_value = _key_param(snap_row.cursor)
 
             await src.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            for name, value in IMAGE_SETTINGS:
-                await src.execute(
-                    sql.SQL("SET LOCAL {} = {}").format(sql.Identifier(name), sql.Literal(value))
-                )
+            await pin_image_settings(src)
             cur = await src.execute(
                 "SELECT pg_current_snapshot()::text, pg_snapshot_xmax(pg_current_snapshot())::text"
             )

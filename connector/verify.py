@@ -35,6 +35,7 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from connector import state
+from connector.capture import pin_image_settings
 from connector.capture.triggers import notify_channel
 from connector.config import PipelineConfig
 from connector.errors import DataError
@@ -43,13 +44,6 @@ from connector.outbox import load_row
 
 log = logging.getLogger(__name__)
 
-# to_jsonb() output depends on these; pinned like the capture trigger and the snapshot reader.
-IMAGE_SETTINGS: tuple[tuple[str, str], ...] = (
-    ("TimeZone", "UTC"),
-    ("IntervalStyle", "postgres"),
-    ("bytea_output", "hex"),
-    ("extra_float_digits", "1"),
-)
 
 _NUMERIC = frozenset({"integer", "bigint", "decimal", "currency", "double", "percent"})
 
@@ -164,18 +158,13 @@ async def _column_type(conn: psycopg.AsyncConnection[Any], pipeline: PipelineCon
     return str(row[0])
 
 
-async def _set_image_settings(conn: psycopg.AsyncConnection[Any]) -> None:
-    for name, value in IMAGE_SETTINGS:
-        await conn.execute("SELECT pg_catalog.set_config(%s, %s, true)", (name, value))
-
-
 async def source_rows(dsn: str, pipeline: PipelineConfig) -> dict[str, dict[str, Any]]:
     """Every row of the source table as its outbox image (``to_jsonb`` with pinned settings)."""
     out: dict[str, dict[str, Any]] = {}
     table = sql.Identifier(*pipeline.table_parts)
     async with await psycopg.AsyncConnection.connect(dsn) as conn, conn.transaction():
         await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        await _set_image_settings(conn)
+        await pin_image_settings(conn)
         cur = conn.cursor(name="verify_source", row_factory=tuple_row)
         await cur.execute(
             sql.SQL("SELECT {key}::text, to_jsonb(t)::text FROM {table} t").format(
@@ -357,7 +346,7 @@ async def _recapture_batch(  # noqa: PLR0917
     key = sql.Identifier(pipeline.key_column)
     table = sql.Identifier(*pipeline.table_parts)
     typ = sql.SQL(ctype)  # from pg_catalog.format_type, not from configuration text
-    await _set_image_settings(src)
+    await pin_image_settings(src)
     cur = await src.cursor(row_factory=tuple_row).execute(
         sql.SQL(
             "SELECT t.{key}::text, to_jsonb(t)::text FROM {table} t"

@@ -24,6 +24,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from connector.capture import IMAGE_SETTINGS
 from connector.config import PipelineConfig
 from connector.errors import ConfigError
 
@@ -31,10 +32,7 @@ from connector.errors import ConfigError
 # row image does not depend on the legacy session.
 _IMAGE_SETTINGS: tuple[tuple[str, str], ...] = (
     ("search_path", "pg_catalog, pg_temp"),
-    ("TimeZone", "UTC"),
-    ("IntervalStyle", "postgres"),
-    ("bytea_output", "hex"),
-    ("extra_float_digits", "1"),
+    *IMAGE_SETTINGS,
 )
 
 
