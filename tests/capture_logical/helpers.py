@@ -11,8 +11,10 @@ import psycopg
 
 from connector.capture import logical
 from connector.config import PipelineConfig
+from tests.capture.helpers import dead_letters
 
 SCHEMA = "connector"
+ORDERS_DDL = "CREATE TABLE orders (id int PRIMARY KEY, v text)"
 
 
 def pipeline(
@@ -78,3 +80,25 @@ async def running(capture: logical.LogicalCapture) -> AsyncIterator[asyncio.Task
 async def cleanup(dsn: str, cfg: PipelineConfig) -> None:
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         await logical.uninstall(conn, SCHEMA, cfg)
+
+
+@contextlib.asynccontextmanager
+async def installed(
+    dsn: str, cfg: PipelineConfig, *ddl: str
+) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """An autocommit connection to ``dsn`` after running ``ddl`` and installing the logical
+    capture of ``cfg``; the capture is uninstalled on the way out."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        for statement in ddl:
+            await conn.execute(statement)
+        await logical.install(conn, SCHEMA, cfg)
+        try:
+            yield conn
+        finally:
+            await cleanup(dsn, cfg)
+
+
+async def dead_letters_of(dsn: str) -> list[dict[str, Any]]:
+    """The dead letters in ``dsn``, read on a connection of their own."""
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        return await dead_letters(conn)

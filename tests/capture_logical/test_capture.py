@@ -13,7 +13,17 @@ import pytest
 from connector.capture import logical
 from connector.errors import ConfigError
 
-from .helpers import SCHEMA, cleanup, outbox, pipeline, running, wait_for, wait_rows
+from .helpers import (
+    ORDERS_DDL,
+    SCHEMA,
+    cleanup,
+    installed,
+    outbox,
+    pipeline,
+    running,
+    wait_for,
+    wait_rows,
+)
 
 AWKWARD = """
 CREATE TABLE orders (
@@ -51,131 +61,118 @@ def _last_per_key(rows: list[dict[str, Any]]) -> dict[str, Any]:
 async def test_awkward_values_and_toast_round_trip(database: str) -> None:
     cfg = pipeline()
     big = "é" + "x" * 1_000_000 + "🎉"
-    async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
-        await conn.execute(AWKWARD)
-        await conn.execute("ALTER TABLE orders ALTER COLUMN big SET STORAGE EXTERNAL")
-        await logical.install(conn, SCHEMA, cfg)
-        try:
-            cap = logical.LogicalCapture(database, SCHEMA, cfg)
-            async with running(cap):
-                await conn.execute(
-                    "INSERT INTO orders VALUES (1, %s, %s, %s, '2024-01-02 03:04:05.123456+02',"
-                    " '2024-02-29', true, %s, %s, %s, %s, 1e100, '1 day 02:03:04',"
-                    " 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11')",
-                    (
-                        'emoji 😀 rtl שלום "quoted" \\ back\nnl\ttab',
-                        big,
-                        "1234567890123456789012345678.0123456789",
-                        psycopg.types.json.Jsonb({"a": [1, 2.5, None], "b": {"c": "ü"}}),
-                        ["x", None, "NULL", 'q"u,o{t}e', ""],
-                        [1, None, 3],
-                        b"\x00\x01\xff",
-                    ),
-                )
-                await conn.execute("INSERT INTO orders (id) VALUES (2)")  # all NULLs
-                await conn.execute(
-                    "INSERT INTO orders (id, amount, ts, d, f8, nums) VALUES"
-                    " (3, -0.0000000001, 'infinity', '0044-03-15 BC', 'NaN', '{{1,2},{3,4}}')"
-                )
-                # the 1 MB value stays TOASTed and unchanged: pgoutput sends 'u' for it
-                await conn.execute("UPDATE orders SET v = 'changed' WHERE id = 1")
-                await wait_rows(database, 4)
-            rows = await outbox(database)
-            # a fresh process (empty cache) must still complete the image: from the source row
-            await conn.execute("UPDATE orders SET flag = false WHERE id = 1")
-            cap2 = logical.LogicalCapture(database, SCHEMA, cfg)
-            async with running(cap2):
-                rows = await wait_rows(database, 5)
-            assert cap.stats.toast_cache_hits >= 1
-            assert cap2.stats.toast_fetches >= 1
-            expected = await _images(conn)
-            assert _last_per_key(rows) == expected
-            # every stored image compares equal as jsonb too (normalisation of numbers etc.)
-            cur = await conn.execute(
-                "SELECT count(*) FROM connector.outbox o JOIN orders t ON o.key = t.id::text"
-                " WHERE o.id = (SELECT max(id) FROM connector.outbox o2 WHERE o2.key = o.key)"
-                " AND o.row <> to_jsonb(t)"
+    async with installed(
+        database, cfg, AWKWARD, "ALTER TABLE orders ALTER COLUMN big SET STORAGE EXTERNAL"
+    ) as conn:
+        cap = logical.LogicalCapture(database, SCHEMA, cfg)
+        async with running(cap):
+            await conn.execute(
+                "INSERT INTO orders VALUES (1, %s, %s, %s, '2024-01-02 03:04:05.123456+02',"
+                " '2024-02-29', true, %s, %s, %s, %s, 1e100, '1 day 02:03:04',"
+                " 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11')",
+                (
+                    'emoji 😀 rtl שלום "quoted" \\ back\nnl\ttab',
+                    big,
+                    "1234567890123456789012345678.0123456789",
+                    psycopg.types.json.Jsonb({"a": [1, 2.5, None], "b": {"c": "ü"}}),
+                    ["x", None, "NULL", 'q"u,o{t}e', ""],
+                    [1, None, 3],
+                    b"\x00\x01\xff",
+                ),
             )
-            assert (await cur.fetchone()) == (0,)
-            big_row = next(r for r in rows if r["op"] == "update" and r["key"] == "1")
-            assert big_row["row"]["big"] == big
-        finally:
-            await cleanup(database, cfg)
+            await conn.execute("INSERT INTO orders (id) VALUES (2)")  # all NULLs
+            await conn.execute(
+                "INSERT INTO orders (id, amount, ts, d, f8, nums) VALUES"
+                " (3, -0.0000000001, 'infinity', '0044-03-15 BC', 'NaN', '{{1,2},{3,4}}')"
+            )
+            # the 1 MB value stays TOASTed and unchanged: pgoutput sends 'u' for it
+            await conn.execute("UPDATE orders SET v = 'changed' WHERE id = 1")
+            await wait_rows(database, 4)
+        rows = await outbox(database)
+        # a fresh process (empty cache) must still complete the image: from the source row
+        await conn.execute("UPDATE orders SET flag = false WHERE id = 1")
+        cap2 = logical.LogicalCapture(database, SCHEMA, cfg)
+        async with running(cap2):
+            rows = await wait_rows(database, 5)
+        assert cap.stats.toast_cache_hits >= 1
+        assert cap2.stats.toast_fetches >= 1
+        expected = await _images(conn)
+        assert _last_per_key(rows) == expected
+        # every stored image compares equal as jsonb too (normalisation of numbers etc.)
+        cur = await conn.execute(
+            "SELECT count(*) FROM connector.outbox o JOIN orders t ON o.key = t.id::text"
+            " WHERE o.id = (SELECT max(id) FROM connector.outbox o2 WHERE o2.key = o.key)"
+            " AND o.row <> to_jsonb(t)"
+        )
+        assert (await cur.fetchone()) == (0,)
+        big_row = next(r for r in rows if r["op"] == "update" and r["key"] == "1")
+        assert big_row["row"]["big"] == big
 
 
 async def test_add_column_while_streaming(database: str) -> None:
     cfg = pipeline()
-    async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
-        await conn.execute("CREATE TABLE orders (id int PRIMARY KEY, v text)")
-        await logical.install(conn, SCHEMA, cfg)
-        try:
-            cap = logical.LogicalCapture(database, SCHEMA, cfg)
-            async with running(cap):
-                await conn.execute("INSERT INTO orders VALUES (1, 'a')")
-                await wait_rows(database, 1)
-                await conn.execute("ALTER TABLE orders ADD COLUMN extra numeric DEFAULT 1.50")
-                await conn.execute("INSERT INTO orders VALUES (2, 'b', 2.25)")
-                await conn.execute("UPDATE orders SET v = 'c' WHERE id = 1")
-                rows = await wait_rows(database, 3)
-            assert [r["row"] for r in rows] == [
-                {"id": 1, "v": "a"},
-                {"id": 2, "v": "b", "extra": 2.25},
-                {"id": 1, "v": "c", "extra": 1.5},
-            ]
-            assert '"extra": 1.50' in rows[2]["row_text"]
-        finally:
-            await cleanup(database, cfg)
+    async with installed(database, cfg, ORDERS_DDL) as conn:
+        cap = logical.LogicalCapture(database, SCHEMA, cfg)
+        async with running(cap):
+            await conn.execute("INSERT INTO orders VALUES (1, 'a')")
+            await wait_rows(database, 1)
+            await conn.execute("ALTER TABLE orders ADD COLUMN extra numeric DEFAULT 1.50")
+            await conn.execute("INSERT INTO orders VALUES (2, 'b', 2.25)")
+            await conn.execute("UPDATE orders SET v = 'c' WHERE id = 1")
+            rows = await wait_rows(database, 3)
+        assert [r["row"] for r in rows] == [
+            {"id": 1, "v": "a"},
+            {"id": 2, "v": "b", "extra": 2.25},
+            {"id": 1, "v": "c", "extra": 1.5},
+        ]
+        assert '"extra": 1.50' in rows[2]["row_text"]
 
 
 async def test_delete_with_replica_identity_default_and_key_change(database: str) -> None:
     cfg = pipeline()
-    async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
-        await conn.execute("CREATE TABLE orders (id int PRIMARY KEY, v text, w int)")
-        await logical.install(conn, SCHEMA, cfg)
-        try:
-            cap = logical.LogicalCapture(database, SCHEMA, cfg)
-            async with running(cap):
-                await conn.execute("INSERT INTO orders VALUES (1, 'a', 1), (2, 'b', 2)")
-                await conn.execute("DELETE FROM orders WHERE id = 1")
-                await conn.execute("UPDATE orders SET id = 3 WHERE id = 2")
-                rows = await wait_rows(database, 5)
-            assert [(r["op"], r["key"], r["row"]) for r in rows] == [
-                ("insert", "1", {"id": 1, "v": "a", "w": 1}),
-                ("insert", "2", {"id": 2, "v": "b", "w": 2}),
-                ("delete", "1", {"id": 1}),
-                ("delete", "2", {"id": 2}),
-                ("insert", "3", {"id": 3, "v": "b", "w": 2}),
-            ]
-        finally:
-            await cleanup(database, cfg)
+    async with installed(
+        database, cfg, "CREATE TABLE orders (id int PRIMARY KEY, v text, w int)"
+    ) as conn:
+        cap = logical.LogicalCapture(database, SCHEMA, cfg)
+        async with running(cap):
+            await conn.execute("INSERT INTO orders VALUES (1, 'a', 1), (2, 'b', 2)")
+            await conn.execute("DELETE FROM orders WHERE id = 1")
+            await conn.execute("UPDATE orders SET id = 3 WHERE id = 2")
+            rows = await wait_rows(database, 5)
+        assert [(r["op"], r["key"], r["row"]) for r in rows] == [
+            ("insert", "1", {"id": 1, "v": "a", "w": 1}),
+            ("insert", "2", {"id": 2, "v": "b", "w": 2}),
+            ("delete", "1", {"id": 1}),
+            ("delete", "2", {"id": 2}),
+            ("insert", "3", {"id": 3, "v": "b", "w": 2}),
+        ]
 
 
 async def test_commit_order_batching_and_source_xid(database: str) -> None:
     cfg = pipeline()
-    async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
-        await conn.execute("CREATE TABLE orders (id int PRIMARY KEY, v text)")
-        await conn.execute("CREATE TABLE other (id int)")
-        await logical.install(conn, SCHEMA, cfg)
-        try:
-            async with await psycopg.AsyncConnection.connect(database) as t1:
-                # T1 takes its xid first, commits last: outbox order must be commit order
-                await t1.execute("INSERT INTO other VALUES (1)")
-                cur = await t1.execute("SELECT pg_current_xact_id()::text")
-                t1_xid = (await cur.fetchone())[0]
-                await conn.execute("INSERT INTO orders VALUES (1, 'from T2')")
-                await t1.execute("UPDATE orders SET v = 'from T1' WHERE id = 1")
-                await t1.commit()
-            cap = logical.LogicalCapture(database, SCHEMA, cfg, batch_rows=100_000)
-            async with running(cap):
-                rows = await wait_rows(database, 2)
-            assert [r["row"]["v"] for r in rows] == ["from T2", "from T1"]
-            assert rows[1]["source_xid"] == t1_xid
-            assert rows[0]["source_lsn"] < rows[1]["source_lsn"] or len(
-                rows[0]["source_lsn"]
-            ) < len(rows[1]["source_lsn"])
-            assert cap.stats.outbox_commits >= 1
-        finally:
-            await cleanup(database, cfg)
+    async with installed(
+        database,
+        cfg,
+        ORDERS_DDL,
+        "CREATE TABLE other (id int)",
+    ) as conn:
+        async with await psycopg.AsyncConnection.connect(database) as t1:
+            # T1 takes its xid first, commits last: outbox order must be commit order
+            await t1.execute("INSERT INTO other VALUES (1)")
+            cur = await t1.execute("SELECT pg_current_xact_id()::text")
+            t1_xid = (await cur.fetchone())[0]
+            await conn.execute("INSERT INTO orders VALUES (1, 'from T2')")
+            await t1.execute("UPDATE orders SET v = 'from T1' WHERE id = 1")
+            await t1.commit()
+        cap = logical.LogicalCapture(database, SCHEMA, cfg, batch_rows=100_000)
+        async with running(cap):
+            rows = await wait_rows(database, 2)
+        assert [r["row"]["v"] for r in rows] == ["from T2", "from T1"]
+        assert rows[1]["source_xid"] == t1_xid
+        assert rows[0]["source_lsn"] < rows[1]["source_lsn"] or len(rows[0]["source_lsn"]) < len(
+            rows[1]["source_lsn"]
+        )
+        assert cap.stats.outbox_commits >= 1
 
 
 class Crash(Exception):
@@ -186,42 +183,37 @@ async def test_crash_between_outbox_commit_and_confirm(database: str) -> None:
     """Issue test 5: the consumer dies after the outbox commit and before the slot confirm;
     after a restart there is neither a loss nor a duplicate."""
     cfg = pipeline()
-    async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
-        await conn.execute("CREATE TABLE orders (id int PRIMARY KEY, v text)")
-        await logical.install(conn, SCHEMA, cfg)
-        try:
-            for i in range(50):
-                await conn.execute("INSERT INTO orders VALUES (%s, 'x')", (i,))
+    async with installed(database, cfg, ORDERS_DDL) as conn:
+        for i in range(50):
+            await conn.execute("INSERT INTO orders VALUES (%s, 'x')", (i,))
 
-            async def die(lsn: int) -> None:
-                raise Crash(lsn)
+        async def die(lsn: int) -> None:
+            raise Crash(lsn)
 
-            cap = logical.LogicalCapture(database, SCHEMA, cfg, after_outbox_commit=die)
-            stop = asyncio.Event()
-            with pytest.raises(Crash):
-                await asyncio.wait_for(cap.run(stop), 30)
-            stored = await outbox(database)
-            assert stored  # the outbox transaction committed
-            cur = await conn.execute(
-                "SELECT confirmed_flush_lsn < (SELECT last_commit_lsn FROM"
-                " connector.capture_state) FROM pg_replication_slots WHERE slot_name = %s",
-                (logical.object_name(SCHEMA, "orders"),),
-            )
-            assert (await cur.fetchone()) == (True,)  # the slot was not confirmed
-            for i in range(50, 60):
-                await conn.execute("INSERT INTO orders VALUES (%s, 'y')", (i,))
-            cap2 = logical.LogicalCapture(database, SCHEMA, cfg)
-            # ask for the whole slot, as after a server crash that rewound it: the stored
-            # commits come again and must be dropped by the consumer
-            cap2.request_stored_lsn = False
-            async with running(cap2):
-                rows = await wait_rows(database, 60)
-                await asyncio.sleep(0.3)  # let any (wrong) duplicate arrive
-                rows = await outbox(database)
-            assert sorted(int(r["key"]) for r in rows) == list(range(60))
-            assert cap2.stats.skipped_replays == len(stored)
-        finally:
-            await cleanup(database, cfg)
+        cap = logical.LogicalCapture(database, SCHEMA, cfg, after_outbox_commit=die)
+        stop = asyncio.Event()
+        with pytest.raises(Crash):
+            await asyncio.wait_for(cap.run(stop), 30)
+        stored = await outbox(database)
+        assert stored  # the outbox transaction committed
+        cur = await conn.execute(
+            "SELECT confirmed_flush_lsn < (SELECT last_commit_lsn FROM"
+            " connector.capture_state) FROM pg_replication_slots WHERE slot_name = %s",
+            (logical.object_name(SCHEMA, "orders"),),
+        )
+        assert (await cur.fetchone()) == (True,)  # the slot was not confirmed
+        for i in range(50, 60):
+            await conn.execute("INSERT INTO orders VALUES (%s, 'y')", (i,))
+        cap2 = logical.LogicalCapture(database, SCHEMA, cfg)
+        # ask for the whole slot, as after a server crash that rewound it: the stored
+        # commits come again and must be dropped by the consumer
+        cap2.request_stored_lsn = False
+        async with running(cap2):
+            rows = await wait_rows(database, 60)
+            await asyncio.sleep(0.3)  # let any (wrong) duplicate arrive
+            rows = await outbox(database)
+        assert sorted(int(r["key"]) for r in rows) == list(range(60))
+        assert cap2.stats.skipped_replays == len(stored)
 
 
 async def test_server_restart_reconnects(database: str, pg_cluster: Any) -> None:
@@ -229,7 +221,7 @@ async def test_server_restart_reconnects(database: str, pg_cluster: Any) -> None
         pytest.skip("needs the embedded cluster")
     cfg = pipeline()
     async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
-        await conn.execute("CREATE TABLE orders (id int PRIMARY KEY, v text)")
+        await conn.execute(ORDERS_DDL)
         await logical.install(conn, SCHEMA, cfg)
     cap = logical.LogicalCapture(database, SCHEMA, cfg, max_backoff=0.5)
     try:
@@ -253,42 +245,39 @@ async def test_server_restart_reconnects(database: str, pg_cluster: Any) -> None
 async def test_heartbeat_advances_slot_when_only_other_tables_change(database: str) -> None:
     cfg = pipeline()
     name = logical.object_name(SCHEMA, "orders")
-    async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
-        await conn.execute("CREATE TABLE orders (id int PRIMARY KEY, v text)")
-        await conn.execute("CREATE TABLE busy (id serial, pad text)")
-        await logical.install(conn, SCHEMA, cfg)
-        try:
-            cur = await conn.execute(
-                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
-                (name,),
-            )
-            before = (await cur.fetchone())[0]
-            cap = logical.LogicalCapture(
-                database, SCHEMA, cfg, heartbeat_interval=0.2, status_interval=0.2
-            )
-            async with running(cap):
-                await conn.execute(
-                    "INSERT INTO busy (pad) SELECT 'x' FROM generate_series(1, 1000)"
+    async with installed(
+        database,
+        cfg,
+        ORDERS_DDL,
+        "CREATE TABLE busy (id serial, pad text)",
+    ) as conn:
+        cur = await conn.execute(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+            (name,),
+        )
+        before = (await cur.fetchone())[0]
+        cap = logical.LogicalCapture(
+            database, SCHEMA, cfg, heartbeat_interval=0.2, status_interval=0.2
+        )
+        async with running(cap):
+            await conn.execute("INSERT INTO busy (pad) SELECT 'x' FROM generate_series(1, 1000)")
+            cur = await conn.execute("SELECT pg_current_wal_lsn()::text")
+            written = (await cur.fetchone())[0]
+
+            async def advanced() -> bool:
+                c = await conn.execute(
+                    "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots"
+                    " WHERE slot_name = %s",
+                    (written, name),
                 )
-                cur = await conn.execute("SELECT pg_current_wal_lsn()::text")
-                written = (await cur.fetchone())[0]
+                return bool((await c.fetchone())[0])
 
-                async def advanced() -> bool:
-                    c = await conn.execute(
-                        "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots"
-                        " WHERE slot_name = %s",
-                        (written, name),
-                    )
-                    return bool((await c.fetchone())[0])
-
-                await wait_for(advanced, "confirmed_flush_lsn to pass the busy table's WAL")
-            assert cap.stats.heartbeats >= 1
-            assert await outbox(database) == []
-            lag = await logical.slot_lag_bytes(conn, SCHEMA, cfg)
-            assert lag is not None and lag >= 0
-            assert before != written
-        finally:
-            await cleanup(database, cfg)
+            await wait_for(advanced, "confirmed_flush_lsn to pass the busy table's WAL")
+        assert cap.stats.heartbeats >= 1
+        assert await outbox(database) == []
+        lag = await logical.slot_lag_bytes(conn, SCHEMA, cfg)
+        assert lag is not None and lag >= 0
+        assert before != written
 
 
 async def test_install_checks_and_uninstall(database: str) -> None:
@@ -345,7 +334,7 @@ async def test_refuses_without_wal_level_logical(tmp_path: Any) -> None:
     server.start()
     try:
         async with await psycopg.AsyncConnection.connect(server.dsn(), autocommit=True) as conn:
-            await conn.execute("CREATE TABLE orders (id int PRIMARY KEY, v text)")
+            await conn.execute(ORDERS_DDL)
             with pytest.raises(ConfigError) as e:
                 await logical.install(conn, SCHEMA, pipeline())
         assert "pipelines['orders'].capture" in str(e.value)

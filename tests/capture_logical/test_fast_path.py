@@ -15,7 +15,7 @@ from connector.capture import logical
 from connector.capture import pgoutput as po
 from connector.capture import values as vals
 
-from .helpers import SCHEMA, cleanup, pipeline, running, wait_rows
+from .helpers import SCHEMA, installed, pipeline, running, wait_rows
 
 TEXT_CHARS = st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00")
 
@@ -227,35 +227,32 @@ async def test_fast_path_escaping_round_trip(database: str) -> None:
     """Backslashes, tabs, newlines and quotes in a text key, a column name and json/text values
     go through COPY's text format intact and match to_jsonb."""
     cfg = pipeline(key="k", fields=("j",))
-    async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
-        await conn.execute(
-            'CREATE TABLE orders (k text PRIMARY KEY, "we\\ird\t""name" text, j json,'
-            " jb jsonb, n numeric, b bytea, ts timestamptz, f float8)"
+    async with installed(
+        database,
+        cfg,
+        'CREATE TABLE orders (k text PRIMARY KEY, "we\\ird\t""name" text, j json,'
+        " jb jsonb, n numeric, b bytea, ts timestamptz, f float8)",
+    ) as conn:
+        cap = logical.LogicalCapture(database, SCHEMA, cfg)
+        values = [
+            ("a\\b\tc\nd\re", 'x\\y\t"z"\n', '{"k":\n\t"v\\\\w"}', '{"q": "\\\\"}'),
+            ("plain", "é😀", "[1,\r\n2]", "[]"),
+        ]
+        async with running(cap):
+            for k, v, j, jb in values:
+                await conn.execute(
+                    "INSERT INTO orders VALUES (%s, %s, %s, %s, 'NaN', '\\x5c09',"
+                    " '2024-01-02 03:04:05.5+02', '-Infinity')",
+                    (k, v, j, jb),
+                )
+            await conn.execute("UPDATE orders SET n = 1.50 WHERE k = 'plain'")
+            rows = await wait_rows(database, 3)
+        assert [r["key"] for r in rows] == ["a\\b\tc\nd\re", "plain", "plain"]
+        assert cap.stats.events == 3
+        await conn.execute("SET TimeZone = 'UTC'")
+        cur = await conn.execute(
+            "SELECT count(*) FROM connector.outbox o JOIN orders t ON o.key = t.k"
+            " WHERE o.row = to_jsonb(t) AND o.id = (SELECT max(id) FROM connector.outbox"
+            " o2 WHERE o2.key = o.key)"
         )
-        await logical.install(conn, SCHEMA, cfg)
-        try:
-            cap = logical.LogicalCapture(database, SCHEMA, cfg)
-            values = [
-                ("a\\b\tc\nd\re", 'x\\y\t"z"\n', '{"k":\n\t"v\\\\w"}', '{"q": "\\\\"}'),
-                ("plain", "é😀", "[1,\r\n2]", "[]"),
-            ]
-            async with running(cap):
-                for k, v, j, jb in values:
-                    await conn.execute(
-                        "INSERT INTO orders VALUES (%s, %s, %s, %s, 'NaN', '\\x5c09',"
-                        " '2024-01-02 03:04:05.5+02', '-Infinity')",
-                        (k, v, j, jb),
-                    )
-                await conn.execute("UPDATE orders SET n = 1.50 WHERE k = 'plain'")
-                rows = await wait_rows(database, 3)
-            assert [r["key"] for r in rows] == ["a\\b\tc\nd\re", "plain", "plain"]
-            assert cap.stats.events == 3
-            await conn.execute("SET TimeZone = 'UTC'")
-            cur = await conn.execute(
-                "SELECT count(*) FROM connector.outbox o JOIN orders t ON o.key = t.k"
-                " WHERE o.row = to_jsonb(t) AND o.id = (SELECT max(id) FROM connector.outbox"
-                " o2 WHERE o2.key = o.key)"
-            )
-            assert await cur.fetchone() == (2,)
-        finally:
-            await cleanup(database, cfg)
+        assert await cur.fetchone() == (2,)

@@ -4,52 +4,34 @@ update that sets the key is an insert."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import psycopg
-from psycopg.rows import dict_row
-
 from connector.capture import logical
+from tests.capture.helpers import assert_missing_key_letters, stream_order
 
-from .helpers import SCHEMA, cleanup, pipeline, running, wait_for, wait_rows
-
-
-async def dead_letters(dsn: str) -> list[dict[str, Any]]:
-    async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        cur = conn.cursor(row_factory=dict_row)
-        await cur.execute(
-            "SELECT pipeline, key, version, source_xid::text AS source_xid, payload, error_code,"
-            " error_field, error_message, status FROM connector.dead_letters ORDER BY id"
-        )
-        return await cur.fetchall()
+from .helpers import SCHEMA, dead_letters_of, installed, pipeline, running, wait_for, wait_rows
 
 
 async def test_a_null_key_row_is_dead_lettered_and_capture_goes_on(database: str) -> None:
     cfg = pipeline(fields=("v", "w"))
-    async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
-        # a nullable unique key: the replica identity must be FULL to carry it
-        await conn.execute("CREATE TABLE orders (id bigint UNIQUE, v text, w int)")
-        await conn.execute("ALTER TABLE orders REPLICA IDENTITY FULL")
-        await logical.install(conn, SCHEMA, cfg)
-        try:
-            cap = logical.LogicalCapture(database, SCHEMA, cfg)
-            async with running(cap):
-                await conn.execute(
-                    "INSERT INTO orders VALUES (1, 'a', 1), (NULL, 'b', 2), (3, 'c', 3)"
-                )
-                await conn.execute("UPDATE orders SET v = 'b2' WHERE id IS NULL")
-                await conn.execute("UPDATE orders SET id = 2 WHERE id IS NULL")
-                await conn.execute("UPDATE orders SET id = NULL WHERE id = 3")
-                await conn.execute("INSERT INTO orders VALUES (4, 'd', 4)")
-                rows = await wait_rows(database, 5)
+    # a nullable unique key: the replica identity must be FULL to carry it
+    async with installed(
+        database,
+        cfg,
+        "CREATE TABLE orders (id bigint UNIQUE, v text, w int)",
+        "ALTER TABLE orders REPLICA IDENTITY FULL",
+    ) as conn:
+        async with running(logical.LogicalCapture(database, SCHEMA, cfg)):
+            await conn.execute("INSERT INTO orders VALUES (1, 'a', 1), (NULL, 'b', 2), (3, 'c', 3)")
+            await conn.execute("UPDATE orders SET v = 'b2' WHERE id IS NULL")
+            await conn.execute("UPDATE orders SET id = 2 WHERE id IS NULL")
+            await conn.execute("UPDATE orders SET id = NULL WHERE id = 3")
+            await conn.execute("INSERT INTO orders VALUES (4, 'd', 4)")
+            rows = await wait_rows(database, 5)
 
-                async def three_letters() -> bool:
-                    return len(await dead_letters(database)) >= 3
+            async def three_letters() -> bool:
+                return len(await dead_letters_of(database)) >= 3
 
-                await wait_for(three_letters, "3 dead letters")
-            letters = await dead_letters(database)
-        finally:
-            await cleanup(database, cfg)
+            await wait_for(three_letters, "3 dead letters")
+        letters = await dead_letters_of(database)
     assert [(r["op"], r["key"]) for r in rows] == [
         ("insert", "1"),
         ("insert", "3"),
@@ -57,23 +39,16 @@ async def test_a_null_key_row_is_dead_lettered_and_capture_goes_on(database: str
         ("delete", "3"),
         ("insert", "4"),
     ]
-    assert [(d["key"], d["error_code"], d["status"], d["pipeline"]) for d in letters] == [
-        ("", "MISSING_KEY", "open", "orders")
-    ] * 3
-    assert [d["payload"] for d in letters] == [
-        {"id": None, "v": "b", "w": 2},
-        {"id": None, "v": "b2", "w": 2},
-        {"id": None, "v": "c", "w": 3},
-    ]
-    for d in letters:
-        assert "'id'" in d["error_message"] and "NULL" in d["error_message"]
-        assert d["error_field"] == "parent_id"
-        assert d["source_xid"] is not None
-    by_version = sorted(
-        [(r["version"], f"{r['op']}:{r['key']}") for r in rows]
-        + [(d["version"], f"dead:{d['payload']['v']}") for d in letters]
+    assert_missing_key_letters(
+        letters,
+        [
+            {"id": None, "v": "b", "w": 2},
+            {"id": None, "v": "b2", "w": 2},
+            {"id": None, "v": "c", "w": 3},
+        ],
     )
-    assert [name for _, name in by_version] == [
+    rows_by_version = [(r["version"], f"{r['op']}:{r['key']}") for r in rows]
+    assert stream_order(rows_by_version, letters, "v") == [
         "insert:1",
         "dead:b",
         "insert:3",

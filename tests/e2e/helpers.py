@@ -180,6 +180,21 @@ class ConnectorProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+@contextlib.asynccontextmanager
+async def connector_running(
+    setup: Setup, tmp: Path, name: str = "run", port: int | None = None
+) -> AsyncIterator[ConnectorProcess]:
+    """`connector run` started for the block; on the way out it is sent SIGTERM and must exit
+    with 0 (a clean drain)."""
+    run = ConnectorProcess(setup, tmp, name, port)
+    await run.start()
+    try:
+        yield run
+    finally:
+        rc = await run.stop()
+        assert rc == 0, f"connector exited with {rc}\n{run.logs()[-3000:]}"
+
+
 async def verify_now(setup: Setup) -> VerifyReport:
     settings = load_settings(setup.config)
     secrets = resolve_secrets(settings, dict(DEMO_ENV))

@@ -23,6 +23,7 @@ from tests.e2e.helpers import (
     ConnectorProcess,
     change_orders,
     checkpoint,
+    connector_running,
     emulator,
     prepare,
     wait_in_sync,
@@ -96,14 +97,10 @@ async def test_sigkill_of_the_owner_hot_standby_takes_over(database: str, tmp_pa
 async def test_metrics_scrape_has_every_documented_metric(database: str, tmp_path: Path):
     async with emulator() as emu:
         setup = await prepare(database, tmp_path, emu.url, rows=50)
-        run = ConnectorProcess(setup, tmp_path)
-        await run.start()
-        try:
+        async with connector_running(setup, tmp_path) as run:
             await run.wait_http("/readyz")
             await wait_in_sync(setup, run)
             _, text = await run.get("/metrics")
-        finally:
-            assert await run.stop() == 0
     scraped = {
         m.group(1)
         for line in text.splitlines()
@@ -153,9 +150,7 @@ async def test_metrics_scrape_has_every_documented_metric(database: str, tmp_pat
 async def test_no_secret_in_logs_metrics_or_status(database: str, tmp_path: Path):
     async with emulator() as emu:
         setup = await prepare(database, tmp_path, emu.url, rows=100)
-        run = ConnectorProcess(setup, tmp_path)
-        await run.start()
-        try:
+        async with connector_running(setup, tmp_path) as run:
             await run.wait_http("/readyz")
             await change_orders(database, 30, seed=31)
             await wait_in_sync(setup, run)
@@ -186,8 +181,6 @@ async def test_no_secret_in_logs_metrics_or_status(database: str, tmp_path: Path
             assert status["pipelines"][0]["pipeline"] == "orders"
             access_tokens = list(emu.state.tokens.access)
             assert access_tokens  # the connector did obtain access tokens
-        finally:
-            assert await run.stop() == 0
         outputs.append(run.logs())
     blob = "\n".join(outputs)
     for secret in (*SECRETS, *access_tokens):
@@ -199,9 +192,7 @@ async def test_lost_lease_connection_stops_the_pipeline_then_it_recovers(
 ):
     async with emulator() as emu:
         setup = await prepare(database, tmp_path, emu.url, rows=50, max_staleness="2s")
-        run = ConnectorProcess(setup, tmp_path)
-        await run.start()
-        try:
+        async with connector_running(setup, tmp_path) as run:
             await run.wait_metric('connector_pipeline_up{pipeline="orders"} 1.0')
             await wait_in_sync(setup, run)
             async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
@@ -219,23 +210,17 @@ async def test_lost_lease_connection_stops_the_pipeline_then_it_recovers(
             await run.wait_metric('connector_pipeline_up{pipeline="orders"} 1.0')
             await change_orders(database, 20, seed=41)
             await wait_in_sync(setup, run)
-        finally:
-            assert await run.stop() == 0
 
 
 async def test_logical_capture_pipeline_runs_end_to_end(database: str, tmp_path: Path):
     async with emulator() as emu:
         setup = await prepare(database, tmp_path, emu.url, rows=100, capture="logical")
-        run = ConnectorProcess(setup, tmp_path)
-        await run.start()
-        try:
+        async with connector_running(setup, tmp_path) as run:
             await run.wait_http("/readyz")
             await wait_in_sync(setup, run)
             await change_orders(database, 40, seed=51)
             await wait_in_sync(setup, run)
             await run.wait_metric('connector_replication_slot_lag_bytes{pipeline="orders"}')
-        finally:
-            assert await run.stop() == 0
 
 
 def _cli(setup_config: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -277,17 +262,13 @@ async def test_postgresql_restart_is_survived(pg_cluster, database: str, tmp_pat
         pytest.skip("needs the embedded cluster (CONNECTOR_TEST_DSN is set)")
     async with emulator() as emu:
         setup = await prepare(database, tmp_path, emu.url, rows=100, max_staleness="2s")
-        run = ConnectorProcess(setup, tmp_path)
-        await run.start()
-        try:
+        async with connector_running(setup, tmp_path) as run:
             await run.wait_http("/readyz")
             await wait_in_sync(setup, run)
             await change_orders(database, 30, seed=61)
             await asyncio.to_thread(pg_cluster.server.restart, "fast")
             await change_orders(database, 30, seed=62)
             await wait_in_sync(setup, run, timeout=120)  # nothing lost, process still alive
-        finally:
-            assert await run.stop() == 0
 
 
 async def test_bulk_write_callback_from_the_crm_wakes_the_owner(database: str, tmp_path: Path):
@@ -298,9 +279,7 @@ async def test_bulk_write_callback_from_the_crm_wakes_the_owner(database: str, t
             "drain_timeout =", f'public_url = "http://127.0.0.1:{setup.port}"\ndrain_timeout ='
         )
         setup.config.write_text(text)
-        run = ConnectorProcess(setup, tmp_path)
-        await run.start()
-        try:
+        async with connector_running(setup, tmp_path) as run:
             await wait_in_sync(setup, run, timeout=120)
             calls = emu.callbacks()
             assert calls, "the CRM was given no callback URL"
@@ -308,8 +287,6 @@ async def test_bulk_write_callback_from_the_crm_wakes_the_owner(database: str, t
             assert "secret=" in calls[0]["url"]
             assert [c.get("http_status") for c in calls] == [202] * len(calls)
             assert emu.usage()["by_api"]["bulk_write_job"]["calls"] == len(calls) == 1
-        finally:
-            assert await run.stop() == 0
         # the callback URL's secret never appears in a log line
         secret = calls[0]["url"].split("secret=", 1)[1]
         assert secret not in run.logs()
