@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -67,7 +68,13 @@ class Params:
     max_staleness: str = "30s"
     bad_rate: float = 0.03
     drain_seconds: float = 40.0  # part of ``minutes`` kept for the drain
-    drain_timeout: float = 240.0  # the drain must converge within this (else: failure)
+    # the drain fails when the backlog (rows missing, different or deleted-but-present in the
+    # CRM) has not reached a new low for ``drain_timeout`` seconds, or when it has not
+    # converged after ``drain_cap`` seconds however it progresses: a connector that is still
+    # working through a backlog is given time, one that is stuck is not
+    drain_timeout: float = 240.0
+    drain_cap: float = 1800.0
+    sample_every: float = 30.0  # seconds between samples of the connector's lag (timeline)
     credit_tolerance: float = 0.15
 
     @property
@@ -171,6 +178,8 @@ class RunResult:
     report: checker.Report | None = None
     credits: dict[str, Any] = field(default_factory=dict)
     drain_seconds: float | None = None
+    drain_progress: list[tuple[float, int]] = field(default_factory=list)
+    timeline: list[dict[str, float]] = field(default_factory=list)
     secret_leaks: list[str] = field(default_factory=list)
     row_data_in_metrics: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -200,11 +209,54 @@ class RunResult:
             "check": self.report.summary() if self.report else None,
             "credits": self.credits,
             "drain_seconds": self.drain_seconds,
+            "drain_progress": self.drain_progress,
+            "lag_peaks": lag_peaks(self.timeline),
             "secret_leaks": self.secret_leaks,
             "row_data_in_metrics": self.row_data_in_metrics,
             "errors": self.errors,
             "seconds": round(self.seconds, 1),
         }
+
+
+LAG_GAUGES = (
+    "connector_outbox_lag_events",
+    "connector_outbox_lag_seconds",
+    "connector_pending_keys",
+    "connector_oldest_pending_change_age_seconds",
+)
+
+
+def parse_lag(metrics_text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in LAG_GAUGES:
+            out[name.removeprefix("connector_")] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (Linux /proc), -1 when gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return -1.0
+
+
+def lag_peaks(timeline: list[dict[str, float]], window: float = 300.0) -> list[dict[str, float]]:
+    """The timeline folded into windows: the peak of each lag gauge per window (a run that falls
+    behind shows a rising peak; one that keeps up shows a flat one)."""
+    out: dict[int, dict[str, float]] = {}
+    for s in timeline:
+        w = int(s["t"] // window)
+        peak = out.setdefault(w, {"until_s": (w + 1) * window})
+        for k, v in s.items():
+            if k != "t" and not k.startswith("cpu_"):
+                peak[k] = max(peak.get(k, v), v)
+            elif k.startswith("cpu_"):
+                peak[k] = v  # cumulative: the last reading of the window
+    return [out[w] for w in sorted(out)]
 
 
 def restart_postgres(pg: EmbeddedPostgres) -> None:
@@ -419,16 +471,36 @@ class Scenario:
     async def drain_and_check(self, wl: Workload) -> checker.Report:
         assert self.emulator is not None and self.connector is not None
         began = time.monotonic()
+        best: int | None = None
+        best_at = began
+        last_logged = -1e9
         report = checker.Report()
         while True:
             report = checker.Report()
             table, crm, dls = await self.snapshot_state()
             checker.check_end_state(table, crm, dls, report)
+            now = time.monotonic()
+            backlog = sum(report.counts.values())
+            if now - last_logged >= 15 or report.ok:
+                self.result.drain_progress.append((round(now - began, 1), backlog))
+                log.info("%s: draining, %d rows not yet as in the table", self.name, backlog)
+                last_logged = now
             if report.ok:
-                self.result.drain_seconds = round(time.monotonic() - began, 1)
+                self.result.drain_seconds = round(now - began, 1)
                 break
-            if time.monotonic() - began > self.p.drain_timeout:
-                report.problem("drain_timeout", f"not converged after {self.p.drain_timeout}s")
+            if best is None or backlog < best:
+                best, best_at = backlog, now
+            if now - best_at > self.p.drain_timeout:
+                report.problem(
+                    "drain_timeout",
+                    f"no progress for {self.p.drain_timeout:g}s ({backlog} rows still differ"
+                    f" after {now - began:.0f}s)",
+                )
+                break
+            if now - began > self.p.drain_cap:
+                report.problem(
+                    "drain_timeout", f"not converged after {self.p.drain_cap:g}s ({backlog} left)"
+                )
                 break
             if not self.connector.running:
                 rc = self.connector.proc.returncode if self.connector.proc else None
@@ -440,6 +512,23 @@ class Scenario:
         hist = await self.emulator.all_history("Orders")
         checker.check_history(hist["history"], report)
         return report
+
+    async def sample_lag(self) -> None:
+        """Every ``sample_every`` seconds: the connector's lag gauges and CPU seconds of the
+        connector and emulator processes (a run that falls behind shows where)."""
+        assert self.connector is not None and self.emulator is not None
+        began = time.monotonic()
+        while True:
+            await asyncio.sleep(self.p.sample_every)
+            sample: dict[str, float] = {"t": round(time.monotonic() - began, 1)}
+            with contextlib.suppress(Exception):
+                if self.connector.running:
+                    _, body = await self.connector.get("/metrics")
+                    sample.update(parse_lag(body))
+            for name, child in (("connector", self.connector), ("emulator", self.emulator)):
+                if child.proc is not None:
+                    sample[f"cpu_{name}"] = cpu_seconds(child.proc.pid)
+            self.result.timeline.append(sample)
 
     async def credits(self) -> dict[str, Any]:
         assert self.emulator is not None
@@ -504,6 +593,7 @@ class Scenario:
             if self.faults:
                 self._faults_on = True
                 self._spawn(self._schedule(fault_schedule(self.p.seed, self.p.workload_seconds)))
+            self._spawn(self.sample_lag())
             self.result.ops = await wl.run(self.p.ops)
             self.result.workload = wl.stats.as_dict()
             if self.faults:

@@ -125,3 +125,24 @@ def test_workload_record_must_equal_the_table() -> None:
     report = checker.Report()
     checker.check_model(rows, {k: v for k, v in rows.items() if k != 2}, report)
     assert report.counts["model_vs_table"] == 1
+
+
+def test_lag_timeline_is_folded_into_peaks_per_window() -> None:
+    from tests.chaos.scenario import lag_peaks, parse_lag
+
+    text = (
+        "# HELP connector_outbox_lag_events x\n"
+        'connector_outbox_lag_events{pipeline="orders"} 12.0\n'
+        'connector_pending_keys{pipeline="orders"} 3.0\n'
+        'connector_api_calls_total{api="upsert"} 9.0\n'
+    )
+    assert parse_lag(text) == {"outbox_lag_events": 12.0, "pending_keys": 3.0}
+    timeline = [
+        {"t": 10.0, "outbox_lag_events": 5.0, "cpu_connector": 1.0},
+        {"t": 320.0, "outbox_lag_events": 50.0, "cpu_connector": 3.0},
+        {"t": 400.0, "outbox_lag_events": 7.0, "cpu_connector": 4.0},
+    ]
+    assert lag_peaks(timeline) == [
+        {"until_s": 300.0, "outbox_lag_events": 5.0, "cpu_connector": 1.0},
+        {"until_s": 600.0, "outbox_lag_events": 50.0, "cpu_connector": 4.0},
+    ]
