@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -45,6 +45,9 @@ from connector.config import PipelineConfig, Secrets, Settings
 from connector.errors import ConfigError, ConnectorError, PermanentError, TransientError
 from connector.metrics import Metrics, status_class
 from connector.server import HttpServer, ProbeResult, build_app, callback_url
+
+if TYPE_CHECKING:
+    from connector import state
 
 log = logging.getLogger(__name__)
 
@@ -580,6 +583,8 @@ class Runtime:
         self._credits: Any = None
         self._stopping: asyncio.Event | None = None
         self._token_refreshes_seen = 0
+        # per pipeline: the capture-time MISSING_KEY letters counted (update_gauges)
+        self._missing_key: dict[str, state.MissingKeyTally] = {}
         self.stop_signal: signal.Signals | None = None
 
     # ---------------------------------------------------------------- accessors
@@ -765,6 +770,10 @@ class Runtime:
             m.api_credits_remaining.set(left)
             m.api_credits_below_reserve.set(1 if left < self.settings.crm.credit_reserve else 0)
             for name, runner in self.runners.items():
+                if not runner.owned and name in self._missing_key:
+                    continue
+                # the first call, owner or not, sets where this process counts from
+                await self._count_missing_key_letters(conn, runner.pipeline)
                 if not runner.owned:
                     continue
                 doc = await pipeline_status(conn, self.settings, runner.pipeline)
@@ -781,6 +790,32 @@ class Runtime:
                 )
                 # pending_keys and the oldest pending change's age come from the engine's
                 # coalescer (it knows what is in flight), not from this query
+
+    async def _count_missing_key_letters(
+        self, conn: psycopg.AsyncConnection[Any], pipeline: PipelineConfig
+    ) -> None:
+        """Count the MISSING_KEY letters written at capture time (by the trigger or the
+        decoder, never through the emitter) into ``dead_letters_total``, once each in this
+        process. The first call for a pipeline (at start-up) counts those created after its
+        last saved checkpoint, less two refresh intervals (they may have been written while no
+        process ran; the previous process may have counted some: docs/operations.md)."""
+        from connector import state
+
+        tally = self._missing_key.get(pipeline.name)
+        if tally is None:
+            tally = self._missing_key[pipeline.name] = state.MissingKeyTally()
+        new = await state.count_missing_key_letters(
+            conn,
+            self.schema,
+            pipeline.name,
+            tally,
+            trigger=pipeline.capture == "triggers",
+            margin=2 * GAUGE_INTERVAL,
+        )
+        if new:
+            self.metrics.dead_letters_total.labels(pipeline=pipeline.name, code="MISSING_KEY").inc(
+                new
+            )
 
     # ---------------------------------------------------------------- start-up checks
     async def check_mappings(self) -> None:
