@@ -80,6 +80,20 @@ SELECT greatest(c.reltuples, 0)::bigint FROM pg_catalog.pg_class c
 
 Q_NOTIFY = "SELECT pg_catalog.pg_notify(%s, %s)"
 
+# rows whose key is NULL cannot be identified in the CRM: like capture (both modes), the
+# initial sync contains them as MISSING_KEY dead letters, once (a resumed or restarted sync
+# does not add a second open letter for the same row image)
+Q_MISSING_KEY_LETTERS = """
+INSERT INTO {schema}.dead_letters (pipeline, key, version, payload, error_code, error_field,
+    error_message)
+SELECT %s, '', nextval({seq}::regclass), r.payload, 'MISSING_KEY', %s, %s
+  FROM unnest(%s::jsonb[]) AS r(payload)
+ WHERE NOT EXISTS (
+    SELECT 1 FROM {schema}.dead_letters d
+     WHERE d.pipeline = %s AND d.status = 'open' AND d.error_code = 'MISSING_KEY'
+       AND d.key = '' AND d.payload = r.payload)
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
@@ -303,7 +317,19 @@ class Snapshotter:
             srow = await cur.fetchone()
             assert srow is not None
             snapshot_text, xmax = str(srow[0]), str(srow[1])
-            where = sql.SQL("") if cursor_value is None else sql.SQL("WHERE t.{} > %s").format(key)
+            where = (
+                sql.SQL("WHERE t.{} IS NOT NULL").format(key)
+                if cursor_value is None
+                else sql.SQL("WHERE t.{} > %s").format(key)
+            )
+            keyless: list[str] = []
+            if cursor_value is None:  # the first chunk, in its snapshot: rows without a key
+                kcur = await src.execute(
+                    sql.SQL(
+                        "SELECT to_jsonb(t)::text FROM {table} AS t WHERE t.{key} IS NULL"
+                    ).format(table=table, key=key)
+                )
+                keyless = [str(r[0]) for r in await kcur.fetchall()]
             query = sql.SQL(
                 "SELECT t.{key}::text, to_jsonb(t)::text, to_jsonb(t.{key})::text"
                 " FROM {table} AS t {where} ORDER BY t.{key} LIMIT %s"
@@ -326,8 +352,13 @@ class Snapshotter:
                     last_json = kjson
             await src.commit()
 
+            if keyless:
+                await self._missing_key_letters(st, keyless)
             if not keys:
-                await st.rollback()
+                if keyless:
+                    await st.commit()
+                else:
+                    await st.rollback()
                 return None
             first_key = orjson.loads(first_json) if first_json else None
             last_key = orjson.loads(last_json) if last_json else None
@@ -431,6 +462,20 @@ class Snapshotter:
                 )
                 row = await cur.fetchone()
             return None if row is None else int(row[0])
+
+    async def _missing_key_letters(self, st: psycopg.AsyncConnection[Any], rows: list[str]) -> None:
+        from connector.capture.triggers import missing_key_message
+
+        p = self.pipeline
+        seq = await self._sequence(st)
+        await st.execute(
+            sql.SQL(Q_MISSING_KEY_LETTERS).format(schema=sql.Identifier(self.schema), seq=seq),
+            (p.name, p.key_field, missing_key_message(p), rows, p.name),
+        )
+        log.warning(
+            "rows without a key dead-lettered",
+            extra={"pipeline": p.name, "rows": len(rows), "code": "MISSING_KEY"},
+        )
 
     async def _sequence(self, conn: psycopg.AsyncConnection[Any]) -> sql.Literal:
         cur = await conn.execute(
