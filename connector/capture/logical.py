@@ -36,6 +36,8 @@ from connector.errors import ConfigError, PermanentError
 log = logging.getLogger(__name__)
 
 HEARTBEAT_PREFIX = "connector-heartbeat"
+ORIGIN_PREFIX = "zoho-cdc-connector:"  # replication origins of the connector: prefix + slot name
+ORIGIN_MIN_SERVER = 160000  # pgoutput's `origin` option is PostgreSQL 16+
 TOAST_CANDIDATE = 1000  # characters of a JSON fragment worth keeping for unchanged-TOAST fills
 
 # ---------------------------------------------------------------------------------------------
@@ -142,6 +144,84 @@ async def check_source(conn: psycopg.AsyncConnection[Any], pipeline: PipelineCon
         )
 
 
+def origin_name(slot: str) -> str:
+    """The replication origin that tags the capture's own writes (outbox, dead letters,
+    capture_state) so that its walsender skips them before decoding (``origin 'none'``)."""
+    return ORIGIN_PREFIX + slot
+
+
+async def _may_execute(conn: psycopg.AsyncConnection[Any], signature: str) -> bool:
+    """Whether the current role may execute the function ``signature`` (False when the server
+    has no such function). ``conn`` must be in autocommit mode."""
+    try:
+        return bool(await _one(conn, "SELECT has_function_privilege(%s, 'EXECUTE')", (signature,)))
+    except psycopg.errors.UndefinedFunction:
+        return False
+
+
+async def _create_origin(
+    state: psycopg.AsyncConnection[Any], source: psycopg.AsyncConnection[Any], slot: str
+) -> None:
+    """Create the pipeline's replication origin (idempotent) when the source server supports
+    ``origin 'none'`` and the role may; otherwise log why not (capture works without it)."""
+    if source.info.server_version < ORIGIN_MIN_SERVER:
+        return
+    origin = origin_name(slot)
+    if await _one(state, "SELECT 1 FROM pg_replication_origin WHERE roname = %s", (origin,)):
+        return
+    if not await _may_execute(state, "pg_replication_origin_create(text)"):
+        log.info(
+            "replication origin not created: the role may not execute "
+            "pg_replication_origin_create(text); logical capture works without it, but the "
+            "walsender then also decodes the capture's own outbox writes (docs/security.md, "
+            "optional grants)",
+            extra={"origin": origin},
+        )
+        return
+    with contextlib.suppress(psycopg.errors.UniqueViolation):  # created concurrently
+        await state.execute("SELECT pg_replication_origin_create(%s)", (origin,))
+
+
+async def _drop_origin(conn: psycopg.AsyncConnection[Any], slot: str) -> None:
+    origin = origin_name(slot)
+    if await _one(conn, "SELECT 1 FROM pg_replication_origin WHERE roname = %s", (origin,)) is None:
+        return
+    if not await _may_execute(conn, "pg_replication_origin_drop(text)"):
+        log.info(
+            "replication origin left in place: the role may not execute "
+            "pg_replication_origin_drop(text); it retains no WAL; an administrator can drop it "
+            "with SELECT pg_replication_origin_drop('<origin>')",
+            extra={"origin": origin},
+        )
+        return
+    for _ in range(50):
+        try:
+            await conn.execute("SELECT pg_replication_origin_drop(%s)", (origin,))
+        except psycopg.errors.ObjectInUse:  # a capture's state connection still holds it
+            await asyncio.sleep(0.1)
+            continue
+        except psycopg.errors.UndefinedObject:
+            pass
+        return
+    log.warning(
+        "replication origin left in place: still in use by another session (a connector still "
+        "running?); it retains no WAL",
+        extra={"origin": origin},
+    )
+
+
+async def foreign_origin(conn: psycopg.AsyncConnection[Any]) -> str | None:
+    """The name of a replication origin on ``conn``'s server that is not the connector's (a
+    subscription's, or another tool's), or None. Changes written under such an origin would be
+    dropped by ``origin 'none'``, so the capture does not filter by origin while one exists."""
+    return await _one(  # type: ignore[no-any-return]
+        conn,
+        "SELECT roname FROM pg_replication_origin WHERE left(roname, %s) <> %s"
+        " ORDER BY roident LIMIT 1",
+        (len(ORIGIN_PREFIX), ORIGIN_PREFIX),
+    )
+
+
 async def install(
     conn: psycopg.AsyncConnection[Any],
     schema: str,
@@ -149,9 +229,11 @@ async def install(
     *,
     state_conn: psycopg.AsyncConnection[Any] | None = None,
 ) -> None:
-    """Create the publication (FOR TABLE the source table), the pgoutput slot and the
-    ``capture_state`` row. Idempotent. ``conn``: autocommit connection to the source database;
-    ``state_conn``: to the state database when it is another one."""
+    """Create the publication (FOR TABLE the source table), the pgoutput slot, the
+    ``capture_state`` row and, when permitted on PostgreSQL 16+, the replication origin that
+    tags the capture's own writes (``origin_name``). Idempotent. ``conn``: autocommit
+    connection to the source database; ``state_conn``: to the state database when it is another
+    one."""
     state = state_conn or conn
     await check_source(conn, pipeline)
     mode = await _one(
@@ -213,6 +295,7 @@ async def install(
         ).format(ident, ident),
         (pipeline.name, name, name, created_lsn, created_lsn is not None),
     )
+    await _create_origin(state, conn, name)
 
 
 async def uninstall(
@@ -222,8 +305,9 @@ async def uninstall(
     *,
     state_conn: psycopg.AsyncConnection[Any] | None = None,
 ) -> None:
-    """Drop the slot (terminating a walsender still using it) and the publication, and delete the
-    ``capture_state`` row. Idempotent. A forgotten slot retains WAL until the disk fills."""
+    """Drop the slot (terminating a walsender still using it) and the publication, delete the
+    ``capture_state`` row, then drop the replication origin (when permitted). Idempotent. A
+    forgotten slot retains WAL until the disk fills."""
     state = state_conn or conn
     name = object_name(schema, pipeline.name)
     for _ in range(50):
@@ -255,6 +339,8 @@ async def uninstall(
         ),
         (pipeline.name,),
     )
+    # last: a capture reconnecting meanwhile now refuses (not installed) before taking it
+    await _drop_origin(state, name)
 
 
 @dataclass(frozen=True)
@@ -319,7 +405,8 @@ class CaptureStats:
     toast_fetches: int = 0
     toast_missing: int = 0  # unchanged TOAST value whose row had gone (written as null)
     truncates: int = 0
-    heartbeats: int = 0
+    heartbeats: int = 0  # heartbeat messages sent
+    heartbeats_received: int = 0  # ... and seen coming back through the slot
     reconnects: int = 0
     last_commit_lsn: int = 0
     confirmed_lsn: int = 0
@@ -401,6 +488,7 @@ class LogicalCapture:
         max_backoff: float = 30.0,
         toast_cache_bytes: int = 64 << 20,
         after_outbox_commit: Callable[[int], Awaitable[None]] | None = None,
+        origin_check_interval: float = 1.0,
     ) -> None:
         self.dsn = dsn
         self.state_dsn = state_dsn or dsn
@@ -424,6 +512,13 @@ class LogicalCapture:
         # the client-side skip rule covers a slot that went back (tests turn this off to
         # exercise that rule)
         self.request_stored_lsn = True
+        # tag the state connection's writes with the pipeline's replication origin and stream
+        # with origin 'none', so that the walsender skips them before decoding (tests and the
+        # benchmark turn this off to compare); ``origin_filter``: in use in this session
+        self.filter_own_writes = True
+        self.origin_filter = False
+        self.origin_fallback_reason: str | None = None
+        self.origin_check_interval = origin_check_interval
 
     # -- supervision -------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -469,7 +564,63 @@ class LogicalCapture:
             finally:
                 await src.close()
         finally:
-            await state.close()
+            if self.origin_filter:
+                self.origin_filter = False
+                with contextlib.suppress(psycopg.Error):
+                    await state.rollback()
+                    await state.execute("SELECT pg_replication_origin_session_reset()")
+            await state.close()  # (closing releases the origin in any case)
+
+    async def _setup_origin(
+        self,
+        state: psycopg.AsyncConnection[Any],
+        src: psycopg.AsyncConnection[Any],
+        slot: str,
+    ) -> bool:
+        """Tag the state connection's writes with the pipeline's replication origin, when the
+        source server has pgoutput's ``origin`` option (16+), no other replication origin exists
+        on it, and the role may call ``pg_replication_origin_session_setup``. Otherwise keep
+        decoding our own writes (correct, slower) and say why once."""
+        self.origin_filter = False
+        if not self.filter_own_writes:
+            return False
+        origin = origin_name(slot)
+        reason: str | None = None
+        version = src.info.server_version
+        if version < ORIGIN_MIN_SERVER:
+            reason = f"the source server is PostgreSQL {version // 10000} (origin filtering: 16+)"
+        else:
+            other = await foreign_origin(src)
+            if other is not None:
+                reason = (
+                    f"replication origin {other!r} is not the connector's: changes written under "
+                    f"it (e.g. by a subscription) would be filtered out too"
+                )
+        if reason is None:
+            try:
+                await state.execute("SELECT pg_replication_origin_session_setup(%s)", (origin,))
+                await state.commit()
+            except psycopg.errors.InsufficientPrivilege:
+                await state.rollback()
+                reason = "the role may not execute pg_replication_origin_session_setup(text)"
+            except psycopg.errors.UndefinedObject:
+                await state.rollback()
+                reason = (
+                    f"replication origin {origin!r} does not exist (`connector init` creates it "
+                    f"when the role may execute pg_replication_origin_create(text))"
+                )
+        if reason is not None:
+            if reason != self.origin_fallback_reason:
+                log.info(
+                    "logical capture does not filter its own writes by replication origin; the "
+                    "walsender also decodes the outbox writes (slower, correct)",
+                    extra={"pipeline": self.pipeline.name, "reason": reason},
+                )
+            self.origin_fallback_reason = reason
+            return False
+        self.origin_fallback_reason = None
+        self.origin_filter = True
+        return True
 
     async def _stream(
         self,
@@ -521,14 +672,16 @@ class LogicalCapture:
             " VALUES (%s, '', nextval(%s::regclass), %s::xid8, %s::jsonb, 'MISSING_KEY', %s, %s)"
         ).format(ident)
         self._spilled_open = False
+        by_origin = await self._setup_origin(state, src, slot)
         await repl.execute(
             sql.SQL(
                 "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1',"
-                " publication_names {}, messages 'true')"
+                " publication_names {}, messages 'true'{})"
             ).format(
                 sql.Identifier(slot),
                 sql.SQL(po.lsn_to_str(self._stored_lsn if self.request_stored_lsn else 0)),
                 sql.Literal(publication),
+                sql.SQL(", origin 'none'" if by_origin else ""),
             )
         )
         log.info(
@@ -537,6 +690,7 @@ class LogicalCapture:
                 "pipeline": self.pipeline.name,
                 "slot": slot,
                 "from_lsn": po.lsn_to_str(self._stored_lsn),
+                "origin_filter": by_origin,
             },
         )
         self._skip_below = self._stored_lsn
@@ -595,6 +749,7 @@ class LogicalCapture:
         commit_lsn = 0
         last_status = time.monotonic()
         last_activity = time.monotonic()
+        last_origin_check = last_activity
         get = pgconn.get_copy_data
         decode_tuple = po.decode_tuple
         unpack_xlog = po._XLOG.unpack_from
@@ -711,17 +866,18 @@ class LogicalCapture:
                     elif isinstance(msg, po.Truncate):
                         if not skip:
                             self._on_truncate(msg)
-                    elif isinstance(msg, po.Message) and (
-                        msg.prefix == HEARTBEAT_PREFIX
-                        and not in_txn
-                        and not pending.events
-                        and not self._inflight
-                        and msg.lsn > self._confirmed
-                    ):
-                        # every commit before the heartbeat is stored: confirm past it
-                        self._confirmed = msg.lsn
-                        self._send_status()
-                        last_status = monotonic()
+                    elif isinstance(msg, po.Message) and msg.prefix == HEARTBEAT_PREFIX:
+                        self.stats.heartbeats_received += 1
+                        if (
+                            not in_txn
+                            and not pending.events
+                            and not self._inflight
+                            and msg.lsn > self._confirmed
+                        ):
+                            # every commit before the heartbeat is stored: confirm past it
+                            self._confirmed = msg.lsn
+                            self._send_status()
+                            last_status = monotonic()
                     # Type / Origin: nothing to do (types are looked up by OID)
                 elif kind == 0x6B:  # 'k' keepalive
                     ka = po.parse_copy_data(data)
@@ -755,6 +911,9 @@ class LogicalCapture:
             if now - last_status >= self.status_interval:
                 self._send_status()
                 last_status = now
+            if self.origin_filter and now - last_origin_check >= self.origin_check_interval:
+                last_origin_check = now
+                await self._check_origins()
             if now - last_activity >= self.heartbeat_interval and not in_txn and not pending.events:
                 # the captured table is idle: a non-transactional message lets the slot's
                 # confirmed position follow the WAL even when other tables are busy
@@ -770,6 +929,21 @@ class LogicalCapture:
                 )
             await _wait_readable(loop, pgconn.socket, timeout)
             pgconn.consume_input()
+
+    async def _check_origins(self) -> None:
+        """While filtering by origin: a replication origin that is not the connector's has
+        appeared (a subscription created meanwhile): restart the stream without the filter."""
+        other = await foreign_origin(self._src)
+        if other is None:
+            return
+        log.warning(
+            "a replication origin that is not the connector's appeared while the capture was "
+            "filtering by origin: restarting without the filter; source changes written under "
+            "it before this check (at most origin_check_interval ago) were skipped by the "
+            "server: run `connector verify`",
+            extra={"pipeline": self.pipeline.name, "origin": other},
+        )
+        raise _Closed("foreign replication origin")
 
     # -- decoding helpers ---------------------------------------------------------------------
     async def _on_relation(self, rel: po.Relation) -> None:
