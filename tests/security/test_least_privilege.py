@@ -15,6 +15,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from connector.capture import logical
 from connector.demo import create_orders, demo_config
 from connector.pgembed import free_port
 from tests.e2e.helpers import ROOT, ConnectorProcess, Setup, change_orders, emulator, wait_in_sync
@@ -39,6 +40,16 @@ def with_role(dsn: str, role: str) -> str:
     return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
 
 
+async def _origins(admin: str, origin: str) -> int:
+    async with await psycopg.AsyncConnection.connect(admin) as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM pg_replication_origin WHERE roname = %s", (origin,)
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+
 async def _drop_roles(admin: str, roles: list[str]) -> None:
     async with await psycopg.AsyncConnection.connect(admin, autocommit=True) as conn:
         await conn.execute(
@@ -55,17 +66,27 @@ async def _drop_roles(admin: str, roles: list[str]) -> None:
         await conn.execute(sql.SQL("DROP ROLE {}").format(idents))
 
 
+ORIGIN_GRANTS = "### Optional: faster logical capture"
+FALLBACK_LINE = "does not filter its own writes by replication origin"
+
+
 @pytest.mark.parametrize(
-    ("capture", "heading"),
-    [("triggers", "## Trigger mode"), ("logical", "## Logical mode")],
+    ("capture", "heading", "optional"),
+    [
+        ("triggers", "## Trigger mode", None),
+        ("logical", "## Logical mode", None),
+        ("logical", "## Logical mode", ORIGIN_GRANTS),
+    ],
+    ids=["triggers", "logical", "logical-origin"],
 )
 async def test_init_and_run_as_the_documented_role(
-    empty_database: str, tmp_path: Path, capture: str, heading: str
+    empty_database: str, tmp_path: Path, capture: str, heading: str, optional: str | None
 ) -> None:
     admin = empty_database
     dbname = psycopg.conninfo.conninfo_to_dict(admin)["dbname"]
     assert isinstance(dbname, str)
     tag = uuid.uuid4().hex[:8]
+    origin = logical.origin_name(logical.object_name("connector", "orders"))
     runtime, owner, app = f"connector_app_{tag}", f"legacy_owner_{tag}", f"legacy_app_{tag}"
     # the legacy side: a table owned by its owner, written by the application's own role
     await create_orders(admin, 80)
@@ -84,11 +105,19 @@ async def test_init_and_run_as_the_documented_role(
     try:
         # the administrator runs the documented statements, verbatim but for names
         statements = documented_sql(heading)
+        if optional is not None:
+            statements += documented_sql(optional)
         statements = re.sub(r"\s+PASSWORD '[^']*'", "", statements)  # trust auth in tests
         statements = statements.replace("connector_app", runtime)
         statements = statements.replace("ON DATABASE legacy", f'ON DATABASE "{dbname}"')
         async with await psycopg.AsyncConnection.connect(admin, autocommit=True) as conn:
             await conn.execute(statements)  # type: ignore[arg-type]
+            # origins are per server: one left by another test would mask the "created" check
+            await conn.execute(
+                "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin"
+                " WHERE roname = %s",
+                (origin,),
+            )
             cur = await conn.execute(
                 "SELECT rolsuper, rolcreatedb, rolcreaterole, rolreplication, rolbypassrls,"
                 " has_database_privilege(rolname, current_database(), 'CREATE')"
@@ -108,11 +137,13 @@ async def test_init_and_run_as_the_documented_role(
                     port=port,
                     max_staleness="1s",
                     capture=capture,
-                )
+                ).replace('level = "warning"', 'level = "info"')
             )
             setup = Setup(with_role(admin, runtime), config, port, emu.url)
             done = await acli(setup, "init")
             assert done.returncode == 0, done.stderr[-3000:]
+            if capture == "logical":  # the origin exists only with the optional grants
+                assert await _origins(admin, origin) == int(optional is not None)
             run = ConnectorProcess(setup, tmp_path)
             await run.start()
             try:
@@ -121,6 +152,8 @@ async def test_init_and_run_as_the_documented_role(
                 await change_orders(with_role(admin, app), 40, seed=7)
                 await wait_in_sync(setup, run)  # captured and sent under least privilege
                 assert "permission denied" not in run.logs()
+                if capture == "logical":  # filtering by origin, or saying why not
+                    assert (FALLBACK_LINE in run.logs()) == (optional is None), run.logs()[-3000:]
             finally:
                 assert await run.stop() == 0, run.logs()[-3000:]
         async with await psycopg.AsyncConnection.connect(admin) as conn:
@@ -157,5 +190,12 @@ async def test_init_and_run_as_the_documented_role(
                 "  WHERE database = current_database())"
             )
             assert await cur.fetchone() == (0, 0, 0)
+        if optional is not None:
+            # without EXECUTE on pg_replication_origin_drop the origin stays (documented): the
+            # administrator drops it
+            assert await _origins(admin, origin) == 1
+            async with await psycopg.AsyncConnection.connect(admin, autocommit=True) as conn:
+                await conn.execute("SELECT pg_replication_origin_drop(%s)", (origin,))
+        assert await _origins(admin, origin) == 0
     finally:
         await _drop_roles(admin, [runtime, app, owner])
