@@ -10,7 +10,12 @@ time spent during the capture run: by this Python process (``capture_cpu_us_per_
 with the embedded cluster, by all PostgreSQL processes (walsender + outbox backend + background
 workers; ``postgres_cpu_us_per_event``, read from /proc on Linux).
 
-    .venv/bin/python benchmarks/capture_logical.py [--events 100000] [--dsn DSN]
+    .venv/bin/python benchmarks/capture_logical.py [--events 100000] [--dsn DSN] [--no-origin]
+
+The capture tags its own outbox writes with a replication origin and streams with
+``origin 'none'`` (PostgreSQL 16+), so its walsender skips them before decoding;
+``--no-origin`` measures without that (``origin_filter`` and the slot's decoded
+transactions/bytes are in each result).
 """
 
 from __future__ import annotations
@@ -108,8 +113,9 @@ def _postgres_cpu(postmaster: int | None) -> float | None:
     return total / tick
 
 
-async def _run_capture(dsn: str, events: int) -> float:
+async def _run_capture(dsn: str, events: int, *, origin: bool = True) -> tuple[float, bool]:
     cap = logical.LogicalCapture(dsn, SCHEMA, _cfg(), heartbeat_interval=3600)
+    cap.filter_own_writes = origin
     stop = asyncio.Event()
     t0 = time.perf_counter()
     task = asyncio.create_task(cap.run(stop))
@@ -121,7 +127,7 @@ async def _run_capture(dsn: str, events: int) -> float:
     elapsed = time.perf_counter() - t0
     stop.set()
     await task
-    return elapsed
+    return elapsed, cap.origin_filter
 
 
 def _run_recvlogical(dsn: str, end_lsn: str) -> float:
@@ -141,14 +147,24 @@ def _run_recvlogical(dsn: str, end_lsn: str) -> float:
     return time.perf_counter() - t0
 
 
-async def _bench(dsn: str, events: int, per_txn: int, postmaster: int | None) -> dict[str, Any]:
+async def _bench(
+    dsn: str, events: int, per_txn: int, postmaster: int | None, *, origin: bool = True
+) -> dict[str, Any]:
     end_lsn = await _prepare(dsn, events, per_txn)
     await asyncio.sleep(1)  # let the checkpoint / autovacuum work of the fill settle
     pg0 = _postgres_cpu(postmaster)
     cpu0 = time.process_time()
-    cap_s = await _run_capture(dsn, events)
+    cap_s, filtered = await _run_capture(dsn, events, origin=origin)
     cpu_s = time.process_time() - cpu0
     pg1 = _postgres_cpu(postmaster)
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        # what the capture's walsender decoded (its own outbox writes included unless they
+        # carry the capture's replication origin)
+        cur = await conn.execute(
+            "SELECT total_txns, total_bytes FROM pg_stat_replication_slots"
+            " WHERE slot_name = 'connector_bench'"
+        )
+        decoded = await cur.fetchone()
     recv_s = await asyncio.to_thread(_run_recvlogical, dsn, end_lsn)
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         cur = await conn.execute(f"SELECT count(*) FROM {SCHEMA}.outbox")
@@ -159,6 +175,9 @@ async def _bench(dsn: str, events: int, per_txn: int, postmaster: int | None) ->
     return {
         "rows_per_transaction": per_txn,
         "events": events,
+        "origin_filter": filtered,
+        "slot_decoded_txns": None if decoded is None else decoded[0],
+        "slot_decoded_bytes": None if decoded is None else decoded[1],
         "capture_seconds": round(cap_s, 3),
         "capture_events_per_s": round(events / cap_s),
         "capture_cpu_us_per_event": round(cpu_s / events * 1e6, 2),
@@ -175,6 +194,11 @@ async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--events", type=int, default=100_000)
     ap.add_argument("--dsn", default=None, help="superuser DSN (default: an embedded cluster)")
+    ap.add_argument(
+        "--no-origin",
+        action="store_true",
+        help="decode the capture's own outbox writes too (no replication-origin filter)",
+    )
     args = ap.parse_args()
     server = None
     tmp = None
@@ -188,7 +212,9 @@ async def main() -> None:
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
             await db.migrate(conn, SCHEMA)
         pm = server.pid() if server is not None else None
-        results = [await _bench(dsn, args.events, k, pm) for k in (1, 100)]
+        results = [
+            await _bench(dsn, args.events, k, pm, origin=not args.no_origin) for k in (1, 100)
+        ]
     finally:
         if server is not None:
             server.stop("immediate")

@@ -609,6 +609,11 @@ class LogicalCapture:
                     f"replication origin {origin!r} does not exist (`connector init` creates it "
                     f"when the role may execute pg_replication_origin_create(text))"
                 )
+            except psycopg.errors.ObjectInUse:
+                # another session holds it (e.g. the backend of a connector cut off by a
+                # network partition, until TCP keepalive ends it): never wait for it
+                await state.rollback()
+                reason = f"replication origin {origin!r} is in use by another session"
         if reason is not None:
             if reason != self.origin_fallback_reason:
                 log.info(

@@ -166,3 +166,20 @@ async def test_heartbeat_comes_back_with_the_filter(database: str) -> None:
         async with running(cap):
             await wait_for(came_back, "a heartbeat to come back through the slot")
             assert cap.origin_filter
+
+
+async def test_origin_held_elsewhere_falls_back(database: str) -> None:
+    """A session still holding the origin (a cut-off old connector) never blocks the capture."""
+    cfg = pipeline()
+    async with installed(database, cfg, ORDERS_DDL) as conn:
+        async with await psycopg.AsyncConnection.connect(database, autocommit=True) as holder:
+            await holder.execute(
+                "SELECT pg_replication_origin_session_setup(%s)", (logical.origin_name(SLOT),)
+            )
+            cap = logical.LogicalCapture(database, SCHEMA, cfg)
+            async with running(cap):
+                await conn.execute("INSERT INTO orders VALUES (1, 'a')")
+                await wait_rows(database, 1)
+            assert not cap.origin_filter
+            assert cap.origin_fallback_reason is not None
+            assert "in use" in cap.origin_fallback_reason
