@@ -787,7 +787,35 @@ class CreditRecorder:
         return len(self._queue)
 
     async def flush(self, conn: psycopg.AsyncConnection[Any], schema: str) -> int:
+        """Write the queued calls into ``credit_ledger`` in one transaction; returns the credits
+        written. Calls that were not stored stay queued for the next flush.
+
+        The write is shielded from the caller's cancellation. Interrupted during its COMMIT,
+        psycopg cancels the query on the server, reads the COMMIT's answer and raises
+        ``CancelledError`` even when the rows were stored; re-queued, they were written again
+        by the next flush (the engine's shutdown does one): a bulk job's 500 counted twice.
+        A cancelled caller now waits for the write to end (a few rows), so that the queue
+        holds exactly what was not stored, then the cancellation goes on; a second cancel is
+        passed to the write (psycopg's own handling again)."""
         queue, self._queue = self._queue, []
+        if not queue:
+            return 0
+        write = asyncio.create_task(self._write(conn, schema, queue), name="credit-ledger-flush")
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            if not write.done():
+                with contextlib.suppress(Exception):  # its failure re-queued the calls
+                    await write
+            raise
+        return sum(q[2] for q in queue)
+
+    async def _write(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        schema: str,
+        queue: list[tuple[str | None, str, int, int, int | None]],
+    ) -> None:
         try:
             async with conn.transaction():
                 for pipeline, api, credits, records, remaining in queue:
@@ -803,7 +831,6 @@ class CreditRecorder:
         except BaseException:
             self._queue[:0] = queue
             raise
-        return sum(q[2] for q in queue)
 
 
 async def _column_type(conn: psycopg.AsyncConnection[Any], pipeline: PipelineConfig) -> str:

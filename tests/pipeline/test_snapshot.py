@@ -122,7 +122,9 @@ async def test_snapshot_interrupted_three_times_resumes_exactly(
                 if await _created_jobs(legacy) >= interruption:
                     break
                 await asyncio.sleep(0.02)
-            task.cancel()  # killed while the chunk's bulk job runs
+            # never cancel at an unplanned point: the chunk's job is created and recorded
+            assert await _created_jobs(legacy) == interruption
+            task.cancel()  # killed while the chunk's bulk job runs (often mid ledger flush)
             with pytest.raises(asyncio.CancelledError):
                 await task
         emu.advance(200)
@@ -148,7 +150,7 @@ async def test_snapshot_interrupted_three_times_resumes_exactly(
     assert rows[0][0] == "done"
     assert rows[0][1] == n
     assert rows[0][2]["sent"] == n and rows[0][2]["added"] == n
-    assert rows[0][2]["credits"] == 2_000
+    assert rows[0][2]["credits"] == 2_000  # the ledger agrees with the CRM: no 500 written twice
 
 
 async def test_snapshot_row_image_equals_the_captured_image(legacy: str) -> None:
@@ -262,3 +264,53 @@ async def test_run_snapshot_restart_resyncs_everything(
     await assert_crm_matches(emu, legacy)
     chunks = await fetch(legacy, "SELECT chunk_no FROM connector.snapshot_chunks ORDER BY 1")
     assert chunks == [(1,), (2,)]  # the first snapshot's chunk is kept (ordering of old rows)
+
+
+async def test_credits_written_once_when_a_cancel_lands_on_the_ledger_commit(database: str) -> None:
+    """The interrupted snapshot's report once said 2,500 credits for 4 jobs (the CRM counted
+    2,000): the engine was cancelled while the ledger flush of a job's 500 was committing.
+    psycopg then cancels the COMMIT on the server, reads its answer and raises; the rows were
+    stored but re-queued, and the shutdown's flush wrote them again. Here the COMMIT waits on
+    a lock held by the test (a deferred trigger), and goes through even when cancelled: the
+    state the race leaves when the server commits before the cancel arrives."""
+    from connector.emitter import CreditRecorder, acting_for
+
+    await execute(
+        database,
+        "CREATE FUNCTION public.commit_waits() RETURNS trigger LANGUAGE plpgsql AS $$"
+        " BEGIN PERFORM pg_advisory_xact_lock(4242); RETURN NULL;"
+        " EXCEPTION WHEN query_canceled THEN RETURN NULL; END $$",
+    )
+    await execute(
+        database,
+        "CREATE CONSTRAINT TRIGGER commit_waits AFTER INSERT ON connector.credit_ledger"
+        " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION public.commit_waits()",
+    )
+    recorder = CreditRecorder()
+    with acting_for("orders"):
+        recorder("bulk_create", 0, 500, 0.1, 200, None)
+    async with (
+        await psycopg.AsyncConnection.connect(database, autocommit=True) as holder,
+        await psycopg.AsyncConnection.connect(database, autocommit=True) as conn,
+    ):
+        await holder.execute("SELECT pg_advisory_lock(4242)")
+        flush = asyncio.create_task(recorder.flush(conn, SCHEMA))
+        waiting: list[tuple[object, ...]] = []
+        for _ in range(1_000):  # until the flush's COMMIT waits on the lock
+            waiting = await fetch(
+                database,
+                "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242"
+                " AND NOT granted",
+            )
+            if waiting or flush.done():
+                break
+            await asyncio.sleep(0.01)
+        assert waiting, "the ledger flush never reached its COMMIT"
+        flush.cancel()
+        await holder.execute("SELECT pg_advisory_unlock(4242)")
+        with pytest.raises(asyncio.CancelledError):
+            await flush
+        await recorder.flush(conn, SCHEMA)  # what the engine's shutdown does next
+    rows = await fetch(database, "SELECT api, credits FROM connector.credit_ledger")
+    assert rows == [("bulk_create", 500)]
+    assert recorder.pending() == 0
