@@ -514,7 +514,8 @@ class LogicalCapture:
         self.request_stored_lsn = True
         # tag the state connection's writes with the pipeline's replication origin and stream
         # with origin 'none', so that the walsender skips them before decoding (tests and the
-        # benchmark turn this off to compare); ``origin_filter``: in use in this session
+        # benchmark turn this off to compare); ``origin_filter``: in use in the current (or
+        # last) session
         self.filter_own_writes = True
         self.origin_filter = False
         self.origin_fallback_reason: str | None = None
@@ -549,6 +550,7 @@ class LogicalCapture:
         self._codecs = {}
         self._toast.clear()
         self._toast_bytes = 0
+        self.origin_filter = False
         opts = vals.SESSION_OPTIONS
         state = await psycopg.AsyncConnection.connect(self.state_dsn, autocommit=False)
         try:
@@ -565,7 +567,6 @@ class LogicalCapture:
                 await src.close()
         finally:
             if self.origin_filter:
-                self.origin_filter = False
                 with contextlib.suppress(psycopg.Error):
                     await state.rollback()
                     await state.execute("SELECT pg_replication_origin_session_reset()")

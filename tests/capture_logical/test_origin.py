@@ -72,10 +72,10 @@ async def test_own_outbox_writes_are_not_decoded(database: str) -> None:
         without = logical.LogicalCapture(database, SCHEMA, cfg, **opts)
         without.filter_own_writes = False
         txns_without, bytes_without = await _decoded_for(conn, database, without, 1, 400)
-        assert not without.origin_filter
+        assert not without.origin_filter and without.origin_fallback_reason is None
         with_origin = logical.LogicalCapture(database, SCHEMA, cfg, **opts)
         txns_with, bytes_with = await _decoded_for(conn, database, with_origin, 1001, 800)
-        assert with_origin.origin_fallback_reason is None
+        assert with_origin.origin_filter and with_origin.origin_fallback_reason is None
         rows = await wait_rows(database, 800)
         assert len(rows) == 800 and len({r["key"] for r in rows}) == 800
         # the same 40 source transactions either way; only the fallback also decodes the
