@@ -2,8 +2,15 @@
 
 Comparison: every source row is converted with the pipeline's :class:`RecordMapper` (exactly
 what the emitter would send) and compared, field by field, with the CRM record that holds the
-same key (paged ``GET /crm/v8/{module}``). Values are compared by meaning, not by spelling:
-numbers as decimals (``12.5`` = ``12.50``), datetimes as instants, ``NULL`` = empty text.
+same key. Values are compared by meaning, not by spelling: numbers as decimals (``12.5`` =
+``12.50``), datetimes as instants, ``NULL`` = empty text.
+
+Reading the CRM: COQL keyset paging (:meth:`ZohoClient.coql_pages`): ``select … where id >
+{last id} order by id asc limit 2000``, 3 credits per 2,000 records (1.5 credits per 1,000).
+Unlike paged Get Records (1 credit per 200, refused past 100,000 records with
+``PAGINATION_LIMIT_EXCEEDED``) and COQL ``LIMIT offset, n`` (also capped at 100,000), it has no
+record limit — Zoho's documented way to read more than 100,000 records (COQL Limitations page).
+A progress line is logged every 50,000 records; the report carries the calls and credits spent.
 
 * **missing**: a source row with no CRM record;
 * **extra**: a CRM record whose key is not in the table (a delete that did not arrive; with
@@ -57,10 +64,21 @@ class Mismatch:
 
 
 @dataclass
+class CrmRead:
+    """What reading the CRM side cost: records read, HTTP calls and credits spent."""
+
+    records: int = 0
+    calls: int = 0
+    credits: int = 0
+
+
+@dataclass
 class VerifyReport:
     pipeline: str
     rows_in_source: int = 0
     records_in_crm: int = 0
+    crm_calls: int = 0
+    crm_credits: int = 0
     missing: list[Mismatch] = field(default_factory=list)
     extra: list[Mismatch] = field(default_factory=list)
     different: list[Mismatch] = field(default_factory=list)
@@ -89,6 +107,8 @@ class VerifyReport:
             "pipeline": self.pipeline,
             "rows_in_source": self.rows_in_source,
             "records_in_crm": self.records_in_crm,
+            "crm_calls": self.crm_calls,
+            "crm_credits": self.crm_credits,
             "mismatches": self.mismatches,
             "missing": len(self.missing),
             "extra": len(self.extra),
@@ -179,18 +199,46 @@ async def source_rows(dsn: str, pipeline: PipelineConfig) -> dict[str, dict[str,
     return out
 
 
-async def crm_records(client: Any, pipeline: PipelineConfig) -> dict[str, dict[str, Any]]:
-    """Every CRM record of the module that has a key, by key (paged get records)."""
+PROGRESS_EVERY = 50_000
+
+
+def _counter(client: Any, name: str) -> int:
+    value = getattr(client, name, 0)
+    return value if isinstance(value, int) else 0
+
+
+async def crm_records(
+    client: Any, pipeline: PipelineConfig, read: CrmRead | None = None
+) -> dict[str, dict[str, Any]]:
+    """Every CRM record of the module that has a key, by key (COQL keyset paging on the record
+    id, see the module docstring). ``read`` receives the records read and the client's calls
+    and credits spent on them (from its ``calls`` / ``credits_spent`` counters)."""
     mapper = RecordMapper(pipeline)
     fields = list(dict.fromkeys([*mapper.crm_fields, pipeline.delete_mark_field or ""]))
     fields = [f for f in fields if f]
+    read = read if read is not None else CrmRead()
+    calls0, credits0 = _counter(client, "calls"), _counter(client, "credits_spent")
     out: dict[str, dict[str, Any]] = {}
-    async for page in client.get_records(pipeline.module, fields, per_page=200):
+    next_progress = PROGRESS_EVERY
+    async for page in client.coql_pages(pipeline.module, fields):
         for rec in page:
             key = rec.get(pipeline.key_field)
             if key is None or key == "":
                 continue
             out[str(key)] = rec
+        read.records += len(page)
+        read.calls = _counter(client, "calls") - calls0
+        read.credits = _counter(client, "credits_spent") - credits0
+        if read.records >= next_progress:
+            log.info(
+                "verify: %d CRM records read, %d credits",
+                read.records,
+                read.credits,
+                extra={"pipeline": pipeline.name, "records": read.records},
+            )
+            next_progress = (read.records // PROGRESS_EVERY + 1) * PROGRESS_EVERY
+    read.calls = _counter(client, "calls") - calls0
+    read.credits = _counter(client, "credits_spent") - credits0
     return out
 
 
@@ -263,10 +311,14 @@ async def verify(
     schema: str,
 ) -> VerifyReport:
     source = await source_rows(source_dsn, pipeline)
-    crm = await crm_records(client, pipeline)
+    read = CrmRead()
+    crm = await crm_records(client, pipeline, read)
     async with await psycopg.AsyncConnection.connect(state_dsn, autocommit=True) as conn:
         dead = await open_dead_letter_keys(conn, schema, pipeline.name)
-    return compare(pipeline, source, crm, dead)
+    report = compare(pipeline, source, crm, dead)
+    report.crm_calls = read.calls
+    report.crm_credits = read.credits
+    return report
 
 
 # --------------------------------------------------------------------------- re-capture

@@ -611,6 +611,14 @@ async def get_records(request: web.Request) -> web.StreamResponse:
                 {"limit": 2000},
             )
         offset = (page - 1) * per_page
+    reach = state.config.pagination_limit
+    if offset >= reach:
+        raise ApiError(
+            400,
+            "PAGINATION_LIMIT_EXCEEDED",
+            f"you can fetch only {reach} records with page_token",
+            {"limit": reach},
+        )
     sort_by = q.get("sort_by", "id")
     if sort_by not in ("id", "Created_Time", "Modified_Time"):
         raise ApiError(400, "INVALID_DATA", "invalid data", {"param_name": "sort_by"})
@@ -665,7 +673,7 @@ async def coql_query(request: web.Request) -> web.StreamResponse:
             400, "INVALID_QUERY", "invalid query formed", {"reason": "select_query is missing"}
         )
     try:
-        query = coql.parse(text)
+        query = coql.parse(text, max_records=state.config.pagination_limit)
     except coql.CoqlError as e:
         raise ApiError(400, e.code, e.message, e.details) from None
     store = state.stores.get(query.module)
@@ -693,10 +701,13 @@ async def coql_query(request: web.Request) -> web.StreamResponse:
     recs = [r for r in store.records.values() if query.where is None or query.where(r)]
     if query.order_by:
         ob = query.order_by
-        recs.sort(
-            key=lambda r: (r.get(ob) is None, r.get(ob) if r.get(ob) is not None else 0),
-            reverse=query.descending,
-        )
+        if ob == "id":  # record ids are numeric strings: order them as numbers
+            recs.sort(key=lambda r: int(r["id"]), reverse=query.descending)
+        else:
+            recs.sort(
+                key=lambda r: (r.get(ob) is None, r.get(ob) if r.get(ob) is not None else 0),
+                reverse=query.descending,
+            )
     chunk = recs[query.offset : query.offset + query.limit]
     if not chunk:
         return web.Response(status=204)

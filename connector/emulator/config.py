@@ -194,6 +194,11 @@ class EmulatorConfig(_Model):
     strict_picklists: bool = True
     # Emit details.maximum_length as a string (Zoho's OAS types it string); false = integer.
     maximum_length_as_string: bool = True
+    # How far paging reaches (reference §2.6): Get Records with page_token refuses a page that
+    # starts at or beyond this many records (400 PAGINATION_LIMIT_EXCEEDED); COQL refuses
+    # ``limit offset, n`` with offset + n above it (400 LIMIT_EXCEEDED). Zoho's value is 100,000;
+    # tests lower it instead of creating 100,001 records.
+    pagination_limit: int = Field(default=100_000, ge=1)
     user: UserSpec = Field(default_factory=UserSpec)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     credits: CreditsConfig = Field(default_factory=CreditsConfig)

@@ -1,6 +1,7 @@
 """A small COQL: ``select f1, f2 from Module [where …] [order by f [asc|desc]]
 [limit [offset,] n | limit n offset m]`` with =, !=, <, <=, >, >=, in, not in, like,
-between, is [not] null, and/or and parentheses."""
+between, is [not] null, and/or and parentheses. ``id`` is compared (and ordered) as a number,
+so ``where id > {last} order by id asc limit 2000`` pages past the offset limit."""
 
 from __future__ import annotations
 
@@ -192,7 +193,16 @@ def _like(name: str, rx: re.Pattern[str], negate: bool) -> Predicate:
 
 
 def _compare(name: str, op: str, value: Any) -> Predicate:
+    if name == "id":  # record ids are numeric strings; Zoho compares them as numbers
+        wanted = _as_id(value)
+        return lambda r: _cmp(_as_id(r.get("id")), op, wanted)
     return lambda r: _cmp(r.get(name), op, value)
+
+
+def _as_id(v: Any) -> Any:
+    if isinstance(v, str) and v.strip().isdigit():
+        return int(v)
+    return v
 
 
 def _cmp(a: Any, op: str, b: Any) -> bool:
@@ -218,7 +228,9 @@ def _cmp(a: Any, op: str, b: Any) -> bool:
         return False
 
 
-def parse(text: str, max_limit: int = 2000) -> Query:
+def parse(text: str, max_limit: int = 2000, max_records: int = 100_000) -> Query:
+    """Parse ``text``; ``max_limit`` caps LIMIT, ``max_records`` caps offset + limit (how far
+    LIMIT/OFFSET paging reaches; past it Zoho pages by ``where id > last``)."""
     tokens = tokenize(text)
     p = _Parser(tokens)
     p.expect_word("select")
@@ -264,5 +276,11 @@ def parse(text: str, max_limit: int = 2000) -> Query:
             "LIMIT_EXCEEDED",
             f"limit exceeded: maximum is {max_limit}",
             {"by": "limit", "limit": max_limit},
+        )
+    if offset + limit > max_records:
+        raise CoqlError(
+            "LIMIT_EXCEEDED",
+            f"limit exceeded: offset and limit reach at most {max_records} records",
+            {"by": "offset", "limit": max_records},
         )
     return Query(fields, str(module), where, p.where_fields, order_by, descending, offset, limit)

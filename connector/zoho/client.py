@@ -455,6 +455,49 @@ class ZohoClient:
             offset += len(data)
         return rows
 
+    async def coql_pages(
+        self,
+        module: str,
+        fields: Sequence[str],
+        *,
+        where: str | None = None,
+        page_size: int = COQL_PAGE,
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """Every record of ``module`` (matching ``where``), one list per COQL call, in id order.
+
+        Keyset paging on the record id, Zoho's way past the 100,000-record reach of LIMIT/OFFSET
+        (COQL Limitations page): ``select … from {module} where id > {last id} [and (where)]
+        order by id asc limit {page_size}``, until a page is empty or ``more_records`` is false.
+        ``id`` is always selected. Each call costs ``CreditCosts.coql(page_size)`` (3 credits
+        for 2,000 rows)."""
+        if not fields or len(fields) > MAX_FIELDS_PER_READ:
+            raise ValueError(f"coql_pages needs 1..{MAX_FIELDS_PER_READ} fields")
+        if not 1 <= page_size <= COQL_PAGE:
+            raise ValueError(f"coql_pages page_size must be 1..{COQL_PAGE}")
+        select = ", ".join(dict.fromkeys(["id", *fields]))
+        if select.count(",") + 1 > MAX_FIELDS_PER_READ:
+            raise ValueError(f"coql_pages selects at most {MAX_FIELDS_PER_READ} columns (id too)")
+        last: int | None = None
+        while True:
+            # older COQL versions require a WHERE clause: the first page uses `id is not null`
+            conds = ["id is not null" if last is None else f"id > {last}"]
+            if where:
+                conds.append(f"({where})")
+            reply = await self._coql_call(
+                f"select {select} from {module} where {' and '.join(conds)}"
+                f" order by id asc limit {page_size}"
+            )
+            data = _data(reply)
+            if data:
+                yield data
+            info = reply.body.get("info", {}) if isinstance(reply.body, dict) else {}
+            if not data or not info.get("more_records"):
+                return
+            ids = [int(str(r["id"])) for r in data if str(r.get("id", "")).isdigit()]
+            if not ids or (last is not None and max(ids) <= last):
+                raise PermanentError(f"zoho coql {module}: page without increasing record ids")
+            last = max(ids)
+
     async def _coql_call(self, query: str) -> _Reply:
         return await self._request(
             "POST",
