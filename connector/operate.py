@@ -714,7 +714,8 @@ async def verify(settings: Settings, secrets: Secrets, args: argparse.Namespace)
     else:
         _out(
             f"verify {pipeline.name}: {report.rows_in_source} rows in {pipeline.source_table}, "
-            f"{report.records_in_crm} records in {pipeline.module}"
+            f"{report.records_in_crm} records in {pipeline.module} (read with"
+            f" {report.crm_calls} COQL call(s), {report.crm_credits} credit(s))"
         )
         _out(
             f"  missing {len(report.missing)}, extra {len(report.extra)}, "

@@ -446,7 +446,9 @@ class ZohoClient:
         rows: list[dict[str, Any]] = []
         offset = 0
         while offset < COQL_MAX_OFFSET:
-            reply = await self._coql_call(f"{query} limit {offset}, {page_size}")
+            # Zoho refuses offset + limit beyond 100,000: the last page is cut to fit
+            size = min(page_size, COQL_MAX_OFFSET - offset)
+            reply = await self._coql_call(f"{query} limit {offset}, {size}")
             data = _data(reply)
             rows.extend(data)
             info = reply.body.get("info", {}) if isinstance(reply.body, dict) else {}
