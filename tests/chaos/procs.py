@@ -32,10 +32,19 @@ def secrets_for(seed: int) -> dict[str, str]:
     }
 
 
-def emulator_toml(secrets: dict[str, str], *, rows_per_second: float = 10_000.0) -> str:
+ENTERPRISE_BASE_CREDITS = 50_000  # the emulator's enterprise edition: base + 1,000 per user
+ENTERPRISE_CREDITS_PER_USER = 1_000
+
+
+def emulator_toml(
+    secrets: dict[str, str], *, rows_per_second: float = 10_000.0, users: int = 10
+) -> str:
     """The default emulator configuration plus an integer ``Rev`` field, the run's own client
-    credentials, and bulk jobs that take a few seconds (so kills land mid-job)."""
+    credentials, bulk jobs that take a few seconds (so kills land mid-job), and ``users``
+    licences (the org's daily credits: 50,000 + 1,000 per user)."""
     text = (ROOT / "connector" / "emulator" / "default.toml").read_text()
+    assert "users = 10\n" in text, "default.toml changed: update tests/chaos/procs.py"
+    text = text.replace("users = 10\n", f"users = {users}\n", 1)
     text = text.replace('client_id = "emulator-client-id"', f'client_id = "{CLIENT_ID}"')
     text = text.replace(
         'client_secret = "emulator-client-secret"',
@@ -64,6 +73,7 @@ def connector_toml(
     port: int,
     capture: str,
     max_staleness: str,
+    daily_credit_budget: int = 50_000,
 ) -> str:
     from tests.chaos.model import FIELDS
 
@@ -81,7 +91,7 @@ client_secret_env = "{CLIENT_SECRET_ENV}"
 refresh_token_env = "{REFRESH_TOKEN_ENV}"
 org_id = "emulator-org"
 edition = "enterprise"
-daily_credit_budget = 50000
+daily_credit_budget = {daily_credit_budget}
 credit_reserve = 1000
 request_timeout = "20s"
 

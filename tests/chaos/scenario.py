@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -38,6 +39,8 @@ import psycopg
 from connector.pgembed import EmbeddedPostgres, free_port
 from tests.chaos import checker
 from tests.chaos.procs import (
+    ENTERPRISE_BASE_CREDITS,
+    ENTERPRISE_CREDITS_PER_USER,
     Connector,
     Emulator,
     child_env,
@@ -89,6 +92,20 @@ class Params:
     def mass_update_every(self) -> int:
         # about every 70 s, at least one per run
         return max(200, min(int(70 * self.rate), self.ops // 2))
+
+    @property
+    def users(self) -> int:
+        """Licences of the emulated org, so that its daily credits outlast the run: a fault-free
+        hour of this workload spends about 50,000 credits (the 60-minute soak of seed
+        1475118702 used 50,081 and then, with a budget of 50,000, rightly stopped sending at its
+        reserve: a run longer than ~55 minutes needs a bigger org). 2,500 credits a minute of
+        workload, at least the default 10 users (60,000 credits)."""
+        need = 2_500 * self.minutes
+        return max(10, math.ceil((need - ENTERPRISE_BASE_CREDITS) / ENTERPRISE_CREDITS_PER_USER))
+
+    @property
+    def daily_credits(self) -> int:
+        return ENTERPRISE_BASE_CREDITS + ENTERPRISE_CREDITS_PER_USER * self.users
 
     def restart_points(self) -> tuple[int, ...]:
         rng = random.Random(f"restarts:{self.seed}")
@@ -292,7 +309,9 @@ class Scenario:
     # ------------------------------------------------------------------ lifecycle
     async def setup(self) -> Workload:
         await asyncio.to_thread(self.pg.start)
-        self.emulator = Emulator(self.dir, emulator_toml(self.secrets), self.env)
+        self.emulator = Emulator(
+            self.dir, emulator_toml(self.secrets, users=self.p.users), self.env
+        )
         await self.emulator.start()
         await self.emulator.faults(seed=self.p.seed)
         wl = Workload(
@@ -316,6 +335,7 @@ class Scenario:
                 port=port,
                 capture=self.p.capture,
                 max_staleness=self.p.max_staleness,
+                daily_credit_budget=self.p.daily_credits,
             )
         )
         self.connector = Connector(self.dir, config, port, self.env)
@@ -490,16 +510,17 @@ class Scenario:
                 break
             if best is None or backlog < best:
                 best, best_at = backlog, now
-            if now - best_at > self.p.drain_timeout:
+            stalled = now - best_at > self.p.drain_timeout
+            if stalled or now - began > self.p.drain_cap:
+                why = (
+                    f"no progress for {self.p.drain_timeout:g}s"
+                    if stalled
+                    else f"not converged after {self.p.drain_cap:g}s"
+                )
                 report.problem(
                     "drain_timeout",
-                    f"no progress for {self.p.drain_timeout:g}s ({backlog} rows still differ"
-                    f" after {now - began:.0f}s)",
-                )
-                break
-            if now - began > self.p.drain_cap:
-                report.problem(
-                    "drain_timeout", f"not converged after {self.p.drain_cap:g}s ({backlog} left)"
+                    f"{why} ({backlog} rows still differ after {now - began:.0f}s);"
+                    f" connector status: {await self._status_line()}",
                 )
                 break
             if not self.connector.running:
@@ -512,6 +533,27 @@ class Scenario:
         hist = await self.emulator.all_history("Orders")
         checker.check_history(hist["history"], report)
         return report
+
+    async def _status_line(self) -> str:
+        """What `connector status --json` says of pending keys, credits and bulk jobs (a run
+        that does not drain says why: out of credits, a stuck job, …)."""
+        assert self.connector is not None
+        try:
+            _rc, out, err = await self.connector.cli("status", "--json")
+            self.outputs += [out, err]
+            doc = json.loads(out)
+            p = doc["pipelines"][0]
+            keep = (
+                "running",
+                "pending_keys",
+                "oldest_pending_change_seconds",
+                "credits",
+                "bulk_jobs",
+                "capture",
+            )
+            return json.dumps({k: p.get(k) for k in keep if k in p}, default=str)[:1500]
+        except Exception as exc:  # the report must still be written
+            return f"unavailable ({type(exc).__name__}: {exc})"
 
     async def sample_lag(self) -> None:
         """Every ``sample_every`` seconds: the connector's lag gauges and CPU seconds of the
