@@ -41,7 +41,7 @@ from connector.pgembed import EmbeddedPostgres, bin_dir
 SCHEMA = "connector"
 
 
-def _cfg() -> PipelineConfig:
+def _cfg(origin: bool = True) -> PipelineConfig:
     return PipelineConfig(
         name="bench",
         source_table="orders",
@@ -49,6 +49,7 @@ def _cfg() -> PipelineConfig:
         module="Orders",
         capture="logical",
         fields={"amount": "Amount"},
+        filter_own_writes=origin,
     )
 
 
@@ -114,8 +115,7 @@ def _postgres_cpu(postmaster: int | None) -> float | None:
 
 
 async def _run_capture(dsn: str, events: int, *, origin: bool = True) -> tuple[float, bool]:
-    cap = logical.LogicalCapture(dsn, SCHEMA, _cfg(), heartbeat_interval=3600)
-    cap.filter_own_writes = origin
+    cap = logical.LogicalCapture(dsn, SCHEMA, _cfg(origin), heartbeat_interval=3600)
     stop = asyncio.Event()
     t0 = time.perf_counter()
     task = asyncio.create_task(cap.run(stop))

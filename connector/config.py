@@ -291,6 +291,12 @@ class PipelineConfig(_Strict):
     snapshot_chunk_size: int = Field(default=25_000, ge=1, le=25_000)
     snapshot: Literal["auto", "never"] = "auto"
     retention: Duration = timedelta(days=7)
+    # logical capture only: tag the connector's own outbox writes with a replication origin so
+    # that the walsender skips them before decoding (PostgreSQL 16+, optional GRANTs). Off by
+    # default: pgoutput's ``origin 'none'`` drops *every* change that carries an origin, so it
+    # is only safe when nothing else writes the source database under a replication origin
+    # (no logical-replication subscription into it); see docs/capture-logical.md
+    filter_own_writes: bool = False
     fields: dict[str, Annotated[FieldMapping, BeforeValidator(_mapping)]]
 
     @field_validator("source_table")

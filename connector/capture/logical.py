@@ -295,7 +295,8 @@ async def install(
         ).format(ident, ident),
         (pipeline.name, name, name, created_lsn, created_lsn is not None),
     )
-    await _create_origin(state, conn, name)
+    if pipeline.filter_own_writes:
+        await _create_origin(state, conn, name)
 
 
 async def uninstall(
@@ -512,11 +513,11 @@ class LogicalCapture:
         # the client-side skip rule covers a slot that went back (tests turn this off to
         # exercise that rule)
         self.request_stored_lsn = True
-        # tag the state connection's writes with the pipeline's replication origin and stream
-        # with origin 'none', so that the walsender skips them before decoding (tests and the
-        # benchmark turn this off to compare); ``origin_filter``: in use in the current (or
-        # last) session
-        self.filter_own_writes = True
+        # ``filter_own_writes`` (the pipeline option, off by default): tag the state
+        # connection's writes with the pipeline's replication origin and stream with origin
+        # 'none', so that the walsender skips them before decoding; ``origin_filter``: in use
+        # in the current (or last) session
+        self.filter_own_writes = pipeline.filter_own_writes
         self.origin_filter = False
         self.origin_fallback_reason: str | None = None
         self.origin_check_interval = origin_check_interval

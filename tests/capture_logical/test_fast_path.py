@@ -58,7 +58,11 @@ TYPES: list[tuple[str, int, Any]] = [
         vals.JSONB,
         st.recursive(
             st.none() | st.booleans() | st.integers() | st.text(TEXT_CHARS, max_size=8),
-            lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=4), c, max_size=3),
+            # keys too: PostgreSQL's jsonb refuses \u0000 anywhere (hypothesis found one)
+            lambda c: (
+                st.lists(c, max_size=3)
+                | st.dictionaries(st.text(TEXT_CHARS, max_size=4), c, max_size=3)
+            ),
             max_leaves=6,
         ).map(json.dumps),
     ),

@@ -61,7 +61,7 @@ async def _decoded_for(
 
 
 async def test_own_outbox_writes_are_not_decoded(database: str) -> None:
-    cfg = pipeline()
+    cfg = pipeline(filter_own_writes=True)
     async with installed(database, cfg, ORDERS_DDL) as conn:
         cur = await conn.execute(
             "SELECT count(*) FROM pg_replication_origin WHERE roname = %s",
@@ -116,7 +116,7 @@ async def test_no_filter_while_another_origin_exists(
     database: str, other_origin: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     conn, name = other_origin
-    cfg = pipeline()
+    cfg = pipeline(filter_own_writes=True)
     await conn.execute("SELECT pg_replication_origin_create(%s)", (name,))
     async with installed(database, cfg, ORDERS_DDL):
         cap = logical.LogicalCapture(database, SCHEMA, cfg)
@@ -135,7 +135,7 @@ async def test_another_origin_appearing_turns_the_filter_off(
     database: str, other_origin: Any
 ) -> None:
     conn, name = other_origin
-    cfg = pipeline()
+    cfg = pipeline(filter_own_writes=True)
     async with installed(database, cfg, ORDERS_DDL):
         cap = logical.LogicalCapture(database, SCHEMA, cfg, origin_check_interval=0.1)
         async with running(cap):
@@ -156,7 +156,7 @@ async def test_another_origin_appearing_turns_the_filter_off(
 
 async def test_heartbeat_comes_back_with_the_filter(database: str) -> None:
     """The heartbeat goes out on the untagged source connection, so origin 'none' keeps it."""
-    cfg = pipeline()
+    cfg = pipeline(filter_own_writes=True)
     async with installed(database, cfg, ORDERS_DDL):
         cap = logical.LogicalCapture(database, SCHEMA, cfg, heartbeat_interval=0.2)
 
@@ -170,7 +170,7 @@ async def test_heartbeat_comes_back_with_the_filter(database: str) -> None:
 
 async def test_origin_held_elsewhere_falls_back(database: str) -> None:
     """A session still holding the origin (a cut-off old connector) never blocks the capture."""
-    cfg = pipeline()
+    cfg = pipeline(filter_own_writes=True)
     async with installed(database, cfg, ORDERS_DDL) as conn:
         async with await psycopg.AsyncConnection.connect(database, autocommit=True) as holder:
             await holder.execute(
@@ -183,3 +183,21 @@ async def test_origin_held_elsewhere_falls_back(database: str) -> None:
             assert not cap.origin_filter
             assert cap.origin_fallback_reason is not None
             assert "in use" in cap.origin_fallback_reason
+
+
+async def test_the_filter_is_off_by_default(database: str) -> None:
+    """Without ``filter_own_writes`` (the default) no origin is created, the capture does not
+    tag its writes, and it says nothing about origins: a write under any origin is captured."""
+    cfg = pipeline()
+    assert cfg.filter_own_writes is False
+    async with installed(database, cfg, ORDERS_DDL) as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM pg_replication_origin WHERE roname = %s",
+            (logical.origin_name(SLOT),),
+        )
+        assert await cur.fetchone() == (0,)
+        cap = logical.LogicalCapture(database, SCHEMA, cfg, heartbeat_interval=0.2)
+        async with running(cap):
+            await conn.execute("INSERT INTO orders VALUES (1, 'a')")
+            await wait_rows(database, 1)
+        assert not cap.origin_filter and cap.origin_fallback_reason is None

@@ -137,7 +137,10 @@ async def test_init_and_run_as_the_documented_role(
                     port=port,
                     max_staleness="1s",
                     capture=capture,
-                ).replace('level = "warning"', 'level = "info"')
+                )
+                .replace('level = "warning"', 'level = "info"')
+                # the option is off by default; on, the capture filters by origin or says why not
+                .replace('capture = "logical"', 'capture = "logical"\nfilter_own_writes = true')
             )
             setup = Setup(with_role(admin, runtime), config, port, emu.url)
             done = await acli(setup, "init")
