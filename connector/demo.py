@@ -97,6 +97,8 @@ client_id = "emulator-client-id"
 client_secret_env = "DEMO_ZOHO_CLIENT_SECRET"
 refresh_token_env = "DEMO_ZOHO_REFRESH_TOKEN"
 edition = "enterprise"
+# a local emulator answers in milliseconds; also how long a new owner waits after a crash
+request_timeout = "15s"
 daily_credit_budget = 50000
 credit_reserve = 1000
 

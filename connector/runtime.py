@@ -372,8 +372,8 @@ class PipelineRunner:
                     return
                 started = time.monotonic()
                 try:
-                    await self._record_owner()
-                    done = await self._own()
+                    clean = await self._record_owner()
+                    done = await self._own(clean)
                 except RESTARTABLE as exc:
                     # the database (or the CRM, after the client's own retries) went away:
                     # nothing unacknowledged is checkpointed, so start the pipeline again
@@ -400,29 +400,77 @@ class PipelineRunner:
         finally:
             self.state = "stopped" if self.state != "failed" else "failed"
 
-    async def _record_owner(self) -> None:
+    async def _record_owner(self) -> bool:
+        """Record this process as the pipeline's owner. True when the previous owner stopped
+        cleanly (it cleared ``owner`` after draining) or there was none; False when it was
+        killed, lost the database, or is this process restarting the pipeline: then requests
+        it had in flight may still be applied by the CRM (see ``_own``)."""
         rt = self.runtime
         async with rt.pool.connection() as conn:
-            await conn.execute(
+            cur = await conn.execute(
                 db.render(
-                    "INSERT INTO {schema}.checkpoints AS c (pipeline, owner) VALUES (%s, %s)"
-                    " ON CONFLICT (pipeline) DO UPDATE SET owner = EXCLUDED.owner",
+                    "WITH prev AS (SELECT owner FROM {schema}.checkpoints WHERE pipeline = %s)"
+                    " INSERT INTO {schema}.checkpoints AS c (pipeline, owner) VALUES (%s, %s)"
+                    " ON CONFLICT (pipeline) DO UPDATE SET owner = EXCLUDED.owner"
+                    " RETURNING (SELECT owner FROM prev)",
                     rt.schema,
                 ),
-                (self.pipeline.name, rt.owner),
+                (self.pipeline.name, self.pipeline.name, rt.owner),
             )
+            row = await cur.fetchone()
+        return row is None or row[0] is None
 
-    async def _own(self) -> bool:
+    async def _record_clean_stop(self) -> None:
+        """The pipeline drained and stopped with nothing in flight: the next owner need not
+        wait (``_record_owner``)."""
+        rt = self.runtime
+        with contextlib.suppress(psycopg.Error, OSError):
+            async with rt.pool.connection() as conn:
+                await conn.execute(
+                    db.render(
+                        "UPDATE {schema}.checkpoints SET owner = NULL"
+                        " WHERE pipeline = %s AND owner = %s",
+                        rt.schema,
+                    ),
+                    (self.pipeline.name, rt.owner),
+                )
+
+    async def _engine_after_grace(self, engine: Any, pstop: asyncio.Event, grace: float) -> None:
+        """Start the engine, ``grace`` seconds late when the previous owner did not stop
+        cleanly: an upsert it had sent may still be in the CRM's hands (an emulator latency
+        spike held one for seconds in the 60-minute soak), and if this process sent a newer
+        version of the same record first, that older request would land after it (invariant
+        2). The client gives up on a request after ``crm.request_timeout``; so does this wait.
+        Capture is not delayed, only writes to the CRM."""
+        rt = self.runtime
+        name = self.pipeline.name
+        if grace > 0:
+            log.warning(
+                "the previous owner did not stop cleanly: waiting %.0fs (crm.request_timeout)"
+                " for requests it may have had in flight before writing to the CRM",
+                grace,
+                extra={"pipeline": name},
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(pstop.wait(), grace)
+            if pstop.is_set():
+                return
+        await rt.run_engine(engine, self.pipeline, pstop, self)
+
+    async def _own(self, clean: bool = True) -> bool:
         """Run the pipeline while the lease is held. True when the runner is finished (stop
-        requested, or snapshot mode done); False to go back to standby (lease lost)."""
+        requested, or snapshot mode done); False to go back to standby (lease lost).
+        ``clean``: the previous owner stopped cleanly (else the engine starts after a grace
+        period, ``_engine_after_grace``)."""
         rt = self.runtime
         name = self.pipeline.name
         self.state = "starting"
         pstop = asyncio.Event()
         self.engine = rt.build_engine(self.pipeline)
         tasks: dict[str, asyncio.Task[Any]] = {}
+        grace = 0.0 if clean else rt.settings.crm.request_timeout.total_seconds()
         tasks["engine"] = asyncio.create_task(
-            rt.run_engine(self.engine, self.pipeline, pstop, self), name=f"{name}:engine"
+            self._engine_after_grace(self.engine, pstop, grace), name=f"{name}:engine"
         )
         if self.pipeline.capture == "logical":
             self.capture = rt.build_capture(self.pipeline)
@@ -457,6 +505,7 @@ class PipelineRunner:
                     raise exc
                 if rt.mode == "snapshot":
                     await _cancel(tasks.values())
+                    await self._record_clean_stop()
                     self.finished.set()
                     return True
                 self.state = "failed"
@@ -502,6 +551,7 @@ class PipelineRunner:
                     "pipeline drained",
                     extra={"pipeline": name, "seconds": round(time.monotonic() - started, 2)},
                 )
+                await self._record_clean_stop()
             await _cancel(tasks.values())
             for t in work:
                 if t.done() and not t.cancelled() and t.exception() is not None:

@@ -29,6 +29,8 @@ from tests.e2e.helpers import (
     wait_in_sync,
 )
 
+GRACE_LINE = "the previous owner did not stop cleanly"
+
 
 async def test_sigterm_drains_honestly_and_a_restart_converges(database: str, tmp_path: Path):
     async with emulator() as emu:
@@ -66,6 +68,8 @@ async def test_sigterm_drains_honestly_and_a_restart_converges(database: str, tm
         await again.wait_http("/readyz")
         await wait_in_sync(setup, again, timeout=120)
         assert await again.stop() == 0
+        # the first run drained and said so: the second one did not wait for its requests
+        assert GRACE_LINE not in again.logs()
         last, newest = await checkpoint(database)
         assert last == newest
 
@@ -91,6 +95,9 @@ async def test_sigkill_of_the_owner_hot_standby_takes_over(database: str, tmp_pa
         await standby.wait_metric('connector_pipeline_up{pipeline="orders"} 1.0', timeout=60)
         await wait_in_sync(setup, standby, timeout=120)  # nothing lost
         assert "pipeline lease acquired" in standby.logs()
+        # the owner was killed: the standby waited crm.request_timeout before writing, so an
+        # upsert the owner had in flight cannot land after a newer one (invariant 2)
+        assert GRACE_LINE in standby.logs()
         assert await standby.stop() == 0
 
 
