@@ -431,7 +431,7 @@ class ZohoClient:
             data = _data(reply)
             if data:
                 yield data
-            info = reply.body.get("info", {}) if isinstance(reply.body, dict) else {}
+            info = _info(reply)
             if not data or not info.get("more_records"):
                 return
             token = info.get("next_page_token") or None
@@ -451,7 +451,7 @@ class ZohoClient:
             reply = await self._coql_call(f"{query} limit {offset}, {size}")
             data = _data(reply)
             rows.extend(data)
-            info = reply.body.get("info", {}) if isinstance(reply.body, dict) else {}
+            info = _info(reply)
             if not data or not info.get("more_records"):
                 break
             offset += len(data)
@@ -492,7 +492,7 @@ class ZohoClient:
             data = _data(reply)
             if data:
                 yield data
-            info = reply.body.get("info", {}) if isinstance(reply.body, dict) else {}
+            info = _info(reply)
             if not data or not info.get("more_records"):
                 return
             ids = [int(str(r["id"])) for r in data if str(r.get("id", "")).isdigit()]
@@ -965,6 +965,12 @@ def _data(reply: _Reply) -> list[dict[str, Any]]:
         return []
     data = reply.body.get("data")
     return [d for d in data if isinstance(d, dict)] if isinstance(data, list) else []
+
+
+def _info(reply: _Reply) -> dict[str, Any]:
+    """The ``info`` object of a paged read (``more_records``, ``next_page_token``…)."""
+    info = reply.body.get("info") if isinstance(reply.body, dict) else None
+    return info if isinstance(info, dict) else {}
 
 
 def _remaining(headers: Mapping[str, str]) -> int | None:
