@@ -17,10 +17,6 @@ from connector.emulator import start_emulator
 from tests.emulator import oas
 from tests.emulator.conftest import Api, make_config
 
-pytestmark = pytest.mark.skipif(
-    not oas.available(), reason=f"Zoho OpenAPI folder not found at {oas.OAS_DIR}"
-)
-
 HEADER = ["parent_id", "Name", "Status", "Amount", "Quantity", "Order_Date", "Placed_At", "Is_Gift"]
 UPLOAD = ("bulk_write.json", "/crm/v8/upload")
 CREATE = ("bulk_write.json", "/crm/bulk/v8/write")

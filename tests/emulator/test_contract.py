@@ -13,10 +13,6 @@ from connector.emulator import start_emulator
 from tests.emulator import oas
 from tests.emulator.conftest import Api, make_config, order
 
-pytestmark = pytest.mark.skipif(
-    not oas.available(), reason=f"Zoho OpenAPI folder not found at {oas.OAS_DIR}"
-)
-
 REC = ("record.json", "/crm/v8/{module_api_name}")
 UPSERT = ("record.json", "/crm/v8/{module_api_name}/upsert")
 ONE = ("record.json", "/crm/v8/{module_api_name}/{id}")

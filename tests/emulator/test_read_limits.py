@@ -18,10 +18,6 @@ from connector.emulator.server import EmulatorHandle
 from tests.emulator import oas
 from tests.emulator.conftest import Api, make_config, order
 
-pytestmark = pytest.mark.skipif(
-    not oas.available(), reason=f"Zoho OpenAPI folder not found at {oas.OAS_DIR}"
-)
-
 REC = ("record.json", "/crm/v8/{module_api_name}")
 COQL = ("coql.json", "/crm/v8/coql")
 CAP = 1_000
