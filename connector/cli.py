@@ -120,6 +120,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair", action="store_true", help="re-emit missing/different records")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser(
+        "doctor",
+        help="check the database, the CRM and a probe record's round trip (exit 0/1/2)",
+        description="Checks everything a first installation can get wrong: the database "
+        "(read-only), the CRM (token, hosts, scopes, org, module, mapping, credits) and a "
+        "probe record written, read back and deleted. Exit 0 when nothing failed, 1 when a "
+        "check failed, 2 for a configuration error.",
+    )
+    _add_config(p)
+    _add_pipeline(p)
+    p.add_argument(
+        "--bulk",
+        action="store_true",
+        help="also round-trip the probe through Bulk Write (one bulk job: 500 credits)",
+    )
+    p.add_argument(
+        "--probe-key",
+        default=_env("CONNECTOR_PROBE_KEY", "__connector_probe__"),
+        help="key of the probe record (env CONNECTOR_PROBE_KEY; default __connector_probe__)",
+    )
+    p.add_argument(
+        "--no-roundtrip",
+        action="store_true",
+        help="skip the probe record (no CRM write at all)",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as one JSON document")
+
     p = sub.add_parser("emulator", help="run the local Zoho CRM emulator")
     p.add_argument("--host", default=_env("CONNECTOR_EMULATOR_HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(_env("CONNECTOR_EMULATOR_PORT", "8799") or 8799))
@@ -193,6 +220,29 @@ def _run_report(coro: Coroutine[Any, Any, Any]) -> Any:
     return asyncio.run(coro)
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import json
+
+    from connector import doctor
+
+    settings, secrets = _load(args)
+    report = _run_report(
+        doctor.doctor(
+            settings,
+            secrets,
+            pipelines=args.pipeline,
+            bulk=args.bulk,
+            probe_key=args.probe_key,
+            roundtrip=not args.no_roundtrip,
+        )
+    )
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2, default=str))
+    else:
+        print(report.text())
+    return int(report.exit_code)
+
+
 def cmd_emulator(args: argparse.Namespace) -> int:
     from connector.emulator.main import run_emulator_cli
     from connector.logs import setup_logging
@@ -225,6 +275,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "init": cmd_init,
     "uninstall": cmd_uninstall,
     "emulator": cmd_emulator,
+    "doctor": cmd_doctor,
     "demo": cmd_demo,
     "run": _operate("run"),
     "snapshot": _operate("snapshot"),

@@ -541,17 +541,22 @@ class ZohoClient:
             raise PermanentError("the CRM returned no current user")
         return dict(users[0])
 
-    async def org_id(self) -> str:
-        """The org id for ``X-CRM-ORG``: the configured one, else ``GET /crm/v8/org``."""
-        if self._org_id:
-            return self._org_id
+    async def org(self) -> dict[str, Any]:
+        """``GET /crm/v8/org``: the organisation (zgid, time zone, licence); needs
+        ``ZohoCRM.org.READ``."""
         reply = await self._request(
             "GET", "api", "/crm/v8/org", api="org", cost=self._costs.default
         )
         orgs = reply.body.get("org") if isinstance(reply.body, dict) else None
-        if not orgs:
+        if not orgs or not isinstance(orgs[0], dict):
             raise PermanentError("the CRM returned no organisation; set crm.org_id")
-        org = orgs[0]
+        return dict(orgs[0])
+
+    async def org_id(self) -> str:
+        """The org id for ``X-CRM-ORG``: the configured one, else ``GET /crm/v8/org``."""
+        if self._org_id:
+            return self._org_id
+        org = await self.org()
         value = org.get("zgid") or org.get("id")
         if not value:
             raise PermanentError("the CRM organisation has no zgid; set crm.org_id")
