@@ -83,8 +83,16 @@ async def _prune_scenario(
                 "INSERT INTO connector.outbox (id, pipeline, op, key, version, txid, chunk_id,"
                 " row, captured_at) VALUES (%s, %s, %s, %s, %s, %s::text::xid8, %s, '{}',"
                 " clock_timestamp() - make_interval(secs => %s))",
-                (i, p, "snapshot" if snap else "update", str(i), i, str(txid),
-                 1 if snap else None, age),
+                (
+                    i,
+                    p,
+                    "snapshot" if snap else "update",
+                    str(i),
+                    i,
+                    str(txid),
+                    1 if snap else None,
+                    age,
+                ),
             )
         expected_kept: set[int] = set()
         for i, (p, txid, age, snap) in enumerate(rows, start=1):
