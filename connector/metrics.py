@@ -101,6 +101,35 @@ class Metrics:
             ["pipeline"],
             registry=r,
         )
+        self.outbox_events = Gauge(
+            f"{p}outbox_events",
+            "Rows of the pipeline in the outbox (acknowledged ones kept for replay included).",
+            ["pipeline"],
+            registry=r,
+        )
+        self.outbox_bytes = Gauge(
+            f"{p}outbox_bytes",
+            "Size of the outbox table with its indexes and TOAST (all pipelines).",
+            registry=r,
+        )
+        self.outbox_oldest_event_age_seconds = Gauge(
+            f"{p}outbox_oldest_event_age_seconds",
+            "Age of the pipeline's oldest outbox row (by capture time), pruned or not yet.",
+            ["pipeline"],
+            registry=r,
+        )
+        self.outbox_retention_seconds = Gauge(
+            f"{p}outbox_retention_seconds",
+            "The configured retention of the pipeline's acknowledged outbox rows.",
+            ["pipeline"],
+            registry=r,
+        )
+        self.outbox_pruned_events_total = Counter(
+            f"{p}outbox_pruned_events_total",
+            "Outbox rows deleted by retention.",
+            ["pipeline"],
+            registry=r,
+        )
         self.oldest_pending_change_age_seconds = Gauge(
             f"{p}oldest_pending_change_age_seconds",
             "Age of the oldest captured change not yet visible in the CRM (the staleness SLO).",
@@ -277,8 +306,10 @@ class Metrics:
             version = __version__
         self.build_info.labels(version=version).set(1)
 
-    def add_pipeline(self, pipeline: str, max_staleness_seconds: float) -> None:
-        """Create the pipeline's series (at 0) and set its staleness target.
+    def add_pipeline(
+        self, pipeline: str, max_staleness_seconds: float, retention_seconds: float | None = None
+    ) -> None:
+        """Create the pipeline's series (at 0) and set its staleness target (and retention).
 
         Called once per configured pipeline at start, so that counters exist before their
         first increment (``increase()`` in alerts would miss it otherwise) and the standby
@@ -287,6 +318,9 @@ class Metrics:
         for gauge in (
             self.outbox_lag_events,
             self.outbox_lag_seconds,
+            self.outbox_events,
+            self.outbox_oldest_event_age_seconds,
+            self.outbox_retention_seconds,
             self.oldest_pending_change_age_seconds,
             self.pending_keys,
             self.bulk_jobs_in_flight,
@@ -299,6 +333,9 @@ class Metrics:
         ):
             gauge.labels(pipeline=pipeline)
         self.snapshot_rows_total.labels(pipeline=pipeline)
+        self.outbox_pruned_events_total.labels(pipeline=pipeline)
+        if retention_seconds is not None:
+            self.outbox_retention_seconds.labels(pipeline=pipeline).set(retention_seconds)
         for op in OPS:
             self.events_captured_total.labels(pipeline=pipeline, op=op)
         for api in EMIT_APIS:

@@ -406,6 +406,59 @@ async def plan_replay(
     return ReplayPlan(pipeline.name, events, len(newest), to_send, skipped)
 
 
+def _fmt_retention(d: timedelta) -> str:
+    secs = int(d.total_seconds())
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs and secs % n == 0:
+            return f"{secs // n}{unit}"
+    return f"{secs}s"
+
+
+async def check_not_pruned(
+    conn: psycopg.AsyncConnection[Any],
+    schema: str,
+    pipeline: PipelineConfig,
+    *,
+    from_offset: int | None,
+    since: datetime | None,
+) -> None:
+    """Refuse a replay range that reaches events outbox retention has already deleted
+    (``outbox_pruned``), naming the oldest event kept. Retention deletes only events older
+    than ``pipelines.retention``: a range starting inside that window is never refused."""
+    from connector.outbox import pruned_bounds
+
+    b = await pruned_bounds(conn, schema, pipeline.name)
+    if b.max_pruned_id is None or b.max_pruned_at is None:
+        return
+    if from_offset is not None:
+        if from_offset > b.max_pruned_id:
+            return
+        key, asked = "--from-offset", f"offset {from_offset}"
+    elif since is not None:
+        if since > b.max_pruned_at:
+            return
+        key, asked = "--since", f"{since.isoformat()}"
+    else:
+        return
+    if b.oldest_kept_id is not None and b.oldest_kept_at is not None:
+        kept = (
+            f"the oldest event kept is offset {b.oldest_kept_id}, captured at"
+            f" {b.oldest_kept_at.astimezone(UTC).isoformat()}: replay from there"
+            f" (--from-offset {b.oldest_kept_id}, or --since with that time or later)"
+        )
+    else:
+        kept = "the outbox holds no event of this pipeline now"
+    raise ConfigError(
+        key,
+        f"replay {pipeline.name}: {asked} is in a range already pruned by outbox retention"
+        f" (pipelines['{pipeline.name}'].retention = {_fmt_retention(pipeline.retention)}):"
+        f" events up to offset {b.max_pruned_id}, captured up to"
+        f" {b.max_pruned_at.astimezone(UTC).isoformat()}, may be gone; {kept}."
+        " To bring the CRM in line with the source for older changes, run"
+        " `connector verify --repair`",
+    )
+
+
 async def replay(settings: Settings, secrets: Secrets, args: argparse.Namespace) -> int:
     """`connector replay --pipeline P (--from-offset N | --since T) [--to X] [--key K]
     [--dry-run]`.
@@ -434,6 +487,7 @@ async def replay(settings: Settings, secrets: Secrets, args: argparse.Namespace)
         else:
             until = _parse_time(args.to, "--to")
     async with await psycopg.AsyncConnection.connect(secrets.state_dsn, autocommit=True) as conn:
+        await check_not_pruned(conn, schema, pipeline, from_offset=args.from_offset, since=since)
         plan = await plan_replay(
             conn,
             schema,

@@ -56,6 +56,9 @@ EXIT_FAILURE = 1
 
 GAUGE_INTERVAL = 5.0
 CREDIT_FLUSH_INTERVAL = 2.0
+RETENTION_MAX_INTERVAL = 60.0  # the retention task runs every min(this, shortest retention / 2)
+RETENTION_MIN_INTERVAL = 1.0
+RETENTION_PASS_BATCHES = 20  # batches (of outbox.PRUNE_BATCH rows) per pool connection
 
 
 # --------------------------------------------------------------------------- supervision primitives
@@ -796,6 +799,60 @@ class Runtime:
                 log.warning("periodic gauges failed: %s", type(exc).__name__)
             await asyncio.sleep(GAUGE_INTERVAL)
 
+    def retention_interval(self) -> float:
+        """Seconds between retention passes: half the shortest retention of the pipelines,
+        within [RETENTION_MIN_INTERVAL, RETENTION_MAX_INTERVAL]."""
+        shortest = min(p.retention.total_seconds() for p in self.pipelines)
+        return min(RETENTION_MAX_INTERVAL, max(RETENTION_MIN_INTERVAL, shortest / 2))
+
+    async def _retention_loop(self) -> None:
+        """The ``outbox-retention`` task: for each pipeline this process owns, delete the
+        outbox rows its ``retention`` lets go (``outbox.prune``: passed by the checkpoint,
+        captured longer ago than ``retention``, not of an unfinished snapshot; 5,000 rows per
+        transaction), then export the outbox gauges. A database error is logged and retried
+        on the next pass (pruning late is safe; the alert ConnectorOutboxNotPruned watches)."""
+        interval = self.retention_interval()
+        while True:
+            try:
+                await self.prune_outbox()
+            except (psycopg.Error, PoolTimeout) as exc:
+                log.warning("outbox retention pass failed; will retry: %s", type(exc).__name__)
+            await asyncio.sleep(interval)
+
+    async def prune_outbox(self) -> None:
+        """One retention pass over the pipelines this process owns."""
+        from connector import outbox
+
+        m = self.metrics
+        for name, runner in self.runners.items():
+            if not runner.owned:
+                continue
+            retention = runner.pipeline.retention
+            pruned = batches = 0
+            while True:
+                # a pool connection is held for at most RETENTION_PASS_BATCHES batches
+                async with self.pool.connection() as conn:
+                    res = await outbox.prune(
+                        conn, self.schema, name, retention, max_batches=RETENTION_PASS_BATCHES
+                    )
+                pruned += res.rows
+                batches += res.batches
+                if res.rows:
+                    m.outbox_pruned_events_total.labels(pipeline=name).inc(res.rows)
+                if res.rows < RETENTION_PASS_BATCHES * outbox.PRUNE_BATCH:
+                    break
+            if pruned:
+                log.info(
+                    "outbox retention: pruned %d event(s)",
+                    pruned,
+                    extra={"pipeline": name, "batches": batches},
+                )
+            async with self.pool.connection() as conn:
+                stats = await outbox.outbox_stats(conn, self.schema, name)
+            m.outbox_events.labels(pipeline=name).set(stats.rows)
+            m.outbox_oldest_event_age_seconds.labels(pipeline=name).set(stats.oldest_age_seconds)
+            m.outbox_bytes.set(stats.table_bytes)
+
     async def update_gauges(self) -> None:
         """Database-derived gauges of the pipelines this process owns (and client gauges)."""
         from connector import state
@@ -882,7 +939,9 @@ class Runtime:
 
         settings = self.settings
         for p in self.pipelines:
-            self.metrics.add_pipeline(p.name, p.max_staleness.total_seconds())
+            self.metrics.add_pipeline(
+                p.name, p.max_staleness.total_seconds(), p.retention.total_seconds()
+            )
         self.metrics.set_credit_config(
             settings.crm.daily_credit_budget, settings.crm.credit_reserve, settings.crm.concurrency
         )
@@ -957,6 +1016,8 @@ class Runtime:
             sup.spawn(f"pipeline:{p.name}", runner.run(), may_return=True)
         sup.spawn("gauges", self._gauge_loop())
         sup.spawn("credit-ledger", self._credit_loop())
+        if self.mode == "run":
+            sup.spawn("outbox-retention", self._retention_loop())
         log.info(
             "connector running",
             extra={

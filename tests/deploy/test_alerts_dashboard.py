@@ -84,6 +84,10 @@ def test_the_brief_s_alerts_exist() -> None:
         },
         "ConnectorOutboxLagGrowing": {"connector_outbox_lag_events"},
         "ConnectorReplicationSlotLagGrowing": {"connector_replication_slot_lag_bytes"},
+        "ConnectorOutboxNotPruned": {
+            "connector_outbox_oldest_event_age_seconds",
+            "connector_outbox_retention_seconds",
+        },
         "ConnectorCreditsBelowReserve": {"connector_api_credits_below_reserve"},
         "ConnectorDeadLettersIncreasing": {"connector_dead_letters_total"},
         "ConnectorBulkJobStuck": {"connector_bulk_job_oldest_age_seconds"},
