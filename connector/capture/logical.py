@@ -27,6 +27,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from connector.capture import OWN_WRITE_PREFIX
 from connector.capture import pgoutput as po
 from connector.capture import values as vals
 from connector.capture.triggers import missing_key_message
@@ -752,6 +753,7 @@ class LogicalCapture:
         self._pending = pending
         in_txn = False
         skip = False
+        own = False  # the connector's own sync-flag transaction (OWN_WRITE_PREFIX)
         xid = 0
         commit_lsn = 0
         last_status = time.monotonic()
@@ -774,7 +776,7 @@ class LogicalCapture:
                 if kind == 0x77:  # 'w' XLogData
                     m = data[25]
                     if m in {73, 85, 68}:  # I / U / D
-                        if skip:
+                        if skip or own:
                             continue
                         (relid,) = unpack_rel(data, 26)
                         codec = codecs.get(relid)
@@ -828,6 +830,7 @@ class LogicalCapture:
                     if m == 0x42:  # 'B' Begin
                         commit_lsn, _ts, xid = unpack_begin(data, 26)
                         in_txn = True
+                        own = False
                         # a commit record before the stored one ends at or before it: a replay
                         skip = commit_lsn < self._skip_below
                         continue
@@ -873,6 +876,8 @@ class LogicalCapture:
                     elif isinstance(msg, po.Truncate):
                         if not skip:
                             self._on_truncate(msg)
+                    elif isinstance(msg, po.Message) and msg.prefix == OWN_WRITE_PREFIX:
+                        own = msg.transactional and in_txn
                     elif isinstance(msg, po.Message) and msg.prefix == HEARTBEAT_PREFIX:
                         self.stats.heartbeats_received += 1
                         if (
