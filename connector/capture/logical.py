@@ -121,8 +121,9 @@ async def check_source(conn: psycopg.AsyncConnection[Any], pipeline: PipelineCon
                 f"column {col!r} does not exist in {pipeline.source_table!r}",
             )
     cur = await conn.execute(
-        "SELECT indisprimary, indisreplident FROM pg_index WHERE indrelid = %s AND indisunique"
-        " AND indnkeyatts = 1 AND indkey[0] = %s AND indpred IS NULL AND indexprs IS NULL",
+        "SELECT indisprimary, indisreplident, indimmediate FROM pg_index WHERE indrelid = %s"
+        " AND indisunique AND indnkeyatts = 1 AND indkey[0] = %s AND indpred IS NULL"
+        " AND indexprs IS NULL",
         (relid, attnum),
     )
     idx = [tuple(r.values()) if isinstance(r, dict) else tuple(r) for r in await cur.fetchall()]
@@ -132,8 +133,26 @@ async def check_source(conn: psycopg.AsyncConnection[Any], pipeline: PipelineCon
             f"column {pipeline.key_column!r} of {pipeline.source_table!r} is not unique "
             f"(needs a primary key or a unique index on that column alone)",
         )
+    if replident == "d" and await _one(
+        conn, "SELECT NOT indimmediate FROM pg_index WHERE indrelid = %s AND indisprimary", (relid,)
+    ):
+        # PostgreSQL uses a primary key as the default replica identity only when it is
+        # immediate (relcache: RelationGetIndexList); with a DEFERRABLE one the table has no
+        # replica identity, and once it is in a publication (which publishes updates and
+        # deletes) every UPDATE and DELETE of the legacy application fails. Never break the app.
+        raise ConfigError(
+            _key(pipeline, "capture"),
+            f"the primary key of {pipeline.source_table!r} is DEFERRABLE, and PostgreSQL "
+            f"does not use a deferrable key as replica identity: with the publication in "
+            f"place every UPDATE and DELETE on the table would fail. Nothing was installed. "
+            f"Fix: create an immediate unique index on {pipeline.key_column!r} and run "
+            f"ALTER TABLE {pipeline.source_table} REPLICA IDENTITY USING INDEX <that "
+            f"index>, or ALTER TABLE {pipeline.source_table} REPLICA IDENTITY FULL (larger "
+            f"WAL), or use capture = 'triggers'",
+        )
     carried = replident == "f" or any(
-        (replident == "d" and prim) or (replident == "i" and rid) for prim, rid in idx
+        (replident == "d" and prim and immediate) or (replident == "i" and rid)
+        for prim, rid, immediate in idx
     )
     if not carried:
         raise ConfigError(
