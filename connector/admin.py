@@ -21,7 +21,11 @@ class InitReport:
 
 
 async def install_capture(
-    conn: psycopg.AsyncConnection[object], schema: str, pipeline: PipelineConfig
+    conn: psycopg.AsyncConnection[object],
+    schema: str,
+    pipeline: PipelineConfig,
+    *,
+    wait_timeout: float | None = None,
 ) -> None:
     if pipeline.capture == "triggers":
         from connector.capture import triggers
@@ -30,7 +34,7 @@ async def install_capture(
     else:
         from connector.capture import logical
 
-        await logical.install(conn, schema, pipeline)
+        await logical.install(conn, schema, pipeline, wait_timeout=wait_timeout)
 
 
 async def uninstall_capture(
@@ -44,9 +48,15 @@ async def uninstall_capture(
 
 
 async def init(
-    settings: Settings, secrets: Secrets, pipelines: list[str] | None = None
+    settings: Settings,
+    secrets: Secrets,
+    pipelines: list[str] | None = None,
+    *,
+    wait_timeout: float | None = None,
 ) -> InitReport:
-    """Create or migrate the state schema, then install capture for each pipeline. Idempotent."""
+    """Create or migrate the state schema, then install capture for each pipeline. Idempotent.
+    ``wait_timeout``: how long a logical pipeline's slot creation may wait for transactions
+    open in the cluster (None: as long as it takes, with a warning every few seconds)."""
     schema = settings.database.state_schema
     report = InitReport()
     async with await psycopg.AsyncConnection.connect(secrets.state_dsn, autocommit=True) as conn:
@@ -55,7 +65,7 @@ async def init(
         for p in settings.pipelines:
             if pipelines and p.name not in pipelines:
                 continue
-            await install_capture(conn, schema, p)
+            await install_capture(conn, schema, p, wait_timeout=wait_timeout)
             report.pipelines[p.name] = p.capture
     return report
 

@@ -67,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init", help="create/migrate the state schema and install capture")
     _add_config(p)
     _add_pipeline(p)
+    p.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="logical mode: give up (exit 1) when creating the replication slot waits longer "
+        "than this for transactions open in the cluster (default: wait, naming them every 5 s)",
+    )
 
     p = sub.add_parser("uninstall", help="drop triggers, functions, publication and slot")
     _add_config(p)
@@ -191,7 +199,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     from connector import admin
 
     settings, secrets = _load(args)
-    report = _run_report(admin.init(settings, secrets, args.pipeline))
+    report = _run_report(
+        admin.init(settings, secrets, args.pipeline, wait_timeout=args.wait_timeout)
+    )
     applied = ", ".join(str(v) for v in report.migrations_applied) or "none (up to date)"
     print(
         f"state schema {settings.database.state_schema!r} at version {report.schema_version}; "

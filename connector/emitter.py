@@ -38,7 +38,7 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from connector import state
-from connector.capture import pin_image_settings
+from connector.capture import OWN_WRITE_PREFIX, pin_image_settings
 from connector.coalesce import PendingEntry
 from connector.config import PipelineConfig
 from connector.errors import DataError, TransientError
@@ -645,6 +645,12 @@ class Emitter:
         key = sql.Identifier(self.pipeline.key_column)
         ignored = list(self.pipeline.ignore_columns)
         async with await psycopg.AsyncConnection.connect(self.source_dsn) as conn:
+            if self.pipeline.capture == "logical":
+                # first in the transaction: the decoder then skips its row changes (the
+                # flag is an ignored column; without an old image pgoutput cannot tell)
+                await conn.execute(
+                    "SELECT pg_catalog.pg_logical_emit_message(true, %s, '')", (OWN_WRITE_PREFIX,)
+                )
             key_type = await _column_type(conn, self.pipeline)
             await pin_image_settings(conn)
             cur = await conn.execute(

@@ -2,7 +2,7 @@
 
 ::
 
-    read a batch (gap-free, outbox.read_batch)          ← NOTIFY wake-up, or the poll interval
+    read a batch (gap-free, outbox.read_batch)          ← OutboxWatcher wake-up, or poll_interval
       └─ seed acknowledged stamps from key_state, add to the coalescer (BatchTracker counts)
     plan (planner.plan: wait / upsert groups / bulk groups)
       └─ take the keys (in-flight fencing), one task per group → Emitter
@@ -46,7 +46,7 @@ from connector.emitter import CallbackUrl, CreditRecorder, EmitOutcome, Emitter,
 from connector.errors import TransientError
 from connector.events import ChangeEvent, stamp_of
 from connector.metrics import Metrics
-from connector.outbox import OutboxListener, ReadPosition
+from connector.outbox import OutboxWatcher, ReadPosition
 from connector.planner import PendingKey, Plan, PlannerInput, choose_mix, plan
 from connector.snapshot import Chunk, SnapshotProgress, Snapshotter
 from connector.zoho.client import ZohoClient
@@ -64,7 +64,11 @@ class ReplayReport:
 
 @dataclass(frozen=True, slots=True)
 class EngineOptions:
-    poll_interval: float = 1.0  # seconds between reads without a NOTIFY
+    poll_interval: float = 1.0  # seconds between reads without a wake-up
+    # the OutboxWatcher's adaptive poll for committed unread rows: min_interval while rows
+    # keep arriving, doubling to max_interval while idle (no NOTIFY: DESIGN.md invariant 9)
+    wake_poll_min: float = 0.05
+    wake_poll_max: float = 1.0
     read_limit: int = 25_000  # outbox rows per read (a whole snapshot chunk fits)
     max_pending: int = 50_000  # backpressure: stop reading above this many keys
     drain_timeout: float = 30.0  # on stop, how long calls in flight may take to finish
@@ -326,7 +330,14 @@ class Engine:
         name = self.pipeline.name
         async with self._resources():
             assert self.emitter is not None
-            listener = OutboxListener(self.state_dsn, self.schema, [name])
+            listener = OutboxWatcher(
+                self.state_dsn,
+                self.schema,
+                name,
+                lambda: self._read_pos,
+                min_interval=self.options.wake_poll_min,
+                max_interval=self.options.wake_poll_max,
+            )
             reader: psycopg.AsyncConnection[Any] | None = None
             abrupt = False
             try:
@@ -353,7 +364,7 @@ class Engine:
         self,
         stop: asyncio.Event,
         reader: psycopg.AsyncConnection[Any],
-        listener: OutboxListener,
+        listener: OutboxWatcher,
         *,
         until_idle: bool,
     ) -> None:
@@ -704,7 +715,7 @@ class Engine:
         age = max(0.0, now - oldest.timestamp()) if oldest is not None else 0.0
         self.metrics.oldest_pending_change_age_seconds.labels(pipeline=name).set(age)
 
-    async def _sleep(self, stop: asyncio.Event, listener: OutboxListener, timeout: float) -> None:
+    async def _sleep(self, stop: asyncio.Event, listener: OutboxWatcher, timeout: float) -> None:
         if self._kick.is_set() or listener.event.is_set():
             self._kick.clear()
             listener.event.clear()

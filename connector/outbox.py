@@ -31,7 +31,7 @@ import contextlib
 import decimal
 import json
 import logging
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -41,7 +41,6 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 from psycopg.types.json import set_json_loads
 
-from connector.capture.triggers import notify_channel
 from connector.config import PipelineConfig
 from connector.events import ChangeEvent, Op, SnapshotVisibility
 
@@ -474,54 +473,79 @@ async def read_range(
         after = page[-1].offset
 
 
-async def wait_for_change(conn: psycopg.AsyncConnection[Any], schema: str, timeout: float) -> bool:
-    """LISTEN on the outbox channel and wait up to ``timeout`` seconds for one notification.
+async def has_unread(
+    conn: psycopg.AsyncConnection[Any],
+    schema: str,
+    pipeline: str | PipelineConfig,
+    position: ReadPosition,
+) -> bool:
+    """True when a committed outbox row of ``pipeline`` is not passed by ``position``, i.e. when
+    ``read_batch`` from ``position`` would return something. One index probe: the newest ids
+    above ``last_id`` (``outbox_pipeline_id``) and the rows of the pending transactions
+    (``outbox_txid``); uncommitted rows are invisible to it."""
+    cond, params = _not_passed(position)
+    cur = await conn.cursor(row_factory=tuple_row).execute(
+        sql.SQL("SELECT EXISTS (SELECT 1 FROM {} o WHERE o.pipeline = %s AND {})").format(
+            sql.Identifier(schema, "outbox"), cond
+        ),
+        [_name(pipeline), *params],
+    )
+    row = await cur.fetchone()
+    return bool(row is not None and row[0])
 
-    ``conn`` must be in autocommit mode. True when notified. NOTIFY is only a hint: callers
-    poll as well (a notification sent before the LISTEN, or while nobody waits, is not seen).
-    For a long-running reader prefer ``OutboxListener``.
-    """
-    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(notify_channel(schema))))
-    async for _ in conn.notifies(timeout=timeout, stop_after=1):
-        return True
-    return False
 
+class OutboxWatcher:
+    """Wakes a reader when committed outbox rows are waiting for it: an adaptive poll.
 
-class OutboxListener:
-    """A dedicated connection LISTENing on ``<schema>_outbox``; sets an ``asyncio.Event``.
+    Nothing runs inside the legacy application's transactions to wake the reader (no
+    ``NOTIFY``: it makes ``PREPARE TRANSACTION`` fail and serialises every committing
+    transaction on one global lock; DESIGN.md invariant 9). Instead a dedicated autocommit
+    connection asks ``has_unread`` for the reader's current position (``position()``): every
+    ``min_interval`` seconds while rows keep arriving, doubling up to ``max_interval`` while the
+    outbox is idle. So the first change after an idle spell is seen within ``max_interval``,
+    later ones within ``min_interval``. While the event is set and not yet taken by the reader,
+    nothing is queried. A lost connection is re-established with capped backoff; meanwhile the
+    event is set (the reader then reads itself, and polls on its own interval in any case).
 
-    Use as ``async with OutboxListener(dsn, schema) as listener: await listener.wait(5.0)``.
-    A lost connection is re-established with capped backoff; while it is down, ``wait``
-    returns True at once (the caller polls anyway). ``pipelines`` limits which notifications
-    (their payload is the pipeline name) set the event.
+    Use as ``async with OutboxWatcher(dsn, schema, "orders", lambda: pos) as w: await
+    w.wait(5.0)``.
     """
 
     def __init__(
         self,
         dsn: str,
         schema: str,
-        pipelines: Collection[str] | None = None,
+        pipeline: str,
+        position: Callable[[], ReadPosition],
         *,
+        min_interval: float = 0.05,
+        max_interval: float = 1.0,
         max_backoff: float = 5.0,
     ) -> None:
+        if not 0 < min_interval <= max_interval:
+            raise ValueError("need 0 < min_interval <= max_interval")
         self._dsn = dsn
-        self._channel = notify_channel(schema)
-        self._pipelines = frozenset(pipelines) if pipelines is not None else None
+        self._schema = schema
+        self._pipeline = pipeline
+        self._position = position
+        self.min_interval = min_interval
+        self.max_interval = max_interval
         self._max_backoff = max_backoff
         self._event = asyncio.Event()
         self._connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self.interval = min_interval  # the current poll interval (for tests and docs)
+        self.polls = 0  # queries run
 
     @property
     def event(self) -> asyncio.Event:
         return self._event
 
     async def start(self) -> None:
-        """Start listening; returns once the first LISTEN is in place (or failed once)."""
+        """Start polling; returns once connected (or after the first failure)."""
         if self._task is not None:
             return
-        self._task = asyncio.create_task(self._run(), name=f"outbox-listener:{self._channel}")
+        self._task = asyncio.create_task(self._run(), name=f"outbox-watcher:{self._pipeline}")
         first = asyncio.create_task(self._connected.wait())
         await asyncio.wait({first, self._task}, return_when=asyncio.FIRST_COMPLETED)
         first.cancel()
@@ -535,35 +559,44 @@ class OutboxListener:
                 async with await psycopg.AsyncConnection.connect(
                     self._dsn, autocommit=True
                 ) as conn:
-                    self._conn = conn
-                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
                     self._connected.set()
                     backoff = 0.1
-                    async for n in conn.notifies():
-                        if self._pipelines is None or n.payload in self._pipelines:
-                            self._event.set()
+                    await self._poll(conn)
             except psycopg.OperationalError as exc:
                 log.warning(
-                    "outbox listener connection lost; retrying",
+                    "outbox watcher connection lost; retrying",
                     extra={"error": type(exc).__name__, "retry_in": backoff},
                 )
             finally:
-                self._conn = None
                 self._connected.clear()
-            self._event.set()  # anything may have happened meanwhile: make readers poll
+            self._event.set()  # anything may have happened meanwhile: make the reader read
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._max_backoff)
 
+    async def _poll(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        self.interval = self.min_interval
+        while True:
+            if self._event.is_set():  # not taken yet: the reader is busy, no need to ask
+                await asyncio.sleep(self.min_interval)
+                continue
+            self.polls += 1
+            if await has_unread(conn, self._schema, self._pipeline, self._position()):
+                self._event.set()
+                self.interval = self.min_interval
+            else:
+                self.interval = min(self.interval * 2, self.max_interval)
+            await asyncio.sleep(self.interval)
+
     async def wait(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for a notification; True if one came (the event is
+        """Wait up to ``timeout`` seconds for unread rows; True if there are (the event is
         cleared on return)."""
         if self._task is not None and self._task.done():
             self._task.result()  # surface an unexpected crash
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._event.wait(), timeout)
-        notified = self._event.is_set()
+        found = self._event.is_set()
         self._event.clear()
-        return notified
+        return found
 
     async def close(self) -> None:
         task, self._task = self._task, None
@@ -572,7 +605,7 @@ class OutboxListener:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def __aenter__(self) -> OutboxListener:
+    async def __aenter__(self) -> OutboxWatcher:
         await self.start()
         return self
 

@@ -30,6 +30,9 @@ DEFAULT_SETTINGS: dict[str, str] = {
     "max_wal_size": "2GB",
     "log_min_messages": "warning",
     "logical_decoding_work_mem": "64MB",
+    # a legacy application may use two-phase commit; the tests check that capture keeps it
+    # working (DESIGN.md invariant 9)
+    "max_prepared_transactions": "10",
 }
 
 _SYSTEM_USER = "pgserver"

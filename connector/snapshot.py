@@ -78,8 +78,6 @@ SELECT greatest(c.reltuples, 0)::bigint FROM pg_catalog.pg_class c
  WHERE c.oid = %s::regclass
 """
 
-Q_NOTIFY = "SELECT pg_catalog.pg_notify(%s, %s)"
-
 # rows whose key is NULL cannot be identified in the CRM: like capture (both modes), the
 # initial sync contains them as MISSING_KEY dead letters, once (a resumed or restarted sync
 # does not add a second open letter for the same row image)
@@ -389,9 +387,6 @@ class Snapshotter:
                 rows=len(keys),
                 estimated=chunks_done * self.chunk_size + len(keys),
             )
-            from connector.capture.triggers import notify_channel
-
-            await st.execute(Q_NOTIFY, (notify_channel(self.schema), p.name))
             await st.commit()
         chunk = Chunk(
             id=chunk_row.id,

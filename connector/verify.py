@@ -43,7 +43,6 @@ from psycopg.rows import tuple_row
 
 from connector import state
 from connector.capture import pin_image_settings
-from connector.capture.triggers import notify_channel
 from connector.config import PipelineConfig
 from connector.errors import DataError
 from connector.mapping import RecordMapper
@@ -438,7 +437,6 @@ async def _recapture_batch(  # noqa: PLR0917
         ),
     )
     ids = [int(r[0]) for r in await cur.fetchall()]
-    await st.execute("SELECT pg_catalog.pg_notify(%s, %s)", (notify_channel(schema), pipeline.name))
     # state first (the events exist), then release the source rows' locks
     await st.commit()
     if st is not src:

@@ -21,6 +21,11 @@ IMAGE_SETTINGS: tuple[tuple[str, str], ...] = (
     ("extra_float_digits", "1"),
 )
 
+# A transactional logical message with this prefix marks a transaction of the connector's own
+# that writes only to the legacy table's ignored columns (the sync flag): logical capture skips
+# that transaction's row changes, as the trigger skips updates of ignored columns only.
+OWN_WRITE_PREFIX = "connector-own-write"
+
 
 async def pin_image_settings(conn: psycopg.AsyncConnection[Any]) -> None:
     """Set IMAGE_SETTINGS for the current transaction (call it inside one)."""

@@ -22,11 +22,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from connector.capture import OWN_WRITE_PREFIX
 from connector.capture import pgoutput as po
 from connector.capture import values as vals
 from connector.capture.triggers import missing_key_message
@@ -120,8 +122,9 @@ async def check_source(conn: psycopg.AsyncConnection[Any], pipeline: PipelineCon
                 f"column {col!r} does not exist in {pipeline.source_table!r}",
             )
     cur = await conn.execute(
-        "SELECT indisprimary, indisreplident FROM pg_index WHERE indrelid = %s AND indisunique"
-        " AND indnkeyatts = 1 AND indkey[0] = %s AND indpred IS NULL AND indexprs IS NULL",
+        "SELECT indisprimary, indisreplident, indimmediate FROM pg_index WHERE indrelid = %s"
+        " AND indisunique AND indnkeyatts = 1 AND indkey[0] = %s AND indpred IS NULL"
+        " AND indexprs IS NULL",
         (relid, attnum),
     )
     idx = [tuple(r.values()) if isinstance(r, dict) else tuple(r) for r in await cur.fetchall()]
@@ -131,8 +134,26 @@ async def check_source(conn: psycopg.AsyncConnection[Any], pipeline: PipelineCon
             f"column {pipeline.key_column!r} of {pipeline.source_table!r} is not unique "
             f"(needs a primary key or a unique index on that column alone)",
         )
+    if replident == "d" and await _one(
+        conn, "SELECT NOT indimmediate FROM pg_index WHERE indrelid = %s AND indisprimary", (relid,)
+    ):
+        # PostgreSQL uses a primary key as the default replica identity only when it is
+        # immediate (relcache: RelationGetIndexList); with a DEFERRABLE one the table has no
+        # replica identity, and once it is in a publication (which publishes updates and
+        # deletes) every UPDATE and DELETE of the legacy application fails. Never break the app.
+        raise ConfigError(
+            _key(pipeline, "capture"),
+            f"the primary key of {pipeline.source_table!r} is DEFERRABLE, and PostgreSQL "
+            f"does not use a deferrable key as replica identity: with the publication in "
+            f"place every UPDATE and DELETE on the table would fail. Nothing was installed. "
+            f"Fix: create an immediate unique index on {pipeline.key_column!r} and run "
+            f"ALTER TABLE {pipeline.source_table} REPLICA IDENTITY USING INDEX <that "
+            f"index>, or ALTER TABLE {pipeline.source_table} REPLICA IDENTITY FULL (larger "
+            f"WAL), or use capture = 'triggers'",
+        )
     carried = replident == "f" or any(
-        (replident == "d" and prim) or (replident == "i" and rid) for prim, rid in idx
+        (replident == "d" and prim and immediate) or (replident == "i" and rid)
+        for prim, rid, immediate in idx
     )
     if not carried:
         raise ConfigError(
@@ -228,12 +249,15 @@ async def install(
     pipeline: PipelineConfig,
     *,
     state_conn: psycopg.AsyncConnection[Any] | None = None,
+    wait_timeout: float | None = None,
+    report_every: float = 5.0,
 ) -> None:
     """Create the publication (FOR TABLE the source table), the pgoutput slot, the
     ``capture_state`` row and, when permitted on PostgreSQL 16+, the replication origin that
     tags the capture's own writes (``origin_name``). Idempotent. ``conn``: autocommit
     connection to the source database; ``state_conn``: to the state database when it is another
-    one."""
+    one. Creating the slot waits for the transactions that hold an xid anywhere in the cluster;
+    see ``create_slot`` for ``wait_timeout`` and ``report_every``."""
     state = state_conn or conn
     await check_source(conn, pipeline)
     mode = await _one(
@@ -273,10 +297,8 @@ async def install(
     )
     created_lsn: str | None = None
     if plugin is None:
-        created_lsn = await _one(
-            conn,
-            "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')",
-            (name,),
+        created_lsn = await create_slot(
+            conn, name, pipeline, wait_timeout=wait_timeout, report_every=report_every
         )
     elif plugin != "pgoutput":
         raise ConfigError(
@@ -297,6 +319,112 @@ async def install(
     )
     if pipeline.filter_own_writes:
         await _create_origin(state, conn, name)
+
+
+async def _slot_blockers(monitor: psycopg.AsyncConnection[Any], pid: int) -> list[str]:
+    """What the session ``pid`` (creating a slot) waits for: the sessions blocking it (pid,
+    database, user, application, state, age of the transaction) and prepared transactions
+    (``pg_blocking_pids`` shows those as 0). Never the query text (it may hold data)."""
+    cur = await monitor.execute(
+        "SELECT a.pid, a.datname, a.usename, a.application_name, a.state,"
+        " extract(epoch FROM clock_timestamp() - a.xact_start)::float8"
+        " FROM pg_stat_activity a WHERE a.pid = ANY(pg_blocking_pids(%s)) ORDER BY a.xact_start",
+        (pid,),
+    )
+    out = []
+    for bpid, db, user, app, state, age in await cur.fetchall():
+        age_text = f"{age:.0f} s" if age is not None else "age unknown"
+        out.append(
+            f"pid {bpid} (database {db!r}, user {user!r}, application {app!r}, {state}, "
+            f"transaction open {age_text})"
+        )
+    prepared = await _one(monitor, "SELECT 0 = ANY(pg_blocking_pids(%s))", (pid,))
+    if prepared:
+        cur = await monitor.execute(
+            "SELECT gid, database, extract(epoch FROM clock_timestamp() - prepared)::float8"
+            " FROM pg_prepared_xacts ORDER BY prepared"
+        )
+        for gid, db, age in await cur.fetchall():
+            out.append(f"prepared transaction {gid!r} (database {db!r}, prepared {age:.0f} s ago)")
+    return out
+
+
+async def create_slot(
+    conn: psycopg.AsyncConnection[Any],
+    name: str,
+    pipeline: PipelineConfig,
+    *,
+    wait_timeout: float | None = None,
+    report_every: float = 5.0,
+) -> str:
+    """Create the pgoutput slot ``name``; return its consistent point (LSN text).
+
+    PostgreSQL makes the creation wait until every transaction that holds an xid, in any
+    database of the cluster (prepared ones too), has ended. Every ``report_every`` seconds of
+    waiting a warning names them (pid, database, user, application, state, age; from a second
+    connection). After ``wait_timeout`` seconds (None: no limit) the creation is cancelled and
+    ``PermanentError`` says what it waited for; nothing is lost (run `connector init` again)."""
+    creator = conn.info.backend_pid
+    task = asyncio.create_task(
+        _one(
+            conn,
+            "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')",
+            (name,),
+        )
+    )
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    monitor: psycopg.AsyncConnection[Any] | None = None
+    try:
+        while True:
+            waited = loop.time() - started
+            step = report_every
+            if wait_timeout is not None:
+                step = max(0.0, min(step, wait_timeout - waited))
+            done, _ = await asyncio.wait({task}, timeout=step)
+            if done:
+                return str(task.result())
+            waited = loop.time() - started
+            if monitor is None:
+                info = psycopg.conninfo.conninfo_to_dict(conn.info.dsn)
+                if conn.info.password:
+                    info["password"] = conn.info.password
+                monitor = await psycopg.AsyncConnection.connect(
+                    psycopg.conninfo.make_conninfo(**info),  # type: ignore[arg-type]
+                    autocommit=True,
+                )
+            blockers = await _slot_blockers(monitor, creator)
+            what = "; ".join(blockers) or "transactions of other roles (not visible to this role)"
+            if wait_timeout is not None and waited >= wait_timeout:
+                await conn.cancel_safe()
+                try:
+                    return str(await task)  # it may have finished meanwhile
+                except psycopg.errors.QueryCanceled:
+                    pass
+                raise PermanentError(
+                    f"pipelines[{pipeline.name!r}]: replication slot {name!r} not created: waited "
+                    f"{waited:.0f} s (--wait-timeout) for transactions open in the cluster to "
+                    f"end: {what}. Commit or end them (a writing transaction in any database, or "
+                    f"a prepared one, blocks the slot creation) and run `connector init` again"
+                )
+            log.warning(
+                "connector init waits for open transactions before the replication slot can "
+                "be created (PostgreSQL waits for every transaction holding an xid in the "
+                "cluster); commit or end them",
+                extra={
+                    "pipeline": pipeline.name,
+                    "slot": name,
+                    "waited_s": round(waited),
+                    "waiting_for": what,
+                },
+            )
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, psycopg.Error):
+                await task
+        if monitor is not None:
+            await monitor.close()
 
 
 async def uninstall(
@@ -666,9 +794,13 @@ class LogicalCapture:
         self._xid_ref = 0
         self._xid_ref_at = 0.0
         self._copy_sql = sql.SQL(
-            "COPY {}.outbox (id, pipeline, op, key, version, source_xid, source_lsn, row)"
-            " FROM STDIN"
+            "COPY {}.outbox (id, pipeline, op, key, version, source_xid, source_lsn, row,"
+            " captured_at) FROM STDIN"
         ).format(ident)
+        # commit LSN -> the source transaction's commit time (pgoutput Begin), COPY-ready: the
+        # outbox row's captured_at, from which every deadline and staleness figure runs
+        # (DESIGN.md invariant 10), not the time the connector stored it
+        self._commit_times: dict[int, bytes] = {}
         self._fetch_sql = sql.SQL(
             "SELECT j.key, j.value::text FROM {} t, jsonb_each(to_jsonb(t)) j"
             " WHERE t.{} = %s AND j.key = ANY(%s)"
@@ -752,6 +884,7 @@ class LogicalCapture:
         self._pending = pending
         in_txn = False
         skip = False
+        own = False  # the connector's own sync-flag transaction (OWN_WRITE_PREFIX)
         xid = 0
         commit_lsn = 0
         last_status = time.monotonic()
@@ -774,7 +907,7 @@ class LogicalCapture:
                 if kind == 0x77:  # 'w' XLogData
                     m = data[25]
                     if m in {73, 85, 68}:  # I / U / D
-                        if skip:
+                        if skip or own:
                             continue
                         (relid,) = unpack_rel(data, 26)
                         codec = codecs.get(relid)
@@ -826,10 +959,13 @@ class LogicalCapture:
                             self._spilled_open = True
                         continue
                     if m == 0x42:  # 'B' Begin
-                        commit_lsn, _ts, xid = unpack_begin(data, 26)
+                        commit_lsn, commit_ts, xid = unpack_begin(data, 26)
                         in_txn = True
+                        own = False
                         # a commit record before the stored one ends at or before it: a replay
                         skip = commit_lsn < self._skip_below
+                        if not skip:
+                            self._commit_times[commit_lsn] = _copy_time(commit_ts)
                         continue
                     start, _end, _ts = unpack_xlog(data, 1)
                     self._received = max(self._received, start)
@@ -873,6 +1009,8 @@ class LogicalCapture:
                     elif isinstance(msg, po.Truncate):
                         if not skip:
                             self._on_truncate(msg)
+                    elif isinstance(msg, po.Message) and msg.prefix == OWN_WRITE_PREFIX:
+                        own = msg.transactional and in_txn
                     elif isinstance(msg, po.Message) and msg.prefix == HEARTBEAT_PREFIX:
                         self.stats.heartbeats_received += 1
                         if (
@@ -1307,8 +1445,9 @@ class LogicalCapture:
         ids = sorted(r[0] for r in await cur.fetchall())
         widen = po.widen_xid
         render = self._render
+        times = self._commit_times
         last_xid = last_lsn = -1
-        sx = sl = b""
+        sx = sl = st = b""
         lines: list[bytes] = []
         append = lines.append
         for ident, ev in zip(ids, events, strict=True):
@@ -1318,8 +1457,9 @@ class LogicalCapture:
                 last_xid = xid
             if lsn != last_lsn:
                 sl = b"%X/%X" % (lsn >> 32, lsn & 0xFFFFFFFF)
+                st = times.get(lsn, b"now")  # (every streamed transaction has its Begin)
                 last_lsn = lsn
-            append(b"%d%s%d\t%s\t%s\t%s\n" % (ident, head, ident, sx, sl, body))
+            append(b"%d%s%d\t%s\t%s\t%s\t%s\n" % (ident, head, ident, sx, sl, body, st))
         async with self._state.cursor() as c, c.copy(self._copy_sql) as copy:
             await copy.write(b"".join(lines))
         return len(events)
@@ -1386,6 +1526,12 @@ class LogicalCapture:
                 f"(uninstalled while running?)"
             )
         await self._state.commit()
+        times = self._commit_times
+        while times:  # transactions stream in commit order: drop the stored ones
+            first = next(iter(times))
+            if first > end_lsn:
+                break
+            del times[first]
         self.stats.events += self._written
         self._written = 0
         self.stats.transactions += batch.transactions
@@ -1406,6 +1552,14 @@ class LogicalCapture:
             raise psycopg.OperationalError("cannot send the standby status update")
         pg.flush()
         self.stats.confirmed_lsn = self._confirmed
+
+
+_PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def _copy_time(pg_us: int) -> bytes:
+    """A pgoutput timestamp (microseconds since 2000-01-01 UTC) as COPY text for timestamptz."""
+    return (_PG_EPOCH + timedelta(microseconds=pg_us)).isoformat().encode()
 
 
 def _quote(name: str) -> str:

@@ -36,14 +36,6 @@ _IMAGE_SETTINGS: tuple[tuple[str, str], ...] = (
 )
 
 
-def notify_channel(schema: str) -> str:
-    """The NOTIFY channel of a state schema: ``<schema>_outbox`` (hashed if over 63 bytes)."""
-    name = f"{schema}_outbox"
-    if len(name.encode()) <= 63:
-        return name
-    return "outbox_" + hashlib.blake2b(schema.encode(), digest_size=16).hexdigest()
-
-
 def function_name(pipeline: PipelineConfig) -> str:
     """Name of the pipeline's trigger function (in the state schema)."""
     return f"capture_{pipeline.name}"
@@ -245,7 +237,6 @@ def _function_body(schema: str, pipeline: PipelineConfig, sequence: str) -> sql.
         "      END IF;\n"
         "    END IF;\n"
         "  END IF;\n"
-        "  PERFORM pg_catalog.pg_notify({channel}, {name});\n"
         "  RETURN NULL;\n"
         "END\n"
     ).format(
@@ -258,8 +249,6 @@ def _function_body(schema: str, pipeline: PipelineConfig, sequence: str) -> sql.
         upd=emit("update", "v_new_key", "v_new"),
         kdel=emit("delete", "v_old_key", "v_old"),
         kins=emit("insert", "v_new_key", "v_new"),
-        channel=sql.Literal(notify_channel(schema)),
-        name=name,
     )
 
 
@@ -291,7 +280,7 @@ async def install(
         await conn.execute(sql.SQL("REVOKE ALL ON FUNCTION {}() FROM PUBLIC").format(func))
         tname = trigger_name(schema, pipeline)
         cur = await conn.execute(
-            "SELECT t.tgfoid = %s::regprocedure FROM pg_catalog.pg_trigger t"
+            "SELECT t.tgfoid = %s::regprocedure, t.tgenabled = 'A' FROM pg_catalog.pg_trigger t"
             " WHERE t.tgrelid = %s AND t.tgname = %s",
             (func.as_string(conn) + "()", oid, tname),
         )
@@ -307,6 +296,15 @@ async def install(
                     "CREATE TRIGGER {trig} AFTER INSERT OR UPDATE OR DELETE ON {table}"
                     " FOR EACH ROW EXECUTE FUNCTION {func}()"
                 ).format(trig=sql.Identifier(tname), table=table, func=func)
+            )
+        if row is None or not row[0] or not row[1]:
+            # fire under every session_replication_role (DESIGN.md invariant 9): logical
+            # replication apply workers and bulk-load/sync tools write as 'replica', where an
+            # ordinary ('origin') trigger does not fire and the write would be lost
+            await conn.execute(
+                sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}").format(
+                    table, sql.Identifier(tname)
+                )
             )
         await conn.execute(
             sql.SQL(

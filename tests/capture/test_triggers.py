@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from decimal import Decimal
 from typing import Any
@@ -417,21 +418,51 @@ async def test_application_role_needs_no_privilege_on_the_state_schema(
         await conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
-async def test_notify_wakes_a_listener(orders: Any) -> None:
+async def test_the_trigger_sends_no_notify(orders: Any) -> None:
+    """No NOTIFY inside the application's transaction (DESIGN.md invariant 9): it would make
+    PREPARE TRANSACTION fail and serialise every commit on the notify queue's lock."""
     conn, _ = orders
-    async with outbox.OutboxListener(conn.info.dsn, SCHEMA, pipelines=["orders"]) as listener:
-        assert not await listener.wait(0.05)
-        await conn.execute("INSERT INTO orders (id, status) VALUES (1, 'a')")
-        assert await listener.wait(10)
-        await conn.execute(
-            "SELECT pg_notify(%s, 'other_pipeline')", (triggers.notify_channel(SCHEMA),)
-        )
-        assert not await listener.wait(0.2)
-    listen = await connect(conn.info.dsn)
-    try:
-        assert not await outbox.wait_for_change(listen, SCHEMA, 0.05)
+    await conn.execute("LISTEN connector_outbox")
+    await conn.execute("INSERT INTO orders (id, status) VALUES (1, 'a')")
+    got = [n async for n in conn.notifies(timeout=0.3)]
+    assert got == []
+    cur = await conn.execute(
+        "SELECT prosrc FROM pg_proc WHERE proname = 'capture_orders'"
+        " AND pronamespace = 'connector'::regnamespace"
+    )
+    row = await cur.fetchone()
+    assert row is not None and "notify" not in row[0].lower()
+
+
+async def test_the_watcher_wakes_on_committed_rows_only(orders: Any) -> None:
+    conn, _ = orders
+    position = outbox.START
+
+    async with outbox.OutboxWatcher(
+        conn.info.dsn, SCHEMA, "orders", lambda: position, min_interval=0.01, max_interval=0.08
+    ) as watcher:
+        assert not await watcher.wait(0.1)
+        while watcher.polls < 4:
+            await watcher.wait(0.05)
+        assert watcher.interval == 0.08  # idle: backed off to the bound, not beyond
         async with await connect(conn.info.dsn) as w:
-            await w.execute("INSERT INTO orders (id, status) VALUES (2, 'b')")
-        assert await outbox.wait_for_change(listen, SCHEMA, 10)
-    finally:
-        await listen.close()
+            await w.set_autocommit(False)
+            await w.execute("INSERT INTO orders (id, status) VALUES (1, 'a')")
+            assert not await watcher.wait(0.3)  # not committed: nothing to read yet
+            await w.commit()
+        assert await watcher.wait(10)
+        events, position = await outbox.read_batch(conn, SCHEMA, "orders", position)
+        assert [e.key for e in events] == ["1"]
+        # a poll that started before the read may still wake the reader once (harmless); any
+        # poll that starts after it finds nothing unread
+        n = watcher.polls
+        while watcher.polls < n + 2:
+            watcher.event.clear()
+            await asyncio.sleep(0.01)
+        assert not await watcher.wait(0.3)
+        # another pipeline's rows do not wake it
+        await conn.execute(
+            "INSERT INTO connector.outbox (pipeline, op, key, version) VALUES ('other', 'insert',"
+            " '9', 1)"
+        )
+        assert not await watcher.wait(0.3)
