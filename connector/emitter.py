@@ -221,7 +221,12 @@ class Emitter:
                     out.done.append(e)
             if deletes:
                 if self.pipeline.delete_mode == "mark":
-                    for e in deletes:
+                    # as with 'delete', a key that never reached the CRM needs no mark: the mark
+                    # is an upsert, which would insert a ghost record (or fail on a mandatory
+                    # field, MANDATORY_NOT_FOUND) for it (issue 14 §4)
+                    found, sub = await self._in_crm(deletes, res, "mark")
+                    out.merge(sub)
+                    for e, _ in found:
                         records.append((e, self._mark_record(e.event), "mark"))
                 elif self.pipeline.delete_mode == "ignore":
                     for e in deletes:
@@ -263,27 +268,7 @@ class Emitter:
 
     async def _delete(self, entries: Sequence[PendingEntry], res: _Results) -> EmitOutcome:
         """delete_mode 'delete': Delete Records API with the CRM ids (≤ 100 per call)."""
-        out = EmitOutcome()
-        async with self.pool.connection() as conn:
-            known = await state.key_states(
-                conn, self.schema, self.pipeline.name, [e.key for e in entries]
-            )
-        targets: list[tuple[PendingEntry, str]] = []
-        for e in entries:
-            ks = known.get(e.key)
-            crm_id = ks.crm_id if ks is not None else None
-            if crm_id is None:
-                try:
-                    crm_id = await self._lookup_id(e.key)
-                except TransientError:
-                    out.retry.append(e)
-                    continue
-            if crm_id is None:  # never reached the CRM: nothing to delete
-                res.ack(e.event, None)
-                self._count("delete", "success")
-                out.done.append(e)
-            else:
-                targets.append((e, crm_id))
+        targets, out = await self._in_crm(entries, res, "delete")
         for i in range(0, len(targets), MAX_RECORDS_PER_CALL):
             part = targets[i : i + MAX_RECORDS_PER_CALL]
             try:
@@ -300,6 +285,34 @@ class Emitter:
                     self._count("delete", "rejected")
                 out.done.append(e)
         return out
+
+    async def _in_crm(
+        self, entries: Sequence[PendingEntry], res: _Results, api: str
+    ) -> tuple[list[tuple[PendingEntry, str]], EmitOutcome]:
+        """The deletes whose key has a CRM record, with its id (from key_state, else looked up
+        by key with COQL); the others never reached the CRM and are acknowledged at once."""
+        out = EmitOutcome()
+        async with self.pool.connection() as conn:
+            known = await state.key_states(
+                conn, self.schema, self.pipeline.name, [e.key for e in entries]
+            )
+        targets: list[tuple[PendingEntry, str]] = []
+        for e in entries:
+            ks = known.get(e.key)
+            crm_id = ks.crm_id if ks is not None else None
+            if crm_id is None:
+                try:
+                    crm_id = await self._lookup_id(e.key)
+                except TransientError:
+                    out.retry.append(e)
+                    continue
+            if crm_id is None:  # never reached the CRM: nothing to delete or mark
+                res.ack(e.event, None)
+                self._count(api, "success")
+                out.done.append(e)
+            else:
+                targets.append((e, crm_id))
+        return targets, out
 
     async def _lookup_id(self, key: str) -> str | None:
         escaped = key.replace("\\", "\\\\").replace("'", "\\'")

@@ -6,10 +6,14 @@ Input rows are outbox row images (docs/architecture.md): what ``to_jsonb(row)`` 
 accepted too.
 
 Rule: a :class:`DataError` only for a value that *cannot be represented* in the CRM's type
-(NaN/Infinity, a non-integral value for an integer field, a date outside 1900-01-01..9999-12-31,
-an unparseable date or boolean, a multi-select item containing ``;``). Everything the CRM can
-judge by itself (email syntax, text length, picklist membership, digit limits) is sent as is and
-the CRM's per-record error is dead-lettered with its own code and field.
+(NaN/Infinity, a non-integral value for an integer field, an integer of more than 18 digits,
+a date outside 1900-01-01..9999-12-31 or ``infinity``, an unparseable date or boolean, a
+multi-select item containing ``;``). No Zoho integer field holds more than 18 digits
+(/work/shared/zoho-crm-api.md §2.5: Number 9 digits, Long integer 18): such values (``2^64``,
+``1E+20`` for an integer field) are ``NUMBER_OUT_OF_RANGE`` dead letters, never a crash of the
+JSON encoder (issue 14 §4). Decimal fields get every digit (the CRM judges their limits).
+Everything the CRM can judge by itself (email syntax, text length, picklist membership, digit
+limits) is sent as is and the CRM's per-record error is dead-lettered with its own code and field.
 
 Formats:
 
@@ -38,6 +42,7 @@ default).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from decimal import Decimal, InvalidOperation
@@ -266,10 +271,29 @@ def _to_decimal(value: Any, api: str) -> Decimal:
     return d
 
 
+#: More digits than any Zoho integer field holds (zoho-crm-api.md §2.5: Long integer 18).
+MAX_INTEGRAL_DIGITS = 18
+
+
+def _in_range(d: Decimal, api: str) -> Decimal:
+    if d != 0 and d.adjusted() >= MAX_INTEGRAL_DIGITS:
+        raise DataError(
+            "NUMBER_OUT_OF_RANGE",
+            f"a number of {d.adjusted() + 1} digits before the point cannot be held by a CRM "
+            f"integer field (at most {MAX_INTEGRAL_DIGITS} digits)",
+            field=api,
+        )
+    return d
+
+
 def _integer(value: Any, api: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    d = _to_decimal(value, api)
+        if -(10**MAX_INTEGRAL_DIGITS) < value < 10**MAX_INTEGRAL_DIGITS:
+            return value
+        d = Decimal(value)
+    else:
+        d = _to_decimal(value, api)
+    _in_range(d, api)
     if d != d.to_integral_value():
         raise DataError("NOT_AN_INTEGER", f"{_decimal_text(d)} is not a whole number", field=api)
     return int(d)
@@ -302,6 +326,7 @@ def _date(value: Any, api: str) -> date:
         d = value
     elif isinstance(value, str):
         text = value.strip()
+        _check_date_text(text, api)
         try:
             d = date.fromisoformat(text) if len(text) == 10 else datetime.fromisoformat(text).date()
         except ValueError:
@@ -323,6 +348,7 @@ def _datetime_text(value: Any, api: str, naive_tz: tzinfo) -> str:
     elif isinstance(value, date):
         dt = datetime(value.year, value.month, value.day)
     elif isinstance(value, str):
+        _check_date_text(value.strip(), api)
         try:
             dt = datetime.fromisoformat(value.strip())
         except ValueError:
@@ -335,16 +361,37 @@ def _datetime_text(value: Any, api: str, naive_tz: tzinfo) -> str:
         )
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=naive_tz)
-    offset = dt.utcoffset()
-    assert offset is not None
-    if offset % timedelta(minutes=1):
-        # an offset with seconds (historic local mean time) has no ±HH:MM form: use UTC
-        dt = dt.astimezone(UTC)
-    if dt.astimezone(UTC).date() < MIN_DATE or dt.date() < MIN_DATE:
+    try:
+        offset = dt.utcoffset()
+        assert offset is not None
+        if offset % timedelta(minutes=1):
+            # an offset with seconds (historic local mean time) has no ±HH:MM form: use UTC
+            dt = dt.astimezone(UTC)
+        in_utc = dt.astimezone(UTC).date()
+    except OverflowError:  # year 1 or 9999 moved past Python's range by the offset
+        raise DataError(
+            "DATE_OUT_OF_RANGE",
+            f"timestamp {dt.replace(tzinfo=None).isoformat()} is outside 1900..9999",
+            field=api,
+        ) from None
+    if in_utc < MIN_DATE or dt.date() < MIN_DATE:
         raise DataError(
             "DATE_OUT_OF_RANGE", f"timestamp {dt.isoformat()} is before 1900-01-01", field=api
         )
     return dt.replace(microsecond=0).isoformat()
+
+
+_OUT_OF_RANGE_DATE = re.compile(r"[+-]?\d{5,}-|.* BC\Z")
+
+
+def _check_date_text(text: str, api: str) -> None:
+    """PostgreSQL's ``infinity``, years past 9999 and BC dates: not representable."""
+    if text.lower() in ("infinity", "-infinity", "+infinity") or _OUT_OF_RANGE_DATE.match(text):
+        raise DataError(
+            "DATE_OUT_OF_RANGE",
+            f"{_show(text)} cannot be represented in the CRM (dates run 1900-01-01..9999-12-31)",
+            field=api,
+        )
 
 
 def _show(value: Any) -> str:
@@ -366,8 +413,25 @@ def _default(obj: Any) -> Any:
 
 
 def dumps_json(obj: Any) -> bytes:
-    """orjson with ``Decimal`` written as a JSON number from its exact digits."""
-    return orjson.dumps(obj, default=_default)
+    """orjson with ``Decimal`` written as a JSON number from its exact digits, and integers
+    beyond 64 bits (which orjson refuses) too: a row image holding ``2^64`` is stored as it is
+    (a dead letter's payload), never a crash."""
+    try:
+        return orjson.dumps(obj, default=_default)
+    except TypeError:
+        return orjson.dumps(_wide_ints(obj), default=_default)
+
+
+def _wide_ints(obj: Any) -> Any:
+    if isinstance(obj, int) and not isinstance(obj, bool):
+        if -(2**63) <= obj < 2**64:
+            return obj
+        return orjson.Fragment(str(obj).encode())
+    if isinstance(obj, dict):
+        return {k: _wide_ints(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_wide_ints(v) for v in obj]
+    return obj
 
 
 # ---- mapping check against the CRM's field metadata -----------------------------------------

@@ -49,9 +49,16 @@ log = logging.getLogger(__name__)
 PRUNE_BATCH = 5_000
 
 
+def _parse_int(text: str) -> int | decimal.Decimal:
+    # Python refuses to read an int of more than sys.get_int_max_str_digits() (4300) digits;
+    # a numeric column holds up to 131072: such a value stays exact as a Decimal
+    return int(text) if len(text) <= 4000 else decimal.Decimal(text)
+
+
 def load_row(data: str | bytes) -> Any:
-    """Parse a row image: JSON with every non-integer number as a ``Decimal`` (never a float)."""
-    return json.loads(data, parse_float=decimal.Decimal)
+    """Parse a row image: JSON with every non-integer number as a ``Decimal`` (never a float),
+    integers exact whatever their size (lossless, issue 14 §4)."""
+    return json.loads(data, parse_float=decimal.Decimal, parse_int=_parse_int)
 
 
 @dataclass(frozen=True)

@@ -145,7 +145,31 @@ async def _outbox_sequence(conn: psycopg.AsyncConnection[Any], schema: str) -> s
     return str(row[0])
 
 
-def _function_body(schema: str, pipeline: PipelineConfig, sequence: str) -> sql.Composed:
+async def _key_equality(
+    conn: psycopg.AsyncConnection[Any], oid: int, attnum: int
+) -> sql.Composable | None:
+    """``OPERATOR(schema.=)`` for the key column's type, schema-qualified because the trigger
+    function runs with ``search_path = pg_catalog, pg_temp``; None when the type has none."""
+    cur = await conn.execute(
+        "SELECT n.nspname::text FROM pg_catalog.pg_attribute a"
+        " JOIN pg_catalog.pg_operator o ON o.oprname = '=' AND o.oprleft = a.atttypid"
+        "  AND o.oprright = a.atttypid"
+        " JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace"
+        " WHERE a.attrelid = %s AND a.attnum = %s ORDER BY n.nspname <> 'pg_catalog' LIMIT 1",
+        (oid, attnum),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    return sql.SQL("OPERATOR({}.=)").format(sql.Identifier(str(row[0])))
+
+
+def _function_body(
+    schema: str,
+    pipeline: PipelineConfig,
+    sequence: str,
+    key_eq: sql.Composable | None = None,
+) -> sql.Composed:
     key = sql.Identifier(pipeline.key_column)
     outbox = sql.Identifier(schema, "outbox")
     seq = sql.SQL("{}::pg_catalog.regclass").format(sql.Literal(sequence))
@@ -175,6 +199,31 @@ def _function_body(schema: str, pipeline: PipelineConfig, sequence: str) -> sql.
             image=sql.SQL(image),
         )
 
+    # A row leaves key K (DELETE, or an UPDATE of its key): K is gone unless another row holds
+    # K when the statement ends. Under a DEFERRABLE unique key, another row of the same
+    # transaction can take K before this row leaves it (``SET id = id + 1`` in ascending order,
+    # a swap of two keys): AFTER ROW triggers run at the end of the statement and see its
+    # result, so the survivor's image is captured instead of a delete, with the later version
+    # (issue 14 §4: the delete used to win and the CRM lost the record).
+    def leave(key_var: str, image: str) -> sql.Composed:
+        if key_eq is None:
+            return emit("delete", key_var, image)
+        return sql.SQL(
+            "    SELECT pg_catalog.to_jsonb(t) INTO v_left FROM {table} t\n"
+            "      WHERE t.{key} {eq} OLD.{key} LIMIT 1;\n"
+            "    IF v_left IS NULL THEN\n"
+            "{gone}"
+            "    ELSE\n"
+            "{kept}"
+            "    END IF;\n"
+        ).format(
+            table=sql.Identifier(*pipeline.table_parts),
+            key=key,
+            eq=key_eq,
+            gone=emit("delete", key_var, image),
+            kept=emit("update", key_var, "v_left"),
+        )
+
     # a row without a key cannot be identified in the CRM: it is contained as a dead letter
     # (invariant 8), with the outbox sequence's next value as its version; a later update that
     # sets the key is captured as an insert
@@ -198,6 +247,7 @@ def _function_body(schema: str, pipeline: PipelineConfig, sequence: str) -> sql.
         "DECLARE\n"
         "  v_new jsonb;\n"
         "  v_old jsonb;\n"
+        "  v_left jsonb;\n"
         "  v_new_key text;\n"
         "  v_old_key text;\n"
         "  v_id bigint;\n"
@@ -244,10 +294,10 @@ def _function_body(schema: str, pipeline: PipelineConfig, sequence: str) -> sql.
         ins=emit("insert", "v_new_key", "pg_catalog.to_jsonb(NEW)"),
         dins=dead("pg_catalog.to_jsonb(NEW)"),
         dupd=dead("v_new"),
-        dele=emit("delete", "v_old_key", "pg_catalog.to_jsonb(OLD)"),
+        dele=leave("v_old_key", "pg_catalog.to_jsonb(OLD)"),
         unchanged=unchanged,
         upd=emit("update", "v_new_key", "v_new"),
-        kdel=emit("delete", "v_old_key", "v_old"),
+        kdel=leave("v_old_key", "v_old"),
         kins=emit("insert", "v_new_key", "v_new"),
     )
 
@@ -263,10 +313,11 @@ async def install(
     only replaces the function body, which does not lock the table.
     """
     async with conn.transaction():
-        oid, _ = await _check_source(conn, pipeline)
+        oid, attnum = await _check_source(conn, pipeline)
         sequence = await _outbox_sequence(conn, schema)
         func = sql.Identifier(schema, function_name(pipeline))
-        body = _function_body(schema, pipeline, sequence).as_string(conn)
+        key_eq = await _key_equality(conn, oid, attnum)
+        body = _function_body(schema, pipeline, sequence, key_eq).as_string(conn)
         settings = sql.SQL("\n").join(
             sql.SQL("SET {} = {}").format(sql.Identifier(k), sql.Literal(v))
             for k, v in _IMAGE_SETTINGS

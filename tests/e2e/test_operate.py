@@ -79,7 +79,8 @@ async def test_status_verify_and_repair(running: tuple[Running, Any], capsys: An
     assert await operate.verify(r.settings, r.secrets, ns(pipeline="orders", repair=False)) == 1
     out = capsys.readouterr().out
     assert "missing 1, extra 0, different 1" in out
-    assert await operate.verify(r.settings, r.secrets, ns(pipeline="orders", repair=True)) == 1
+    # a successful repair exits 0 (issue 14 §4: it used to exit 1)
+    assert await operate.verify(r.settings, r.secrets, ns(pipeline="orders", repair=True)) == 0
     assert "re-captured 2 key(s)" in capsys.readouterr().out
     await wait_in_sync(r.setup, None)
     assert await operate.verify(r.settings, r.secrets, ns(pipeline="orders", repair=False)) == 0

@@ -1,0 +1,135 @@
+"""Key changes inside one transaction under a DEFERRABLE unique key (issue 14 §4, trigger
+mode): a row leaving key K while another row of the same transaction already took K must not
+turn into a delete of K. The coalesced outbox (newest event per key) must equal the table."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import psycopg
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from connector import outbox
+from connector.capture import triggers
+from connector.coalesce import Coalescer
+from connector.config import PipelineConfig
+from connector.events import ChangeEvent, Op
+
+SCHEMA = "connector"
+PIPELINE = PipelineConfig(
+    name="shift", source_table="shift", key_column="id", module="Orders", fields={"v": "V"}
+)
+
+
+async def _setup(conn: psycopg.AsyncConnection[Any], deferred: bool = True) -> None:
+    mode = "DEFERRABLE INITIALLY DEFERRED" if deferred else "DEFERRABLE INITIALLY IMMEDIATE"
+    await conn.execute("DROP TABLE IF EXISTS shift")
+    await conn.execute(f"CREATE TABLE shift (id int PRIMARY KEY {mode}, v text, n int)")
+    await triggers.install(conn, SCHEMA, PIPELINE)
+    await conn.execute("TRUNCATE connector.outbox")
+
+
+def coalesced(events: list[ChangeEvent]) -> dict[str, ChangeEvent]:
+    """The newest event per key, as the engine would send it."""
+    co = Coalescer()
+    co.tracker.register(0, len(events))
+    for e in events:
+        co.add(e, 0)
+    return {entry.key: entry.event for entry in co}
+
+
+async def crm_view(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any]:
+    events, _ = await outbox.read_batch(conn, SCHEMA, "shift", outbox.START, limit=100_000)
+    return {k: e.row for k, e in coalesced(events).items() if e.op is not Op.DELETE}
+
+
+async def table(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any]:
+    cur = await conn.execute("SELECT id::text, to_jsonb(s) FROM shift s")
+    return {str(k): img for k, img in await cur.fetchall()}
+
+
+async def test_shift_by_one_in_one_statement_loses_nothing(database: str) -> None:
+    async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+        await _setup(conn, deferred=False)  # checked at the end of the statement
+        await conn.execute(
+            "INSERT INTO shift SELECT g, 'r' || g, 0 FROM generate_series(185, 200) g"
+        )
+        # ascending order: row 190 takes 191 before row 191 leaves it
+        await conn.execute("UPDATE shift SET id = id + 1 WHERE id BETWEEN 190 AND 200")
+        view = await crm_view(conn)
+        assert view == await table(conn)
+        assert "190" not in view and view["191"]["v"] == "r190" and view["201"]["v"] == "r200"
+
+
+async def test_swap_of_two_keys_under_a_deferred_key(database: str) -> None:
+    async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+        await _setup(conn)
+        await conn.execute("INSERT INTO shift VALUES (1, 'a', 0), (2, 'b', 0)")
+        async with conn.transaction():  # two statements: a duplicate key between them
+            await conn.execute("UPDATE shift SET id = 2 WHERE v = 'a'")
+            await conn.execute("UPDATE shift SET id = 1 WHERE v = 'b'")
+        assert await crm_view(conn) == await table(conn)
+        await conn.execute("UPDATE shift SET id = CASE id WHEN 1 THEN 2 ELSE 1 END")
+        view = await crm_view(conn)
+        assert view == await table(conn) and view["1"]["v"] == "a"
+
+
+async def test_delete_of_a_duplicate_keeps_the_survivor(database: str) -> None:
+    async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+        await _setup(conn)
+        await conn.execute("INSERT INTO shift VALUES (1, 'a', 0), (2, 'b', 0)")
+        async with conn.transaction():
+            await conn.execute("UPDATE shift SET id = 1 WHERE v = 'b'")
+            await conn.execute("UPDATE shift SET n = 7 WHERE v = 'a'")
+            await conn.execute("DELETE FROM shift WHERE v = 'a'")
+        view = await crm_view(conn)
+        assert view == await table(conn) and view["1"]["v"] == "b" and "2" not in view
+
+
+# -- property: random re-keying of rows within one transaction, in random statements -------
+
+KEYS = 8
+
+plans = st.tuples(
+    st.sets(st.integers(0, KEYS - 1), min_size=1),  # initial keys
+    st.permutations(list(range(KEYS))),  # new key of each row (injective)
+    st.lists(st.integers(0, 3), min_size=KEYS, max_size=KEYS),  # statement of each row
+    st.sets(st.integers(0, KEYS - 1), max_size=2),  # rows deleted in the last statement
+    st.sets(st.integers(0, KEYS - 1), max_size=2),  # rows whose content changes first
+    st.booleans(),  # apply the statements in reverse order
+)
+
+
+async def _scenario(dsn: str, plan: Any) -> None:
+    initial, perm, stmt_of, deleted, edited, reverse = plan
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await _setup(conn)
+        for k in sorted(initial):
+            await conn.execute("INSERT INTO shift VALUES (%s, %s, 0)", (k, f"r{k}"))
+        async with conn.transaction():
+            for k in sorted(edited & initial):
+                await conn.execute("UPDATE shift SET n = n + 1 WHERE v = %s", (f"r{k}",))
+            order = range(3, -1, -1) if reverse else range(4)
+            for s in order:
+                moves = [(f"r{k}", perm[k]) for k in sorted(initial) if stmt_of[k] == s]
+                if moves:
+                    await conn.execute(
+                        "UPDATE shift SET id = m.new FROM unnest(%s::text[], %s::int[]) m(v, new)"
+                        " WHERE shift.v = m.v",
+                        ([m[0] for m in moves], [m[1] for m in moves]),
+                    )
+            for k in sorted(deleted & initial):
+                await conn.execute("DELETE FROM shift WHERE v = %s", (f"r{k}",))
+        assert await crm_view(conn) == await table(conn), plan
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(plan=plans)
+def test_random_rekeying_in_one_transaction_matches_the_table(database: str, plan: Any) -> None:
+    asyncio.run(_scenario(database, plan))
