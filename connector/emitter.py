@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import hashlib
 import logging
 import secrets
 import time
@@ -84,6 +85,11 @@ class EmitOutcome:
         self.updated += other.updated
 
 
+def record_hash(record: dict[str, Any]) -> bytes:
+    """What ``key_state.sent_hash`` holds: blake2b-128 of the JSON record as sent."""
+    return hashlib.blake2b(dumps_json(record), digest_size=16).digest()
+
+
 @dataclass
 class _Results:
     """Acknowledgements and dead letters gathered before one state transaction."""
@@ -98,9 +104,21 @@ class _Results:
     updated: int = 0
     acked_events: list[ChangeEvent] = field(default_factory=list)
 
-    def ack(self, event: ChangeEvent, crm_id: str | None, action: str | None = None) -> None:
+    def ack(
+        self,
+        event: ChangeEvent,
+        crm_id: str | None,
+        action: str | None = None,
+        sent_hash: bytes | None = None,
+    ) -> None:
         self.acks.append(
-            state.Ack(event.key, stamp_of(event), crm_id, deleted=event.op is Op.DELETE)
+            state.Ack(
+                event.key,
+                stamp_of(event),
+                crm_id,
+                deleted=event.op is Op.DELETE,
+                sent_hash=sent_hash,
+            )
         )
         self.acked_events.append(event)
         if action == "insert":
@@ -213,12 +231,15 @@ class Emitter:
             deletes = [e for e in entries if e.event.op is Op.DELETE]
             upserts = [e for e in entries if e.event.op is not Op.DELETE]
             records: list[tuple[PendingEntry, dict[str, Any], str]] = []
+            hashes: dict[str, bytes] = {}
             for e in upserts:
                 try:
                     records.append((e, self._json(e.event), "upsert"))
                 except DataError as exc:
                     res.reject(e.event, exc.code, str(exc), exc.field, "mapping")
                     out.done.append(e)
+            if records:
+                records = await self._unchanged(records, hashes, res, out)
             if deletes:
                 if self.pipeline.delete_mode == "mark":
                     # as with 'delete', a key that never reached the CRM needs no mark: the mark
@@ -253,7 +274,9 @@ class Emitter:
                 for (e, record, api), r in zip(part, results, strict=True):
                     self._count(api, "success" if r.ok else "rejected")
                     if r.ok:
-                        res.ack(e.event, r.id, r.action)
+                        res.ack(
+                            e.event, r.id, r.action, hashes.get(e.key) if api == "upsert" else None
+                        )
                     else:
                         res.reject(e.event, r.code, _message(r), r.field, api, record)
                     out.done.append(e)
@@ -265,6 +288,41 @@ class Emitter:
             return out
         finally:
             current_pipeline.reset(token)
+
+    async def _unchanged(
+        self,
+        records: list[tuple[PendingEntry, dict[str, Any], str]],
+        hashes: dict[str, bytes],
+        res: _Results,
+        out: EmitOutcome,
+    ) -> list[tuple[PendingEntry, dict[str, Any], str]]:
+        """Drop the live upserts whose mapped record is the one the CRM last acknowledged for
+        the key (only unmapped columns changed, issue 17 item 8): acknowledged without a call,
+        counted as ``unchanged``. Fills ``hashes`` (key -> record hash) for the others."""
+        for e, record, _ in records:
+            hashes[e.key] = record_hash(record)
+        live = [e.key for e, _, _ in records if e.event.op in (Op.INSERT, Op.UPDATE)]
+        if not live:
+            return records
+        async with self.pool.connection() as conn:
+            known = await state.key_states(conn, self.schema, self.pipeline.name, live)
+        keep: list[tuple[PendingEntry, dict[str, Any], str]] = []
+        for item in records:
+            e = item[0]
+            ks = known.get(e.key)
+            if (
+                ks is not None
+                and not ks.deleted
+                and ks.sent_hash is not None
+                and e.event.op in (Op.INSERT, Op.UPDATE)
+                and ks.sent_hash == hashes[e.key]
+            ):
+                res.ack(e.event, ks.crm_id, None, ks.sent_hash)
+                self._count("upsert", "unchanged")
+                out.done.append(e)
+            else:
+                keep.append(item)
+        return keep
 
     async def _delete(self, entries: Sequence[PendingEntry], res: _Results) -> EmitOutcome:
         """delete_mode 'delete': Delete Records API with the CRM ids (≤ 100 per call)."""

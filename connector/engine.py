@@ -222,6 +222,8 @@ class Engine:
                         report.events += len(page)
                         keys = sorted({ev.key for ev in page})
                         known = await state.key_states(conn, self.schema, self.pipeline.name, keys)
+                        if resend:  # sent again even when identical to what the CRM last got
+                            await state.forget_sent(conn, self.schema, self.pipeline.name, keys)
                         batch += 1
                         self.tracker.register(batch, len(page))
                         for ev in page:

@@ -20,7 +20,7 @@ PREFIX = "connector_"
 
 OPS = ("insert", "update", "delete", "snapshot")
 EMIT_APIS = ("upsert", "bulk", "delete", "mark")
-EMIT_OUTCOMES = ("success", "rejected", "skipped")
+EMIT_OUTCOMES = ("success", "rejected", "skipped", "unchanged")
 CALL_APIS = (
     "token",
     "upsert",
@@ -153,7 +153,8 @@ class Metrics:
         self.records_emitted_total = Counter(
             f"{p}records_emitted_total",
             "Records sent to the CRM, by API (upsert|bulk|delete|mark) and outcome "
-            "(success|rejected|skipped).",
+            "(success|rejected|skipped|unchanged: not sent, its mapped record equals the one "
+            "the CRM last acknowledged).",
             ["pipeline", "api", "outcome"],
             registry=r,
         )

@@ -55,21 +55,24 @@ class KeyState:
     deleted: bool
     status: str
     synced_at: datetime | None
+    sent_hash: bytes | None = None  # hash of the mapped record last acknowledged (upsert API)
 
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    """The CRM acknowledged the event with this stamp for ``key``."""
+    """The CRM acknowledged the event with this stamp for ``key``; ``sent_hash``: the hash of
+    the record the upsert API wrote (None: unknown, which clears the stored one)."""
 
     key: str
     stamp: EventStamp
     crm_id: str | None
     deleted: bool = False
+    sent_hash: bytes | None = None
 
 
 Q_KEY_STATES = """
 SELECT key, crm_id, version, source_xid::text AS source_xid, snapshot::text AS snapshot,
-       deleted, status, synced_at
+       deleted, status, synced_at, sent_hash
   FROM {schema}.key_state
  WHERE pipeline = %s AND key = ANY(%s)
 """
@@ -77,16 +80,22 @@ SELECT key, crm_id, version, source_xid::text AS source_xid, snapshot::text AS s
 Q_ACK = """
 INSERT INTO {schema}.key_state AS k
        (pipeline, key, crm_id, version, source_xid, snapshot, deleted, status, last_error,
-        synced_at, updated_at)
+        synced_at, updated_at, sent_hash)
 SELECT %s, a.key, a.crm_id, a.version, a.source_xid::xid8, a.snapshot::pg_snapshot, a.deleted,
-       'synced', NULL, now(), now()
-  FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[], %s::boolean[])
-       AS a(key, crm_id, version, source_xid, snapshot, deleted)
+       'synced', NULL, now(), now(), a.sent_hash
+  FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[], %s::boolean[],
+              %s::bytea[])
+       AS a(key, crm_id, version, source_xid, snapshot, deleted, sent_hash)
 ON CONFLICT (pipeline, key) DO UPDATE
    SET crm_id = coalesce(EXCLUDED.crm_id, k.crm_id),
        version = EXCLUDED.version, source_xid = EXCLUDED.source_xid,
        snapshot = EXCLUDED.snapshot, deleted = EXCLUDED.deleted, status = 'synced',
-       last_error = NULL, synced_at = now(), updated_at = now()
+       last_error = NULL, synced_at = now(), updated_at = now(), sent_hash = EXCLUDED.sent_hash
+"""
+
+Q_FORGET_SENT = """
+UPDATE {schema}.key_state SET sent_hash = NULL
+ WHERE pipeline = %s AND key = ANY(%s) AND sent_hash IS NOT NULL
 """
 
 Q_RESOLVE_DEAD_LETTERS = """
@@ -123,8 +132,16 @@ async def key_states(
             deleted=bool(row["deleted"]),
             status=row["status"],
             synced_at=row["synced_at"],
+            sent_hash=bytes(row["sent_hash"]) if row["sent_hash"] is not None else None,
         )
     return out
+
+
+async def forget_sent(conn: AnyConn, schema: str, pipeline: str, keys: Sequence[str]) -> None:
+    """Forget what was last sent for ``keys``: their next upsert is sent even when its mapped
+    record is identical (a repair, a replay with resend, a retry must reach the CRM)."""
+    if keys:
+        await conn.execute(_q(Q_FORGET_SENT, schema), (pipeline, list(keys)))
 
 
 async def record_acks(conn: AnyConn, schema: str, pipeline: str, acks: Sequence[Ack]) -> None:
@@ -142,6 +159,7 @@ async def record_acks(conn: AnyConn, schema: str, pipeline: str, acks: Sequence[
             [str(a.stamp.source_xid) for a in acks],
             [_snap_text(a.stamp.snapshot) for a in acks],
             [a.deleted for a in acks],
+            [a.sent_hash for a in acks],
         ),
     )
     await conn.execute(_q(Q_RESOLVE_DEAD_LETTERS, schema), (pipeline, keys))

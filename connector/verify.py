@@ -437,6 +437,9 @@ async def _recapture_batch(  # noqa: PLR0917
         ),
     )
     ids = [int(r[0]) for r in await cur.fetchall()]
+    # a re-capture must reach the CRM even when the mapped record equals the last one sent
+    # (the CRM's copy was edited or lost): the emitter skips identical records by this hash
+    await state.forget_sent(st, schema, pipeline.name, [i[0] for i in images])
     # state first (the events exist), then release the source rows' locks
     await st.commit()
     if st is not src:
