@@ -521,6 +521,7 @@ async def slot_lag_bytes(
 
 _TOAST = 1
 _SERVER = 2
+_RECHECK = 3  # the key's row at the end of the transaction is read from the table
 _MISSING_KEY = "missing_key"  # _Event.op of a row whose key is NULL: a dead letter, not a row
 
 
@@ -557,6 +558,7 @@ class _Codec:
     heads: dict[str, bytes] = field(default_factory=dict)  # op -> b"\t<pipeline>\t<op>\t"
     head_insert: bytes = b""
     head_update: bytes = b""
+    deferrable: bool = False  # the key's unique constraint is DEFERRABLE
 
 
 @dataclass
@@ -568,6 +570,7 @@ class _Event:
     commit_lsn: int
     codec: _Codec
     deferred: list[tuple[int, int, str]] | None = None  # (column, kind, text for _SERVER)
+    image: str | None = None  # the whole JSON image, read from the table (_RECHECK)
 
 
 _Row = tuple[bytes, bytes, int, int, bytes]
@@ -636,6 +639,10 @@ class LogicalCapture:
         self._types = vals.TypeRegistry()
         self._toast: OrderedDict[str, dict[int, str]] = OrderedDict()
         self._toast_bytes = 0
+        # deferrable keys: keys the current source transaction inserted or updated, and those
+        # a row left after that (DELETE, key change): re-read at its commit (see _note_leave)
+        self._txn_up: set[str] = set()
+        self._txn_recheck: dict[str, _Event] = {}
         self._codecs: dict[int, _Codec] = {}
         # START_REPLICATION at the stored commit, so the server itself skips what is stored;
         # the client-side skip rule covers a slot that went back (tests turn this off to
@@ -805,6 +812,9 @@ class LogicalCapture:
             "SELECT j.key, j.value::text FROM {} t, jsonb_each(to_jsonb(t)) j"
             " WHERE t.{} = %s AND j.key = ANY(%s)"
         ).format(_table_ident(self.pipeline), sql.Identifier(self.pipeline.key_column))
+        self._image_sql = sql.SQL("SELECT to_jsonb(t)::text FROM {} t WHERE t.{} = %s").format(
+            _table_ident(self.pipeline), sql.Identifier(self.pipeline.key_column)
+        )
         self._dead_sql = sql.SQL(
             "INSERT INTO {}.dead_letters (pipeline, key, version, source_xid, payload,"
             " error_code, error_field, error_message)"
@@ -962,6 +972,9 @@ class LogicalCapture:
                         commit_lsn, commit_ts, xid = unpack_begin(data, 26)
                         in_txn = True
                         own = False
+                        if self._txn_up:
+                            self._txn_up.clear()
+                            self._txn_recheck.clear()
                         # a commit record before the stored one ends at or before it: a replay
                         skip = commit_lsn < self._skip_below
                         if not skip:
@@ -978,6 +991,10 @@ class LogicalCapture:
                             skip = False
                             self.stats.skipped_replays += 1
                             continue
+                        if self._txn_recheck:
+                            pending.events.extend(self._txn_recheck.values())
+                            self._txn_recheck.clear()
+                            self._txn_up.clear()
                         spilled = self._spilled_open
                         if len(pending.events) > pending.committed or spilled:
                             self._spilled_open = False
@@ -1129,6 +1146,20 @@ class LogicalCapture:
         )
         codec.head_insert = codec.heads["insert"]
         codec.head_update = codec.heads["update"]
+        cur = await self._src.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint c"
+            " JOIN pg_catalog.pg_attribute a"
+            "  ON a.attrelid = c.conrelid AND a.attnum = ANY(c.conkey)"
+            " WHERE c.conrelid = %s AND c.contype IN ('p', 'u') AND c.condeferrable"
+            " AND a.attname = %s)",
+            (rel.oid, self.pipeline.key_column),
+        )
+        found = await cur.fetchone()
+        if found is not None and found[0]:
+            # another row of a transaction can hold a key before this row leaves it: events
+            # go through _on_row, which tracks that (the fast path does not)
+            codec.deferrable = True
+            codec.encode = None
         self._codecs[rel.oid] = codec
         # a new Relation may change column positions or types: cached images are stale
         self._toast.clear()
@@ -1291,7 +1322,10 @@ class LogicalCapture:
             else:
                 frags, deferred = self._convert(codec, old, key, None)
             self._forget(key)
-            events.append(_Event("delete", key, frags, xid, commit_lsn, codec, deferred))
+            gone = _Event("delete", key, frags, xid, commit_lsn, codec, deferred)
+            events.append(gone)
+            if codec.deferrable:
+                self._note_leave(gone)
             return
         raw_key = new[ki]
         if not isinstance(raw_key, bytes):
@@ -1312,7 +1346,10 @@ class LogicalCapture:
             if cached is not None:
                 self._toast[key] = cached
                 self._toast.pop(ok, None)
-            events.append(_Event("delete", ok, ofr, xid, commit_lsn, codec, odef))
+            left = _Event("delete", ok, ofr, xid, commit_lsn, codec, odef)
+            events.append(left)
+            if codec.deferrable:
+                self._note_leave(left)
             op = "insert"  # as trigger mode: a key change is a delete plus an insert
         elif old is not None and old[ki] is None:
             op = "insert"  # the key was NULL (a dead letter so far): the row appears, as in
@@ -1328,6 +1365,27 @@ class LogicalCapture:
                 return
         self._remember(codec, key, frags)
         events.append(_Event(op, key, frags, xid, commit_lsn, codec, deferred))
+        if codec.deferrable:
+            self._txn_up.add(key)
+
+    def _note_leave(self, ev: _Event) -> None:
+        """A row left key ``ev.key`` (DELETE or key change). Under a DEFERRABLE key, another row
+        of the same transaction may already hold that key (``SET id = id + 1`` in ascending
+        order, a swap): when this transaction inserted or updated the key before, the key's
+        row is re-read at commit and its image (or a delete when there is none) is the
+        transaction's last event for the key (issue 14 §4: the delete used to win). The read
+        is at capture time, so it may carry a later transaction's image: later events of the
+        key follow it, as for unchanged TOAST values."""
+        if ev.key in self._txn_up:
+            self._txn_recheck[ev.key] = _Event(
+                "delete",
+                ev.key,
+                list(ev.frags),
+                ev.xid,
+                ev.commit_lsn,
+                ev.codec,
+                [*(ev.deferred or []), (ev.codec.key_idx, _RECHECK, "")],
+            )
 
     def _on_missing_key(  # noqa: PLR0917
         self,
@@ -1402,7 +1460,12 @@ class LogicalCapture:
                         v = "null"
                     ev.frags[i] = v
             for i, kind, text in ev.deferred:
-                if kind == _SERVER:
+                if kind == _RECHECK:
+                    image = await _one(self._src, self._image_sql, (ev.key,))
+                    if image is not None:
+                        ev.op = "update"
+                        ev.image = image
+                elif kind == _SERVER:
                     conv_sql = sql.SQL("SELECT to_jsonb(CAST(%s::text AS {}))::text").format(
                         sql.SQL(self._types_sql_name(ev.codec, i))
                     )
@@ -1420,9 +1483,10 @@ class LogicalCapture:
         """An event of the general path (deferred values resolved) as a COPY-ready row."""
         prefixes = ev.codec.prefixes
         body = ",".join(prefixes[i] + f for i, f in enumerate(ev.frags) if f is not None)
+        image = ev.image if ev.image is not None else "{" + body + "}"
         return (
             ev.codec.heads[ev.op] + vals.copy_escape(ev.key.encode()) + b"\t",
-            vals.copy_escape(("{" + body + "}").encode()),
+            vals.copy_escape(image.encode()),
             ev.xid,
             ev.commit_lsn,
             b"",
