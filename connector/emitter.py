@@ -238,8 +238,8 @@ class Emitter:
                 except DataError as exc:
                     res.reject(e.event, exc.code, str(exc), exc.field, "mapping")
                     out.done.append(e)
-            if records:
-                records = await self._unchanged(records, hashes, res, out)
+            if records or deletes:
+                records = await self._unchanged(records, deletes, hashes, res, out)
             if deletes:
                 if self.pipeline.delete_mode == "mark":
                     # as with 'delete', a key that never reached the CRM needs no mark: the mark
@@ -292,20 +292,23 @@ class Emitter:
     async def _unchanged(
         self,
         records: list[tuple[PendingEntry, dict[str, Any], str]],
+        deletes: Sequence[PendingEntry],
         hashes: dict[str, bytes],
         res: _Results,
         out: EmitOutcome,
     ) -> list[tuple[PendingEntry, dict[str, Any], str]]:
         """Drop the live upserts whose mapped record is the one the CRM last acknowledged for
         the key (only unmapped columns changed, issue 17 item 8): acknowledged without a call,
-        counted as ``unchanged``. Fills ``hashes`` (key -> record hash) for the others."""
+        counted as ``unchanged``. Fills ``hashes`` (key -> record hash) for the others.
+
+        The stored hash of every key about to be written is cleared first: if the write's
+        outcome is lost (a kill, a timeout after the request left), the CRM may hold the new
+        record, and an unchanged-looking later change must not be skipped."""
         for e, record, _ in records:
             hashes[e.key] = record_hash(record)
-        live = [e.key for e, _, _ in records if e.event.op in (Op.INSERT, Op.UPDATE)]
-        if not live:
-            return records
+        keys = [e.key for e, _, _ in records] + [e.key for e in deletes]
         async with self.pool.connection() as conn:
-            known = await state.key_states(conn, self.schema, self.pipeline.name, live)
+            known = await state.key_states(conn, self.schema, self.pipeline.name, keys)
         keep: list[tuple[PendingEntry, dict[str, Any], str]] = []
         for item in records:
             e = item[0]
@@ -322,6 +325,11 @@ class Emitter:
                 out.done.append(e)
             else:
                 keep.append(item)
+        written = [e.key for e, _, _ in keep] + [e.key for e in deletes]
+        forget = [k for k in written if (ks := known.get(k)) is not None and ks.sent_hash]
+        if forget:
+            async with self.pool.connection() as conn:
+                await state.forget_sent(conn, self.schema, self.pipeline.name, forget)
         return keep
 
     async def _delete(self, entries: Sequence[PendingEntry], res: _Results) -> EmitOutcome:
@@ -426,6 +434,8 @@ class Emitter:
             job_row = await state.bulk_intent(
                 conn, self.schema, self.pipeline.name, "upsert", entries
             )
+            # the job may land without our knowing (orphan): what was sent is unknown now
+            await state.forget_sent(conn, self.schema, self.pipeline.name, list(by_key))
         self._bulk_gauge(+1)
         try:
             header, mappings = self._csv_layout()

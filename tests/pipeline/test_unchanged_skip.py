@@ -102,3 +102,38 @@ async def test_a_delete_forgets_the_hash(
     assert await fetch(legacy, "SELECT sent_hash FROM connector.key_state WHERE key = '3'") == [
         (None,)
     ]
+
+
+class Killed(Exception):
+    """The process died right after the CRM applied a write (its answer never stored)."""
+
+
+async def test_a_write_whose_outcome_was_lost_is_never_skipped_after(
+    legacy: str, emu: EmulatorHandle, client: ZohoClient, make_engine: EngineFactory
+) -> None:
+    async with await psycopg.AsyncConnection.connect(legacy, autocommit=True) as conn:
+        await triggers.install(conn, SCHEMA, PIPELINE)
+    await execute(legacy, *insert_sql(1))
+    await make_engine(client, PIPELINE).drain()
+    original = crm_by_key(emu)["1"]["Name"]
+
+    # B is written to the CRM, then the process dies before storing the answer
+    real = client.upsert
+
+    async def upsert_then_die(*args: Any, **kwargs: Any) -> Any:
+        await real(*args, **kwargs)
+        raise Killed
+
+    client.upsert = upsert_then_die  # type: ignore[method-assign]
+    await execute(legacy, "UPDATE public.orders SET name = 'B' WHERE id = 1")
+    try:
+        await make_engine(client, PIPELINE).drain()
+    except Exception:
+        pass
+    client.upsert = real  # type: ignore[method-assign]
+    assert crm_by_key(emu)["1"]["Name"] == "B"
+
+    # back to the acknowledged record A: the CRM holds B, so it must be sent
+    await execute(legacy, "UPDATE public.orders SET name = %s WHERE id = 1", (original,))
+    await make_engine(client, PIPELINE).drain()
+    assert crm_by_key(emu)["1"]["Name"] == original
