@@ -419,18 +419,19 @@ def dumps_json(obj: Any) -> bytes:
     try:
         return orjson.dumps(obj, default=_default)
     except TypeError:
-        return orjson.dumps(_wide_ints(obj), default=_default)
+        return orjson.dumps(wide_ints(obj), default=_default)
 
 
-def _wide_ints(obj: Any) -> Any:
+def wide_ints(obj: Any) -> Any:
+    """``obj`` with integers beyond 64 bits as JSON fragments (orjson refuses them)."""
     if isinstance(obj, int) and not isinstance(obj, bool):
         if -(2**63) <= obj < 2**64:
             return obj
         return orjson.Fragment(str(obj).encode())
     if isinstance(obj, dict):
-        return {k: _wide_ints(v) for k, v in obj.items()}
+        return {k: wide_ints(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_wide_ints(v) for v in obj]
+        return [wide_ints(v) for v in obj]
     return obj
 
 

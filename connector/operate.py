@@ -16,13 +16,15 @@ import orjson
 import psycopg
 from psycopg import sql
 from psycopg.rows import tuple_row
+from psycopg.types.json import set_json_loads
 
 from connector import db, state
 from connector.config import PipelineConfig, Secrets, Settings
 from connector.costs import CostModel
 from connector.errors import ConfigError, ConnectorError
 from connector.events import stamp_of
-from connector.outbox import ReadPosition, load_checkpoint, read_range
+from connector.mapping import wide_ints
+from connector.outbox import ReadPosition, load_checkpoint, load_json, read_range
 
 EXIT_OK = 0
 EXIT_MISMATCH = 1
@@ -41,7 +43,10 @@ def _out(text: str = "") -> None:
 
 
 def _dump(doc: Any) -> None:
-    sys.stdout.write(orjson.dumps(doc, default=str, option=orjson.OPT_INDENT_2).decode() + "\n")
+    # wide_ints: a dead letter's payload may hold integers beyond 64 bits (issue 14 §4)
+    sys.stdout.write(
+        orjson.dumps(wide_ints(doc), default=str, option=orjson.OPT_INDENT_2).decode() + "\n"
+    )
 
 
 # --------------------------------------------------------------------------- run / snapshot
@@ -610,6 +615,7 @@ async def dead_letters(settings: Settings, secrets: Secrets, args: argparse.Name
     pipelines = _pipelines(settings, args.pipeline)
     verb = args.dl_verb
     async with await psycopg.AsyncConnection.connect(secrets.state_dsn, autocommit=True) as conn:
+        set_json_loads(load_json, conn)  # payloads: integers of any size, exactly
         if verb == "list":
             rows: list[state.DeadLetterRow] = []
             for p in pipelines:

@@ -55,6 +55,11 @@ def _parse_int(text: str) -> int | decimal.Decimal:
     return int(text) if len(text) <= 4000 else decimal.Decimal(text)
 
 
+def load_json(data: str | bytes) -> Any:
+    """JSON as psycopg loads it (floats as float), but integers exact whatever their size."""
+    return json.loads(data, parse_int=_parse_int)
+
+
 def load_row(data: str | bytes) -> Any:
     """Parse a row image: JSON with every non-integer number as a ``Decimal`` (never a float),
     integers exact whatever their size (lossless, issue 14 §4)."""

@@ -5,14 +5,19 @@ reason, their payload stored losslessly, and every other row reaches the CRM."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg.types.json import set_json_loads
 
+from connector import operate, state
 from connector.capture import logical, triggers
 from connector.emulator import start_emulator
 from connector.engine import Engine
+from connector.outbox import load_json
 from tests.capture_logical.helpers import running, wait_for
 from tests.pipeline.conftest import FAST, FIELDS, SCHEMA, make_client, pipeline_config
 
@@ -36,6 +41,7 @@ WRITES = [
     "UPDATE public.orders SET quantity = 18446744073709551616 WHERE id = 6",
     "UPDATE public.orders SET big = repeat('9', 5000)::numeric WHERE id = 7",
     "UPDATE public.orders SET placed_at = '-infinity' WHERE id = 8",
+    "UPDATE public.orders SET big = repeat('8', 5000)::numeric WHERE id = 4",
 ]
 EXPECTED = {
     "3": "NUMBER_OUT_OF_RANGE",
@@ -71,6 +77,15 @@ async def _check(database: str, capture: str) -> None:
     assert letters["3"][3] == "18446744073709551616"  # the payload keeps every digit
     assert set(crm) == {str(k) for k in range(1, 21)} - set(EXPECTED)
     assert crm["7"]["Quantity"] == 7 and crm["2"]["Amount"] == 2.5
+    # `dead-letters list --json` / `show` print such payloads with every digit
+    async with await psycopg.AsyncConnection.connect(database) as conn:
+        set_json_loads(load_json, conn)
+        rows = await state.list_dead_letters(conn, SCHEMA, "orders", "open")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        operate._dump([operate._dl_json(r) for r in rows])
+    text = out.getvalue()
+    assert '"big": 18446744073709551616' in text and "8" * 5000 in text
 
 
 async def test_extreme_values_are_dead_letters_in_trigger_mode(database: str) -> None:
