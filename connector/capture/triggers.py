@@ -169,6 +169,7 @@ def _function_body(
     pipeline: PipelineConfig,
     sequence: str,
     key_eq: sql.Composable | None = None,
+    table_oid: int = 0,
 ) -> sql.Composed:
     key = sql.Identifier(pipeline.key_column)
     outbox = sql.Identifier(schema, "outbox")
@@ -205,18 +206,25 @@ def _function_body(
     # a swap of two keys): AFTER ROW triggers run at the end of the statement and see its
     # result, so the survivor's image is captured instead of a delete, with the later version
     # (issue 14 §4: the delete used to win and the CRM lost the record).
+    # The look-up runs as the function's owner: without SELECT on the table (revoked after
+    # install) it is skipped (the delete is written, as before) rather than failing the
+    # legacy application's statement.
     def leave(key_var: str, image: str) -> sql.Composed:
-        if key_eq is None:
+        if key_eq is None or not table_oid:
             return emit("delete", key_var, image)
         return sql.SQL(
-            "    SELECT pg_catalog.to_jsonb(t) INTO v_left FROM {table} t\n"
-            "      WHERE t.{key} {eq} OLD.{key} LIMIT 1;\n"
+            "    v_left := NULL;\n"
+            "    IF pg_catalog.has_table_privilege({oid}::pg_catalog.oid, 'SELECT') THEN\n"
+            "      SELECT pg_catalog.to_jsonb(t) INTO v_left FROM {table} t\n"
+            "        WHERE t.{key} {eq} OLD.{key} LIMIT 1;\n"
+            "    END IF;\n"
             "    IF v_left IS NULL THEN\n"
             "{gone}"
             "    ELSE\n"
             "{kept}"
             "    END IF;\n"
         ).format(
+            oid=sql.Literal(table_oid),
             table=sql.Identifier(*pipeline.table_parts),
             key=key,
             eq=key_eq,
@@ -317,7 +325,7 @@ async def install(
         sequence = await _outbox_sequence(conn, schema)
         func = sql.Identifier(schema, function_name(pipeline))
         key_eq = await _key_equality(conn, oid, attnum)
-        body = _function_body(schema, pipeline, sequence, key_eq).as_string(conn)
+        body = _function_body(schema, pipeline, sequence, key_eq, oid).as_string(conn)
         settings = sql.SQL("\n").join(
             sql.SQL("SET {} = {}").format(sql.Identifier(k), sql.Literal(v))
             for k, v in _IMAGE_SETTINGS

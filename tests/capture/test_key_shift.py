@@ -5,11 +5,13 @@ turn into a delete of K. The coalesced outbox (newest event per key) must equal 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 import psycopg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from psycopg import sql
 
 from connector import outbox
 from connector.capture import triggers
@@ -133,3 +135,32 @@ async def _scenario(dsn: str, plan: Any) -> None:
 @given(plan=plans)
 def test_random_rekeying_in_one_transaction_matches_the_table(database: str, plan: Any) -> None:
     asyncio.run(_scenario(database, plan))
+
+
+async def test_the_look_up_never_fails_the_application_without_select(database: str) -> None:
+    """The function's owner lost SELECT on the table: the application's DELETE still works and
+    is captured as a delete (installing capture never changes what the application can do)."""
+    owner = f"cdc_{uuid.uuid4().hex[:8]}"
+    async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+        await _setup(conn)
+        await conn.execute("INSERT INTO shift VALUES (1, 'a', 0)")
+        ident = sql.Identifier(owner)
+        await conn.execute(sql.SQL("CREATE ROLE {}").format(ident))
+        try:
+            await conn.execute(sql.SQL("GRANT USAGE ON SCHEMA connector TO {}").format(ident))
+            await conn.execute(sql.SQL("GRANT INSERT ON connector.outbox TO {}").format(ident))
+            await conn.execute(
+                sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA connector TO {}").format(ident)
+            )
+            await conn.execute(
+                sql.SQL("ALTER FUNCTION connector.capture_shift() OWNER TO {}").format(ident)
+            )
+            await conn.execute("DELETE FROM shift WHERE id = 1")
+            events, _ = await outbox.read_batch(conn, SCHEMA, "shift", outbox.START, limit=100)
+            assert [(e.op, e.key) for e in events][-1] == (Op.DELETE, "1")
+        finally:
+            await conn.execute(
+                sql.SQL("ALTER FUNCTION connector.capture_shift() OWNER TO CURRENT_USER")
+            )
+            await conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
+            await conn.execute(sql.SQL("DROP ROLE {}").format(ident))
