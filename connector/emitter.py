@@ -240,7 +240,10 @@ class Emitter:
                 started = time.monotonic()
                 try:
                     results = await self.client.upsert(
-                        self.pipeline.module, [r for _, r, _ in part], [self.pipeline.key_field]
+                        self.pipeline.module,
+                        [r for _, r, _ in part],
+                        [self.pipeline.key_field],
+                        trigger=self.pipeline.triggers,
                     )
                 except TransientError as exc:
                     log.warning(
@@ -272,7 +275,11 @@ class Emitter:
         for i in range(0, len(targets), MAX_RECORDS_PER_CALL):
             part = targets[i : i + MAX_RECORDS_PER_CALL]
             try:
-                results = await self.client.delete(self.pipeline.module, [c for _, c in part])
+                results = await self.client.delete(
+                    self.pipeline.module,
+                    [c for _, c in part],
+                    wf_trigger="workflow" in self.pipeline.triggers,
+                )
             except TransientError:
                 out.retry.extend(e for e, _ in part)
                 continue

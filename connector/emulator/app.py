@@ -18,7 +18,13 @@ from aiohttp import web
 
 from connector.emulator import bulk, coql, metadata
 from connector.emulator.config import EmulatorConfig
-from connector.emulator.records import MESSAGES, FieldError, ModuleStore, WriteResult
+from connector.emulator.records import (
+    ALL_TRIGGERS,
+    MESSAGES,
+    FieldError,
+    ModuleStore,
+    WriteResult,
+)
 from connector.emulator.state import ApiError, BulkJob, EmulatorState, too_many_requests
 
 log = logging.getLogger(__name__)
@@ -386,6 +392,42 @@ def _data_items(body: Any, state: EmulatorState) -> list[Any]:
     return data
 
 
+def _triggers(body: Any) -> list[str]:
+    """The automations a write asks for: ``trigger`` omitted runs all of them, ``[]`` none
+    (zoho-crm-api.md §2.2; crm-oas v8.0 Body_Wrapper ``trigger``: array of strings with the
+    values workflow, approval, blueprint, pathfinder, orchestration). Any other value is refused
+    (Zoho's answer to an unknown value is not documented; refusing fails safe)."""
+    trigger = body.get("trigger") if isinstance(body, dict) else None
+    if trigger is None:
+        return list(ALL_TRIGGERS)
+    if not isinstance(trigger, list) or any(t not in ALL_TRIGGERS for t in trigger):
+        raise ApiError(
+            400,
+            "INVALID_DATA",
+            "invalid data",
+            {
+                "api_name": "trigger",
+                "json_path": "$.trigger",
+                "supported_values": list(ALL_TRIGGERS),
+            },
+        )
+    return list(dict.fromkeys(trigger))
+
+
+def _log_trigger(
+    state: EmulatorState, store: ModuleStore, api: str, trigger: list[str], n: int
+) -> None:
+    state.trigger_log.append(
+        {
+            "time": state.clock.iso(),
+            "module": store.m.spec.api_name,
+            "api": api,
+            "records": n,
+            "trigger": list(trigger),
+        }
+    )
+
+
 def _not_object(i: int) -> dict[str, Any]:
     return {
         "code": "INVALID_DATA",
@@ -452,15 +494,20 @@ def _overall(items: list[dict[str, Any]], all_ok_status: int) -> int:
 async def insert_records(request: web.Request) -> web.Response:
     state = state_of(request)
     store = state.store(request.match_info["module"])
-    data = _data_items(await _json_body(request), state)
+    body = await _json_body(request)
+    data = _data_items(body, state)
+    trigger = _triggers(body)
     n = len(data)
     await admit(request, "insert", state.record_cost(n), heavy=n > 10, records=n)
+    _log_trigger(state, store, "insert", trigger, n)
+    store.trigger = trigger
     items = []
     for i, rec in enumerate(data):
         if not isinstance(rec, dict):
             items.append(_not_object(i))
             continue
         items.append(_item(store.insert(rec, "insert"), i, store))
+    store.trigger = None
     return json_response({"data": items}, _overall(items, 201))
 
 
@@ -468,9 +515,13 @@ async def update_records(request: web.Request) -> web.Response:
     state = state_of(request)
     store = state.store(request.match_info["module"])
     path_id = request.match_info.get("id")
-    data = _data_items(await _json_body(request), state)
+    body = await _json_body(request)
+    data = _data_items(body, state)
+    trigger = _triggers(body)
     n = len(data)
     await admit(request, "update", state.record_cost(n), heavy=n > 10, records=n)
+    _log_trigger(state, store, "update", trigger, n)
+    store.trigger = trigger
     items = []
     for i, rec in enumerate(data):
         if not isinstance(rec, dict):
@@ -481,6 +532,7 @@ async def update_records(request: web.Request) -> web.Response:
             items.append(_field_error(("MANDATORY_NOT_FOUND", "id", {}), i))
             continue
         items.append(_item(store.update(str(rid), rec, "update"), i, store))
+    store.trigger = None
     return json_response({"data": items}, _overall(items, 200))
 
 
@@ -507,14 +559,18 @@ async def upsert_records(request: web.Request) -> web.Response:
                     {"api_name": name, "json_path": "$.duplicate_check_fields"},
                 )
     order = store.match_order(dcf)
+    trigger = _triggers(body)
     n = len(data)
     await admit(request, "upsert", state.record_cost(n), heavy=n > 10, records=n)
+    _log_trigger(state, store, "upsert", trigger, n)
+    store.trigger = trigger
     items = []
     for i, rec in enumerate(data):
         if not isinstance(rec, dict):
             items.append(_not_object(i))
             continue
         items.append(_item(store.upsert(rec, "upsert", order), i, store, upsert=True))
+    store.trigger = None
     return json_response({"data": items}, _overall(items, 200))
 
 
@@ -542,7 +598,14 @@ async def delete_records(request: web.Request) -> web.Response:
                 {"maximum_length": max_len, "param_name": "ids"},
             )
     await admit(request, "delete", state.cost("delete"), records=len(ids))
+    # Delete Records: ``wf_trigger`` (true/false) says whether workflow rules run (zoho-crm-api.md
+    # §2.1, SDK DeleteRecordsParam). Its default when omitted is not documented: the emulator
+    # treats omitted as true, like an omitted ``trigger`` on the other writes.
+    trigger = [] if request.query.get("wf_trigger", "true").lower() == "false" else ["workflow"]
+    _log_trigger(state, store, "delete", trigger, len(ids))
+    store.trigger = trigger
     items = [_item(store.delete(rid), i, store) for i, rid in enumerate(ids)]
+    store.trigger = None
     return json_response({"data": items}, _overall(items, 200))
 
 
@@ -1026,6 +1089,11 @@ async def admin_callbacks(request: web.Request) -> web.Response:
     return json_response({"callbacks": state_of(request).callbacks})
 
 
+async def admin_triggers(request: web.Request) -> web.Response:
+    """Every record write with the automations it asked Zoho to run."""
+    return json_response({"writes": state_of(request).trigger_log})
+
+
 async def admin_jobs(request: web.Request) -> web.Response:
     state = state_of(request)
     return json_response({"jobs": [bulk.job_details(state, j) for j in state.jobs.values()]})
@@ -1069,6 +1137,7 @@ def create_app(config: EmulatorConfig | None = None) -> web.Application:
     r.add_route("*", a + "credits", admin_credits)
     r.add_get(a + "callbacks", admin_callbacks)
     r.add_get(a + "jobs", admin_jobs)
+    r.add_get(a + "triggers", admin_triggers)
     r.add_get("/crm/v8/users", get_users)
     r.add_get("/crm/v8/org", get_org)
     r.add_get("/crm/v8/settings/modules", get_modules)

@@ -467,6 +467,7 @@ class RowProcessor:
             conv = make_csv_converter(spec, mp.get("format"), state)
             self.plan.append((mp["api_name"], mp["index"], conv, default, spec.mandatory))
         fc = state.faults.config
+        self.faults = state.faults
         self.skip_field = fc.skip_rows_field
         self.skip_re = re.compile(fc.skip_rows_pattern) if fc.skip_rows_pattern else None
         self.ignore_empty = job.ignore_empty
@@ -490,6 +491,9 @@ class RowProcessor:
         return self.store.find(self.find_by, value)
 
     def process(self, row: list[str]) -> tuple[str, str, str]:
+        if self.faults.unprocessed_rows_next > 0:
+            self.faults.unprocessed_rows_next -= 1
+            return ("UNPROCESSED", "", "")
         clean: dict[str, Any] = {}
         errors: list[FieldError] = []
         ignore_empty = self.ignore_empty
@@ -585,6 +589,8 @@ def step_job(state: EmulatorState, job: BulkJob) -> bool:
                     job.added += 1
                 elif s == "UPDATED":
                     job.updated += 1
+                elif s == "UNPROCESSED":
+                    pass
                 else:
                     job.skipped += 1
         finally:
@@ -594,19 +600,27 @@ def step_job(state: EmulatorState, job: BulkJob) -> bool:
     if job.processed >= total:
         job.status = "COMPLETED"
         job.completed_at = now
-        job.result_zip = build_result_zip(job)
+        job.result_zip = build_result_zip(job, cfg.result_statuses)
         return True
     job.status = "INPROGRESS"
     return False
 
 
-def build_result_zip(job: BulkJob) -> bytes:
+def build_result_zip(job: BulkJob, statuses: dict[str, str] | None = None) -> bytes:
     cols = sorted({m["index"] for m in job.mappings if m["index"] is not None})[:3]
+    spell = statuses or {}
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
     w.writerow([*(job.header[c] for c in cols), "STATUS", "RECORD_ID", "ERRORS"])
     for row, (status, rid, errors) in zip(job.rows, job.results, strict=True):
-        w.writerow([*((row[c] if c < len(row) else "") for c in cols), status, rid, errors])
+        w.writerow(
+            [
+                *((row[c] if c < len(row) else "") for c in cols),
+                spell.get(status, status),
+                rid,
+                errors,
+            ]
+        )
     buf = io.BytesIO()
     base = job.file_name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:

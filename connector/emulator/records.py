@@ -28,6 +28,11 @@ DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 DATETIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:[+-]\d{2}:\d{2}|Z)$")
 ID_RE = re.compile(r"^[0-9]{1,19}$")
 
+# Automations a record write can run (``trigger`` of Insert/Update/Upsert Records, v8:
+# zoho-crm-api.md §2.2, crm-oas v8.0 createRecords/upsert enums). Omitting ``trigger`` runs all
+# of them; ``[]`` runs none. Delete Records takes ``wf_trigger`` (workflow only).
+ALL_TRIGGERS = ("workflow", "approval", "blueprint", "pathfinder", "orchestration")
+
 SYSTEM_FIELDS = frozenset(
     {"id", "Created_Time", "Modified_Time", "Created_By", "Modified_By", "$approval_state"}
 )
@@ -258,6 +263,9 @@ class ModuleStore:
         self.index: dict[str, dict[Any, set[str]]] = {
             n: {} for n in dict.fromkeys([*compiled.unique, *compiled.dup_check])
         }
+        # the automations the current write request asked for, copied into each history entry
+        # (None: the API has no such option, e.g. Bulk Write); set by the request handler
+        self.trigger: list[str] | None = None
 
     # -- indexes ---------------------------------------------------------------------------
     def find(self, field_name: str, value: Any) -> str | None:
@@ -324,7 +332,13 @@ class ModuleStore:
     # -- writes ----------------------------------------------------------------------------
     def _record_history(self, rid: str, api: str, values: dict[str, Any], now: float) -> None:
         self.history.setdefault(rid, []).append(
-            {"time": self.clock.iso(now), "timestamp": now, "api": api, "values": dict(values)}
+            {
+                "time": self.clock.iso(now),
+                "timestamp": now,
+                "api": api,
+                "values": dict(values),
+                "trigger": None if self.trigger is None else list(self.trigger),
+            }
         )
 
     def insert(

@@ -49,6 +49,10 @@ class EmulatorHandle:
     def callbacks(self) -> list[dict[str, Any]]:
         return list(self.state.callbacks)
 
+    def triggers(self) -> list[dict[str, Any]]:
+        """Record writes with the automations each asked to run (admin ``triggers``)."""
+        return list(self.state.trigger_log)
+
 
 @asynccontextmanager
 async def start_emulator(

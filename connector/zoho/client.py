@@ -331,8 +331,11 @@ class ZohoClient:
             "update", "PUT", f"/crm/v8/{module}", records, body={}, trigger=trigger
         )
 
-    async def delete(self, module: str, ids: Sequence[str]) -> list[RecordResult]:
-        """``DELETE /crm/v8/{module}?ids=…`` (≤ 100 ids)."""
+    async def delete(
+        self, module: str, ids: Sequence[str], *, wf_trigger: bool | None = None
+    ) -> list[RecordResult]:
+        """``DELETE /crm/v8/{module}?ids=…`` (≤ 100 ids); ``wf_trigger`` whether workflow
+        rules run (omitted: Zoho's default)."""
         if not ids:
             return []
         if len(ids) > MAX_RECORDS_PER_CALL:
@@ -344,7 +347,8 @@ class ZohoClient:
             api="delete",
             records=len(ids),
             cost=self._costs.default,
-            params={"ids": ",".join(ids)},
+            params={"ids": ",".join(ids)}
+            | ({} if wf_trigger is None else {"wf_trigger": str(wf_trigger).lower()}),
             record_errors=True,
         )
         return _record_results(reply, len(ids), "delete")

@@ -1,0 +1,94 @@
+"""Issue 15 items 4-7 end to end: automations (``trigger``), transient per-record errors,
+expired bulk jobs and result STATUS spellings, against the emulator behaving like Zoho."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from connector.emulator import start_emulator
+from connector.emulator.records import ALL_TRIGGERS
+from connector.emulator.server import EmulatorHandle
+
+from .conftest import (
+    EngineFactory,
+    assert_crm_matches,
+    emulator_with,
+    execute,
+    fetch,
+    insert_sql,
+    make_client,
+    pipeline_config,
+)
+
+# ---- item 4: which automations the synced writes run -------------------------------------------
+
+
+async def test_synced_writes_run_no_automation_by_default(
+    legacy: str, emu: EmulatorHandle, make_engine: EngineFactory
+) -> None:
+    await execute(legacy, *insert_sql(5))
+    await execute(legacy, "DELETE FROM public.orders WHERE id = 5")
+    async with make_client(emu) as client:
+        await make_engine(client).drain()
+    writes = emu.triggers()
+    assert {w["api"] for w in writes} == {"upsert"}
+    assert all(w["trigger"] == [] for w in writes), writes
+    rec = emu.records("Orders")[0]
+    assert emu.history("Orders", rec["id"])[-1]["trigger"] == []
+
+
+async def test_configured_automations_are_asked_for(
+    legacy: str, emu: EmulatorHandle, make_engine: EngineFactory
+) -> None:
+    pipeline = pipeline_config(triggers=["workflow", "blueprint"])
+    await execute(legacy, *insert_sql(3))
+    async with make_client(emu) as client:
+        await make_engine(client, pipeline).drain()
+        await execute(legacy, "DELETE FROM public.orders WHERE id = 3")
+        await make_engine(client, pipeline).drain()
+    writes = emu.triggers()
+    assert [w["api"] for w in writes] == ["upsert", "delete"]
+    assert writes[0]["trigger"] == ["workflow", "blueprint"]
+    assert writes[1]["trigger"] == ["workflow"]  # Delete Records: wf_trigger=true
+    assert set(writes[0]["trigger"]) < set(ALL_TRIGGERS)
+
+
+def test_unknown_trigger_value_is_a_config_error() -> None:
+    with pytest.raises(ValueError, match=r"triggers[\s\S]*'workflow', 'approval'"):
+        pipeline_config(triggers=["workflows"])
+
+
+# ---- item 7: result STATUS spellings -----------------------------------------------------------
+
+
+@pytest.fixture
+async def odd_status_emu() -> AsyncIterator[EmulatorHandle]:
+    """Result files spell STATUS in words the client has never seen."""
+    statuses = {
+        "ADDED": "Record Added",
+        "UPDATED": "Record Updated",
+        "SKIPPED": "skipped",
+        "UNPROCESSED": "unprocessed",
+    }
+    async with start_emulator(emulator_with(result_statuses=statuses)) as handle:
+        yield handle
+
+
+async def test_result_status_spellings_and_unprocessed_rows(
+    legacy: str, odd_status_emu: EmulatorHandle, make_engine: EngineFactory
+) -> None:
+    emu = odd_status_emu
+    emu.set_faults(unprocessed_rows_next=7)
+    await execute(legacy, *insert_sql(6_000))
+    async with make_client(emu) as client:
+        await make_engine(client).drain()
+    assert (
+        await fetch(legacy, "SELECT error_code, count(*) FROM connector.dead_letters GROUP BY 1")
+        == []
+    )
+    await assert_crm_matches(emu, legacy)
+    rows = await fetch(legacy, "SELECT count(*) FROM connector.key_state WHERE status = 'synced'")
+    assert rows == [(6_000,)]
+    assert emu.usage()["bulk_jobs"] >= 1
