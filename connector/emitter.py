@@ -41,7 +41,7 @@ from connector import state
 from connector.capture import OWN_WRITE_PREFIX, pin_image_settings
 from connector.coalesce import PendingEntry
 from connector.config import PipelineConfig
-from connector.errors import DataError, TransientError
+from connector.errors import BulkJobGone, DataError, TransientError
 from connector.events import ChangeEvent, Op, stamp_of
 from connector.mapping import RecordMapper, dumps_json
 from connector.metrics import Metrics
@@ -467,6 +467,8 @@ class Emitter:
                     else None
                 )
                 break
+            except BulkJobGone as exc:
+                return await self._job_gone(job_row, job_id, entries, by_key, exc)
             except TransientError as exc:
                 log.warning(
                     "bulk job poll failed; retrying",
@@ -489,6 +491,33 @@ class Emitter:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
+
+    async def _job_gone(
+        self,
+        job_row: int,
+        job_id: str,
+        entries: Sequence[state.BulkEntry],
+        by_key: dict[str, PendingEntry] | None,
+        exc: BulkJobGone,
+    ) -> EmitOutcome:
+        """The job or its result file expired on the CRM (a long outage): what it wrote is
+        unknown, so its entries are sent again, never failed. The row is abandoned with the
+        usual orphan fence (should the CRM still run the job, an older version must not land
+        after the re-sent one); after a restart the events are read again from the checkpoint."""
+        fence = self.orphan_fence_seconds(len(entries))
+        log.warning(
+            "bulk job or its result expired on the CRM; its entries are sent again, fenced",
+            extra={
+                "pipeline": self.pipeline.name,
+                "job_id": job_id,
+                "error": str(exc),
+                "fence_seconds": round(fence, 1),
+            },
+        )
+        await self._until_stored(lambda conn: self._abandon_fenced(conn, job_row, fence))
+        keys = [e.key for e in entries]
+        retry = [by_key[k] for k in keys if k in by_key] if by_key is not None else []
+        return EmitOutcome(retry=retry, fences=[state.BulkFence(job_row, keys, fence)])
 
     async def _until_stored(
         self, write: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]

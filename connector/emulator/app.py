@@ -879,8 +879,12 @@ async def get_bulk_job(request: web.Request) -> web.Response:
     job = state.jobs.get(request.match_info["job_id"])
     if job is None:
         raise _job_not_found()
-    await admit(request, "bulk_job_details", state.cost("bulk_job_details"))
     request.app[RUNNER_KEY].step(job)
+    if job.completed_at is not None and state.clock.now() > (
+        job.completed_at + state.config.bulk.job_ttl
+    ):
+        raise _job_not_found()  # expired (bulk.job_ttl)
+    await admit(request, "bulk_job_details", state.cost("bulk_job_details"))
     return json_response(bulk.job_details(state, job))
 
 

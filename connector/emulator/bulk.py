@@ -569,7 +569,7 @@ def step_job(state: EmulatorState, job: BulkJob) -> bool:
     total = len(job.rows)
     if job.will_fail:
         job.status = "FAILED"
-        job.completed_at = now
+        job.completed_at = start  # on the emulator clock: when processing began
         return True
     rate = cfg.rows_per_second
     target = total if rate <= 0 else min(total, int((now - start) * rate))
@@ -599,7 +599,9 @@ def step_job(state: EmulatorState, job: BulkJob) -> bool:
         job.processed = target
     if job.processed >= total:
         job.status = "COMPLETED"
-        job.completed_at = now
+        # when the job ended on the emulator clock (not when it was looked at): the result
+        # link and the job expire counted from there
+        job.completed_at = min(now, start + (total / rate if rate > 0 else 0.0))
         job.result_zip = build_result_zip(job, cfg.result_statuses)
         return True
     job.status = "INPROGRESS"

@@ -152,7 +152,13 @@ class BulkConfig(_Model):
     max_zip_bytes: int = 25 * 1024 * 1024
     max_rows: int = 25_000
     max_columns: int = 200
+    # How long a result link works after the job ends: "up to 7 days" (crm-oas v8.0
+    # bulk_write.yaml, zoho-crm-api.md §3.4; not in the human docs). Then 403 "Link not valid".
     result_link_ttl: float = 7 * 86_400.0
+    # How long a finished job's details stay readable; then 404 RESOURCE_NOT_FOUND. Zoho does
+    # not document job retention (UNCONFIRMED): the emulator forgets a job when its result link
+    # expires, so a client must survive both.
+    job_ttl: float = 7 * 86_400.0
     # Literals written to the result file's STATUS column. Zoho documents the meanings (added,
     # updated, skipped, left unprocessed; bulk-write download-result page) but not the
     # spellings (zoho-crm-api.md §3.4, UNCONFIRMED): tests change them to check the client.

@@ -52,7 +52,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from connector.errors import PermanentError, TransientError
+from connector.errors import BulkJobGone, PermanentError, TransientError
 from connector.mapping import dumps_json
 from connector.zoho.auth import TokenManager
 from connector.zoho.bulk import (
@@ -945,6 +945,12 @@ class ZohoClient:
                 f"zoho {api}: the CRM refused the access token ({reply.describe()}); "
                 "check the OAuth client, scopes and refresh token"
             )
+        if (api == "bulk_job" and status == 404 and reply.code != "INVALID_URL_PATTERN") or (
+            api == "bulk_download" and status in (403, 404)
+        ):
+            # an expired job / result link (Zoho keeps results for a limited time, §3.4):
+            # the caller sends the job's rows again
+            raise BulkJobGone(f"zoho {api} {what}: {reply.describe()}")
         raise PermanentError(f"zoho {api} {what}: {reply.describe()}")
 
 

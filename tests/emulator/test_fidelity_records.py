@@ -6,10 +6,15 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
+from connector.emulator import start_emulator
 from connector.emulator.records import ALL_TRIGGERS
 from connector.emulator.server import EmulatorHandle
-from tests.emulator.conftest import Api
+from connector.errors import BulkJobGone
+from connector.zoho.bulk import JobStatus, build_bulk_zip
+from connector.zoho.client import ZohoClient
+from tests.emulator.conftest import Api, make_config
 
 UPSERT = "/crm/v8/Orders/upsert"
 
@@ -76,3 +81,59 @@ async def test_delete_wf_trigger_is_recorded(emu: EmulatorHandle, api: Api) -> N
     assert status == 200
     assert emu.history("Orders", a)[-1]["trigger"] == []
     assert emu.history("Orders", b)[-1]["trigger"] == ["workflow"]
+
+
+# ---- item 6: expired jobs and result links ----------------------------------------------------
+
+
+async def _bulk_job(emu: EmulatorHandle) -> tuple[ZohoClient, str]:
+    client = ZohoClient(
+        accounts_url=emu.url,
+        api_url=emu.url,
+        upload_url=emu.url,
+        client_id="emulator-client-id",
+        client_secret=SecretStr("emulator-client-secret"),
+        refresh_token=SecretStr("emulator-refresh-token"),
+        org_id="emulator-org",
+    )
+    await client.open()
+    file = build_bulk_zip(["parent_id", "Name"], [["K1", "One"], ["K2", "Two"]])
+    file_id = await client.upload_bulk_file(file)
+    job_id = await client.create_bulk_job(
+        "Orders",
+        file_id,
+        operation="upsert",
+        find_by="parent_id",
+        field_mappings=[{"api_name": "parent_id", "index": 0}, {"api_name": "Name", "index": 1}],
+    )
+    return client, job_id
+
+
+async def test_finished_job_and_its_link_expire_after_seven_days(emu: EmulatorHandle) -> None:
+    client, job_id = await _bulk_job(emu)
+    try:
+        job = await client.wait_bulk_job(job_id, poll_initial=0.01)
+        assert job.status is JobStatus.COMPLETED
+        emu.advance(6 * 86_400)  # a week is not over: both still there
+        assert (await client.get_bulk_job(job_id)).download_url == job.download_url
+        assert len(await client.download_bulk_result(job)) > 0
+        emu.advance(2 * 86_400)
+        with pytest.raises(BulkJobGone, match="403"):
+            await client.download_bulk_result(job)
+        with pytest.raises(BulkJobGone, match="404 RESOURCE_NOT_FOUND"):
+            await client.get_bulk_job(job_id)
+    finally:
+        await client.aclose()
+
+
+async def test_expiry_counts_from_the_end_of_the_job_not_from_the_first_look() -> None:
+    async with start_emulator(make_config(bulk={"queue_seconds": 100.0})) as emu:
+        client, job_id = await _bulk_job(emu)
+        try:
+            # the clock jumps 8 days at once: the job is first seen finished now, but it
+            # ended (queue 100 s, then at once) more than a week ago
+            emu.advance(8 * 86_400)
+            with pytest.raises(BulkJobGone, match="404"):
+                await client.get_bulk_job(job_id)
+        finally:
+            await client.aclose()

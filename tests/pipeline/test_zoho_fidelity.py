@@ -3,6 +3,8 @@ expired bulk jobs and result STATUS spellings, against the emulator behaving lik
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 
 import pytest
@@ -12,6 +14,7 @@ from connector.emulator.records import ALL_TRIGGERS
 from connector.emulator.server import EmulatorHandle
 
 from .conftest import (
+    FAST,
     EngineFactory,
     assert_crm_matches,
     emulator_with,
@@ -92,3 +95,48 @@ async def test_result_status_spellings_and_unprocessed_rows(
     rows = await fetch(legacy, "SELECT count(*) FROM connector.key_state WHERE status = 'synced'")
     assert rows == [(6_000,)]
     assert emu.usage()["bulk_jobs"] >= 1
+
+
+# ---- item 6: a bulk job or its result link expired during a long outage ------------------------
+
+
+@pytest.mark.parametrize(
+    ("bulk", "outage"),
+    [
+        # the job's details are gone (404 RESOURCE_NOT_FOUND) a week after it ended
+        ({"queue_seconds": 100.0}, 8 * 86_400.0),
+        # the job is still known, its result link is not (403 "Link not valid")
+        ({"queue_seconds": 100.0, "result_link_ttl": 50.0, "job_ttl": 1e9}, 1_000.0),
+    ],
+    ids=["job-expired", "link-expired"],
+)
+async def test_expired_bulk_job_is_sent_again_after_a_long_outage(
+    legacy: str, make_engine: EngineFactory, bulk: dict[str, float], outage: float
+) -> None:
+    async with start_emulator(emulator_with(**bulk)) as emu:
+        await execute(legacy, *insert_sql(6_000))
+        fast = dataclasses.replace(
+            FAST, drain_timeout=0.05, default_bulk_latency=0.2, orphan_fence_min=0.2
+        )
+        async with make_client(emu) as client:
+            first = asyncio.create_task(make_engine(client, options=fast).drain())
+            for _ in range(1_000):
+                rows = await fetch(legacy, "SELECT status FROM connector.bulk_jobs")
+                if rows == [("created",)]:
+                    break
+                await asyncio.sleep(0.02)
+            first.cancel()  # the process dies while the CRM works on the job
+            with pytest.raises(asyncio.CancelledError):
+                await first
+        emu.advance(outage)  # a long outage: the CRM forgets the job or its result
+        emu.state.config.bulk.queue_seconds = 0.0  # the job sent again runs at once
+        async with make_client(emu) as client:
+            await make_engine(client, options=fast).drain()
+        jobs = await fetch(legacy, "SELECT status FROM connector.bulk_jobs ORDER BY id")
+        assert jobs[0] == ("abandoned",)  # not failed, not retried forever
+        await assert_crm_matches(emu, legacy)
+        rows = await fetch(
+            legacy, "SELECT count(*) FROM connector.key_state WHERE status = 'synced'"
+        )
+        assert rows == [(6_000,)]
+        assert await fetch(legacy, "SELECT count(*) FROM connector.dead_letters") == [(0,)]
