@@ -47,6 +47,7 @@ from connector.mapping import RecordMapper, dumps_json
 from connector.metrics import Metrics
 from connector.zoho.bulk import BulkJob, BulkRowResult, JobStatus, RowOutcome, build_bulk_zip
 from connector.zoho.client import MAX_RECORDS_PER_CALL, RecordResult, ZohoClient
+from connector.zoho.codes import TRANSIENT_RECORD_CODES
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,9 @@ class Emitter:
         self.upsert_latency: float | None = None  # EWMA of an upsert call, seconds
         self.bulk_latency: float | None = None  # EWMA of a bulk job, intent to applied
         self.bulk_records: float | None = None  # EWMA of the records of those jobs
+        # keys answered with a transient per-record code (RECORD_LOCKED, …): (first answer,
+        # attempts), monotonic; retried until max_staleness has passed, then dead-lettered
+        self._transient: dict[str, tuple[float, int]] = {}
 
     # ------------------------------------------------------------------ estimates
     def restore_bulk_latency(self, durations: Sequence[tuple[int, float]]) -> None:
@@ -254,11 +258,15 @@ class Emitter:
                     continue
                 self.upsert_latency = _ewma(self.upsert_latency, time.monotonic() - started)
                 for (e, record, api), r in zip(part, results, strict=True):
+                    if self._retry_transient(e.key, None if r.ok else r.code):
+                        out.retry.append(e)  # locked or busy now: sent again after a backoff
+                        continue
                     self._count(api, "success" if r.ok else "rejected")
                     if r.ok:
                         res.ack(e.event, r.id, r.action)
                     else:
-                        res.reject(e.event, r.code, _message(r), r.field, api, record)
+                        message = _message(r) + self._gave_up(e.key)
+                        res.reject(e.event, r.code, message, r.field, api, record)
                     out.done.append(e)
             await self._store(res)
             out.acked += len(res.acks)
@@ -284,11 +292,15 @@ class Emitter:
                 out.retry.extend(e for e, _ in part)
                 continue
             for (e, crm_id), r in zip(part, results, strict=True):
+                if self._retry_transient(e.key, None if r.ok else r.code):
+                    out.retry.append(e)
+                    continue
                 if r.ok or r.code in _GONE_CODES:
                     res.ack(e.event, crm_id)
                     self._count("delete", "success")
                 else:
-                    res.reject(e.event, r.code, _message(r), r.field, "delete", {"id": crm_id})
+                    message = _message(r) + self._gave_up(e.key)
+                    res.reject(e.event, r.code, message, r.field, "delete", {"id": crm_id})
                     self._count("delete", "rejected")
                 out.done.append(e)
         return out
@@ -557,13 +569,15 @@ class Emitter:
                 r = results[be.key]
                 event = _entry_event(be, by_key)
                 if r.ok:
+                    self._transient.pop(be.key, None)
                     action = "insert" if r.outcome is RowOutcome.ADDED else "update"
                     res.ack(event, r.record_id, action)
                     self._count("bulk", "success")
-                elif r.outcome is RowOutcome.UNPROCESSED:
+                elif r.outcome is RowOutcome.UNPROCESSED or self._retry_transient(be.key, r.code):
                     retry_keys.append(be.key)
                 else:
-                    res.reject(event, r.code or "SKIPPED", r.message, r.field, "bulk", None)
+                    message = r.message + self._gave_up(be.key)
+                    res.reject(event, r.code or "SKIPPED", message, r.field, "bulk", None)
                     self._count("bulk", "skipped")
         async with self.pool.connection() as conn, conn.transaction():
             if job.status is JobStatus.FAILED:
@@ -724,6 +738,31 @@ class Emitter:
             )
             await conn.commit()
             return cur.rowcount
+
+    # ------------------------------------------------------------------ transient record codes
+    def _retry_transient(self, key: str, code: str | None) -> bool:
+        """True when the key's answer is a transient per-record code (``TRANSIENT_RECORD_CODES``)
+        and its first such answer is less than ``max_staleness`` ago: the entry goes back to
+        pending (the engine's retry backoff spaces the attempts). False otherwise; the
+        attempts stay counted for :meth:`_gave_up`."""
+        if code not in TRANSIENT_RECORD_CODES:
+            self._transient.pop(key, None)
+            return False
+        now = time.monotonic()
+        first, attempts = self._transient.get(key, (now, 0))
+        self._transient[key] = (first, attempts + 1)
+        return now - first < self.pipeline.max_staleness.total_seconds()
+
+    def _gave_up(self, key: str) -> str:
+        """The reason appended to a dead letter after transient retries ('' if none)."""
+        tried = self._transient.pop(key, None)
+        if tried is None:
+            return ""
+        first, attempts = tried
+        return (
+            f" (still refused after {attempts} attempts over {time.monotonic() - first:.0f}s,"
+            " the pipeline's max_staleness)"
+        )
 
     # ------------------------------------------------------------------ internals
     def _json(self, event: ChangeEvent) -> dict[str, Any]:

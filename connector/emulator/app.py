@@ -1093,6 +1093,35 @@ async def admin_callbacks(request: web.Request) -> web.Response:
     return json_response({"callbacks": state_of(request).callbacks})
 
 
+async def admin_locks(request: web.Request) -> web.Response:
+    """Lock records as an approval process does (writes answer ``RECORD_LOCKED``).
+    POST ``{"module", "id" | "field"+"value", "seconds"?: lock length on the emulator clock,
+    "unlock"?: true}``; GET lists the locks of every module."""
+    state = state_of(request)
+    if request.method == "POST":
+        body = await _json_body(request) or {}
+        try:
+            store = state.store(str(body.get("module")))
+        except ApiError as e:
+            return json_response(e.payload(), 404)
+        rid = body.get("id")
+        if rid is None and "field" in body:
+            rid = store.find(str(body["field"]), body.get("value"))
+        if rid is None or str(rid) not in store.records:
+            return json_response({"error": "no such record"}, 404)
+        if body.get("unlock"):
+            store.locks.pop(str(rid), None)
+        else:
+            seconds = body.get("seconds")
+            until = None if seconds is None else state.clock.now() + float(seconds)
+            store.locks[str(rid)] = until
+    out = {
+        name: {rid: until for rid, until in st.locks.items() if st.locked(rid)}
+        for name, st in state.stores.items()
+    }
+    return json_response({"locks": {k: v for k, v in out.items() if v}})
+
+
 async def admin_triggers(request: web.Request) -> web.Response:
     """Every record write with the automations it asked Zoho to run."""
     return json_response({"writes": state_of(request).trigger_log})
@@ -1142,6 +1171,7 @@ def create_app(config: EmulatorConfig | None = None) -> web.Application:
     r.add_get(a + "callbacks", admin_callbacks)
     r.add_get(a + "jobs", admin_jobs)
     r.add_get(a + "triggers", admin_triggers)
+    r.add_route("*", a + "locks", admin_locks)
     r.add_get("/crm/v8/users", get_users)
     r.add_get("/crm/v8/org", get_org)
     r.add_get("/crm/v8/settings/modules", get_modules)

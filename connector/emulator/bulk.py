@@ -543,6 +543,8 @@ class RowProcessor:
         if rid is None:
             res = store.apply_insert(clean, "bulk")
             return ("ADDED", res.record_id or "", "")
+        if store.locked(rid):  # result-file code per the JSON API's (UNCONFIRMED for bulk)
+            return ("SKIPPED", "", f"RECORD_LOCKED-{self.find_by}")
         store.apply_update(rid, store.records[rid], clean, "bulk")
         return ("UPDATED", rid, "")
 

@@ -20,6 +20,9 @@ MESSAGES: dict[str, str] = {
     "DUPLICATE_DATA": "duplicate data",
     "RESOURCE_NOT_FOUND": "The requested resource doesn't exist.",
     "CANNOT_PROCESS": "the record cannot be processed",
+    # the code is in Zoho's record error enum (crm-oas v8.0 record.json); the message text is
+    # not documented (UNCONFIRMED)
+    "RECORD_LOCKED": "the record is locked",
 }
 
 EMAIL_RE = re.compile(r"^[A-Za-z0-9._%+'-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}$")
@@ -266,6 +269,23 @@ class ModuleStore:
         # the automations the current write request asked for, copied into each history entry
         # (None: the API has no such option, e.g. Bulk Write); set by the request handler
         self.trigger: list[str] | None = None
+        # records locked (as by an approval process): id -> end on the emulator clock, or None
+        # until unlocked (admin ``locks``)
+        self.locks: dict[str, float | None] = {}
+
+    def locked(self, rid: str) -> bool:
+        if rid not in self.locks:
+            return False
+        until = self.locks[rid]
+        if until is not None and self.clock.now() >= until:
+            del self.locks[rid]
+            return False
+        return True
+
+    def _locked_result(self, rid: str) -> WriteResult:
+        return WriteResult(
+            ok=False, code="RECORD_LOCKED", details={"id": rid}, message=MESSAGES["RECORD_LOCKED"]
+        )
 
     # -- indexes ---------------------------------------------------------------------------
     def find(self, field_name: str, value: Any) -> str | None:
@@ -389,6 +409,8 @@ class ModuleStore:
                 details={"id": rid},
                 message="the id given seems to be invalid",
             )
+        if self.locked(rid):
+            return self._locked_result(rid)
         clean, errors = self.m.check_values(data, creating=False)
         if extra_errors:
             errors.extend(extra_errors)
@@ -448,6 +470,8 @@ class ModuleStore:
         return res
 
     def delete(self, rid: str, api: str = "delete") -> WriteResult:
+        if rid in self.records and self.locked(rid):
+            return self._locked_result(rid)
         rec = self.records.pop(rid, None)
         if rec is None:
             return WriteResult(

@@ -86,17 +86,20 @@ async def test_delete_wf_trigger_is_recorded(emu: EmulatorHandle, api: Api) -> N
 # ---- item 6: expired jobs and result links ----------------------------------------------------
 
 
-async def _bulk_job(emu: EmulatorHandle) -> tuple[ZohoClient, str]:
-    client = ZohoClient(
-        accounts_url=emu.url,
-        api_url=emu.url,
-        upload_url=emu.url,
-        client_id="emulator-client-id",
-        client_secret=SecretStr("emulator-client-secret"),
-        refresh_token=SecretStr("emulator-refresh-token"),
-        org_id="emulator-org",
-    )
-    await client.open()
+async def _bulk_job(
+    emu: EmulatorHandle, client: ZohoClient | None = None
+) -> tuple[ZohoClient, str]:
+    if client is None:
+        client = ZohoClient(
+            accounts_url=emu.url,
+            api_url=emu.url,
+            upload_url=emu.url,
+            client_id="emulator-client-id",
+            client_secret=SecretStr("emulator-client-secret"),
+            refresh_token=SecretStr("emulator-refresh-token"),
+            org_id="emulator-org",
+        )
+        await client.open()
     file = build_bulk_zip(["parent_id", "Name"], [["K1", "One"], ["K2", "Two"]])
     file_id = await client.upload_bulk_file(file)
     job_id = await client.create_bulk_job(
@@ -137,3 +140,55 @@ async def test_expiry_counts_from_the_end_of_the_job_not_from_the_first_look() -
                 await client.get_bulk_job(job_id)
         finally:
             await client.aclose()
+
+
+# ---- item 5: record locks ---------------------------------------------------------------------
+
+
+async def test_locked_record_refuses_writes_until_unlocked(emu: EmulatorHandle, api: Api) -> None:
+    _, out = await upsert(api, [rec("K1"), rec("K2")], trigger=[])
+    rid = out["data"][0]["details"]["id"]
+    status, _, body = await api.call(
+        "POST",
+        "/__emulator__/locks",
+        json={"module": "Orders", "field": "parent_id", "value": "K1"},
+    )
+    assert status == 200 and list(body["locks"]["Orders"]) == [rid]
+    status, out = await upsert(api, [rec("K1", Notes="new"), rec("K2", Notes="new")], trigger=[])
+    assert status == 207
+    assert out["data"][0]["code"] == "RECORD_LOCKED"
+    assert out["data"][0]["details"] == {"id": rid}
+    assert out["data"][1]["code"] == "SUCCESS"
+    status, _, body = await api.call("DELETE", "/crm/v8/Orders", params={"ids": rid})
+    assert status == 400 and body["data"][0]["code"] == "RECORD_LOCKED"
+    await api.call(
+        "POST", "/__emulator__/locks", json={"module": "Orders", "id": rid, "unlock": True}
+    )
+    status, out = await upsert(api, [rec("K1", Notes="new")], trigger=[])
+    assert status == 200 and out["data"][0]["code"] == "SUCCESS"
+
+
+async def test_lock_ends_on_the_emulator_clock(emu: EmulatorHandle, api: Api) -> None:
+    _, out = await upsert(api, [rec("K1")], trigger=[])
+    rid = out["data"][0]["details"]["id"]
+    emu.lock("Orders", rid, seconds=60)
+    status, out = await upsert(api, [rec("K1", Notes="x")], trigger=[])
+    assert status == 400 and out["data"][0]["code"] == "RECORD_LOCKED"
+    emu.advance(61)
+    status, out = await upsert(api, [rec("K1", Notes="x")], trigger=[])
+    assert status == 200
+
+
+async def test_bulk_row_of_a_locked_record_is_skipped(emu: EmulatorHandle) -> None:
+    client, job_id = await _bulk_job(emu)  # K1, K2 added
+    try:
+        await client.wait_bulk_job(job_id, poll_initial=0.01)
+        k1 = next(r["id"] for r in emu.records("Orders") if r["parent_id"] == "K1")
+        emu.lock("Orders", k1)
+        _, job_id = await _bulk_job(emu, client)
+        job = await client.wait_bulk_job(job_id, poll_initial=0.01)
+        results = await client.bulk_results(job, ["K1", "K2"], "parent_id")
+        assert results["K1"].code == "RECORD_LOCKED" and not results["K1"].ok
+        assert results["K2"].ok
+    finally:
+        await client.aclose()

@@ -140,3 +140,73 @@ async def test_expired_bulk_job_is_sent_again_after_a_long_outage(
         )
         assert rows == [(6_000,)]
         assert await fetch(legacy, "SELECT count(*) FROM connector.dead_letters") == [(0,)]
+
+
+# ---- item 5: transient per-record errors -------------------------------------------------------
+
+
+def _crm_id(emu: EmulatorHandle, key: str) -> str:
+    return next(str(r["id"]) for r in emu.records("Orders") if str(r["parent_id"]) == key)
+
+
+async def test_locked_record_is_retried_until_the_lock_ends(
+    legacy: str, emu: EmulatorHandle, make_engine: EngineFactory
+) -> None:
+    await execute(legacy, *insert_sql(3))
+    async with make_client(emu) as client:
+        await make_engine(client).drain()
+        emu.lock("Orders", _crm_id(emu, "2"), seconds=2.0)  # an approval that ends soon
+        await execute(legacy, "UPDATE public.orders SET name = 'AFTER LOCK'")
+        await make_engine(client).drain()
+    assert await fetch(legacy, "SELECT count(*) FROM connector.dead_letters") == [(0,)]
+    await assert_crm_matches(emu, legacy)
+    locked_answers = [w for w in emu.triggers() if w["api"] == "upsert"]
+    assert len(locked_answers) >= 3  # first sync, the update, at least one retry of key 2
+
+
+async def test_lasting_lock_is_dead_lettered_with_the_reason_after_max_staleness(
+    legacy: str, emu: EmulatorHandle, make_engine: EngineFactory
+) -> None:
+    pipeline = pipeline_config(max_staleness="2s")
+    await execute(legacy, *insert_sql(3))
+    async with make_client(emu) as client:
+        await make_engine(client, pipeline).drain()
+        emu.lock("Orders", _crm_id(emu, "2"))  # locked until someone approves: not today
+        await execute(legacy, "UPDATE public.orders SET name = 'AFTER LOCK'")
+        await make_engine(client, pipeline).drain()
+    dead = await fetch(
+        legacy, "SELECT key, error_code, error_message, api FROM connector.dead_letters"
+    )
+    assert len(dead) == 1
+    key, code, message, api = dead[0]
+    assert (key, code, api) == ("2", "RECORD_LOCKED", "upsert")
+    assert "attempts" in message and "max_staleness" in message
+    crm = {str(r["parent_id"]): r["Name"] for r in emu.records("Orders")}
+    assert crm["1"] == crm["3"] == "AFTER LOCK"
+    assert crm["2"] != "AFTER LOCK"
+
+
+async def test_bulk_row_of_a_locked_record_is_retried_not_dead_lettered(
+    legacy: str, emu: EmulatorHandle, make_engine: EngineFactory
+) -> None:
+    await execute(legacy, *insert_sql(6_000))
+    async with make_client(emu) as client:
+        await make_engine(client).drain()
+        locked = _crm_id(emu, "42")
+        emu.lock("Orders", locked)
+        await execute(legacy, "UPDATE public.orders SET name = name || ' v2'")
+        task = asyncio.create_task(make_engine(client).drain())
+        for _ in range(1_500):  # the update's job is applied with key 42 refused
+            applied = await fetch(
+                legacy, "SELECT count(*) FROM connector.bulk_jobs WHERE status = 'applied'"
+            )
+            if applied == [(2,)]:
+                break
+            await asyncio.sleep(0.02)
+        assert applied == [(2,)]
+        assert not task.done()  # key 42 is pending again, not dead-lettered
+        emu.lock("Orders", locked, unlock=True)  # the approval ends
+        await asyncio.wait_for(task, 60)
+    assert await fetch(legacy, "SELECT count(*) FROM connector.dead_letters") == [(0,)]
+    await assert_crm_matches(emu, legacy)
+    assert emu.usage()["bulk_jobs"] == 2
