@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -39,8 +41,14 @@ DOWNLOAD_RE = re.compile(r"^/v8/crm/(?P<org>[^/]+)/bulk-write/(?P<job>[0-9]+)/(?
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def _exact(value: Any) -> Any:
+    if isinstance(value, Decimal):  # numbers stored exactly (validate.py) go out as written
+        return orjson.Fragment(str(value))
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
 def dumps(obj: Any) -> bytes:
-    return orjson.dumps(obj)
+    return orjson.dumps(obj, default=_exact)
 
 
 def json_response(obj: Any, status: int = 200) -> web.Response:
@@ -343,13 +351,17 @@ async def get_fields(request: web.Request) -> web.Response:
 
 
 # -- records -----------------------------------------------------------------------------------
-async def _json_body(request: web.Request) -> Any:
+async def _json_body(request: web.Request, *, exact: bool = False) -> Any:
+    """The JSON body; ``exact`` (record writes) reads fractional numbers as ``Decimal`` so a
+    value's digits are validated and stored as sent (validate.py), not as a float."""
     raw = await request.read()
     if not raw:
         return None
     try:
+        if exact:
+            return json.loads(raw, parse_float=Decimal)
         return orjson.loads(raw)
-    except orjson.JSONDecodeError:
+    except (orjson.JSONDecodeError, ValueError):
         raise ApiError(
             400, "INVALID_DATA", "invalid data", {"reason": "body is not valid JSON"}
         ) from None
@@ -494,7 +506,7 @@ def _overall(items: list[dict[str, Any]], all_ok_status: int) -> int:
 async def insert_records(request: web.Request) -> web.Response:
     state = state_of(request)
     store = state.store(request.match_info["module"])
-    body = await _json_body(request)
+    body = await _json_body(request, exact=True)
     data = _data_items(body, state)
     trigger = _triggers(body)
     n = len(data)
@@ -515,7 +527,7 @@ async def update_records(request: web.Request) -> web.Response:
     state = state_of(request)
     store = state.store(request.match_info["module"])
     path_id = request.match_info.get("id")
-    body = await _json_body(request)
+    body = await _json_body(request, exact=True)
     data = _data_items(body, state)
     trigger = _triggers(body)
     n = len(data)
@@ -539,7 +551,7 @@ async def update_records(request: web.Request) -> web.Response:
 async def upsert_records(request: web.Request) -> web.Response:
     state = state_of(request)
     store = state.store(request.match_info["module"])
-    body = await _json_body(request)
+    body = await _json_body(request, exact=True)
     data = _data_items(body, state)
     dcf = body.get("duplicate_check_fields")
     if dcf is not None and (not isinstance(dcf, list) or not all(isinstance(x, str) for x in dcf)):

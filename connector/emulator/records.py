@@ -3,16 +3,14 @@ and per-record write history. The JSON API and bulk write both go through `Modul
 
 from __future__ import annotations
 
-import math
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date, datetime
 from itertools import count
 from typing import Any
 
 from connector.emulator.clock import Clock
 from connector.emulator.config import FieldSpec, ModuleSpec
+from connector.emulator.validate import Checker, make_checker
 
 MESSAGES: dict[str, str] = {
     "INVALID_DATA": "invalid data",
@@ -25,10 +23,6 @@ MESSAGES: dict[str, str] = {
     "RECORD_LOCKED": "the record is locked",
 }
 
-EMAIL_RE = re.compile(r"^[A-Za-z0-9._%+'-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}$")
-URL_RE = re.compile(r"^(https?://)?[A-Za-z0-9.-]+\.[A-Za-z]{2,}(:[0-9]+)?(/\S*)?$")
-DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-DATETIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:[+-]\d{2}:\d{2}|Z)$")
 ID_RE = re.compile(r"^[0-9]{1,19}$")
 
 # Automations a record write can run (``trigger`` of Insert/Update/Upsert Records, v8:
@@ -42,138 +36,6 @@ SYSTEM_FIELDS = frozenset(
 
 # An error found on one value: (code, api_name, extra details).
 FieldError = tuple[str, str, dict[str, Any]]
-Checker = Callable[[Any], "dict[str, Any] | None"]
-
-
-def _digits_before_point(value: float | int) -> int:
-    return len(str(abs(int(value))))
-
-
-def make_checker(spec: FieldSpec, strict_picklists: bool, max_len_str: bool) -> Checker:
-    """A function returning None when a JSON value is valid for the field, else extra details."""
-    dt = spec.data_type
-    limit = spec.max_length
-    max_len: Any = str(limit) if max_len_str else limit
-    expected = {"expected_data_type": dt}
-    too_long = {"maximum_length": max_len}
-
-    if dt in ("text", "textarea", "phone"):
-
-        def check_text(v: Any) -> dict[str, Any] | None:
-            if not isinstance(v, str):
-                return expected
-            return too_long if len(v) > limit else None
-
-        return check_text
-    if dt == "email":
-
-        def check_email(v: Any) -> dict[str, Any] | None:
-            if not isinstance(v, str):
-                return expected
-            if len(v) > limit:
-                return too_long
-            return None if (v == "" or EMAIL_RE.match(v)) else expected
-
-        return check_email
-    if dt == "website":
-
-        def check_url(v: Any) -> dict[str, Any] | None:
-            if not isinstance(v, str):
-                return expected
-            if len(v) > limit:
-                return too_long
-            return None if (v == "" or URL_RE.match(v)) else expected
-
-        return check_url
-    if dt == "picklist":
-        allowed = frozenset(spec.picklist)
-        supported = {"supported_values": list(spec.picklist)}
-
-        def check_pick(v: Any) -> dict[str, Any] | None:
-            if not isinstance(v, str):
-                return expected
-            if len(v) > limit:
-                return too_long
-            if strict_picklists and v not in allowed:
-                return supported
-            return None
-
-        return check_pick
-    if dt == "multiselectpicklist":
-        allowed_m = frozenset(spec.picklist)
-        supported_m = {"supported_values": list(spec.picklist)}
-
-        def check_multi(v: Any) -> dict[str, Any] | None:
-            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-                return expected
-            if strict_picklists and any(x not in allowed_m for x in v):
-                return supported_m
-            return None
-
-        return check_multi
-    if dt == "integer":
-
-        def check_int(v: Any) -> dict[str, Any] | None:
-            if isinstance(v, bool) or not isinstance(v, int):
-                return expected
-            return too_long if _digits_before_point(v) > limit else None
-
-        return check_int
-    if dt == "bigint":
-
-        def check_long(v: Any) -> dict[str, Any] | None:
-            if isinstance(v, bool):
-                return expected
-            if isinstance(v, str):
-                if not re.fullmatch(r"-?\d+", v):
-                    return expected
-                return too_long if len(v.lstrip("-")) > limit else None
-            if isinstance(v, int):
-                return too_long if _digits_before_point(v) > limit else None
-            return expected
-
-        return check_long
-    if dt in ("double", "currency", "decimal", "percent"):
-
-        def check_num(v: Any) -> dict[str, Any] | None:
-            if isinstance(v, bool) or not isinstance(v, int | float):
-                return expected
-            if isinstance(v, float) and not math.isfinite(v):
-                return expected
-            return too_long if _digits_before_point(v) > limit else None
-
-        return check_num
-    if dt == "boolean":
-
-        def check_bool(v: Any) -> dict[str, Any] | None:
-            return None if isinstance(v, bool) else expected
-
-        return check_bool
-    if dt == "date":
-
-        def check_date(v: Any) -> dict[str, Any] | None:
-            if not isinstance(v, str) or not DATE_RE.match(v):
-                return expected
-            try:
-                date.fromisoformat(v)
-            except ValueError:
-                return expected
-            return None
-
-        return check_date
-    if dt == "datetime":
-
-        def check_dt(v: Any) -> dict[str, Any] | None:
-            if not isinstance(v, str) or not DATETIME_RE.match(v):
-                return expected
-            try:
-                datetime.fromisoformat(v)
-            except ValueError:
-                return expected
-            return None
-
-        return check_dt
-    raise ValueError(f"unsupported data type {dt}")  # pragma: no cover - Literal guards it
 
 
 def index_key(value: Any) -> Any:

@@ -3,14 +3,21 @@ record locks, expired bulk jobs and one field validation for the JSON and Bulk W
 
 from __future__ import annotations
 
+import json
+from decimal import Decimal
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import SecretStr
 
-from connector.emulator import start_emulator
+from connector.emulator import EmulatorConfig, start_emulator
+from connector.emulator.bulk import make_csv_converter
 from connector.emulator.records import ALL_TRIGGERS
 from connector.emulator.server import EmulatorHandle
+from connector.emulator.state import EmulatorState
+from connector.emulator.validate import BAD
 from connector.errors import BulkJobGone
 from connector.zoho.bulk import JobStatus, build_bulk_zip
 from connector.zoho.client import ZohoClient
@@ -192,3 +199,111 @@ async def test_bulk_row_of_a_locked_record_is_skipped(emu: EmulatorHandle) -> No
         assert results["K2"].ok
     finally:
         await client.aclose()
+
+
+# ---- item 10: one validation for the JSON and the Bulk Write path ------------------------------
+
+
+async def _bulk_value(emu: EmulatorHandle, client: ZohoClient, column: str, cell: str) -> Any:
+    """Write one value through Bulk Write; the stored value, or the row's error code."""
+    file = build_bulk_zip(["parent_id", "Name", column], [["B1", "Bulk", cell]])
+    file_id = await client.upload_bulk_file(file)
+    job_id = await client.create_bulk_job(
+        "Orders",
+        file_id,
+        operation="upsert",
+        find_by="parent_id",
+        field_mappings=[
+            {"api_name": "parent_id", "index": 0},
+            {"api_name": "Name", "index": 1},
+            {"api_name": column, "index": 2},
+        ],
+    )
+    job = await client.wait_bulk_job(job_id, poll_initial=0.01)
+    result = (await client.bulk_results(job, ["B1"], "parent_id"))["B1"]
+    if not result.ok:
+        return result.code
+    return next(r for r in emu.records("Orders") if r["parent_id"] == "B1").get(column)
+
+
+async def _json_value(emu: EmulatorHandle, api: Api, column: str, raw: str) -> Any:
+    """Write one value through the JSON upsert (``raw`` is the JSON text of the value)."""
+    record = '{"parent_id":"J1","Name":"Json","' + column + '":' + raw + "}"
+    body = '{"data":[' + record + '],"duplicate_check_fields":["parent_id"],"trigger":[]}'
+    _, _, out = await api.call(
+        "POST", UPSERT, data=body, headers={"Content-Type": "application/json"}
+    )
+    item = out["data"][0]
+    if item["status"] != "success":
+        return item["code"]
+    return next(r for r in emu.records("Orders") if r["parent_id"] == "J1").get(column)
+
+
+# (column, JSON text, CSV cell): the same value on both paths
+SAME_VALUE = [
+    ("Amount", "9999999999999999.99", "9999999999999999.99"),  # 16 digits + 2: valid, exact
+    ("Amount", "99999999999999999.5", "99999999999999999.5"),  # 17 digits before the point
+    ("Amount", "1.1234567891", "1.1234567891"),  # 10 decimals: more than Zoho's 9
+    ("Amount", "0.1", "0.1"),
+    ("Quantity", "1234567890", "1234567890"),  # integer: 9 digits
+    ("Quantity", "42", "42"),
+    ("Customer_Email", '"not-an-email"', "not-an-email"),
+    ("Customer_Email", '"a@example.org"', "a@example.org"),
+    ("Status", '"Lost"', "Lost"),  # not in the picklist
+    ("Status", '"Paid"', "Paid"),
+    ("Name", '"' + "x" * 256 + '"', "x" * 256),  # single line: 255
+    ("Order_Date", '"2024-02-30"', "02/30/2024"),  # no such day (CSV default MM/dd/yyyy)
+    ("Order_Date", '"2024-02-29"', "02/29/2024"),
+]
+
+
+@pytest.mark.parametrize(("column", "json_text", "cell"), SAME_VALUE)
+async def test_one_value_one_verdict_on_both_paths(
+    emu: EmulatorHandle, api: Api, column: str, json_text: str, cell: str
+) -> None:
+    client, _ = await _bulk_job(emu)
+    try:
+        via_bulk = await _bulk_value(emu, client, column, cell)
+    finally:
+        await client.aclose()
+    via_json = await _json_value(emu, api, column, json_text)
+    if column == "Name":  # the name is also what the row is called: compare the codes only
+        assert via_json == via_bulk == "INVALID_DATA"
+        return
+    assert via_json == via_bulk, (via_json, via_bulk)
+    assert type(via_json) is type(via_bulk)
+
+
+async def test_currency_keeps_every_digit_in_answers(emu: EmulatorHandle, api: Api) -> None:
+    assert await _json_value(emu, api, "Amount", "9999999999999999.99") == Decimal(
+        "9999999999999999.99"
+    )
+    async with api.session.get(
+        emu.url + "/crm/v8/Orders",
+        params={"fields": "Amount,parent_id"},
+        headers={"Authorization": f"Zoho-oauthtoken {api.token}"},
+    ) as resp:
+        assert resp.status == 200
+        raw = await resp.read()
+    assert b'"Amount":9999999999999999.99' in raw  # not 1e16
+
+
+@given(
+    whole=st.integers(min_value=0, max_value=10**18),
+    frac=st.text(alphabet="0123456789", max_size=11),
+    negative=st.booleans(),
+)
+def test_number_verdicts_agree_for_any_decimal(whole: int, frac: str, negative: bool) -> None:
+    """For every decimal text, the JSON checker and the CSV converter of the same currency
+    field agree, and an accepted value is stored with exactly the digits sent."""
+    text = ("-" if negative else "") + str(whole) + ("." + frac if frac else "")
+    state = EmulatorState(EmulatorConfig.default())
+    store = state.stores["Orders"]
+    check = store.m.checkers["Amount"]
+    convert = make_csv_converter(store.m.fields["Amount"], None, state, check)
+    via_json = json.loads(text, parse_float=Decimal)
+    json_ok = check(via_json) is None
+    via_csv = convert(text)
+    assert json_ok == (via_csv is not BAD)
+    if json_ok:
+        assert via_csv == via_json == Decimal(text)
