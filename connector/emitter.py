@@ -68,6 +68,9 @@ class EmitOutcome:
 
     done: list[PendingEntry] = field(default_factory=list)  # acknowledged or dead-lettered
     retry: list[PendingEntry] = field(default_factory=list)  # transient failure: pending again
+    # one record refused for now (RECORD_LOCKED, …): pending again behind its own fence (in
+    # ``fences``), without slowing the rest of the pipeline
+    later: list[PendingEntry] = field(default_factory=list)
     acked: int = 0
     dead: int = 0
     added: int = 0
@@ -78,6 +81,7 @@ class EmitOutcome:
     def merge(self, other: EmitOutcome) -> None:
         self.done.extend(other.done)
         self.retry.extend(other.retry)
+        self.later.extend(other.later)
         self.fences.extend(other.fences)
         self.acked += other.acked
         self.dead += other.dead
@@ -183,6 +187,7 @@ class Emitter:
         # keys answered with a transient per-record code (RECORD_LOCKED, …): (first answer,
         # attempts), monotonic; retried until max_staleness has passed, then dead-lettered
         self._transient: dict[str, tuple[float, int]] = {}
+        self._backoff_tag = 0  # fence tags of those retries: negative, never a bulk_jobs id
 
     # ------------------------------------------------------------------ estimates
     def restore_bulk_latency(self, durations: Sequence[tuple[int, float]]) -> None:
@@ -259,7 +264,7 @@ class Emitter:
                 self.upsert_latency = _ewma(self.upsert_latency, time.monotonic() - started)
                 for (e, record, api), r in zip(part, results, strict=True):
                     if self._retry_transient(e.key, None if r.ok else r.code):
-                        out.retry.append(e)  # locked or busy now: sent again after a backoff
+                        self._later(out, e)  # locked or busy now: sent again after a backoff
                         continue
                     self._count(api, "success" if r.ok else "rejected")
                     if r.ok:
@@ -293,7 +298,7 @@ class Emitter:
                 continue
             for (e, crm_id), r in zip(part, results, strict=True):
                 if self._retry_transient(e.key, None if r.ok else r.code):
-                    out.retry.append(e)
+                    self._later(out, e)
                     continue
                 if r.ok or r.code in _GONE_CODES:
                     res.ack(e.event, crm_id)
@@ -562,6 +567,7 @@ class Emitter:
         out = EmitOutcome()
         res = _Results()
         retry_keys: list[str] = []
+        later_keys: list[str] = []
         if results is None:
             retry_keys = [e.key for e in entries]
         else:
@@ -573,8 +579,10 @@ class Emitter:
                     action = "insert" if r.outcome is RowOutcome.ADDED else "update"
                     res.ack(event, r.record_id, action)
                     self._count("bulk", "success")
-                elif r.outcome is RowOutcome.UNPROCESSED or self._retry_transient(be.key, r.code):
+                elif r.outcome is RowOutcome.UNPROCESSED:
                     retry_keys.append(be.key)
+                elif self._retry_transient(be.key, r.code):
+                    later_keys.append(be.key)
                 else:
                     message = r.message + self._gave_up(be.key)
                     res.reject(event, r.code or "SKIPPED", message, r.field, "bulk", None)
@@ -605,6 +613,9 @@ class Emitter:
             done_keys = {a.key for a in res.acks} | {d.key for d in res.dead}
             out.done.extend(by_key[k] for k in done_keys if k in by_key)
             out.retry.extend(by_key[k] for k in retry_keys if k in by_key)
+            for k in later_keys:
+                if k in by_key:
+                    self._later(out, by_key[k])
         out.acked += len(res.acks)
         out.dead += len(res.dead)
         out.added += res.added
@@ -616,7 +627,7 @@ class Emitter:
                 "job_id": job.id,
                 "acked": len(res.acks),
                 "dead": len(res.dead),
-                "retry": len(retry_keys),
+                "retry": len(retry_keys) + len(later_keys),
             },
         )
         return out
@@ -752,6 +763,16 @@ class Emitter:
         first, attempts = self._transient.get(key, (now, 0))
         self._transient[key] = (first, attempts + 1)
         return now - first < self.pipeline.max_staleness.total_seconds()
+
+    def _later(self, out: EmitOutcome, entry: PendingEntry) -> None:
+        """Hand ``entry`` back behind a fence of its own: 1 s after the first transient
+        answer, doubling up to 30 s (the engine releases the fence on time; the rest of the
+        pipeline is not held back, unlike ``retry``)."""
+        _, attempts = self._transient.get(entry.key, (0.0, 1))
+        self._backoff_tag -= 1
+        seconds = min(30.0, 2.0 ** (attempts - 1))
+        out.later.append(entry)
+        out.fences.append(state.BulkFence(self._backoff_tag, [entry.key], seconds))
 
     def _gave_up(self, key: str) -> str:
         """The reason appended to a dead letter after transient retries ('' if none)."""

@@ -17,12 +17,14 @@ from .conftest import (
     FAST,
     EngineFactory,
     assert_crm_matches,
+    crm_by_key,
     emulator_with,
     execute,
     fetch,
     insert_sql,
     make_client,
     pipeline_config,
+    wait_for,
 )
 
 # ---- item 4: which automations the synced writes run -------------------------------------------
@@ -210,3 +212,30 @@ async def test_bulk_row_of_a_locked_record_is_retried_not_dead_lettered(
     assert await fetch(legacy, "SELECT count(*) FROM connector.dead_letters") == [(0,)]
     await assert_crm_matches(emu, legacy)
     assert emu.usage()["bulk_jobs"] == 2
+
+
+async def test_a_locked_record_does_not_hold_back_the_pipeline(
+    legacy: str, emu: EmulatorHandle, make_engine: EngineFactory
+) -> None:
+    """The locked key waits behind a fence of its own (1 s, 2 s, … up to 30 s); the
+    pipeline-wide retry backoff (which pauses every other key) is not used."""
+    await execute(legacy, *insert_sql(3))
+    async with make_client(emu) as client:
+        await make_engine(client).drain()
+        emu.lock("Orders", _crm_id(emu, "2"))
+        await execute(legacy, "UPDATE public.orders SET name = 'v2' WHERE id = 2")
+        engine = make_engine(client)
+        task = asyncio.create_task(engine.drain())
+        for _ in range(1_500):  # key 2 refused at least twice
+            if sum(w["api"] == "upsert" for w in emu.triggers()) >= 3:
+                break
+            await asyncio.sleep(0.02)
+        assert engine._retry_delay == 0.0  # no pipeline-wide backoff
+        assert not task.done()
+        await execute(legacy, "UPDATE public.orders SET name = 'v2' WHERE id = 3")
+        await wait_for(lambda: crm_by_key(emu)["3"]["Name"] == "v2")
+        assert crm_by_key(emu)["2"]["Name"] != "v2"  # still locked, still pending
+        emu.lock("Orders", _crm_id(emu, "2"), unlock=True)
+        await asyncio.wait_for(task, 60)
+    await assert_crm_matches(emu, legacy)
+    assert await fetch(legacy, "SELECT count(*) FROM connector.dead_letters") == [(0,)]
