@@ -297,6 +297,13 @@ class PipelineConfig(_Strict):
     # is only safe when nothing else writes the source database under a replication origin
     # (no logical-replication subscription into it); see docs/capture-logical.md
     filter_own_writes: bool = False
+    # Zoho automations the connector's record writes run (Upsert's ``trigger``; Delete's
+    # ``wf_trigger`` is true when "workflow" is listed). Zoho runs every workflow, approval and
+    # blueprint when ``trigger`` is omitted and none for ``[]``; the default [] keeps replayed
+    # legacy changes from firing automations (mails, approval locks) on every synced write.
+    triggers: tuple[
+        Literal["workflow", "approval", "blueprint", "pathfinder", "orchestration"], ...
+    ] = ()
     fields: dict[str, Annotated[FieldMapping, BeforeValidator(_mapping)]]
 
     @field_validator("source_table")

@@ -42,12 +42,13 @@ from connector import state
 from connector.capture import OWN_WRITE_PREFIX, pin_image_settings
 from connector.coalesce import PendingEntry
 from connector.config import PipelineConfig
-from connector.errors import DataError, TransientError
+from connector.errors import BulkJobGone, DataError, TransientError
 from connector.events import ChangeEvent, Op, stamp_of
 from connector.mapping import RecordMapper, dumps_json
 from connector.metrics import Metrics
 from connector.zoho.bulk import BulkJob, BulkRowResult, JobStatus, RowOutcome, build_bulk_zip
 from connector.zoho.client import MAX_RECORDS_PER_CALL, RecordResult, ZohoClient
+from connector.zoho.codes import TRANSIENT_RECORD_CODES
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,9 @@ class EmitOutcome:
 
     done: list[PendingEntry] = field(default_factory=list)  # acknowledged or dead-lettered
     retry: list[PendingEntry] = field(default_factory=list)  # transient failure: pending again
+    # one record refused for now (RECORD_LOCKED, …): pending again behind its own fence (in
+    # ``fences``), without slowing the rest of the pipeline
+    later: list[PendingEntry] = field(default_factory=list)
     acked: int = 0
     dead: int = 0
     added: int = 0
@@ -78,6 +82,7 @@ class EmitOutcome:
     def merge(self, other: EmitOutcome) -> None:
         self.done.extend(other.done)
         self.retry.extend(other.retry)
+        self.later.extend(other.later)
         self.fences.extend(other.fences)
         self.acked += other.acked
         self.dead += other.dead
@@ -197,6 +202,10 @@ class Emitter:
         self.upsert_latency: float | None = None  # EWMA of an upsert call, seconds
         self.bulk_latency: float | None = None  # EWMA of a bulk job, intent to applied
         self.bulk_records: float | None = None  # EWMA of the records of those jobs
+        # keys answered with a transient per-record code (RECORD_LOCKED, …): (first answer,
+        # attempts), monotonic; retried until max_staleness has passed, then dead-lettered
+        self._transient: dict[str, tuple[float, int]] = {}
+        self._backoff_tag = 0  # fence tags of those retries: negative, never a bulk_jobs id
 
     # ------------------------------------------------------------------ estimates
     def restore_bulk_latency(self, durations: Sequence[tuple[int, float]]) -> None:
@@ -261,7 +270,10 @@ class Emitter:
                 started = time.monotonic()
                 try:
                     results = await self.client.upsert(
-                        self.pipeline.module, [r for _, r, _ in part], [self.pipeline.key_field]
+                        self.pipeline.module,
+                        [r for _, r, _ in part],
+                        [self.pipeline.key_field],
+                        trigger=self.pipeline.triggers,
                     )
                 except TransientError as exc:
                     log.warning(
@@ -272,13 +284,17 @@ class Emitter:
                     continue
                 self.upsert_latency = _ewma(self.upsert_latency, time.monotonic() - started)
                 for (e, record, api), r in zip(part, results, strict=True):
+                    if self._retry_transient(e.key, None if r.ok else r.code):
+                        self._later(out, e)  # locked or busy now: sent again after a backoff
+                        continue
                     self._count(api, "success" if r.ok else "rejected")
                     if r.ok:
                         res.ack(
                             e.event, r.id, r.action, hashes.get(e.key) if api == "upsert" else None
                         )
                     else:
-                        res.reject(e.event, r.code, _message(r), r.field, api, record)
+                        message = _message(r) + self._gave_up(e.key)
+                        res.reject(e.event, r.code, message, r.field, api, record)
                     out.done.append(e)
             await self._store(res)
             out.acked += len(res.acks)
@@ -338,16 +354,24 @@ class Emitter:
         for i in range(0, len(targets), MAX_RECORDS_PER_CALL):
             part = targets[i : i + MAX_RECORDS_PER_CALL]
             try:
-                results = await self.client.delete(self.pipeline.module, [c for _, c in part])
+                results = await self.client.delete(
+                    self.pipeline.module,
+                    [c for _, c in part],
+                    wf_trigger="workflow" in self.pipeline.triggers,
+                )
             except TransientError:
                 out.retry.extend(e for e, _ in part)
                 continue
             for (e, crm_id), r in zip(part, results, strict=True):
+                if self._retry_transient(e.key, None if r.ok else r.code):
+                    self._later(out, e)
+                    continue
                 if r.ok or r.code in _GONE_CODES:
                     res.ack(e.event, crm_id)
                     self._count("delete", "success")
                 else:
-                    res.reject(e.event, r.code, _message(r), r.field, "delete", {"id": crm_id})
+                    message = _message(r) + self._gave_up(e.key)
+                    res.reject(e.event, r.code, message, r.field, "delete", {"id": crm_id})
                     self._count("delete", "rejected")
                 out.done.append(e)
         return out
@@ -528,6 +552,8 @@ class Emitter:
                     else None
                 )
                 break
+            except BulkJobGone as exc:
+                return await self._job_gone(job_row, job_id, entries, by_key, exc)
             except TransientError as exc:
                 log.warning(
                     "bulk job poll failed; retrying",
@@ -550,6 +576,33 @@ class Emitter:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
+
+    async def _job_gone(
+        self,
+        job_row: int,
+        job_id: str,
+        entries: Sequence[state.BulkEntry],
+        by_key: dict[str, PendingEntry] | None,
+        exc: BulkJobGone,
+    ) -> EmitOutcome:
+        """The job or its result file expired on the CRM (a long outage): what it wrote is
+        unknown, so its entries are sent again, never failed. The row is abandoned with the
+        usual orphan fence (should the CRM still run the job, an older version must not land
+        after the re-sent one); after a restart the events are read again from the checkpoint."""
+        fence = self.orphan_fence_seconds(len(entries))
+        log.warning(
+            "bulk job or its result expired on the CRM; its entries are sent again, fenced",
+            extra={
+                "pipeline": self.pipeline.name,
+                "job_id": job_id,
+                "error": str(exc),
+                "fence_seconds": round(fence, 1),
+            },
+        )
+        await self._until_stored(lambda conn: self._abandon_fenced(conn, job_row, fence))
+        keys = [e.key for e in entries]
+        retry = [by_key[k] for k in keys if k in by_key] if by_key is not None else []
+        return EmitOutcome(retry=retry, fences=[state.BulkFence(job_row, keys, fence)])
 
     async def _until_stored(
         self, write: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]
@@ -582,6 +635,7 @@ class Emitter:
         out = EmitOutcome()
         res = _Results()
         retry_keys: list[str] = []
+        later_keys: list[str] = []
         if results is None:
             retry_keys = [e.key for e in entries]
         else:
@@ -589,13 +643,17 @@ class Emitter:
                 r = results[be.key]
                 event = _entry_event(be, by_key)
                 if r.ok:
+                    self._transient.pop(be.key, None)
                     action = "insert" if r.outcome is RowOutcome.ADDED else "update"
                     res.ack(event, r.record_id, action)
                     self._count("bulk", "success")
                 elif r.outcome is RowOutcome.UNPROCESSED:
                     retry_keys.append(be.key)
+                elif self._retry_transient(be.key, r.code):
+                    later_keys.append(be.key)
                 else:
-                    res.reject(event, r.code or "SKIPPED", r.message, r.field, "bulk", None)
+                    message = r.message + self._gave_up(be.key)
+                    res.reject(event, r.code or "SKIPPED", message, r.field, "bulk", None)
                     self._count("bulk", "skipped")
         async with self.pool.connection() as conn, conn.transaction():
             if job.status is JobStatus.FAILED:
@@ -623,6 +681,9 @@ class Emitter:
             done_keys = {a.key for a in res.acks} | {d.key for d in res.dead}
             out.done.extend(by_key[k] for k in done_keys if k in by_key)
             out.retry.extend(by_key[k] for k in retry_keys if k in by_key)
+            for k in later_keys:
+                if k in by_key:
+                    self._later(out, by_key[k])
         out.acked += len(res.acks)
         out.dead += len(res.dead)
         out.added += res.added
@@ -634,7 +695,7 @@ class Emitter:
                 "job_id": job.id,
                 "acked": len(res.acks),
                 "dead": len(res.dead),
-                "retry": len(retry_keys),
+                "retry": len(retry_keys) + len(later_keys),
             },
         )
         return out
@@ -756,6 +817,41 @@ class Emitter:
             )
             await conn.commit()
             return cur.rowcount
+
+    # ------------------------------------------------------------------ transient record codes
+    def _retry_transient(self, key: str, code: str | None) -> bool:
+        """True when the key's answer is a transient per-record code (``TRANSIENT_RECORD_CODES``)
+        and its first such answer is less than ``max_staleness`` ago: the entry goes back to
+        pending (the engine's retry backoff spaces the attempts). False otherwise; the
+        attempts stay counted for :meth:`_gave_up`."""
+        if code not in TRANSIENT_RECORD_CODES:
+            self._transient.pop(key, None)
+            return False
+        now = time.monotonic()
+        first, attempts = self._transient.get(key, (now, 0))
+        self._transient[key] = (first, attempts + 1)
+        return now - first < self.pipeline.max_staleness.total_seconds()
+
+    def _later(self, out: EmitOutcome, entry: PendingEntry) -> None:
+        """Hand ``entry`` back behind a fence of its own: 1 s after the first transient
+        answer, doubling up to 30 s (the engine releases the fence on time; the rest of the
+        pipeline is not held back, unlike ``retry``)."""
+        _, attempts = self._transient.get(entry.key, (0.0, 1))
+        self._backoff_tag -= 1
+        seconds = min(30.0, 2.0 ** (attempts - 1))
+        out.later.append(entry)
+        out.fences.append(state.BulkFence(self._backoff_tag, [entry.key], seconds))
+
+    def _gave_up(self, key: str) -> str:
+        """The reason appended to a dead letter after transient retries ('' if none)."""
+        tried = self._transient.pop(key, None)
+        if tried is None:
+            return ""
+        first, attempts = tried
+        return (
+            f" (still refused after {attempts} attempts over {time.monotonic() - first:.0f}s,"
+            " the pipeline's max_staleness)"
+        )
 
     # ------------------------------------------------------------------ internals
     def _json(self, event: ChangeEvent) -> dict[str, Any]:

@@ -571,6 +571,7 @@ class Engine:
                 self._add_fence(fence.job, fence.keys, fence.seconds_left)
             self.coalescer.complete(outcome.done, acked=True)
             self.coalescer.complete(outcome.retry, acked=False)
+            self.coalescer.complete(outcome.later, acked=False)  # behind their own fences
             if outcome.retry:
                 self._retry_delay = min(
                     max(self._retry_delay * 2, 1.0), self.options.retry_backoff_max

@@ -33,6 +33,12 @@ class PermanentError(ConnectorError):
     """Retrying will not help and the pipeline cannot go on (e.g. a failed token refresh)."""
 
 
+class BulkJobGone(ConnectorError):
+    """A bulk job (404 on its details) or its result file (403/404 on the download link) is no
+    longer on the CRM: Zoho keeps them for a limited time. The outcome of the job's rows is
+    unknown; they must be sent again, not failed."""
+
+
 class DataError(ConnectorError):
     """One record cannot be delivered as it is; it goes to dead_letters, the rest proceeds."""
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -18,7 +20,13 @@ from aiohttp import web
 
 from connector.emulator import bulk, coql, metadata
 from connector.emulator.config import EmulatorConfig
-from connector.emulator.records import MESSAGES, FieldError, ModuleStore, WriteResult
+from connector.emulator.records import (
+    ALL_TRIGGERS,
+    MESSAGES,
+    FieldError,
+    ModuleStore,
+    WriteResult,
+)
 from connector.emulator.state import ApiError, BulkJob, EmulatorState, too_many_requests
 
 log = logging.getLogger(__name__)
@@ -33,8 +41,14 @@ DOWNLOAD_RE = re.compile(r"^/v8/crm/(?P<org>[^/]+)/bulk-write/(?P<job>[0-9]+)/(?
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def _exact(value: Any) -> Any:
+    if isinstance(value, Decimal):  # numbers stored exactly (validate.py) go out as written
+        return orjson.Fragment(str(value))
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
 def dumps(obj: Any) -> bytes:
-    return orjson.dumps(obj)
+    return orjson.dumps(obj, default=_exact)
 
 
 def json_response(obj: Any, status: int = 200) -> web.Response:
@@ -337,13 +351,17 @@ async def get_fields(request: web.Request) -> web.Response:
 
 
 # -- records -----------------------------------------------------------------------------------
-async def _json_body(request: web.Request) -> Any:
+async def _json_body(request: web.Request, *, exact: bool = False) -> Any:
+    """The JSON body; ``exact`` (record writes) reads fractional numbers as ``Decimal`` so a
+    value's digits are validated and stored as sent (validate.py), not as a float."""
     raw = await request.read()
     if not raw:
         return None
     try:
+        if exact:
+            return json.loads(raw, parse_float=Decimal)
         return orjson.loads(raw)
-    except orjson.JSONDecodeError:
+    except (orjson.JSONDecodeError, ValueError):
         raise ApiError(
             400, "INVALID_DATA", "invalid data", {"reason": "body is not valid JSON"}
         ) from None
@@ -384,6 +402,42 @@ def _data_items(body: Any, state: EmulatorState) -> list[Any]:
             },
         )
     return data
+
+
+def _triggers(body: Any) -> list[str]:
+    """The automations a write asks for: ``trigger`` omitted runs all of them, ``[]`` none
+    (zoho-crm-api.md §2.2; crm-oas v8.0 Body_Wrapper ``trigger``: array of strings with the
+    values workflow, approval, blueprint, pathfinder, orchestration). Any other value is refused
+    (Zoho's answer to an unknown value is not documented; refusing fails safe)."""
+    trigger = body.get("trigger") if isinstance(body, dict) else None
+    if trigger is None:
+        return list(ALL_TRIGGERS)
+    if not isinstance(trigger, list) or any(t not in ALL_TRIGGERS for t in trigger):
+        raise ApiError(
+            400,
+            "INVALID_DATA",
+            "invalid data",
+            {
+                "api_name": "trigger",
+                "json_path": "$.trigger",
+                "supported_values": list(ALL_TRIGGERS),
+            },
+        )
+    return list(dict.fromkeys(trigger))
+
+
+def _log_trigger(
+    state: EmulatorState, store: ModuleStore, api: str, trigger: list[str], n: int
+) -> None:
+    state.trigger_log.append(
+        {
+            "time": state.clock.iso(),
+            "module": store.m.spec.api_name,
+            "api": api,
+            "records": n,
+            "trigger": list(trigger),
+        }
+    )
 
 
 def _not_object(i: int) -> dict[str, Any]:
@@ -452,15 +506,20 @@ def _overall(items: list[dict[str, Any]], all_ok_status: int) -> int:
 async def insert_records(request: web.Request) -> web.Response:
     state = state_of(request)
     store = state.store(request.match_info["module"])
-    data = _data_items(await _json_body(request), state)
+    body = await _json_body(request, exact=True)
+    data = _data_items(body, state)
+    trigger = _triggers(body)
     n = len(data)
     await admit(request, "insert", state.record_cost(n), heavy=n > 10, records=n)
+    _log_trigger(state, store, "insert", trigger, n)
+    store.trigger = trigger
     items = []
     for i, rec in enumerate(data):
         if not isinstance(rec, dict):
             items.append(_not_object(i))
             continue
         items.append(_item(store.insert(rec, "insert"), i, store))
+    store.trigger = None
     return json_response({"data": items}, _overall(items, 201))
 
 
@@ -468,9 +527,13 @@ async def update_records(request: web.Request) -> web.Response:
     state = state_of(request)
     store = state.store(request.match_info["module"])
     path_id = request.match_info.get("id")
-    data = _data_items(await _json_body(request), state)
+    body = await _json_body(request, exact=True)
+    data = _data_items(body, state)
+    trigger = _triggers(body)
     n = len(data)
     await admit(request, "update", state.record_cost(n), heavy=n > 10, records=n)
+    _log_trigger(state, store, "update", trigger, n)
+    store.trigger = trigger
     items = []
     for i, rec in enumerate(data):
         if not isinstance(rec, dict):
@@ -481,13 +544,14 @@ async def update_records(request: web.Request) -> web.Response:
             items.append(_field_error(("MANDATORY_NOT_FOUND", "id", {}), i))
             continue
         items.append(_item(store.update(str(rid), rec, "update"), i, store))
+    store.trigger = None
     return json_response({"data": items}, _overall(items, 200))
 
 
 async def upsert_records(request: web.Request) -> web.Response:
     state = state_of(request)
     store = state.store(request.match_info["module"])
-    body = await _json_body(request)
+    body = await _json_body(request, exact=True)
     data = _data_items(body, state)
     dcf = body.get("duplicate_check_fields")
     if dcf is not None and (not isinstance(dcf, list) or not all(isinstance(x, str) for x in dcf)):
@@ -507,14 +571,18 @@ async def upsert_records(request: web.Request) -> web.Response:
                     {"api_name": name, "json_path": "$.duplicate_check_fields"},
                 )
     order = store.match_order(dcf)
+    trigger = _triggers(body)
     n = len(data)
     await admit(request, "upsert", state.record_cost(n), heavy=n > 10, records=n)
+    _log_trigger(state, store, "upsert", trigger, n)
+    store.trigger = trigger
     items = []
     for i, rec in enumerate(data):
         if not isinstance(rec, dict):
             items.append(_not_object(i))
             continue
         items.append(_item(store.upsert(rec, "upsert", order), i, store, upsert=True))
+    store.trigger = None
     return json_response({"data": items}, _overall(items, 200))
 
 
@@ -542,7 +610,14 @@ async def delete_records(request: web.Request) -> web.Response:
                 {"maximum_length": max_len, "param_name": "ids"},
             )
     await admit(request, "delete", state.cost("delete"), records=len(ids))
+    # Delete Records: ``wf_trigger`` (true/false) says whether workflow rules run (zoho-crm-api.md
+    # §2.1, SDK DeleteRecordsParam). Its default when omitted is not documented: the emulator
+    # treats omitted as true, like an omitted ``trigger`` on the other writes.
+    trigger = [] if request.query.get("wf_trigger", "true").lower() == "false" else ["workflow"]
+    _log_trigger(state, store, "delete", trigger, len(ids))
+    store.trigger = trigger
     items = [_item(store.delete(rid), i, store) for i, rid in enumerate(ids)]
+    store.trigger = None
     return json_response({"data": items}, _overall(items, 200))
 
 
@@ -816,8 +891,12 @@ async def get_bulk_job(request: web.Request) -> web.Response:
     job = state.jobs.get(request.match_info["job_id"])
     if job is None:
         raise _job_not_found()
-    await admit(request, "bulk_job_details", state.cost("bulk_job_details"))
     request.app[RUNNER_KEY].step(job)
+    if job.completed_at is not None and state.clock.now() > (
+        job.completed_at + state.config.bulk.job_ttl
+    ):
+        raise _job_not_found()  # expired (bulk.job_ttl)
+    await admit(request, "bulk_job_details", state.cost("bulk_job_details"))
     return json_response(bulk.job_details(state, job))
 
 
@@ -1026,6 +1105,40 @@ async def admin_callbacks(request: web.Request) -> web.Response:
     return json_response({"callbacks": state_of(request).callbacks})
 
 
+async def admin_locks(request: web.Request) -> web.Response:
+    """Lock records as an approval process does (writes answer ``RECORD_LOCKED``).
+    POST ``{"module", "id" | "field"+"value", "seconds"?: lock length on the emulator clock,
+    "unlock"?: true}``; GET lists the locks of every module."""
+    state = state_of(request)
+    if request.method == "POST":
+        body = await _json_body(request) or {}
+        try:
+            store = state.store(str(body.get("module")))
+        except ApiError as e:
+            return json_response(e.payload(), 404)
+        rid = body.get("id")
+        if rid is None and "field" in body:
+            rid = store.find(str(body["field"]), body.get("value"))
+        if rid is None or str(rid) not in store.records:
+            return json_response({"error": "no such record"}, 404)
+        if body.get("unlock"):
+            store.locks.pop(str(rid), None)
+        else:
+            seconds = body.get("seconds")
+            until = None if seconds is None else state.clock.now() + float(seconds)
+            store.locks[str(rid)] = until
+    out = {
+        name: {rid: until for rid, until in st.locks.items() if st.locked(rid)}
+        for name, st in state.stores.items()
+    }
+    return json_response({"locks": {k: v for k, v in out.items() if v}})
+
+
+async def admin_triggers(request: web.Request) -> web.Response:
+    """Every record write with the automations it asked Zoho to run."""
+    return json_response({"writes": state_of(request).trigger_log})
+
+
 async def admin_jobs(request: web.Request) -> web.Response:
     state = state_of(request)
     return json_response({"jobs": [bulk.job_details(state, j) for j in state.jobs.values()]})
@@ -1069,6 +1182,8 @@ def create_app(config: EmulatorConfig | None = None) -> web.Application:
     r.add_route("*", a + "credits", admin_credits)
     r.add_get(a + "callbacks", admin_callbacks)
     r.add_get(a + "jobs", admin_jobs)
+    r.add_get(a + "triggers", admin_triggers)
+    r.add_route("*", a + "locks", admin_locks)
     r.add_get("/crm/v8/users", get_users)
     r.add_get("/crm/v8/org", get_org)
     r.add_get("/crm/v8/settings/modules", get_modules)

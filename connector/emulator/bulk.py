@@ -13,8 +13,9 @@ from datetime import date, datetime
 from typing import Any
 
 from connector.emulator.config import FieldSpec
-from connector.emulator.records import EMAIL_RE, URL_RE, FieldError, ModuleStore
+from connector.emulator.records import FieldError, ModuleStore
 from connector.emulator.state import ApiError, BulkJob, EmulatorState, Upload
+from connector.emulator.validate import BAD, Checker, csv_value
 
 DEFAULT_DATE_FORMAT = "MM/dd/yyyy"
 DEFAULT_DATETIME_FORMAT = "MM/dd/yyyy HH:mm:ss"
@@ -30,8 +31,6 @@ _JAVA_TOKENS = [
     ("XXX", "%z"),
     ("Z", "%z"),
 ]
-_INT_RE = re.compile(r"^-?\d+$")
-_NUM_RE = re.compile(r"^-?\d+(\.\d+)?$")
 
 
 def java_to_strptime(pattern: str) -> str:
@@ -54,13 +53,6 @@ def java_to_strptime(pattern: str) -> str:
     return "".join(out)
 
 
-class Bad:
-    """A cell that does not convert: the errors column shows ``INVALID_DATA-<field>``."""
-
-    __slots__ = ()
-
-
-BAD = Bad()
 Converter = Callable[[str], Any]
 _NUMERIC_TOKENS = {
     "yyyy": r"(\d{4})",
@@ -99,56 +91,29 @@ def _numeric_pattern(pattern: str) -> tuple[re.Pattern[str], list[str]] | None:
     return re.compile("^" + "".join(out) + "$"), order
 
 
-def make_csv_converter(spec: FieldSpec, fmt: str | None, state: EmulatorState) -> Converter:
+def make_csv_converter(
+    spec: FieldSpec, fmt: str | None, state: EmulatorState, check: Checker
+) -> Converter:
     """A function turning one CSV cell into the value the record API would store, or BAD.
-    It applies the same checks as the JSON API (type, length, picklist, email)."""
+    The cell becomes the JSON value it stands for (``validate.csv_value``; dates in the
+    column's format), then the field's JSON checker judges it: one validation for both paths
+    (``validate.py``)."""
     dt = spec.data_type
-    limit = spec.max_length
-    strict = state.config.strict_picklists
-    if dt in ("text", "textarea", "phone"):
-        return lambda s: s if len(s) <= limit else BAD
-    if dt == "email":
-        return lambda s: s if len(s) <= limit and EMAIL_RE.match(s) else BAD
-    if dt == "website":
-        return lambda s: s if len(s) <= limit and URL_RE.match(s) else BAD
-    if dt == "picklist":
-        allowed = frozenset(spec.picklist)
-        if strict:
-            return lambda s: s if s in allowed else BAD
-        return lambda s: s if len(s) <= limit else BAD
-    if dt == "multiselectpicklist":
-        allowed_m = frozenset(spec.picklist)
-
-        def to_multi(s: str) -> Any:
-            values = [x for x in s.split(";") if x]
-            if strict and any(v not in allowed_m for v in values):
-                return BAD
-            return values
-
-        return to_multi
-    if dt in ("integer", "bigint"):
-        as_text = dt == "bigint"
-
-        def to_int(s: str) -> Any:
-            if not _INT_RE.match(s) or len(s.lstrip("-")) > limit:
-                return BAD
-            return s if as_text else int(s)
-
-        return to_int
-    if dt in ("double", "currency", "decimal", "percent"):
-
-        def to_num(s: str) -> Any:
-            if not _NUM_RE.match(s) or len(s.lstrip("-").split(".", 1)[0]) > limit:
-                return BAD
-            return float(s) if "." in s else int(s)
-
-        return to_num
-    if dt == "boolean":
-        return lambda s: True if s.lower() == "true" else False if s.lower() == "false" else BAD
     if dt in ("date", "datetime"):
         pattern = fmt or (DEFAULT_DATE_FORMAT if dt == "date" else DEFAULT_DATETIME_FORMAT)
-        return _memo(_date_converter(pattern, dt == "datetime", state))
-    raise ValueError(dt)  # pragma: no cover
+        parse = _memo(_date_converter(pattern, dt == "datetime", state))
+    else:
+
+        def parse(s: str) -> Any:
+            return csv_value(dt, s)
+
+    def convert(s: str) -> Any:
+        value = parse(s)
+        if value is BAD or check(value) is not None:
+            return BAD
+        return value
+
+    return convert
 
 
 def _memo(conv: Converter, size: int = 65_536) -> Converter:
@@ -464,9 +429,10 @@ class RowProcessor:
             if mp["index"] is None:
                 self.defaults.append((mp["api_name"], default))
                 continue
-            conv = make_csv_converter(spec, mp.get("format"), state)
+            conv = make_csv_converter(spec, mp.get("format"), state, m.checkers[mp["api_name"]])
             self.plan.append((mp["api_name"], mp["index"], conv, default, spec.mandatory))
         fc = state.faults.config
+        self.faults = state.faults
         self.skip_field = fc.skip_rows_field
         self.skip_re = re.compile(fc.skip_rows_pattern) if fc.skip_rows_pattern else None
         self.ignore_empty = job.ignore_empty
@@ -490,6 +456,9 @@ class RowProcessor:
         return self.store.find(self.find_by, value)
 
     def process(self, row: list[str]) -> tuple[str, str, str]:
+        if self.faults.unprocessed_rows_next > 0:
+            self.faults.unprocessed_rows_next -= 1
+            return ("UNPROCESSED", "", "")
         clean: dict[str, Any] = {}
         errors: list[FieldError] = []
         ignore_empty = self.ignore_empty
@@ -539,6 +508,8 @@ class RowProcessor:
         if rid is None:
             res = store.apply_insert(clean, "bulk")
             return ("ADDED", res.record_id or "", "")
+        if store.locked(rid):  # result-file code per the JSON API's (UNCONFIRMED for bulk)
+            return ("SKIPPED", "", f"RECORD_LOCKED-{self.find_by}")
         store.apply_update(rid, store.records[rid], clean, "bulk")
         return ("UPDATED", rid, "")
 
@@ -565,7 +536,7 @@ def step_job(state: EmulatorState, job: BulkJob) -> bool:
     total = len(job.rows)
     if job.will_fail:
         job.status = "FAILED"
-        job.completed_at = now
+        job.completed_at = start  # on the emulator clock: when processing began
         return True
     rate = cfg.rows_per_second
     target = total if rate <= 0 else min(total, int((now - start) * rate))
@@ -585,6 +556,8 @@ def step_job(state: EmulatorState, job: BulkJob) -> bool:
                     job.added += 1
                 elif s == "UPDATED":
                     job.updated += 1
+                elif s == "UNPROCESSED":
+                    pass
                 else:
                     job.skipped += 1
         finally:
@@ -593,20 +566,30 @@ def step_job(state: EmulatorState, job: BulkJob) -> bool:
         job.processed = target
     if job.processed >= total:
         job.status = "COMPLETED"
-        job.completed_at = now
-        job.result_zip = build_result_zip(job)
+        # when the job ended on the emulator clock (not when it was looked at): the result
+        # link and the job expire counted from there
+        job.completed_at = min(now, start + (total / rate if rate > 0 else 0.0))
+        job.result_zip = build_result_zip(job, cfg.result_statuses)
         return True
     job.status = "INPROGRESS"
     return False
 
 
-def build_result_zip(job: BulkJob) -> bytes:
+def build_result_zip(job: BulkJob, statuses: dict[str, str] | None = None) -> bytes:
     cols = sorted({m["index"] for m in job.mappings if m["index"] is not None})[:3]
+    spell = statuses or {}
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
     w.writerow([*(job.header[c] for c in cols), "STATUS", "RECORD_ID", "ERRORS"])
     for row, (status, rid, errors) in zip(job.rows, job.results, strict=True):
-        w.writerow([*((row[c] if c < len(row) else "") for c in cols), status, rid, errors])
+        w.writerow(
+            [
+                *((row[c] if c < len(row) else "") for c in cols),
+                spell.get(status, status),
+                rid,
+                errors,
+            ]
+        )
     buf = io.BytesIO()
     base = job.file_name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:

@@ -152,7 +152,24 @@ class BulkConfig(_Model):
     max_zip_bytes: int = 25 * 1024 * 1024
     max_rows: int = 25_000
     max_columns: int = 200
+    # How long a result link works after the job ends: "up to 7 days" (crm-oas v8.0
+    # bulk_write.yaml, zoho-crm-api.md §3.4; not in the human docs). Then 403 "Link not valid".
     result_link_ttl: float = 7 * 86_400.0
+    # How long a finished job's details stay readable; then 404 RESOURCE_NOT_FOUND. Zoho does
+    # not document job retention (UNCONFIRMED): the emulator forgets a job when its result link
+    # expires, so a client must survive both.
+    job_ttl: float = 7 * 86_400.0
+    # Literals written to the result file's STATUS column. Zoho documents the meanings (added,
+    # updated, skipped, left unprocessed; bulk-write download-result page) but not the
+    # spellings (zoho-crm-api.md §3.4, UNCONFIRMED): tests change them to check the client.
+    result_statuses: dict[str, str] = Field(
+        default_factory=lambda: {
+            "ADDED": "ADDED",
+            "UPDATED": "UPDATED",
+            "SKIPPED": "SKIPPED",
+            "UNPROCESSED": "UNPROCESSED",
+        }
+    )
     callback_timeout: float = 5.0
     # Real seconds between two steps of the background job runner.
     tick_seconds: float = 0.05
@@ -170,6 +187,9 @@ class FaultConfig(_Model):
     bulk_fail_rate: float = 0.0
     skip_rows_field: str | None = None  # bulk rows whose field matches the pattern are skipped
     skip_rows_pattern: str | None = None
+    # the next N bulk rows are left unprocessed (STATUS UNPROCESSED, nothing written), as
+    # Zoho's result file can report (bulk-write download-result page: "unprocessed")
+    unprocessed_rows_next: int = 0
     drop_callbacks: bool = False
     seed: int | None = None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 _TOKEN = re.compile(
@@ -61,7 +62,7 @@ def tokenize(text: str) -> list[tuple[str, Any, int]]:
         if kind == "str":
             value: Any = raw[1:-1].replace("''", "'").replace("\\'", "'")
         elif kind == "num":
-            value = float(raw) if "." in raw else int(raw)
+            value = Decimal(raw) if "." in raw else int(raw)  # exact, like stored numbers
         else:
             value = raw
         out.append((kind, value, m.start(kind) + 1))

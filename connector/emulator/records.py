@@ -3,16 +3,14 @@ and per-record write history. The JSON API and bulk write both go through `Modul
 
 from __future__ import annotations
 
-import math
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date, datetime
 from itertools import count
 from typing import Any
 
 from connector.emulator.clock import Clock
 from connector.emulator.config import FieldSpec, ModuleSpec
+from connector.emulator.validate import Checker, make_checker
 
 MESSAGES: dict[str, str] = {
     "INVALID_DATA": "invalid data",
@@ -20,13 +18,17 @@ MESSAGES: dict[str, str] = {
     "DUPLICATE_DATA": "duplicate data",
     "RESOURCE_NOT_FOUND": "The requested resource doesn't exist.",
     "CANNOT_PROCESS": "the record cannot be processed",
+    # the code is in Zoho's record error enum (crm-oas v8.0 record.json); the message text is
+    # not documented (UNCONFIRMED)
+    "RECORD_LOCKED": "the record is locked",
 }
 
-EMAIL_RE = re.compile(r"^[A-Za-z0-9._%+'-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}$")
-URL_RE = re.compile(r"^(https?://)?[A-Za-z0-9.-]+\.[A-Za-z]{2,}(:[0-9]+)?(/\S*)?$")
-DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-DATETIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:[+-]\d{2}:\d{2}|Z)$")
 ID_RE = re.compile(r"^[0-9]{1,19}$")
+
+# Automations a record write can run (``trigger`` of Insert/Update/Upsert Records, v8:
+# zoho-crm-api.md §2.2, crm-oas v8.0 createRecords/upsert enums). Omitting ``trigger`` runs all
+# of them; ``[]`` runs none. Delete Records takes ``wf_trigger`` (workflow only).
+ALL_TRIGGERS = ("workflow", "approval", "blueprint", "pathfinder", "orchestration")
 
 SYSTEM_FIELDS = frozenset(
     {"id", "Created_Time", "Modified_Time", "Created_By", "Modified_By", "$approval_state"}
@@ -34,138 +36,6 @@ SYSTEM_FIELDS = frozenset(
 
 # An error found on one value: (code, api_name, extra details).
 FieldError = tuple[str, str, dict[str, Any]]
-Checker = Callable[[Any], "dict[str, Any] | None"]
-
-
-def _digits_before_point(value: float | int) -> int:
-    return len(str(abs(int(value))))
-
-
-def make_checker(spec: FieldSpec, strict_picklists: bool, max_len_str: bool) -> Checker:
-    """A function returning None when a JSON value is valid for the field, else extra details."""
-    dt = spec.data_type
-    limit = spec.max_length
-    max_len: Any = str(limit) if max_len_str else limit
-    expected = {"expected_data_type": dt}
-    too_long = {"maximum_length": max_len}
-
-    if dt in ("text", "textarea", "phone"):
-
-        def check_text(v: Any) -> dict[str, Any] | None:
-            if not isinstance(v, str):
-                return expected
-            return too_long if len(v) > limit else None
-
-        return check_text
-    if dt == "email":
-
-        def check_email(v: Any) -> dict[str, Any] | None:
-            if not isinstance(v, str):
-                return expected
-            if len(v) > limit:
-                return too_long
-            return None if (v == "" or EMAIL_RE.match(v)) else expected
-
-        return check_email
-    if dt == "website":
-
-        def check_url(v: Any) -> dict[str, Any] | None:
-            if not isinstance(v, str):
-                return expected
-            if len(v) > limit:
-                return too_long
-            return None if (v == "" or URL_RE.match(v)) else expected
-
-        return check_url
-    if dt == "picklist":
-        allowed = frozenset(spec.picklist)
-        supported = {"supported_values": list(spec.picklist)}
-
-        def check_pick(v: Any) -> dict[str, Any] | None:
-            if not isinstance(v, str):
-                return expected
-            if len(v) > limit:
-                return too_long
-            if strict_picklists and v not in allowed:
-                return supported
-            return None
-
-        return check_pick
-    if dt == "multiselectpicklist":
-        allowed_m = frozenset(spec.picklist)
-        supported_m = {"supported_values": list(spec.picklist)}
-
-        def check_multi(v: Any) -> dict[str, Any] | None:
-            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-                return expected
-            if strict_picklists and any(x not in allowed_m for x in v):
-                return supported_m
-            return None
-
-        return check_multi
-    if dt == "integer":
-
-        def check_int(v: Any) -> dict[str, Any] | None:
-            if isinstance(v, bool) or not isinstance(v, int):
-                return expected
-            return too_long if _digits_before_point(v) > limit else None
-
-        return check_int
-    if dt == "bigint":
-
-        def check_long(v: Any) -> dict[str, Any] | None:
-            if isinstance(v, bool):
-                return expected
-            if isinstance(v, str):
-                if not re.fullmatch(r"-?\d+", v):
-                    return expected
-                return too_long if len(v.lstrip("-")) > limit else None
-            if isinstance(v, int):
-                return too_long if _digits_before_point(v) > limit else None
-            return expected
-
-        return check_long
-    if dt in ("double", "currency", "decimal", "percent"):
-
-        def check_num(v: Any) -> dict[str, Any] | None:
-            if isinstance(v, bool) or not isinstance(v, int | float):
-                return expected
-            if isinstance(v, float) and not math.isfinite(v):
-                return expected
-            return too_long if _digits_before_point(v) > limit else None
-
-        return check_num
-    if dt == "boolean":
-
-        def check_bool(v: Any) -> dict[str, Any] | None:
-            return None if isinstance(v, bool) else expected
-
-        return check_bool
-    if dt == "date":
-
-        def check_date(v: Any) -> dict[str, Any] | None:
-            if not isinstance(v, str) or not DATE_RE.match(v):
-                return expected
-            try:
-                date.fromisoformat(v)
-            except ValueError:
-                return expected
-            return None
-
-        return check_date
-    if dt == "datetime":
-
-        def check_dt(v: Any) -> dict[str, Any] | None:
-            if not isinstance(v, str) or not DATETIME_RE.match(v):
-                return expected
-            try:
-                datetime.fromisoformat(v)
-            except ValueError:
-                return expected
-            return None
-
-        return check_dt
-    raise ValueError(f"unsupported data type {dt}")  # pragma: no cover - Literal guards it
 
 
 def index_key(value: Any) -> Any:
@@ -258,6 +128,26 @@ class ModuleStore:
         self.index: dict[str, dict[Any, set[str]]] = {
             n: {} for n in dict.fromkeys([*compiled.unique, *compiled.dup_check])
         }
+        # the automations the current write request asked for, copied into each history entry
+        # (None: the API has no such option, e.g. Bulk Write); set by the request handler
+        self.trigger: list[str] | None = None
+        # records locked (as by an approval process): id -> end on the emulator clock, or None
+        # until unlocked (admin ``locks``)
+        self.locks: dict[str, float | None] = {}
+
+    def locked(self, rid: str) -> bool:
+        if rid not in self.locks:
+            return False
+        until = self.locks[rid]
+        if until is not None and self.clock.now() >= until:
+            del self.locks[rid]
+            return False
+        return True
+
+    def _locked_result(self, rid: str) -> WriteResult:
+        return WriteResult(
+            ok=False, code="RECORD_LOCKED", details={"id": rid}, message=MESSAGES["RECORD_LOCKED"]
+        )
 
     # -- indexes ---------------------------------------------------------------------------
     def find(self, field_name: str, value: Any) -> str | None:
@@ -324,7 +214,13 @@ class ModuleStore:
     # -- writes ----------------------------------------------------------------------------
     def _record_history(self, rid: str, api: str, values: dict[str, Any], now: float) -> None:
         self.history.setdefault(rid, []).append(
-            {"time": self.clock.iso(now), "timestamp": now, "api": api, "values": dict(values)}
+            {
+                "time": self.clock.iso(now),
+                "timestamp": now,
+                "api": api,
+                "values": dict(values),
+                "trigger": None if self.trigger is None else list(self.trigger),
+            }
         )
 
     def insert(
@@ -375,6 +271,8 @@ class ModuleStore:
                 details={"id": rid},
                 message="the id given seems to be invalid",
             )
+        if self.locked(rid):
+            return self._locked_result(rid)
         clean, errors = self.m.check_values(data, creating=False)
         if extra_errors:
             errors.extend(extra_errors)
@@ -434,6 +332,8 @@ class ModuleStore:
         return res
 
     def delete(self, rid: str, api: str = "delete") -> WriteResult:
+        if rid in self.records and self.locked(rid):
+            return self._locked_result(rid)
         rec = self.records.pop(rid, None)
         if rec is None:
             return WriteResult(

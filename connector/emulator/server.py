@@ -49,6 +49,20 @@ class EmulatorHandle:
     def callbacks(self) -> list[dict[str, Any]]:
         return list(self.state.callbacks)
 
+    def lock(
+        self, module: str, record_id: str, *, seconds: float | None = None, unlock: bool = False
+    ) -> None:
+        """Lock a record (approval lock) for ``seconds`` of emulator clock, or until unlocked."""
+        store = self.state.store(module)
+        if unlock:
+            store.locks.pop(record_id, None)
+        else:
+            store.locks[record_id] = None if seconds is None else self.state.clock.now() + seconds
+
+    def triggers(self) -> list[dict[str, Any]]:
+        """Record writes with the automations each asked to run (admin ``triggers``)."""
+        return list(self.state.trigger_log)
+
 
 @asynccontextmanager
 async def start_emulator(

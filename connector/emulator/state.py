@@ -186,6 +186,7 @@ class Faults:
         self.calls_until_expiry = config.expire_tokens_after_calls
         self.bulk_fail_next = config.bulk_fail_next
         self.burst_429 = config.burst_429
+        self.unprocessed_rows_next = config.unprocessed_rows_next
 
     def update(self, changes: dict[str, Any]) -> None:
         merged = {**self.config.model_dump(), **changes}
@@ -199,11 +200,14 @@ class Faults:
             self.bulk_fail_next = new.bulk_fail_next
         if "burst_429" in changes:
             self.burst_429 = new.burst_429
+        if "unprocessed_rows_next" in changes:
+            self.unprocessed_rows_next = new.unprocessed_rows_next
 
     def snapshot(self) -> dict[str, Any]:
         d = self.config.model_dump()
         d["burst_429"] = self.burst_429
         d["bulk_fail_next"] = self.bulk_fail_next
+        d["unprocessed_rows_next"] = self.unprocessed_rows_next
         d["expire_tokens_after_calls"] = self.calls_until_expiry
         return d
 
@@ -298,6 +302,8 @@ class EmulatorState:
             name: ModuleStore(c, self.clock, self.ids, user) for name, c in self.compiled.items()
         }
         self.ledger = CreditLedger(self.config, self.clock)
+        # record writes and the automations each asked for (admin ``triggers``)
+        self.trigger_log: list[dict[str, Any]] = []
         self.faults = Faults(self.config.faults)
         self.usage: dict[str, UsageCounter] = {}
         self.rejected: dict[str, int] = {}

@@ -177,6 +177,10 @@ class RowOutcome(enum.StrEnum):
     UNPROCESSED = "unprocessed"
 
 
+# STATUS spellings, compared upper-case without spaces, "_" or "-". Zoho documents the meanings
+# (added / updated / skipped / left unprocessed: bulk-write download-result page) but not the
+# literals, so any case and separator is accepted; a spelling not listed here is decided by the
+# row's RECORD_ID and ERRORS columns (:func:`_outcome`).
 _OUTCOMES = {
     "ADDED": RowOutcome.ADDED,
     "INSERTED": RowOutcome.ADDED,
@@ -186,8 +190,24 @@ _OUTCOMES = {
     "FAILED": RowOutcome.SKIPPED,
     "ERROR": RowOutcome.SKIPPED,
     "UNPROCESSED": RowOutcome.UNPROCESSED,
-    "": RowOutcome.UNPROCESSED,
+    "NOTPROCESSED": RowOutcome.UNPROCESSED,
 }
+
+
+def _outcome(
+    status: str, record_id: str, errors: tuple[tuple[str, tuple[str, ...]], ...]
+) -> RowOutcome:
+    """The row's outcome from its STATUS cell; an unknown or empty STATUS is decided by the
+    other columns: a RECORD_ID and no ERRORS is a write (counted as updated), ERRORS make it
+    skipped (dead-lettered with the codes), neither means unprocessed (sent again)."""
+    known = _OUTCOMES.get("".join(ch for ch in status.upper() if ch not in " _-"))
+    if known is not None:
+        return known
+    if record_id and not errors:
+        return RowOutcome.UPDATED
+    if errors:
+        return RowOutcome.SKIPPED
+    return RowOutcome.UNPROCESSED
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,10 +288,9 @@ def parse_result_csv(text: str, key_column: str | None = None) -> list[BulkRowRe
         if not row:
             continue
         cell = row + [""] * (len(header) - len(row))
-        status = cell[i_status].strip().upper()
-        outcome = _OUTCOMES.get(status, RowOutcome.SKIPPED)
         record_id = cell[i_id].strip() if i_id is not None else ""
         errors = parse_errors(cell[i_err]) if i_err is not None else ()
+        outcome = _outcome(cell[i_status].strip(), record_id, errors)
         if outcome in (RowOutcome.ADDED, RowOutcome.UPDATED) and not record_id:
             outcome = RowOutcome.UNPROCESSED
         out.append(BulkRowResult(cell[i_key], outcome, record_id or None, errors))

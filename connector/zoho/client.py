@@ -52,7 +52,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from connector.errors import PermanentError, TransientError
+from connector.errors import BulkJobGone, PermanentError, TransientError
 from connector.mapping import dumps_json
 from connector.zoho.auth import TokenManager
 from connector.zoho.bulk import (
@@ -331,8 +331,11 @@ class ZohoClient:
             "update", "PUT", f"/crm/v8/{module}", records, body={}, trigger=trigger
         )
 
-    async def delete(self, module: str, ids: Sequence[str]) -> list[RecordResult]:
-        """``DELETE /crm/v8/{module}?ids=…`` (≤ 100 ids)."""
+    async def delete(
+        self, module: str, ids: Sequence[str], *, wf_trigger: bool | None = None
+    ) -> list[RecordResult]:
+        """``DELETE /crm/v8/{module}?ids=…`` (≤ 100 ids); ``wf_trigger`` whether workflow
+        rules run (omitted: Zoho's default)."""
         if not ids:
             return []
         if len(ids) > MAX_RECORDS_PER_CALL:
@@ -344,7 +347,8 @@ class ZohoClient:
             api="delete",
             records=len(ids),
             cost=self._costs.default,
-            params={"ids": ",".join(ids)},
+            params={"ids": ",".join(ids)}
+            | ({} if wf_trigger is None else {"wf_trigger": str(wf_trigger).lower()}),
             record_errors=True,
         )
         return _record_results(reply, len(ids), "delete")
@@ -941,6 +945,12 @@ class ZohoClient:
                 f"zoho {api}: the CRM refused the access token ({reply.describe()}); "
                 "check the OAuth client, scopes and refresh token"
             )
+        if (api == "bulk_job" and status == 404 and reply.code != "INVALID_URL_PATTERN") or (
+            api == "bulk_download" and status in (403, 404)
+        ):
+            # an expired job / result link (Zoho keeps results for a limited time, §3.4):
+            # the caller sends the job's rows again
+            raise BulkJobGone(f"zoho {api} {what}: {reply.describe()}")
         raise PermanentError(f"zoho {api} {what}: {reply.describe()}")
 
 

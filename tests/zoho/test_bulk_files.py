@@ -8,6 +8,8 @@ import zipfile
 from decimal import Decimal
 
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from connector.config import PipelineConfig
 from connector.errors import PermanentError
@@ -216,3 +218,82 @@ def test_result_zip_errors() -> None:
         parse_result_zip(buf.getvalue())
     with pytest.raises(PermanentError, match="STATUS"):
         parse_result_csv("a,b\n1,2\n")
+
+
+# ---- issue 15 item 7: STATUS spellings Zoho does not document -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "record_id", "errors", "outcome"),
+    [
+        ("added", "77", "", RowOutcome.ADDED),
+        ("Added ", "77", "", RowOutcome.ADDED),
+        ("updated", "77", "", RowOutcome.UPDATED),
+        ("skipped", "", "INVALID_DATA-Amount", RowOutcome.SKIPPED),
+        ("unprocessed", "", "", RowOutcome.UNPROCESSED),
+        ("Un Processed", "", "", RowOutcome.UNPROCESSED),
+        ("NOT_PROCESSED", "", "", RowOutcome.UNPROCESSED),
+        # an unprocessed row is sent again even when it carries an error text
+        ("UNPROCESSED", "", "CANNOT_PROCESS-Name", RowOutcome.UNPROCESSED),
+        # a spelling nobody documented: decided by RECORD_ID / ERRORS
+        ("SUCCESS", "77", "", RowOutcome.UPDATED),
+        ("Imported", "77", "", RowOutcome.UPDATED),
+        ("Rejected", "", "INVALID_DATA-Amount", RowOutcome.SKIPPED),
+        ("whatever", "", "", RowOutcome.UNPROCESSED),
+        ("", "", "", RowOutcome.UNPROCESSED),
+    ],
+)
+def test_result_status_spellings(
+    status: str, record_id: str, errors: str, outcome: RowOutcome
+) -> None:
+    text = f"parent_id,STATUS,RECORD_ID,ERRORS\nK,{status},{record_id},{errors}\n"
+    (row,) = parse_result_csv(text, "parent_id")
+    assert row.outcome is outcome
+    assert row.ok is (outcome in (RowOutcome.ADDED, RowOutcome.UPDATED))
+
+
+_WORDS = ["ADDED", "UPDATED", "SKIPPED", "UNPROCESSED"]
+
+
+@given(
+    word=st.sampled_from(_WORDS),
+    case=st.lists(st.booleans(), min_size=11, max_size=11),
+    sep=st.sampled_from(["", " ", "_", "-"]),
+    pad=st.sampled_from(["", " ", "  "]),
+)
+def test_known_statuses_match_in_any_case(word: str, case: list[bool], sep: str, pad: str) -> None:
+    """Case, surrounding blanks and a separator inside the word never change the outcome."""
+    spelled = "".join(c.lower() if lower else c for c, lower in zip(word, case, strict=False))
+    spelled = pad + spelled[:2] + sep + spelled[2:] + pad
+    ok = word in ("ADDED", "UPDATED")
+    text = (
+        "parent_id,STATUS,RECORD_ID,ERRORS\n"
+        f"K,{spelled},{'77' if ok else ''},{'' if ok else 'INVALID_DATA-Amount'}\n"
+    )
+    (row,) = parse_result_csv(text, "parent_id")
+    assert row.outcome is RowOutcome[word]
+
+
+_KNOWN = {"ADDED", "INSERTED", "CREATED", "UPDATED", "SKIPPED", "FAILED", "ERROR"}
+_KNOWN |= {"UNPROCESSED", "NOTPROCESSED"}
+
+
+@given(
+    status=st.text(alphabet=st.characters(categories=["L"]), max_size=12),
+    record_id=st.sampled_from(["", "4876876000001910001"]),
+    errors=st.sampled_from(["", "INVALID_DATA-Amount"]),
+)
+def test_unknown_status_is_decided_by_record_id_and_errors(
+    status: str, record_id: str, errors: str
+) -> None:
+    """Never a dead letter for a row the CRM wrote (a RECORD_ID, no ERRORS); never an
+    acknowledgement without a RECORD_ID; a row with neither is sent again."""
+    assume(status.upper() not in _KNOWN)
+    text = f"parent_id,STATUS,RECORD_ID,ERRORS\nK,{status},{record_id},{errors}\n"
+    (row,) = parse_result_csv(text, "parent_id")
+    if record_id and not errors:
+        assert row.ok
+    elif errors:
+        assert row.outcome is RowOutcome.SKIPPED and row.code == "INVALID_DATA"
+    else:
+        assert row.outcome is RowOutcome.UNPROCESSED
