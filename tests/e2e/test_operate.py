@@ -44,6 +44,20 @@ class Running:
         self.task: asyncio.Task[int] | None = None
 
 
+async def _snapshot_done(dsn: str, timeout: float = 60) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        while True:
+            cur = await conn.execute(
+                "SELECT status FROM connector.snapshots WHERE pipeline = 'orders'"
+            )
+            row = await cur.fetchone()
+            if row is not None and row[0] == "done":
+                return
+            assert asyncio.get_running_loop().time() < deadline, f"snapshot still {row}"
+            await asyncio.sleep(0.2)
+
+
 @pytest.fixture
 async def running(database: str, tmp_path: Path) -> AsyncIterator[tuple[Running, Any]]:
     async with emulator() as emu:
@@ -51,6 +65,8 @@ async def running(database: str, tmp_path: Path) -> AsyncIterator[tuple[Running,
         r = Running(setup)
         r.task = asyncio.create_task(r.runtime.run())
         await wait_in_sync(setup, None)
+        # the CRM can match the table a moment before the initial sync records itself done
+        await _snapshot_done(setup.dsn)
         try:
             yield r, emu
         finally:
