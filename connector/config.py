@@ -286,6 +286,9 @@ class PipelineConfig(_Strict):
     daily_credit_budget: int | None = Field(default=None, ge=500)
     delete_mode: Literal["delete", "mark", "ignore"] = "delete"
     delete_mark_field: str | None = None
+    # TRUNCATE of the source table: "hold" keeps the CRM records and raises it (status, metric,
+    # alert, log) until `verify --repair`; "propagate" applies delete_mode to every known key
+    on_truncate: Literal["hold", "propagate"] = "hold"
     ignore_columns: tuple[str, ...] = ()
     sync_flag_column: str | None = None
     snapshot_chunk_size: int = Field(default=25_000, ge=1, le=25_000)

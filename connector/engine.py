@@ -38,13 +38,13 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from connector import outbox, state
+from connector import outbox, state, truncate
 from connector.coalesce import BatchTracker, Coalescer, PendingEntry
 from connector.config import PipelineConfig
 from connector.costs import CostModel
 from connector.emitter import CallbackUrl, CreditRecorder, EmitOutcome, Emitter, acting_for
 from connector.errors import TransientError
-from connector.events import ChangeEvent, stamp_of
+from connector.events import ChangeEvent, Op, stamp_of
 from connector.metrics import Metrics
 from connector.outbox import OutboxWatcher, ReadPosition
 from connector.planner import PendingKey, Plan, PlannerInput, choose_mix, plan
@@ -220,6 +220,8 @@ class Engine:
                         key=key,
                     ):
                         report.events += len(page)
+                        # a TRUNCATE is not replayed (it names no key): verify --repair
+                        page = [ev for ev in page if ev.op is not Op.TRUNCATE]
                         keys = sorted({ev.key for ev in page})
                         known = await state.key_states(conn, self.schema, self.pipeline.name, keys)
                         if resend:  # sent again even when identical to what the CRM last got
@@ -422,6 +424,8 @@ class Engine:
         batch = self._batch_no
         self._positions[batch] = pos
         self._batch_events[batch] = len(events)
+        if any(ev.op is Op.TRUNCATE for ev in events):
+            events = await self._truncates(reader, events)
         if events:
             await self._seed_acked(reader, events)
         self.tracker.register(batch, len(events))
@@ -432,6 +436,29 @@ class Engine:
         async with self._changed:
             self._changed.notify_all()
         return bool(events)
+
+    async def _truncates(
+        self, conn: psycopg.AsyncConnection[Any], events: list[ChangeEvent]
+    ) -> list[ChangeEvent]:
+        """Replace each TRUNCATE event by what ``pipelines.on_truncate`` makes of it
+        (connector/truncate.py): nothing (hold) or a delete per known or pending key."""
+        out: list[ChangeEvent] = []
+        for ev in events:
+            if ev.op is not Op.TRUNCATE:
+                out.append(ev)
+                continue
+            pending = [*self.coalescer.pending(), *self.coalescer.in_flight()]
+            out.extend(
+                await truncate.handle(
+                    conn,
+                    self.schema,
+                    self.pipeline,
+                    ev,
+                    pending_keys=[*pending, *(e.key for e in out)],
+                    metrics=self.metrics,
+                )
+            )
+        return out
 
     async def _seed_acked(
         self, conn: psycopg.AsyncConnection[Any], events: list[ChangeEvent]

@@ -24,6 +24,7 @@ class Op(enum.StrEnum):
     UPDATE = "update"
     DELETE = "delete"
     SNAPSHOT = "snapshot"
+    TRUNCATE = "truncate"  # the whole table (key ''): never coalesced, see connector/truncate.py
 
 
 @dataclass(frozen=True, slots=True)

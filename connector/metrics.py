@@ -40,6 +40,7 @@ CALL_STATUSES = ("2xx", "3xx", "4xx", "429", "5xx", "error")
 RETRY_CAUSES = ("429", "5xx", "timeout", "connection", "invalid_token")
 TOKEN_OUTCOMES = ("success", "failure")
 BULK_OUTCOMES = ("completed", "failed", "resumed")
+TRUNCATE_ACTIONS = ("held", "propagated")
 
 # 10 ms … 120 s: a token refresh or a 100-record upsert (tens to hundreds of ms) up to a bulk
 # upload of a 25,000-row zip or a slow CRM near the 60 s request timeout.
@@ -255,6 +256,20 @@ class Metrics:
             ["pipeline"],
             registry=r,
         )
+        self.truncates_total = Counter(
+            f"{p}truncates_total",
+            "TRUNCATEs of the source table seen by the pipeline, by what it did "
+            "(on_truncate: held or propagated).",
+            ["pipeline", "action"],
+            registry=r,
+        )
+        self.truncates_open = Gauge(
+            f"{p}truncates_open",
+            "TRUNCATEs held (the CRM records kept) and not yet reconciled by "
+            "`connector verify --repair`.",
+            ["pipeline"],
+            registry=r,
+        )
         self.checkpoint_offset = Gauge(
             f"{p}checkpoint_offset",
             "Outbox offset (last_id) of the pipeline's checkpoint.",
@@ -327,6 +342,7 @@ class Metrics:
             self.bulk_jobs_in_flight,
             self.bulk_job_oldest_age_seconds,
             self.dead_letters_open,
+            self.truncates_open,
             self.checkpoint_offset,
             self.replication_slot_lag_bytes,
             self.pipeline_up,
@@ -344,6 +360,8 @@ class Metrics:
                 self.records_emitted_total.labels(pipeline=pipeline, api=api, outcome=outcome)
         for bulk_outcome in BULK_OUTCOMES:
             self.bulk_jobs_total.labels(pipeline=pipeline, outcome=bulk_outcome)
+        for action in TRUNCATE_ACTIONS:
+            self.truncates_total.labels(pipeline=pipeline, action=action)
         self.max_staleness_seconds.labels(pipeline=pipeline).set(max_staleness_seconds)
 
     def set_credit_config(self, budget: int, reserve: int, concurrency: int) -> None:

@@ -18,7 +18,7 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 from psycopg.types.json import set_json_loads
 
-from connector import db, state
+from connector import db, state, truncate
 from connector.config import PipelineConfig, Secrets, Settings
 from connector.costs import CostModel
 from connector.errors import ConfigError, ConnectorError
@@ -251,6 +251,7 @@ async def pipeline_status(
         "credits": credits,
         "bulk_jobs": bulk,
         "dead_letters_open": dead,
+        "truncates_held": await truncate.held(conn, schema, name),
         "keys": keys,
         "checkpoint": checkpoint,
         "snapshot": snapshot,
@@ -300,6 +301,12 @@ def format_status(doc: dict[str, Any]) -> str:
         + (f", oldest {_fmt_age(b['oldest_age_seconds'])}" if b["in_flight"] else ""),
         f"  dead letters {doc['dead_letters_open']} open"
         + ("  (see: connector dead-letters list)" if doc["dead_letters_open"] else ""),
+        *(
+            f"  TRUNCATE     held, {t['crm_keys']} CRM record(s) kept (source "
+            f"{_fmt_time(t['source_time'])}); run `connector verify --pipeline "
+            f'{doc["pipeline"]} --repair`, or set on_truncate = "propagate"'
+            for t in doc.get("truncates_held", [])
+        ),
         "  keys         "
         + (", ".join(f"{k} {v}" for k, v in sorted(doc["keys"].items())) or "none yet"),
         f"  checkpoint   offset {cp['offset']}, {cp['pending_transactions']} open transaction(s)"
@@ -396,6 +403,8 @@ async def plan_replay(
     ):
         for ev in page:
             events += 1
+            if ev.op == "truncate":  # names no key: not replayed (see connector/truncate.py)
+                continue
             cur = newest.get(ev.key)
             if cur is None or ev.newer_than(cur):
                 newest[ev.key] = ev
@@ -750,6 +759,16 @@ async def verify(settings: Settings, secrets: Secrets, args: argparse.Namespace)
 
     pipeline = settings.pipeline(args.pipeline)
     schema = settings.database.state_schema
+    async with await psycopg.AsyncConnection.connect(secrets.state_dsn, autocommit=True) as st:
+        cur = await st.execute(
+            sql.SQL("SELECT coalesce(max(id), 0) FROM {} WHERE pipeline = %s").format(
+                sql.Identifier(schema, "outbox")
+            ),
+            (pipeline.name,),
+        )
+        row = await cur.fetchone()
+        seen_upto = int(row[0]) if row else 0  # a TRUNCATE up to here is in the comparison
+        held = await truncate.held(st, schema, pipeline.name)
     async with ZohoClient.from_config(
         settings.crm, client_secret=secrets.client_secret, refresh_token=secrets.refresh_token
     ) as client:
@@ -769,7 +788,15 @@ async def verify(settings: Settings, secrets: Secrets, args: argparse.Namespace)
             schema=schema,
         )
         report.repaired = done.total
+    resolved = 0
+    if held and (report.mismatches == 0 or report.repaired):
+        # the CRM now matches the table, or the difference is re-captured behind every held
+        # TRUNCATE that the comparison saw: they are reconciled
+        async with await psycopg.AsyncConnection.connect(secrets.state_dsn, autocommit=True) as st:
+            resolved = await truncate.resolve(st, schema, pipeline.name, seen_upto)
     doc = report.to_json()
+    doc["truncates_held"] = len(held)
+    doc["truncates_reconciled"] = resolved
     if args.json:
         _dump(doc)
     else:
@@ -786,6 +813,12 @@ async def verify(settings: Settings, secrets: Secrets, args: argparse.Namespace)
             for m in doc["examples"][kind][:10]:
                 detail = ", ".join(f"{f}: {a!r} != {b!r}" for f, (a, b) in m["fields"].items())
                 _out(f"  {kind:<9} key {m['key']}" + (f"  {detail}" if detail else ""))
+        if held:
+            _out(
+                f"  {len(held)} TRUNCATE(s) of {pipeline.source_table} held (on_truncate ="
+                f' "hold"): CRM records of rows it removed show as extra'
+                + ("; now reconciled" if resolved else "; --repair deletes (or marks) them")
+            )
         if report.repaired:
             _out(
                 f"  re-captured {report.repaired} key(s) into the outbox; the running connector"

@@ -890,6 +890,7 @@ class Runtime:
                 m.replication_slot_lag_bytes.labels(pipeline=name).set(cap["slot_lag_bytes"] or 0)
                 m.checkpoint_offset.labels(pipeline=name).set(doc["checkpoint"]["offset"])
                 m.dead_letters_open.labels(pipeline=name).set(doc["dead_letters_open"])
+                m.truncates_open.labels(pipeline=name).set(len(doc["truncates_held"]))
                 bulk = doc["bulk_jobs"]
                 m.bulk_jobs_in_flight.labels(pipeline=name).set(bulk["in_flight"])
                 m.bulk_job_oldest_age_seconds.labels(pipeline=name).set(

@@ -1025,7 +1025,7 @@ class LogicalCapture:
                         await self._on_relation(msg)
                     elif isinstance(msg, po.Truncate):
                         if not skip:
-                            self._on_truncate(msg)
+                            self._on_truncate(msg, xid, commit_lsn)
                     elif isinstance(msg, po.Message) and msg.prefix == OWN_WRITE_PREFIX:
                         own = msg.transactional and in_txn
                     elif isinstance(msg, po.Message) and msg.prefix == HEARTBEAT_PREFIX:
@@ -1418,16 +1418,16 @@ class LogicalCapture:
         frags, deferred = self._convert(codec, image, "", None)
         events.append(_Event(_MISSING_KEY, "", frags, xid, commit_lsn, codec, deferred))
 
-    def _on_truncate(self, msg: po.Truncate) -> None:
+    def _on_truncate(self, msg: po.Truncate, xid: int, commit_lsn: int) -> None:
+        """A TRUNCATE of the source table becomes one ``truncate`` outbox event (key '', no
+        image) in its place in the stream; the pipeline decides what it means for the CRM
+        (``on_truncate``, connector/truncate.py, which also logs it)."""
         if any(r in self._codecs for r in msg.relations):
             self.stats.truncates += 1
             self._toast.clear()
             self._toast_bytes = 0
-            log.error(
-                "TRUNCATE of the source table: the deleted keys are not in the WAL; run "
-                "`connector snapshot` / `connector verify` to reconcile the CRM",
-                extra={"pipeline": self.pipeline.name},
-            )
+            head = b"\t" + vals.copy_escape(self.pipeline.name.encode()) + b"\ttruncate\t\t"
+            self._pending.events.append((head, b"\\N", xid, commit_lsn, b""))
 
     # -- writing ------------------------------------------------------------------------------
     async def _xid_reference(self) -> int:

@@ -48,6 +48,17 @@ def trigger_name(schema: str, pipeline: PipelineConfig) -> str:
     return f"zoho_cdc_{pipeline.name}_{digest}"
 
 
+def truncate_function_name(pipeline: PipelineConfig) -> str:
+    """Name of the pipeline's TRUNCATE trigger function (in the state schema)."""
+    return f"capture_{pipeline.name}_truncate"
+
+
+def truncate_trigger_name(schema: str, pipeline: PipelineConfig) -> str:
+    """Name of the statement-level TRUNCATE trigger on the legacy table."""
+    digest = hashlib.blake2b(schema.encode(), digest_size=4).hexdigest()
+    return f"zoho_cdc_t_{pipeline.name}_{digest}"
+
+
 def missing_key_message(pipeline: PipelineConfig) -> str:
     """The dead-letter message of a row whose key column is NULL (both capture modes)."""
     return (
@@ -365,6 +376,7 @@ async def install(
                     table, sql.Identifier(tname)
                 )
             )
+        await _install_truncate(conn, schema, pipeline, oid, sequence)
         await conn.execute(
             sql.SQL(
                 "INSERT INTO {} (pipeline, mode) VALUES (%s, 'triggers')"
@@ -374,24 +386,74 @@ async def install(
         )
 
 
+async def _install_truncate(
+    conn: psycopg.AsyncConnection[Any],
+    schema: str,
+    pipeline: PipelineConfig,
+    oid: int,
+    sequence: str,
+) -> None:
+    """The statement-level ``AFTER TRUNCATE`` trigger: one ``truncate`` outbox event (key '',
+    no image, ``id = version`` from the outbox sequence, so it sits in the stream between the
+    changes before and after it). Row triggers do not fire on TRUNCATE (PostgreSQL docs, CREATE
+    TRIGGER: "TRUNCATE ... FOR EACH STATEMENT" only). ENABLE ALWAYS like the row trigger."""
+    func = sql.Identifier(schema, truncate_function_name(pipeline))
+    body = sql.SQL(
+        "DECLARE\n  v_id bigint;\nBEGIN\n"
+        "  v_id := pg_catalog.nextval({seq}::pg_catalog.regclass);\n"
+        "  INSERT INTO {outbox} (id, pipeline, op, key, version, row)\n"
+        "    VALUES (v_id, {name}, 'truncate', '', v_id, NULL);\n"
+        "  RETURN NULL;\nEND\n"
+    ).format(
+        seq=sql.Literal(sequence),
+        outbox=sql.Identifier(schema, "outbox"),
+        name=sql.Literal(pipeline.name),
+    )
+    await conn.execute(
+        sql.SQL(
+            "CREATE OR REPLACE FUNCTION {func}() RETURNS trigger\n"
+            "LANGUAGE plpgsql SECURITY DEFINER\nSET search_path = 'pg_catalog, pg_temp'\nAS {body}"
+        ).format(func=func, body=sql.Literal(body.as_string(conn)))
+    )
+    await conn.execute(sql.SQL("REVOKE ALL ON FUNCTION {}() FROM PUBLIC").format(func))
+    tname = truncate_trigger_name(schema, pipeline)
+    cur = await conn.execute(
+        "SELECT t.tgenabled = 'A' FROM pg_catalog.pg_trigger t"
+        " WHERE t.tgrelid = %s AND t.tgname = %s",
+        (oid, tname),
+    )
+    row = await cur.fetchone()
+    table = sql.Identifier(*pipeline.table_parts)
+    if row is None:
+        await conn.execute(
+            sql.SQL(
+                "CREATE TRIGGER {trig} AFTER TRUNCATE ON {table}"
+                " FOR EACH STATEMENT EXECUTE FUNCTION {func}()"
+            ).format(trig=sql.Identifier(tname), table=table, func=func)
+        )
+    if row is None or not row[0]:
+        await conn.execute(
+            sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}").format(table, sql.Identifier(tname))
+        )
+
+
 async def uninstall(
     conn: psycopg.AsyncConnection[Any], schema: str, pipeline: PipelineConfig
 ) -> None:
-    """Drop the trigger and its function. Idempotent; the outbox is left as it is."""
+    """Drop the triggers and their functions. Idempotent; the outbox is left as it is."""
     async with conn.transaction():
         oid = await _table_oid(conn, pipeline)
         if oid is not None:
-            await conn.execute(
-                sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
-                    sql.Identifier(trigger_name(schema, pipeline)),
-                    sql.Identifier(*pipeline.table_parts),
+            for tname in (trigger_name(schema, pipeline), truncate_trigger_name(schema, pipeline)):
+                await conn.execute(
+                    sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
+                        sql.Identifier(tname), sql.Identifier(*pipeline.table_parts)
+                    )
                 )
+        for fname in (function_name(pipeline), truncate_function_name(pipeline)):
+            await conn.execute(
+                sql.SQL("DROP FUNCTION IF EXISTS {}()").format(sql.Identifier(schema, fname))
             )
-        await conn.execute(
-            sql.SQL("DROP FUNCTION IF EXISTS {}()").format(
-                sql.Identifier(schema, function_name(pipeline))
-            )
-        )
         cur = await conn.execute(
             "SELECT to_regclass(%s) IS NOT NULL",
             (sql.Identifier(schema, "capture_state").as_string(conn),),

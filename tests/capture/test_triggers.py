@@ -114,7 +114,7 @@ async def test_install_twice_is_a_noop_and_uninstall_removes_everything(orders: 
     cur = await conn.execute(
         "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'orders'::regclass AND NOT tgisinternal"
     )
-    assert (await cur.fetchone())[0] == 1
+    assert (await cur.fetchone())[0] == 2  # the row trigger and the TRUNCATE trigger
     await conn.execute("INSERT INTO orders (id, status) VALUES (1, 'x')")
     assert len(await read_all(conn)) == 1  # one event, not two
     cur = await conn.execute("SELECT mode FROM connector.capture_state WHERE pipeline = 'orders'")
@@ -129,8 +129,8 @@ async def test_install_twice_is_a_noop_and_uninstall_removes_everything(orders: 
     assert (await cur.fetchone())[0] == 0
     cur = await conn.execute(
         "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
-        " WHERE n.nspname = 'connector' AND p.proname = %s",
-        (triggers.function_name(p),),
+        " WHERE n.nspname = 'connector' AND p.proname = ANY(%s)",
+        ([triggers.function_name(p), triggers.truncate_function_name(p)],),
     )
     assert (await cur.fetchone())[0] == 0
     cur = await conn.execute("SELECT count(*) FROM connector.capture_state")

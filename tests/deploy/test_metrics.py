@@ -47,6 +47,8 @@ EXPECTED = {
     "bulk_jobs_total": ("counter", ("pipeline", "outcome")),
     "dead_letters_total": ("counter", ("pipeline", "code")),
     "dead_letters_open": ("gauge", ("pipeline",)),
+    "truncates_total": ("counter", ("pipeline", "action")),
+    "truncates_open": ("gauge", ("pipeline",)),
     "checkpoint_offset": ("gauge", ("pipeline",)),
     "replication_slot_lag_bytes": ("gauge", ("pipeline",)),
     "pipeline_up": ("gauge", ("pipeline",)),

@@ -192,7 +192,7 @@ async def test_the_capture_trigger_fires_always(database: str) -> None:
         "SELECT tgenabled FROM pg_trigger WHERE tgrelid = 'public.orders'::regclass"
         " AND NOT tgisinternal",
     )
-    assert rows == [("A",)]
+    assert rows == [("A",), ("A",)]  # the row trigger and the TRUNCATE trigger
     async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
         # an install from before (ENABLE ORIGIN) is switched by the next `connector init`
         await conn.execute(
@@ -203,4 +203,4 @@ async def test_the_capture_trigger_fires_always(database: str) -> None:
         database,
         "SELECT tgenabled FROM pg_trigger WHERE tgrelid = 'public.orders'::regclass"
         " AND NOT tgisinternal",
-    ) == [("A",)]
+    ) == [("A",), ("A",)]
