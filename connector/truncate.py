@@ -54,6 +54,19 @@ async def _known_keys(conn: psycopg.AsyncConnection[Any], schema: str, pipeline:
     return [str(r[0]) for r in await cur.fetchall()]
 
 
+async def _known_count(
+    conn: psycopg.AsyncConnection[Any], schema: str, pipeline: PipelineConfig
+) -> int:
+    cur = await conn.cursor(row_factory=tuple_row).execute(
+        sql.SQL(
+            "SELECT count(*) FROM {} WHERE pipeline = %s AND NOT deleted AND crm_id IS NOT NULL"
+        ).format(sql.Identifier(schema, "key_state")),
+        (pipeline.name,),
+    )
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
 async def handle(
     conn: psycopg.AsyncConnection[Any],
     schema: str,
@@ -66,14 +79,15 @@ async def handle(
     """Record the truncate ``event`` (once) and return the change events it stands for: none
     when held, a delete per known or pending key when propagated. ``conn`` in autocommit."""
     assert event.op is Op.TRUNCATE
-    known = await _known_keys(conn, schema, pipeline.name)
     action = "propagated" if pipeline.on_truncate == "propagate" else "held"
+    known = await _known_keys(conn, schema, pipeline.name) if action == "propagated" else []
+    crm_keys = len(known) if action == "propagated" else await _known_count(conn, schema, pipeline)
     cur = await conn.execute(
         sql.SQL(
             "INSERT INTO {} (pipeline, outbox_id, version, source_time, action, crm_keys)"
             " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
         ).format(sql.Identifier(schema, "truncations")),
-        (pipeline.name, event.offset, event.version, event.captured_at, action, len(known)),
+        (pipeline.name, event.offset, event.version, event.captured_at, action, crm_keys),
     )
     if cur.rowcount == 1:
         extra = {
@@ -81,7 +95,7 @@ async def handle(
             "table": pipeline.source_table,
             "offset": event.offset,
             "source_time": event.captured_at.isoformat(),
-            "crm_keys": len(known),
+            "crm_keys": crm_keys,
         }
         if action == "held":
             log.error(

@@ -63,8 +63,9 @@ async def _setup(dsn: str) -> None:
             " CREATE TABLE IF NOT EXISTS side (id bigserial PRIMARY KEY)"
         )
         await triggers.install(conn, SCHEMA, PIPELINE)
+        # the outbox last: TRUNCATE of the captured table is itself captured (a truncate event)
         await conn.execute(
-            "TRUNCATE orders, side, connector.outbox; DELETE FROM connector.checkpoints"
+            "TRUNCATE orders, side; TRUNCATE connector.outbox; DELETE FROM connector.checkpoints"
         )
 
 
