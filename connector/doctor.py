@@ -301,7 +301,24 @@ async def _pipeline_db_checks(
             )
         else:
             add("wal_level", "ok", "wal_level = logical")
-        if replident == "n":
+        deferrable_pk = replident == "d" and await _fetchone(
+            conn,
+            "SELECT 1 FROM pg_index WHERE indrelid = %s AND indisprimary AND NOT indimmediate",
+            (relid,),
+        )
+        if deferrable_pk:
+            # PostgreSQL does not use a DEFERRABLE primary key as replica identity: with the
+            # publication, every UPDATE/DELETE of the application fails (capture-logical.md)
+            add(
+                "replica_identity",
+                "fail",
+                f"{p.source_table} has a DEFERRABLE primary key, which PostgreSQL does not use "
+                "as replica identity: with the publication every UPDATE and DELETE would fail",
+                f"create an immediate unique index on {p.key_column!r} and ALTER TABLE "
+                f"{p.source_table} REPLICA IDENTITY USING INDEX <it>, or REPLICA IDENTITY FULL, "
+                "or use capture = 'triggers'",
+            )
+        elif replident == "n":
             add(
                 "replica_identity",
                 "fail",

@@ -238,3 +238,22 @@ def test_compare_values() -> None:
     assert doctor.compare("boolean", True, False)
     assert doctor.compare("text", "ünï", "ünï") is None
     assert doctor.compare("date", "2024-02-29", "2024-03-01")
+
+
+async def test_a_deferrable_primary_key_fails_replica_identity(
+    database: str, tmp_path: Path
+) -> None:
+    """A primary key made DEFERRABLE after `init` (logical mode) leaves the table without a
+    replica identity: doctor says so and names the fix (capture-logical.md)."""
+    async with start_emulator(emulator_config()) as emu:
+        setup = await prepare(database, tmp_path, emu.url, rows=1, capture="logical")
+        async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+            await conn.execute(
+                "ALTER TABLE public.orders DROP CONSTRAINT orders_pkey,"
+                " ADD PRIMARY KEY (id) DEFERRABLE"
+            )
+        report = await _doctor(setup.config, roundtrip=False)
+        check = _by_name(report)["database.replica_identity"][0]
+        assert check.status == "fail"
+        assert "DEFERRABLE" in check.detail
+        assert "REPLICA IDENTITY USING INDEX" in check.fix and "FULL" in check.fix
