@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import subprocess
 import sys
 from pathlib import Path
 
@@ -69,12 +68,44 @@ async def test_init_names_the_open_transaction_and_times_out(
             await cleanup(database, cfg)
 
 
-def test_the_cli_has_wait_timeout() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "connector", "init", "--help"],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=ROOT,
-    ).stdout
-    assert "--wait-timeout" in out
+async def test_the_cli_init_gives_up_after_wait_timeout(database: str, tmp_path: Path) -> None:
+    """`connector init --wait-timeout 1` (the real CLI): exit 1 naming the open transaction's
+    pid and the fix; nothing is left half-installed that a second `init` could not finish."""
+    from connector.config import load_settings
+    from connector.demo import DEMO_ENV
+    from tests.e2e.helpers import emulator, prepare
+
+    async with emulator() as emu:
+        setup = await prepare(database, tmp_path, emu.url, rows=1, capture="logical")
+        settings = load_settings(setup.config)
+        cfg = settings.pipelines[0]
+        await cleanup(database, cfg)  # as before a first init: no slot yet
+        async with await psycopg.AsyncConnection.connect(other_database(database)) as writer:
+            await writer.execute("SELECT pg_current_xact_id()")
+            pid = writer.info.backend_pid
+            env = {"PYTHONPATH": str(ROOT), **DEMO_ENV}
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "connector",
+                "--log-level",
+                "warning",
+                "init",
+                "--config",
+                str(setup.config),
+                "--wait-timeout",
+                "1",
+                env=env,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await asyncio.wait_for(proc.communicate(), 120)
+            await writer.rollback()
+        text = out.decode() + err.decode()
+        assert proc.returncode == 1, text
+        assert f"pid {pid}" in text and "--wait-timeout" in text and "connector init" in text
+        # the writer is gone: a plain init completes
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "connector", "init", "--config", str(setup.config), env=env
+        )
+        assert await asyncio.wait_for(proc.wait(), 120) == 0
