@@ -24,6 +24,7 @@ checkpoint only ever covers resolved events.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import math
@@ -424,6 +425,11 @@ class Engine:
         batch = self._batch_no
         self._positions[batch] = pos
         self._batch_events[batch] = len(events)
+        if self.metrics is not None and events:
+            # each committed outbox event reaches the reader once per pass: count it here (both
+            # capture modes; after a restart the events behind the checkpoint count again)
+            for op, n in collections.Counter(ev.op for ev in events).items():
+                self.metrics.events_captured_total.labels(pipeline=self.pipeline.name, op=op).inc(n)
         if any(ev.op is Op.TRUNCATE for ev in events):
             events = await self._truncates(reader, events)
         if events:

@@ -18,7 +18,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 PREFIX = "connector_"
 
-OPS = ("insert", "update", "delete", "snapshot")
+OPS = ("insert", "update", "delete", "snapshot", "truncate")
 EMIT_APIS = ("upsert", "bulk", "delete", "mark")
 EMIT_OUTCOMES = ("success", "rejected", "skipped", "unchanged")
 CALL_APIS = (

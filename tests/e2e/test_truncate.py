@@ -119,6 +119,8 @@ async def test_truncate_is_held_and_shown_until_verify_repair(
     assert len(lines) == 1 and "verify --pipeline orders --repair" in lines[0]
     # metrics
     assert metric(r, "connector_truncates_total", pipeline="orders", action="held") == 1
+    assert metric(r, "connector_events_captured_total", pipeline="orders", op="truncate") == 1
+    assert metric(r, "connector_events_captured_total", pipeline="orders", op="insert") >= 1
     await wait_until(
         lambda: _true(metric(r, "connector_truncates_open", pipeline="orders") == 1),
         "connector_truncates_open = 1",
