@@ -1,4 +1,4 @@
--- v5: TRUNCATE of a captured table (docs/capture.md, "TRUNCATE").
+-- v6: TRUNCATE of a captured table (docs/capture.md, "TRUNCATE").
 --
 -- The outbox gets a 'truncate' event (key '', no row image) from both capture modes: trigger
 -- mode's statement-level AFTER TRUNCATE trigger, logical mode's pgoutput Truncate message.
