@@ -283,6 +283,9 @@ class PipelineConfig(_Strict):
     key_field: str = "parent_id"
     capture: Literal["triggers", "logical"] = "triggers"
     max_staleness: Duration = timedelta(minutes=10)
+    # the planner's dial (docs/planner.md): economy = fewest credits, every change leaves at its
+    # latest moment; balanced / fast = changes leave once max_staleness/20 / 2 s old
+    freshness: Literal["economy", "balanced", "fast"] = "economy"
     daily_credit_budget: int | None = Field(default=None, ge=500)
     delete_mode: Literal["delete", "mark", "ignore"] = "delete"
     delete_mark_field: str | None = None

@@ -44,6 +44,7 @@ from connector.coalesce import PendingEntry
 from connector.config import PipelineConfig
 from connector.errors import BulkJobGone, DataError, TransientError
 from connector.events import ChangeEvent, Op, stamp_of
+from connector.latency import LatencyEstimator
 from connector.mapping import RecordMapper, dumps_json
 from connector.metrics import Metrics
 from connector.zoho.bulk import BulkJob, BulkRowResult, JobStatus, RowOutcome, build_bulk_zip
@@ -206,6 +207,8 @@ class Emitter:
         # attempts), monotonic; retried until max_staleness has passed, then dead-lettered
         self._transient: dict[str, tuple[float, int]] = {}
         self._backoff_tag = 0  # fence tags of those retries: negative, never a bulk_jobs id
+        # the planner's inputs: high percentiles, bulk by job size (connector/latency.py)
+        self.latency = LatencyEstimator(default_bulk=default_bulk_latency)
 
     # ------------------------------------------------------------------ estimates
     def restore_bulk_latency(self, durations: Sequence[tuple[int, float]]) -> None:
@@ -217,6 +220,7 @@ class Emitter:
     def _measured_bulk(self, records: int, seconds: float) -> None:
         self.bulk_latency = _ewma(self.bulk_latency, seconds)
         self.bulk_records = _ewma(self.bulk_records, float(max(records, 1)))
+        self.latency.observe_bulk(records, seconds)
 
     def orphan_fence_seconds(self, records: int) -> float:
         """How long the keys of a job that may run on the CRM unknown to us (its create call
@@ -283,6 +287,7 @@ class Emitter:
                     out.retry.extend(e for e, _, _ in part)
                     continue
                 self.upsert_latency = _ewma(self.upsert_latency, time.monotonic() - started)
+                self.latency.observe_upsert(time.monotonic() - started)
                 for (e, record, api), r in zip(part, results, strict=True):
                     if self._retry_transient(e.key, None if r.ok else r.code):
                         self._later(out, e)  # locked or busy now: sent again after a backoff

@@ -544,6 +544,9 @@ class Engine:
             for e in pending.values()
         ]
         assert self.emitter is not None
+        est = self.emitter.latency  # high percentiles, bulk by job size (connector/latency.py)
+        est.default_upsert = self.options.default_upsert_latency
+        bulk_full, bulk_by_size = est.bulk_profile(self.cost.bulk_batch)
         inp = PlannerInput(
             now=now,
             pending=keys,
@@ -551,10 +554,12 @@ class Engine:
             credits_left=self._credits_left,
             reserve=self.reserve,
             concurrency=self.client.limiter.limit,
-            upsert_latency=self.emitter.upsert_latency or self.options.default_upsert_latency,
-            bulk_latency=self.emitter.bulk_latency or self.options.default_bulk_latency,
+            upsert_latency=est.upsert(),
+            bulk_latency=bulk_full,
             cost=self.cost,
             hold_backlog=self._holding_backlog(),
+            freshness=self.pipeline.freshness,
+            bulk_latency_by_size=bulk_by_size,
         )
         if self._drain_all or self._drain_once:
             self._flushing = self._drain_once

@@ -5,32 +5,40 @@ the emitter, the benchmarks and the property tests.
 
 Objective, in this order:
 
-1. every change reaches the CRM within ``max_staleness`` of its capture (while the CRM answers
-   at the measured latencies);
-2. the fewest credits;
+1. every change reaches the CRM within ``max_staleness`` of its capture, under the latencies the
+   planner is given (conservative estimates: a high percentile per job size, connector/latency.py);
+2. the fewest credits (economy) — or, with ``freshness`` "balanced" / "fast", changes leave once
+   they are ``target_staleness`` old, in whole credits;
 3. the least latency.
 
 Waiting is what saves credits (repeated changes of a key coalesce, calls fill up, a big enough
-flush is cheaper by Bulk Write), so the plan is to *wait* until the oldest pending change must
-leave to arrive in time, then flush everything that is pending with the cheapest mix of APIs
-that still arrives in time. A full bulk job's worth of records leaves at once: nothing can make
-it cheaper per record. Below the credit reserve only changes at their deadline are sent, and
-nothing is ever planned beyond the credits left.
+set is cheaper by Bulk Write), and leaving early never saves any. So each change leaves at its
+own latest moment, not the oldest one's: what cannot wait for a bulk job any more goes by upsert
+when it is due, topped up to a whole 10-record credit with the next changes due; what can wait
+is gathered into bulk jobs (chunks of a full job, by deadline) when that is cheaper, and a job
+leaves when its oldest record must (economy) or is ``target_staleness`` old. A change is only
+put in a job whose estimated latency still brings it in time. Below the credit reserve only
+changes at their deadline are sent, and nothing is ever planned beyond the credits left.
 
 Initial-sync rows (``PendingKey.backlog``) have no commit-to-CRM deadline of their own: they are
 never forced onto a faster, costlier API. Full bulk jobs of them leave at once; the rest leaves
 with the cheapest mix for its size, when the engine flushes the chunk (``hold_backlog`` is set
 while a chunk is still being read) or at the latest ``max_staleness`` after capture. Live
-changes keep their deadline and are planned exactly as before, separately.
+changes keep their deadline and are planned separately.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from connector.costs import CostModel, Mix
+
+Freshness = Literal["economy", "balanced", "fast"]
+FRESHNESS: tuple[str, ...] = get_args(Freshness)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,10 +57,15 @@ class PlannerInput:
     credits_left: int
     reserve: int
     concurrency: int
-    upsert_latency: float  # seconds per upsert call, measured
-    bulk_latency: float  # seconds per bulk job, upload to result, measured
+    upsert_latency: float  # seconds per upsert call: a high percentile of the measured ones
+    bulk_latency: float  # seconds per full bulk job, creation to result: conservative estimate
     cost: CostModel = field(default_factory=CostModel)
     hold_backlog: bool = False  # a snapshot chunk is still being read: backlog only in full jobs
+    freshness: Freshness = "economy"  # the pipeline's dial (target_staleness)
+    # (records, seconds): a job of at most ``records`` records is answered within ``seconds``
+    # (LatencyEstimator.bulk_profile); sizes above every entry take ``bulk_latency``
+    bulk_latency_by_size: tuple[tuple[int, float], ...] = ()
+    retry_allowance: float = 0.0  # extra seconds a call may take in retries (429 storms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +86,27 @@ class Plan:
         )
 
 
+def target_staleness(inp: PlannerInput) -> float:
+    """How old a live change may get before it leaves (on top of the hard ``max_staleness``):
+    economy: no target (every change leaves at its latest moment); balanced: 1/20 of
+    ``max_staleness`` (30 s at 10 min); fast: 2 s (or less with a tiny ``max_staleness``)."""
+    if inp.freshness == "balanced":
+        return inp.max_staleness / 20
+    if inp.freshness == "fast":
+        return min(2.0, inp.max_staleness / 20)
+    return math.inf
+
+
+def bulk_time(inp: PlannerInput, records: int) -> float:
+    """Estimated seconds until a bulk job of ``records`` records is answered: the smallest
+    size-profile entry that covers it, else the full-job estimate ``bulk_latency``."""
+    best = inp.bulk_latency
+    for size, seconds in inp.bulk_latency_by_size:
+        if size >= records:
+            best = min(best, seconds)
+    return best
+
+
 def margin(inp: PlannerInput) -> float:
     """Safety margin kept before a deadline: one upsert round trip plus 1 % of the staleness
     budget (covers calls of an earlier flush still holding slots, the emitter's own
@@ -85,7 +119,11 @@ def send_time(inp: PlannerInput, mix: Mix) -> float:
     ``concurrency`` at a time, bulk jobs side by side on the CRM, each within ``bulk_latency``."""
     c = max(1, inp.concurrency)
     t_upsert = -(-mix.upsert_calls // c) * inp.upsert_latency
-    t_bulk = inp.bulk_latency if mix.bulk_jobs else 0.0
+    if mix.upsert_calls:
+        t_upsert += inp.retry_allowance
+    t_bulk = 0.0
+    if mix.bulk_jobs:
+        t_bulk = bulk_time(inp, min(mix.bulk_records, inp.cost.bulk_batch)) + inp.retry_allowance
     return max(t_upsert, t_bulk)
 
 
@@ -102,14 +140,6 @@ def choose_mix(inp: PlannerInput, n: int, time_left: float) -> Mix:
     fastest = min(send_time(inp, m) for m in mixes)
     near = [m for m in mixes if send_time(inp, m) <= fastest + margin(inp)]
     return min(near, key=lambda m: (m.credits, send_time(inp, m), m.bulk_jobs))
-
-
-def leave_at(inp: PlannerInput, oldest: float, n: int) -> tuple[float, Mix]:
-    """When a flush of ``n`` records whose oldest change was captured at ``oldest`` must
-    leave, and with which mix: its deadline minus the margin minus its send time."""
-    deadline = oldest + inp.max_staleness - margin(inp)
-    mix = choose_mix(inp, n, deadline - inp.now)
-    return deadline - send_time(inp, mix), mix
 
 
 def _split(inp: PlannerInput, keys: list[str], mix: Mix) -> tuple[list[list[str]], list[list[str]]]:
@@ -192,70 +222,161 @@ def _plan_backlog(inp: PlannerInput, free: list[PendingKey], already: int) -> Pl
 
 
 def _plan_live(inp: PlannerInput, free: list[PendingKey]) -> Plan:
+    """Live changes (docs/planner.md, "The rules"): bulk jobs for what can wait for one, at the
+    latest moment (economy) or when their oldest change is ``target_staleness`` old; upsert for
+    what cannot, each change at its own latest moment (or at ``target_staleness``), topped up to
+    whole credits with the next changes due."""
     cost = inp.cost
-
-    n = len(free)
-    oldest = min(pk.oldest_at for pk in free)
-    go_at, mix = leave_at(inp, oldest, n)
-    spendable = inp.credits_left - inp.reserve  # what can go without touching the reserve
-    full_jobs = n // cost.bulk_batch
-
-    if inp.now < go_at and not full_jobs:
-        return Plan([], [], go_at, f"wait: {n} pending, {_describe(mix)}", mix.credits > spendable)
-
+    now = inp.now
+    spendable = inp.credits_left - inp.reserve
+    tau = target_staleness(inp)
+    tick = _tick(inp)  # a wake-up is never sooner than this: what is due within it goes now
     ordered = sorted(free, key=lambda pk: pk.oldest_at)
+    dl = [pk.oldest_at + inp.max_staleness - margin(inp) for pk in ordered]  # arrive by
+
+    # -- what can wait for a bulk job: a suffix (latest deadlines), in chunks of a full job
+    lat_b = _bulk_eligibility_latency(inp, dl)
+    e0 = bisect.bisect_left(dl, now + lat_b)
+    chunks: list[tuple[int, int, float]] = []  # (start, end, leave at) of chunks worth a job
+    pos = e0
+    while pos < len(ordered):
+        end = min(len(ordered), pos + cost.bulk_batch)
+        size = end - pos
+        if cost.upsert_credits(size) <= cost.bulk_job_credits:
+            break  # not cheaper by bulk: these go the upsert way
+        leave = dl[pos] - lat_b  # the latest moment its oldest record can leave
+        if math.isfinite(tau):
+            leave = min(leave, ordered[pos].oldest_at + tau)
+        chunks.append((pos, end, leave))
+        pos = end
+    in_jobs = {i for a, b, _ in chunks for i in range(a, b)} if chunks else set()
+    jobs_now = [(a, b) for a, b, leave in chunks if leave <= now + tick]
+
+    # -- the upsert way: everything not waiting for a job, in deadline order
+    ul = (
+        [i for i in range(len(ordered)) if i not in in_jobs]
+        if in_jobs
+        else list(range(len(ordered)))
+    )
+    per_round = cost.upsert_batch * max(1, inp.concurrency)
+
+    def offset(p: int) -> float:  # rank p's answer, from now, if the first p+1 leave now
+        return (p // per_round + 1) * inp.upsert_latency + inp.retry_allowance
+
+    k_hard = 0
+    for p, i in enumerate(ul):
+        if dl[i] - offset(p) <= now + tick:  # due before the next look
+            k_hard = p + 1
+    k = k_hard
+    if math.isfinite(tau):
+        k_soft = bisect.bisect_right([ordered[i].oldest_at for i in ul], now - tau + tick)
+        k = max(k, k_soft)
+        if inp.freshness != "economy":  # a full call leaves as soon as it is full
+            k += (len(ul) - k) // cost.upsert_batch * cost.upsert_batch
+    if k:
+        k = min(len(ul), _whole_credits(cost, k))
+
     keys = [pk.key for pk in ordered]
+    up_keys = [keys[i] for i in ul[:k]]
+    bulk_groups = [keys[a:b] for a, b in jobs_now]
+    ups: list[list[str]] = []
+    if k_hard and ordered[ul[0]].oldest_at + inp.max_staleness - margin(inp) - now < offset(
+        k_hard - 1
+    ):
+        # already late for the upsert way (a restart, a fault): the fastest mix for what is due,
+        # the cheapest among those within the margin of the fastest (choose_mix)
+        mix = choose_mix(inp, k_hard, dl[ul[0]] - now)
+        if mix.bulk_jobs:
+            late_ups, late_bulk = _split(inp, up_keys[:k_hard], mix)
+            ups.extend(late_ups)
+            bulk_groups.extend(late_bulk)
+            up_keys = up_keys[k_hard:]
+    ups.extend(
+        up_keys[j : j + cost.upsert_batch] for j in range(0, len(up_keys), cost.upsert_batch)
+    )
 
-    if inp.now < go_at:
-        # full bulk jobs leave at once: waiting cannot make them cheaper per record
-        m = cost.mix(full_jobs * cost.bulk_batch, full_jobs)
-        if m.credits <= spendable:
-            ups, bulk = _split(inp, keys[: m.records], m)
-            rest = ordered[m.records :]
-            nxt = leave_at(inp, rest[0].oldest_at, len(rest))[0] if rest else None
-            return Plan(ups, bulk, nxt, f"{full_jobs} full bulk job(s) of {n} pending", False)
-        return Plan([], [], go_at, "wait: full bulk job held back by the credit reserve", True)
+    need = _estimate(inp, len(ordered))
+    out = Plan(ups, bulk_groups, None, "", need > spendable)
+    spent = out.credits(cost)
+    if spent > spendable and spent > 0:
+        return _reserve(inp, ordered, ul, k_hard, offset)
 
-    # the oldest change must leave now: flush everything with the cheapest mix in time
-    time_left = oldest + inp.max_staleness - margin(inp) - inp.now
-    if mix.credits <= spendable:
-        # a partial last call is charged per started 10 records: the newest few that would
-        # start a new 10 stay for the next flush if they are not due themselves
-        hold = mix.upsert_records % cost.records_per_credit if mix.upsert_records else 0
-        if 0 < hold < mix.upsert_records:
-            rest = ordered[n - hold :]
-            nxt = leave_at(inp, rest[0].oldest_at, hold)[0]
-            if nxt > inp.now + _tick(inp):
-                sent = n - hold
-                m2 = choose_mix(inp, sent, time_left)
-                if m2.credits < mix.credits:
-                    ups, bulk = _split(inp, keys[:sent], m2)
-                    why = f"flush {sent} at deadline, {hold} newest wait: {_describe(m2)}"
-                    return Plan(ups, bulk, nxt, why, False)
-        ups, bulk = _split(inp, keys, mix)
-        return Plan(ups, bulk, None, f"flush {n} at deadline: {_describe(mix)}", False)
+    # -- when to plan again at the latest
+    wakes: list[float] = [leave for _, _, leave in chunks if leave > now + tick]
+    for p in range(k, len(ul)):
+        wakes.append(dl[ul[p]] - offset(p))
+    if k < len(ul) and math.isfinite(tau):
+        wakes.append(ordered[ul[k]].oldest_at + tau)
+    wake = max(min(wakes), now + _tick(inp)) if wakes else None
+    if out.is_empty and wake is None:
+        wake = now + _tick(inp)  # cannot happen (everything sent or waiting): stay safe
+    parts = []
+    if bulk_groups:
+        parts.append(f"{len(bulk_groups)} bulk job(s) of {sum(map(len, bulk_groups))}")
+    if ups:
+        parts.append(f"{len(ups)} upsert call(s) of {sum(map(len, ups))} ({k_hard} due)")
+    reason = (" + ".join(parts) if parts else "wait") + f" of {len(ordered)} pending"
+    return Plan(ups, bulk_groups, wake, reason, out.budget_alert)
 
-    # the reserve is reached: send only the changes at their deadline, within the credits
-    # left; the others wait. "At their deadline": due before every pending change could be
-    # sent by upsert, plus one round trip, from now.
-    window = send_time(inp, cost.mix(n, 0)) + inp.upsert_latency + margin(inp)
-    limit = inp.now + window - inp.max_staleness
-    due = 0
-    while due < n and ordered[due].oldest_at <= limit:
-        due += 1
-    sent, m_due = _fit(inp, due, max(0, inp.credits_left), time_left)
-    ups, bulk = _split(inp, keys[:sent], m_due)
-    rest = ordered[sent:]
-    if sent < due:
-        wake: float | None = inp.now + _budget_retry(inp)
-        reason = f"credits: {sent} of {due} due changes fit in {inp.credits_left} credits left"
-    else:
-        wake = None
-        if rest:
-            # the earliest a remaining change becomes due, never sooner than one round trip
-            wake = max(rest[0].oldest_at + inp.max_staleness - window, inp.now + _tick(inp))
-        reason = f"reserve: {due} due of {n} pending sent, {_describe(m_due)}"
-    return Plan(ups, bulk, wake, reason, True)
+
+def _bulk_eligibility_latency(inp: PlannerInput, dl: list[float]) -> float:
+    """The bulk latency used to decide which changes can still wait for a job: the estimate for
+    the job that would carry them (by size), never less than what a larger job of them would
+    take (the estimates are per size: a small job measured fast says nothing of a full one)."""
+    full = bulk_time(inp, inp.cost.bulk_batch) + inp.retry_allowance
+    n = len(dl) - bisect.bisect_left(dl, inp.now + full)
+    if n <= 0:
+        return full
+    size = min(n, inp.cost.bulk_batch)
+    lat = bulk_time(inp, size) + inp.retry_allowance
+    n2 = min(inp.cost.bulk_batch, len(dl) - bisect.bisect_left(dl, inp.now + lat))
+    if bulk_time(inp, n2) + inp.retry_allowance <= lat:
+        return lat
+    return full
+
+
+def _whole_credits(cost: CostModel, k: int) -> int:
+    """``k`` topped up so that the last upsert call ends on a whole credit."""
+    full, rest = divmod(k, cost.upsert_batch)
+    if not rest:
+        return k
+    top = -(-rest // cost.records_per_credit) * cost.records_per_credit
+    return full * cost.upsert_batch + min(cost.upsert_batch, top)
+
+
+def _estimate(inp: PlannerInput, n: int) -> int:
+    """What sending all ``n`` pending would cost at least (the cheapest mix): for the alert."""
+    return inp.cost.cheapest(n).credits if n else 0
+
+
+def _reserve(
+    inp: PlannerInput,
+    ordered: list[PendingKey],
+    ul: list[int],
+    k_hard: int,
+    offset: Callable[[int], float],
+) -> Plan:
+    """The reserve is reached: only the changes at their deadline leave, as many as the credits
+    left allow (oldest first, cheapest mix in time); the rest waits and the credits are looked
+    at again after ``_budget_retry``."""
+    due = [ordered[i] for i in ul[:k_hard]]
+    if not due:
+        wake = inp.now + _budget_retry(inp)
+        if ul:
+            first = ordered[ul[0]].oldest_at + inp.max_staleness - margin(inp) - offset(0)
+            wake = min(wake, max(first, inp.now + _tick(inp)))
+        return Plan([], [], wake, "reserve: nothing due", True)
+    time_left = due[0].oldest_at + inp.max_staleness - margin(inp) - inp.now
+    sent, m_due = _fit(inp, len(due), max(0, inp.credits_left), time_left)
+    ups, bulk = _split(inp, [pk.key for pk in due[:sent]], m_due)
+    if sent < len(due):
+        reason = f"credits: {sent} of {len(due)} due changes fit in {inp.credits_left} credits left"
+        return Plan(ups, bulk, inp.now + _budget_retry(inp), reason, True)
+    wake = inp.now + _budget_retry(inp)
+    for p in range(k_hard, len(ul)):
+        at = ordered[ul[p]].oldest_at + inp.max_staleness - margin(inp) - offset(p)
+        wake = min(wake, max(at, inp.now + _tick(inp)))
+    return Plan(ups, bulk, wake, f"reserve: {len(due)} due sent", True)
 
 
 def _tick(inp: PlannerInput) -> float:

@@ -53,7 +53,11 @@ def test_seed_table_at_deadline() -> None:
         assert sizes(p) == (want_up, want_bulk), n
         assert p.credits(COST) == credits
         assert p.wake_at is None and not p.budget_alert
-    p = plan(inp(keys(25_000), now=0.0))  # a full bulk job leaves at once
+    # a full bulk job leaves when its oldest record must (economy): not before
+    p = plan(inp(keys(25_000), now=0.0))
+    assert p.is_empty and p.wake_at is not None
+    assert math.isclose(p.wake_at, S - margin(inp([])) - 85.0)
+    p = plan(inp(keys(25_000), now=p.wake_at))
     assert sizes(p) == ([], [25_000]) and p.credits(COST) == 500
 
 
@@ -91,6 +95,8 @@ def test_in_flight_keys_are_not_planned() -> None:
 def test_full_bulk_then_rest_waits() -> None:
     pend = keys(25_300, at=50.0)
     p = plan(inp(pend, now=60.0))
+    assert p.is_empty and p.wake_at is not None
+    p = plan(inp(pend, now=p.wake_at))
     assert sizes(p) == ([], [25_000])
     assert p.wake_at is not None and p.wake_at > 60.0
     assert {k for j in p.bulk for k in j} == {pk.key for pk in pend[:25_000]}  # oldest first

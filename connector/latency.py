@@ -1,0 +1,80 @@
+"""Conservative latency estimates for the planner (docs/planner.md, "Latency estimates").
+
+The planner promises that no change arrives later than ``max_staleness`` *under the latencies
+it is given*, so those must not be averages: an average of upsert calls hides the slow ones
+(429 storms, retried calls), and an average of bulk jobs measured on small jobs says nothing of
+a full one (the running average the planner was fed before let whole jobs arrive late).
+
+* Upsert: the ``quantile`` (nearest rank, 95 % by default) of the last ``window`` measured
+  calls, start to answer (the client's retries included). With fewer than 20 samples that is
+  the slowest one.
+* Bulk, by job size: a job of *n* records is assumed to take no longer than the ``quantile``
+  of the jobs measured with at least *n* records (a bigger job is not faster). A size larger
+  than every measured job is extrapolated in proportion to its records from the largest jobs
+  measured (an upper bound whenever a job's time is a fixed part plus a part per record), and
+  never less than the configured default. Both fail safe: a too-high bulk estimate only costs
+  credits (the changes go by upsert instead), a too-low one makes changes late.
+
+Pure: samples are pushed in, nothing is timed here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+UPSERT_WINDOW = 200
+BULK_WINDOW = 100
+
+
+def quantile(values: list[float], q: float) -> float:
+    """Nearest-rank ``q`` quantile of ``values`` (not empty)."""
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
+
+
+class LatencyEstimator:
+    def __init__(
+        self,
+        default_upsert: float = 2.0,
+        default_bulk: float = 120.0,
+        quantile: float = 0.95,
+        upsert_window: int = UPSERT_WINDOW,
+        bulk_window: int = BULK_WINDOW,
+    ) -> None:
+        if not 0.0 < quantile <= 1.0:
+            raise ValueError("quantile must be in (0, 1]")
+        self.default_upsert = default_upsert
+        self.default_bulk = default_bulk
+        self.q = quantile
+        self._upsert: deque[float] = deque(maxlen=upsert_window)
+        self._bulk: deque[tuple[int, float]] = deque(maxlen=bulk_window)
+
+    def observe_upsert(self, seconds: float) -> None:
+        self._upsert.append(max(0.0, seconds))
+
+    def observe_bulk(self, records: int, seconds: float) -> None:
+        self._bulk.append((max(1, records), max(0.0, seconds)))
+
+    def upsert(self) -> float:
+        """Seconds one upsert call is assumed to take."""
+        if not self._upsert:
+            return self.default_upsert
+        return quantile(list(self._upsert), self.q)
+
+    def bulk(self, records: int) -> float:
+        """Seconds a bulk job of ``records`` records is assumed to take."""
+        larger = [s for r, s in self._bulk if r >= records]
+        if larger:
+            return quantile(larger, self.q)
+        if not self._bulk:
+            return self.default_bulk
+        top = max(r for r, _ in self._bulk)
+        at_top = quantile([s for r, s in self._bulk if r == top], self.q)
+        return max(self.default_bulk, at_top * records / top)
+
+    def bulk_profile(self, full_job: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+        """The planner's inputs: (estimate for a job of ``full_job`` records, entries
+        (records, seconds) for each measured job size below it)."""
+        sizes = sorted({r for r, _ in self._bulk if r < full_job})
+        return self.bulk(full_job), tuple((r, self.bulk(r)) for r in sizes)
