@@ -238,39 +238,55 @@ def _plan_live(inp: PlannerInput, free: list[PendingKey]) -> Plan:
     lat_b = _bulk_eligibility_latency(inp, dl)
     e0 = bisect.bisect_left(dl, now + lat_b)
     chunks: list[tuple[int, int, float]] = []  # (start, end, leave at) of chunks worth a job
+    peel_max = cost.upsert_batch  # a few stragglers go by upsert rather than hurry a job
     pos = e0
     while pos < len(ordered):
         end = min(len(ordered), pos + cost.bulk_batch)
-        size = end - pos
-        if cost.upsert_credits(size) <= cost.bulk_job_credits:
-            break  # not cheaper by bulk: these go the upsert way
-        leave = dl[pos] - lat_b  # the latest moment its oldest record can leave
+        if not _worth_a_job(inp, end - pos):
+            break  # not cheaper by bulk (or, balanced / fast, not a full job): upsert
+        # the oldest few records would make the job leave early (they were pending before
+        # the burst): they go the upsert way if the job stays worth it without them
+        j = 0
+        while j < peel_max and _worth_a_job(inp, min(len(ordered), end + j + 1) - pos - j - 1):
+            j += 1
+        if j:
+            j = bisect.bisect_left(dl, dl[pos + j], lo=pos) - pos
+            end = min(len(ordered), pos + j + cost.bulk_batch)
+        leave = dl[pos + j] - lat_b  # the latest moment its oldest record can leave
         if math.isfinite(tau):
-            leave = min(leave, ordered[pos].oldest_at + tau)
-        chunks.append((pos, end, leave))
+            leave = min(leave, ordered[pos + j].oldest_at + tau)
+        chunks.append((pos + j, end, leave))
         pos = end
-    in_jobs = {i for a, b, _ in chunks for i in range(a, b)} if chunks else set()
     jobs_now = [(a, b) for a, b, leave in chunks if leave <= now + tick]
 
-    # -- the upsert way: everything not waiting for a job, in deadline order
-    ul = (
-        [i for i in range(len(ordered)) if i not in in_jobs]
-        if in_jobs
-        else list(range(len(ordered)))
-    )
+    # -- the upsert way: everything not waiting for a job, by deadline
+    ul: list[int] = []
+    prev = 0
+    for a, b, _ in chunks:
+        ul.extend(range(prev, a))
+        prev = b
+    ul.extend(range(prev, len(ordered)))
     per_round = cost.upsert_batch * max(1, inp.concurrency)
 
     def offset(p: int) -> float:  # rank p's answer, from now, if the first p+1 leave now
         return (p // per_round + 1) * inp.upsert_latency + inp.retry_allowance
 
     k_hard = 0
+    last = offset(len(ul) - 1) if ul else 0.0  # the largest offset: later ones cannot be due
     for p, i in enumerate(ul):
         if dl[i] - offset(p) <= now + tick:  # due before the next look
             k_hard = p + 1
+        elif dl[i] - last > now + tick:
+            break
     k = k_hard
     if math.isfinite(tau):
         k_soft = bisect.bisect_right([ordered[i].oldest_at for i in ul], now - tau + tick)
-        k = max(k, k_soft)
+        if k_soft > k and inp.freshness == "balanced":
+            # whole credits only: a change past the target waits until it fills one
+            whole = len(ul) // cost.records_per_credit * cost.records_per_credit
+            k = max(k, min(_whole_credits(cost, k_soft), whole))
+        else:
+            k = max(k, k_soft)
         if inp.freshness != "economy":  # a full call leaves as soon as it is full
             k += (len(ul) - k) // cost.upsert_batch * cost.upsert_batch
     if k:
@@ -303,8 +319,13 @@ def _plan_live(inp: PlannerInput, free: list[PendingKey]) -> Plan:
 
     # -- when to plan again at the latest
     wakes: list[float] = [leave for _, _, leave in chunks if leave > now + tick]
+    first = math.inf
     for p in range(k, len(ul)):
-        wakes.append(dl[ul[p]] - offset(p))
+        if dl[ul[p]] - last >= first:
+            break  # every later one becomes due after this
+        first = min(first, dl[ul[p]] - offset(p))
+    if math.isfinite(first):
+        wakes.append(first)
     if k < len(ul) and math.isfinite(tau):
         wakes.append(ordered[ul[k]].oldest_at + tau)
     wake = max(min(wakes), now + _tick(inp)) if wakes else None
@@ -333,6 +354,15 @@ def _bulk_eligibility_latency(inp: PlannerInput, dl: list[float]) -> float:
     if bulk_time(inp, n2) + inp.retry_allowance <= lat:
         return lat
     return full
+
+
+def _worth_a_job(inp: PlannerInput, size: int) -> bool:
+    """Economy: a job when it is cheaper than upsert; balanced / fast: only a full job (a
+    smaller one would keep its changes waiting for a job's latency)."""
+    cost = inp.cost
+    if cost.upsert_credits(size) <= cost.bulk_job_credits:
+        return False
+    return inp.freshness == "economy" or size >= cost.bulk_batch
 
 
 def _whole_credits(cost: CostModel, k: int) -> int:
