@@ -72,6 +72,23 @@ async def test_flush_all_sends_now(
     await asyncio.wait_for(task, 10)
 
 
+async def test_freshness_fast_sends_within_seconds_not_at_the_deadline(
+    legacy: str, emu: EmulatorHandle, client: ZohoClient, make_engine: EngineFactory
+) -> None:
+    # max_staleness 10 min: in economy nothing would leave for ~10 minutes (test above);
+    # freshness = "fast" (target 2 s) makes the same 30 rows leave at once, in whole credits
+    pipeline = pipeline_config(freshness="fast")
+    assert pipeline.freshness == "fast"
+    engine = make_engine(client, pipeline)
+    stop = asyncio.Event()
+    task = asyncio.create_task(engine.run(stop))
+    await execute(legacy, *insert_sql(30))
+    await wait_for(lambda: len(emu.records("Orders")) == 30, timeout=30)
+    assert credits_by_api(emu) == {"upsert": 3}
+    stop.set()
+    await asyncio.wait_for(task, 10)
+
+
 async def test_delete_modes(
     legacy: str, emu: EmulatorHandle, client: ZohoClient, make_engine: EngineFactory
 ) -> None:
