@@ -284,7 +284,7 @@ class PipelineConfig(_Strict):
     capture: Literal["triggers", "logical"] = "triggers"
     max_staleness: Duration = timedelta(minutes=10)
     # the planner's dial (docs/planner.md): economy = fewest credits, every change leaves at its
-    # latest moment; balanced / fast = changes leave once max_staleness/20 / 2 s old
+    # latest moment; balanced / fast = changes leave once max_staleness/10 / 2 s old (whole credits)
     freshness: Literal["economy", "balanced", "fast"] = "economy"
     daily_credit_budget: int | None = Field(default=None, ge=500)
     delete_mode: Literal["delete", "mark", "ignore"] = "delete"

@@ -88,10 +88,10 @@ class Plan:
 
 def target_staleness(inp: PlannerInput) -> float:
     """How old a live change may get before it leaves (on top of the hard ``max_staleness``):
-    economy: no target (every change leaves at its latest moment); balanced: 1/20 of
-    ``max_staleness`` (30 s at 10 min); fast: 2 s (or less with a tiny ``max_staleness``)."""
+    economy: no target (every change leaves at its latest moment); balanced: 1/10 of
+    ``max_staleness`` (60 s at 10 min); fast: 2 s (or less with a tiny ``max_staleness``)."""
     if inp.freshness == "balanced":
-        return inp.max_staleness / 20
+        return inp.max_staleness / 10
     if inp.freshness == "fast":
         return min(2.0, inp.max_staleness / 20)
     return math.inf
@@ -283,8 +283,8 @@ def _plan_live(inp: PlannerInput, free: list[PendingKey]) -> Plan:
         k_soft = bisect.bisect_right([ordered[i].oldest_at for i in ul], now - tau + tick)
         if k_soft > k and inp.freshness == "balanced":
             # whole credits only: a change past the target waits until it fills one
-            whole = len(ul) // cost.records_per_credit * cost.records_per_credit
-            k = max(k, min(_whole_credits(cost, k_soft), whole))
+            whole = k_soft // cost.records_per_credit * cost.records_per_credit
+            k = max(k, whole)
         else:
             k = max(k, k_soft)
         if inp.freshness != "economy":  # a full call leaves as soon as it is full
