@@ -65,7 +65,7 @@ class PlannerInput:
     # (records, seconds): a job of at most ``records`` records is answered within ``seconds``
     # (LatencyEstimator.bulk_profile); sizes above every entry take ``bulk_latency``
     bulk_latency_by_size: tuple[tuple[int, float], ...] = ()
-    retry_allowance: float = 0.0  # extra seconds a call may take in retries (429 storms)
+    retry_allowance: float = 0.0  # extra seconds each call may take in retries (429 storms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,9 +118,7 @@ def send_time(inp: PlannerInput, mix: Mix) -> float:
     """Seconds from now until every record of ``mix`` is acknowledged: upsert calls run
     ``concurrency`` at a time, bulk jobs side by side on the CRM, each within ``bulk_latency``."""
     c = max(1, inp.concurrency)
-    t_upsert = -(-mix.upsert_calls // c) * inp.upsert_latency
-    if mix.upsert_calls:
-        t_upsert += inp.retry_allowance
+    t_upsert = -(-mix.upsert_calls // c) * (inp.upsert_latency + inp.retry_allowance)
     t_bulk = 0.0
     if mix.bulk_jobs:
         t_bulk = bulk_time(inp, min(mix.bulk_records, inp.cost.bulk_batch)) + inp.retry_allowance
@@ -249,8 +247,8 @@ def _plan_live(inp: PlannerInput, free: list[PendingKey]) -> Plan:
         j = 0
         while j < peel_max and _worth_a_job(inp, min(len(ordered), end + j + 1) - pos - j - 1):
             j += 1
-        if j:
-            j = bisect.bisect_left(dl, dl[pos + j], lo=pos) - pos
+        if j:  # as few as leave (nearly) that late: 1 % of the budget is not worth a credit
+            j = bisect.bisect_left(dl, dl[pos + j] - 0.01 * inp.max_staleness, lo=pos) - pos
             end = min(len(ordered), pos + j + cost.bulk_batch)
         leave = dl[pos + j] - lat_b  # the latest moment its oldest record can leave
         if math.isfinite(tau):
@@ -269,7 +267,7 @@ def _plan_live(inp: PlannerInput, free: list[PendingKey]) -> Plan:
     per_round = cost.upsert_batch * max(1, inp.concurrency)
 
     def offset(p: int) -> float:  # rank p's answer, from now, if the first p+1 leave now
-        return (p // per_round + 1) * inp.upsert_latency + inp.retry_allowance
+        return (p // per_round + 1) * (inp.upsert_latency + inp.retry_allowance)
 
     k_hard = 0
     last = offset(len(ul) - 1) if ul else 0.0  # the largest offset: later ones cannot be due

@@ -136,16 +136,18 @@ def simulate(
                     del pending[k]
                     in_flight.add(k)
                     items.append((k, newest[k]))
+                started = now
                 if kind == "bulk":
                     t_done = now + bulk_lat(now, len(ks))
                     jobs += 1
                 else:
                     free = heapq.heappop(slots)
-                    t_done = max(now, free) + upsert_lat(now, calls)
+                    started = max(now, free)  # measured from when it holds a slot
+                    t_done = started + upsert_lat(now, calls)
                     heapq.heappush(slots, t_done)
                     calls += 1
                 seq += 1
-                heapq.heappush(done, (t_done, seq, items, kind, len(ks), now))
+                heapq.heappush(done, (t_done, seq, items, kind, len(ks), started))
         steps += 1
         assert steps < 2_000_000, "planner loops"
     stale = [math.inf] * len(changes)

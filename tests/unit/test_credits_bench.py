@@ -46,7 +46,7 @@ def brute_force(starts: list[float], length: float, cost: CostModel) -> int:
             best = min(best, sum(cost.cheapest(len(g)).credits for g in groups))
             return
         for g in groups:
-            if max(g + [starts[i]]) - min(g + [starts[i]]) <= length:
+            if max([*g, starts[i]]) - min([*g, starts[i]]) <= length:
                 g.append(starts[i])
                 go(i + 1, groups)
                 g.pop()
