@@ -56,11 +56,12 @@ def test_f1_the_same_trace_end_to_end_is_never_late() -> None:
 
 
 def test_f1_slow_bulk_api_import_is_never_late() -> None:
-    # 30,000 inserts over 5 minutes, every bulk job takes 8 minutes: the planner has measured
-    # it (a previous job) and must not send anything by bulk that cannot make it
+    # every bulk job takes 8 minutes, and the planner has measured it (a previous job): an
+    # import of 24,999 rows next to one change 200 s older must not leave as one job with it
+    # (it would arrive 80 s late), and 30,000 more over 5 minutes must not be late either
     slow = LatencyEstimator(default_upsert=1.0, default_bulk=480.0)
     slow.observe_bulk(25_000, 480.0)
-    changes = burst(30_000, 100.0, spread=300.0)
+    changes = [(0.5, "old"), *burst(24_999, 200.0), *burst(30_000, 2_000.0, "i", spread=300.0)]
     r = simulate(changes, estimator=slow, bulk_lat=lambda now, n: 480.0)
     assert r.late == 0
 
