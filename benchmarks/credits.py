@@ -583,6 +583,7 @@ def chart(name: str, res: dict[str, Any], out: Path) -> str:
         ax.annotate(pol, (r["credits"], r["staleness_p50_s"]), fontsize=8)
     ax.axvline(res["lower_bound"], color="red", linestyle="--", linewidth=1, label="lower bound")
     ax.set_yscale("symlog", linthresh=10)
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("credits in the day")
     ax.set_ylabel("median staleness (s)")
     ax.set_title(f"{name}: {res['title']}", fontsize=9)
