@@ -42,7 +42,7 @@ from connector import state
 from connector.capture import OWN_WRITE_PREFIX, pin_image_settings
 from connector.coalesce import PendingEntry
 from connector.config import PipelineConfig
-from connector.errors import BulkJobGone, DataError, TransientError
+from connector.errors import BulkJobGone, DataError, SchemaChanged, TransientError
 from connector.events import ChangeEvent, Op, stamp_of
 from connector.latency import LatencyEstimator
 from connector.mapping import RecordMapper, dumps_json
@@ -241,6 +241,7 @@ class Emitter:
         try:
             out = EmitOutcome()
             res = _Results()
+            await self._check_source_columns(entries)
             deletes = [e for e in entries if e.event.op is Op.DELETE]
             upserts = [e for e in entries if e.event.op is not Op.DELETE]
             records: list[tuple[PendingEntry, dict[str, Any], str]] = []
@@ -424,6 +425,7 @@ class Emitter:
         token = current_pipeline.set(self.pipeline.name)
         try:
             out = EmitOutcome()
+            await self._check_source_columns(entries)
             deletes = [e for e in entries if e.event.op is Op.DELETE]
             if deletes:
                 out.merge(await self._send_deletes(deletes))
@@ -857,6 +859,57 @@ class Emitter:
             f" (still refused after {attempts} attempts over {time.monotonic() - first:.0f}s,"
             " the pipeline's max_staleness)"
         )
+
+    # ------------------------------------------------------------------ schema changes
+    async def _check_source_columns(self, entries: Sequence[PendingEntry]) -> None:
+        """Before anything of the group is sent: when a row image lacks a mapped column, ask
+        the source table whether the column still exists. Gone (dropped or renamed while the
+        pipeline ran): raise :class:`SchemaChanged`, so that the pipeline stops with its
+        events behind the checkpoint, instead of a dead letter per row. Still there: the image
+        predates a schema change that the mapping already follows; the mapper dead-letters it
+        (``MISSING_COLUMN``) and `dead-letters retry` re-captures the current row. Deletes need
+        only the key and are not checked. Both capture modes: a trigger's ``to_jsonb`` image
+        and a decoded pgoutput row both simply lack the column."""
+        mapped = [c for c in self.pipeline.fields if c != self.pipeline.key_column]
+        missing = sorted(
+            {
+                c
+                for e in entries
+                if e.event.op is not Op.DELETE and e.event.row is not None
+                for c in mapped
+                if c not in e.event.row
+            }
+        )
+        if not missing:
+            return
+        present = await self._source_columns()
+        gone = [c for c in missing if present is None or c not in present]
+        if not gone:
+            return
+        col = gone[0]
+        p = self.pipeline
+        raise SchemaChanged(
+            p.name,
+            col,
+            f"pipeline {p.name}: column {col!r} of {p.source_table} is mapped"
+            f" (pipelines['{p.name}'].fields['{col}'] -> {p.fields[col].field!r}) but no longer"
+            " exists in the table (dropped or renamed while the connector ran). The pipeline is"
+            " stopped before sending any record without that field; every captured change is"
+            " kept. Fix: map the column's new name, or remove the mapping if it was dropped,"
+            " then restart `connector run`: the held changes flow",
+        )
+
+    async def _source_columns(self) -> set[str] | None:
+        """The source table's current columns (None without a source connection)."""
+        if self.source_dsn is None:
+            return None
+        async with await psycopg.AsyncConnection.connect(self.source_dsn) as conn:
+            cur = await conn.execute(
+                "SELECT a.attname FROM pg_catalog.pg_attribute a"
+                " WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped",
+                (sql.Identifier(*self.pipeline.table_parts).as_string(conn),),
+            )
+            return {str(r[0]) for r in await cur.fetchall()}
 
     # ------------------------------------------------------------------ internals
     def _json(self, event: ChangeEvent) -> dict[str, Any]:

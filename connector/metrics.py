@@ -276,6 +276,12 @@ class Metrics:
             ["pipeline"],
             registry=r,
         )
+        self.schema_change_stops_total = Counter(
+            f"{p}schema_change_stops_total",
+            "Pipeline stops because a mapped source column was dropped or renamed.",
+            ["pipeline"],
+            registry=r,
+        )
         self.replication_slot_lag_bytes = Gauge(
             f"{p}replication_slot_lag_bytes",
             "WAL retained by the pipeline's replication slot (logical mode).",
@@ -351,6 +357,7 @@ class Metrics:
             gauge.labels(pipeline=pipeline)
         self.snapshot_rows_total.labels(pipeline=pipeline)
         self.outbox_pruned_events_total.labels(pipeline=pipeline)
+        self.schema_change_stops_total.labels(pipeline=pipeline)
         if retention_seconds is not None:
             self.outbox_retention_seconds.labels(pipeline=pipeline).set(retention_seconds)
         for op in OPS:

@@ -234,7 +234,21 @@ async def pipeline_status(
     key = db.advisory_key(schema, "pipeline", name)
     cur = await conn.cursor(row_factory=tuple_row).execute(Q_OWNER, (key,))
     owner = await cur.fetchone()
+    cur = await conn.cursor(row_factory=tuple_row).execute(
+        db.render(
+            "SELECT reason, column_name, message, halted_at FROM {schema}.pipeline_halts"
+            " WHERE pipeline = %s",
+            schema,
+        ),
+        (name,),
+    )
+    halt = await cur.fetchone()
     return {
+        "halted": (
+            {"reason": halt[0], "column": halt[1], "message": halt[2], "since": halt[3]}
+            if halt
+            else None
+        ),
         "pipeline": name,
         "source_table": pipeline.source_table,
         "module": pipeline.module,
@@ -283,6 +297,8 @@ def format_status(doc: dict[str, Any]) -> str:
     snap = doc["snapshot"]
     state_word = "RUNNING" if doc["running"] else "NOT RUNNING"
     late = doc["oldest_pending_change_seconds"] > doc["max_staleness_seconds"]
+    if doc.get("halted"):
+        state_word = "STOPPED (schema change)"
     lines = [
         f"pipeline {doc['pipeline']}  ({doc['source_table']} -> {doc['module']})  {state_word}",
         f"  capture      {c['mode']}{'' if c['installed'] else ' (NOT INSTALLED: run init)'}"
@@ -299,6 +315,11 @@ def format_status(doc: dict[str, Any]) -> str:
         ),
         f"  bulk jobs    {b['in_flight']} in flight"
         + (f", oldest {_fmt_age(b['oldest_age_seconds'])}" if b["in_flight"] else ""),
+        *(
+            [f"  stopped      {_fmt_time(doc['halted']['since'])}: {doc['halted']['message']}"]
+            if doc.get("halted")
+            else []
+        ),
         f"  dead letters {doc['dead_letters_open']} open"
         + ("  (see: connector dead-letters list)" if doc["dead_letters_open"] else ""),
         *(

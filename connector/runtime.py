@@ -42,7 +42,13 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from connector import db
 from connector.config import PipelineConfig, Secrets, Settings
-from connector.errors import ConfigError, ConnectorError, PermanentError, TransientError
+from connector.errors import (
+    ConfigError,
+    ConnectorError,
+    PermanentError,
+    SchemaChanged,
+    TransientError,
+)
 from connector.metrics import Metrics, status_class
 from connector.server import HttpServer, ProbeResult, build_app, callback_url
 
@@ -377,6 +383,18 @@ class PipelineRunner:
                 try:
                     clean = await self._record_owner()
                     done = await self._own(clean)
+                except SchemaChanged as exc:
+                    # this pipeline only: the others go on; its events stay behind the
+                    # checkpoint until the operator fixes the mapping and restarts
+                    self.state = "failed"
+                    log.error(
+                        "pipeline stopped by a schema change: %s",
+                        exc,
+                        extra={"pipeline": name, "column": exc.column},
+                    )
+                    rt.metrics.schema_change_stops_total.labels(pipeline=name).inc()
+                    await self._record_halt(exc)
+                    return
                 except RESTARTABLE as exc:
                     # the database (or the CRM, after the client's own retries) went away:
                     # nothing unacknowledged is checkpointed, so start the pipeline again
@@ -421,7 +439,28 @@ class PipelineRunner:
                 (self.pipeline.name, self.pipeline.name, rt.owner),
             )
             row = await cur.fetchone()
+            await conn.execute(
+                db.render("DELETE FROM {schema}.pipeline_halts WHERE pipeline = %s", rt.schema),
+                (self.pipeline.name,),
+            )
         return row is None or row[0] is None
+
+    async def _record_halt(self, exc: SchemaChanged) -> None:
+        """Keep why the pipeline stopped, for `connector status` (cleared on the next start)."""
+        rt = self.runtime
+        with contextlib.suppress(psycopg.Error, OSError, PoolTimeout):
+            async with rt.pool.connection() as conn:
+                await conn.execute(
+                    db.render(
+                        "INSERT INTO {schema}.pipeline_halts (pipeline, reason, column_name,"
+                        " message) VALUES (%s, 'schema_changed', %s, %s)"
+                        " ON CONFLICT (pipeline) DO UPDATE SET reason = EXCLUDED.reason,"
+                        " column_name = EXCLUDED.column_name, message = EXCLUDED.message,"
+                        " halted_at = now()",
+                        rt.schema,
+                    ),
+                    (self.pipeline.name, exc.column, str(exc)),
+                )
 
     async def _record_clean_stop(self) -> None:
         """The pipeline drained and stopped with nothing in flight: the next owner need not

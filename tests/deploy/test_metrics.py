@@ -51,6 +51,7 @@ EXPECTED = {
     "truncates_open": ("gauge", ("pipeline",)),
     "checkpoint_offset": ("gauge", ("pipeline",)),
     "replication_slot_lag_bytes": ("gauge", ("pipeline",)),
+    "schema_change_stops_total": ("counter", ("pipeline",)),
     "pipeline_up": ("gauge", ("pipeline",)),
     "ready": ("gauge", ()),
     "snapshot_rows_total": ("counter", ("pipeline",)),
