@@ -201,6 +201,7 @@ class Emitter:
         self.orphan_fence_factor = orphan_fence_factor
         self.orphan_fence_min = orphan_fence_min
         self.upsert_latency: float | None = None  # EWMA of an upsert call, seconds
+        self._start_types: dict[str, str] = {}  # mapped column -> source type at start
         self.bulk_latency: float | None = None  # EWMA of a bulk job, intent to applied
         self.bulk_records: float | None = None  # EWMA of the records of those jobs
         # keys answered with a transient per-record code (RECORD_LOCKED, …): (first answer,
@@ -246,12 +247,16 @@ class Emitter:
             upserts = [e for e in entries if e.event.op is not Op.DELETE]
             records: list[tuple[PendingEntry, dict[str, Any], str]] = []
             hashes: dict[str, bytes] = {}
+            rejected: list[tuple[PendingEntry, DataError]] = []
             for e in upserts:
                 try:
                     records.append((e, self._json(e.event), "upsert"))
                 except DataError as exc:
-                    res.reject(e.event, exc.code, str(exc), exc.field, "mapping")
-                    out.done.append(e)
+                    rejected.append((e, exc))
+            await self._check_type_changes(rejected)
+            for e, err in rejected:
+                res.reject(e.event, err.code, str(err), err.field, "mapping")
+                out.done.append(e)
             if records or deletes:
                 records = await self._unchanged(records, deletes, hashes, res, out)
             if deletes:
@@ -431,14 +436,18 @@ class Emitter:
                 out.merge(await self._send_deletes(deletes))
             rows: list[tuple[PendingEntry, list[str]]] = []
             res = _Results()
+            rejected: list[tuple[PendingEntry, DataError]] = []
             for e in entries:
                 if e.event.op is Op.DELETE:
                     continue
                 try:
                     rows.append((e, self._csv(e.event)))
                 except DataError as exc:
-                    res.reject(e.event, exc.code, str(exc), exc.field, "mapping")
-                    out.done.append(e)
+                    rejected.append((e, exc))
+            await self._check_type_changes(rejected)
+            for e, err in rejected:
+                res.reject(e.event, err.code, str(err), err.field, "mapping")
+                out.done.append(e)
             if res.dead:
                 await self._store(res)
                 out.dead += len(res.dead)
@@ -901,15 +910,66 @@ class Emitter:
 
     async def _source_columns(self) -> set[str] | None:
         """The source table's current columns (None without a source connection)."""
+        types = await self._source_column_types()
+        return None if types is None else set(types)
+
+    async def _source_column_types(self) -> dict[str, str] | None:
+        """The source table's current columns and their types (``format_type``)."""
         if self.source_dsn is None:
             return None
         async with await psycopg.AsyncConnection.connect(self.source_dsn) as conn:
             cur = await conn.execute(
-                "SELECT a.attname FROM pg_catalog.pg_attribute a"
+                "SELECT a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod)"
+                " FROM pg_catalog.pg_attribute a"
                 " WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped",
                 (sql.Identifier(*self.pipeline.table_parts).as_string(conn),),
             )
-            return {str(r[0]) for r in await cur.fetchall()}
+            return {str(r[0]): str(r[1]) for r in await cur.fetchall()}
+
+    async def load_source_types(self) -> None:
+        """Remember the mapped columns' source types as the pipeline starts (the baseline of
+        :meth:`_check_type_changes`)."""
+        types: dict[str, str] | None = None
+        with contextlib.suppress(psycopg.errors.UndefinedTable):
+            types = await self._source_column_types()
+        if types is not None:
+            self._start_types = {c: t for c, t in types.items() if c in self.pipeline.fields}
+
+    async def _check_type_changes(self, rejected: Sequence[tuple[PendingEntry, DataError]]) -> None:
+        """A mapped value that cannot be converted is a per-row dead letter, unless the
+        column's type has changed since the pipeline started: then the change of type is the
+        cause, and the pipeline stops (:class:`SchemaChanged`) before sending anything of the
+        group. Restarting with the mapping unchanged takes the new type as the baseline (values
+        the field cannot hold are dead letters from then on): that decision is the
+        operator's."""
+        if not rejected or not self._start_types:
+            return
+        by_field = {m.field: c for c, m in self.pipeline.fields.items()}
+        columns = sorted({by_field[x.field] for _, x in rejected if x.field in by_field})
+        columns = [c for c in columns if c in self._start_types]
+        if not columns:
+            return
+        now = await self._source_column_types()
+        if now is None:
+            return
+        for col in columns:
+            before, after = self._start_types[col], now.get(col)
+            if after is None or after == before:
+                continue  # a missing column is _check_source_columns' business
+            p = self.pipeline
+            m = p.fields[col]
+            raise SchemaChanged(
+                p.name,
+                col,
+                f"pipeline {p.name}: column {col!r} of {p.source_table} changed type from"
+                f" {before} to {after} while the connector ran, and its values no longer"
+                f" convert to the CRM field {m.field!r} ({m.type}, pipelines['{p.name}']"
+                f".fields['{col}']). The pipeline is stopped before sending; every captured"
+                " change is kept. Fix: change the column back, or change (or remove) the"
+                " mapping to fit the new type, then restart `connector run`. Restarting with"
+                " the mapping unchanged accepts the new type: values the field cannot hold"
+                " then become dead letters",
+            )
 
     # ------------------------------------------------------------------ internals
     def _json(self, event: ChangeEvent) -> dict[str, Any]:

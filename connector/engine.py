@@ -320,6 +320,7 @@ class Engine:
                 orphan_fence_factor=self.options.orphan_fence_factor,
                 orphan_fence_min=self.options.orphan_fence_min,
             )
+            await self.emitter.load_source_types()
             yield
         finally:
             with contextlib.suppress(Exception):

@@ -49,9 +49,10 @@ class DataError(ConnectorError):
 
 
 class SchemaChanged(PermanentError):
-    """A mapped column is gone from the source table (dropped or renamed) while the pipeline
-    runs: the pipeline stops before any record is sent without the field, its events stay
-    behind the checkpoint, and it waits for the operator to fix the mapping and restart."""
+    """A mapped column is gone from the source table (dropped or renamed), or changed type so
+    that its values no longer convert, while the pipeline runs: the pipeline stops before any
+    record is sent without the field, its events stay behind the checkpoint, and it waits for
+    the operator to fix the mapping and restart."""
 
     def __init__(self, pipeline: str, column: str, message: str) -> None:
         self.pipeline = pipeline

@@ -278,7 +278,7 @@ class Metrics:
         )
         self.schema_change_stops_total = Counter(
             f"{p}schema_change_stops_total",
-            "Pipeline stops because a mapped source column was dropped or renamed.",
+            "Pipeline stops because a mapped source column was dropped, renamed or changed type.",
             ["pipeline"],
             registry=r,
         )

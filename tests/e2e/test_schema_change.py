@@ -139,3 +139,52 @@ async def test_mapped_column_dropped_or_renamed_stops_the_pipeline_and_loses_not
         finally:
             rt.request_stop()
             assert await asyncio.wait_for(task, 60) == 0
+
+
+@pytest.mark.parametrize("capture", ["triggers", "logical"])
+async def test_type_change_that_breaks_a_mapped_value_stops_the_pipeline(
+    database: str, tmp_path: Path, capsys: Any, capture: str
+) -> None:
+    async with emulator() as emu:
+        setup = await prepare(
+            database, tmp_path, emu.url, rows=20, max_staleness="1s", capture=capture
+        )
+        rt = _runtime(setup.config)
+        task = asyncio.create_task(rt.run())
+        try:
+            await wait_in_sync(setup, None)
+            before = _writes(emu)
+            await _sql(
+                setup.dsn,
+                "ALTER TABLE public.orders ALTER COLUMN quantity TYPE text",
+                "UPDATE public.orders SET quantity = 'a dozen', notes = 'held'"
+                " WHERE id BETWEEN 6 AND 10",
+            )
+            await _until(lambda: rt.runners["orders"].state == "failed", "the pipeline stop")
+            assert not task.done()
+            assert _writes(emu) == before
+            assert await _one(setup.dsn, "SELECT count(*) FROM connector.dead_letters") == 0
+            ns = argparse.Namespace(pipeline=None, json=False)
+            assert await operate.status(rt.settings, rt.secrets, ns) == 0
+            out = capsys.readouterr().out
+            assert "STOPPED (schema change)" in out
+            assert "column 'quantity' of public.orders changed type from integer to text" in out
+        finally:
+            rt.request_stop()
+            assert await asyncio.wait_for(task, 60) == 0
+
+        # fixed by removing the mapping: the held changes flow
+        text = setup.config.read_text()
+        line = 'quantity       = { field = "Quantity", type = "integer" }\n'
+        setup.config.write_text(text.replace(line, ""))
+        rt = _runtime(setup.config)
+        task = asyncio.create_task(rt.run())
+        try:
+            await wait_in_sync(setup, None)
+            store = emu.state.store("Orders")
+            notes = {str(r.get("parent_id")): r.get("Notes") for r in store.records.values()}
+            assert all(notes[str(k)] == "held" for k in range(6, 11)), notes
+            assert await _one(setup.dsn, "SELECT count(*) FROM connector.dead_letters") == 0
+        finally:
+            rt.request_stop()
+            assert await asyncio.wait_for(task, 60) == 0
