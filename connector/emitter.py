@@ -927,13 +927,40 @@ class Emitter:
             return {str(r[0]): str(r[1]) for r in await cur.fetchall()}
 
     async def load_source_types(self) -> None:
-        """Remember the mapped columns' source types as the pipeline starts (the baseline of
-        :meth:`_check_type_changes`)."""
+        """Load the baseline of :meth:`_check_type_changes`: the mapped columns' source types
+        as first recorded (``source_column_types``; kept across restarts and owners, so that a
+        restart or a standby's takeover after a type change does not hide it); a mapped column
+        without a row gets its current type."""
         types: dict[str, str] | None = None
         with contextlib.suppress(psycopg.errors.UndefinedTable):
             types = await self._source_column_types()
-        if types is not None:
-            self._start_types = {c: t for c, t in types.items() if c in self.pipeline.fields}
+        if types is None:
+            return
+        mapped = [c for c in self.pipeline.fields if c != self.pipeline.key_column]
+        current = {c: t for c, t in types.items() if c in mapped}
+        table = sql.Identifier(self.schema, "source_column_types")
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                sql.SQL(
+                    "DELETE FROM {} WHERE pipeline = %s AND NOT (column_name = ANY(%s))"
+                ).format(table),
+                (self.pipeline.name, mapped),
+            )
+            await conn.execute(
+                sql.SQL(
+                    "INSERT INTO {} (pipeline, column_name, source_type)"
+                    " SELECT %s, c, t FROM unnest(%s::text[], %s::text[]) AS u(c, t)"
+                    " ON CONFLICT (pipeline, column_name) DO NOTHING"
+                ).format(table),
+                (self.pipeline.name, list(current), list(current.values())),
+            )
+            cur = await conn.execute(
+                sql.SQL("SELECT column_name, source_type FROM {} WHERE pipeline = %s").format(
+                    table
+                ),
+                (self.pipeline.name,),
+            )
+            self._start_types = {str(r[0]): str(r[1]) for r in await cur.fetchall()}
 
     async def _check_type_changes(self, rejected: Sequence[tuple[PendingEntry, DataError]]) -> None:
         """A mapped value that cannot be converted is a per-row dead letter, unless the

@@ -461,6 +461,15 @@ class PipelineRunner:
                     ),
                     (self.pipeline.name, exc.column, str(exc)),
                 )
+                # the next start takes the column's type as it is then (the operator's fix)
+                await conn.execute(
+                    db.render(
+                        "DELETE FROM {schema}.source_column_types"
+                        " WHERE pipeline = %s AND column_name = %s",
+                        rt.schema,
+                    ),
+                    (self.pipeline.name, exc.column),
+                )
 
     async def _record_clean_stop(self) -> None:
         """The pipeline drained and stopped with nothing in flight: the next owner need not

@@ -8,3 +8,16 @@ CREATE TABLE {schema}.pipeline_halts (
     message       text        NOT NULL,
     halted_at     timestamptz NOT NULL DEFAULT now()
 );
+
+-- The source types of each pipeline's mapped columns, as first seen when the pipeline started
+-- (connector/emitter.py, ``load_source_types``): an unconvertible value of a column whose type
+-- is no longer this one stops the pipeline (a schema change) instead of being a dead letter.
+-- Kept across restarts and owners; a column's row is removed when a schema change stops the
+-- pipeline on it, so that restarting takes the new type (the operator's decision).
+CREATE TABLE {schema}.source_column_types (
+    pipeline      text NOT NULL,
+    column_name   text NOT NULL,
+    source_type   text NOT NULL,
+    recorded_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (pipeline, column_name)
+);

@@ -153,10 +153,18 @@ async def test_type_change_that_breaks_a_mapped_value_stops_the_pipeline(
         task = asyncio.create_task(rt.run())
         try:
             await wait_in_sync(setup, None)
+            await _sql(setup.dsn, "ALTER TABLE public.orders ALTER COLUMN quantity TYPE text")
+        finally:
+            rt.request_stop()
+            assert await asyncio.wait_for(task, 60) == 0
+        # a restart (or a standby taking over) after the type change does not hide it
+        rt = _runtime(setup.config)
+        task = asyncio.create_task(rt.run())
+        try:
+            await wait_in_sync(setup, None)
             before = _writes(emu)
             await _sql(
                 setup.dsn,
-                "ALTER TABLE public.orders ALTER COLUMN quantity TYPE text",
                 "UPDATE public.orders SET quantity = 'a dozen', notes = 'held'"
                 " WHERE id BETWEEN 6 AND 10",
             )
