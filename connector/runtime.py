@@ -860,6 +860,8 @@ class Runtime:
         transaction), then export the outbox gauges. A database error is logged and retried
         on the next pass (pruning late is safe; the alert ConnectorOutboxNotPruned watches)."""
         interval = self.retention_interval()
+        # the first pass once the pipelines have had a moment to take their leases
+        await asyncio.sleep(min(interval, GAUGE_INTERVAL))
         while True:
             try:
                 await self.prune_outbox()

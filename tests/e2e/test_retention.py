@@ -136,7 +136,7 @@ async def test_default_retention_keeps_acknowledged_events(database: str, tmp_pa
                 _, body = await run.get("/metrics")
                 return _metric(body, "connector_outbox_events") == 30.0
 
-            await _wait(counted, "connector_outbox_events at 30", run)
+            await _wait(counted, "connector_outbox_events at 30", run, timeout=90)
             _, body = await run.get("/metrics")
             assert _metric(body, "connector_outbox_pruned_events_total") == 0.0
             assert _metric(body, "connector_outbox_retention_seconds") == 7 * 86400
