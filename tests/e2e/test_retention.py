@@ -61,17 +61,21 @@ def _with_retention(config: Path, retention: str) -> None:
     config.write_text(text)
 
 
+@pytest.mark.parametrize("capture", ["triggers", "logical"])
 async def test_retention_prunes_acknowledged_events_in_a_real_run(
-    database: str, tmp_path: Path
+    database: str, tmp_path: Path, capture: str
 ) -> None:
     async with emulator() as emu:
-        setup = await prepare(database, tmp_path, emu.url, rows=60, max_staleness="1s")
+        setup = await prepare(
+            database, tmp_path, emu.url, rows=60, max_staleness="1s", capture=capture
+        )
         _with_retention(setup.config, "2s")
         started = datetime.now(UTC)
         async with connector_running(setup, tmp_path) as run:
             await run.wait_http("/readyz")
             await wait_in_sync(setup, run)
-            await change_orders(setup.dsn, 40, seed=3)
+            # a busy connector: changes keep coming while retention passes run every second
+            await change_orders(setup.dsn, 300, seed=3)
             await wait_in_sync(setup, run)
 
             async def empty() -> bool:
