@@ -62,7 +62,8 @@ async def _until(pred: Any, what: str, timeout: float = 60) -> None:
     raise AssertionError(f"{what} never happened")
 
 
-@pytest.mark.parametrize(("capture", "change"), [("triggers", "drop"), ("logical", "rename")])
+@pytest.mark.parametrize("change", ["drop", "rename"])
+@pytest.mark.parametrize("capture", ["triggers", "logical"])
 async def test_mapped_column_dropped_or_renamed_stops_the_pipeline_and_loses_nothing(
     database: str, tmp_path: Path, capsys: Any, caplog: Any, capture: str, change: str
 ) -> None:
