@@ -895,14 +895,16 @@ class Emitter:
         gone = [c for c in missing if present is None or c not in present]
         if not gone:
             return
-        col = gone[0]
+        raise self._column_gone(gone[0])
+
+    def _column_gone(self, col: str) -> SchemaChanged:
         p = self.pipeline
-        raise SchemaChanged(
+        return SchemaChanged(
             p.name,
             col,
             f"pipeline {p.name}: column {col!r} of {p.source_table} is mapped"
             f" (pipelines['{p.name}'].fields['{col}'] -> {p.fields[col].field!r}) but no longer"
-            " exists in the table (dropped or renamed while the connector ran). The pipeline is"
+            " exists in the table (dropped or renamed). The pipeline is"
             " stopped before sending any record without that field; every captured change is"
             " kept. Fix: map the column's new name, or remove the mapping if it was dropped,"
             " then restart `connector run`: the held changes flow",
@@ -937,6 +939,10 @@ class Emitter:
         if types is None:
             return
         mapped = [c for c in self.pipeline.fields if c != self.pipeline.key_column]
+        gone = [c for c in mapped if c not in types]
+        if gone:
+            # restarted without fixing the mapping after a drop or rename: stop again at once
+            raise self._column_gone(gone[0])
         current = {c: t for c, t in types.items() if c in mapped}
         table = sql.Identifier(self.schema, "source_column_types")
         async with self.pool.connection() as conn:

@@ -53,7 +53,7 @@ async def _one(dsn: str, query: str) -> Any:
         return row[0]
 
 
-async def _until(pred: Any, what: str, timeout: float = 60) -> None:
+async def _until(pred: Any, what: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():
@@ -117,6 +117,20 @@ async def test_mapped_column_dropped_or_renamed_stops_the_pipeline_and_loses_not
             out = capsys.readouterr().out
             assert "STOPPED (schema change)" in out and "'quantity'" in out
             assert "Fix: map the column's new name" in out
+        finally:
+            rt.request_stop()
+            assert await asyncio.wait_for(task, 60) == 0
+
+        # restarted without a fix: the pipeline stops again at once, nothing is sent
+        rt = _runtime(setup.config)
+        task = asyncio.create_task(rt.run())
+        try:
+            await _until(
+                lambda: getattr(rt.runners.get("orders"), "state", None) == "failed",
+                "the stop at start",
+            )
+            assert _writes(emu) == before
+            assert await _one(setup.dsn, "SELECT count(*) FROM connector.pipeline_halts") == 1
         finally:
             rt.request_stop()
             assert await asyncio.wait_for(task, 60) == 0
