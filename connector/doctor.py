@@ -275,6 +275,27 @@ async def _pipeline_db_checks(
             else "capture trigger is not installed (or disabled)",
             "run `connector init` (it installs the trigger)",
         )
+        if installed:
+            names = [triggers.trigger_name(schema, p), triggers.truncate_trigger_name(schema, p)]
+            cur = await conn.execute(
+                "SELECT tgname FROM pg_catalog.pg_trigger WHERE tgrelid = %s"
+                " AND tgname = ANY(%s) AND tgenabled <> 'A'",
+                (relid, names),
+            )
+            ordinary = [str(r[0]) for r in await cur.fetchall()]
+            if ordinary:
+                add(
+                    "trigger_firing",
+                    "warn",
+                    f"trigger(s) {', '.join(ordinary)} do not fire for writes under "
+                    "session_replication_role = replica (replication apply workers, restores)",
+                    "as the table's owner: "
+                    + "; ".join(
+                        f"ALTER TABLE {p.source_table} ENABLE ALWAYS TRIGGER {t}" for t in ordinary
+                    ),
+                )
+            else:
+                add("trigger_firing", "ok", "capture fires under every session_replication_role")
     else:
         repl = (
             await _fetchone(

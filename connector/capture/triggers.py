@@ -19,6 +19,7 @@ changes, NULL keys, TRUNCATE).
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import Any
 
 import psycopg
@@ -27,6 +28,8 @@ from psycopg import sql
 from connector.capture import IMAGE_SETTINGS
 from connector.config import PipelineConfig
 from connector.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # Settings that change what to_jsonb() prints; pinned on the function (SET clauses) so that the
 # row image does not depend on the legacy session.
@@ -371,11 +374,7 @@ async def install(
             # fire under every session_replication_role (DESIGN.md invariant 9): logical
             # replication apply workers and bulk-load/sync tools write as 'replica', where an
             # ordinary ('origin') trigger does not fire and the write would be lost
-            await conn.execute(
-                sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}").format(
-                    table, sql.Identifier(tname)
-                )
-            )
+            await _enable_always(conn, pipeline, tname)
         await _install_truncate(conn, schema, pipeline, oid, sequence)
         await conn.execute(
             sql.SQL(
@@ -432,9 +431,33 @@ async def _install_truncate(
             ).format(trig=sql.Identifier(tname), table=table, func=func)
         )
     if row is None or not row[0]:
-        await conn.execute(
-            sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}").format(table, sql.Identifier(tname))
+        await _enable_always(conn, pipeline, tname)
+
+
+async def _enable_always(
+    conn: psycopg.AsyncConnection[Any], pipeline: PipelineConfig, tname: str
+) -> bool:
+    """``ALTER TABLE … ENABLE ALWAYS TRIGGER``: PostgreSQL allows it to the table's owner only.
+    A least-privilege role (SELECT, TRIGGER) gets an ordinary trigger and a WARNING with the
+    statement for the owner to run; until then writes under session_replication_role = replica
+    are not captured (docs/security.md; `connector doctor` reports it)."""
+    stmt = sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}").format(
+        sql.Identifier(*pipeline.table_parts), sql.Identifier(tname)
+    )
+    try:
+        async with conn.transaction():
+            await conn.execute(stmt)
+    except psycopg.errors.InsufficientPrivilege:
+        log.warning(
+            "pipeline %s: trigger %s fires for ordinary writes only: only the owner of %s may "
+            "make it fire under session_replication_role = replica; as the owner run: %s",
+            pipeline.name,
+            tname,
+            pipeline.source_table,
+            stmt.as_string(conn),
         )
+        return False
+    return True
 
 
 async def uninstall(

@@ -145,6 +145,9 @@ async def test_init_and_run_as_the_documented_role(
             setup = Setup(with_role(admin, runtime), config, port, emu.url)
             done = await acli(setup, "init")
             assert done.returncode == 0, done.stderr[-3000:]
+            if capture == "triggers":
+                # ENABLE ALWAYS is the owner's: init says which statement the owner runs
+                assert "ENABLE ALWAYS TRIGGER" in done.stderr, done.stderr[-3000:]
             if capture == "logical":  # the origin exists only with the optional grants
                 assert await _origins(admin, origin) == int(optional is not None)
             run = ConnectorProcess(setup, tmp_path)
@@ -177,12 +180,13 @@ async def test_init_and_run_as_the_documented_role(
                     " WHERE tgrelid = 'public.orders'::regclass AND NOT tgisinternal"
                 )
                 names = [str(r[0]) for r in await cur.fetchall()]
-                assert len(names) == 1
+                assert len(names) == 2  # the row trigger and the TRUNCATE trigger
                 async with conn.transaction():
                     await conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(owner)))
-                    await conn.execute(
-                        sql.SQL("DROP TRIGGER {} ON public.orders").format(sql.Identifier(names[0]))
-                    )
+                    for name in names:
+                        await conn.execute(
+                            sql.SQL("DROP TRIGGER {} ON public.orders").format(sql.Identifier(name))
+                        )
         done = await acli(setup, "uninstall")
         assert done.returncode == 0, done.stderr[-3000:]
         async with await psycopg.AsyncConnection.connect(admin) as conn:
