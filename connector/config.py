@@ -30,7 +30,9 @@ from pydantic import (
 
 from connector.errors import ConfigError
 
-# Zoho data centres: accounts server, API domain. (zoho-crm-api.md §1.5)
+# Zoho data centres: accounts server, API domain, bulk upload host, as hard-coded in Zoho's
+# official SDKs (zohocrm-python-sdk-8.0 / zohocrm-java-sdk `dc/*DataCenter`; zoho-crm-api.md
+# §1.5; docs/zoho-client.md "Fidelity: OAuth, hosts, formats, credits").
 DATA_CENTRES: dict[str, tuple[str, str]] = {
     "us": ("https://accounts.zoho.com", "https://www.zohoapis.com"),
     "eu": ("https://accounts.zoho.eu", "https://www.zohoapis.eu"),
@@ -48,8 +50,10 @@ UPLOAD_HOSTS: dict[str, str] = {
     "au": "https://content.zohoapis.com.au",
     "cn": "https://content.zohoapis.com.cn",
     "jp": "https://content.zohoapis.jp",
-    "ca": "https://content.zohoapis.ca",
-    "sa": "https://content.zohoapis.sa",
+    # CA and SA differ from the content.zohoapis.{tld} pattern (SDK ca_data_center.py /
+    # sa_data_center.py: upload.zohocloud.ca, files.zoho.sa)
+    "ca": "https://upload.zohocloud.ca",
+    "sa": "https://files.zoho.sa",
 }
 
 EDITION_CONCURRENCY: dict[str, int] = {
@@ -182,6 +186,9 @@ class CrmConfig(_Strict):
     daily_credit_budget: int = Field(default=50_000, ge=500)
     credit_reserve: int = Field(default=1_000, ge=0)
     request_timeout: Duration = timedelta(seconds=60)
+    # access tokens this connector may create per 10 minutes (Zoho allows 10 per refresh token
+    # and then blocks creation for the rest of the window; docs/zoho-client.md)
+    token_budget: int = Field(default=5, ge=1, le=10)
 
     @model_validator(mode="before")
     @classmethod

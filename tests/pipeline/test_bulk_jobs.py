@@ -15,13 +15,13 @@ from .conftest import (
     FAST,
     EngineFactory,
     assert_crm_matches,
-    credits_by_api,
     crm_by_key,
     emulator_with,
     execute,
     fetch,
     insert_sql,
     make_client,
+    paid_by_api,
     wait_for,
 )
 
@@ -60,7 +60,7 @@ async def test_newer_version_waits_for_the_job_in_flight(
         await wait_for(lambda: "42" in engine.coalescer.pending())
         assert "42" in engine.coalescer.in_flight()  # fenced: not sent while the job runs
         await asyncio.sleep(0.3)  # several planning rounds: still nothing sent for key 42
-        assert emu.usage()["totals"]["credits"] == 500
+        assert paid_by_api(emu) == {"bulk_write_job": 500}
         emu.advance(200)  # the CRM finishes the job
         await asyncio.wait_for(task, 60)
 
@@ -70,7 +70,7 @@ async def test_newer_version_waits_for_the_job_in_flight(
     assert names[-1] == "NEWER"
     assert "NEWER" not in names[:-1]  # the older version never landed after the newer
     await assert_crm_matches(emu, legacy)
-    assert credits_by_api(emu) == {"bulk_write_job": 500, "upsert": 1}
+    assert paid_by_api(emu) == {"bulk_write_job": 500, "upsert": 1}
 
 
 async def test_killed_while_a_bulk_job_runs_resumes_the_same_job(
@@ -98,7 +98,7 @@ async def test_killed_while_a_bulk_job_runs_resumes_the_same_job(
     jobs = await _job_rows(legacy)
     assert jobs == [(jobs[0][0], "applied", job_id)]
     assert emu.usage()["bulk_jobs"] == 1
-    assert credits_by_api(emu) == {"bulk_write_job": 500}  # paid once
+    assert paid_by_api(emu) == {"bulk_write_job": 500}  # paid once
     await assert_crm_matches(emu, legacy)
     rows = await fetch(legacy, "SELECT count(*) FROM connector.key_state WHERE status = 'synced'")
     assert rows == [(6_000,)]
@@ -118,7 +118,7 @@ async def test_unpaid_intent_is_abandoned_and_sent_again(
     async with make_client(emu) as client:
         await make_engine(client).drain()
     assert [s for _, s, _ in await _job_rows(legacy)] == ["abandoned", "applied"]
-    assert sum(credits_by_api(emu).values()) == 500
+    assert sum(paid_by_api(emu).values()) == 500
     await assert_crm_matches(emu, legacy)
 
 
