@@ -30,7 +30,7 @@ decimal, currency,   JSON number written from the Decimal  plain decimal notatio
 double, percent      text (no float round trip)
 boolean              true / false                          ``true`` / ``false``
 date                 ``yyyy-MM-dd``                        ``yyyy-MM-dd`` (declared format)
-datetime             ``yyyy-MM-ddTHH:mm:ss±HH:MM``         same (declared format)
+datetime             ``yyyy-MM-ddTHH:mm:ss±HH:MM``         same (ISO 8601, no format declared)
 NULL                 null (clears the field)               empty cell (ignore_empty=false)
 ===================  ====================================  =================================
 
@@ -55,9 +55,13 @@ from connector.errors import ConfigError, DataError
 
 MIN_DATE = date(1900, 1, 1)
 
-#: Java-style patterns declared in the bulk job's ``field_mappings[].format``.
+#: Java-style pattern declared in the bulk job's ``field_mappings[].format`` for Date columns
+#: (on Zoho's allowed list, docs/zoho-client.md "Fidelity"). Date/Time columns declare no
+#: format: the cell is ISO 8601 with its offset (``yyyy-MM-ddTHH:mm:ss±HH:mm``), the Date/Time
+#: value Zoho documents for Bulk Write (Kaizen #13), so the time zone is explicit in every cell;
+#: ``yyyy-MM-dd'T'HH:mm:ssXXX`` was declared before and is not on any list Zoho publishes.
 CSV_DATE_FORMAT = "yyyy-MM-dd"
-CSV_DATETIME_FORMAT = "yyyy-MM-dd'T'HH:mm:ssXXX"
+CSV_DATETIME_FORMAT: str | None = None
 
 _TEXT_TYPES = frozenset({"text", "textarea", "email", "phone", "url", "picklist"})
 _DECIMAL_TYPES = frozenset({"decimal", "currency", "double", "percent"})
@@ -157,7 +161,7 @@ class RecordMapper:
             item: dict[str, Any] = {"api_name": api, "index": i}
             if crm_type == "date":
                 item["format"] = CSV_DATE_FORMAT
-            elif crm_type == "datetime":
+            elif crm_type == "datetime" and CSV_DATETIME_FORMAT is not None:
                 item["format"] = CSV_DATETIME_FORMAT
             out.append(item)
         return out

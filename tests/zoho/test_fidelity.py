@@ -237,3 +237,92 @@ async def test_the_token_is_never_logged_and_the_refresh_token_never_stored(
         rows = await cur.fetchall()
     assert len(rows) == 1 and rows[0][1] == token
     assert "emulator-refresh-token" not in rows[0][0]
+
+
+# ---- item 8: bulk CSV date/time formats ---------------------------------------------------------
+
+
+def _bulk_pipeline() -> Any:
+    from connector.config import PipelineConfig
+
+    return PipelineConfig.model_validate(
+        {
+            "name": "orders",
+            "source_table": "public.orders",
+            "key_column": "id",
+            "module": "Orders",
+            "fields": {
+                "name": "Name",
+                "order_date": {"field": "Order_Date", "type": "date"},
+                "placed_at": {"field": "Placed_At", "type": "datetime"},
+            },
+        }
+    )
+
+
+def test_client_declares_only_formats_on_zohos_list() -> None:
+    from connector.emulator.bulk import ALLOWED_DATE_FORMATS, ALLOWED_DATETIME_FORMATS
+    from connector.mapping import RecordMapper
+
+    mappings = {m["api_name"]: m for m in RecordMapper(_bulk_pipeline()).field_mappings()}
+    assert mappings["Order_Date"]["format"] in ALLOWED_DATE_FORMATS
+    placed = mappings["Placed_At"].get("format")
+    assert placed is None or placed in ALLOWED_DATETIME_FORMATS
+
+
+@pytest.mark.parametrize(
+    ("field", "fmt"),
+    [("Placed_At", "yyyy-MM-dd'T'HH:mm:ssXXX"), ("Order_Date", "yyyy/dd/MM")],
+)
+async def test_emulator_refuses_a_format_not_on_zohos_list(field: str, fmt: str) -> None:
+    from connector.mapping import RecordMapper
+
+    mapper = RecordMapper(_bulk_pipeline())
+    mappings = mapper.field_mappings()
+    for m in mappings:
+        if m["api_name"] == field:
+            m["format"] = fmt
+    async with start_emulator() as emu, client_for(emu) as client:
+        bf = build_bulk_zip(
+            mapper.csv_header(),
+            [
+                mapper.to_csv_values(
+                    {"id": 1, "name": "A", "order_date": "2026-03-02", "placed_at": None}
+                )
+            ],
+        )
+        file_id = await client.upload_bulk_file(bf)
+        with pytest.raises(PermanentError, match="INVALID_FORMAT"):
+            await client.create_bulk_job(
+                "Orders", file_id, operation="upsert", find_by="parent_id", field_mappings=mappings
+            )
+
+
+async def test_datetime_with_offset_lands_as_the_same_instant() -> None:
+    from connector.mapping import RecordMapper
+
+    mapper = RecordMapper(_bulk_pipeline())
+    row = {
+        "id": 7,
+        "name": "A",
+        "order_date": "2026-03-02",
+        "placed_at": "2026-03-02T23:30:05+05:30",
+    }
+    async with start_emulator() as emu, client_for(emu) as client:
+        bf = build_bulk_zip(mapper.csv_header(), [mapper.to_csv_values(row)])
+        file_id = await client.upload_bulk_file(bf)
+        job_id = await client.create_bulk_job(
+            "Orders",
+            file_id,
+            operation="upsert",
+            find_by="parent_id",
+            field_mappings=mapper.field_mappings(),
+        )
+        job = await client.wait_bulk_job(job_id, poll_initial=0.01)
+        results = await client.bulk_results(job, bf.keys, "parent_id")
+        assert results["7"].record_id
+        rec = next(r for r in emu.records("Orders") if r["parent_id"] == "7")
+    assert rec["Order_Date"] == "2026-03-02"
+    from datetime import datetime
+
+    assert datetime.fromisoformat(rec["Placed_At"]) == datetime.fromisoformat(row["placed_at"])
