@@ -20,7 +20,8 @@ creation will be blocked for the rest of the ten minutes"*):
 * access tokens are **shared** through a :class:`TokenStore`: :class:`PgTokenStore` (a row in the
   state schema's ``oauth_tokens`` table, locked while one process refreshes, so HA replicas and
   CLI verbs reuse one token per hour instead of minting one each) or, without a database,
-  :class:`MemoryTokenStore` (this process only). docs/security.md explains the trade-off;
+  ``PROCESS_TOKEN_STORE`` (shared by the clients of this process). docs/security.md explains the
+  trade-off;
 * a **client-side budget** (``crm.token_budget``, default 5 of Zoho's 10 per 10 minutes) counts
   every token created through the store; when it is spent the caller waits for the window;
 * a **throttled** refresh (HTTP 400 ``{"error": "Access Denied", "error_description": "You have
@@ -37,6 +38,7 @@ import errno
 import hashlib
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -94,16 +96,28 @@ class TokenStore(Protocol):
 
 
 class MemoryTokenStore:
-    """Process-local store (no database at hand: tests, the emulator demo)."""
+    """Process-local store: every client of this process without a database store shares it
+    (one token per refresh token and process, however many clients a verb opens)."""
 
     def __init__(self) -> None:
         self._records: dict[str, TokenRecord] = {}
-        self._lock = asyncio.Lock()
+        # one lock per event loop (an asyncio.Lock is bound to the loop that first waits on it)
+        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @contextlib.asynccontextmanager
     async def locked(self, key: str) -> AsyncIterator[TokenRecord]:
-        async with self._lock:
+        loop = asyncio.get_running_loop()
+        lock = self._locks.get(loop)
+        if lock is None:
+            lock = self._locks[loop] = asyncio.Lock()
+        async with lock:
             yield self._records.setdefault(key, TokenRecord())
+
+
+#: The default store of a :class:`TokenManager` without one.
+PROCESS_TOKEN_STORE = MemoryTokenStore()
 
 
 class PgTokenStore:
@@ -216,7 +230,7 @@ class TokenManager:
         if not 1 <= budget <= ZOHO_TOKENS_PER_WINDOW:
             raise ValueError(f"token budget must be 1..{ZOHO_TOKENS_PER_WINDOW}")
         self._token_url = accounts_url.rstrip("/") + "/oauth/v2/token"
-        self._store: TokenStore = store or MemoryTokenStore()
+        self._store: TokenStore = store or PROCESS_TOKEN_STORE
         self._budget = budget
         self._wall = wall_clock
         self._stale: str | None = None

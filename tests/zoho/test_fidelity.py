@@ -15,6 +15,7 @@ from pydantic import SecretStr
 from connector.config import DATA_CENTRES, UPLOAD_HOSTS
 from connector.emulator import start_emulator
 from connector.errors import PermanentError, TransientError
+from connector.zoho.auth import MemoryTokenStore
 from connector.zoho.bulk import build_bulk_zip
 from connector.zoho.client import RetryPolicy, ZohoClient
 from connector.zoho.scopes import REQUIRED_SCOPES
@@ -160,25 +161,33 @@ async def test_unreachable_accounts_server_names_the_url_and_errno() -> None:
 
 async def test_emulator_throttles_token_creation_like_zoho_by_default() -> None:
     async with start_emulator() as emu:
-        for i in range(10):
-            async with client_for(emu) as client:
+        for i in range(10):  # ten processes that do not share a store
+            async with client_for(emu, token_store=MemoryTokenStore()) as client:
                 await client.tokens.get()
             assert emu.usage()["tokens_issued"] == i + 1
-        async with client_for(emu) as client:
+        async with client_for(emu, token_store=MemoryTokenStore()) as client:
             with pytest.raises(TransientError, match="throttl"):
                 await client.tokens.get()
         assert emu.usage()["tokens_issued"] == 10
         emu.advance(601)  # the window passes on the emulator's clock
-        async with client_for(emu) as client:
+        async with client_for(emu, token_store=MemoryTokenStore()) as client:
             await client.tokens.get()
+
+
+async def test_clients_of_one_process_share_a_token() -> None:
+    async with start_emulator() as emu:
+        for _ in range(12):  # more than Zoho's 10: one verb opening many clients
+            async with client_for(emu) as client:
+                assert await client.fields("Orders")
+        assert emu.usage()["tokens_issued"] == 1
 
 
 async def test_throttled_refresh_is_transient_and_honest() -> None:
     cfg = make_config(auth={"throttle_max_tokens": 1})
     async with start_emulator(cfg) as emu:
-        async with client_for(emu) as first:
+        async with client_for(emu, token_store=MemoryTokenStore()) as first:
             await first.fields("Orders")
-        async with client_for(emu) as second:
+        async with client_for(emu, token_store=MemoryTokenStore()) as second:
             with pytest.raises(TransientError) as err:
                 await second.fields("Orders")
             msg = str(err.value)
