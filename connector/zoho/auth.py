@@ -121,10 +121,11 @@ PROCESS_TOKEN_STORE = MemoryTokenStore()
 
 
 class PgTokenStore:
-    """The ``{schema}.oauth_tokens`` table of the state database (migration 0004): one row per
+    """The ``{schema}.oauth_tokens`` table of the state database (migration 0005): one row per
     key, ``SELECT … FOR UPDATE`` while a process decides and refreshes, so two processes never
     mint at once and the second one reuses the first one's token. The refresh token itself is
-    never stored (the key is a SHA-256 of accounts URL, client id and refresh token)."""
+    never stored (the key is a SHA-256 of accounts URL, client id, client secret and refresh
+    token)."""
 
     def __init__(self, dsn: str, schema: str, *, connect_timeout: float = 10.0) -> None:
         self._dsn = dsn
@@ -234,9 +235,15 @@ class TokenManager:
         self._budget = budget
         self._wall = wall_clock
         self._stale: str | None = None
-        self._key = hashlib.sha256(
-            "\x00".join((self._token_url, client_id, refresh_token.get_secret_value())).encode()
-        ).hexdigest()
+        # the token is shared only with holders of the same credentials: a process with a wrong
+        # client secret must not be handed a token it could not have obtained itself
+        parts = (
+            self._token_url,
+            client_id,
+            client_secret.get_secret_value(),
+            refresh_token.get_secret_value(),
+        )
+        self._key = hashlib.sha256("\x00".join(parts).encode()).hexdigest()
         self.throttled = 0  # refreshes Zoho refused as throttled, or the budget deferred
         self._client_id = client_id
         self._client_secret = client_secret
