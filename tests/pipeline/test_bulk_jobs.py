@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -133,3 +134,33 @@ async def test_failed_job_hands_its_entries_back(
     assert emu.usage()["bulk_jobs"] == 2
     await assert_crm_matches(emu, legacy)
     assert await fetch(legacy, "SELECT count(*) FROM connector.dead_letters") == [(0,)]
+
+
+@pytest.mark.parametrize("with_callback", [False, True])
+async def test_bulk_polls_less_when_a_callback_is_expected(
+    legacy: str, emu: EmulatorHandle, make_engine: EngineFactory, with_callback: bool
+) -> None:
+    """Each job-status poll costs a credit: with a callback URL the polls are a safety net,
+    first after ``bulk_poll_max``, backing off to 4x that (the callback wakes the wait)."""
+    from connector.emitter import CALLBACK_POLL_FACTOR
+
+    from .conftest import FAST
+
+    await execute(legacy, *insert_sql(6_000))
+    seen: list[tuple[float, float]] = []
+    async with make_client(emu) as client:
+        original = client.wait_bulk_job
+
+        async def spy(job_id: str, **kw: Any) -> Any:
+            seen.append((kw["poll_initial"], kw["poll_max"]))
+            return await original(job_id, **kw)
+
+        client.wait_bulk_job = spy  # type: ignore[method-assign]
+        url = (lambda job, secret: f"http://127.0.0.1:9/cb/{job}") if with_callback else None
+        await make_engine(client, callback_url=url).drain()
+    assert seen
+    if with_callback:
+        assert seen[0] == (FAST.bulk_poll_max, FAST.bulk_poll_max * CALLBACK_POLL_FACTOR)
+    else:
+        assert seen[0] == (FAST.bulk_poll_initial, FAST.bulk_poll_max)
+    await assert_crm_matches(emu, legacy)
