@@ -16,6 +16,7 @@ import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
@@ -317,6 +318,11 @@ class PipelineConfig(_Strict):
     triggers: tuple[
         Literal["workflow", "approval", "blueprint", "pathfinder", "orchestration"], ...
     ] = ()
+    # bulk CSV date/time cells (docs/zoho-client.md "Fidelity"): "iso8601" = ISO 8601 with the
+    # offset, no format declared (Zoho's Kaizen #13); "MM/dd/yyyy HH:mm:ss" = Zoho's default
+    # pattern, offset-less, written in bulk_timezone (set it to the CRM user's time zone)
+    bulk_datetime_format: Literal["iso8601", "MM/dd/yyyy HH:mm:ss"] = "iso8601"
+    bulk_timezone: str = "UTC"
     fields: dict[str, Annotated[FieldMapping, BeforeValidator(_mapping)]]
 
     @field_validator("source_table")
@@ -325,6 +331,17 @@ class PipelineConfig(_Strict):
         parts = v.split(".")
         if len(parts) > 2 or not all(parts) or not all(_IDENT.match(p) for p in parts):
             raise ValueError(f"expected 'table' or 'schema.table', got {v!r}")
+        return v
+
+    @field_validator("bulk_timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"expected an IANA time zone such as 'Europe/Berlin' or 'UTC', got {v!r}"
+            ) from None
         return v
 
     @field_validator("max_staleness")

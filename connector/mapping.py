@@ -47,6 +47,7 @@ from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from decimal import Decimal, InvalidOperation
 from typing import Any, Protocol
+from zoneinfo import ZoneInfo
 
 import orjson
 
@@ -100,6 +101,9 @@ class RecordMapper:
         self.key_column = pipeline.key_column
         self.key_field = pipeline.key_field
         self._naive_tz = naive_timezone
+        self._bulk_zone: tzinfo | None = (
+            None if pipeline.bulk_datetime_format == "iso8601" else ZoneInfo(pipeline.bulk_timezone)
+        )
         # (column, CRM api_name, CRM type) in config order, key excluded
         self._columns: list[tuple[str, str, CrmType]] = [
             (column, m.field, m.type)
@@ -151,7 +155,13 @@ class RecordMapper:
         """One CSV row in :meth:`csv_header` order (key first)."""
         values = [self.key_of(row)]
         for column, api, crm_type in self._columns:
-            values.append(to_csv_value(self._get(row, column, api), crm_type, api, self._naive_tz))
+            value = to_csv_value(self._get(row, column, api), crm_type, api, self._naive_tz)
+            if crm_type == "datetime" and value and self._bulk_zone is not None:
+                # Zoho's default pattern has no offset: the instant, written in the zone the
+                # CRM reads it in (pipelines[].bulk_timezone)
+                local = datetime.fromisoformat(value).astimezone(self._bulk_zone)
+                value = local.strftime("%m/%d/%Y %H:%M:%S")
+            values.append(value)
         return values
 
     def field_mappings(self) -> list[dict[str, Any]]:
@@ -161,6 +171,8 @@ class RecordMapper:
             item: dict[str, Any] = {"api_name": api, "index": i}
             if crm_type == "date":
                 item["format"] = CSV_DATE_FORMAT
+            elif crm_type == "datetime" and self._bulk_zone is not None:
+                item["format"] = self.pipeline.bulk_datetime_format
             elif crm_type == "datetime" and CSV_DATETIME_FORMAT is not None:
                 item["format"] = CSV_DATETIME_FORMAT
             out.append(item)

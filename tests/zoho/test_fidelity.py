@@ -335,3 +335,46 @@ async def test_datetime_with_offset_lands_as_the_same_instant() -> None:
     from datetime import datetime
 
     assert datetime.fromisoformat(rec["Placed_At"]) == datetime.fromisoformat(row["placed_at"])
+
+
+async def test_zoho_default_datetime_format_is_configurable_and_keeps_the_instant() -> None:
+    """pipelines[].bulk_datetime_format = "MM/dd/yyyy HH:mm:ss" declares Zoho's default pattern
+    and writes each instant offset-less in pipelines[].bulk_timezone, the zone the CRM reads it
+    in (the emulator's timezone_offset plays the CRM user's zone)."""
+    from datetime import datetime
+
+    from connector.config import PipelineConfig
+    from connector.mapping import RecordMapper
+
+    data = _bulk_pipeline().model_dump()
+    data.update(bulk_datetime_format="MM/dd/yyyy HH:mm:ss", bulk_timezone="Asia/Kolkata")
+    mapper = RecordMapper(PipelineConfig.model_validate(data))
+    by_name = {m["api_name"]: m for m in mapper.field_mappings()}
+    assert by_name["Placed_At"]["format"] == "MM/dd/yyyy HH:mm:ss"
+    row = {"id": 9, "name": "A", "order_date": "2026-03-02", "placed_at": "2026-03-02T20:00:00Z"}
+    assert mapper.to_csv_values(row)[-1] == "03/03/2026 01:30:00"
+    async with start_emulator(make_config(timezone_offset="+05:30")) as emu:
+        async with client_for(emu) as client:
+            bf = build_bulk_zip(mapper.csv_header(), [mapper.to_csv_values(row)])
+            file_id = await client.upload_bulk_file(bf)
+            job_id = await client.create_bulk_job(
+                "Orders",
+                file_id,
+                operation="upsert",
+                find_by="parent_id",
+                field_mappings=mapper.field_mappings(),
+            )
+            await client.wait_bulk_job(job_id, poll_initial=0.01)
+        rec = next(r for r in emu.records("Orders") if r["parent_id"] == "9")
+    assert datetime.fromisoformat(rec["Placed_At"]) == datetime.fromisoformat(row["placed_at"])
+
+
+def test_bulk_timezone_is_checked() -> None:
+    from pydantic import ValidationError
+
+    from connector.config import PipelineConfig
+
+    data = _bulk_pipeline().model_dump()
+    data["bulk_timezone"] = "Mars/Olympus"
+    with pytest.raises(ValidationError, match=r"(?s)bulk_timezone.*IANA time zone"):
+        PipelineConfig.model_validate(data)
