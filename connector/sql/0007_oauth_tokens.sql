@@ -1,4 +1,4 @@
--- v5: the shared Zoho access token (zoho/auth.py PgTokenStore; docs/security.md "Access tokens").
+-- v7: the shared Zoho access token (zoho/auth.py PgTokenStore; docs/security.md "Access tokens").
 --
 -- Zoho Accounts creates at most 10 access tokens per refresh token per 10 minutes and then
 -- blocks creation for the rest of the window. Every process (HA replicas, CLI verbs) reads the
