@@ -16,6 +16,7 @@ import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
@@ -30,7 +31,9 @@ from pydantic import (
 
 from connector.errors import ConfigError
 
-# Zoho data centres: accounts server, API domain. (zoho-crm-api.md §1.5)
+# Zoho data centres: accounts server, API domain, bulk upload host, as hard-coded in Zoho's
+# official SDKs (zohocrm-python-sdk-8.0 / zohocrm-java-sdk `dc/*DataCenter`; zoho-crm-api.md
+# §1.5; docs/zoho-client.md "Fidelity: OAuth, hosts, formats, credits").
 DATA_CENTRES: dict[str, tuple[str, str]] = {
     "us": ("https://accounts.zoho.com", "https://www.zohoapis.com"),
     "eu": ("https://accounts.zoho.eu", "https://www.zohoapis.eu"),
@@ -48,8 +51,10 @@ UPLOAD_HOSTS: dict[str, str] = {
     "au": "https://content.zohoapis.com.au",
     "cn": "https://content.zohoapis.com.cn",
     "jp": "https://content.zohoapis.jp",
-    "ca": "https://content.zohoapis.ca",
-    "sa": "https://content.zohoapis.sa",
+    # CA and SA differ from the content.zohoapis.{tld} pattern (SDK ca_data_center.py /
+    # sa_data_center.py: upload.zohocloud.ca, files.zoho.sa)
+    "ca": "https://upload.zohocloud.ca",
+    "sa": "https://files.zoho.sa",
 }
 
 EDITION_CONCURRENCY: dict[str, int] = {
@@ -182,6 +187,9 @@ class CrmConfig(_Strict):
     daily_credit_budget: int = Field(default=50_000, ge=500)
     credit_reserve: int = Field(default=1_000, ge=0)
     request_timeout: Duration = timedelta(seconds=60)
+    # access tokens this connector may create per 10 minutes (Zoho allows 10 per refresh token
+    # and then blocks creation for the rest of the window; docs/zoho-client.md)
+    token_budget: int = Field(default=5, ge=1, le=10)
 
     @model_validator(mode="before")
     @classmethod
@@ -310,6 +318,11 @@ class PipelineConfig(_Strict):
     triggers: tuple[
         Literal["workflow", "approval", "blueprint", "pathfinder", "orchestration"], ...
     ] = ()
+    # bulk CSV date/time cells (docs/zoho-client.md "Fidelity"): "iso8601" = ISO 8601 with the
+    # offset, no format declared (Zoho's Kaizen #13); "MM/dd/yyyy HH:mm:ss" = Zoho's default
+    # pattern, offset-less, written in bulk_timezone (set it to the CRM user's time zone)
+    bulk_datetime_format: Literal["iso8601", "MM/dd/yyyy HH:mm:ss"] = "iso8601"
+    bulk_timezone: str = "UTC"
     fields: dict[str, Annotated[FieldMapping, BeforeValidator(_mapping)]]
 
     @field_validator("source_table")
@@ -318,6 +331,17 @@ class PipelineConfig(_Strict):
         parts = v.split(".")
         if len(parts) > 2 or not all(parts) or not all(_IDENT.match(p) for p in parts):
             raise ValueError(f"expected 'table' or 'schema.table', got {v!r}")
+        return v
+
+    @field_validator("bulk_timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"expected an IANA time zone such as 'Europe/Berlin' or 'UTC', got {v!r}"
+            ) from None
         return v
 
     @field_validator("max_staleness")

@@ -516,7 +516,7 @@ async def run_demo(
     from connector.pgembed import EmbeddedPostgres, free_port
     from connector.runtime import Runtime
     from connector.verify import verify
-    from connector.zoho import ZohoClient
+    from connector.zoho import PgTokenStore, ZohoClient
 
     began = time.monotonic()
     result = DemoResult()
@@ -595,6 +595,7 @@ async def run_demo(
                 settings.crm,
                 client_secret=secrets.client_secret,
                 refresh_token=secrets.refresh_token,
+                token_store=PgTokenStore(secrets.state_dsn, settings.database.state_schema),
             ) as client:
                 rep = await verify(
                     pipeline=settings.pipelines[0],

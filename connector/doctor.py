@@ -386,13 +386,13 @@ _REPLIDENT = {"d": "DEFAULT (primary key)", "i": "USING INDEX", "f": "FULL", "n"
 # ---- CRM --------------------------------------------------------------------------------------
 
 
-#: (scope, what needs it, probe) — the cheapest call that needs each scope.
+#: (scope, what needs it, probe) — the cheapest call that needs each scope. Only scopes the
+#: connector uses (connector/zoho/scopes.py REQUIRED_SCOPES); the org scope has its own check.
 def _scope_probes(
     client: ZohoClient, module: str
 ) -> list[tuple[str, str, Callable[[], Awaitable[Any]]]]:
     return [
         ("ZohoCRM.settings.fields.READ", "the mapping check", lambda: client.fields(module)),
-        ("ZohoCRM.users.READ", "the credentials check", client.current_user),
         ("ZohoCRM.coql.READ", "`connector verify`", lambda: client.coql(_probe_coql(module))),
     ]
 

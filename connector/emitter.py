@@ -59,6 +59,9 @@ current_pipeline: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 CallbackUrl = Callable[[int, str], str]  # (bulk_jobs.id, secret) -> URL the CRM calls back
+#: With a callback URL the first job poll waits ``bulk_poll_max`` and the polls back off to this
+#: many times ``bulk_poll_max``: the callback ends the wait at once when it arrives.
+CALLBACK_POLL_FACTOR = 4
 
 # A delete of an id the CRM no longer has: the wanted end state is already there.
 _GONE_CODES = frozenset({"INVALID_DATA", "RECORD_NOT_FOUND", "RESOURCE_NOT_FOUND"})
@@ -551,14 +554,19 @@ class Emitter:
         (monotonic, at intent) when this process ran the whole job: its duration is measured
         and stored (the estimate survives restarts)."""
         wake = self._wake.setdefault(job_row, asyncio.Event())
+        poll_initial, poll_max = self.bulk_poll_initial, self.bulk_poll_max
+        if self.callback_url is not None:
+            # the callback wakes the wait; polls are only the safety net, and each costs a
+            # credit ("All other APIs: 1"): poll less (docs/zoho-client.md "Credits")
+            poll_initial, poll_max = poll_max, poll_max * CALLBACK_POLL_FACTOR
         delay = 1.0
         while True:
             try:
                 job = await self.client.wait_bulk_job(
                     job_id,
                     wake=wake,
-                    poll_initial=self.bulk_poll_initial,
-                    poll_max=self.bulk_poll_max,
+                    poll_initial=poll_initial,
+                    poll_max=poll_max,
                 )
                 results = (
                     await self.client.bulk_results(

@@ -30,7 +30,7 @@ decimal, currency,   JSON number written from the Decimal  plain decimal notatio
 double, percent      text (no float round trip)
 boolean              true / false                          ``true`` / ``false``
 date                 ``yyyy-MM-dd``                        ``yyyy-MM-dd`` (declared format)
-datetime             ``yyyy-MM-ddTHH:mm:ss±HH:MM``         same (declared format)
+datetime             ``yyyy-MM-ddTHH:mm:ss±HH:MM``         same (ISO 8601, no format declared)
 NULL                 null (clears the field)               empty cell (ignore_empty=false)
 ===================  ====================================  =================================
 
@@ -47,6 +47,7 @@ from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from decimal import Decimal, InvalidOperation
 from typing import Any, Protocol
+from zoneinfo import ZoneInfo
 
 import orjson
 
@@ -55,9 +56,13 @@ from connector.errors import ConfigError, DataError
 
 MIN_DATE = date(1900, 1, 1)
 
-#: Java-style patterns declared in the bulk job's ``field_mappings[].format``.
+#: Java-style pattern declared in the bulk job's ``field_mappings[].format`` for Date columns
+#: (on Zoho's allowed list, docs/zoho-client.md "Fidelity"). Date/Time columns declare no
+#: format: the cell is ISO 8601 with its offset (``yyyy-MM-ddTHH:mm:ss±HH:mm``), the Date/Time
+#: value Zoho documents for Bulk Write (Kaizen #13), so the time zone is explicit in every cell;
+#: ``yyyy-MM-dd'T'HH:mm:ssXXX`` was declared before and is not on any list Zoho publishes.
 CSV_DATE_FORMAT = "yyyy-MM-dd"
-CSV_DATETIME_FORMAT = "yyyy-MM-dd'T'HH:mm:ssXXX"
+CSV_DATETIME_FORMAT: str | None = None
 
 _TEXT_TYPES = frozenset({"text", "textarea", "email", "phone", "url", "picklist"})
 _DECIMAL_TYPES = frozenset({"decimal", "currency", "double", "percent"})
@@ -96,6 +101,9 @@ class RecordMapper:
         self.key_column = pipeline.key_column
         self.key_field = pipeline.key_field
         self._naive_tz = naive_timezone
+        self._bulk_zone: tzinfo | None = (
+            None if pipeline.bulk_datetime_format == "iso8601" else ZoneInfo(pipeline.bulk_timezone)
+        )
         # (column, CRM api_name, CRM type) in config order, key excluded
         self._columns: list[tuple[str, str, CrmType]] = [
             (column, m.field, m.type)
@@ -147,7 +155,13 @@ class RecordMapper:
         """One CSV row in :meth:`csv_header` order (key first)."""
         values = [self.key_of(row)]
         for column, api, crm_type in self._columns:
-            values.append(to_csv_value(self._get(row, column, api), crm_type, api, self._naive_tz))
+            value = to_csv_value(self._get(row, column, api), crm_type, api, self._naive_tz)
+            if crm_type == "datetime" and value and self._bulk_zone is not None:
+                # Zoho's default pattern has no offset: the instant, written in the zone the
+                # CRM reads it in (pipelines[].bulk_timezone)
+                local = datetime.fromisoformat(value).astimezone(self._bulk_zone)
+                value = local.strftime("%m/%d/%Y %H:%M:%S")
+            values.append(value)
         return values
 
     def field_mappings(self) -> list[dict[str, Any]]:
@@ -157,7 +171,9 @@ class RecordMapper:
             item: dict[str, Any] = {"api_name": api, "index": i}
             if crm_type == "date":
                 item["format"] = CSV_DATE_FORMAT
-            elif crm_type == "datetime":
+            elif crm_type == "datetime" and self._bulk_zone is not None:
+                item["format"] = self.pipeline.bulk_datetime_format
+            elif crm_type == "datetime" and CSV_DATETIME_FORMAT is not None:
                 item["format"] = CSV_DATETIME_FORMAT
             out.append(item)
         return out

@@ -587,7 +587,7 @@ async def _replay_here(
     again). False when another process owns the pipeline."""
     from connector.engine import Engine
     from connector.runtime import PipelineLease
-    from connector.zoho import ZohoClient
+    from connector.zoho import PgTokenStore, ZohoClient
 
     schema = settings.database.state_schema
     lease = PipelineLease(
@@ -600,7 +600,10 @@ async def _replay_here(
         return False
     try:
         async with ZohoClient.from_config(
-            settings.crm, client_secret=secrets.client_secret, refresh_token=secrets.refresh_token
+            settings.crm,
+            client_secret=secrets.client_secret,
+            refresh_token=secrets.refresh_token,
+            token_store=PgTokenStore(secrets.state_dsn, schema),
         ) as client:
             engine = Engine(
                 pipeline,
@@ -776,7 +779,7 @@ async def verify(settings: Settings, secrets: Secrets, args: argparse.Namespace)
     (with ``--repair``: when a mismatched key could not be re-captured)."""
     from connector.verify import recapture
     from connector.verify import verify as compare_all
-    from connector.zoho import ZohoClient
+    from connector.zoho import PgTokenStore, ZohoClient
 
     pipeline = settings.pipeline(args.pipeline)
     schema = settings.database.state_schema
@@ -791,7 +794,10 @@ async def verify(settings: Settings, secrets: Secrets, args: argparse.Namespace)
         seen_upto = int(row[0]) if row else 0  # a TRUNCATE up to here is in the comparison
         held = await truncate.held(st, schema, pipeline.name)
     async with ZohoClient.from_config(
-        settings.crm, client_secret=secrets.client_secret, refresh_token=secrets.refresh_token
+        settings.crm,
+        client_secret=secrets.client_secret,
+        refresh_token=secrets.refresh_token,
+        token_store=PgTokenStore(secrets.state_dsn, schema),
     ) as client:
         report = await compare_all(
             pipeline=pipeline,

@@ -986,7 +986,7 @@ class Runtime:
     async def run(self) -> int:
         """Run until stopped (signal, ``request_stop``) or a task dies. Returns the exit code."""
         from connector.emitter import CreditRecorder
-        from connector.zoho import ZohoClient
+        from connector.zoho import PgTokenStore, ZohoClient
 
         settings = self.settings
         for p in self.pipelines:
@@ -1025,6 +1025,8 @@ class Runtime:
                 client_secret=self.secrets.client_secret,
                 refresh_token=self.secrets.refresh_token,
                 on_call=self._credits,
+                # one access token shared by the replicas and the CLI (Zoho: 10 per 10 minutes)
+                token_store=PgTokenStore(self.secrets.state_dsn, self.schema),
             )
             await client.open()
             stack.push_async_callback(client.aclose)

@@ -78,20 +78,51 @@ def classify(path: str) -> str:
     return "api"
 
 
-def required_scope(path: str) -> str:
+_OPERATIONS = {"GET": "READ", "POST": "CREATE", "PUT": "UPDATE", "PATCH": "UPDATE"}
+
+
+def required_scope(method: str, path: str) -> tuple[str, str]:
+    """(scope family, operation) a call needs, as each v8 page documents it: ``ZohoCRM.users``,
+    ``ZohoCRM.org`` (Organization API: org.READ), ``ZohoCRM.settings.{fields,modules,…}``
+    (Field/Module metadata: settings.fields.READ …), ``ZohoCRM.coql`` (COQL: coql.READ),
+    ``ZohoFiles.files`` (Upload file: files.ALL), ``ZohoCRM.bulk`` (Bulk Write: bulk.CREATE /
+    bulk.READ or bulk.ALL), ``ZohoCRM.modules.{module}`` (record APIs: modules.ALL or
+    modules.{module}.{operation}). Upsert is documented with CREATE+UPDATE; ALL covers it."""
+    op = _OPERATIONS.get(method, "DELETE" if method == "DELETE" else "READ")
+    parts = [p for p in path.split("/") if p]
     if path.startswith("/crm/v8/users"):
-        return "ZohoCRM.users"
+        return "ZohoCRM.users", "READ"
     if path.startswith("/crm/v8/org"):
-        return "ZohoCRM.org"
+        return "ZohoCRM.org", op
     if path.startswith("/crm/v8/settings"):
-        return "ZohoCRM.settings"
+        sub = parts[3] if len(parts) > 3 else ""
+        return f"ZohoCRM.settings.{sub}".rstrip("."), op
     if path.startswith("/crm/v8/coql"):
-        return "ZohoCRM.coql"
+        return "ZohoCRM.coql", "READ"
     if path == "/crm/v8/upload":
-        return "ZohoFiles.files"
+        return "ZohoFiles.files", "CREATE"
     if path.startswith("/crm/bulk/") or DOWNLOAD_RE.match(path):
-        return "ZohoCRM.bulk"
-    return "ZohoCRM.modules"
+        return "ZohoCRM.bulk", op
+    module = parts[2].lower() if len(parts) > 2 else ""
+    return f"ZohoCRM.modules.{module}".rstrip("."), op
+
+
+def scope_grants(granted: str, family: str, op: str) -> bool:
+    """Does one granted scope (``Service.scope[.sub].OPERATION``) allow (family, op)? ``ALL``
+    covers every operation; a parent scope covers its sub-scopes (settings.ALL covers
+    settings.fields.READ; modules.ALL covers modules.orders.CREATE)."""
+    if granted == "*":
+        return True
+    head, _, last = granted.rpartition(".")
+    if last.upper() in ("ALL", "READ", "CREATE", "UPDATE", "DELETE", "WRITE"):
+        g_family, g_op = head, last.upper()
+    else:
+        g_family, g_op = granted, "ALL"
+    if not (family == g_family or family.startswith(g_family + ".")):
+        return False
+    if g_op == "WRITE":
+        return op in ("CREATE", "UPDATE", "DELETE")
+    return g_op in ("ALL", op)
 
 
 @dataclass
@@ -151,10 +182,9 @@ async def _api_call(
     at = state.tokens.lookup(token.strip())
     if at is None:
         raise ApiError(401, "INVALID_TOKEN", "invalid oauth token", {})
-    need = required_scope(request.path)
-    if "*" not in at.scopes and not any(
-        need.startswith(s) or s.startswith(need) for s in at.scopes
-    ):
+    family, op = required_scope(request.method, request.path)
+    if not any(scope_grants(g, family, op) for g in at.scopes):
+        # Zoho's body does not name the scope (zoho-crm-api.md §1.4)
         raise ApiError(401, "OAUTH_SCOPE_MISMATCH", "Unauthorized", {})
     faults = state.faults
     if faults.calls_until_expiry > 0:

@@ -17,10 +17,37 @@ from connector.emulator.records import FieldError, ModuleStore
 from connector.emulator.state import ApiError, BulkJob, EmulatorState, Upload
 from connector.emulator.validate import BAD, Checker, csv_value
 
+# Zoho's defaults when field_mappings[].format is absent (v7 create-job notes; reference §6.2).
 DEFAULT_DATE_FORMAT = "MM/dd/yyyy"
 DEFAULT_DATETIME_FORMAT = "MM/dd/yyyy HH:mm:ss"
+# The Date patterns of Zoho's "Allowed formats for fields in create bulk write job API" (PDF
+# linked from the create-job page, zoho.com/sites/zweb/images/crm/allowed-formats-for-fields-in-
+# create-bulk-write-job-api.pdf), as far as its text could be read; any other declared Date
+# format is refused with INVALID_FORMAT.
+ALLOWED_DATE_FORMATS = frozenset(
+    {
+        "dd MMM yy", "yy MMM dd", "MMM/dd/yy", "dd MMM yyyy", "yyyy.MMM.dd", "dd-MMMM-yy",
+        "yy-MMMM-dd", "MMMM-dd-yy", "dd.MMMM.yy", "yy.MMMM.dd", "yyyy-MMMM-dd", "dd-MMM-yyyy",
+        "dd.MM.yyyy", "MM.dd.yyyy", "dd MMMM yyyy", "MMM-dd-yy", "MMM/dd/yyyy", "MMM dd yyyy",
+        "dd/MMM/yyyy", "yyyy/MMMM/dd", "yyyy MMMM dd", "MMM.dd.yy", "yyyy.MM.dd", "dd-MMM-yy",
+        "yy-MMM-dd", "MMMM-dd-yyyy", "dd.MM.yy", "MM.dd.yy", "yy.MM.dd", "dd/MM/yyyy",
+        "MM/dd/yyyy", "dd MM yyyy", "MM dd yyyy", "dd-MMMM-yyyy", "MMM.dd.yyyy", "yyyy MM dd",
+        "dd/MM/yy", "MM/dd/yy", "yy/MM/dd", "MMMM.dd.yyyy", "dd/MMMM/yyyy", "dd.MMM.yyyy",
+        "dd/MMM/yy", "yy/MMM/dd", "yyyy/MMM/dd", "yyyy MMM dd", "dd.MMM.yy", "yy.MMM.dd",
+        "yyyy.MMMM.dd", "MMMM dd yy", "MMM dd,yyyy", "MMMM dd,yyyy", "dd/MMMM/yy", "yy/MMMM/dd",
+        "yyyy-MM-dd",
+    }
+)  # fmt: skip
+# Date/Time: the PDF's date/time list could not be read; only Zoho's default is confirmed. A
+# Date/Time column without a declared format also takes ISO 8601 with an offset
+# (yyyy-MM-ddTHH:mm:ss±HH:mm), the value format Zoho's Kaizen #13 "Bulk Write API" lists for
+# Date/Time cells. Anything else declared is refused (fails safe: a real org may refuse it too).
+ALLOWED_DATETIME_FORMATS = frozenset({DEFAULT_DATETIME_FORMAT})
+_ISO_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}[+-]\d{2}:\d{2}$")
 _JAVA_TOKENS = [
     ("yyyy", "%Y"),
+    ("yy", "%y"),
+    ("MMMM", "%B"),
     ("MMM", "%b"),
     ("MM", "%m"),
     ("dd", "%d"),
@@ -101,7 +128,10 @@ def make_csv_converter(
     dt = spec.data_type
     if dt in ("date", "datetime"):
         pattern = fmt or (DEFAULT_DATE_FORMAT if dt == "date" else DEFAULT_DATETIME_FORMAT)
-        parse = _memo(_date_converter(pattern, dt == "datetime", state))
+        conv = _date_converter(pattern, dt == "datetime", state)
+        if dt == "datetime" and fmt is None:
+            conv = _iso_or(conv)
+        parse = _memo(conv)
     else:
 
         def parse(s: str) -> Any:
@@ -112,6 +142,20 @@ def make_csv_converter(
         if value is BAD or check(value) is not None:
             return BAD
         return value
+
+    return convert
+
+
+def _iso_or(default: Converter) -> Converter:
+    """ISO 8601 with an explicit offset (Kaizen #13), else Zoho's default pattern."""
+
+    def convert(s: str) -> Any:
+        if _ISO_DATETIME.match(s):
+            try:
+                return datetime.fromisoformat(s).isoformat()
+            except ValueError:
+                return BAD
+        return default(s)
 
     return convert
 
@@ -357,11 +401,23 @@ def create_job(state: EmulatorState, body: Any) -> BulkJob:
                 "the column index is not found in the file",
                 {"api_name": name, "index": index if isinstance(index, int) else -1},
             )
+        fmt = m.get("format")
+        data_type = store.m.fields[name].data_type
+        allowed = {"date": ALLOWED_DATE_FORMATS, "datetime": ALLOWED_DATETIME_FORMATS}
+        if fmt is not None and data_type in allowed and fmt not in allowed[data_type]:
+            # INVALID_FORMAT is in the create-job error list (reference §3.2); its message and
+            # details are not documented
+            raise ApiError(
+                400,
+                "INVALID_FORMAT",
+                f"the format {fmt} is not supported for the field {name}",
+                {"api_name": name, "json_path": f"$.resource[0].field_mappings[{i}].format"},
+            )
         clean_maps.append(
             {
                 "api_name": name,
                 "index": index,
-                "format": m.get("format"),
+                "format": fmt,
                 "find_by": m.get("find_by"),
                 "default_value": m.get("default_value"),
             }

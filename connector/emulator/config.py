@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from connector.zoho.scopes import REQUIRED_SCOPES
+
 DataType = Literal[
     "text",
     "textarea",
@@ -103,8 +105,10 @@ class ModuleSpec(_Model):
 
 class TokenSpec(_Model):
     refresh_token: str
-    # Scope prefixes granted (e.g. "ZohoCRM.modules"); "*" grants everything.
-    scopes: list[str] = Field(default_factory=lambda: ["*"])
+    # Scopes granted (e.g. "ZohoCRM.modules.ALL", "ZohoCRM.settings.fields.READ"); "*" grants
+    # everything. Default: exactly the scopes the connector documents (README "Zoho scopes"),
+    # so a call needing another scope fails here as it would on a real org.
+    scopes: list[str] = Field(default_factory=lambda: list(REQUIRED_SCOPES))
 
 
 class AuthConfig(_Model):
@@ -116,8 +120,10 @@ class AuthConfig(_Model):
     grant_codes: list[str] = Field(default_factory=lambda: ["emulator-grant-code"])
     access_token_ttl: float = 3600.0
     # Accounts throttle: more than `throttle_max_tokens` access tokens from one refresh token
-    # within `throttle_window` seconds is refused (reference §1.2). Off by default.
-    throttle: bool = False
+    # within `throttle_window` seconds is refused (reference §1.2; Zoho Accounts "Refresh access
+    # token": up to ten access tokens in ten minutes, then creation is blocked for the rest of
+    # the ten minutes). On by default, as on Zoho; tests that mint many tokens turn it off.
+    throttle: bool = True
     throttle_max_tokens: int = 10
     throttle_window: float = 600.0
     accept_bearer: bool = False
@@ -136,9 +142,11 @@ class CreditsConfig(_Model):
         default_factory=lambda: {
             "default": 1,
             "bulk_write_job": 500,
-            "bulk_upload": 0,
-            "bulk_job_details": 0,
-            "bulk_download": 0,
+            # "All other APIs: 1" (Zoho API limits page): upload, job details and result
+            # download are not listed, so they cost 1 each like any other call
+            "bulk_upload": 1,
+            "bulk_job_details": 1,
+            "bulk_download": 1,
         }
     )
 

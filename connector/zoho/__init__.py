@@ -3,7 +3,7 @@ adaptive concurrency (limiter.py). See docs/zoho-client.md."""
 
 from __future__ import annotations
 
-from connector.zoho.auth import TokenManager
+from connector.zoho.auth import MemoryTokenStore, PgTokenStore, TokenManager, TokenStore
 from connector.zoho.bulk import (
     BulkFile,
     BulkJob,
@@ -34,10 +34,13 @@ __all__ = [
     "CreditCosts",
     "FieldMeta",
     "JobStatus",
+    "MemoryTokenStore",
+    "PgTokenStore",
     "RecordResult",
     "RetryPolicy",
     "RowOutcome",
     "TokenManager",
+    "TokenStore",
     "ZohoClient",
     "build_bulk_zip",
     "match_results",

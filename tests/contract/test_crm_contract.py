@@ -85,16 +85,16 @@ async def test_refused_refresh_token_is_permanent_and_secret_free(crm: Crm) -> N
     secret = "contract-wrong-refresh-token-zz9"
     async with crm.client(refresh_token=SecretStr(secret)) as client:
         with pytest.raises(PermanentError) as info:
-            await client.current_user()
+            await client.fields(crm.module)
         assert secret not in str(info.value)
 
 
 async def test_token_refresh_after_invalidation(crm: Crm) -> None:
     async with crm.client() as client:
-        await client.current_user()
+        await client.fields(crm.module)
         before = client.tokens.refreshes
         client.tokens.invalidate()
-        await client.current_user()
+        await client.fields(crm.module)
         assert client.tokens.refreshes == before + 1
 
 

@@ -608,7 +608,20 @@ async def test_coql(api: Api) -> None:
     check(spec, "post", st, body)
 
 
-async def test_metadata_calls(api: Api) -> None:
+FULL_SCOPES = {"refresh_tokens": [{"refresh_token": "emulator-refresh-token", "scopes": ["*"]}]}
+
+
+async def test_metadata_calls() -> None:
+    async with (
+        start_emulator(make_config(auth=FULL_SCOPES)) as emu,
+        aiohttp.ClientSession() as s,
+    ):
+        api = Api(emu, s)
+        await api.login()
+        await _metadata_calls(api)
+
+
+async def _metadata_calls(api: Api) -> None:
     st, _, body = await api.call("GET", "/crm/v8/users?type=CurrentUser")
     assert st == 200 and body["users"][0]["email"]
     check(("users.json", "/crm/v8/users"), "get", st, body)

@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
+from connector.emulator import start_emulator
 from connector.emulator.server import EmulatorHandle
+from tests.emulator.conftest import make_config
 
 sdk = pytest.importorskip("zohocrmsdk.src.com.zoho.crm.api")
 
@@ -156,10 +158,17 @@ def run_sdk_scenario(url: str, workdir: Path) -> dict[str, Any]:
     return out
 
 
-async def test_official_sdk_against_emulator(
-    emu: EmulatorHandle, tmp_path: Path, monkeypatch
-) -> None:
+async def test_official_sdk_against_emulator(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
+    # the SDK reads users and field metadata of its own: a token with every scope
+    cfg = make_config(
+        auth={"refresh_tokens": [{"refresh_token": "emulator-refresh-token", "scopes": ["*"]}]}
+    )
+    async with start_emulator(cfg) as emu:
+        await _scenario(emu, tmp_path)
+
+
+async def _scenario(emu: EmulatorHandle, tmp_path: Path) -> None:
     out = await asyncio.to_thread(run_sdk_scenario, emu.url, tmp_path)
     assert out["upsert_status"] == 200
     assert out["upsert_results"] == [("SuccessResponse", "success", "SUCCESS")] * 100

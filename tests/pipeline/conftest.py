@@ -164,6 +164,15 @@ def credits_by_api(emu: EmulatorHandle) -> dict[str, int]:
     return {k: int(v.get("credits", 0)) for k, v in usage.items() if v.get("credits")}
 
 
+BULK_SIDE_CALLS = ("bulk_upload", "bulk_job_details", "bulk_download")
+
+
+def paid_by_api(emu: EmulatorHandle) -> dict[str, int]:
+    """Credits by API without the bulk side calls (upload, job status, download: 1 credit each
+    since "All other APIs: 1"; how many depends on polling): what jobs and upserts cost."""
+    return {k: v for k, v in credits_by_api(emu).items() if k not in BULK_SIDE_CALLS}
+
+
 async def assert_crm_matches(emu: EmulatorHandle, dsn: str) -> None:
     """The CRM holds exactly the legacy table's rows (by key, name, status, amount)."""
     rows = await fetch(dsn, "SELECT id::text, name, status, amount FROM public.orders")

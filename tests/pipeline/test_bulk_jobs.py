@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -15,13 +16,13 @@ from .conftest import (
     FAST,
     EngineFactory,
     assert_crm_matches,
-    credits_by_api,
     crm_by_key,
     emulator_with,
     execute,
     fetch,
     insert_sql,
     make_client,
+    paid_by_api,
     wait_for,
 )
 
@@ -60,7 +61,7 @@ async def test_newer_version_waits_for_the_job_in_flight(
         await wait_for(lambda: "42" in engine.coalescer.pending())
         assert "42" in engine.coalescer.in_flight()  # fenced: not sent while the job runs
         await asyncio.sleep(0.3)  # several planning rounds: still nothing sent for key 42
-        assert emu.usage()["totals"]["credits"] == 500
+        assert paid_by_api(emu) == {"bulk_write_job": 500}
         emu.advance(200)  # the CRM finishes the job
         await asyncio.wait_for(task, 60)
 
@@ -70,7 +71,7 @@ async def test_newer_version_waits_for_the_job_in_flight(
     assert names[-1] == "NEWER"
     assert "NEWER" not in names[:-1]  # the older version never landed after the newer
     await assert_crm_matches(emu, legacy)
-    assert credits_by_api(emu) == {"bulk_write_job": 500, "upsert": 1}
+    assert paid_by_api(emu) == {"bulk_write_job": 500, "upsert": 1}
 
 
 async def test_killed_while_a_bulk_job_runs_resumes_the_same_job(
@@ -98,7 +99,7 @@ async def test_killed_while_a_bulk_job_runs_resumes_the_same_job(
     jobs = await _job_rows(legacy)
     assert jobs == [(jobs[0][0], "applied", job_id)]
     assert emu.usage()["bulk_jobs"] == 1
-    assert credits_by_api(emu) == {"bulk_write_job": 500}  # paid once
+    assert paid_by_api(emu) == {"bulk_write_job": 500}  # paid once
     await assert_crm_matches(emu, legacy)
     rows = await fetch(legacy, "SELECT count(*) FROM connector.key_state WHERE status = 'synced'")
     assert rows == [(6_000,)]
@@ -118,7 +119,7 @@ async def test_unpaid_intent_is_abandoned_and_sent_again(
     async with make_client(emu) as client:
         await make_engine(client).drain()
     assert [s for _, s, _ in await _job_rows(legacy)] == ["abandoned", "applied"]
-    assert sum(credits_by_api(emu).values()) == 500
+    assert sum(paid_by_api(emu).values()) == 500
     await assert_crm_matches(emu, legacy)
 
 
@@ -133,3 +134,33 @@ async def test_failed_job_hands_its_entries_back(
     assert emu.usage()["bulk_jobs"] == 2
     await assert_crm_matches(emu, legacy)
     assert await fetch(legacy, "SELECT count(*) FROM connector.dead_letters") == [(0,)]
+
+
+@pytest.mark.parametrize("with_callback", [False, True])
+async def test_bulk_polls_less_when_a_callback_is_expected(
+    legacy: str, emu: EmulatorHandle, make_engine: EngineFactory, with_callback: bool
+) -> None:
+    """Each job-status poll costs a credit: with a callback URL the polls are a safety net,
+    first after ``bulk_poll_max``, backing off to 4x that (the callback wakes the wait)."""
+    from connector.emitter import CALLBACK_POLL_FACTOR
+
+    from .conftest import FAST
+
+    await execute(legacy, *insert_sql(6_000))
+    seen: list[tuple[float, float]] = []
+    async with make_client(emu) as client:
+        original = client.wait_bulk_job
+
+        async def spy(job_id: str, **kw: Any) -> Any:
+            seen.append((kw["poll_initial"], kw["poll_max"]))
+            return await original(job_id, **kw)
+
+        client.wait_bulk_job = spy  # type: ignore[method-assign]
+        url = (lambda job, secret: f"http://127.0.0.1:9/cb/{job}") if with_callback else None
+        await make_engine(client, callback_url=url).drain()
+    assert seen
+    if with_callback:
+        assert seen[0] == (FAST.bulk_poll_max, FAST.bulk_poll_max * CALLBACK_POLL_FACTOR)
+    else:
+        assert seen[0] == (FAST.bulk_poll_initial, FAST.bulk_poll_max)
+    await assert_crm_matches(emu, legacy)

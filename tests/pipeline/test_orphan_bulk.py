@@ -28,13 +28,13 @@ from .conftest import (
     FAST,
     EngineFactory,
     assert_crm_matches,
-    credits_by_api,
     crm_by_key,
     emulator_with,
     execute,
     fetch,
     insert_sql,
     make_client,
+    paid_by_api,
     pipeline_config,
     wait_for,
 )
@@ -229,7 +229,7 @@ async def test_snapshot_chunk_goes_by_one_bulk_job_under_a_short_staleness_budge
         await wait_for(lambda: engine.snapshot_report is not None, 60)
         stop.set()
         await asyncio.wait_for(task, 30)
-    assert credits_by_api(emu) == {"bulk_write_job": 500}
+    assert paid_by_api(emu) == {"bulk_write_job": 500}
     await assert_crm_matches(emu, legacy)
 
 
@@ -255,7 +255,7 @@ async def test_chunk_written_before_a_restart_goes_as_one_job_when_read_in_parts
         await wait_for(lambda: engine.snapshot_report is not None, 60)
         stop.set()
         await asyncio.wait_for(task, 30)
-    assert credits_by_api(emu) == {"bulk_write_job": 500}
+    assert paid_by_api(emu) == {"bulk_write_job": 500}
     await assert_crm_matches(emu, legacy)
 
 
