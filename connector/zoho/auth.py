@@ -121,7 +121,7 @@ PROCESS_TOKEN_STORE = MemoryTokenStore()
 
 
 class PgTokenStore:
-    """The ``{schema}.oauth_tokens`` table of the state database (migration 0007): one row per
+    """The ``{schema}.oauth_tokens`` table of the state database (migration 0008): one row per
     key, ``SELECT … FOR UPDATE`` while a process decides and refreshes, so two processes never
     mint at once and the second one reuses the first one's token. The refresh token itself is
     never stored (the key is a SHA-256 of accounts URL, client id, client secret and refresh
