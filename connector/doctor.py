@@ -32,8 +32,9 @@ import psycopg
 
 from connector import db
 from connector.config import PipelineConfig, Secrets, Settings
-from connector.errors import ConfigError, ConnectorError, DataError
+from connector.errors import ConfigError, ConnectorError, DataError, TransientError
 from connector.mapping import RecordMapper, check_mapping
+from connector.zoho.auth import PgTokenStore
 from connector.zoho.bulk import build_bulk_zip, parse_result_zip
 from connector.zoho.client import FieldMeta, ZohoClient
 
@@ -409,8 +410,22 @@ async def crm_checks(
     out: list[Check] = []
     metas: dict[str, list[FieldMeta]] = {}
     crm = settings.crm
+    minted_before = client.tokens.refreshes
     try:
         await client.tokens.get()
+    except TransientError as exc:
+        out.append(
+            Check(
+                "crm",
+                "token",
+                "fail",
+                f"no access token from {crm.resolved_accounts_url} now: {exc}",
+                "if Zoho is throttling token creation (10 per refresh token per 10 minutes), "
+                "wait and run doctor again; else check crm.data_centre / crm.accounts_url and "
+                "the network path to the accounts server",
+            )
+        )
+        return out, metas
     except ConnectorError as exc:
         out.append(
             Check(
@@ -423,7 +438,12 @@ async def crm_checks(
             )
         )
         return out, metas
-    out.append(Check("crm", "token", "ok", f"access token from {crm.resolved_accounts_url}"))
+    how = (
+        "a new access token minted"
+        if client.tokens.refreshes > minted_before
+        else "the shared access token reused (none minted)"
+    )
+    out.append(Check("crm", "token", "ok", f"{how} from {crm.resolved_accounts_url}"))
 
     domain = client.tokens.api_domain
     configured = crm.api_url.rstrip("/") if crm.api_url else crm.resolved_api_url
@@ -834,8 +854,16 @@ async def doctor(
     report.add(*await database_checks(settings, secrets, chosen))
     own = client is None
     if client is None:
+        # the access token shared by every process and verb (state schema, docs/security.md),
+        # when the state schema is there; a new installation gets a process-local one
+        store = None
+        if any(c.name == "state_schema" and c.status == "ok" for c in report.checks):
+            store = PgTokenStore(secrets.state_dsn, settings.database.state_schema)
         client = ZohoClient.from_config(
-            settings.crm, client_secret=secrets.client_secret, refresh_token=secrets.refresh_token
+            settings.crm,
+            client_secret=secrets.client_secret,
+            refresh_token=secrets.refresh_token,
+            token_store=store,
         )
         await client.open()
     try:

@@ -257,3 +257,13 @@ async def test_a_deferrable_primary_key_fails_replica_identity(
         assert check.status == "fail"
         assert "DEFERRABLE" in check.detail
         assert "REPLICA IDENTITY USING INDEX" in check.fix and "FULL" in check.fix
+
+
+async def test_second_run_reuses_the_shared_token(database: str, tmp_path: Path) -> None:
+    async with start_emulator(emulator_config()) as emu:
+        setup = await prepare(database, tmp_path, emu.url, rows=1)
+        rc1, out1, err1 = await _run(setup.config, "--no-roundtrip")
+        rc2, out2, err2 = await _run(setup.config, "--no-roundtrip")
+        assert (rc1, rc2) == (0, 0), out1 + err1 + out2 + err2
+        assert "a new access token minted" in out1
+        assert "the shared access token reused (none minted)" in out2
