@@ -154,6 +154,9 @@ class Engine:
         self._force_restart = False
         self._batch_events: dict[int, int] = {}
         self._fences: dict[int, float] = {}  # bulk_jobs.id -> when its fence ends (wall clock)
+        # outbox rows up to this id were committed before this run started: a previous owner
+        # may have sent them without storing the ack (``_hold_until_newest``)
+        self._catchup_to = 0
         self._backlog_hold: tuple[int, int] | None = None  # snapshot chunk being read: (id, txid)
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._calls_seen = -1
@@ -351,6 +354,7 @@ class Engine:
                 reader = await psycopg.AsyncConnection.connect(self.state_dsn, autocommit=True)
                 self._read_pos = await outbox.load_checkpoint(reader, self.schema, name)
                 self._saved_pos = self._resolved_pos = self._read_pos
+                self._catchup_to = await outbox.last_committed_id(reader, self.schema, name)
                 with acting_for(name):
                     await self.emitter.recover()
                 await self._load_fences()
@@ -438,6 +442,11 @@ class Engine:
         self.tracker.register(batch, len(events))
         for ev in events:
             self.coalescer.add(ev, batch)
+        if events:
+            await self._hold_until_newest(reader, events)
+        elif self.coalescer.held():
+            # everything committed has been read: no newer version can come
+            self.coalescer.release_holds()
         self._caught_up = not events
         self._read_pos = pos
         async with self._changed:
@@ -483,8 +492,33 @@ class Engine:
             if current is None or ks.stamp.newer_than(current):
                 self.coalescer.set_acked(key, ks.stamp)
 
+    async def _hold_until_newest(
+        self, conn: psycopg.AsyncConnection[Any], events: list[ChangeEvent]
+    ) -> None:
+        """Never stale across a restart (issue 14): the previous owner may have sent a newer
+        version of a key than ``key_state`` records (killed, or its lease lost, between the
+        CRM's answer and storing the ack; or an orphan bulk job). Re-read from the checkpoint,
+        an older version comes first, and with a backlog past its deadline it would be sent
+        at once, before the reader reaches the newer one. While reading rows committed before
+        this run started, each key is held until its newest committed outbox row is merged
+        (or the reader has read everything: ``release_holds``)."""
+        if not self._catchup_to:
+            return
+        keys = sorted({ev.key for ev in events if ev.offset <= self._catchup_to})
+        if not keys:
+            self._catchup_to = 0  # past what was committed at the start
+            return
+        newest = await outbox.newest_stamps(conn, self.schema, self.pipeline.name, keys)
+        held = sum(1 for key, stamp in newest.items() if self.coalescer.hold(key, stamp))
+        if held:
+            log.info(
+                "catching up after a restart: keys held until their newest version is read",
+                extra={"pipeline": self.pipeline.name, "keys": held},
+            )
+
     def _can_read(self) -> bool:
-        busy = len(self.coalescer) + len(self.coalescer.in_flight())
+        # held keys wait for rows further on: they must not stop the reader
+        busy = len(self.coalescer) + len(self.coalescer.in_flight()) - len(self.coalescer.held())
         return busy < self.options.max_pending
 
     def _idle(self) -> bool:
@@ -535,11 +569,12 @@ class Engine:
             return None
         in_flight = self.coalescer.in_flight()
         fenced = self.coalescer.fenced()
+        held = self.coalescer.held()
         keys = [
             PendingKey(
                 e.key,
                 (e.live_at or e.oldest_at).timestamp(),
-                e.key in in_flight or e.key in fenced,
+                e.key in in_flight or e.key in fenced or e.key in held,
                 backlog=e.live_at is None,
             )
             for e in pending.values()

@@ -42,7 +42,7 @@ from psycopg.rows import tuple_row
 from psycopg.types.json import set_json_loads
 
 from connector.config import PipelineConfig
-from connector.events import ChangeEvent, Op, SnapshotVisibility
+from connector.events import ChangeEvent, EventStamp, Op, SnapshotVisibility
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +211,49 @@ async def load_checkpoint(
     if row is None:
         return START
     return ReadPosition(int(row[0]), tuple(sorted(int(x) for x in row[1])))
+
+
+async def last_committed_id(
+    conn: psycopg.AsyncConnection[Any], schema: str, pipeline: str | PipelineConfig
+) -> int:
+    """The highest outbox id of ``pipeline`` committed now (0 when the outbox is empty)."""
+    cur = await conn.cursor(row_factory=tuple_row).execute(
+        sql.SQL("SELECT coalesce(max(id), 0) FROM {} WHERE pipeline = %s").format(
+            sql.Identifier(schema, "outbox")
+        ),
+        (_name(pipeline),),
+    )
+    row = await cur.fetchone()
+    return int(row[0]) if row is not None else 0
+
+
+async def newest_stamps(
+    conn: psycopg.AsyncConnection[Any],
+    schema: str,
+    pipeline: str | PipelineConfig,
+    keys: Sequence[str],
+) -> dict[str, EventStamp]:
+    """The stamp of each key's newest committed outbox row (by id: rows are written in commit
+    order per key in both capture modes). Uses the ``(pipeline, key, id)`` index."""
+    if not keys:
+        return {}
+    cur = await conn.cursor(row_factory=tuple_row).execute(
+        sql.SQL(
+            "SELECT DISTINCT ON (o.key) o.key, o.version, o.source_xid::text, c.snapshot::text"
+            " FROM {outbox} o LEFT JOIN {chunks} c ON c.id = o.chunk_id"
+            " WHERE o.pipeline = %s AND o.key = ANY(%s) ORDER BY o.key, o.id DESC"
+        ).format(
+            outbox=sql.Identifier(schema, "outbox"),
+            chunks=sql.Identifier(schema, "snapshot_chunks"),
+        ),
+        (_name(pipeline), list(keys)),
+    )
+    return {
+        str(r[0]): EventStamp(
+            int(r[1]), int(r[2]), SnapshotVisibility.parse(r[3]) if r[3] is not None else None
+        )
+        for r in await cur.fetchall()
+    }
 
 
 async def save_checkpoint(
