@@ -381,8 +381,8 @@ class PipelineRunner:
                     return
                 started = time.monotonic()
                 try:
-                    clean = await self._record_owner()
-                    done = await self._own(clean)
+                    grace = await self._record_owner()
+                    done = await self._own(grace)
                 except SchemaChanged as exc:
                     # this pipeline only: the others go on; its events stay behind the
                     # checkpoint until the operator fixes the mapping and restarts
@@ -421,29 +421,56 @@ class PipelineRunner:
         finally:
             self.state = "stopped" if self.state != "failed" else "failed"
 
-    async def _record_owner(self) -> bool:
-        """Record this process as the pipeline's owner. True when the previous owner stopped
-        cleanly (it cleared ``owner`` after draining) or there was none; False when it was
-        killed, lost the database, or is this process restarting the pipeline: then requests
-        it had in flight may still be applied by the CRM (see ``_own``)."""
+    async def _record_owner(self) -> float:
+        """Record this process as the pipeline's owner; returns how many seconds to wait before
+        the first CRM write. 0 when the previous owner stopped cleanly (it cleared ``owner``
+        after draining) or there was none and no earlier wait is still running. When it was
+        killed, lost the database, or is this process restarting the pipeline, requests it had
+        in flight may still be applied by the CRM (see ``_own``): the wait ends
+        ``crm.request_timeout`` after this takeover (``checkpoints.crm_quiet_until``) — unless
+        the previous owner never wrote (it was killed during its own wait: the column is still
+        set), then it ends when that earlier wait would have ended. Before, every restart
+        waited the full timeout again, and kills a few seconds apart kept the pipeline from
+        writing for minutes (issue 14: the chaos stack's outbox lag)."""
         rt = self.runtime
+        timeout = rt.settings.crm.request_timeout.total_seconds()
         async with rt.pool.connection() as conn:
             cur = await conn.execute(
                 db.render(
                     "WITH prev AS (SELECT owner FROM {schema}.checkpoints WHERE pipeline = %s)"
                     " INSERT INTO {schema}.checkpoints AS c (pipeline, owner) VALUES (%s, %s)"
-                    " ON CONFLICT (pipeline) DO UPDATE SET owner = EXCLUDED.owner"
-                    " RETURNING (SELECT owner FROM prev)",
+                    " ON CONFLICT (pipeline) DO UPDATE SET owner = EXCLUDED.owner,"
+                    " crm_quiet_until = CASE WHEN c.owner IS NOT NULL AND c.crm_quiet_until"
+                    " IS NULL THEN now() + make_interval(secs => %s) ELSE c.crm_quiet_until END"
+                    " RETURNING (SELECT owner FROM prev),"
+                    " greatest(extract(epoch FROM c.crm_quiet_until - now()), 0)::float8",
                     rt.schema,
                 ),
-                (self.pipeline.name, self.pipeline.name, rt.owner),
+                (self.pipeline.name, self.pipeline.name, rt.owner, timeout),
             )
             row = await cur.fetchone()
             await conn.execute(
                 db.render("DELETE FROM {schema}.pipeline_halts WHERE pipeline = %s", rt.schema),
                 (self.pipeline.name,),
             )
-        return row is None or row[0] is None
+        if row is None or row[1] is None:
+            return 0.0
+        return float(row[1])
+
+    async def _start_writing(self) -> None:
+        """Just before the engine's first CRM write: this owner may now have requests in flight
+        (a successor must wait a full ``crm.request_timeout`` again). Not suppressed: without
+        it a successor could wait too little, so no write happens unless it is stored."""
+        rt = self.runtime
+        async with rt.pool.connection() as conn:
+            await conn.execute(
+                db.render(
+                    "UPDATE {schema}.checkpoints SET crm_quiet_until = NULL"
+                    " WHERE pipeline = %s AND crm_quiet_until IS NOT NULL",
+                    rt.schema,
+                ),
+                (self.pipeline.name,),
+            )
 
     async def _record_halt(self, exc: SchemaChanged) -> None:
         """Keep why the pipeline stopped, for `connector status` (cleared on the next start)."""
@@ -497,8 +524,9 @@ class PipelineRunner:
         name = self.pipeline.name
         if grace > 0:
             log.warning(
-                "the previous owner did not stop cleanly: waiting %.0fs (crm.request_timeout)"
-                " for requests it may have had in flight before writing to the CRM",
+                "the previous owner did not stop cleanly: waiting %.0fs (crm.request_timeout"
+                " from the last takeover after an owner that wrote) for requests it may have"
+                " had in flight before writing to the CRM",
                 grace,
                 extra={"pipeline": name},
             )
@@ -506,20 +534,20 @@ class PipelineRunner:
                 await asyncio.wait_for(pstop.wait(), grace)
             if pstop.is_set():
                 return
+        await self._start_writing()
         await rt.run_engine(engine, self.pipeline, pstop, self)
 
-    async def _own(self, clean: bool = True) -> bool:
+    async def _own(self, grace: float = 0.0) -> bool:
         """Run the pipeline while the lease is held. True when the runner is finished (stop
         requested, or snapshot mode done); False to go back to standby (lease lost).
-        ``clean``: the previous owner stopped cleanly (else the engine starts after a grace
-        period, ``_engine_after_grace``)."""
+        ``grace``: seconds before the first CRM write (``_record_owner``,
+        ``_engine_after_grace``)."""
         rt = self.runtime
         name = self.pipeline.name
         self.state = "starting"
         pstop = asyncio.Event()
         self.engine = rt.build_engine(self.pipeline)
         tasks: dict[str, asyncio.Task[Any]] = {}
-        grace = 0.0 if clean else rt.settings.crm.request_timeout.total_seconds()
         tasks["engine"] = asyncio.create_task(
             self._engine_after_grace(self.engine, pstop, grace), name=f"{name}:engine"
         )
