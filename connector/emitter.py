@@ -691,12 +691,18 @@ class Emitter:
                     updated=job.updated,
                     skipped=job.skipped,
                 )
-            await self._store_in(conn, res)
             finished = await state.bulk_finish(
                 conn, self.schema, job_row, state.BulkStatus.APPLIED, duration=duration
             )
-            if not finished:
-                raise RuntimeError(f"bulk job row {job_row} was applied twice")
+            if finished:
+                await self._store_in(conn, res)
+        if not finished:
+            # an earlier attempt's COMMIT went through although its connection died before
+            # the answer (a PostgreSQL restart): the result is stored, nothing more to write
+            log.info(
+                "bulk job result was already stored",
+                extra={"pipeline": self.pipeline.name, "job_id": job.id, "job_row": job_row},
+            )
         await self._sync_flags(res)
         if self.metrics is not None:
             outcome = "failed" if job.status is JobStatus.FAILED else "completed"

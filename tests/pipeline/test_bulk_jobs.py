@@ -7,6 +7,7 @@ import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
+import psycopg
 import pytest
 
 from connector.emulator import start_emulator
@@ -164,3 +165,34 @@ async def test_bulk_polls_less_when_a_callback_is_expected(
     else:
         assert seen[0] == (FAST.bulk_poll_initial, FAST.bulk_poll_max)
     await assert_crm_matches(emu, legacy)
+
+
+async def test_result_stored_although_its_commit_reported_an_error(
+    legacy: str, emu: EmulatorHandle, make_engine: EngineFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 14's log: "cannot store the bulk job's result yet; retrying … terminating
+    connection due to administrator command". A PostgreSQL restart can end the connection after
+    the result's transaction committed but before the client heard so; the retry then found the
+    job applied and raised "applied twice", which ended the pipeline. Now the retry sees the
+    result already stored, rolls its own writes back and goes on."""
+    from connector.emitter import Emitter
+
+    original = Emitter._sync_flags
+    failed: list[bool] = []
+
+    async def commit_answer_lost(self: Emitter, res: object) -> None:
+        if not failed:  # right after the first commit of a bulk result
+            failed.append(True)
+            raise psycopg.OperationalError("terminating connection due to administrator command")
+        await original(self, res)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Emitter, "_sync_flags", commit_answer_lost)
+    await execute(legacy, *insert_sql(6_000))
+    async with make_client(emu) as client:
+        await asyncio.wait_for(make_engine(client).drain(), 120)
+    assert failed
+    assert [s for _, s, _ in await _job_rows(legacy)] == ["applied"]
+    await assert_crm_matches(emu, legacy)
+    assert credits_by_api(emu) == {"bulk_write_job": 500}
+    rows = await fetch(legacy, "SELECT count(*) FROM connector.key_state WHERE status = 'synced'")
+    assert rows[0][0] == 6_000
