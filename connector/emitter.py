@@ -403,7 +403,9 @@ class Emitter:
         targets: list[tuple[PendingEntry, str]] = []
         for e in entries:
             ks = known.get(e.key)
-            crm_id = ks.crm_id if ks is not None else None
+            # an id acknowledged with a delete is the deleted record's: a record the key has
+            # now was created later (a re-insert whose ack was lost with its owner), look it up
+            crm_id = ks.crm_id if ks is not None and not ks.deleted else None
             if crm_id is None:
                 try:
                     crm_id = await self._lookup_id(e.key)

@@ -89,3 +89,28 @@ async def test_reread_after_lost_ack_never_writes_an_older_version(
         assert usage.get("bulk_write_job", {}).get("calls", 0) >= 1
     rows = await fetch(legacy, "SELECT count(*) FROM connector.key_state WHERE version IS NULL")
     assert rows[0][0] == 0
+
+
+async def test_delete_after_a_lost_reinsert_ack_deletes_the_new_record(
+    legacy: str, emu: EmulatorHandle, client: ZohoClient, make_engine: EngineFactory
+) -> None:
+    """Found by the 10-minute trigger-mode soak of seed 9051 after the fix above: 3 deleted
+    rows left in the CRM. Key 5 was deleted (key_state: deleted, the old record's id), then
+    re-inserted; an owner upserted it — a new CRM record — and was killed before storing the
+    ack; the next owner's delete used the id in key_state, the CRM answered that it was already
+    gone, and the new record stayed. An id recorded with a delete is that deleted record's: a
+    later delete now looks the key up instead."""
+    await execute(legacy, *insert_sql(1, tag="v1"))
+    await make_engine(client).drain()
+    await execute(legacy, "DELETE FROM public.orders WHERE id = 1")
+    await make_engine(client).drain()
+    assert crm_by_key(emu) == {}
+    await execute(legacy, *insert_sql(1, tag="again"))
+    await _previous_owner_sent_newest(legacy, client)  # a new record; its ack is lost
+    assert set(crm_by_key(emu)) == {"1"}
+    await execute(legacy, "DELETE FROM public.orders WHERE id = 1")
+
+    await make_engine(client).drain()
+    assert crm_by_key(emu) == {}
+    rows = await fetch(legacy, "SELECT deleted FROM connector.key_state WHERE key = '1'")
+    assert rows == [(True,)]
