@@ -18,7 +18,7 @@ import pytest
 
 from tests.chaos.scenario import Params, run_pair
 
-SEEDS = {"triggers": 20240922, "logical": 20240935}
+SEEDS = {"triggers": 20240928, "logical": 20240935}
 MINUTES = float(os.environ.get("CHAOS_MINUTES", "1.75"))
 MODES = [m for m in SEEDS if os.environ.get("CHAOS_CAPTURE", m) == m]
 
