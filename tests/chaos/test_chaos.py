@@ -5,9 +5,10 @@ suite never runs under faults is how the trigger-mode stale bulk writes of issue
 through: every `make test` runs both.
 
 Seeded per mode (defaults below: seeds whose shorter window still holds kills, a PostgreSQL
-restart and at least five kinds of fault, and passed the credit check; docs/reliability.md); ``CHAOS_SEED`` overrides both,
-``CHAOS_MINUTES`` the length of each (default 1.75), ``CHAOS_CAPTURE`` runs one mode only. A
-failure prints the seed and the command that reruns it."""
+restart and at least five kinds of fault, and passed the credit check; docs/reliability.md);
+``CHAOS_SEED`` overrides both, ``CHAOS_MINUTES`` the length of each (default 1.75),
+``CHAOS_CAPTURE`` runs one mode only. A failure prints the seed and the command that reruns
+it."""
 
 from __future__ import annotations
 
