@@ -1,4 +1,4 @@
--- v7: how long a new owner must wait before its first CRM write (issue 14 §1, the stall).
+-- v9: how long a new owner must wait before its first CRM write (issue 14 §1, the stall).
 --
 -- crm_quiet_until: set by an owner that took over from one that did not stop cleanly: requests
 --   sent by an earlier owner may still be applied by the CRM until this time (its takeover time
