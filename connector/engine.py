@@ -857,6 +857,8 @@ class Engine:
         restart = self.snapshot_mode == "force" and self._force_restart
         if current is not None and current.status == "done" and not restart:
             self.snapshot_report = current.report
+            if self.metrics is not None:  # done before this start: the gauge says so
+                self.metrics.snapshot_progress_ratio.labels(pipeline=self.pipeline.name).set(1.0)
             return
         await snap.prepare(restart=restart)
         self._force_restart = False

@@ -296,6 +296,13 @@ class Metrics:
             ["pipeline"],
             registry=r,
         )
+        self.takeover_wait_seconds = Gauge(
+            f"{p}takeover_wait_seconds",
+            "The wait (crm.request_timeout) before the first CRM write after an unclean "
+            "takeover while it lasts, else 0.",
+            ["pipeline"],
+            registry=r,
+        )
         self.ready = Gauge(
             f"{p}ready",
             "1 when /readyz answers 200, else 0.",
@@ -353,6 +360,7 @@ class Metrics:
             self.replication_slot_lag_bytes,
             self.pipeline_up,
             self.snapshot_progress_ratio,
+            self.takeover_wait_seconds,
         ):
             gauge.labels(pipeline=pipeline)
         self.snapshot_rows_total.labels(pipeline=pipeline)

@@ -92,7 +92,8 @@ SELECT count(DISTINCT o.key), extract(epoch FROM clock_timestamp() - min(o.captu
 """
 
 Q_CHECKPOINT = """
-SELECT last_id, cardinality(pending_txids), events_passed, updated_at, owner
+SELECT last_id, greatest(cardinality(pending_txids) - 1, 0), events_passed, updated_at, owner,
+       extract(epoch FROM writes_after - clock_timestamp())::float8
   FROM {schema}.checkpoints WHERE pipeline = %s
 """
 
@@ -243,6 +244,8 @@ async def pipeline_status(
         (name,),
     )
     halt = await cur.fetchone()
+    # after an unclean takeover the owner sends nothing for crm.request_timeout (runtime.py)
+    wait_left = float(cp[5]) if cp and owner and cp[5] is not None and cp[5] > 0 else None
     return {
         "halted": (
             {"reason": halt[0], "column": halt[1], "message": halt[2], "since": halt[3]}
@@ -253,14 +256,11 @@ async def pipeline_status(
         "source_table": pipeline.source_table,
         "module": pipeline.module,
         "running": owner is not None,
-        "owner": (
-            {"pid": owner[0], "application_name": owner[1], "client_addr": owner[2]}
-            if owner
-            else None
-        ),
+        "owner": _owner(owner, cp[4] if cp else None),
         "capture": capture,
         "pending_keys": pending_keys,
         "oldest_pending_change_seconds": round(oldest, 3),
+        "takeover_wait_seconds_left": round(wait_left, 1) if wait_left is not None else None,
         "max_staleness_seconds": pipeline.max_staleness.total_seconds(),
         "credits": credits,
         "bulk_jobs": bulk,
@@ -270,6 +270,28 @@ async def pipeline_status(
         "checkpoint": checkpoint,
         "snapshot": snapshot,
     }
+
+
+def _owner(lock: Any, recorded: str | None) -> dict[str, Any] | None:
+    """Who owns the pipeline: ``id``/``host``/``pid`` of the connector process (the
+    ``host:pid`` it recorded in the checkpoint row), and ``backend_pid`` of its PostgreSQL
+    session that holds the lease (what ``pg_terminate_backend`` would take)."""
+    if lock is None:
+        return None
+    host, _, pid = (recorded or "").rpartition(":")
+    return {
+        "id": recorded,
+        "host": host or None,
+        "pid": int(pid) if pid.isdigit() else None,
+        "backend_pid": lock[0],
+        "application_name": lock[1],
+        "client_addr": lock[2],
+    }
+
+
+def _plural(n: int, word: str) -> str:
+    """``1 chunk``, ``2 chunks``, ``0 chunks``."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def _fmt_age(seconds: float | None) -> str:
@@ -307,7 +329,14 @@ def format_status(doc: dict[str, Any]) -> str:
         f"  pending      {doc['pending_keys']} keys, oldest change "
         f"{_fmt_age(doc['oldest_pending_change_seconds'])} "
         f"(max_staleness {_fmt_age(doc['max_staleness_seconds'])})"
-        + ("  <-- OVER max_staleness" if late else ""),
+        + ("  <-- OVER max_staleness" if late else "")
+        + (
+            f"\n               waiting {doc['takeover_wait_seconds_left']:.0f}s more before"
+            " writing to the CRM: the previous owner did not stop cleanly and requests it had in"
+            " flight may still land (crm.request_timeout)"
+            if doc.get("takeover_wait_seconds_left")
+            else ""
+        ),
         f"  credits      {cr['spent_24h']} spent in 24 h by this pipeline "
         f"({cr['spent_24h_all_pipelines']} all), {cr['left']} left of {cr['budget']}"
         + (
@@ -330,7 +359,8 @@ def format_status(doc: dict[str, Any]) -> str:
         ),
         "  keys         "
         + (", ".join(f"{k} {v}" for k, v in sorted(doc["keys"].items())) or "none yet"),
-        f"  checkpoint   offset {cp['offset']}, {cp['pending_transactions']} open transaction(s)"
+        f"  checkpoint   offset {cp['offset']},"
+        f" {_plural(cp['pending_transactions'], 'open transaction')}"
         f" tracked, updated {_fmt_time(cp['updated_at'])}",
     ]
     if snap is not None:
@@ -338,7 +368,7 @@ def format_status(doc: dict[str, Any]) -> str:
         lines.append(
             f"  initial sync {snap['status']}, {snap['rows_read']} rows"
             + (f" of ~{total}" if total else "")
-            + f", {snap['chunks_done']} chunks"
+            + f", {_plural(snap['chunks_done'], 'chunk')}"
         )
     else:
         lines.append("  initial sync not started")

@@ -346,9 +346,11 @@ class PipelineRunner:
     def __init__(self, runtime: Runtime, pipeline: PipelineConfig) -> None:
         self.runtime = runtime
         self.pipeline = pipeline
-        self.state: Literal["standby", "starting", "running", "draining", "stopped", "failed"] = (
-            "standby"
-        )
+        self.state: Literal[
+            "standby", "starting", "waiting", "running", "draining", "stopped", "failed"
+        ] = "standby"
+        # monotonic end of the takeover wait (``_engine_after_grace``), None when not waiting
+        self.wait_until: float | None = None
         self.engine: Any = None
         self.capture: Any = None
         self.lease = PipelineLease(
@@ -362,7 +364,7 @@ class PipelineRunner:
 
     @property
     def owned(self) -> bool:
-        return self.lease.held and self.state in ("starting", "running", "draining")
+        return self.lease.held and self.state in ("starting", "waiting", "running", "draining")
 
     def wake_bulk(self, job_row_id: int) -> bool:
         engine = self.engine
@@ -530,12 +532,42 @@ class PipelineRunner:
                 grace,
                 extra={"pipeline": name},
             )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(pstop.wait(), grace)
+            # `status` says why changes wait meanwhile; /readyz is not ready; a gauge counts
+            self.wait_until = time.monotonic() + grace
+            rt.metrics.takeover_wait_seconds.labels(pipeline=name).set(grace)
+            await self._record_wait(grace)
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(pstop.wait(), grace)
+            finally:
+                self.wait_until = None
+                rt.metrics.takeover_wait_seconds.labels(pipeline=name).set(0)
+                if self.state == "waiting":
+                    self.state = "running"
             if pstop.is_set():
                 return
+            log.warning(
+                "the wait for the previous owner's requests is over: writing to the CRM",
+                extra={"pipeline": name},
+            )
         await self._start_writing()
         await rt.run_engine(engine, self.pipeline, pstop, self)
+
+    async def _record_wait(self, grace: float) -> None:
+        """Record when the takeover wait ends (``checkpoints.writes_after``, read by
+        ``connector status``)."""
+        rt = self.runtime
+        with contextlib.suppress(psycopg.Error, OSError, PoolTimeout):
+            async with rt.pool.connection() as conn:
+                await conn.execute(
+                    db.render(
+                        "UPDATE {schema}.checkpoints"
+                        " SET writes_after = clock_timestamp() + make_interval(secs => %s)"
+                        " WHERE pipeline = %s",
+                        rt.schema,
+                    ),
+                    (grace, self.pipeline.name),
+                )
 
     async def _own(self, grace: float = 0.0) -> bool:
         """Run the pipeline while the lease is held. True when the runner is finished (stop
@@ -556,7 +588,7 @@ class PipelineRunner:
             tasks["capture"] = asyncio.create_task(self.capture.run(pstop), name=f"{name}:capture")
         tasks["lease"] = asyncio.create_task(self.lease.watch(), name=f"{name}:lease")
         stop_wait = asyncio.create_task(rt.stopping.wait(), name=f"{name}:stop-wait")
-        self.state = "running"
+        self.state = "running" if grace <= 0 else "waiting"
         rt.metrics.pipeline_up.labels(pipeline=name).set(1)
         log.info("pipeline running", extra={"pipeline": name, "capture": self.pipeline.capture})
         try:
@@ -820,6 +852,14 @@ class Runtime:
         if any(s not in ("running", "starting") for s in pipelines.values()):
             ok = False
         checks["pipelines"] = pipelines
+        waiting = {
+            n: round(max(r.wait_until - time.monotonic(), 0.0), 1)
+            for n, r in self.runners.items()
+            if r.owned and r.wait_until is not None
+        }
+        if waiting:
+            # after an unclean takeover: capturing, but no CRM write until the wait is over
+            checks["waiting_for_previous_owner_seconds"] = waiting
         if ok:
             return ProbeResult(True, {"status": "ready", "role": role, "pipelines": pipelines})
         return ProbeResult(False, {"status": "not ready", "role": role, "checks": checks})

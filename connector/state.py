@@ -111,7 +111,8 @@ ON CONFLICT (pipeline, key) DO UPDATE SET crm_id = EXCLUDED.crm_id, updated_at =
 """
 
 Q_KEY_STATUS_COUNTS = """
-SELECT status, count(*) AS n FROM {schema}.key_state WHERE pipeline = %s GROUP BY status
+SELECT CASE WHEN deleted AND status = 'synced' THEN 'deleted' ELSE status END, count(*) AS n
+  FROM {schema}.key_state WHERE pipeline = %s GROUP BY 1
 """
 
 

@@ -199,3 +199,30 @@ async def test_replay_without_a_running_connector_sends_through_its_own_engine(
     assert emu.usage()["by_api"]["upsert"]["records"] == upserts + 120
     rep = await verify_now(r.setup)
     assert rep.mismatches == 0
+
+
+async def test_status_tells_the_truth_when_idle(running: tuple[Running, Any], capsys: Any) -> None:
+    """Idle: no open transaction; a deleted key is counted as deleted, not synced; the owner's
+    pid is the connector process's, not its PostgreSQL session's."""
+    import os
+
+    r, _ = running
+    async with await psycopg.AsyncConnection.connect(r.secrets.dsn, autocommit=True) as conn:
+        await conn.execute("DELETE FROM public.orders WHERE id = 5")
+    await wait_in_sync(r.setup, None)
+    for _ in range(100):  # the checkpoint passes the delete
+        assert await operate.status(r.settings, r.secrets, ns(json=True)) == 0
+        doc = json.loads(capsys.readouterr().out)["pipelines"][0]
+        if doc["keys"].get("deleted") == 1 and doc["pending_keys"] == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert doc["keys"] == {"synced": 119, "deleted": 1}
+    assert doc["checkpoint"]["pending_transactions"] == 0
+    assert doc["owner"]["pid"] == os.getpid()  # the runtime runs in this process
+    assert doc["owner"]["backend_pid"] != os.getpid()
+    assert doc["owner"]["id"] == r.runtime.owner
+    assert await operate.status(r.settings, r.secrets, ns()) == 0
+    text = capsys.readouterr().out
+    assert "0 open transactions tracked" in text
+    assert "synced 119" in text and "deleted 1" in text
+    assert "1 chunk," in text or "1 chunk\n" in text or text.rstrip().endswith("1 chunk")
