@@ -56,6 +56,7 @@ EXPECTED = {
     "ready": ("gauge", ()),
     "snapshot_rows_total": ("counter", ("pipeline",)),
     "snapshot_progress_ratio": ("gauge", ("pipeline",)),
+    "takeover_wait_seconds": ("gauge", ("pipeline",)),
     "build_info": ("gauge", ("version",)),
 }
 UNITS = (
