@@ -28,6 +28,7 @@ import contextlib
 import contextvars
 import hashlib
 import logging
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -149,6 +150,7 @@ class _Results:
         field_name: str | None,
         api: str,
         payload: dict[str, Any] | None = None,
+        details: dict[str, Any] | None = None,
     ) -> None:
         self.dead.append(
             state.DeadLetter(
@@ -160,6 +162,7 @@ class _Results:
                 message=message,
                 field=field_name,
                 api=api,
+                details=details or None,
             )
         )
         if event.op is Op.SNAPSHOT:
@@ -192,6 +195,7 @@ class Emitter:
         self.schema = schema
         self.mapper = mapper or RecordMapper(pipeline)
         self.metrics = metrics
+        self.rejections = RejectionLog(pipeline.name)
         self.source_dsn = source_dsn
         self.callback_url = callback_url
         self.bulk_poll_initial = bulk_poll_initial
@@ -308,7 +312,7 @@ class Emitter:
                         )
                     else:
                         message = _message(r) + self._gave_up(e.key)
-                        res.reject(e.event, r.code, message, r.field, api, record)
+                        res.reject(e.event, r.code, message, r.field, api, record, r.details)
                     out.done.append(e)
             await self._store(res)
             out.acked += len(res.acks)
@@ -385,7 +389,9 @@ class Emitter:
                     self._count("delete", "success")
                 else:
                     message = _message(r) + self._gave_up(e.key)
-                    res.reject(e.event, r.code, message, r.field, "delete", {"id": crm_id})
+                    res.reject(
+                        e.event, r.code, message, r.field, "delete", {"id": crm_id}, r.details
+                    )
                     self._count("delete", "rejected")
                 out.done.append(e)
         return out
@@ -1095,6 +1101,7 @@ class Emitter:
         if self.metrics is not None:
             for d in res.dead:
                 self.metrics.dead_letters_total.labels(pipeline=name, code=d.code).inc()
+        self.rejections.log(res.dead)
 
     def _count(self, api: str, outcome: str) -> None:
         if self.metrics is not None:
@@ -1105,6 +1112,64 @@ class Emitter:
     def _bulk_gauge(self, delta: int) -> None:
         if self.metrics is not None:
             self.metrics.bulk_jobs_in_flight.labels(pipeline=self.pipeline.name).inc(delta)
+
+
+class RejectionLog:
+    """One WARNING per record the CRM rejected (pipeline, key, code, field, API; never the
+    record's values), at most ``burst`` lines per ``window`` seconds; the rest are counted and
+    summarised (by code) in one line once the window is over, with the next rejection or
+    ``flush``."""
+
+    def __init__(self, pipeline: str, *, burst: int = 10, window: float = 60.0) -> None:
+        self.pipeline = pipeline
+        self.burst = burst
+        self.window = window
+        self._start = -math.inf
+        self._logged = 0
+        self._suppressed: dict[str, int] = {}
+
+    def log(self, letters: Sequence[state.DeadLetter], now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self.flush(now)
+        for d in letters:
+            if self._logged < self.burst:
+                self._logged += 1
+                log.warning(
+                    "the CRM rejected a record: key %s, %s%s; dead-lettered"
+                    " (see: connector dead-letters list)",
+                    d.key,
+                    d.code,
+                    f" on field {d.field}" if d.field else "",
+                    extra={
+                        "pipeline": self.pipeline,
+                        "key": d.key,
+                        "code": d.code,
+                        "field": d.field,
+                        "api": d.api,
+                    },
+                )
+            else:
+                self._suppressed[d.code] = self._suppressed.get(d.code, 0) + 1
+
+    def flush(self, now: float | None = None) -> None:
+        """Start a new window when the current one is over, summarising what it held back."""
+        now = time.monotonic() if now is None else now
+        if now - self._start < self.window:
+            return
+        if self._suppressed:
+            n = sum(self._suppressed.values())
+            codes = ", ".join(f"{c} x{k}" for c, k in sorted(self._suppressed.items()))
+            log.warning(
+                "the CRM rejected %d more record(s) in the last %.0fs, not logged one by one"
+                " (%s); see: connector dead-letters list",
+                n,
+                now - self._start,
+                codes,
+                extra={"pipeline": self.pipeline, "rejected": n},
+            )
+        self._start = now
+        self._logged = 0
+        self._suppressed = {}
 
 
 class CreditRecorder:

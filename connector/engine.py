@@ -407,6 +407,8 @@ class Engine:
             except (psycopg.OperationalError, PoolTimeout) as exc:
                 log.warning("cannot checkpoint yet; retrying", extra={"error": str(exc)})
             self._export_gauges(now)
+            if self.emitter is not None:
+                self.emitter.rejections.flush()  # the summary of rejections not logged singly
             if until_idle and self._idle():
                 log.info("pipeline drained", extra={"pipeline": name})
                 return

@@ -794,6 +794,7 @@ def _dl_json(r: state.DeadLetterRow) -> dict[str, Any]:
         "error_code": r.error_code,
         "error_field": r.error_field,
         "error_message": r.error_message,
+        "error_details": r.error_details,
         "api": r.api,
         "attempts": r.attempts,
         "created_at": r.created_at,

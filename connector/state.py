@@ -188,6 +188,8 @@ class DeadLetter:
     message: str
     field: str | None = None
     api: str | None = None
+    # the CRM's ``details`` of the rejection (maximum_length, supported_values, …)
+    details: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +207,7 @@ class DeadLetterRow:
     attempts: int
     status: str
     created_at: datetime
+    error_details: dict[str, Any] | None = None
 
 
 # A second dead letter for the same key and version (a replay, a retried bulk row) counts as one
@@ -212,7 +215,7 @@ class DeadLetterRow:
 Q_BUMP_DEAD_LETTER = """
 UPDATE {schema}.dead_letters
    SET attempts = attempts + 1, error_code = %s, error_field = %s, error_message = %s,
-       api = %s, status = 'open', updated_at = now()
+       api = %s, error_details = %s, status = 'open', updated_at = now()
  WHERE pipeline = %s AND key = %s AND version = %s AND status IN ('open', 'retried')
 RETURNING id
 """
@@ -220,8 +223,8 @@ RETURNING id
 Q_INSERT_DEAD_LETTER = """
 INSERT INTO {schema}.dead_letters
        (pipeline, key, version, source_xid, outbox_id, payload, error_code, error_field,
-        error_message, api)
-VALUES (%s, %s, %s, %s::text::xid8, %s, %s, %s, %s, %s, %s)
+        error_message, api, error_details)
+VALUES (%s, %s, %s, %s::text::xid8, %s, %s, %s, %s, %s, %s, %s)
 """
 
 # key_state remembers the dead-lettered version so that a replay of older events is filtered;
@@ -238,7 +241,7 @@ ON CONFLICT (pipeline, key) DO UPDATE
 
 Q_LIST_DEAD_LETTERS = """
 SELECT id, pipeline, key, version, outbox_id, payload, error_code, error_field, error_message,
-       api, attempts, status, created_at
+       api, attempts, status, created_at, error_details
   FROM {schema}.dead_letters
  WHERE pipeline = %s AND (%s::text IS NULL OR status = %s)
  ORDER BY id
@@ -256,13 +259,17 @@ RETURNING id, key, outbox_id
 """
 
 
+def _details(d: DeadLetter) -> Jsonb | None:
+    return Jsonb(d.details, dumps=_dumps) if d.details else None
+
+
 async def record_dead_letters(
     conn: AnyConn, schema: str, pipeline: str, letters: Sequence[DeadLetter]
 ) -> None:
     for d in letters:
         cur = await conn.execute(
             _q(Q_BUMP_DEAD_LETTER, schema),
-            (d.code, d.field, d.message, d.api, pipeline, d.key, d.stamp.version),
+            (d.code, d.field, d.message, d.api, _details(d), pipeline, d.key, d.stamp.version),
         )
         if await cur.fetchone() is None:
             await conn.execute(
@@ -278,6 +285,7 @@ async def record_dead_letters(
                     d.field,
                     d.message,
                     d.api,
+                    _details(d),
                 ),
             )
         await conn.execute(

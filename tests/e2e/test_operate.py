@@ -226,3 +226,41 @@ async def test_status_tells_the_truth_when_idle(running: tuple[Running, Any], ca
     assert "0 open transactions tracked" in text
     assert "synced 119" in text and "deleted 1" in text
     assert "1 chunk," in text or "1 chunk\n" in text or text.rstrip().endswith("1 chunk")
+
+
+async def test_a_rejection_is_logged_and_its_details_are_kept(
+    running: tuple[Running, Any], capsys: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The CRM's rejection: one WARNING naming pipeline, key, code and field (not the value);
+    the CRM's ``details`` (here the picklist's supported_values) in `dead-letters show`."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="connector")
+    r, _ = running
+    async with await psycopg.AsyncConnection.connect(r.secrets.dsn, autocommit=True) as conn:
+        await conn.execute("UPDATE public.orders SET status = 'Xyzzy-Lost' WHERE id = 9")
+    row = None
+    for _ in range(200):
+        async with await psycopg.AsyncConnection.connect(r.secrets.dsn) as conn:
+            cur = await conn.execute(
+                "SELECT id FROM connector.dead_letters WHERE key = '9' AND status = 'open'"
+            )
+            row = await cur.fetchone()
+        if row:
+            break
+        await asyncio.sleep(0.1)
+    assert row is not None
+    assert await operate.dead_letters(r.settings, r.secrets, ns(dl_verb="show", id=row[0])) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert "Paid" in shown["error_details"]["supported_values"]
+    assert shown["error_details"]["api_name"] == "Status"
+    lines = [
+        rec for rec in caplog.records if rec.name == "connector.emitter" and "rejected" in rec.msg
+    ]
+    assert len(lines) == 1
+    rec = lines[0]
+    assert rec.levelno == logging.WARNING
+    text = rec.getMessage()
+    assert "key 9" in text and "INVALID_DATA" in text and "Status" in text
+    assert getattr(rec, "pipeline", None) == "orders"
+    assert "Xyzzy" not in text and "Xyzzy" not in str(vars(rec))
