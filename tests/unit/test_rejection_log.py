@@ -64,7 +64,9 @@ def test_every_rejection_is_logged_or_counted_in_a_summary(
         logger.removeHandler(handler)
     singles = [m for m in handler.lines if m.startswith("the CRM rejected a record")]
     summarised = sum(
-        int(m.split()[3]) for m in handler.lines if m.startswith("the CRM rejected ") and "more" in m
+        int(m.split()[3])
+        for m in handler.lines
+        if m.startswith("the CRM rejected ") and "more" in m
     )
     assert len(singles) + summarised == total
     assert all("hunter2" not in m for m in handler.lines)
@@ -94,4 +96,5 @@ def test_a_burst_logs_burst_lines_then_one_summary(caplog: pytest.LogCaptureFixt
     assert len(caplog.records) == 3
     rl.flush(now=61.0)
     assert len(caplog.records) == 4
-    assert re.search(r"rejected 7 more record\(s\).*INVALID_DATA x7", caplog.records[3].getMessage())
+    summary = caplog.records[3].getMessage()
+    assert re.search(r"rejected 7 more record\(s\).*INVALID_DATA x7", summary)
