@@ -16,6 +16,7 @@ from typing import Any
 import psycopg
 
 from connector import __version__
+from connector.config import redact
 from connector.errors import ConfigError, ConnectorError
 
 EXIT_OK = 0
@@ -173,13 +174,17 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
     return asyncio.run(coro)
 
 
+# verbs that only touch the database: they do not need the Zoho client secret / refresh token
+DB_ONLY = frozenset({"init", "uninstall", "status", "dead-letters"})
+
+
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     from connector.config import load_settings, resolve_secrets
     from connector.logs import add_secrets, setup_logging
 
     settings = load_settings(args.config)
     setup_logging(args.log_level or settings.logging.level, settings.logging.format)
-    secrets = resolve_secrets(settings)
+    secrets = resolve_secrets(settings, crm_secrets=args.verb not in DB_ONLY)
     add_secrets(secrets.values())
     return settings, secrets
 
@@ -307,10 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return HANDLERS[args.verb](args)
     except ConfigError as exc:
-        print(f"connector: configuration error: {exc}", file=sys.stderr)
+        print(f"connector: configuration error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_CONFIG
     except ConnectorError as exc:
-        print(f"connector: {exc}", file=sys.stderr)
+        print(f"connector: {redact(str(exc))}", file=sys.stderr)
         return EXIT_FAILURE
     except psycopg.errors.InsufficientPrivilege as exc:
         print(
@@ -319,8 +324,18 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILURE
-    except psycopg.OperationalError as exc:
-        print(f"connector: cannot reach the database: {_first_line(exc)}", file=sys.stderr)
+    except psycopg.errors.UndefinedTable as exc:
+        print(
+            f"connector: the state schema is not installed ({exc.diag.message_primary});"
+            " run `connector init` first",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
+    except psycopg.OperationalError as exc:
+        print(f"connector: cannot reach the database: {redact(_first_line(exc))}", file=sys.stderr)
+        return EXIT_FAILURE
+    except psycopg.ProgrammingError as exc:  # e.g. a DSN libpq cannot parse
+        print(f"connector: database error: {redact(_first_line(exc))}", file=sys.stderr)
+        return EXIT_CONFIG if "dsn" in str(exc).lower() else EXIT_FAILURE
     except KeyboardInterrupt:
         return 130

@@ -149,6 +149,44 @@ def _read_secret_file(path: str, key: str) -> str:
     return p.read_text().strip()
 
 
+_URL_PASSWORD = re.compile(r"(?P<pre>://[^:/?#@\s]*:)[^@/?#\s]*(?=@)")
+_KV_PASSWORD = re.compile(r"(?P<pre>\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """``text`` with any DSN password replaced by ``***`` (URI ``user:PASSWORD@`` and
+    ``password=…`` forms): for messages that may quote a connection string."""
+    text = _URL_PASSWORD.sub(lambda m: m.group("pre") + "***", text)
+    return _KV_PASSWORD.sub(lambda m: m.group("pre") + "***", text)
+
+
+def check_dsn(dsn: str) -> None:
+    """Raise ``ValueError`` (never quoting the DSN) unless libpq can parse it."""
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(dsn)
+    except ProgrammingError:
+        raise ValueError(
+            "not a valid PostgreSQL connection string: use a URI"
+            " (postgresql://user@host:5432/dbname) or key=value pairs"
+            " (host=… dbname=… user=…)"
+        ) from None
+
+
+def dsn_password(dsn: str) -> str | None:
+    """The password inside a DSN, if any (so that logs can redact it)."""
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        value = conninfo_to_dict(dsn).get("password")
+    except ProgrammingError:
+        return None
+    return str(value) if value else None
+
+
 def resolve_secret(
     env: str | None, file: str | None, key: str, environ: dict[str, str]
 ) -> SecretStr:
@@ -256,6 +294,8 @@ class DatabaseConfig(_Strict):
             raise ValueError(
                 "the DSN holds a password; put it in dsn_env, PGPASSWORD or ~/.pgpass instead"
             )
+        if v is not None:
+            check_dsn(v)
         return v
 
     @field_validator("state_schema")
@@ -438,10 +478,16 @@ class Secrets:
         return self._state_dsn.get_secret_value()
 
     def values(self) -> list[str]:
-        return [
+        """Every secret value, for the logs' last-line redaction (the DSNs' passwords too)."""
+        out = [
             self.client_secret.get_secret_value(),
             self.refresh_token.get_secret_value(),
         ]
+        for dsn in (self.dsn, self.state_dsn):
+            password = dsn_password(dsn)
+            if password:
+                out.append(password)
+        return [v for v in out if v]
 
     def __repr__(self) -> str:
         return "Secrets(***)"
@@ -481,15 +527,48 @@ def _describe(err: Any, data: Any) -> ConfigError:
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
     given = err.get("input")
-    shown = "" if isinstance(given, dict | list) or given is None else f" (got {given!r})"
-    return ConfigError(key, f"{msg}{shown}")
+    shown = (
+        ""
+        if isinstance(given, dict | list) or given is None or "dsn" in key or "got " in msg
+        else f" (got {redact(repr(given))})"
+    )
+    return ConfigError(key, f"{redact(msg)}{shown}")
 
 
 def parse_settings(data: dict[str, Any]) -> Settings:
+    """Validated settings, or one ``ConfigError`` listing every mistake (one per line)."""
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise _describe(exc.errors()[0], data) from None
+        errors = [_describe(e, data) for e in exc.errors()]
+        _hint_misspellings(errors)
+        first, rest = errors[0], errors[1:]
+        if not rest:
+            raise first from None
+        more = "".join(f"\n  {e}" for e in rest)
+        raise ConfigError(first.key, f"{str(first).removeprefix(first.key + ': ')}{more}") from None
+
+
+def _hint_misspellings(errors: list[ConfigError]) -> None:
+    """A missing key next to an unknown one spelled alike (``[databse]``): say so on both."""
+    import difflib
+
+    missing = [e.key for e in errors if str(e).endswith("required key is missing")]
+    for i, e in enumerate(errors):
+        if "unknown key" not in str(e):
+            continue
+        parent, _, leaf = e.key.rpartition(".")
+        alike = [m for m in missing if m.rpartition(".")[0] == parent]
+        close = difflib.get_close_matches(leaf, [m.rpartition(".")[2] for m in alike], n=1)
+        if close:
+            errors[i] = ConfigError(
+                e.key, f"unknown key; did you mean {close[0]!r}? (see docs/configuration.md)"
+            )
+            for j, m in enumerate(errors):
+                if m.key == (f"{parent}.{close[0]}" if parent else close[0]) and j != i:
+                    errors[j] = ConfigError(
+                        m.key, f"required key is missing (is {leaf!r} a misspelling of it?)"
+                    )
 
 
 def load_settings(path: str | Path) -> Settings:
@@ -505,15 +584,23 @@ def load_settings(path: str | Path) -> Settings:
     return parse_settings(data)
 
 
-def resolve_secrets(settings: Settings, environ: dict[str, str] | None = None) -> Secrets:
+def resolve_secrets(
+    settings: Settings, environ: dict[str, str] | None = None, *, crm_secrets: bool = True
+) -> Secrets:
+    """The secrets the configuration names. ``crm_secrets=False`` (verbs that only touch the
+    database: ``init``, ``uninstall``, ``status``, ``dead-letters``) leaves the Zoho client
+    secret and refresh token unresolved (empty), so a DBA needs only the database's."""
     env = dict(os.environ if environ is None else environ)
     crm = settings.crm
-    client_secret = resolve_secret(
-        crm.client_secret_env, crm.client_secret_file, "crm.client_secret", env
-    )
-    refresh = resolve_secret(
-        crm.refresh_token_env, crm.refresh_token_file, "crm.refresh_token", env
-    )
+    if crm_secrets:
+        client_secret = resolve_secret(
+            crm.client_secret_env, crm.client_secret_file, "crm.client_secret", env
+        )
+        refresh = resolve_secret(
+            crm.refresh_token_env, crm.refresh_token_file, "crm.refresh_token", env
+        )
+    else:
+        client_secret = refresh = SecretStr("")
     db = settings.database
     if db.dsn_env:
         dsn = env.get(db.dsn_env)
@@ -533,4 +620,12 @@ def resolve_secrets(settings: Settings, environ: dict[str, str] | None = None) -
             )
     else:
         state = db.state_dsn or dsn
+    for key, value in (("database.dsn_env", dsn), ("database.state_dsn_env", state)):
+        if (key == "database.dsn_env" and db.dsn_env) or (
+            key == "database.state_dsn_env" and db.state_dsn_env
+        ):
+            try:
+                check_dsn(value)
+            except ValueError as exc:
+                raise ConfigError(key, f"the DSN in that variable is {exc}") from None
     return Secrets(client_secret, refresh, dsn, state)

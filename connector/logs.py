@@ -27,6 +27,11 @@ class RedactingFilter(logging.Filter):
         for s in self._secrets:
             if s in text:
                 text = text.replace(s, "***")
+        if "password" in text.lower() or "@" in text:
+            # a connection string quoted by a library (psycopg's pool on a bad DSN)
+            from connector.config import redact
+
+            text = redact(text)
         return text
 
     def filter(self, record: logging.LogRecord) -> bool:

@@ -1,0 +1,183 @@
+"""`connector VERB` as a new operator meets it: mistakes give one clear line and an exit code
+(2 configuration, 1 otherwise), never a traceback; a planted DSN password never appears in any
+verb's output or log; verbs that only touch the database do not need the Zoho secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from connector.pgembed import free_port
+from tests.e2e.helpers import ROOT, SECRETS, ConnectorProcess, Setup, emulator, prepare
+
+PLANTED = "hunter2-planted-pw"
+
+
+async def cli(*args: str, env: dict[str, str], timeout: float = 120) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "connector",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        cwd=str(ROOT),
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def _base_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONNECTOR_")}
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def _no_traceback(rc: int, out: str, err: str, expected_rc: int) -> None:
+    assert rc == expected_rc, (rc, out, err)
+    assert "Traceback" not in err and "Traceback" not in out, err
+
+
+CONFIG = """\
+[crm]
+data_centre = "custom"
+accounts_url = "http://127.0.0.1:9"
+api_url = "http://127.0.0.1:9"
+client_id = "x"
+client_secret_env = "T_ZOHO_SECRET"
+refresh_token_env = "T_ZOHO_REFRESH"
+
+[database]
+{database}
+
+[[pipelines]]
+name = "orders"
+source_table = "public.orders"
+key_column = "id"
+module = "Orders"
+[pipelines.fields]
+order_number = {{ field = "Name", type = "text" }}
+"""
+
+
+async def test_config_mistakes_are_reported_all_at_once_without_the_password(
+    tmp_path: Path,
+) -> None:
+    env = _base_env()
+    # a password written into the file: refused, and never echoed
+    f = tmp_path / "pw.toml"
+    f.write_text(CONFIG.format(database=f'dsn = "postgresql://postgres:{PLANTED}@db/x"'))
+    rc, out, err = await cli("config", "check", str(f), env=env)
+    _no_traceback(rc, out, err, 2)
+    assert "database.dsn" in err and "holds a password" in err
+    assert PLANTED not in out + err
+    # a misspelled section and a second mistake: both named, with the likely fix
+    text = CONFIG.format(database='dsn = "dbname=x"').replace("[database]", "[databse]")
+    text = text.replace('client_id = "x"', 'client_id = "x"\nedition = "platinum"')
+    f = tmp_path / "typo.toml"
+    f.write_text(text)
+    rc, out, err = await cli("config", "check", str(f), env=env)
+    _no_traceback(rc, out, err, 2)
+    assert "databse: unknown key; did you mean 'database'?" in err
+    assert "database: required key is missing (is 'databse' a misspelling of it?)" in err
+    assert "crm.edition" in err
+    # a DSN that libpq cannot parse, from the environment: `config check --secrets` is not OK
+    f = tmp_path / "bad.toml"
+    f.write_text(CONFIG.format(database='dsn_env = "T_DSN"'))
+    env2 = {
+        **env,
+        "T_DSN": f"host=db password={PLANTED} dbname",
+        "T_ZOHO_SECRET": "s3",
+        "T_ZOHO_REFRESH": "r3",
+    }
+    rc, out, err = await cli("config", "check", "--secrets", str(f), env=env2)
+    _no_traceback(rc, out, err, 2)
+    assert "OK" not in out
+    assert "database.dsn_env" in err and "not a valid PostgreSQL connection string" in err
+    assert PLANTED not in out + err
+    rc, out, err = await cli("status", "-c", str(f), env=env2)
+    _no_traceback(rc, out, err, 2)
+    assert len(err.strip().splitlines()) == 1 and PLANTED not in out + err
+
+
+async def test_status_before_init_and_db_only_verbs_without_the_zoho_secret(
+    empty_database: str, tmp_path: Path
+) -> None:
+    from connector.demo import create_orders
+
+    database = empty_database
+    await create_orders(database, 5)
+    f = tmp_path / "c.toml"
+    f.write_text(CONFIG.format(database='dsn_env = "T_DSN"'))
+    # no T_ZOHO_SECRET / T_ZOHO_REFRESH at all: a DBA's shell
+    env = {**_base_env(), "T_DSN": database}
+    rc, out, err = await cli("status", "--config", str(f), env=env)
+    _no_traceback(rc, out, err, 1)
+    assert "run `connector init`" in err and len(err.strip().splitlines()) == 1
+    rc, out, err = await cli("init", "--config", str(f), env=env)
+    _no_traceback(rc, out, err, 0)
+    assert "capture (triggers) installed" in out
+    rc, out, err = await cli("status", "--config", str(f), env=env)
+    _no_traceback(rc, out, err, 0)
+    assert "NOT RUNNING" in out
+    rc, out, err = await cli("dead-letters", "--config", str(f), "list", env=env)
+    _no_traceback(rc, out, err, 0)
+    rc, out, err = await cli("uninstall", "--config", str(f), env=env)
+    _no_traceback(rc, out, err, 0)
+    # a verb that talks to the CRM still says which secret is missing
+    rc, out, err = await cli("verify", "--config", str(f), "-p", "orders", env=env)
+    _no_traceback(rc, out, err, 2)
+    assert "crm.client_secret_env" in err and "T_ZOHO_SECRET" in err
+
+
+async def test_a_planted_dsn_password_appears_in_no_output_or_log(
+    database: str, tmp_path: Path
+) -> None:
+    """The state/source DSN carries a password (the test cluster trusts local connections, so
+    it is accepted and ignored): every verb's stdout, stderr and `run`'s log are free of it."""
+    async with emulator() as emu:
+        setup = await prepare(database, tmp_path, emu.url, rows=30)
+        text = setup.config.read_text()
+        dsn_line = next(line for line in text.splitlines() if line.startswith("dsn = "))
+        text = text.replace(dsn_line, 'dsn_env = "T_DSN"')
+        config = tmp_path / "planted.toml"
+        port = free_port()
+        config.write_text(text.replace(f"port = {setup.port}", f"port = {port}"))
+        env = {**Setup(database, config, port, emu.url).env()}
+        if database.startswith("postgres"):
+            env["T_DSN"] = f"{database}{'&' if '?' in database else '?'}password={PLANTED}"
+        else:
+            env["T_DSN"] = f"{database} password={PLANTED}"
+        c = str(config)
+        outputs: list[str] = []
+        for args in (
+            ("config", "check", "--secrets", c),
+            ("init", "-c", c),
+            ("status", "-c", c),
+            ("status", "--json", "-c", c),
+            ("dead-letters", "-c", c, "list", "--all"),
+            ("replay", "-c", c, "-p", "orders", "--from-offset", "1", "--dry-run"),
+            ("verify", "-c", c, "-p", "orders"),
+        ):
+            rc, out, err = await cli(*args, env=env)
+            assert "Traceback" not in err, (args, err)
+            outputs.append(f"{args}: rc {rc}\n{out}\n{err}")
+        run = ConnectorProcess(Setup(database, config, port, emu.url), tmp_path, "planted")
+        run.setup.env = lambda: env  # type: ignore[method-assign]
+        await run.start()
+        await run.wait_http("/readyz")
+        _, metrics = await run.get("/metrics")
+        _, ready = await run.get("/readyz")
+        assert await run.stop() == 0
+        outputs += [run.logs(), metrics, ready]
+        rc, out, err = await cli("status", "-c", c, env=env)
+        outputs.append(out + err)
+    everything = "\n".join(outputs)
+    assert PLANTED not in everything
+    for secret in SECRETS:
+        assert secret not in everything
+    assert "pipeline orders" in everything  # the verbs did run
