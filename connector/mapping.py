@@ -550,3 +550,68 @@ def _config_type_for(data_type: str) -> str:
         if data_type in allowed:
             return config_type
     return f"(none: CRM data_type {data_type!r} is not supported)"
+
+
+#: config type -> PostgreSQL type categories (``pg_type.typcategory``) whose values it converts
+#: reliably: B boolean, N numeric, D date/time. Text-like CRM types take any column.
+_SOURCE_CATEGORIES: dict[str, tuple[frozenset[str], str]] = {
+    "boolean": (frozenset({"B", "N"}), "a boolean column (or an integer 0/1)"),
+    "integer": (frozenset({"N"}), "an integer column"),
+    "bigint": (frozenset({"N"}), "an integer column"),
+    "decimal": (frozenset({"N"}), "a numeric column"),
+    "double": (frozenset({"N"}), "a numeric column"),
+    "currency": (frozenset({"N"}), "a numeric column"),
+    "percent": (frozenset({"N"}), "a numeric column"),
+    "date": (frozenset({"D"}), "a date or timestamp column"),
+    "datetime": (frozenset({"D"}), "a timestamp column"),
+}
+
+Q_SOURCE_COLUMNS = """
+SELECT a.attname::text, t.typcategory::text, pg_catalog.format_type(a.atttypid, a.atttypmod)
+  FROM pg_catalog.pg_attribute a
+  JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+ WHERE a.attrelid = pg_catalog.to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
+"""
+
+
+async def check_source_columns(conn: Any, pipeline: PipelineConfig) -> None:
+    """Refuse a mapping that cannot work against the SOURCE table, naming the config key: the
+    table, the key column and every mapped column exist, and each mapped column's PostgreSQL
+    type can be converted to the mapped CRM type (a text column cannot feed a boolean field:
+    every row would be dead-lettered)."""
+    prefix = f"pipelines[{pipeline.name!r}]"
+    schema, table = pipeline.table_parts
+    from psycopg import sql
+
+    regclass = sql.Identifier(schema, table).as_string(conn)
+    cur = await conn.execute(Q_SOURCE_COLUMNS, (regclass,))
+    columns = {str(r[0]): (str(r[1]), str(r[2])) for r in await cur.fetchall()}
+    if not columns:
+        raise ConfigError(
+            f"{prefix}.source_table",
+            f"table {pipeline.source_table!r} does not exist in the source database"
+            " (or this role cannot see it)",
+        )
+    if pipeline.key_column not in columns:
+        raise ConfigError(
+            f"{prefix}.key_column",
+            f"column {pipeline.key_column!r} does not exist in {pipeline.source_table!r}"
+            f" (its columns: {', '.join(sorted(columns))})",
+        )
+    for column, m in pipeline.fields.items():
+        where = f"{prefix}.fields.{column}"
+        if column not in columns:
+            raise ConfigError(
+                where,
+                f"column {column!r} does not exist in {pipeline.source_table!r}"
+                f" (its columns: {', '.join(sorted(columns))})",
+            )
+        category, pg_type = columns[column]
+        rule = _SOURCE_CATEGORIES.get(m.type)
+        if rule is not None and category not in rule[0]:
+            raise ConfigError(
+                where,
+                f"column {column!r} is {pg_type}, which cannot feed type {m.type!r} (CRM field"
+                f" {m.field}); expected {rule[1]}: map a matching column, cast it in a view,"
+                " or map it to a text field",
+            )

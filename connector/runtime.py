@@ -1045,10 +1045,22 @@ class Runtime:
 
     # ---------------------------------------------------------------- start-up checks
     async def check_mappings(self) -> None:
-        from connector.mapping import check_mapping
+        """Refuse to start (exit 2, the key named) when a pipeline's mapping cannot work: the
+        module is not one of the org's, a CRM field does not fit, or a SOURCE column is missing
+        or of a type its CRM field cannot take."""
+        from connector.mapping import check_mapping, check_source_columns
 
+        modules = await self.client.modules()
         for p in self.pipelines:
+            if p.module not in modules:
+                raise ConfigError(
+                    f"pipelines[{p.name!r}].module",
+                    f"the CRM has no module {p.module!r}; its modules: {', '.join(modules)}",
+                )
             await check_mapping(self.client, p)
+        async with await psycopg.AsyncConnection.connect(self.secrets.dsn) as conn:
+            for p in self.pipelines:
+                await check_source_columns(conn, p)
 
     # ---------------------------------------------------------------- main
     async def run(self) -> int:

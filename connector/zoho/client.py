@@ -540,6 +540,17 @@ class ZohoClient:
             raise PermanentError(f"field metadata of module {module!r}: no 'fields' in answer")
         return [_field_meta(f) for f in items if isinstance(f, dict) and f.get("api_name")]
 
+    async def modules(self) -> list[str]:
+        """API names of the org's modules (``GET /crm/v8/settings/modules``; Zoho's answer is
+        ``{"modules": [{"api_name": …}, …]}``; /work/shared/zoho-crm-api.md, metadata calls)."""
+        reply = await self._request(
+            "GET", "api", "/crm/v8/settings/modules", api="modules", cost=self._costs.default
+        )
+        items = reply.body.get("modules") if isinstance(reply.body, dict) else None
+        if not isinstance(items, list):
+            raise PermanentError("module metadata: no 'modules' in answer")
+        return [str(m["api_name"]) for m in items if isinstance(m, dict) and m.get("api_name")]
+
     async def current_user(self) -> dict[str, Any]:
         """``GET /crm/v8/users?type=CurrentUser`` (also a cheap credentials check)."""
         reply = await self._request(

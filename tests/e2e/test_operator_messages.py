@@ -181,3 +181,60 @@ async def test_a_planted_dsn_password_appears_in_no_output_or_log(
     for secret in SECRETS:
         assert secret not in everything
     assert "pipeline orders" in everything  # the verbs did run
+
+
+async def test_run_refuses_a_mapping_the_source_table_or_the_org_cannot_take(
+    database: str, tmp_path: Path
+) -> None:
+    """`run` checks the mapping against the SOURCE table (not only `init`): a missing column, a
+    text column mapped to a boolean field; and a module the org does not have. Exit 2, the key
+    named, nothing started."""
+    import pytest
+
+    from connector.config import load_settings, resolve_secrets
+    from connector.demo import DEMO_ENV
+    from connector.errors import ConfigError
+    from connector.runtime import Runtime
+
+    async with emulator() as emu:
+        setup = await prepare(database, tmp_path, emu.url, rows=5)
+        base = setup.config.read_text()
+
+        async def refused(name: str, text: str) -> ConfigError:
+            path = tmp_path / f"{name}.toml"
+            path.write_text(text)
+            settings = load_settings(path)
+            rt = Runtime(
+                settings,
+                resolve_secrets(settings, dict(DEMO_ENV)),
+                serve_http=False,
+                handle_signals=False,
+            )
+            with pytest.raises(ConfigError) as err:
+                await rt.run()
+            return err.value
+
+        notes = 'notes          = { field = "Notes", type = "textarea" }'
+        assert notes in base
+        err = await refused("missing", base.replace(notes, notes.replace("notes ", "remarks")))
+        assert err.key == "pipelines['orders'].fields.remarks"
+        assert "column 'remarks' does not exist in 'public.orders'" in str(err)
+
+        err = await refused("module", base.replace('module = "Orders"', 'module = "Order"'))
+        assert err.key == "pipelines['orders'].module"
+        assert "no module 'Order'" in str(err) and "Orders" in str(err)
+
+        import psycopg
+
+        async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+            await conn.execute(
+                "ALTER TABLE public.orders ALTER COLUMN is_gift TYPE text USING is_gift::text"
+            )
+        err = await refused("text-bool", base)
+        assert err.key == "pipelines['orders'].fields.is_gift"
+        assert "column 'is_gift' is text, which cannot feed type 'boolean'" in str(err)
+        # the command line: exit 2, one line
+        rc, out, err_text = await cli("run", "--config", str(setup.config), env=setup.env())
+        _no_traceback(rc, out, err_text, 2)
+        last = err_text.strip().splitlines()[-1]  # (after the info log lines of the start)
+        assert last.startswith("connector: configuration error: pipelines['orders'].fields.is_gift")
