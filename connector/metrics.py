@@ -13,8 +13,22 @@ from __future__ import annotations
 
 import re
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.metrics import MetricWrapperBase
+
+# no ``*_created`` series: nothing of ours reads them (rate()/increase() do not) and they double
+# the counters' series count. Process-wide, as the connector is the process.
+disable_created_metrics()
 
 PREFIX = "connector_"
 
@@ -46,7 +60,7 @@ TRUNCATE_ACTIONS = ("held", "propagated")
 # upload of a 25,000-row zip or a slow CRM near the 60 s request timeout.
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 
-_CODE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_CODE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def status_class(status: int | None) -> str:
@@ -70,7 +84,7 @@ def error_code_label(code: str | None) -> str:
     Anything that does not look like an error code (free text, empty) becomes ``"OTHER"`` so
     that a label can never carry a message, a value from a row or an unbounded string.
     """
-    if code and _CODE.match(code):
+    if code and _CODE.fullmatch(code):
         return code.upper()
     return "OTHER"
 
@@ -323,6 +337,12 @@ class Metrics:
             registry=r,
         )
 
+        # the standard process_* (CPU, RSS, open fds; Linux) and python_* (GC, version)
+        # collectors, on this registry: the connector's own footprint
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+
         self.build_info = Gauge(
             f"{p}build_info",
             "Always 1; the version label names the running connector version.",
@@ -398,18 +418,18 @@ class Metrics:
     def names(self) -> set[str]:
         """Every sample name a scrape can show, whether or not a labelled series exists yet.
 
-        A counter ``x_total`` gives ``x_total`` and ``x_created``; a histogram ``x`` gives
-        ``x_bucket``, ``x_count``, ``x_sum`` and ``x_created``; a gauge gives its name.
+        A counter ``x_total`` gives ``x_total``; a histogram ``x`` gives ``x_bucket``,
+        ``x_count`` and ``x_sum``; a gauge gives its name (no ``_created``: disabled above).
         """
         out: set[str] = set()
         for family in self.registry.collect():
             name = family.name
             if family.type == "counter":
-                out |= {f"{name}_total", f"{name}_created"}
+                out |= {f"{name}_total"}
             elif family.type == "histogram":
-                out |= {f"{name}_bucket", f"{name}_count", f"{name}_sum", f"{name}_created"}
+                out |= {f"{name}_bucket", f"{name}_count", f"{name}_sum"}
             elif family.type == "summary":
-                out |= {name, f"{name}_count", f"{name}_sum", f"{name}_created"}
+                out |= {name, f"{name}_count", f"{name}_sum"}
             else:
                 out.add(name)
             out |= {s.name for s in family.samples}

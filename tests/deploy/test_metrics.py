@@ -109,10 +109,20 @@ def test_names_lists_every_sample_prometheus_sees() -> None:
     m = Metrics()
     names = m.names()
     assert "connector_events_captured_total" in names
-    assert "connector_events_captured_created" in names
+    assert "connector_events_captured_created" not in names  # _created series are disabled
     assert "connector_events_captured" not in names  # Prometheus never sees the bare name
-    for suffix in ("_bucket", "_count", "_sum", "_created"):
+    for suffix in ("_bucket", "_count", "_sum"):
         assert f"connector_api_request_duration_seconds{suffix}" in names
+    assert not any(n.endswith("_created") for n in names)
+    # the standard process / python collectors: the connector's own footprint
+    for name in (
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+        "python_info",
+        "python_gc_collections_total",
+    ):
+        assert name in names, name
     assert "connector_api_request_duration_seconds" not in names
     assert "connector_oldest_pending_change_age_seconds" in names
     assert "connector_build_info" in names
@@ -190,3 +200,9 @@ def test_error_code_label_examples() -> None:
     assert error_code_label("value 'alice@example.com' is invalid") == "OTHER"
     assert error_code_label("") == "OTHER"
     assert error_code_label(None) == "OTHER"
+
+
+def test_error_code_label_never_carries_a_newline() -> None:
+    # "$" in a regex also matches before a trailing newline: the label must not
+    assert error_code_label("0\n") == "OTHER"
+    assert error_code_label("INVALID_DATA\n") == "OTHER"
