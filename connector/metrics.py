@@ -28,7 +28,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 # no ``*_created`` series: nothing of ours reads them (rate()/increase() do not) and they double
 # the counters' series count. Process-wide, as the connector is the process.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 PREFIX = "connector_"
 
