@@ -76,13 +76,29 @@ async def uninstall(
     pipelines: list[str] | None = None,
     *,
     drop_state: bool = False,
+    force: bool = False,
 ) -> list[str]:
+    """Remove capture (and with ``drop_state`` the state schema). Refuses while a running
+    connector owns one of the pipelines, unless ``force`` (that connector then reports the
+    capture missing: docs/operations.md, ConnectorCaptureMissing)."""
+    from connector.errors import ConnectorError
+    from connector.operate import Q_OWNER
+
     schema = settings.database.state_schema
     done: list[str] = []
     async with await psycopg.AsyncConnection.connect(secrets.state_dsn, autocommit=True) as conn:
-        for p in settings.pipelines:
-            if pipelines and p.name not in pipelines:
-                continue
+        chosen = [p for p in settings.pipelines if not pipelines or p.name in pipelines]
+        if not force:
+            for p in chosen:
+                cur = await conn.execute(Q_OWNER, (db.advisory_key(schema, "pipeline", p.name),))
+                owner = await cur.fetchone()
+                if owner is not None:
+                    raise ConnectorError(
+                        f"pipeline {p.name} is owned by a running connector (database session"
+                        f" {owner[0]}, {owner[1] or 'no application_name'}): stop it first;"
+                        " --force removes the capture anyway (it then captures nothing)"
+                    )
+        for p in chosen:
             await uninstall_capture(conn, schema, p)
             done.append(p.name)
         if drop_state and not pipelines:

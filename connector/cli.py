@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     _add_pipeline(p)
     p.add_argument("--drop-state", action="store_true", help="also drop the state schema")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="remove the capture even while a running connector owns the pipeline",
+    )
 
     p = sub.add_parser("run", help="run capture, sync and the HTTP server")
     _add_config(p)
@@ -222,10 +227,18 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
 
     settings, secrets = _load(args)
     done = _run_report(
-        admin.uninstall(settings, secrets, args.pipeline, drop_state=args.drop_state)
+        admin.uninstall(
+            settings, secrets, args.pipeline, drop_state=args.drop_state, force=args.force
+        )
     )
+    modes = {p.name: p.capture for p in settings.pipelines}
     for name in done:
-        print(f"pipeline {name}: capture removed (trigger, function, publication, slot)")
+        what = (
+            "trigger and its function"
+            if modes.get(name) == "triggers"
+            else "replication slot and publication"
+        )
+        print(f"pipeline {name}: capture removed ({what})")
     if args.drop_state:
         print(f"state schema {settings.database.state_schema!r} dropped")
     return EXIT_OK

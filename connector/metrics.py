@@ -310,6 +310,13 @@ class Metrics:
             ["pipeline"],
             registry=r,
         )
+        self.capture_missing = Gauge(
+            f"{p}capture_missing",
+            "1 while the owner finds the pipeline's capture (trigger; slot or publication) gone "
+            "from the source, else 0.",
+            ["pipeline"],
+            registry=r,
+        )
         self.takeover_wait_seconds = Gauge(
             f"{p}takeover_wait_seconds",
             "The wait (crm.request_timeout) before the first CRM write after an unclean "
@@ -381,6 +388,7 @@ class Metrics:
             self.pipeline_up,
             self.snapshot_progress_ratio,
             self.takeover_wait_seconds,
+            self.capture_missing,
         ):
             gauge.labels(pipeline=pipeline)
         self.snapshot_rows_total.labels(pipeline=pipeline)

@@ -351,6 +351,8 @@ class PipelineRunner:
         ] = "standby"
         # monotonic end of the takeover wait (``_engine_after_grace``), None when not waiting
         self.wait_until: float | None = None
+        # what of the capture objects is gone (``Runtime.check_capture``), "" when all is there
+        self.capture_missing = ""
         self.engine: Any = None
         self.capture: Any = None
         self.lease = PipelineLease(
@@ -860,6 +862,13 @@ class Runtime:
         if waiting:
             # after an unclean takeover: capturing, but no CRM write until the wait is over
             checks["waiting_for_previous_owner_seconds"] = waiting
+        gone = {
+            n: r.capture_missing for n, r in self.runners.items() if r.owned and r.capture_missing
+        }
+        if gone:
+            # capture was removed under a running pipeline (`connector uninstall --force`, a DBA)
+            checks["capture_missing"] = gone
+            ok = False
         if ok:
             return ProbeResult(True, {"status": "ready", "role": role, "pipelines": pipelines})
         return ProbeResult(False, {"status": "not ready", "role": role, "checks": checks})
@@ -1001,6 +1010,7 @@ class Runtime:
                 await self._count_missing_key_letters(conn, runner.pipeline)
                 if not runner.owned:
                     continue
+                await self.check_capture(runner)
                 doc = await pipeline_status(conn, self.settings, runner.pipeline)
                 cap = doc["capture"]
                 m.outbox_lag_events.labels(pipeline=name).set(cap["lag_events"])
@@ -1016,6 +1026,62 @@ class Runtime:
                 )
                 # pending_keys and the oldest pending change's age come from the engine's
                 # coalescer (it knows what is in flight), not from this query
+
+    async def check_capture(self, runner: PipelineRunner) -> None:
+        """Is the pipeline's capture still installed on the source (trigger; or slot and
+        publication)? Sets ``runner.capture_missing``, ``connector_capture_missing`` and
+        /readyz; logs an ERROR when it goes missing and an INFO when it is back."""
+        from connector.capture.logical import object_name
+        from connector.capture.triggers import trigger_name
+
+        p = runner.pipeline
+        try:
+            async with asyncio.timeout(5):
+                async with await psycopg.AsyncConnection.connect(
+                    self.secrets.dsn, autocommit=True
+                ) as src:
+                    if p.capture == "triggers":
+                        cur = await src.execute(
+                            "SELECT count(*) FROM pg_catalog.pg_trigger"
+                            " WHERE tgrelid = pg_catalog.to_regclass(%s) AND tgname = %s"
+                            " AND tgenabled <> 'D'",
+                            (
+                                psycopg.sql.Identifier(*p.table_parts).as_string(src),
+                                trigger_name(self.schema, p),
+                            ),
+                        )
+                        row = await cur.fetchone()
+                        missing = "" if row and row[0] else "trigger"
+                    else:
+                        name = object_name(self.schema, p.name)
+                        cur = await src.execute(
+                            "SELECT (SELECT count(*) FROM pg_catalog.pg_replication_slots"
+                            "         WHERE slot_name = %s),"
+                            "       (SELECT count(*) FROM pg_catalog.pg_publication"
+                            "         WHERE pubname = %s)",
+                            (name, name),
+                        )
+                        row = await cur.fetchone()
+                        gone = [
+                            what
+                            for what, n in zip(("slot", "publication"), row or (0, 0), strict=True)
+                            if not n
+                        ]
+                        missing = " and ".join(gone)
+        except (psycopg.Error, OSError, TimeoutError):
+            return  # the source is unreachable: not this check's to say (the capture fails)
+        if missing and not runner.capture_missing:
+            log.error(
+                "capture is gone (%s missing): no change of %s is captured; run `connector"
+                " init` to reinstall it (changes made meanwhile need `connector verify --repair`)",
+                missing,
+                p.source_table,
+                extra={"pipeline": p.name},
+            )
+        elif runner.capture_missing and not missing:
+            log.info("capture is installed again", extra={"pipeline": p.name})
+        runner.capture_missing = missing
+        self.metrics.capture_missing.labels(pipeline=p.name).set(1 if missing else 0)
 
     async def _count_missing_key_letters(
         self, conn: psycopg.AsyncConnection[Any], pipeline: PipelineConfig

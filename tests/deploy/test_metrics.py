@@ -57,6 +57,7 @@ EXPECTED = {
     "snapshot_rows_total": ("counter", ("pipeline",)),
     "snapshot_progress_ratio": ("gauge", ("pipeline",)),
     "takeover_wait_seconds": ("gauge", ("pipeline",)),
+    "capture_missing": ("gauge", ("pipeline",)),
     "build_info": ("gauge", ("version",)),
 }
 UNITS = (
@@ -76,6 +77,7 @@ UNITS = (
     "_flight",
     "_up",
     "_open",
+    "_missing",
 )
 
 

@@ -264,3 +264,46 @@ async def test_a_rejection_is_logged_and_its_details_are_kept(
     assert "key 9" in text and "INVALID_DATA" in text and "Status" in text
     assert getattr(rec, "pipeline", None) == "orders"
     assert "Xyzzy" not in text and "Xyzzy" not in str(vars(rec))
+
+
+async def test_uninstall_under_a_running_connector_is_refused_and_noticed(
+    running: tuple[Running, Any], caplog: pytest.LogCaptureFixture, monkeypatch: Any
+) -> None:
+    """`uninstall` refuses while a `run` owns the pipeline; with --force the running connector
+    notices within a gauge refresh: not ready, connector_capture_missing 1, an ERROR line; and
+    recovers when `init` reinstalls the capture."""
+    import logging
+
+    from connector import admin, runtime
+    from connector.errors import ConnectorError
+
+    caplog.set_level(logging.INFO, logger="connector")
+    monkeypatch.setattr(runtime, "GAUGE_INTERVAL", 0.2)
+    r, _ = running
+    with pytest.raises(ConnectorError, match="owned by a running connector"):
+        await admin.uninstall(r.settings, r.secrets)
+    assert (await r.runtime.readiness()).ok
+    assert await admin.uninstall(r.settings, r.secrets, force=True) == ["orders"]
+
+    def missing() -> float | None:
+        return r.runtime.metrics.registry.get_sample_value(
+            "connector_capture_missing", {"pipeline": "orders"}
+        )
+
+    for _ in range(300):
+        if missing() == 1.0:
+            break
+        await asyncio.sleep(0.1)
+    assert missing() == 1.0
+    ready = await r.runtime.readiness()
+    assert not ready.ok and ready.detail["checks"]["capture_missing"] == {"orders": "trigger"}
+    assert any(
+        rec.levelno == logging.ERROR and "capture is gone (trigger missing)" in rec.getMessage()
+        for rec in caplog.records
+    )
+    await admin.init(r.settings, r.secrets)
+    for _ in range(300):
+        if missing() == 0.0:
+            break
+        await asyncio.sleep(0.1)
+    assert missing() == 0.0 and (await r.runtime.readiness()).ok
