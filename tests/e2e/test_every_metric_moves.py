@@ -69,6 +69,7 @@ DRIVEN_BY: dict[str, str] = {
     "connector_snapshot_progress_ratio": "the initial sync; phase 2 after the restart",
     "connector_build_info": "always 1",
     "connector_takeover_wait_seconds": "phase 2: the previous owner did not stop cleanly",
+    "connector_capture_missing": "phase 2, at the end: the publication is dropped",
 }
 
 _HISTOGRAM_SUFFIXES = ("_sum", "_count", "_bucket")
@@ -238,7 +239,7 @@ async def test_every_documented_metric_moves_in_a_real_run(
 
             async def phase2_moved() -> bool:
                 assert not task2.done(), task2
-                return all(seen.moved(m) for m in PHASE2) and waiting_over()
+                return all(seen.moved(m) for m in PHASE2[:2]) and waiting_over()
 
             def waiting_over() -> bool:
                 return "the wait for the previous owner's requests is over" in caplog.text
@@ -253,6 +254,17 @@ async def test_every_documented_metric_moves_in_a_real_run(
 
             await _wait(ratio_one, "snapshot_progress_ratio 1 after a restart", timeout=30)
             assert (await rt2.readiness()).ok  # the wait is over: ready again
+
+            # last: the capture is removed under the running owner (a DBA, uninstall --force)
+            async with await psycopg.AsyncConnection.connect(database, autocommit=True) as c:
+                cur = await c.execute("SELECT pubname FROM pg_publication")
+                for (pub,) in await cur.fetchall():
+                    await c.execute(f'DROP PUBLICATION "{pub}"')
+
+            async def capture_missing() -> bool:
+                return seen.moved("connector_capture_missing")
+
+            await _wait(capture_missing, "capture_missing after the publication was dropped")
             assert (
                 metrics2.registry.get_sample_value(
                     "connector_takeover_wait_seconds", {"pipeline": "orders"}
@@ -264,4 +276,8 @@ async def test_every_documented_metric_moves_in_a_real_run(
             assert await task2 == 0
 
 
-PHASE2 = ("connector_api_credits_below_reserve", "connector_takeover_wait_seconds")
+PHASE2 = (
+    "connector_api_credits_below_reserve",
+    "connector_takeover_wait_seconds",
+    "connector_capture_missing",
+)
