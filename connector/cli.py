@@ -90,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run capture, sync and the HTTP server")
     _add_config(p)
     _add_pipeline(p)
+    port = _env("CONNECTOR_PORT")
+    p.add_argument(
+        "--port",
+        type=int,
+        default=int(port) if port else None,
+        help="HTTP port instead of server.port, e.g. for a second process (hot standby) on the"
+        " same host (env CONNECTOR_PORT; default: server.port)",
+    )
 
     p = sub.add_parser("snapshot", help="run (or resume) the initial sync now")
     _add_config(p)

@@ -56,6 +56,11 @@ async def run(settings: Settings, secrets: Secrets, args: argparse.Namespace) ->
     """`connector run`: the long-running process (see connector/runtime.py)."""
     from connector.runtime import Runtime
 
+    port = getattr(args, "port", None)
+    if port is not None:  # `run --port N`: a second process of the configuration on this host
+        settings = settings.model_copy(
+            update={"server": settings.server.model_copy(update={"port": port})}
+        )
     runtime = Runtime(settings, secrets, pipelines=getattr(args, "pipeline", None))
     return await runtime.run()
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -61,6 +62,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 
 GAUGE_INTERVAL = 5.0
+HTTP_RETRY_INTERVAL = 10.0  # seconds between tries of an HTTP port that was in use
 CREDIT_FLUSH_INTERVAL = 2.0
 RETENTION_MAX_INTERVAL = 60.0  # the retention task runs every min(this, shortest retention / 2)
 RETENTION_MIN_INTERVAL = 1.0
@@ -749,6 +751,7 @@ class Runtime:
         # per pipeline: the capture-time MISSING_KEY letters counted (update_gauges)
         self._missing_key: dict[str, state.MissingKeyTally] = {}
         self.stop_signal: signal.Signals | None = None
+        self._bind_later = False  # the HTTP port was in use at start (``_bind_when_free``)
 
     # ---------------------------------------------------------------- accessors
     @property
@@ -1182,7 +1185,23 @@ class Runtime:
             if self.serve_http:
                 app = build_app(self, self.metrics, pool, self.schema)
                 self.http = HttpServer(app, settings.server.host, settings.server.port)
-                await self.http.start()
+                try:
+                    await self.http.start()
+                except OSError as exc:
+                    if exc.errno != errno.EADDRINUSE:
+                        raise
+                    # a second process of the same configuration on this host (a hot
+                    # standby): it stands by without HTTP and binds once the port is free
+                    self._bind_later = True
+                    log.warning(
+                        "port %s on %s is in use (another connector on this host?): running"
+                        " without the HTTP server (no /metrics, /healthz, /readyz) and trying"
+                        " the port again every %.0fs; give each process its own port with"
+                        " `connector run --port N` (env CONNECTOR_PORT)",
+                        settings.server.port,
+                        settings.server.host,
+                        HTTP_RETRY_INTERVAL,
+                    )
                 stack.push_async_callback(self.http.stop)
             stack.push_async_callback(self._flush_credits)
             stack.push_async_callback(self.supervisor.close)
@@ -1195,6 +1214,24 @@ class Runtime:
             with signals:
                 return await self._supervise()
         return EXIT_FAILURE  # pragma: no cover (the block returns)
+
+    async def _bind_when_free(self) -> None:
+        """Try the HTTP port again until it is free (the other process on this host ended)."""
+        assert self.http is not None
+        while not self.stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), HTTP_RETRY_INTERVAL)
+            if self.stopping.is_set():
+                return
+            try:
+                await self.http.start()
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                continue
+            self._bind_later = False
+            log.info("the HTTP port is free again: serving /metrics, /healthz, /readyz")
+            return
 
     async def _check_schema(self) -> None:
         async with self.pool.connection() as conn:
@@ -1214,6 +1251,8 @@ class Runtime:
             self.runners[p.name] = runner
             sup.spawn(f"pipeline:{p.name}", runner.run(), may_return=True)
         sup.spawn("gauges", self._gauge_loop())
+        if self._bind_later:
+            sup.spawn("http-bind", self._bind_when_free(), may_return=True)
         sup.spawn("credit-ledger", self._credit_loop())
         if self.mode == "run":
             sup.spawn("outbox-retention", self._retention_loop())

@@ -172,7 +172,11 @@ class HttpServer:
         )
         await runner.setup()
         site = web.TCPSite(runner, self._host, self._port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError:
+            await runner.cleanup()  # e.g. the port is in use: leave nothing half-started
+            raise
         self._runner = runner
         addresses = runner.addresses
         if addresses:

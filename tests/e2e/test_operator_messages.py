@@ -238,3 +238,72 @@ async def test_run_refuses_a_mapping_the_source_table_or_the_org_cannot_take(
         _no_traceback(rc, out, err_text, 2)
         last = err_text.strip().splitlines()[-1]  # (after the info log lines of the start)
         assert last.startswith("connector: configuration error: pipelines['orders'].fields.is_gift")
+
+
+async def test_two_runs_of_one_configuration_on_one_host(
+    database: str, tmp_path: Path, monkeypatch: object
+) -> None:
+    """The second `run` finds the HTTP port taken: it says so, stands by without HTTP, takes
+    the pipeline over when the first stops, and binds the port once it is free."""
+    import logging
+
+    import aiohttp
+    import pytest
+
+    from connector import runtime
+    from connector.config import load_settings, resolve_secrets
+    from connector.demo import DEMO_ENV
+    from connector.metrics import Metrics
+    from connector.runtime import Runtime
+
+    assert isinstance(monkeypatch, pytest.MonkeyPatch)
+    monkeypatch.setattr(runtime, "HTTP_RETRY_INTERVAL", 0.3, raising=False)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("connector.runtime").addHandler(handler)
+    async with emulator() as emu:
+        setup = await prepare(database, tmp_path, emu.url, rows=5)
+        settings = load_settings(setup.config)
+        secrets = resolve_secrets(settings, dict(DEMO_ENV))
+
+        def make() -> Runtime:
+            return Runtime(
+                settings, secrets, metrics=Metrics(), handle_signals=False, lease_retry=0.2
+            )
+
+        first, second = make(), make()
+        t1 = asyncio.create_task(first.run())
+        try:
+            for _ in range(300):
+                if first.runners.get("orders") and first.runners["orders"].owned:
+                    break
+                await asyncio.sleep(0.1)
+            t2 = asyncio.create_task(second.run())
+            for _ in range(300):
+                if "orders" in second.runners:
+                    break
+                assert not t2.done(), t2
+                await asyncio.sleep(0.1)
+            assert any(
+                "is in use (another connector on this host?)" in r.getMessage() for r in records
+            )
+            assert second.runners["orders"].state == "standby"
+        finally:
+            first.request_stop()
+            assert await t1 == 0
+        try:
+            for _ in range(300):
+                if second.runners["orders"].owned and not second._bind_later:
+                    break
+                await asyncio.sleep(0.1)
+            assert second.runners["orders"].owned
+            async with (
+                aiohttp.ClientSession() as s,
+                s.get(f"http://127.0.0.1:{setup.port}/metrics") as resp,
+            ):
+                assert resp.status == 200
+        finally:
+            second.request_stop()
+            assert await t2 == 0
+            logging.getLogger("connector.runtime").removeHandler(handler)
