@@ -70,6 +70,11 @@ DRIVEN_BY: dict[str, str] = {
     "connector_build_info": "always 1",
     "connector_takeover_wait_seconds": "phase 2: the previous owner did not stop cleanly",
     "connector_capture_missing": "phase 2, at the end: the publication is dropped",
+    "connector_outbox_events": "outbox rows",
+    "connector_outbox_bytes": "outbox rows",
+    "connector_outbox_oldest_event_age_seconds": "outbox rows",
+    "connector_outbox_pruned_events_total": "retention = 2s prunes acknowledged rows",
+    "connector_outbox_retention_seconds": "configured (2s)",
 }
 
 _HISTOGRAM_SUFFIXES = ("_sum", "_count", "_bucket")
@@ -169,6 +174,11 @@ async def test_every_documented_metric_moves_in_a_real_run(
     async with emulator(latency_ms=400.0, rate_429=0.05, seed=7) as emu:
         # 6,000 rows: the initial sync goes by bulk write (cheaper than 60 upsert calls)
         setup = await prepare(database, tmp_path, emu.url, rows=6000, capture="logical")
+        text = setup.config.read_text()
+        assert 'max_staleness = "2s"\n' in text
+        setup.config.write_text(
+            text.replace('max_staleness = "2s"\n', 'max_staleness = "2s"\nretention = "2s"\n')
+        )
         settings = load_settings(setup.config)
         secrets = resolve_secrets(settings, dict(DEMO_ENV))
 
