@@ -65,9 +65,33 @@ async def init(
         for p in settings.pipelines:
             if pipelines and p.name not in pipelines:
                 continue
+            if p.capture == "triggers":
+                await _need_trigger_privilege(conn, p)
             await install_capture(conn, schema, p, wait_timeout=wait_timeout)
             report.pipelines[p.name] = p.capture
     return report
+
+
+async def _need_trigger_privilege(
+    conn: psycopg.AsyncConnection[object], pipeline: PipelineConfig
+) -> None:
+    """Trigger capture needs the TRIGGER privilege on the table: say so by name (PostgreSQL's
+    own error is only "permission denied for table …")."""
+    from connector.errors import ConnectorError
+
+    table = psycopg.sql.Identifier(*pipeline.table_parts).as_string(conn)
+    cur = await conn.execute(
+        "SELECT current_user::text, pg_catalog.to_regclass(%s) IS NOT NULL"
+        " AND NOT pg_catalog.has_table_privilege(pg_catalog.to_regclass(%s), 'TRIGGER')",
+        (table, table),
+    )
+    row = await cur.fetchone()
+    role, lacking = tuple(row) if isinstance(row, tuple) else ("", False)
+    if lacking:
+        raise ConnectorError(
+            f"role {role} lacks the TRIGGER privilege on {pipeline.source_table}, which trigger"
+            f" capture needs: GRANT TRIGGER ON {table} TO {role} (or use capture = 'logical')"
+        )
 
 
 async def uninstall(

@@ -598,6 +598,17 @@ async def check_source_columns(conn: Any, pipeline: PipelineConfig) -> None:
             f"column {pipeline.key_column!r} does not exist in {pipeline.source_table!r}"
             f" (its columns: {', '.join(sorted(columns))})",
         )
+    cur = await conn.execute(
+        "SELECT current_user::text, pg_catalog.has_table_privilege(%s, 'SELECT')", (regclass,)
+    )
+    role, can_select = await cur.fetchone()
+    if not can_select:
+        from connector.errors import ConnectorError
+
+        raise ConnectorError(
+            f"role {role} lacks the SELECT privilege on {pipeline.source_table} (the initial"
+            f" sync, verify and retries read it): GRANT SELECT ON {regclass} TO {role}"
+        )
     for column, m in pipeline.fields.items():
         where = f"{prefix}.fields.{column}"
         if column not in columns:

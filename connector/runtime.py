@@ -342,6 +342,31 @@ RESTARTABLE: tuple[type[BaseException], ...] = (
 )
 
 
+async def capture_missing(src: psycopg.AsyncConnection[Any], schema: str, p: PipelineConfig) -> str:
+    """What of the pipeline's capture objects is missing on the source ("" when none): the
+    enabled trigger (trigger mode), or the replication slot and the publication (logical)."""
+    from connector.capture.logical import object_name
+    from connector.capture.triggers import trigger_name
+
+    if p.capture == "triggers":
+        cur = await src.execute(
+            "SELECT count(*) FROM pg_catalog.pg_trigger"
+            " WHERE tgrelid = pg_catalog.to_regclass(%s) AND tgname = %s AND tgenabled <> 'D'",
+            (psycopg.sql.Identifier(*p.table_parts).as_string(src), trigger_name(schema, p)),
+        )
+        row = await cur.fetchone()
+        return "" if row and row[0] else "trigger"
+    name = object_name(schema, p.name)
+    cur = await src.execute(
+        "SELECT (SELECT count(*) FROM pg_catalog.pg_replication_slots WHERE slot_name = %s),"
+        "       (SELECT count(*) FROM pg_catalog.pg_publication WHERE pubname = %s)",
+        (name, name),
+    )
+    row = await cur.fetchone()
+    counts = tuple(row) if row else (0, 0)
+    return " and ".join(w for w, n in zip(("slot", "publication"), counts, strict=True) if not n)
+
+
 class PipelineRunner:
     """One pipeline in this process: standby until it owns the lease, then the engine."""
 
@@ -1034,43 +1059,13 @@ class Runtime:
         """Is the pipeline's capture still installed on the source (trigger; or slot and
         publication)? Sets ``runner.capture_missing``, ``connector_capture_missing`` and
         /readyz; logs an ERROR when it goes missing and an INFO when it is back."""
-        from connector.capture.logical import object_name
-        from connector.capture.triggers import trigger_name
-
         p = runner.pipeline
         try:
             async with asyncio.timeout(5):
                 async with await psycopg.AsyncConnection.connect(
                     self.secrets.dsn, autocommit=True
                 ) as src:
-                    if p.capture == "triggers":
-                        cur = await src.execute(
-                            "SELECT count(*) FROM pg_catalog.pg_trigger"
-                            " WHERE tgrelid = pg_catalog.to_regclass(%s) AND tgname = %s"
-                            " AND tgenabled <> 'D'",
-                            (
-                                psycopg.sql.Identifier(*p.table_parts).as_string(src),
-                                trigger_name(self.schema, p),
-                            ),
-                        )
-                        row = await cur.fetchone()
-                        missing = "" if row and row[0] else "trigger"
-                    else:
-                        name = object_name(self.schema, p.name)
-                        cur = await src.execute(
-                            "SELECT (SELECT count(*) FROM pg_catalog.pg_replication_slots"
-                            "         WHERE slot_name = %s),"
-                            "       (SELECT count(*) FROM pg_catalog.pg_publication"
-                            "         WHERE pubname = %s)",
-                            (name, name),
-                        )
-                        row = await cur.fetchone()
-                        gone = [
-                            what
-                            for what, n in zip(("slot", "publication"), row or (0, 0), strict=True)
-                            if not n
-                        ]
-                        missing = " and ".join(gone)
+                    missing = await capture_missing(src, self.schema, p)
         except (psycopg.Error, OSError, TimeoutError):
             return  # the source is unreachable: not this check's to say (the capture fails)
         if missing and not runner.capture_missing:
@@ -1130,6 +1125,12 @@ class Runtime:
         async with await psycopg.AsyncConnection.connect(self.secrets.dsn) as conn:
             for p in self.pipelines:
                 await check_source_columns(conn, p)
+                missing = await capture_missing(conn, self.schema, p)
+                if missing:
+                    raise ConnectorError(
+                        f"pipeline {p.name}: capture ({p.capture}) is not installed on"
+                        f" {p.source_table} ({missing} missing); run `connector init` first"
+                    )
 
     # ---------------------------------------------------------------- main
     async def run(self) -> int:

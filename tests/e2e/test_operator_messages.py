@@ -307,3 +307,40 @@ async def test_two_runs_of_one_configuration_on_one_host(
             second.request_stop()
             assert await t2 == 0
             logging.getLogger("connector.runtime").removeHandler(handler)
+
+
+async def test_missing_privileges_and_capture_are_named(database: str, tmp_path: Path) -> None:
+    """A role without TRIGGER (init) or SELECT (run) on the table is told which GRANT it needs;
+    `run` before `init` (capture not installed) says to run `init` instead of capturing
+    nothing."""
+    import psycopg
+    import pytest
+
+    from connector import admin
+    from connector.config import load_settings, resolve_secrets
+    from connector.demo import DEMO_ENV
+    from connector.errors import ConnectorError
+    from connector.mapping import check_source_columns
+    from connector.runtime import Runtime
+
+    async with emulator() as emu:
+        setup = await prepare(database, tmp_path, emu.url, rows=5, capture="logical")
+        settings = load_settings(setup.config)
+        secrets = resolve_secrets(settings, dict(DEMO_ENV))
+        pipeline = settings.pipelines[0]
+        async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+            await conn.execute("CREATE ROLE weak_operator")
+            await conn.execute("SET ROLE weak_operator")
+            with pytest.raises(ConnectorError, match="lacks the SELECT privilege") as err:
+                await check_source_columns(conn, pipeline)
+            assert "GRANT SELECT ON" in str(err.value) and "weak_operator" in str(err.value)
+            with pytest.raises(ConnectorError, match="lacks the TRIGGER privilege") as err:
+                await admin._need_trigger_privilege(conn, pipeline)
+            assert "GRANT TRIGGER ON" in str(err.value)
+            await conn.execute("RESET ROLE")
+        # the capture was never installed (or was removed): `run` refuses and says why
+        await admin.uninstall(settings, secrets)
+        rt = Runtime(settings, secrets, serve_http=False, handle_signals=False)
+        with pytest.raises(ConnectorError, match="run `connector init` first") as err:
+            await rt.run()
+        assert "slot and publication missing" in str(err.value)
