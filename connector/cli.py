@@ -107,40 +107,55 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="per-pipeline lag, pending, credits, bulk jobs, dead letters")
     _add_config(p)
     _add_pipeline(p)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--json", action="store_true", help="one JSON document instead of text")
 
     p = sub.add_parser("replay", help="re-emit a range of the outbox")
     _add_config(p)
-    p.add_argument("--pipeline", "-p", required=True)
+    p.add_argument("--pipeline", "-p", help="pipeline name (default: the only one configured)")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--from-offset", type=int)
+    g.add_argument(
+        "--from-offset",
+        type=int,
+        metavar="N",
+        help="first outbox offset to replay (`connector status` shows the checkpoint offset)",
+    )
     g.add_argument("--since", help="ISO timestamp, e.g. 2026-11-26T10:00:00Z")
-    p.add_argument("--to", help="offset or ISO timestamp (inclusive)")
-    p.add_argument("--key", help="only this parent_id")
+    p.add_argument(
+        "--to", help="last offset or end timestamp, inclusive (default: the end of the outbox)"
+    )
+    p.add_argument(
+        "--key", help="only this key (a value of the pipeline's key_column, e.g. 42 or a uuid)"
+    )
     p.add_argument(
         "--dry-run", action="store_true", help="print the plan and its credits; send nothing"
     )
 
     p = sub.add_parser("dead-letters", help="list / show / retry / discard dead letters")
     _add_config(p)
-    p.add_argument("--pipeline", "-p")
+    p.add_argument("--pipeline", "-p", help="pipeline name (default: all)")
     dsub = p.add_subparsers(dest="dl_verb", required=True)
-    d = dsub.add_parser("list")
+    # --config / -c / --pipeline also after the sub-verb (`dead-letters list -c F`)
+    cfg = argparse.ArgumentParser(add_help=False)
+    cfg.add_argument("--config", "-c", default=argparse.SUPPRESS, help="configuration file")
+    cfg.add_argument(
+        "--pipeline", "-p", default=argparse.SUPPRESS, help="pipeline name (default: all)"
+    )
+    d = dsub.add_parser("list", help="open dead letters (--all: every one)", parents=[cfg])
     d.add_argument("--all", action="store_true", help="include retried/discarded/resolved")
-    d.add_argument("--json", action="store_true")
-    d = dsub.add_parser("show")
-    d.add_argument("id", type=int)
-    d = dsub.add_parser("retry")
-    d.add_argument("ids", type=int, nargs="*")
-    d.add_argument("--all", action="store_true")
-    d = dsub.add_parser("discard")
-    d.add_argument("ids", type=int, nargs="+")
+    d.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+    d = dsub.add_parser("show", help="one letter with the CRM's error and details", parents=[cfg])
+    d.add_argument("id", type=int, help="the letter's ID (from list)")
+    d = dsub.add_parser("retry", help="re-send the keys' current source rows", parents=[cfg])
+    d.add_argument("ids", type=int, nargs="*", help="letter IDs")
+    d.add_argument("--all", action="store_true", help="every open letter")
+    d = dsub.add_parser("discard", help="give up on letters (kept for the record)", parents=[cfg])
+    d.add_argument("ids", type=int, nargs="+", help="letter IDs")
 
     p = sub.add_parser("verify", help="compare the source table with the CRM")
     _add_config(p)
-    p.add_argument("--pipeline", "-p", required=True)
+    p.add_argument("--pipeline", "-p", help="pipeline name (default: the only one configured)")
     p.add_argument("--repair", action="store_true", help="re-emit missing/different records")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON document instead of text")
 
     p = sub.add_parser(
         "doctor",
@@ -170,15 +185,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as one JSON document")
 
     p = sub.add_parser("emulator", help="run the local Zoho CRM emulator")
-    p.add_argument("--host", default=_env("CONNECTOR_EMULATOR_HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(_env("CONNECTOR_EMULATOR_PORT", "8799") or 8799))
-    p.add_argument("--config", default=_env("CONNECTOR_EMULATOR_CONFIG"), help="emulator TOML")
+    p.add_argument(
+        "--host",
+        default=_env("CONNECTOR_EMULATOR_HOST", "127.0.0.1"),
+        help="address to listen on (env CONNECTOR_EMULATOR_HOST; default %(default)s)",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=int(_env("CONNECTOR_EMULATOR_PORT", "8799") or 8799),
+        help="port to listen on (env CONNECTOR_EMULATOR_PORT; default %(default)s)",
+    )
+    p.add_argument(
+        "--config",
+        default=_env("CONNECTOR_EMULATOR_CONFIG"),
+        help="emulator TOML (env CONNECTOR_EMULATOR_CONFIG; default: the built-in one)",
+    )
 
     p = sub.add_parser("demo", help="embedded PostgreSQL + emulator + workload, end to end")
-    p.add_argument("--rows", type=int, default=int(_env("CONNECTOR_DEMO_ROWS", "50000") or 50000))
-    p.add_argument("--duration", type=float, default=60.0, help="live workload seconds")
-    p.add_argument("--rate", type=float, default=50.0, help="live changes per second")
-    p.add_argument("--report", help="write a JSON report to this file")
+    p.add_argument(
+        "--rows",
+        type=int,
+        default=int(_env("CONNECTOR_DEMO_ROWS", "50000") or 50000),
+        help="rows of the demo's orders table (env CONNECTOR_DEMO_ROWS; default %(default)s)",
+    )
+    p.add_argument(
+        "--duration", type=float, default=60.0, help="live workload seconds (default %(default)s)"
+    )
+    p.add_argument(
+        "--rate", type=float, default=50.0, help="live changes per second (default %(default)s)"
+    )
+    p.add_argument("--report", help="write a JSON report to this file (default: none)")
     p.add_argument("--keep", action="store_true", help="keep the demo's data directory")
     return parser
 

@@ -38,6 +38,22 @@ def _pipelines(settings: Settings, names: list[str] | str | None) -> list[Pipeli
     return [settings.pipeline(n) for n in names]
 
 
+def _only_pipeline(settings: Settings, name: list[str] | str | None, verb: str) -> PipelineConfig:
+    """The pipeline a single-pipeline verb works on: the one named, or the only one."""
+    if isinstance(name, list):
+        if len(name) > 1:
+            raise ConfigError("--pipeline", f"{verb} works on one pipeline; name one")
+        name = name[0] if name else None
+    if name:
+        return settings.pipeline(name)
+    if len(settings.pipelines) == 1:
+        return settings.pipelines[0]
+    raise ConfigError(
+        "--pipeline",
+        f"{verb} works on one pipeline; name one of {[p.name for p in settings.pipelines]}",
+    )
+
+
 def _out(text: str = "") -> None:
     sys.stdout.write(text + "\n")
 
@@ -546,7 +562,7 @@ async def replay(settings: Settings, secrets: Secrets, args: argparse.Namespace)
     """
     from connector.verify import recapture
 
-    pipeline = settings.pipeline(args.pipeline)
+    pipeline = _only_pipeline(settings, args.pipeline, "replay")
     schema = settings.database.state_schema
     since = _parse_time(args.since, "--since") if args.since else None
     to_offset: int | None = None
@@ -556,8 +572,13 @@ async def replay(settings: Settings, secrets: Secrets, args: argparse.Namespace)
             to_offset = int(args.to)
         else:
             until = _parse_time(args.to, "--to")
+    if to_offset is not None and args.from_offset is not None and to_offset < args.from_offset:
+        raise ConfigError("--to", f"offset {to_offset} is before --from-offset {args.from_offset}")
+    if until is not None and since is not None and until <= since:
+        raise ConfigError("--to", f"{args.to} is not after --since {args.since}")
     async with await psycopg.AsyncConnection.connect(secrets.state_dsn, autocommit=True) as conn:
         await check_not_pruned(conn, schema, pipeline, from_offset=args.from_offset, since=since)
+        await _check_replay_range(conn, schema, pipeline, args.from_offset, args.key)
         plan = await plan_replay(
             conn,
             schema,
@@ -575,12 +596,12 @@ async def replay(settings: Settings, secrets: Secrets, args: argparse.Namespace)
         f"{plan.keys_in_range} keys; {len(plan.to_send)} to re-send, "
         f"{plan.skipped_older} skipped (the CRM already has a newer version)"
     )
-    _out(
-        f"  would send {len(plan.to_send) - deletes} record(s) by {api} "
-        f"({calls} call(s), {credits} credits) and {deletes} delete(s)"
-        " (if no newer change arrives first; the planner decides at send time)"
-    )
     if args.dry_run:
+        _out(
+            f"  would send {len(plan.to_send) - deletes} record(s) by {api} "
+            f"({calls} call(s), {credits} credits) and {deletes} delete(s)"
+            " (if no newer change arrives first; the planner decides at send time)"
+        )
         for k, op, off in plan.to_send[:50]:
             _out(f"  key {k}: {'delete' if op == 'delete' else 'upsert'} (newest event @{off})")
         if len(plan.to_send) > 50:
@@ -605,6 +626,37 @@ async def replay(settings: Settings, secrets: Secrets, args: argparse.Namespace)
         + "; see `connector status`)"
     )
     return EXIT_OK
+
+
+async def _check_replay_range(
+    conn: psycopg.AsyncConnection[Any],
+    schema: str,
+    pipeline: PipelineConfig,
+    from_offset: int | None,
+    key: str | None,
+) -> None:
+    """An offset past the end of the outbox or a key it never held is a mistake: say so
+    (exit 1) rather than replaying nothing silently."""
+    cur = await conn.execute(
+        sql.SQL(
+            "SELECT coalesce(max(id), 0), count(*) FILTER (WHERE key = %s)"
+            " FROM {} WHERE pipeline = %s"
+        ).format(sql.Identifier(schema, "outbox")),
+        (key, pipeline.name),
+    )
+    row = await cur.fetchone()
+    last, key_events = (int(row[0]), int(row[1])) if row else (0, 0)
+    if from_offset is not None and from_offset > last:
+        raise ConnectorError(
+            f"--from-offset {from_offset} is past the end of {pipeline.name}'s outbox (last"
+            f" offset {last}); `connector status` shows the checkpoint offset"
+        )
+    if key is not None and key_events == 0:
+        raise ConnectorError(
+            f"the outbox of {pipeline.name} holds no event of {pipeline.key_column} {key!r}"
+            " (never captured, or pruned by retention); `connector dead-letters retry` or"
+            " `connector verify --repair` re-send a key's current row"
+        )
 
 
 async def _replay_here(
@@ -696,14 +748,16 @@ async def dead_letters(settings: Settings, secrets: Secrets, args: argparse.Name
             if not rows:
                 _out("no dead letters" + ("" if args.all else " open"))
                 return EXIT_OK
+            kw = max(14, *(len(r.key) for r in rows))  # a uuid key is 36 wide
+            pw = max(12, *(len(r.pipeline) for r in rows))
             _out(
-                f"{'ID':>6}  {'PIPELINE':<12} {'KEY':<14} {'STATUS':<9} {'CODE':<22} "
+                f"{'ID':>6}  {'PIPELINE':<{pw}} {'KEY':<{kw}} {'STATUS':<9} {'CODE':<22} "
                 "FIELD / MESSAGE"
             )
             for r in rows:
                 what = f"{r.error_field + ': ' if r.error_field else ''}{r.error_message}"
                 _out(
-                    f"{r.id:>6}  {r.pipeline:<12} {r.key:<14} {r.status:<9} "
+                    f"{r.id:>6}  {r.pipeline:<{pw}} {r.key:<{kw}} {r.status:<9} "
                     f"{r.error_code:<22} {what[:80]}"
                 )
             return EXIT_OK
@@ -785,6 +839,15 @@ async def _mark(
     for p in pipelines:
         total += len(await state.mark_dead_letters(conn, schema, p.name, ids, status))
     _out(f"{total} dead letter(s) {status}")
+    if total < len(set(ids)):
+        # say why the others were not: unknown, or already resolved / discarded
+        known = {r.id: r for r in await _dead_letters_by_id(conn, schema, pipelines, ids)}
+        for i in sorted(set(ids)):
+            r = known.get(i)
+            if r is None:
+                _out(f"  letter {i}: no such dead letter")
+            elif r.status not in ("open", "retried") or r.status == status:
+                _out(f"  letter {i}: already {r.status}, nothing to do")
     return EXIT_OK if total else EXIT_MISMATCH
 
 
@@ -817,7 +880,7 @@ async def verify(settings: Settings, secrets: Secrets, args: argparse.Namespace)
     from connector.verify import verify as compare_all
     from connector.zoho import PgTokenStore, ZohoClient
 
-    pipeline = settings.pipeline(args.pipeline)
+    pipeline = _only_pipeline(settings, args.pipeline, "verify")
     schema = settings.database.state_schema
     async with await psycopg.AsyncConnection.connect(secrets.state_dsn, autocommit=True) as st:
         cur = await st.execute(

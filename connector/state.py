@@ -254,7 +254,8 @@ SELECT count(*) FROM {schema}.dead_letters WHERE pipeline = %s AND status = 'ope
 
 Q_MARK_DEAD_LETTERS = """
 UPDATE {schema}.dead_letters SET status = %s, updated_at = now()
- WHERE pipeline = %s AND id = ANY(%s) AND status = 'open'
+ WHERE pipeline = %s AND id = ANY(%s)
+   AND (status = 'open' OR (%s = 'discarded' AND status = 'retried'))
 RETURNING id, key, outbox_id
 """
 
@@ -321,10 +322,12 @@ async def open_dead_letter_count(conn: AnyConn, schema: str, pipeline: str) -> i
 async def mark_dead_letters(
     conn: AnyConn, schema: str, pipeline: str, ids: Sequence[int], status: str
 ) -> list[tuple[int, str, int | None]]:
-    """Set open letters to ``retried`` or ``discarded``; returns (id, key, outbox_id)."""
+    """Set open letters to ``retried`` or ``discarded`` (a ``retried`` letter may be
+    discarded too: its retry is still in flight or failed again); returns (id, key,
+    outbox_id)."""
     if status not in ("retried", "discarded"):
         raise ValueError(f"status must be 'retried' or 'discarded', got {status!r}")
-    cur = await conn.execute(_q(Q_MARK_DEAD_LETTERS, schema), (status, pipeline, list(ids)))
+    cur = await conn.execute(_q(Q_MARK_DEAD_LETTERS, schema), (status, pipeline, list(ids), status))
     out: list[tuple[int, str, int | None]] = []
     for r in await cur.fetchall():
         row = _as_dict(cur, r)

@@ -307,3 +307,54 @@ async def test_uninstall_under_a_running_connector_is_refused_and_noticed(
             break
         await asyncio.sleep(0.1)
     assert missing() == 0.0 and (await r.runtime.readiness()).ok
+
+
+async def test_replay_verify_and_dead_letters_say_what_they_do(
+    running: tuple[Running, Any], capsys: Any
+) -> None:
+    """Impossible replay ranges and unknown keys are errors, not "0 events"; a real replay
+    does not print "would send"; verify needs no -p with one pipeline; a retried letter can be
+    discarded; `--config` after the dead-letters sub-verb; the KEY column fits a uuid."""
+    from connector.cli import build_parser
+    from connector.errors import ConfigError, ConnectorError
+
+    r, _ = running
+    base = {"pipeline": None, "since": None, "to": None, "key": None, "dry_run": True}
+    with pytest.raises(ConnectorError, match="past the end of orders's outbox"):
+        await operate.replay(r.settings, r.secrets, ns(**{**base, "from_offset": 10**9}))
+    with pytest.raises(ConfigError, match="before --from-offset"):
+        await operate.replay(r.settings, r.secrets, ns(**{**base, "from_offset": 10, "to": "5"}))
+    with pytest.raises(ConnectorError, match="holds no event of id 'no-such-key'"):
+        await operate.replay(
+            r.settings, r.secrets, ns(**{**base, "from_offset": 1, "key": "no-such-key"})
+        )
+    capsys.readouterr()
+    real = ns(**{**base, "from_offset": 1, "key": "3", "dry_run": False})
+    assert await operate.replay(r.settings, r.secrets, real) == 0
+    out = capsys.readouterr().out
+    assert "would send" not in out and "re-captured" in out
+    assert await operate.verify(r.settings, r.secrets, ns(repair=False)) == 0
+    assert "verify orders:" in capsys.readouterr().out
+
+    # a letter with a uuid-sized key, retried, then discarded
+    key = "5b1f3c9e-2d4a-4f6b-9c8d-7e6f5a4b3c2d"
+    async with await psycopg.AsyncConnection.connect(r.secrets.dsn, autocommit=True) as conn:
+        cur = await conn.execute(
+            "INSERT INTO connector.dead_letters (pipeline, key, version, error_code,"
+            " error_message, status) VALUES ('orders', %s, 1, 'INVALID_DATA', 'bad', 'retried')"
+            " RETURNING id",
+            (key,),
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        letter = int(row[0])
+    assert await operate.dead_letters(r.settings, r.secrets, ns(dl_verb="list", all=True)) == 0
+    header, *lines = capsys.readouterr().out.splitlines()
+    mine = next(line for line in lines if key in line)
+    assert mine.index("retried") == header.index("STATUS")
+    discard = ns(dl_verb="discard", ids=[letter, 10**9])
+    assert await operate.dead_letters(r.settings, r.secrets, discard) == 0
+    out = capsys.readouterr().out
+    assert "1 dead letter(s) discarded" in out and f"letter {10**9}: no such dead letter" in out
+    args = build_parser().parse_args(["dead-letters", "list", "-c", "x.toml", "-p", "orders"])
+    assert args.config == "x.toml" and args.pipeline == "orders"
