@@ -20,10 +20,24 @@ async def _serve(config: EmulatorConfig, host: str, port: int) -> None:
     try:
         async with start_emulator(config, host, port) as emu:
             print(f"Zoho CRM emulator listening on {emu.url} (org {config.org_id})", flush=True)
+            print(modules_line(config), flush=True)
             await stop.wait()
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+def modules_line(config: EmulatorConfig) -> str:
+    """Which modules this emulator serves. A ``[[modules]]`` list replaces the default
+    ``Orders`` module rather than adding to it: say so when ``Orders`` is not among them."""
+    names = [m.api_name for m in config.modules]
+    line = f"modules: {', '.join(names) or 'none'}"
+    if "Orders" not in names:
+        line += (
+            " (no Orders: [[modules]] in the configuration replaces the default Orders module;"
+            " copy it from connector/emulator/default.toml to keep it)"
+        )
+    return line
 
 
 def run_emulator_cli(host: str, port: int, config_path: str | None) -> int:
