@@ -212,11 +212,19 @@ class DeadLetterRow:
 
 # A second dead letter for the same key and version (a replay, a retried bulk row) counts as one
 # more attempt of the existing open letter rather than a new row.
+# A letter that was `retried` (`connector dead-letters retry` re-captured the key's row) and is
+# rejected again is opened again with the new error and version, rather than leaving it
+# `retried` beside a new letter (docs/operations-cli.md).
 Q_BUMP_DEAD_LETTER = """
 UPDATE {schema}.dead_letters
    SET attempts = attempts + 1, error_code = %s, error_field = %s, error_message = %s,
-       api = %s, error_details = %s, status = 'open', updated_at = now()
- WHERE pipeline = %s AND key = %s AND version = %s AND status IN ('open', 'retried')
+       api = %s, error_details = %s, version = greatest(version, %s),
+       outbox_id = coalesce(%s, outbox_id),
+       payload = coalesce(%s, payload), status = 'open', updated_at = now()
+ WHERE id = (SELECT id FROM {schema}.dead_letters
+              WHERE pipeline = %s AND key = %s
+                AND ((version = %s AND status = 'open') OR status = 'retried')
+              ORDER BY id DESC LIMIT 1)
 RETURNING id
 """
 
@@ -270,7 +278,19 @@ async def record_dead_letters(
     for d in letters:
         cur = await conn.execute(
             _q(Q_BUMP_DEAD_LETTER, schema),
-            (d.code, d.field, d.message, d.api, _details(d), pipeline, d.key, d.stamp.version),
+            (
+                d.code,
+                d.field,
+                d.message,
+                d.api,
+                _details(d),
+                d.stamp.version,
+                d.outbox_id,
+                Jsonb(d.payload, dumps=_dumps) if d.payload is not None else None,
+                pipeline,
+                d.key,
+                d.stamp.version,
+            ),
         )
         if await cur.fetchone() is None:
             await conn.execute(

@@ -358,3 +358,37 @@ async def test_replay_verify_and_dead_letters_say_what_they_do(
     assert "1 dead letter(s) discarded" in out and f"letter {10**9}: no such dead letter" in out
     args = build_parser().parse_args(["dead-letters", "list", "-c", "x.toml", "-p", "orders"])
     assert args.config == "x.toml" and args.pipeline == "orders"
+
+
+async def test_a_retried_letter_rejected_again_is_opened_again(
+    running: tuple[Running, Any], capsys: Any
+) -> None:
+    """`dead-letters retry` of a row that is still invalid: the same letter is open again with
+    the new attempt (docs/operations-cli.md), not a second letter beside a `retried` one."""
+    r, _ = running
+    dsn = r.secrets.dsn
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("UPDATE public.orders SET status = 'Lost' WHERE id = 11")
+
+    async def letters() -> list[tuple[int, str, int]]:
+        async with await psycopg.AsyncConnection.connect(dsn) as conn:
+            cur = await conn.execute(
+                "SELECT id, status, attempts FROM connector.dead_letters WHERE key = '11'"
+                " ORDER BY id"
+            )
+            return [(int(a), str(b), int(c)) for a, b, c in await cur.fetchall()]
+
+    for _ in range(200):
+        if await letters():
+            break
+        await asyncio.sleep(0.1)
+    [(letter, status, attempts)] = await letters()
+    assert status == "open" and attempts == 1
+    retry = ns(dl_verb="retry", ids=[letter], all=False)
+    assert await operate.dead_letters(r.settings, r.secrets, retry) == 0
+    for _ in range(200):
+        now = await letters()
+        if now and now[-1][1] == "open" and now[-1][2] == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert await letters() == [(letter, "open", 2)]
