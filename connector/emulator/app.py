@@ -1061,6 +1061,31 @@ async def admin_records(request: web.Request) -> web.Response:
     return json_response(out)
 
 
+async def admin_record(request: web.Request) -> web.Response:
+    """``PATCH`` (body: the fields to change) or ``DELETE`` one record, as a person editing in
+    the CRM would: no credits, recorded in the history as an update / delete. For rehearsing
+    ``connector verify --repair``. Emulator-only (not a Zoho path)."""
+    state = state_of(request)
+    module, rid = request.match_info["module"], request.match_info["id"]
+    try:
+        store = state.store(module)
+    except ApiError as e:
+        return json_response(e.payload(), 404)
+    if request.method == "DELETE":
+        res = store.delete(rid)
+    else:
+        body = await request.json()
+        if not isinstance(body, dict):
+            return json_response({"code": "INVALID_DATA", "message": "expected an object"}, 400)
+        res = store.update(rid, body, "update")
+    if not res.ok:
+        errors = [{"code": c, "api_name": a, **d} for c, a, d in res.errors]
+        return json_response(
+            {"code": res.code or "INVALID_DATA", "message": res.message, "errors": errors}, 400
+        )
+    return json_response({"id": rid, "action": res.action or "delete"})
+
+
 async def admin_history(request: web.Request) -> web.Response:
     state = state_of(request)
     try:
@@ -1205,6 +1230,8 @@ def create_app(config: EmulatorConfig | None = None) -> web.Application:
     a = ADMIN_PREFIX
     r.add_get(a + "usage", admin_usage)
     r.add_get(a + "records/{module}", admin_records)
+    r.add_route("PATCH", a + "records/{module}/{id}", admin_record)
+    r.add_route("DELETE", a + "records/{module}/{id}", admin_record)
     r.add_get(a + "history/{module}/{id}", admin_history)
     r.add_post(a + "reset", admin_reset)
     r.add_route("*", a + "clock", admin_clock)
