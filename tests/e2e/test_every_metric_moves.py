@@ -201,6 +201,9 @@ async def test_every_documented_metric_moves_in_a_real_run(
                     " quantity, order_date, placed_at) SELECT 90001, 'SO-90001',"
                     " 'n@example.com', 1, 1, current_date, now()"
                 )
+            # slow answers from here: a request is in flight most of the time, so the sampled
+            # connector_api_in_flight_requests sees one (0.2 s refresh in this test)
+            emu.set_faults(latency_ms=1500.0)
             writer = asyncio.create_task(_keep_changing(database))
             phase1 = [m for m in DRIVEN_BY if m not in PHASE2]
 
@@ -217,6 +220,7 @@ async def test_every_documented_metric_moves_in_a_real_run(
                 raise AssertionError(f"metrics that never moved: {dead}") from None
             finally:
                 writer.cancel()
+                emu.set_faults(latency_ms=0.0)
         finally:
             rt.request_stop()
             assert await task == 0
