@@ -171,7 +171,7 @@ async def test_every_documented_metric_moves_in_a_real_run(
     documented = documented_metrics()
     assert documented - DRIVEN_BY.keys() == set(), "say in DRIVEN_BY how the test drives it"
     caplog.set_level(logging.INFO, logger="connector")
-    async with emulator(latency_ms=400.0, rate_429=0.05, seed=7) as emu:
+    async with emulator(rate_429=0.05, seed=7) as emu:
         # 6,000 rows: the initial sync goes by bulk write (cheaper than 60 upsert calls)
         setup = await prepare(database, tmp_path, emu.url, rows=6000, capture="logical")
         text = setup.config.read_text()
@@ -203,7 +203,7 @@ async def test_every_documented_metric_moves_in_a_real_run(
                 )
             # slow answers from here: a request is in flight most of the time, so the sampled
             # connector_api_in_flight_requests sees one (0.2 s refresh in this test)
-            emu.set_faults(latency_ms=1500.0)
+            emu.set_faults(latency="fixed", latency_ms=1000.0)
             writer = asyncio.create_task(_keep_changing(database))
             phase1 = [m for m in DRIVEN_BY if m not in PHASE2]
 
@@ -220,7 +220,7 @@ async def test_every_documented_metric_moves_in_a_real_run(
                 raise AssertionError(f"metrics that never moved: {dead}") from None
             finally:
                 writer.cancel()
-                emu.set_faults(latency_ms=0.0)
+                emu.set_faults(latency="none")
         finally:
             rt.request_stop()
             assert await task == 0
