@@ -75,6 +75,8 @@ DRIVEN_BY: dict[str, str] = {
     "connector_outbox_oldest_event_age_seconds": "outbox rows",
     "connector_outbox_pruned_events_total": "retention = 2s prunes acknowledged rows",
     "connector_outbox_retention_seconds": "configured (2s)",
+    "connector_truncates_total": "phase 2, at the end: TRUNCATE of the table (held)",
+    "connector_truncates_open": "phase 2, at the end: TRUNCATE of the table (held)",
 }
 
 _HISTOGRAM_SUFFIXES = ("_sum", "_count", "_bucket")
@@ -269,6 +271,17 @@ async def test_every_documented_metric_moves_in_a_real_run(
             await _wait(ratio_one, "snapshot_progress_ratio 1 after a restart", timeout=30)
             assert (await rt2.readiness()).ok  # the wait is over: ready again
 
+            # a TRUNCATE of the source table: held (on_truncate = "hold", the default)
+            async with await psycopg.AsyncConnection.connect(database, autocommit=True) as c:
+                await c.execute("TRUNCATE public.orders")
+
+            async def truncate_held() -> bool:
+                return seen.moved("connector_truncates_total") and seen.moved(
+                    "connector_truncates_open"
+                )
+
+            await _wait(truncate_held, "the TRUNCATE held")
+
             # last: the capture is removed under the running owner (a DBA, uninstall --force)
             async with await psycopg.AsyncConnection.connect(database, autocommit=True) as c:
                 cur = await c.execute("SELECT pubname FROM pg_publication")
@@ -294,4 +307,6 @@ PHASE2 = (
     "connector_api_credits_below_reserve",
     "connector_takeover_wait_seconds",
     "connector_capture_missing",
+    "connector_truncates_total",
+    "connector_truncates_open",
 )
