@@ -1114,14 +1114,31 @@ class Runtime:
         or of a type its CRM field cannot take."""
         from connector.mapping import check_mapping, check_source_columns
 
-        modules = await self.client.modules()
         for p in self.pipelines:
-            if p.module not in modules:
-                raise ConfigError(
-                    f"pipelines[{p.name!r}].module",
-                    f"the CRM has no module {p.module!r}; its modules: {', '.join(modules)}",
-                )
-            await check_mapping(self.client, p)
+            try:
+                await check_mapping(self.client, p)
+            except PermanentError as exc:
+                # the field metadata could not be read: is the module one of the org's? (the
+                # module list needs ZohoCRM.settings.modules.READ, a scope the connector does
+                # not otherwise need: read only here, and said when it is missing)
+                try:
+                    modules: list[str] | None = await self.client.modules()
+                except ConnectorError:
+                    modules = None
+                where = f"pipelines[{p.name!r}].module"
+                if modules is not None and p.module not in modules:
+                    raise ConfigError(
+                        where,
+                        f"the CRM has no module {p.module!r}; its modules: {', '.join(modules)}",
+                    ) from None
+                if modules is None:
+                    raise ConfigError(
+                        where,
+                        f"cannot read the fields of module {p.module!r} ({exc}); check its API"
+                        " name (with the scope ZohoCRM.settings.modules.READ the org's modules"
+                        " are listed here)",
+                    ) from None
+                raise
         async with await psycopg.AsyncConnection.connect(self.secrets.dsn) as conn:
             for p in self.pipelines:
                 await check_source_columns(conn, p)

@@ -77,6 +77,7 @@ DRIVEN_BY: dict[str, str] = {
     "connector_outbox_retention_seconds": "configured (2s)",
     "connector_truncates_total": "phase 2, at the end: TRUNCATE of the table (held)",
     "connector_truncates_open": "phase 2, at the end: TRUNCATE of the table (held)",
+    "connector_schema_change_stops_total": "phase 2, last: a mapped column is dropped",
 }
 
 _HISTOGRAM_SUFFIXES = ("_sum", "_count", "_bucket")
@@ -292,6 +293,24 @@ async def test_every_documented_metric_moves_in_a_real_run(
                 return seen.moved("connector_capture_missing")
 
             await _wait(capture_missing, "capture_missing after the publication was dropped")
+
+            # `connector init` puts the capture back; then a mapped column is dropped: the
+            # pipeline stops on the schema change (the last thing it does here)
+            from connector import admin
+
+            await admin.init(settings2, secrets)
+            async with await psycopg.AsyncConnection.connect(database, autocommit=True) as c:
+                await c.execute("ALTER TABLE public.orders DROP COLUMN notes")
+                await c.execute(
+                    "INSERT INTO public.orders (id, order_number, customer_email, amount,"
+                    " quantity, order_date, placed_at) SELECT 90002, 'SO-90002',"
+                    " 'm@example.com', 1, 1, current_date, now()"
+                )
+
+            async def schema_stop() -> bool:
+                return seen.moved("connector_schema_change_stops_total")
+
+            await _wait(schema_stop, "the schema-change stop", timeout=60)
             assert (
                 metrics2.registry.get_sample_value(
                     "connector_takeover_wait_seconds", {"pipeline": "orders"}
@@ -309,4 +328,5 @@ PHASE2 = (
     "connector_capture_missing",
     "connector_truncates_total",
     "connector_truncates_open",
+    "connector_schema_change_stops_total",
 )

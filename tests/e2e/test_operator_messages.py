@@ -222,7 +222,7 @@ async def test_run_refuses_a_mapping_the_source_table_or_the_org_cannot_take(
 
         err = await refused("module", base.replace('module = "Orders"', 'module = "Order"'))
         assert err.key == "pipelines['orders'].module"
-        assert "no module 'Order'" in str(err) and "Orders" in str(err)
+        assert "'Order'" in str(err) and "INVALID_MODULE" in str(err)
 
         import psycopg
 
