@@ -105,6 +105,12 @@ async def test_the_walkthrough_works_as_written(database: str, tmp_path: Path) -
         assert "missing 0, extra 0, different 0" in text
         assert "pipeline invoices: capture removed (trigger and its function)" in text
         assert "NOT INSTALLED" in text  # status after uninstall
+        # the running connector notices the removed capture within a gauge refresh (5 s)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if "capture is gone (trigger missing)" in (tmp_path / "run.log").read_text():
+                break
+            await asyncio.sleep(0.5)
     finally:
         for proc, name in reversed(background):
             if proc.returncode is None:
