@@ -1,4 +1,4 @@
--- v9: what the operator needs to see.
+-- v10: what the operator needs to see.
 --
 -- checkpoints.writes_after: after an unclean takeover the new owner captures at once but waits
 --   crm.request_timeout before its first CRM write (requests the dead owner had in flight may
