@@ -106,7 +106,7 @@ async def uninstall(
     connector owns one of the pipelines, unless ``force`` (that connector then reports the
     capture missing: docs/operations.md, ConnectorCaptureMissing)."""
     from connector.errors import ConnectorError
-    from connector.operate import Q_OWNER
+    from connector.status import Q_OWNER
 
     schema = settings.database.state_schema
     done: list[str] = []

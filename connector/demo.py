@@ -497,7 +497,7 @@ async def _drained(dsn: str, runtime: Any, runtime_task: asyncio.Task[int]) -> N
         if runner is not None and runner.engine is not None:
             runner.engine.flush_all()
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-            from connector.operate import pipeline_status
+            from connector.status import pipeline_status
 
             doc = await pipeline_status(conn, runtime.settings, runtime.pipelines[0])
         if doc["pending_keys"] == 0 and doc["capture"]["lag_events"] == 0:

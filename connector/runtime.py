@@ -1011,7 +1011,7 @@ class Runtime:
     async def update_gauges(self) -> None:
         """Database-derived gauges of the pipelines this process owns (and client gauges)."""
         from connector import state
-        from connector.operate import pipeline_status
+        from connector.status import pipeline_status
 
         m = self.metrics
         client = self._client

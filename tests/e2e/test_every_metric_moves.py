@@ -26,7 +26,7 @@ import psycopg
 import pytest
 from prometheus_client import values
 
-from connector import operate, runtime, state
+from connector import runtime, state, status
 from connector.config import load_settings, resolve_secrets
 from connector.demo import DEMO_ENV
 from connector.metrics import Metrics
@@ -250,9 +250,9 @@ async def test_every_documented_metric_moves_in_a_real_run(
             assert not ready.ok
             assert "orders" in ready.detail["checks"]["waiting_for_previous_owner_seconds"]
             async with await psycopg.AsyncConnection.connect(database, autocommit=True) as c:
-                doc = await operate.pipeline_status(c, settings2, settings2.pipelines[0])
+                doc = await status.pipeline_status(c, settings2, settings2.pipelines[0])
             assert doc["takeover_wait_seconds_left"] is not None
-            assert "the previous owner did not stop cleanly" in operate.format_status(doc)
+            assert "the previous owner did not stop cleanly" in status.format_status(doc)
 
             async def phase2_moved() -> bool:
                 assert not task2.done(), task2
