@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from connector.errors import ConnectorError
+
 DEFAULT_SETTINGS: dict[str, str] = {
     "wal_level": "logical",
     "max_replication_slots": "20",
@@ -38,8 +40,17 @@ DEFAULT_SETTINGS: dict[str, str] = {
 _SYSTEM_USER = "pgserver"
 
 
+EMBEDDED_MISSING = (
+    "the embedded PostgreSQL is not installed (it is an extra, not part of the production "
+    "package): pip install 'zoho-cdc-connector[embedded]'"
+)
+
+
 def bin_dir() -> Path:
-    from pgserver import _commands
+    try:
+        from pgserver import _commands
+    except ImportError:
+        raise ConnectorError(EMBEDDED_MISSING) from None
 
     return Path(_commands.POSTGRES_BIN_PATH)
 

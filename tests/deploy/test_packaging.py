@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from datetime import timedelta
 from pathlib import Path
@@ -284,3 +285,36 @@ def test_kubernetes_mounts_config_and_secrets_the_config_names() -> None:
         assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
     # no value committed in the Secret
     assert all(v == "" for v in secret["stringData"].values())
+
+
+# -- the production package ---------------------------------------------------------------------
+
+
+def test_embedded_postgres_is_an_extra_not_a_runtime_dependency() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = " ".join(project["dependencies"])
+    assert "pgserver" not in runtime
+    assert any(d.startswith("pgserver") for d in project["optional-dependencies"]["embedded"])
+    # the image installs the production package only
+    install = [rest for word, rest in _instructions(DOCKERFILE.read_text()) if word == "RUN"]
+    assert any("pip install ." in r for r in install)
+    assert not any("embedded" in r or "pgserver" in r for r in install)
+    # make demo / make test install the extra
+    assert "'.[dev,embedded]'" in (ROOT / "Makefile").read_text()
+
+
+def test_missing_embedded_extra_is_a_clear_message() -> None:
+    code = (
+        "import sys; sys.modules['pgserver'] = None\n"
+        "from connector.errors import ConnectorError\n"
+        "from connector.pgembed import bin_dir\n"
+        "try:\n    bin_dir()\nexcept ConnectorError as e:\n    print(e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert "pip install 'zoho-cdc-connector[embedded]'" in out.stdout
