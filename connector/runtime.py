@@ -1141,13 +1141,41 @@ class Runtime:
                 raise
         async with await psycopg.AsyncConnection.connect(self.secrets.dsn) as conn:
             for p in self.pipelines:
-                await check_source_columns(conn, p)
+                try:
+                    await check_source_columns(conn, p)
+                except ConfigError as exc:
+                    if not await self._has_run(p):
+                        raise  # a mapping that never matched the table: refuse (exit 2)
+                    # the table changed under a pipeline that ran with it (a column dropped,
+                    # renamed or retyped): that pipeline alone stops with the column named
+                    # (SchemaChanged, `status`, /readyz), the others run (docs/operations.md)
+                    log.error(
+                        "pipeline %s: its source table changed since it last ran (%s); the "
+                        "pipeline will stop, its changes are held",
+                        p.name,
+                        exc,
+                    )
                 missing = await capture_missing(conn, self.schema, p)
                 if missing:
                     raise ConnectorError(
                         f"pipeline {p.name}: capture ({p.capture}) is not installed on"
                         f" {p.source_table} ({missing} missing); run `connector init` first"
                     )
+
+    async def _has_run(self, p: PipelineConfig) -> bool:
+        """True when the pipeline ran before against its table (a type baseline or a halt is
+        stored), so a mapping mismatch now is a schema change, not a configuration mistake."""
+        async with await psycopg.AsyncConnection.connect(self.secrets.state_dsn) as conn:
+            cur = await conn.execute(
+                db.render(
+                    "SELECT EXISTS (SELECT 1 FROM {schema}.source_column_types WHERE pipeline = %s)"
+                    " OR EXISTS (SELECT 1 FROM {schema}.pipeline_halts WHERE pipeline = %s)",
+                    self.schema,
+                ),
+                (p.name, p.name),
+            )
+            row = await cur.fetchone()
+        return bool(row and row[0])
 
     # ---------------------------------------------------------------- main
     async def run(self) -> int:
