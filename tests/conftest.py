@@ -120,3 +120,16 @@ def empty_database(pg_cluster: Cluster) -> Iterator[str]:
 async def aconn(database: str) -> AsyncIterator[psycopg.AsyncConnection[tuple[object, ...]]]:
     async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
         yield conn
+
+
+@pytest.fixture(autouse=True)
+def _fresh_process_token_store() -> Iterator[None]:
+    """Clients of one process share access tokens (connector.zoho.auth.PROCESS_TOKEN_STORE),
+    keyed by accounts URL and credentials. Emulators of different tests can get the same port
+    (and so the same accounts URL), so a token of a stopped emulator must not reach the next
+    test's emulator: every test starts with an empty process store."""
+    from connector.zoho import auth
+
+    auth.PROCESS_TOKEN_STORE._records.clear()
+    yield
+    auth.PROCESS_TOKEN_STORE._records.clear()
