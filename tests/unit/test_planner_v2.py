@@ -207,3 +207,33 @@ def test_upsert_estimate_is_a_high_percentile_not_an_average() -> None:
         est.observe_upsert(1.0)
     est.observe_upsert(30.0)  # one call retried through a 429 storm
     assert est.upsert() == 30.0  # an average (or the EWMA fed before) would say 3.9 / 6.8
+
+
+# -- the bulk estimate from measured jobs, not the default -------------------------------------
+
+
+def test_a_measured_job_just_below_full_size_sets_the_full_job_estimate() -> None:
+    # the soak's initial sync sent 24,918 records (invalid rows left out) in 5.5 s; the
+    # default (120 s) must not override that measurement for a job of 25,000
+    est = LatencyEstimator(default_upsert=1.0, default_bulk=120.0)
+    est.observe_bulk(24_918, 5.5)
+    assert 5.5 <= est.bulk(25_000) <= 5.5 * 25_000 / 24_918 + 1e-9
+    assert est.bulk_profile(25_000)[0] == est.bulk(25_000)
+
+
+def test_mass_updates_after_a_short_initial_sync_go_by_bulk() -> None:
+    # 30 s max_staleness, a 30,000-row mass update twice: after that measurement they fit a
+    # bulk job each time (about 1,000 credits each), not 3,000 credits of upsert
+    est = LatencyEstimator(default_upsert=1.0, default_bulk=120.0)
+    est.observe_bulk(24_918, 5.5)
+    changes = [*burst(30_000, 100.0, "row"), *burst(30_000, 170.0, "row")]
+    r = simulate(
+        changes,
+        max_staleness=30.0,
+        estimator=est,
+        bulk_lat=lambda now, n: 1.0 + 4.5 * n / 25_000,
+        upsert_lat=lambda now, n: 0.3,
+    )
+    assert r.late == 0
+    assert r.jobs >= 2
+    assert r.credits <= 2 * 1_000 + 20
