@@ -22,6 +22,7 @@ from connector.emulator import bulk, coql, metadata
 from connector.emulator.config import EmulatorConfig
 from connector.emulator.records import (
     ALL_TRIGGERS,
+    MESSAGE_KEY,
     MESSAGES,
     FieldError,
     ModuleStore,
@@ -518,10 +519,12 @@ def _item(res: WriteResult, i: int, store: ModuleStore, *, upsert: bool = False)
 
 def _field_error(err: FieldError, i: int) -> dict[str, Any]:
     code, name, extra = err
+    extra = dict(extra)
+    message = extra.pop(MESSAGE_KEY, MESSAGES[code])
     return {
         "code": code,
         "details": {"api_name": name, "json_path": f"$.data[{i}].{name}", **extra},
-        "message": MESSAGES[code],
+        "message": message,
         "status": "error",
     }
 

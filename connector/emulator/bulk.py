@@ -413,6 +413,7 @@ def create_job(state: EmulatorState, body: Any) -> BulkJob:
                 f"the format {fmt} is not supported for the field {name}",
                 {"api_name": name, "json_path": f"$.resource[0].field_mappings[{i}].format"},
             )
+        _check_relation_mapping(state, store.m.fields[name], m.get("find_by"), i)
         clean_maps.append(
             {
                 "api_name": name,
@@ -467,6 +468,52 @@ def create_job(state: EmulatorState, body: Any) -> BulkJob:
     )
 
 
+def _check_relation_mapping(state: EmulatorState, spec: FieldSpec, find_by: Any, i: int) -> None:
+    """A lookup column needs ``find_by``: ``id`` or a unique (or system duplicate-check) field
+    of the target module, "how to resolve a lookup (e.g. ``id``, ``Account_Name``, ``email``
+    for users)" (Bulk Write create-job ``field_mappings[].find_by``, zoho-crm-api.md §3.2 and
+    §6.2). Without it, or naming a field that cannot find one record, Zoho's behaviour is not
+    documented: the job is refused (INVALID_DATA, fail safe) rather than guessing.
+
+    A subform column is a parent+child import (a zip of several CSVs linked by
+    ``parent_column_index``, zoho-crm-api.md §3.2): not modelled, refused (fail safe)."""
+    path = f"$.resource[0].field_mappings[{i}]"
+    if spec.data_type == "subform":
+        raise ApiError(
+            400,
+            "INVALID_DATA",
+            "invalid data",
+            {"api_name": spec.api_name, "json_path": path, "reason": "subform import not modelled"},
+        )
+    if spec.data_type != "lookup":
+        return
+    target = state.stores[spec.lookup_module or ""]
+    if not isinstance(find_by, str) or (find_by != "id" and find_by not in target.index):
+        raise ApiError(
+            400,
+            "INVALID_DATA",
+            "invalid data",
+            {"api_name": spec.api_name, "json_path": f"{path}.find_by"},
+        )
+
+
+def _lookup_converter(
+    state: EmulatorState, job_module: str, spec: FieldSpec, find_by: str
+) -> Converter:
+    """A lookup cell: the target record found by ``find_by`` when the row is processed, else
+    BAD (the row is skipped with ``INVALID_DATA-<field>``; the code Zoho writes for an
+    unresolved lookup is not documented, UNCONFIRMED; a dangling lookup is never stored)."""
+    store = state.stores[job_module]
+    target = state.stores[spec.lookup_module or ""]
+
+    def convert(cell: str) -> Any:
+        rid = target.find(find_by, cell)
+        value = store.lookup_value(spec, rid) if rid is not None else None
+        return BAD if value is None else value
+
+    return convert
+
+
 # -- processing --------------------------------------------------------------------------------
 class RowProcessor:
     """Turns rows into record writes on the same `ModuleStore` (indexes, uniqueness, history)
@@ -485,7 +532,10 @@ class RowProcessor:
             if mp["index"] is None:
                 self.defaults.append((mp["api_name"], default))
                 continue
-            conv = make_csv_converter(spec, mp.get("format"), state, m.checkers[mp["api_name"]])
+            if spec.data_type == "lookup":
+                conv = _lookup_converter(state, job.module, spec, mp["find_by"])
+            else:
+                conv = make_csv_converter(spec, mp.get("format"), state, m.checkers[mp["api_name"]])
             self.plan.append((mp["api_name"], mp["index"], conv, default, spec.mandatory))
         fc = state.faults.config
         self.faults = state.faults

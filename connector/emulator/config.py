@@ -29,7 +29,13 @@ DataType = Literal[
     "boolean",
     "date",
     "datetime",
+    "lookup",
+    "subform",
 ]
+
+# Zoho: "Each record's subform can have a maximum of 100 subform records" (Subform API v8,
+# https://www.zoho.com/crm/developer/docs/api/v8/subforms.html).
+SUBFORM_MAX_ROWS = 100
 
 # Default maximum lengths per data type (reference §2.5); a field's `length` overrides.
 DEFAULT_LENGTH: dict[str, int] = {
@@ -49,6 +55,8 @@ DEFAULT_LENGTH: dict[str, int] = {
     "boolean": 5,
     "date": 10,
     "datetime": 30,
+    "lookup": 19,  # a record id (zoho-crm-api.md §2.5: ids are 1..19 digits)
+    "subform": SUBFORM_MAX_ROWS,
 }
 
 EDITIONS: dict[str, dict[str, int | None]] = {
@@ -74,6 +82,14 @@ class FieldSpec(_Model):
     unique: bool = False
     picklist: list[str] = Field(default_factory=list)
     decimal_places: int = 2
+    # data_type "lookup": the api_name of the module the field points to (field metadata
+    # ``lookup.module``; zoho-crm-api.md §2.5: written as ``{"id": "<record id>"}``)
+    lookup_module: str | None = None
+    # data_type "subform": the subform module's api_name (field metadata ``subform.module``)
+    # and the fields of its rows. Rows hold plain fields only: a lookup or subform inside a
+    # subform is not modelled and refused (fail safe).
+    subform_module: str | None = None
+    subform_fields: list[FieldSpec] = Field(default_factory=list)
 
     @property
     def max_length(self) -> int:
@@ -83,6 +99,21 @@ class FieldSpec(_Model):
     def _picklist_values(self) -> FieldSpec:
         if self.data_type in ("picklist", "multiselectpicklist") and not self.picklist:
             raise ValueError(f"field {self.api_name}: a picklist needs `picklist` values")
+        if (self.data_type == "lookup") != (self.lookup_module is not None):
+            raise ValueError(
+                f"field {self.api_name}: `lookup_module` is set exactly for data_type 'lookup'"
+            )
+        if (self.data_type == "subform") != bool(self.subform_fields):
+            raise ValueError(
+                f"field {self.api_name}: `subform_fields` is set exactly for data_type 'subform'"
+            )
+        for sub in self.subform_fields:
+            if sub.data_type in ("lookup", "subform") or sub.mandatory or sub.unique:
+                raise ValueError(
+                    f"field {self.api_name}: subform field {sub.api_name} is a lookup, subform,"
+                    " mandatory or unique field; the emulator models plain optional fields in"
+                    " subform rows only"
+                )
         return self
 
 
@@ -233,6 +264,18 @@ class EmulatorConfig(_Model):
     bulk: BulkConfig = Field(default_factory=BulkConfig)
     faults: FaultConfig = Field(default_factory=FaultConfig)
     modules: list[ModuleSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _lookup_targets(self) -> EmulatorConfig:
+        names = {m.api_name for m in self.modules}
+        for m in self.modules:
+            for f in m.fields:
+                if f.lookup_module is not None and f.lookup_module not in names:
+                    raise ValueError(
+                        f"module {m.api_name}: lookup field {f.api_name} points to module"
+                        f" {f.lookup_module!r}, which is not configured"
+                    )
+        return self
 
     @classmethod
     def from_toml(cls, path: str | Path) -> EmulatorConfig:

@@ -25,6 +25,8 @@ JSON_TYPE = {
     "boolean": "boolean",
     "date": "string",
     "datetime": "string",
+    "lookup": "jsonobject",
+    "subform": "jsonarray",
 }
 # Zoho reports decimals as data_type "double".
 ZOHO_DATA_TYPE = {"decimal": "double"}
@@ -33,6 +35,23 @@ ZOHO_DATA_TYPE = {"decimal": "double"}
 def _field_id(module: ModuleSpec, index: int) -> str:
     base = int(module.id or "4876876000000500001")
     return str(base + 1000 + index)
+
+
+def _lookup_meta(spec: FieldSpec) -> dict[str, Any] | None:
+    """Field metadata ``lookup`` (crm-oas v8.0 fields.json ``lookup``: ``module`` is the
+    target module; ``query_details``, ``revalidate_filter_during_edit``, ``show_fields`` are
+    required keys)."""
+    if spec.lookup_module is None:
+        return None
+    return {
+        "display_label": spec.label or spec.api_name.replace("_", " "),
+        "api_name": spec.api_name,
+        "query_details": {},
+        "module": {"api_name": spec.lookup_module, "id": None},
+        "id": None,
+        "revalidate_filter_during_edit": False,
+        "show_fields": [],
+    }
 
 
 def field_meta(module: ModuleSpec, spec: FieldSpec, index: int, created: str) -> dict[str, Any]:
@@ -93,12 +112,14 @@ def field_meta(module: ModuleSpec, spec: FieldSpec, index: int, created: str) ->
         if spec.data_type == "currency"
         else None,
         "file_upolad_optionlist": [],
-        "lookup": None,
+        "lookup": _lookup_meta(spec),
         "profiles": [],
         "view_type": {"view": True, "edit": True, "quick_create": False, "create": True},
         "unique": {"casesensitive": "0"} if spec.unique else None,
         "sub_module": {"api_name": None, "id": None},
-        "subform": None,
+        "subform": {"module": spec.subform_module or spec.api_name, "id": fid}
+        if spec.data_type == "subform"
+        else None,
         "external": {"show": False, "type": None},
         "formula": None,
         "convert_mapping": {},

@@ -25,6 +25,14 @@ MESSAGES: dict[str, str] = {
 
 ID_RE = re.compile(r"^[0-9]{1,19}$")
 
+#: key of a FieldError's details that replaces the code's usual message (popped by the API)
+MESSAGE_KEY = "__message__"
+#: INVALID_DATA for a lookup id that is not a record of the target module, and for a subform
+#: row id that is not a row of the record: "the id given seems to be invalid" is Zoho's message
+#: for INVALID_DATA on an id (crm-oas v8.0 record.json, the record error ``message`` enum).
+#: Which message Zoho pairs with a *lookup* id is not documented in prose (UNCONFIRMED).
+INVALID_ID = "the id given seems to be invalid"
+
 # Automations a record write can run (``trigger`` of Insert/Update/Upsert Records, v8:
 # zoho-crm-api.md §2.2, crm-oas v8.0 createRecords/upsert enums). Omitting ``trigger`` runs all
 # of them; ``[]`` runs none. Delete Records takes ``wf_trigger`` (workflow only).
@@ -134,6 +142,8 @@ class ModuleStore:
         # records locked (as by an approval process): id -> end on the emulator clock, or None
         # until unlocked (admin ``locks``)
         self.locks: dict[str, float | None] = {}
+        # every module's store by api_name (set by EmulatorState): lookups resolve through it
+        self.peers: dict[str, ModuleStore] = {}
 
     def locked(self, rid: str) -> bool:
         if rid not in self.locks:
@@ -211,6 +221,75 @@ class ModuleStore:
                     )
         return errors
 
+    # -- lookups and subforms --------------------------------------------------------------
+    def lookup_value(self, spec: FieldSpec, target_id: str) -> dict[str, Any] | None:
+        """The stored value of lookup ``spec`` pointing to ``target_id`` (Zoho returns a lookup
+        as ``{"name": …, "id": …}``), or None when the target module has no such record."""
+        target = self.peers.get(spec.lookup_module or "")
+        rec = target.records.get(target_id) if target is not None else None
+        if rec is None:
+            return None
+        return {"name": rec.get("Name"), "id": target_id}
+
+    def relations(self, clean: dict[str, Any], rec: dict[str, Any] | None) -> list[FieldError]:
+        """Resolve the lookup and subform values of one write (``rec``: the record updated, None
+        on insert), replacing them in ``clean`` by what is stored; errors if any.
+
+        Lookups: the id must be a record of the field's target module, else ``INVALID_DATA``
+        with :data:`INVALID_ID` (a dangling reference is never stored).
+
+        Subforms, as Zoho's "Update Subform Data" documents (zoho.com/crm/developer/docs/api/
+        update-subforms.html): "The record without the ID will get deleted. For example, if a
+        subform is updated with a new record along with records 1,3 then it will delete record
+        2 and create a new record"; "Updation of subform records without any JSON objects
+        deletes the subform information within the record" (``[]`` clears it). So: a row with
+        the id of one of the record's rows updates that row (given fields merged), a row without
+        an id is a new row with a new id, and every row of the record not listed is removed; a
+        write that does not name the subform leaves it as it is. An id that is not a row of this
+        record (or given twice, or given on insert) is not documented: refused with
+        ``INVALID_DATA`` (fail safe, nothing changes)."""
+        errors: list[FieldError] = []
+        new_rows: list[tuple[str, list[dict[str, Any]]]] = []
+        for name, value in clean.items():
+            spec = self.m.fields[name]
+            if value is None:
+                continue
+            if spec.data_type == "lookup":
+                resolved = self.lookup_value(spec, value["id"])
+                if resolved is None:
+                    errors.append(
+                        ("INVALID_DATA", name, {"id": value["id"], MESSAGE_KEY: INVALID_ID})
+                    )
+                else:
+                    clean[name] = resolved
+            elif spec.data_type == "subform":
+                allowed = {f.api_name for f in spec.subform_fields}
+                current = {r["id"]: r for r in (rec or {}).get(name) or []}
+                rows: list[dict[str, Any]] = []
+                seen: set[str] = set()
+                for row in value:
+                    values = {k: v for k, v in row.items() if k in allowed}
+                    rid = row.get("id")
+                    if rid is None:
+                        rows.append(values)
+                    elif rid in current and rid not in seen:
+                        seen.add(rid)
+                        rows.append({**current[rid], **values})
+                    else:
+                        errors.append(
+                            (
+                                "INVALID_DATA",
+                                name,
+                                {"id": rid, "parent_api_name": name, MESSAGE_KEY: INVALID_ID},
+                            )
+                        )
+                        break
+                new_rows.append((name, rows))
+        if not errors:
+            for name, rows in new_rows:
+                clean[name] = [r if "id" in r else {"id": str(next(self.ids)), **r} for r in rows]
+        return errors
+
     # -- writes ----------------------------------------------------------------------------
     def _record_history(self, rid: str, api: str, values: dict[str, Any], now: float) -> None:
         self.history.setdefault(rid, []).append(
@@ -229,6 +308,8 @@ class ModuleStore:
         clean, errors = self.m.check_values(data, creating=True)
         if extra_errors:
             errors.extend(extra_errors)
+        if not errors:
+            errors = self.relations(clean, None)
         if not errors:
             errors = self.duplicates(clean, None)
         if errors:
@@ -276,6 +357,8 @@ class ModuleStore:
         clean, errors = self.m.check_values(data, creating=False)
         if extra_errors:
             errors.extend(extra_errors)
+        if not errors:
+            errors = self.relations(clean, rec)
         if not errors:
             errors = self.duplicates(clean, rid)
         if errors:

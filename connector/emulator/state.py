@@ -301,6 +301,8 @@ class EmulatorState:
         self.stores: dict[str, ModuleStore] = {
             name: ModuleStore(c, self.clock, self.ids, user) for name, c in self.compiled.items()
         }
+        for store in self.stores.values():
+            store.peers = self.stores
         self.ledger = CreditLedger(self.config, self.clock)
         # record writes and the automations each asked for (admin ``triggers``)
         self.trigger_log: list[dict[str, Any]] = []

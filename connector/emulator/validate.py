@@ -25,7 +25,7 @@ from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from connector.emulator.config import FieldSpec
+from connector.emulator.config import SUBFORM_MAX_ROWS, FieldSpec
 
 # Zoho: currency / decimal fields take at most 9 digits after the point (zoho-crm-api.md §2.5).
 # Whether more are rounded or refused is not documented: refusing fails safe (nothing changes
@@ -36,6 +36,7 @@ Checker = Callable[[Any], "dict[str, Any] | None"]
 
 EMAIL_RE = re.compile(r"^[A-Za-z0-9._%+'-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}$")
 URL_RE = re.compile(r"^(https?://)?[A-Za-z0-9.-]+\.[A-Za-z]{2,}(:[0-9]+)?(/\S*)?$")
+ID_RE = re.compile(r"^[0-9]{1,19}$")
 DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 DATETIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:[+-]\d{2}:\d{2}|Z)$")
 
@@ -180,6 +181,43 @@ def make_checker(spec: FieldSpec, strict_picklists: bool, max_len_str: bool) -> 
             return None
 
         return check_dt
+    if dt == "lookup":
+        # {"id": "<record id>"} (zoho-crm-api.md §2.5 / §6.1); that the id exists in the target
+        # module is checked by the record store (records.py), which sees the other modules
+        def check_lookup(v: Any) -> dict[str, Any] | None:
+            if isinstance(v, dict) and isinstance(v.get("id"), str) and ID_RE.match(v["id"]):
+                return None
+            return expected
+
+        return check_lookup
+    if dt == "subform":
+        # a JSON array of row objects, at most SUBFORM_MAX_ROWS of them (Subform API v8); which
+        # rows are kept, replaced or removed is decided by the record store (records.py). More
+        # rows than the limit: the error code is not documented (UNCONFIRMED), INVALID_DATA
+        # with details.limit refuses the write (fail safe)
+        row_checkers = {
+            f.api_name: make_checker(f, strict_picklists, max_len_str) for f in spec.subform_fields
+        }
+
+        def check_subform(v: Any) -> dict[str, Any] | None:
+            if not isinstance(v, list) or not all(isinstance(r, dict) for r in v):
+                return expected
+            if len(v) > SUBFORM_MAX_ROWS:
+                return {"limit": SUBFORM_MAX_ROWS}
+            for r in v:
+                rid = r.get("id")
+                if rid is not None and not (isinstance(rid, str) and ID_RE.match(rid)):
+                    return {"api_name": "id", "parent_api_name": spec.api_name}
+                for name, value in r.items():
+                    chk = row_checkers.get(name)
+                    if chk is None or value is None or value == "":
+                        continue  # unknown keys are ignored, as on the record itself
+                    bad = chk(value)
+                    if bad is not None:
+                        return {**bad, "api_name": name, "parent_api_name": spec.api_name}
+            return None
+
+        return check_subform
     raise ValueError(f"unsupported data type {dt}")  # pragma: no cover - Literal guards it
 
 
