@@ -85,6 +85,7 @@ CRM_TYPES = (
     "boolean",
     "date",
     "datetime",
+    "lookup",
 )
 CrmType = Literal[
     "text",
@@ -103,7 +104,13 @@ CrmType = Literal[
     "boolean",
     "date",
     "datetime",
+    "lookup",
 ]
+
+#: Whether the engine keeps parents first for lookups (docs/related-tables.md). Until it does,
+#: a configuration with a ``type = "lookup"`` field is refused at start: nothing the connector
+#: runs may send a lookup without that guarantee.
+ENGINE_SUPPORTS_LOOKUPS = False
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -315,6 +322,20 @@ class DatabaseConfig(_Strict):
 class FieldMapping(_Strict):
     field: str = Field(min_length=1)
     type: CrmType = "text"
+    # type "lookup": the pipeline whose records the column's value (the parent's legacy key)
+    # points to (docs/related-tables.md)
+    pipeline: str | None = None
+
+    @model_validator(mode="after")
+    def _lookup(self) -> FieldMapping:
+        if self.type == "lookup" and not self.pipeline:
+            raise ValueError(
+                "type 'lookup' needs pipeline = the name of the parent pipeline whose legacy"
+                " key this column holds"
+            )
+        if self.pipeline is not None and self.type != "lookup":
+            raise ValueError(f"pipeline is only for type 'lookup' (this field is {self.type!r})")
+        return self
 
 
 def _mapping(v: Any) -> Any:
@@ -449,12 +470,69 @@ class Settings(_Strict):
                 raise ValueError(f"duplicate pipeline name {n!r}")
         return pipelines
 
+    @model_validator(mode="after")
+    def _lookups(self) -> Settings:
+        check_lookups(self.pipelines)
+        return self
+
     def pipeline(self, name: str) -> PipelineConfig:
         for p in self.pipelines:
             if p.name == name:
                 return p
         raise ConfigError(
             "--pipeline", f"no pipeline named {name!r}; have {[p.name for p in self.pipelines]}"
+        )
+
+
+def check_lookups(pipelines: list[PipelineConfig], *, engine_supports: bool | None = None) -> None:
+    """Refuse lookup fields whose parent pipeline is missing, is the pipeline itself or closes
+    a cycle (parents must sync first), naming the column; then refuse every lookup while the
+    engine does not keep parents first (:data:`ENGINE_SUPPORTS_LOOKUPS`, issue 21)."""
+    by_name = {p.name: p for p in pipelines}
+    edges: dict[str, set[str]] = {p.name: set() for p in pipelines}
+    first: str | None = None
+    for p in pipelines:
+        for column, m in p.fields.items():
+            if m.type != "lookup":
+                continue
+            key = f"pipelines[{p.name!r}].fields.{column}.pipeline"
+            first = first or key
+            if m.pipeline not in by_name:
+                raise ConfigError(
+                    key,
+                    f"column {column!r} looks up pipeline {m.pipeline!r}, which is not"
+                    f" configured (pipelines: {', '.join(sorted(by_name))}); name the pipeline"
+                    " that syncs the parent table",
+                )
+            if m.pipeline == p.name:
+                raise ConfigError(
+                    key,
+                    f"column {column!r} looks up its own pipeline {p.name!r}; a record"
+                    " pointing to a record of the same table is not supported",
+                )
+            edges[p.name].add(m.pipeline)
+    for start in edges:
+        stack, seen = [start], set()
+        while stack:
+            node = stack.pop()
+            for parent in edges[node]:
+                if parent == start:
+                    raise ConfigError(
+                        f"pipelines[{start!r}].fields",
+                        f"lookups form a cycle through pipeline {start!r}; parents must be"
+                        " synced before their children, so the lookups must not loop",
+                    )
+                if parent not in seen:
+                    seen.add(parent)
+                    stack.append(parent)
+    supported = ENGINE_SUPPORTS_LOOKUPS if engine_supports is None else engine_supports
+    if first is not None and not supported:
+        raise ConfigError(
+            first,
+            "type 'lookup' is not yet supported by the engine (issue 21): the mapping and the"
+            " emulator know it, but the engine does not yet sync parents first, so a lookup"
+            " could point to a missing parent; map the column as 'text' for now"
+            " (docs/related-tables.md)",
         )
 
 

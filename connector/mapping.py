@@ -31,8 +31,17 @@ double, percent      text (no float round trip)
 boolean              true / false                          ``true`` / ``false``
 date                 ``yyyy-MM-dd``                        ``yyyy-MM-dd`` (declared format)
 datetime             ``yyyy-MM-ddTHH:mm:ss±HH:MM``         same (ISO 8601, no format declared)
+lookup               ``{"id": "<parent's CRM id>"}``       the parent's legacy key, resolved
+                     (from a caller-supplied resolver)     by ``find_by`` = the parent
+                                                           pipeline's ``key_field``
 NULL                 null (clears the field)               empty cell (ignore_empty=false)
 ===================  ====================================  =================================
+
+Lookups (issue 21, docs/related-tables.md): the column holds the parent's legacy key; the JSON
+value needs the parent's CRM id, which the mapping does not know (it stays pure): the caller
+passes a :class:`LookupResolver`; a parent it cannot resolve is ``PARENT_NOT_SYNCED``, never a
+dangling or empty lookup. Bulk Write sends the key itself and lets Zoho resolve it with
+``field_mappings[].find_by`` on the parent's unique key field (zoho-crm-api.md §3.2, §6.2).
 
 Datetimes keep their offset, drop fractional seconds (truncated) and are never sent with
 ``Z``; a timestamp without a zone (``timestamp`` column) is read in ``naive_timezone`` (UTC by
@@ -43,7 +52,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from decimal import Decimal, InvalidOperation
 from typing import Any, Protocol
@@ -88,15 +97,32 @@ COMPATIBLE_DATA_TYPES: dict[str, frozenset[str]] = {
     "boolean": frozenset({"boolean"}),
     "date": frozenset({"date"}),
     "datetime": frozenset({"datetime"}),
+    "lookup": frozenset({"lookup"}),
 }
 #: CRM data types a key_field may have (the key is sent as a string).
 KEY_DATA_TYPES = frozenset({"text", "email", "phone", "website", "autonumber"})
 
 
-class RecordMapper:
-    """Converts row images of one pipeline into CRM JSON records and bulk CSV rows."""
+class LookupResolver(Protocol):
+    """The CRM id of the record that ``pipeline`` synced from legacy key ``key``, or None when
+    that parent is not (yet) in the CRM."""
 
-    def __init__(self, pipeline: PipelineConfig, *, naive_timezone: tzinfo = UTC) -> None:
+    def __call__(self, pipeline: str, key: str) -> str | None: ...
+
+
+class RecordMapper:
+    """Converts row images of one pipeline into CRM JSON records and bulk CSV rows.
+
+    ``parents``: the pipelines that lookup fields name (by pipeline name), for the bulk
+    ``find_by``; required when the pipeline maps a lookup."""
+
+    def __init__(
+        self,
+        pipeline: PipelineConfig,
+        *,
+        naive_timezone: tzinfo = UTC,
+        parents: Mapping[str, PipelineConfig] | None = None,
+    ) -> None:
         self.pipeline = pipeline
         self.key_column = pipeline.key_column
         self.key_field = pipeline.key_field
@@ -110,6 +136,19 @@ class RecordMapper:
             for column, m in pipeline.fields.items()
             if column != pipeline.key_column
         ]
+        # lookup column -> (parent pipeline name, parent key_field: the bulk find_by)
+        self._lookups: dict[str, tuple[str, str]] = {}
+        for column, m in pipeline.fields.items():
+            if m.type != "lookup":
+                continue
+            parent = (parents or {}).get(m.pipeline or "")
+            if parent is None:
+                raise ConfigError(
+                    f"pipelines[{pipeline.name!r}].fields.{column}.pipeline",
+                    f"column {column!r} looks up pipeline {m.pipeline!r}, which is not"
+                    " configured; name the pipeline that syncs the parent table",
+                )
+            self._lookups[column] = (parent.name, parent.key_field)
 
     @property
     def crm_fields(self) -> list[str]:
@@ -119,32 +158,51 @@ class RecordMapper:
     # ---- JSON (record APIs) ------------------------------------------------------------------
 
     def key_of(self, row: dict[str, Any]) -> str:
-        value = row.get(self.key_column)
-        if value is None or (isinstance(value, str) and value == ""):
-            raise DataError(
-                "MISSING_KEY",
-                f"key column {self.key_column!r} is NULL or empty",
-                field=self.key_field,
-            )
-        if isinstance(value, bool | dict | list):
-            raise DataError(
-                "INVALID_KEY",
-                f"key column {self.key_column!r} holds a {type(value).__name__}",
-                field=self.key_field,
-            )
-        if isinstance(value, Decimal | float):
-            return _decimal_text(_to_decimal(value, self.key_field))
-        return str(value)
+        return key_text(row.get(self.key_column), f"key column {self.key_column!r}", self.key_field)
 
-    def to_json(self, row: dict[str, Any]) -> dict[str, Any]:
+    def to_json(self, row: dict[str, Any], resolve: LookupResolver | None = None) -> dict[str, Any]:
         """The CRM record for ``row``: ``key_field`` = the key, then each mapped field.
 
         Decimal values stay ``Decimal``; serialise with :func:`dumps_json` (the client does).
+        A lookup field is ``{"id": resolve(parent pipeline, parent key)}``; ``resolve`` is
+        required when the pipeline maps a lookup.
         """
         record: dict[str, Any] = {self.key_field: self.key_of(row)}
         for column, api, crm_type in self._columns:
-            record[api] = to_json_value(self._get(row, column, api), crm_type, api, self._naive_tz)
+            value = self._get(row, column, api)
+            if crm_type == "lookup":
+                record[api] = self._lookup_json(column, api, value, resolve)
+            else:
+                record[api] = to_json_value(value, crm_type, api, self._naive_tz)
         return record
+
+    def parent_key(self, row: dict[str, Any], column: str) -> str | None:
+        """The parent's legacy key in lookup ``column`` of ``row`` (None: no parent)."""
+        if column not in self._lookups:
+            raise ValueError(f"column {column!r} is not a lookup")
+        value = row.get(column)
+        if value is None:
+            return None
+        return key_text(value, f"lookup column {column!r}", self.pipeline.fields[column].field)
+
+    def _lookup_json(
+        self, column: str, api: str, value: Any, resolve: LookupResolver | None
+    ) -> dict[str, str] | None:
+        if value is None:
+            return None  # no parent: null clears the lookup
+        if resolve is None:
+            raise ValueError(f"column {column!r} is a lookup: to_json needs a resolver")
+        pipeline, _ = self._lookups[column]
+        key = key_text(value, f"lookup column {column!r}", api)
+        crm_id = resolve(pipeline, key)
+        if crm_id is None:
+            raise DataError(
+                "PARENT_NOT_SYNCED",
+                f"lookup column {column!r}: the parent with key {_show(key)} of pipeline"
+                f" {pipeline!r} is not in the CRM yet; it is sent once the parent is",
+                field=api,
+            )
+        return {"id": crm_id}
 
     # ---- CSV (bulk write) --------------------------------------------------------------------
 
@@ -155,6 +213,12 @@ class RecordMapper:
         """One CSV row in :meth:`csv_header` order (key first)."""
         values = [self.key_of(row)]
         for column, api, crm_type in self._columns:
+            if crm_type == "lookup":  # the parent's key; Zoho resolves it by find_by
+                raw = self._get(row, column, api)
+                values.append(
+                    "" if raw is None else key_text(raw, f"lookup column {column!r}", api)
+                )
+                continue
             value = to_csv_value(self._get(row, column, api), crm_type, api, self._naive_tz)
             if crm_type == "datetime" and value and self._bulk_zone is not None:
                 # Zoho's default pattern has no offset: the instant, written in the zone the
@@ -167,9 +231,11 @@ class RecordMapper:
     def field_mappings(self) -> list[dict[str, Any]]:
         """``resource[].field_mappings`` for a bulk job over :meth:`csv_header` columns."""
         out: list[dict[str, Any]] = [{"api_name": self.key_field, "index": 0}]
-        for i, (_, api, crm_type) in enumerate(self._columns, start=1):
+        for i, (column, api, crm_type) in enumerate(self._columns, start=1):
             item: dict[str, Any] = {"api_name": api, "index": i}
-            if crm_type == "date":
+            if crm_type == "lookup":
+                item["find_by"] = self._lookups[column][1]
+            elif crm_type == "date":
                 item["format"] = CSV_DATE_FORMAT
             elif crm_type == "datetime" and self._bulk_zone is not None:
                 item["format"] = self.pipeline.bulk_datetime_format
@@ -191,6 +257,17 @@ class RecordMapper:
 
 
 # ---- conversion of one value --------------------------------------------------------------------
+
+
+def key_text(value: Any, what: str, api: str) -> str:
+    """A legacy key as the CRM's text key field holds it (integers and decimals as digits)."""
+    if value is None or (isinstance(value, str) and value == ""):
+        raise DataError("MISSING_KEY", f"{what} is NULL or empty", field=api)
+    if isinstance(value, bool | dict | list):
+        raise DataError("INVALID_KEY", f"{what} holds a {type(value).__name__}", field=api)
+    if isinstance(value, Decimal | float):
+        return _decimal_text(_to_decimal(value, api))
+    return str(value)
 
 
 def to_json_value(value: Any, crm_type: str, api: str, naive_tz: tzinfo = UTC) -> Any:
@@ -471,12 +548,17 @@ class FieldSource(Protocol):
     async def fields(self, module: str) -> Sequence[FieldInfo]: ...
 
 
-async def check_mapping(client: FieldSource, pipeline: PipelineConfig) -> None:
+async def check_mapping(
+    client: FieldSource,
+    pipeline: PipelineConfig,
+    parents: Mapping[str, PipelineConfig] | None = None,
+) -> None:
     """Refuse a mapping that cannot work against the CRM's module, naming the config key.
 
     Checks: every mapped field exists, is writable and has a compatible ``data_type``; the
     key_field exists, is unique and holds text; every mandatory CRM field is filled; the
-    delete mark field (delete_mode 'mark') exists and is a boolean.
+    delete mark field (delete_mode 'mark') exists and is a boolean; a lookup field points to
+    the module of its parent pipeline (field metadata ``lookup.module``; ``parents`` by name).
     """
     metas = {f.api_name: f for f in await client.fields(pipeline.module)}
     prefix = f"pipelines[{pipeline.name!r}]"
@@ -521,6 +603,22 @@ async def check_mapping(client: FieldSource, pipeline: PipelineConfig) -> None:
                 f"data_type is {meta.data_type!r}; expected type "
                 f"{_config_type_for(meta.data_type)!r}",
             )
+        if m.type == "lookup":
+            parent = (parents or {}).get(m.pipeline or "")
+            target = getattr(meta, "lookup_module", None)
+            if parent is None:
+                raise ConfigError(
+                    f"{where}.pipeline",
+                    f"column {column!r} looks up pipeline {m.pipeline!r}, which is not"
+                    " configured; name the pipeline that syncs the parent table",
+                )
+            if target != parent.module:
+                raise ConfigError(
+                    where,
+                    f"CRM lookup field {module}.{m.field} points to module {target!r}, but"
+                    f" pipeline {parent.name!r} syncs module {parent.module!r}; map a lookup"
+                    f" to {parent.module!r} or name the pipeline of {target!r}",
+                )
 
     mapped = {m.field for m in pipeline.fields.values()} | {pipeline.key_field}
     if pipeline.delete_mode == "mark" and pipeline.delete_mark_field:

@@ -157,6 +157,7 @@ class FieldMeta:
     read_only: bool = False
     length: int | None = None
     picklist_values: tuple[str, ...] = ()
+    lookup_module: str | None = None  # data_type "lookup": the target module (``lookup.module``)
 
 
 @dataclass(slots=True)
@@ -1086,6 +1087,12 @@ def _record_results(reply: _Reply, n: int, api: str) -> list[RecordResult]:
     return out
 
 
+def _lookup_module(lookup: Any) -> str | None:
+    module = lookup.get("module") if isinstance(lookup, dict) else None
+    name = module.get("api_name") if isinstance(module, dict) else None
+    return str(name) if name else None
+
+
 def _field_meta(f: Mapping[str, Any]) -> FieldMeta:
     unique = f.get("unique")
     picklist = f.get("pick_list_values") or []
@@ -1103,4 +1110,5 @@ def _field_meta(f: Mapping[str, Any]) -> FieldMeta:
             for p in picklist
             if isinstance(p, dict)
         ),
+        lookup_module=_lookup_module(f.get("lookup")),
     )
