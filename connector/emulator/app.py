@@ -1082,7 +1082,10 @@ async def admin_record(request: web.Request) -> web.Response:
             return json_response({"code": "INVALID_DATA", "message": "expected an object"}, 400)
         res = store.update(rid, body, "update")
     if not res.ok:
-        errors = [{"code": c, "api_name": a, **d} for c, a, d in res.errors]
+        errors = [
+            {"code": c, "api_name": a, **{k: v for k, v in d.items() if k != MESSAGE_KEY}}
+            for c, a, d in res.errors
+        ]
         return json_response(
             {"code": res.code or "INVALID_DATA", "message": res.message, "errors": errors}, 400
         )

@@ -413,7 +413,7 @@ def create_job(state: EmulatorState, body: Any) -> BulkJob:
                 f"the format {fmt} is not supported for the field {name}",
                 {"api_name": name, "json_path": f"$.resource[0].field_mappings[{i}].format"},
             )
-        _check_relation_mapping(state, store.m.fields[name], m.get("find_by"), i)
+        _check_relation_mapping(state, store.m.fields[name], m, i)
         clean_maps.append(
             {
                 "api_name": name,
@@ -468,7 +468,9 @@ def create_job(state: EmulatorState, body: Any) -> BulkJob:
     )
 
 
-def _check_relation_mapping(state: EmulatorState, spec: FieldSpec, find_by: Any, i: int) -> None:
+def _check_relation_mapping(
+    state: EmulatorState, spec: FieldSpec, mapping: dict[str, Any], i: int
+) -> None:
     """A lookup column needs ``find_by``: ``id`` or a unique (or system duplicate-check) field
     of the target module, "how to resolve a lookup (e.g. ``id``, ``Account_Name``, ``email``
     for users)" (Bulk Write create-job ``field_mappings[].find_by``, zoho-crm-api.md §3.2 and
@@ -476,8 +478,10 @@ def _check_relation_mapping(state: EmulatorState, spec: FieldSpec, find_by: Any,
     documented: the job is refused (INVALID_DATA, fail safe) rather than guessing.
 
     A subform column is a parent+child import (a zip of several CSVs linked by
-    ``parent_column_index``, zoho-crm-api.md §3.2): not modelled, refused (fail safe)."""
+    ``parent_column_index``, zoho-crm-api.md §3.2): not modelled, refused (fail safe). So is a
+    ``default_value`` on a lookup column (how Zoho resolves it is not documented)."""
     path = f"$.resource[0].field_mappings[{i}]"
+    find_by = mapping.get("find_by")
     if spec.data_type == "subform":
         raise ApiError(
             400,
@@ -487,6 +491,13 @@ def _check_relation_mapping(state: EmulatorState, spec: FieldSpec, find_by: Any,
         )
     if spec.data_type != "lookup":
         return
+    if mapping.get("default_value") is not None:
+        raise ApiError(
+            400,
+            "INVALID_DATA",
+            "invalid data",
+            {"api_name": spec.api_name, "json_path": f"{path}.default_value"},
+        )
     target = state.stores[spec.lookup_module or ""]
     if not isinstance(find_by, str) or (find_by != "id" and find_by not in target.index):
         raise ApiError(

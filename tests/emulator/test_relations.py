@@ -187,6 +187,23 @@ async def test_subform_rows_kept_replaced_and_removed_as_documented(remu, rapi: 
     assert st_ == 200 and _order(remu, "o1")["Lines"] == []
 
 
+async def test_subform_row_id_on_insert_is_refused(remu, rapi: Api) -> None:
+    st_, item = await _upsert(
+        rapi, {"Name": "O1", "Legacy_Id": "o1", "Lines": [{"id": "4876876000001000001"}]}
+    )
+    assert st_ == 400 and item["details"]["parent_api_name"] == "Lines"
+    assert remu.records("Orders") == []
+
+
+async def test_bulk_lookup_default_value_is_refused(rapi: Api) -> None:
+    header = ["Legacy_Id", "Name", "Account"]
+    _, up = await upload(rapi, make_zip([["o1", "O1", "c1"]], header=header))
+    body = _job(up["details"]["file_id"], header, "Legacy_Id")
+    body["resource"][0]["field_mappings"][2]["default_value"] = {"value": "c1"}
+    st_, out = await create(rapi, body)
+    assert st_ == 400 and out["details"]["json_path"].endswith("[2].default_value")
+
+
 async def test_subform_row_limit(rapi: Api) -> None:
     rows = [{"Qty": i} for i in range(101)]
     st_, item = await _upsert(rapi, {"Name": "O1", "Legacy_Id": "o1", "Lines": rows})
