@@ -369,7 +369,7 @@ async def get_fields(request: web.Request) -> web.Response:
             "One of the expected parameter is missing",
             {"param_name": "module"},
         )
-    spec = state.config.module(name)
+    spec = state.config.module(name) or state.config.subform_module(name)
     if spec is None:
         raise ApiError(
             400,

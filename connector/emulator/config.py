@@ -275,6 +275,11 @@ class EmulatorConfig(_Model):
                         f"module {m.api_name}: lookup field {f.api_name} points to module"
                         f" {f.lookup_module!r}, which is not configured"
                     )
+                if f.data_type == "subform" and (f.subform_module or f.api_name) in names:
+                    raise ValueError(
+                        f"module {m.api_name}: subform field {f.api_name}'s subform module has"
+                        " the name of a configured module"
+                    )
         return self
 
     @classmethod
@@ -295,4 +300,20 @@ class EmulatorConfig(_Model):
         for m in self.modules:
             if m.api_name == api_name:
                 return m
+        return None
+
+    def subform_module(self, api_name: str) -> ModuleSpec | None:
+        """The subform module ``api_name`` (a subform field's ``subform.module``) as a module of
+        its row fields: Zoho serves its field metadata at ``settings/fields?module=<subform
+        module>`` ("The Field API names of the individual fields in a subform can be acquired
+        using Fields Metadata API, with the request URL as fields?module={Sub_form_api_name}",
+        Subform API, zoho.com/crm/developer/docs/api/v2/subforms.html)."""
+        for m in self.modules:
+            for f in m.fields:
+                if f.data_type == "subform" and (f.subform_module or f.api_name) == api_name:
+                    return ModuleSpec(
+                        api_name=api_name,
+                        system_duplicate_check_fields=[],
+                        fields=f.subform_fields,
+                    )
         return None

@@ -103,6 +103,18 @@ async def test_field_metadata_names_the_target_and_the_subform(rapi: Api) -> Non
     assert by["Name"]["lookup"] is None
 
 
+async def test_field_metadata_of_the_subform_module(rapi: Api) -> None:
+    st_, _, body = await rapi.call(
+        "GET", "/crm/v8/settings/fields", params={"module": "Order_Lines"}
+    )
+    assert st_ == 200
+    check(("fields.json", "/crm/v8/settings/fields"), "get", st_, body)
+    assert {f["api_name"]: f["data_type"] for f in body["fields"]} == {
+        "Product": "text",
+        "Qty": "integer",
+    }
+
+
 async def test_lookup_id_must_exist_in_the_target_module(remu, rapi: Api) -> None:
     acc = await _account(rapi, "c1")
     st_, item = await _upsert(rapi, {"Name": "O1", "Legacy_Id": "o1", "Account": {"id": acc}})
