@@ -182,7 +182,16 @@ def _is_null(name: str, negate: bool) -> Predicate:
 
 
 def _in(name: str, values: list[Any], negate: bool) -> Predicate:
-    return lambda r: (r.get(name) in values) != negate
+    return lambda r: (_lookup_id(r.get(name)) in values) != negate
+
+
+def _lookup_id(v: Any) -> Any:
+    """A lookup field is compared by the id of the record it points to ("Account_Name will give
+    the ID and display field value of Account", JOINs in COQL Queries, zoho.com/crm/developer/
+    docs/api/v8/COQL-Joins.html; criteria on a lookup take the record id)."""
+    if isinstance(v, dict) and "id" in v:
+        return v["id"]
+    return v
 
 
 def _like(name: str, rx: re.Pattern[str], negate: bool) -> Predicate:
@@ -197,7 +206,7 @@ def _compare(name: str, op: str, value: Any) -> Predicate:
     if name == "id":  # record ids are numeric strings; Zoho compares them as numbers
         wanted = _as_id(value)
         return lambda r: _cmp(_as_id(r.get("id")), op, wanted)
-    return lambda r: _cmp(r.get(name), op, value)
+    return lambda r: _cmp(_lookup_id(r.get(name)), op, value)
 
 
 def _as_id(v: Any) -> Any:

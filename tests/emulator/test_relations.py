@@ -145,6 +145,21 @@ async def test_lookup_id_must_exist_in_the_target_module(remu, rapi: Api) -> Non
     assert st_ == 200 and _order(remu, "o1")["Account"] is None
 
 
+async def test_coql_compares_a_lookup_by_the_parent_id(rapi: Api) -> None:
+    acc = await _account(rapi, "c1")
+    other = await _account(rapi, "c2")
+    for key, parent in (("o1", acc), ("o2", other), ("o3", acc)):
+        await _upsert(rapi, {"Name": key, "Legacy_Id": key, "Account": {"id": parent}})
+    st_, _, body = await rapi.call(
+        "POST",
+        "/crm/v8/coql",
+        json={"select_query": f"select Legacy_Id, Account from Orders where Account = '{acc}'"},
+    )
+    assert st_ == 200, body
+    assert sorted(r["Legacy_Id"] for r in body["data"]) == ["o1", "o3"]
+    assert body["data"][0]["Account"]["id"] == acc
+
+
 async def test_lookup_to_a_deleted_parent_is_refused(remu, rapi: Api) -> None:
     acc = await _account(rapi, "c9")
     st_, _, _ = await rapi.call("DELETE", "/crm/v8/Accounts", params={"ids": acc})
