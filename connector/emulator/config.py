@@ -232,6 +232,16 @@ class FaultConfig(_Model):
     drop_callbacks: bool = False
     seed: int | None = None
 
+    @model_validator(mode="after")
+    def _latency_needs_a_model(self) -> FaultConfig:
+        # a figure nobody reads is a silent no-op: say so instead
+        if self.latency == "none" and (self.latency_ms or self.latency_max_ms):
+            raise ValueError(
+                "faults.latency_ms / latency_max_ms are set but faults.latency is 'none', so no "
+                "latency would be added: set latency = 'fixed', 'uniform' or 'exponential'"
+            )
+        return self
+
 
 class UserSpec(_Model):
     id: str = "4876876000000331001"

@@ -190,6 +190,11 @@ class Faults:
 
     def update(self, changes: dict[str, Any]) -> None:
         merged = {**self.config.model_dump(), **changes}
+        if changes.get("latency") == "none":  # switching latency off clears its figures
+            merged.setdefault("latency_ms", 0.0)
+            for k in ("latency_ms", "latency_max_ms"):
+                if k not in changes:
+                    merged[k] = 0.0
         new = FaultConfig.model_validate(merged)
         self.config = new
         if "seed" in changes:
