@@ -1,11 +1,15 @@
-"""Single-row UPDATE throughput on an orders table, with and without the capture trigger.
+"""UPDATE throughput on an orders table, with and without the capture trigger.
 
-Four writer connections (threads, sync psycopg, autocommit: one transaction per UPDATE) update
-random rows of a 10,000-row table for ``--seconds`` per round; rounds alternate without / with
-the trigger so that both see the same warm-up and the same growing table. Runs an embedded
-PostgreSQL 16 (connector/pgembed.py) in a temporary directory. Prints JSON.
+``--writers`` connections (threads, sync psycopg, autocommit: one transaction per UPDATE) update
+rows of a 10,000-row table for ``--seconds`` per round; rounds alternate without / with the
+trigger so that both see the same warm-up and the same growing table. ``--rows-per-statement 1``
+(default) updates one random row per statement; ``--rows-per-statement 100`` is a legacy batch
+job: each statement updates 100 consecutive rows (each writer in its own part of the table, so
+the writers do not wait on each other's row locks). Runs an embedded PostgreSQL 16
+(connector/pgembed.py) in a temporary directory. Prints JSON.
 
     .venv/bin/python benchmarks/capture_trigger.py [--seconds 8] [--rounds 3] [--writers 4]
+        [--rows-per-statement 1]
 """
 
 from __future__ import annotations
@@ -40,26 +44,48 @@ PIPELINE = PipelineConfig(
 )
 
 
-def _writer(dsn: str, stop: threading.Event, counts: list[int], idx: int, seed: int) -> None:
+def _writer(
+    dsn: str,
+    stop: threading.Event,
+    counts: list[int],
+    idx: int,
+    seed: int,
+    rows: int = 1,
+    writers: int = 1,
+) -> None:
     rng = random.Random(seed)
     n = 0
     with psycopg.connect(dsn, autocommit=True) as conn:
         cur = conn.cursor()
-        while not stop.is_set():
-            cur.execute(
-                "UPDATE orders SET amount = amount + 1, updated_at = now() WHERE id = %s",
-                (rng.randrange(1, ROWS + 1),),
-                prepare=True,
-            )
-            n += 1
+        if rows == 1:
+            while not stop.is_set():
+                cur.execute(
+                    "UPDATE orders SET amount = amount + 1, updated_at = now() WHERE id = %s",
+                    (rng.randrange(1, ROWS + 1),),
+                    prepare=True,
+                )
+                n += 1
+        else:
+            part = ROWS // writers  # this writer's own part of the table
+            lo = idx * part + 1
+            while not stop.is_set():
+                first = lo + rng.randrange(0, part - rows + 1)
+                cur.execute(
+                    "UPDATE orders SET amount = amount + 1, updated_at = now()"
+                    " WHERE id BETWEEN %s AND %s",
+                    (first, first + rows - 1),
+                    prepare=True,
+                )
+                n += 1
     counts[idx] = n
 
 
-def _round(dsn: str, writers: int, seconds: float, seed: int) -> float:
+def _round(dsn: str, writers: int, seconds: float, seed: int, rows: int = 1) -> float:
+    """Statements per second of ``writers`` connections, ``rows`` rows per UPDATE."""
     stop = threading.Event()
     counts = [0] * writers
     threads = [
-        threading.Thread(target=_writer, args=(dsn, stop, counts, i, seed + i))
+        threading.Thread(target=_writer, args=(dsn, stop, counts, i, seed + i, rows, writers))
         for i in range(writers)
     ]
     start = time.perf_counter()
@@ -102,7 +128,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8.0, help="length of one round")
     ap.add_argument("--rounds", type=int, default=3, help="rounds per configuration")
     ap.add_argument("--writers", type=int, default=4)
+    ap.add_argument("--rows-per-statement", type=int, default=1)
     args = ap.parse_args()
+    rows = args.rows_per_statement
 
     root = Path(tempfile.mkdtemp(prefix="bench-capture-"))
     server = EmbeddedPostgres(root / "data")
@@ -110,13 +138,13 @@ def main() -> None:
     try:
         dsn = server.dsn()
         asyncio.run(_prepare(dsn))
-        _round(dsn, args.writers, min(2.0, args.seconds), seed=0)  # warm-up
+        _round(dsn, args.writers, min(2.0, args.seconds), seed=0, rows=rows)  # warm-up
         without: list[float] = []
         with_trigger: list[float] = []
         for r in range(args.rounds):
             for on in (False, True):
                 asyncio.run(_set_trigger(dsn, on))
-                rate = _round(dsn, args.writers, args.seconds, seed=1000 * r + on)
+                rate = _round(dsn, args.writers, args.seconds, seed=1000 * r + on, rows=rows)
                 (with_trigger if on else without).append(rate)
         with psycopg.connect(dsn) as conn:
             events = conn.execute("SELECT count(*) FROM connector.outbox").fetchone()
@@ -128,11 +156,12 @@ def main() -> None:
                 {
                     "benchmark": "capture_trigger",
                     "writers": args.writers,
+                    "rows_per_statement": rows,
                     "seconds_per_round": args.seconds,
                     "rounds": args.rounds,
                     "table_rows": ROWS,
-                    "updates_per_s_without_trigger": round(base, 1),
-                    "updates_per_s_with_trigger": round(trig, 1),
+                    "statements_per_s_without_trigger": round(base, 1),
+                    "statements_per_s_with_trigger": round(trig, 1),
                     "ratio_with_over_without": round(trig / base, 3),
                     "rounds_without": [round(x, 1) for x in without],
                     "rounds_with": [round(x, 1) for x in with_trigger],
