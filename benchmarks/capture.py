@@ -3,7 +3,8 @@
 * **Trigger mode**: single-row ``UPDATE``s (one transaction each, autocommit) on a 10,000-row
   orders table from ``--writers`` connections for ``--seconds`` per round; rounds alternate
   without / with the capture trigger (``benchmarks/capture_trigger.py``'s rounds), the medians
-  give the ratio.
+  give the ratio. Then the same for 100-row ``UPDATE`` statements (a legacy batch job) from
+  ``--batch-writers`` connections (issue 19).
 * **Logical mode**: N row changes committed (1 row per transaction, then 100 rows per
   transaction) into a table captured by a fresh slot; ``LogicalCapture`` decodes them and
   commits them into the outbox, then ``pg_recvlogical`` reads the same changes from a second
@@ -34,22 +35,29 @@ from benchmarks import capture_trigger as trigger_bench
 NAME = "capture"
 
 
-def _trigger(dsn: str, writers: int, seconds: float, rounds: int) -> dict[str, Any]:
-    asyncio.run(trigger_bench._prepare(dsn))
-    trigger_bench._round(dsn, writers, min(2.0, seconds), seed=0)  # warm-up
+def _trigger(
+    dsn: str, writers: int, seconds: float, rounds: int, rows: int = 1, prepare: bool = True
+) -> dict[str, Any]:
+    """Rounds without / with the trigger; ``rows`` rows per UPDATE statement."""
+    if prepare:
+        asyncio.run(trigger_bench._prepare(dsn))
+    trigger_bench._round(dsn, writers, min(2.0, seconds), seed=0, rows=rows)  # warm-up
     without: list[float] = []
     with_trigger: list[float] = []
+    unit = "updates/s" if rows == 1 else f"{rows}-row statements/s"
     for r in range(rounds):
         for on in (False, True):
             asyncio.run(trigger_bench._set_trigger(dsn, on))
-            rate = trigger_bench._round(dsn, writers, seconds, seed=1000 * r + on)
+            rate = trigger_bench._round(dsn, writers, seconds, seed=1000 * r + on, rows=rows)
             (with_trigger if on else without).append(rate)
-            print(f"  round {r + 1} trigger {'on ' if on else 'off'}: {rate:,.0f} updates/s")
+            print(f"  round {r + 1} trigger {'on ' if on else 'off'}: {rate:,.0f} {unit}")
     asyncio.run(trigger_bench._set_trigger(dsn, False))
     base = statistics.median(without)
     trig = statistics.median(with_trigger)
+    print(f"  {unit}: ratio with/without trigger ×{trig / base:.3f}")
     return {
         "writers": writers,
+        "rows_per_statement": rows,
         "seconds_per_round": seconds,
         "rounds": rounds,
         "table_rows": trigger_bench.ROWS,
@@ -96,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=None, help="one round (default 8 × scale)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--writers", type=int, default=4)
+    ap.add_argument("--batch-writers", type=int, default=2, help="100-row UPDATE statements")
     ap.add_argument("--events", type=int, default=None, help="logical mode (default 50,000×scale)")
     ap.add_argument("--out", type=Path, default=c.RESULTS)
     args, _unknown = ap.parse_known_args(args_in)
@@ -108,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         version = c.pg_version(dsn)
         print(f"trigger mode: {args.writers} writers, {args.rounds} × {seconds:g} s per config")
         trig = _trigger(dsn, args.writers, seconds, args.rounds)
+        print(f"trigger mode, 100-row UPDATE statements: {args.batch_writers} writers")
+        batch = _trigger(dsn, args.batch_writers, seconds, args.rounds, rows=100, prepare=False)
         print(f"logical mode: {events:,} events per shape")
         logi = asyncio.run(_logical(dsn, events, c.postmaster_pid(pg)))
     shown = [f"--scale {args.scale:g}"] if args.scale != 1 else []
@@ -115,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         ("--seconds", args.seconds, None),
         ("--rounds", args.rounds, 3),
         ("--writers", args.writers, 4),
+        ("--batch-writers", args.batch_writers, 2),
         ("--events", args.events, None),
     ):
         if val != default:
@@ -128,37 +140,46 @@ def main(argv: list[str] | None = None) -> int:
         "versions": c.versions(version),
         "parameters": {
             "writers": args.writers,
+            "batch_writers": args.batch_writers,
             "seconds_per_round": seconds,
             "rounds": args.rounds,
             "logical_events_per_shape": events,
             "postgres": "embedded 16, fsync off, synchronous_commit off",
         },
         "trigger": trig,
+        "trigger_batch": batch,
         "logical": logi,
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
     result["tables"] = [
         {
-            "title": "Trigger mode: single-row UPDATE throughput, same run, alternating rounds",
+            "title": "Trigger mode: UPDATE throughput, same run, alternating rounds",
             "columns": [
+                "rows/statement",
                 "writers",
-                "updates/s without trigger",
-                "updates/s with trigger",
+                "statements/s without trigger",
+                "statements/s with trigger",
                 "ratio with/without",
                 "rounds without",
                 "rounds with",
             ],
             "rows": [
                 [
-                    trig["writers"],
-                    trig["updates_per_s_without_trigger"],
-                    trig["updates_per_s_with_trigger"],
-                    trig["ratio_with_over_without"],
-                    ", ".join(f"{x:,}" for x in trig["rounds_without"]),
-                    ", ".join(f"{x:,}" for x in trig["rounds_with"]),
+                    t["rows_per_statement"],
+                    t["writers"],
+                    t["updates_per_s_without_trigger"],
+                    t["updates_per_s_with_trigger"],
+                    t["ratio_with_over_without"],
+                    ", ".join(f"{x:,}" for x in t["rounds_without"]),
+                    ", ".join(f"{x:,}" for x in t["rounds_with"]),
                 ]
+                for t in (trig, batch)
             ],
-            "note": "Medians of the rounds; one transaction per UPDATE (autocommit).",
+            "note": (
+                "Medians of the rounds; one transaction per UPDATE statement (autocommit). "
+                "100 rows/statement: each writer updates 100 consecutive rows of its own part "
+                "of the table (a legacy batch job)."
+            ),
         },
         {
             "title": "Logical mode: decode into the outbox vs pg_recvlogical on the same changes",

@@ -5,17 +5,12 @@ row change with ``id = version = nextval(outbox sequence)`` drawn inside the AFT
 i.e. after the row lock: for one key, versions follow commit order (cdc-reference.md §2.3).
 
 The trigger function lives in the state schema, one per pipeline, and is ``SECURITY DEFINER``
-so that the legacy application's roles need no privilege on the state schema. It carries no
-``SET`` clauses (a configuration save/restore on every call, issue 19: ~15 % of a single-row
-UPDATE with the trigger), yet
+with a fixed ``search_path`` and fixed output settings, so that
 
-* the application cannot hijack it through its own ``search_path``: every relation, type,
-  function and operator in the body is schema-qualified (``OPERATOR(pg_catalog.=)``,
-  ``::pg_catalog.text``, ...);
-* the row image is exactly ``to_jsonb(row)`` under IMAGE_SETTINGS (``TimeZone=UTC`` ...)
-  whatever the session's settings (docs/architecture.md, "The outbox row"): the function reads
-  the four settings (cheap) and, only when one differs, sets it for the call with
-  ``set_config(..., true)`` and puts the session's value back before it returns.
+* the legacy application's roles need no privilege on the state schema, and cannot hijack the
+  function through their own ``search_path`` (every name in it is schema-qualified);
+* the row image is exactly ``to_jsonb(row)`` with ``TimeZone=UTC`` whatever the session's
+  settings (docs/architecture.md, "The outbox row").
 
 See docs/capture.md for the GRANTs and the behaviour (no-op updates, ignored columns, key
 changes, NULL keys, TRUNCATE).
@@ -36,18 +31,11 @@ from connector.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# Session time zones under which timestamptz prints exactly as under 'UTC' (fixed offset 0, no
-# DST in tzdata): the function uses the session's zone as it is. Any other zone is switched to
-# UTC for the call (the safe path).
-_UTC_ZONES: tuple[str, ...] = (
-    "UTC",
-    "Etc/UTC",
-    "UCT",
-    "Etc/UCT",
-    "Universal",
-    "Etc/Universal",
-    "Zulu",
-    "Etc/Zulu",
+# Settings that change what to_jsonb() prints; pinned on the function (SET clauses) so that the
+# row image does not depend on the legacy session.
+_IMAGE_SETTINGS: tuple[tuple[str, str], ...] = (
+    ("search_path", "pg_catalog, pg_temp"),
+    *IMAGE_SETTINGS,
 )
 
 
@@ -175,8 +163,7 @@ async def _key_equality(
     conn: psycopg.AsyncConnection[Any], oid: int, attnum: int
 ) -> sql.Composable | None:
     """``OPERATOR(schema.=)`` for the key column's type, schema-qualified because the trigger
-    function runs with the application's ``search_path`` (no SET clause); None when the type
-    has none."""
+    function runs with ``search_path = pg_catalog, pg_temp``; None when the type has none."""
     cur = await conn.execute(
         "SELECT n.nspname::text FROM pg_catalog.pg_attribute a"
         " JOIN pg_catalog.pg_operator o ON o.oprname = '=' AND o.oprleft = a.atttypid"
@@ -208,13 +195,11 @@ def _function_body(
             sql.Literal(list(pipeline.ignore_columns))
         )
         unchanged = sql.SQL(
-            "(v_new OPERATOR(pg_catalog.-) {ig}) OPERATOR(pg_catalog.=)"
-            " (v_old OPERATOR(pg_catalog.-) {ig})"
+            "(v_new OPERATOR(pg_catalog.-) {ig}) = (v_old OPERATOR(pg_catalog.-) {ig})"
         ).format(ig=ignored)
     else:
-        unchanged = sql.SQL("v_new OPERATOR(pg_catalog.=) v_old")
+        unchanged = sql.SQL("v_new = v_old")
 
-    # every name qualified: the function has no SET search_path (see the module docstring)
     def emit(op: str, key_var: str, image: str) -> sql.Composed:
         return sql.SQL(
             "    v_id := pg_catalog.nextval({seq});\n"
@@ -280,75 +265,37 @@ def _function_body(
             message=sql.Literal(missing_key_message(pipeline)),
         )
 
-    # the image settings: a cheap test of each; only one that differs (typically TimeZone) is
-    # set for this call, and the session's value put back before returning (the application
-    # never sees a change). Assignments, not PERFORM: PL/pgSQL evaluates them as simple
-    # expressions, without a query.
-    pin = sql.SQL("").join(
-        sql.SQL(
-            "  v_cfg{i} := pg_catalog.current_setting({name});\n"
-            "  IF v_cfg{i} OPERATOR(pg_catalog.=) ANY ({ok}::pg_catalog.text[]) THEN\n"
-            "    v_cfg{i} := NULL;\n"
-            "  ELSE\n"
-            "    v_set := pg_catalog.set_config({name}, {value}, true);\n"
-            "  END IF;\n"
-        ).format(
-            i=sql.SQL(str(i)),
-            name=sql.Literal(k),
-            value=sql.Literal(v),
-            ok=sql.Literal(list(_UTC_ZONES) if k == "TimeZone" else [v]),
-        )
-        for i, (k, v) in enumerate(IMAGE_SETTINGS)
-    )
-    unpin = sql.SQL("").join(
-        sql.SQL(
-            "  IF v_cfg{i} IS NOT NULL THEN\n"
-            "    v_set := pg_catalog.set_config({name}, v_cfg{i}, true);\n"
-            "  END IF;\n"
-        ).format(i=sql.SQL(str(i)), name=sql.Literal(k))
-        for i, (k, _v) in enumerate(IMAGE_SETTINGS)
-    )
-    declare_cfg = sql.SQL("").join(
-        sql.SQL("  v_cfg{} pg_catalog.text;\n").format(sql.SQL(str(i)))
-        for i in range(len(IMAGE_SETTINGS))
-    )
     return sql.SQL(
         "DECLARE\n"
-        "  v_new pg_catalog.jsonb;\n"
-        "  v_old pg_catalog.jsonb;\n"
-        "  v_left pg_catalog.jsonb;\n"
-        "  v_new_key pg_catalog.text;\n"
-        "  v_old_key pg_catalog.text;\n"
-        "  v_id pg_catalog.int8;\n"
-        "{declare_cfg}"
-        "  v_set pg_catalog.text;\n"
+        "  v_new jsonb;\n"
+        "  v_old jsonb;\n"
+        "  v_left jsonb;\n"
+        "  v_new_key text;\n"
+        "  v_old_key text;\n"
+        "  v_id bigint;\n"
         "BEGIN\n"
-        "{pin}"
-        "  <<capture>>\n"
-        "  BEGIN\n"
-        "  IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN\n"
-        "    v_new_key := NEW.{key}::pg_catalog.text;\n"
+        "  IF TG_OP = 'INSERT' THEN\n"
+        "    v_new_key := NEW.{key}::text;\n"
         "    IF v_new_key IS NULL THEN\n"
         "{dins}"
-        "      EXIT capture;\n"
+        "      RETURN NULL;\n"
         "    END IF;\n"
         "{ins}"
-        "  ELSIF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN\n"
-        "    v_old_key := OLD.{key}::pg_catalog.text;\n"
-        "    IF v_old_key IS NULL THEN EXIT capture; END IF;\n"
+        "  ELSIF TG_OP = 'DELETE' THEN\n"
+        "    v_old_key := OLD.{key}::text;\n"
+        "    IF v_old_key IS NULL THEN RETURN NULL; END IF;\n"
         "{dele}"
         "  ELSE\n"
-        "    IF NEW OPERATOR(pg_catalog.*=) OLD THEN EXIT capture; END IF;\n"
+        "    IF NEW OPERATOR(pg_catalog.*=) OLD THEN RETURN NULL; END IF;\n"
         "    v_new := pg_catalog.to_jsonb(NEW);\n"
         "    v_old := pg_catalog.to_jsonb(OLD);\n"
-        "    IF {unchanged} THEN EXIT capture; END IF;\n"
-        "    v_new_key := NEW.{key}::pg_catalog.text;\n"
-        "    v_old_key := OLD.{key}::pg_catalog.text;\n"
-        "    IF (v_new_key IS NULL AND v_old_key IS NULL)\n"
-        "        OR v_new_key OPERATOR(pg_catalog.=) v_old_key THEN\n"
+        "    IF {unchanged} THEN RETURN NULL; END IF;\n"
+        "    v_new_key := NEW.{key}::text;\n"
+        "    v_old_key := OLD.{key}::text;\n"
+        "    IF v_new_key IS NOT DISTINCT FROM v_old_key THEN\n"
         "      IF v_new_key IS NULL THEN\n"
         "{dupd}"
-        "        EXIT capture;\n"
+        "        RETURN NULL;\n"
         "      END IF;\n"
         "{upd}"
         "    ELSE\n"
@@ -362,14 +309,9 @@ def _function_body(
         "      END IF;\n"
         "    END IF;\n"
         "  END IF;\n"
-        "  END;\n"
-        "{unpin}"
         "  RETURN NULL;\n"
         "END\n"
     ).format(
-        declare_cfg=declare_cfg,
-        pin=pin,
-        unpin=unpin,
         key=key,
         ins=emit("insert", "v_new_key", "pg_catalog.to_jsonb(NEW)"),
         dins=dead("pg_catalog.to_jsonb(NEW)"),
@@ -398,15 +340,16 @@ async def install(
         func = sql.Identifier(schema, function_name(pipeline))
         key_eq = await _key_equality(conn, oid, attnum)
         body = _function_body(schema, pipeline, sequence, key_eq, oid).as_string(conn)
+        settings = sql.SQL("\n").join(
+            sql.SQL("SET {} = {}").format(sql.Identifier(k), sql.Literal(v))
+            for k, v in _IMAGE_SETTINGS
+        )
         await conn.execute(
             sql.SQL(
                 "CREATE OR REPLACE FUNCTION {func}() RETURNS trigger\n"
-                "LANGUAGE plpgsql SECURITY DEFINER\nAS {body}"
-            ).format(func=func, body=sql.Literal(body))
+                "LANGUAGE plpgsql SECURITY DEFINER\n{settings}\nAS {body}"
+            ).format(func=func, settings=settings, body=sql.Literal(body))
         )
-        # CREATE OR REPLACE keeps the SET clauses of an older install (they would still cost
-        # a configuration save/restore per call): drop them
-        await conn.execute(sql.SQL("ALTER FUNCTION {}() RESET ALL").format(func))
         await conn.execute(sql.SQL("REVOKE ALL ON FUNCTION {}() FROM PUBLIC").format(func))
         tname = trigger_name(schema, pipeline)
         cur = await conn.execute(
