@@ -217,6 +217,9 @@ class Emitter:
         self._backoff_tag = 0  # fence tags of those retries: negative, never a bulk_jobs id
         # the planner's inputs: high percentiles, bulk by job size (connector/latency.py)
         self.latency = LatencyEstimator(default_bulk=default_bulk_latency)
+        # records_emitted_total children bound once (see _count)
+        self._emitted: dict[tuple[str, str], Any] = {}
+        self._emitted_of: Metrics | None = None
 
     # ------------------------------------------------------------------ estimates
     def restore_bulk_latency(self, durations: Sequence[tuple[int, float]]) -> None:
@@ -1104,10 +1107,19 @@ class Emitter:
         self.rejections.log(res.dead)
 
     def _count(self, api: str, outcome: str) -> None:
+        # called once per record: the labelled child is bound once per (metrics, api, outcome)
+        # (prometheus_client's labels() validates and locks on every call; issue 19)
         if self.metrics is not None:
-            self.metrics.records_emitted_total.labels(
-                pipeline=self.pipeline.name, api=api, outcome=outcome
-            ).inc()
+            child = self._emitted.get((api, outcome))
+            if child is None or self._emitted_of is not self.metrics:
+                if self._emitted_of is not self.metrics:
+                    self._emitted.clear()
+                    self._emitted_of = self.metrics
+                child = self.metrics.records_emitted_total.labels(
+                    pipeline=self.pipeline.name, api=api, outcome=outcome
+                )
+                self._emitted[(api, outcome)] = child
+            child.inc()
 
     def _bulk_gauge(self, delta: int) -> None:
         if self.metrics is not None:
