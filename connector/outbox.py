@@ -60,10 +60,26 @@ def load_json(data: str | bytes) -> Any:
     return json.loads(data, parse_int=_parse_int)
 
 
+# built once (json.loads with keyword arguments builds a decoder on every call; issue 19)
+_ROW_DECODER = json.JSONDecoder(parse_float=decimal.Decimal, parse_int=_parse_int)
+# for a text of at most 4000 characters, which cannot hold an integer of more than 4000 digits:
+# _parse_int would call int() on every integer anyway, so the scanner's own int() is the same
+_SHORT_ROW_DECODER = json.JSONDecoder(parse_float=decimal.Decimal)
+
+
 def load_row(data: str | bytes) -> Any:
     """Parse a row image: JSON with every non-integer number as a ``Decimal`` (never a float),
-    integers exact whatever their size (lossless, issue 14 §4)."""
-    return json.loads(data, parse_float=decimal.Decimal, parse_int=_parse_int)
+    integers exact whatever their size (lossless, issue 14 §4).
+
+    The same as ``json.loads(data, parse_float=Decimal, parse_int=_parse_int)``, once per
+    outbox row, without building a decoder per call."""
+    if isinstance(data, bytes | bytearray):
+        text = data.decode(json.detect_encoding(data), "surrogatepass")
+    elif isinstance(data, str) and not data.startswith("\ufeff"):
+        text = data
+    else:  # a BOM, a memoryview, a wrong type: json.loads's own answer (or error)
+        return json.loads(data, parse_float=decimal.Decimal, parse_int=_parse_int)
+    return (_SHORT_ROW_DECODER if len(text) <= 4000 else _ROW_DECODER).decode(text)
 
 
 @dataclass(frozen=True)
