@@ -77,6 +77,8 @@ SELECT key, crm_id, version, source_xid::text AS source_xid, snapshot::text AS s
  WHERE pipeline = %s AND key = ANY(%s)
 """
 
+# sent_hash is a binary parameter (%b): a bytea[] in text format is escaped element by element
+# in Python by psycopg, ~20 µs per acknowledged upsert; binary, ~0.3 µs (issue 19)
 Q_ACK = """
 INSERT INTO {schema}.key_state AS k
        (pipeline, key, crm_id, version, source_xid, snapshot, deleted, status, last_error,
@@ -84,7 +86,7 @@ INSERT INTO {schema}.key_state AS k
 SELECT %s, a.key, a.crm_id, a.version, a.source_xid::xid8, a.snapshot::pg_snapshot, a.deleted,
        'synced', NULL, now(), now(), a.sent_hash
   FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[], %s::boolean[],
-              %s::bytea[])
+              %b::bytea[])
        AS a(key, crm_id, version, source_xid, snapshot, deleted, sent_hash)
 ON CONFLICT (pipeline, key) DO UPDATE
    SET crm_id = coalesce(EXCLUDED.crm_id, k.crm_id),
