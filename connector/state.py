@@ -668,7 +668,14 @@ async def bulk_intent(
 ) -> int:
     cur = await conn.execute(
         _q(Q_BULK_INTENT, schema),
-        (pipeline, operation, Jsonb([e.to_json() for e in entries]), len(entries)),
+        # orjson (dumps_json), not psycopg's default json.dumps: ~1.6 -> ~0.2 µs per entry
+        # (issue 19); the entries hold strings, integers and NULLs, stored as the same jsonb
+        (
+            pipeline,
+            operation,
+            Jsonb([e.to_json() for e in entries], dumps=dumps_json),
+            len(entries),
+        ),
     )
     row = await cur.fetchone()
     assert row is not None

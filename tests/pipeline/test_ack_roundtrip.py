@@ -92,3 +92,41 @@ def test_record_acks_roundtrip(database: str, batches: list[list[tuple[object, .
 def test_record_acks_all_null_hashes_in_one_batch(database: str) -> None:
     acks = [state.Ack(key=str(i), stamp=EventStamp(i, 7), crm_id=f"c{i}") for i in range(1, 50)]
     asyncio.run(_roundtrip(database, [acks], "bulk-like"))
+
+
+@settings(
+    max_examples=10,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    st.lists(
+        st.tuples(
+            st.text(_pg_text, min_size=1, max_size=6),
+            st.integers(1, 2**63 - 1),
+            st.integers(1, 2**64 - 1),
+            _snapshots,
+            st.sampled_from(["insert", "update", "delete", "snapshot"]),
+            st.integers(1, 2**63 - 1),
+        ),
+        min_size=1,
+        max_size=10,
+    )
+)
+def test_bulk_intent_entries_roundtrip(database: str, raw: list[tuple[object, ...]]) -> None:
+    """The entries a bulk job records at intent (issue 19 writes them with orjson) come back
+    as they were written: keys of any text, versions, xids up to 2^64 - 1, snapshots."""
+    entries = [
+        state.BulkEntry(str(k), EventStamp(int(v), int(x), s), str(op), int(o))  # type: ignore[call-overload, arg-type]
+        for k, v, x, s, op, o in raw
+    ]
+    pipeline = f"b{next(_run)}"
+
+    async def go() -> list[state.BulkEntry]:
+        async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+            await state.bulk_intent(conn, SCHEMA, pipeline, "upsert", entries)
+            jobs = await state.open_bulk_jobs(conn, SCHEMA, pipeline)
+        assert len(jobs) == 1
+        return jobs[0].entries
+
+    assert asyncio.run(go()) == entries
