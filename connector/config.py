@@ -355,6 +355,9 @@ class PipelineConfig(_Strict):
     # the planner's dial (docs/planner.md): economy = fewest credits, every change leaves at its
     # latest moment; balanced / fast = changes leave once max_staleness/10 / 2 s old (whole credits)
     freshness: Literal["economy", "balanced", "fast"] = "economy"
+    # the time each CRM call may spend in 429/5xx retries, kept inside max_staleness: the
+    # planner sends that much earlier (docs/planner.md, "margin"); 0 = no retry budget
+    retry_allowance: Duration = timedelta(0)
     daily_credit_budget: int | None = Field(default=None, ge=500)
     delete_mode: Literal["delete", "mark", "ignore"] = "delete"
     delete_mark_field: str | None = None
@@ -423,6 +426,12 @@ class PipelineConfig(_Strict):
         if self.key_field in crm_fields:
             raise ValueError(
                 f"key_field {self.key_field!r} is filled from key_column; do not map it in fields"
+            )
+        if self.retry_allowance < timedelta(0) or self.retry_allowance * 2 > self.max_staleness:
+            raise ValueError(
+                f"retry_allowance {self.retry_allowance} must be between 0 and half of "
+                f"max_staleness ({self.max_staleness}): lower retry_allowance or raise "
+                "max_staleness"
             )
         if self.delete_mode == "mark" and not self.delete_mark_field:
             raise ValueError("delete_mode 'mark' needs delete_mark_field")

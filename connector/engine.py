@@ -598,6 +598,7 @@ class Engine:
             hold_backlog=self._holding_backlog(),
             freshness=self.pipeline.freshness,
             bulk_latency_by_size=bulk_by_size,
+            retry_allowance=self.pipeline.retry_allowance.total_seconds(),
         )
         if self._drain_all or self._drain_once:
             self._flushing = self._drain_once
