@@ -446,13 +446,32 @@ def price_table(cost: CostModel, m_max: int) -> list[int]:
     return [cost.cheapest(m).credits if m else 0 for m in range(m_max + 1)]
 
 
-def lower_bound(starts: list[float], length: float, cost: CostModel) -> int:
+def group_price(cost: CostModel, m: int, eligible: int) -> int:
+    """The cheapest way to send m records at one point when only ``eligible`` of them may go by
+    Bulk Write (the rest would arrive late by a job): k jobs carry min(k × bulk_batch,
+    eligible) records, upsert the rest."""
+    jobs = -(-min(m, eligible) // cost.bulk_batch)
+    best = cost.upsert_credits(m) if m else 0
+    for k in range(1, jobs + 1):
+        rest = m - min(k * cost.bulk_batch, eligible)
+        best = min(best, k * cost.bulk_job_credits + (cost.upsert_credits(rest) if rest else 0))
+    return best
+
+
+def lower_bound(
+    starts: list[float], length: float, cost: CostModel, bulk_length: float | None = None
+) -> int:
     """The relaxed optimum: every window needs one send point inside it; a point carrying m
     windows costs price(m). With equal-length windows sorted by start, the windows sharing a
     point are contiguous, so an optimum partitions the sorted windows into blocks of span
     ≤ ``length``: f[j] = min over blocks (i, j] of f[i] + price(j − i). f never decreases in
     j and price is a step function, so per price level only the largest block is a candidate
-    (the last size of each level, plus the largest block allowed)."""
+    (the last size of each level, plus the largest block allowed).
+
+    ``bulk_length`` (max_staleness minus the fastest a bulk job can be answered): a window
+    can go by Bulk Write only from a point at most that long after its start, so in a block
+    only the windows starting within ``bulk_length`` of its last start may (``group_price``);
+    None: every window may (the bound then ignores bulk latency)."""
     import numpy as np
 
     w = len(starts)
@@ -460,23 +479,37 @@ def lower_bound(starts: list[float], length: float, cost: CostModel) -> int:
         return 0
     price = np.array(price_table(cost, w), dtype=np.int64)
     tops = np.nonzero(price[1:-1] < price[2:])[0] + 1  # m with price[m + 1] > price[m]
+    up = np.array([cost.upsert_credits(m) if m else 0 for m in range(w + 1)], dtype=np.int64)
     f = np.zeros(w + 1, dtype=np.int64)
-    lo = 0
+    lo = lo_b = 0
     for j in range(1, w + 1):
         while starts[j - 1] - starts[lo] > length:
             lo += 1
         big = j - lo
-        cand = tops[: np.searchsorted(tops, big, side="right")]
-        best = int(f[j - big] + price[big])
+        e = big
+        if bulk_length is not None:
+            while starts[j - 1] - starts[lo_b] > bulk_length:
+                lo_b += 1
+            e = min(big, j - lo_b)  # the last e windows may go by bulk
+        cand = tops[: np.searchsorted(tops, e, side="right")]
+        best = int(f[j - e] + price[e])
         if len(cand):
             best = min(best, int((f[j - cand] + price[cand]).min()))
+        if big > e:  # larger blocks: only their last e windows by bulk
+            ms = np.arange(e + 1, big + 1)
+            p = up[ms]
+            for k in range(1, -(-e // cost.bulk_batch) + 1):
+                p = np.minimum(p, k * cost.bulk_job_credits + up[ms - min(k * cost.bulk_batch, e)])
+            best = min(best, int((f[j - ms] + p).min()))
         f[j] = best
     return int(f[w])
 
 
 def trace_lower_bound(trace: Trace, cost: CostModel) -> int:
     length = MAX_STALENESS - UPSERT_LATENCY  # no answer comes sooner than one upsert call
-    return lower_bound(windows([(t, k) for t, k, _ in trace.changes], length), length, cost)
+    bulk_length = MAX_STALENESS - trace.bulk_base  # nor a job's sooner than its fixed part
+    starts = windows([(t, k) for t, k, _ in trace.changes], length)
+    return lower_bound(starts, length, cost, bulk_length)
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,15 +35,24 @@ def test_credits_benchmark_tiny(tmp_path: Path) -> None:
     assert "| planner, economy |" in readme and "Command: `python -m benchmarks credits" in readme
 
 
-def brute_force(starts: list[float], length: float, cost: CostModel) -> int:
+def brute_force(
+    starts: list[float], length: float, cost: CostModel, bulk_length: float | None = None
+) -> int:
     """Every partition of the windows into groups that share a point (max start − min start ≤
-    length), each group priced by the cheapest mix: the relaxed optimum by enumeration."""
+    length), each group priced by the cheapest mix in which only its windows starting within
+    ``bulk_length`` of its last start go by bulk: the relaxed optimum by enumeration."""
     best = math.inf
+
+    def price(g: list[float]) -> int:
+        if bulk_length is None:
+            return cost.cheapest(len(g)).credits
+        eligible = sum(1 for s in g if s >= max(g) - bulk_length)
+        return credits.group_price(cost, len(g), eligible)
 
     def go(i: int, groups: list[list[float]]) -> None:
         nonlocal best
         if i == len(starts):
-            best = min(best, sum(cost.cheapest(len(g)).credits for g in groups))
+            best = min(best, sum(price(g) for g in groups))
             return
         for g in groups:
             if max([*g, starts[i]]) - min([*g, starts[i]]) <= length:
@@ -63,10 +72,25 @@ def brute_force(starts: list[float], length: float, cost: CostModel) -> int:
     st.lists(st.integers(0, 40), min_size=0, max_size=8),
     st.sampled_from([0.0, 5.0, 10.0, 25.0]),
     st.sampled_from([SMALL, CostModel(upsert_batch=3, records_per_credit=1, bulk_batch=5)]),
+    st.sampled_from([None, 0.0, 3.0, 8.0]),
 )
-def test_lower_bound_matches_brute_force(times: list[int], length: float, cost: CostModel) -> None:
+def test_lower_bound_matches_brute_force(
+    times: list[int], length: float, cost: CostModel, bulk_cut: float | None
+) -> None:
     starts = sorted(float(t) for t in times)
-    assert credits.lower_bound(starts, length, cost) == brute_force(starts, length, cost)
+    bulk_length = None if bulk_cut is None else min(length, bulk_cut)
+    got = credits.lower_bound(starts, length, cost, bulk_length)
+    assert got == brute_force(starts, length, cost, bulk_length)
+
+
+def test_slow_bulk_bound_counts_the_job_latency() -> None:
+    # 7 windows over 10 s: one point can carry all (span 10 ≤ length 20), and one job (3
+    # credits) is cheaper than 7 upserted records (7); but with jobs answered only 15 s after
+    # their start (bulk_length 5) only the windows starting at 6..10 may go by bulk
+    cost = CostModel(upsert_batch=10, records_per_credit=1, bulk_batch=10, bulk_job_credits=3)
+    starts = [0.0, 1.0, 2.0, 6.0, 8.0, 9.0, 10.0]
+    assert credits.lower_bound(starts, 20.0, cost) == 3  # ignoring latency: one job
+    assert credits.lower_bound(starts, 20.0, cost, 5.0) == 6  # 3 by upsert + 4 in a job
 
 
 def test_windows_are_the_greedy_disjoint_ones() -> None:
