@@ -58,6 +58,11 @@ log = logging.getLogger(__name__)
 current_pipeline: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "connector_current_pipeline", default=None
 )
+# the HTTP seconds of each CRM call made in this context (CreditRecorder appends them): the
+# upsert latency estimate is the HTTP call only, not the limiter's slot wait (issue 18)
+http_seconds: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar(
+    "connector_http_seconds", default=None
+)
 
 CallbackUrl = Callable[[int, str], str]  # (bulk_jobs.id, secret) -> URL the CRM calls back
 #: With a callback URL the first job poll waits ``bulk_poll_max`` and the polls back off to this
@@ -288,6 +293,7 @@ class Emitter:
             for i in range(0, len(records), MAX_RECORDS_PER_CALL):
                 part = records[i : i + MAX_RECORDS_PER_CALL]
                 started = time.monotonic()
+                timing = http_seconds.set([])
                 try:
                     results = await self.client.upsert(
                         self.pipeline.module,
@@ -302,8 +308,14 @@ class Emitter:
                     )
                     out.retry.extend(e for e, _, _ in part)
                     continue
-                self.upsert_latency = _ewma(self.upsert_latency, time.monotonic() - started)
-                self.latency.observe_upsert(time.monotonic() - started)
+                finally:
+                    seen = http_seconds.get()
+                    http_seconds.reset(timing)
+                # the answering HTTP call (the client reports it without the slot wait); the
+                # whole await only when no CreditRecorder hook saw the call
+                took = seen[-1] if seen else time.monotonic() - started
+                self.upsert_latency = _ewma(self.upsert_latency, took)
+                self.latency.observe_upsert(took)
                 for (e, record, api), r in zip(part, results, strict=True):
                     if self._retry_transient(e.key, None if r.ok else r.code):
                         self._later(out, e)  # locked or busy now: sent again after a backoff
@@ -1207,6 +1219,9 @@ class CreditRecorder:
     ) -> None:
         if credits > 0:
             self._queue.append((current_pipeline.get(), api, credits, records, remaining))
+        seen = http_seconds.get()
+        if seen is not None:
+            seen.append(latency_s)
         if self._chain is not None:
             self._chain(api, records, credits, latency_s, status, remaining)
 

@@ -902,10 +902,10 @@ class ZohoClient:
         if headers:
             hdrs.update(headers)
         body: Any = form() if form is not None else content
-        started = time.monotonic()
         status = 0
         charged = 0
         async with self.limiter.slot() as ticket:
+            started = time.monotonic()  # the HTTP call only, not the wait for a slot
             try:
                 async with self._session.request(
                     method, url, params=params, data=body, headers=hdrs
