@@ -53,8 +53,8 @@ def brute_force(changes: list[tuple[float, str]], cost: CostModel) -> int:
 @given(st.lists(st.tuples(st.integers(0, 25), st.sampled_from("abc")), min_size=1, max_size=4))
 def test_dp_bound_le_ilp_eq_brute_force(raw: list[tuple[int, str]]) -> None:
     changes = sorted((float(t) + 0.5, k) for t, k in raw)
-    opt = credits_ilp.ilp_optimum(changes, S, SMALL, upsert_latency=UP, bulk_base=BULK)
-    assert opt == brute_force(changes, SMALL)
+    opt, proven = credits_ilp.ilp_optimum(changes, S, SMALL, upsert_latency=UP, bulk_base=BULK)
+    assert opt == proven == brute_force(changes, SMALL)
     length = S - UP
     starts = credits.windows(changes, length)
     assert credits.lower_bound(starts, length, SMALL, S - BULK) <= opt
@@ -65,6 +65,6 @@ def test_ilp_sees_what_the_bound_relaxes() -> None:
     # send point; but the second change is only visible at 10, after the first's deadline
     # (9.5 by upsert): two sends
     changes = [(0.5, "a"), (9.5, "a")]
-    opt = credits_ilp.ilp_optimum(changes, S, SMALL, upsert_latency=UP, bulk_base=BULK)
+    opt, _ = credits_ilp.ilp_optimum(changes, S, SMALL, upsert_latency=UP, bulk_base=BULK)
     starts = credits.windows(changes, S - UP)
     assert credits.lower_bound(starts, S - UP, SMALL, S - BULK) == 1 < opt == 2
