@@ -353,7 +353,8 @@ class PipelineConfig(_Strict):
     capture: Literal["triggers", "logical"] = "triggers"
     max_staleness: Duration = timedelta(minutes=10)
     # the planner's dial (docs/planner.md): economy = fewest credits, every change leaves at its
-    # latest moment; balanced / fast = changes leave once max_staleness/10 / 2 s old (whole credits)
+    # latest moment; balanced = beats "100 or 10 min" on credits and latency (80 pending leave
+    # together, none older than max_staleness/4); fast = changes leave once 2 s old
     freshness: Literal["economy", "balanced", "fast"] = "economy"
     # the time each CRM call may spend in 429/5xx retries, kept inside max_staleness: the
     # planner sends that much earlier (docs/planner.md, "margin"); 0 = no retry budget

@@ -39,6 +39,10 @@ from connector.costs import CostModel, Mix
 
 Freshness = Literal["economy", "balanced", "fast"]
 FRESHNESS: tuple[str, ...] = get_args(Freshness)
+# balanced: the pending changes on the upsert way leave together once they are this share of
+# a call (80 of 100); tuned with `python -m benchmarks credits` to beat the seed's recipe (b)
+# on credits and median staleness on every trace (docs/planner.md, rule 4)
+BALANCED_GROUP = 0.8
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,10 +92,10 @@ class Plan:
 
 def target_staleness(inp: PlannerInput) -> float:
     """How old a live change may get before it leaves (on top of the hard ``max_staleness``):
-    economy: no target (every change leaves at its latest moment); balanced: 1/10 of
-    ``max_staleness`` (60 s at 10 min); fast: 2 s (or less with a tiny ``max_staleness``)."""
+    economy: no target (every change leaves at its latest moment); balanced: 1/4 of
+    ``max_staleness`` (150 s at 10 min); fast: 2 s (or less with a tiny ``max_staleness``)."""
     if inp.freshness == "balanced":
-        return inp.max_staleness / 10
+        return inp.max_staleness / 4
     if inp.freshness == "fast":
         return min(2.0, inp.max_staleness / 20)
     return math.inf
@@ -238,6 +242,11 @@ def _plan_live(inp: PlannerInput, free: list[PendingKey]) -> Plan:
     chunks: list[tuple[int, int, float]] = []  # (start, end, leave at) of chunks worth a job
     peel_max = cost.upsert_batch  # a few stragglers go by upsert rather than hurry a job
     pos = e0
+    if inp.freshness != "economy" and e0 < len(ordered):
+        # what upsert delivers before a job would arrive goes by upsert (full calls leave at
+        # once): a burst is never slower than by upsert alone, only the rest waits for a job
+        rounds = int(lat_b // (inp.upsert_latency + inp.retry_allowance))
+        pos = min(len(ordered), e0 + rounds * cost.upsert_batch * max(1, inp.concurrency))
     while pos < len(ordered):
         end = min(len(ordered), pos + cost.bulk_batch)
         if not _worth_a_job(inp, end - pos):
@@ -252,7 +261,7 @@ def _plan_live(inp: PlannerInput, free: list[PendingKey]) -> Plan:
             end = min(len(ordered), pos + j + cost.bulk_batch)
         leave = dl[pos + j] - lat_b  # the latest moment its oldest record can leave
         if math.isfinite(tau):
-            leave = min(leave, ordered[pos + j].oldest_at + tau)
+            leave = now  # balanced / fast: a full job leaves at once (the upserts go first)
         chunks.append((pos + j, end, leave))
         pos = end
     jobs_now = [(a, b) for a, b, leave in chunks if leave <= now + tick]
@@ -287,6 +296,9 @@ def _plan_live(inp: PlannerInput, free: list[PendingKey]) -> Plan:
             k = max(k, k_soft)
         if inp.freshness != "economy":  # a full call leaves as soon as it is full
             k += (len(ul) - k) // cost.upsert_batch * cost.upsert_batch
+        if inp.freshness == "balanced" and len(ul) - k >= BALANCED_GROUP * cost.upsert_batch:
+            # enough waiting to nearly fill a call: they all leave, in whole credits
+            k = max(k, len(ul) // cost.records_per_credit * cost.records_per_credit)
     if k:
         k = min(len(ul), _whole_credits(cost, k))
 
