@@ -354,7 +354,7 @@ class PipelineConfig(_Strict):
     max_staleness: Duration = timedelta(minutes=10)
     # the planner's dial (docs/planner.md): economy = fewest credits, every change leaves at its
     # latest moment; balanced = beats "100 or 10 min" on credits and latency (80 pending leave
-    # together, none older than max_staleness/4); fast = changes leave once 2 s old
+    # together, none older than max_staleness/5); fast = changes leave once 2 s old
     freshness: Literal["economy", "balanced", "fast"] = "economy"
     # the time each CRM call may spend in 429/5xx retries, kept inside max_staleness: the
     # planner sends that much earlier (docs/planner.md, "margin"); 0 = no retry budget

@@ -92,10 +92,10 @@ class Plan:
 
 def target_staleness(inp: PlannerInput) -> float:
     """How old a live change may get before it leaves (on top of the hard ``max_staleness``):
-    economy: no target (every change leaves at its latest moment); balanced: 1/4 of
-    ``max_staleness`` (150 s at 10 min); fast: 2 s (or less with a tiny ``max_staleness``)."""
+    economy: no target (every change leaves at its latest moment); balanced: 1/5 of
+    ``max_staleness`` (120 s at 10 min); fast: 2 s (or less with a tiny ``max_staleness``)."""
     if inp.freshness == "balanced":
-        return inp.max_staleness / 4
+        return inp.max_staleness / 5
     if inp.freshness == "fast":
         return min(2.0, inp.max_staleness / 20)
     return math.inf
