@@ -153,6 +153,7 @@ async def test_a_null_key_is_a_missing_key_dead_letter_and_capture_goes_on(
     await conn.execute("UPDATE orders SET status = 'b2' WHERE id IS NULL")  # still no key
     await conn.execute("UPDATE orders SET id = 2 WHERE id IS NULL")  # the key is set: insert
     await conn.execute("UPDATE orders SET id = NULL WHERE id = 3")  # the key goes: delete
+    await conn.execute("DELETE FROM orders WHERE id IS NULL")  # never in the CRM: nothing
     await conn.execute("INSERT INTO orders VALUES (4, 'd', 4)")
     events = await capture.all_events(5)
     letters = await capture.dead_letters(3)
@@ -248,9 +249,12 @@ async def test_key_shifts_and_swaps_under_a_deferrable_key_lose_nothing(capture:
         fields={"v": "V"},
     )
     conn = capture.conn
-    # a shift by one in one statement (rows 190..200 -> 191..201, ascending)
+    # a shift by one in one statement (rows 190..200 -> 191..201, ascending), the key checked
+    # at the end of the statement (as DEFERRABLE INITIALLY IMMEDIATE)
     await conn.execute("INSERT INTO shift SELECT g, 'r' || g, 0 FROM generate_series(185, 200) g")
-    await conn.execute("UPDATE shift SET id = id + 1 WHERE id BETWEEN 190 AND 200")
+    async with conn.transaction():
+        await conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
+        await conn.execute("UPDATE shift SET id = id + 1 WHERE id BETWEEN 190 AND 200")
     # a swap in one statement and a swap in two statements
     await conn.execute("INSERT INTO shift VALUES (1, 'a', 0), (2, 'b', 0)")
     await conn.execute("UPDATE shift SET id = 3 - id WHERE id IN (1, 2)")
@@ -393,6 +397,13 @@ async def test_awkward_values_round_trip_whatever_the_writer_session(capture: Ca
     await capture.conn.execute("SET TimeZone = 'UTC'")
     latest = {e.key: e.row for e in events}
     assert latest == await table_images(capture.conn)
+    # the stored text too (numeric scale, key order, escapes): as to_jsonb writes it
+    cur = await capture.conn.execute(
+        "SELECT o.key, o.row::text = to_jsonb(t)::text FROM connector.outbox o"
+        " JOIN orders t ON t.id::text = o.key"
+        " WHERE o.id IN (SELECT max(id) FROM connector.outbox GROUP BY key) ORDER BY o.key"
+    )
+    assert await cur.fetchall() == [("1", True), ("2", True), ("3", True)]
     row1 = latest["1"]
     assert row1 is not None and row1["big"] == big
     assert str(row1["amount"]) == "1234567890123456789012345678.0123456789"
