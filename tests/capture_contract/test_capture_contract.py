@@ -16,6 +16,7 @@ import pytest
 from psycopg import sql
 
 from connector import outbox
+from connector.errors import ConfigError
 from connector.events import ChangeEvent, Op
 from tests.capture.helpers import assert_missing_key_letters, stream_order
 from tests.capture.test_key_shift import coalesced
@@ -480,3 +481,72 @@ async def test_noop_and_ignored_column_updates_emit_nothing(capture: Capture) ->
     assert ops(events) == [("insert", "1"), ("update", "1"), ("insert", "9")]
     assert events[1].row is not None
     assert events[1].row["status"] == "paid" and events[1].row["note"] == "c"
+
+
+# -- the tables a mode may not be able to capture: refused clearly at install, or captured ----
+
+
+async def _install_or_refusal(capture: Capture, *ddl: str) -> ConfigError | None:
+    try:
+        await capture.install(*ddl)
+    except ConfigError as exc:
+        assert exc.key == "pipelines['orders'].source_table"
+        return exc
+    return None
+
+
+async def test_a_stored_generated_column_is_in_the_image(capture: Capture) -> None:
+    """The image is the whole row as ``to_jsonb`` has it, stored generated columns included
+    (a mapped generated column would otherwise be missing from every image)."""
+    capture.known_gap(
+        "logical",
+        "finding: pgoutput of PostgreSQL < 18 does not send generated columns, so logical"
+        " images lack them (a mapped one is missing from every image: MISSING_COLUMN per"
+        " Emitter._check_source_columns)",
+    )
+    await capture.install(
+        "CREATE TABLE orders (id bigint PRIMARY KEY, status text, amount numeric,"
+        " shout text GENERATED ALWAYS AS (upper(status)) STORED)"
+    )
+    await capture.conn.execute("INSERT INTO orders (id, status) VALUES (1, 'a')")
+    events = await capture.all_events(1)
+    assert events[0].row == {"id": 1, "status": "a", "amount": None, "shout": "A"}
+
+
+async def test_an_unlogged_table_is_captured_or_refused_clearly(capture: Capture) -> None:
+    capture.known_gap(
+        "logical",
+        "finding: logical install of an UNLOGGED table fails with psycopg's InvalidParameterValue"
+        " from CREATE PUBLICATION, not a ConfigError naming the table and the fix",
+    )
+    refused = await _install_or_refusal(
+        capture, "CREATE UNLOGGED TABLE orders (id int PRIMARY KEY, status text, amount numeric)"
+    )
+    if refused is None:
+        await capture.conn.execute("INSERT INTO orders (id, status) VALUES (1, 'a')")
+        assert ops(await capture.all_events(1)) == [("insert", "1")]
+    else:
+        assert "UNLOGGED" in str(refused)
+
+
+async def test_a_partitioned_table_is_captured_or_refused_clearly(capture: Capture) -> None:
+    capture.known_gap(
+        "logical",
+        "finding: logical install accepts a partitioned table, but its publication lacks"
+        " publish_via_partition_root, so the changes arrive under the partitions' names and"
+        " nothing is captured, silently",
+    )
+    refused = await _install_or_refusal(
+        capture,
+        "CREATE TABLE orders (id int PRIMARY KEY, status text, amount numeric)"
+        " PARTITION BY RANGE (id)",
+        "CREATE TABLE orders_a PARTITION OF orders FOR VALUES FROM (0) TO (100)",
+        "CREATE TABLE orders_b PARTITION OF orders FOR VALUES FROM (100) TO (200)",
+    )
+    if refused is not None:
+        assert "partition" in str(refused).lower()
+        return
+    await capture.conn.execute("INSERT INTO orders (id, status) VALUES (1, 'a'), (150, 'b')")
+    await capture.conn.execute("UPDATE orders SET id = 120 WHERE id = 1")  # moves partition
+    events = await capture.all_events(4, deadline=5.0)
+    assert ops(events) == [("insert", "1"), ("insert", "150"), ("delete", "1"), ("insert", "120")]
