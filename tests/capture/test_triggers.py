@@ -98,67 +98,68 @@ async def test_reinstall_applies_new_ignore_columns(orders: Any) -> None:
     assert [e.op for e in await read_all(conn)] == [Op.INSERT]
 
 
-@pytest.mark.parametrize(
-    ("ddl", "kw", "key", "words"),
-    [
-        (None, {}, "pipelines['orders'].source_table", "does not exist"),
-        (ORDERS_DDL, {"key_column": "nope"}, "pipelines['orders'].key_column", "does not exist"),
-        (
-            ORDERS_DDL,
-            {"fields": {"status": "Status", "missing_col": "X"}},
-            "pipelines['orders'].fields['missing_col']",
-            "does not exist",
-        ),
-        (
-            ORDERS_DDL,
-            {"ignore_columns": ("ghost",)},
-            "pipelines['orders'].ignore_columns",
-            "does not exist",
-        ),
-        (
-            "CREATE TABLE orders (id bigint, status text, amount numeric)",
-            {},
-            "pipelines['orders'].key_column",
-            "unique index",
-        ),
-        (
-            "CREATE TABLE orders (id bigint, status text, amount numeric, UNIQUE (id, status))",
-            {},
-            "pipelines['orders'].key_column",
-            "unique index",
-        ),
-        (
-            "CREATE TABLE orders (id bigint, status text, amount numeric);"
-            " CREATE UNIQUE INDEX ON orders (id) WHERE status <> 'x'",
-            {},
-            "pipelines['orders'].key_column",
-            "unique index",
-        ),
-        (
-            "CREATE TABLE base (id bigint PRIMARY KEY, status text, amount numeric);"
-            " CREATE VIEW orders AS SELECT * FROM base",
-            {},
-            "pipelines['orders'].source_table",
-            "not a table",
-        ),
-    ],
-)
-async def test_install_refuses_bad_configuration(
-    database: str, ddl: str | None, kw: dict[str, Any], key: str, words: str
-) -> None:
+REFUSALS: list[tuple[str | None, dict[str, Any], str, str]] = [
+    (None, {}, "pipelines['orders'].source_table", "does not exist"),
+    (ORDERS_DDL, {"key_column": "nope"}, "pipelines['orders'].key_column", "does not exist"),
+    (
+        ORDERS_DDL,
+        {"fields": {"status": "Status", "missing_col": "X"}},
+        "pipelines['orders'].fields['missing_col']",
+        "does not exist",
+    ),
+    (
+        ORDERS_DDL,
+        {"ignore_columns": ("ghost",)},
+        "pipelines['orders'].ignore_columns",
+        "does not exist",
+    ),
+    (
+        "CREATE TABLE orders (id bigint, status text, amount numeric)",
+        {},
+        "pipelines['orders'].key_column",
+        "unique index",
+    ),
+    (
+        "CREATE TABLE orders (id bigint, status text, amount numeric, UNIQUE (id, status))",
+        {},
+        "pipelines['orders'].key_column",
+        "unique index",
+    ),
+    (
+        "CREATE TABLE orders (id bigint, status text, amount numeric);"
+        " CREATE UNIQUE INDEX ON orders (id) WHERE status <> 'x'",
+        {},
+        "pipelines['orders'].key_column",
+        "unique index",
+    ),
+    (
+        "CREATE TABLE base (id bigint PRIMARY KEY, status text, amount numeric);"
+        " CREATE VIEW orders AS SELECT * FROM base",
+        {},
+        "pipelines['orders'].source_table",
+        "not a table",
+    ),
+]
+
+
+async def test_install_refuses_bad_configuration(database: str) -> None:
+    """Each refusal in turn, on one database (the tables of a case are dropped after it)."""
     async with await connect(database) as conn:
-        if ddl:
-            await conn.execute(ddl)
-        p = make_pipeline(**kw)
-        with pytest.raises(ConfigError) as exc:
-            await triggers.install(conn, SCHEMA, p)
-        assert exc.value.key == key
-        assert words in str(exc.value)
-        cur = await conn.execute(
-            "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
-            " WHERE n.nspname = 'connector'"
-        )
-        assert (await cur.fetchone())[0] == 0  # nothing left behind
+        for ddl, kw, key, words in REFUSALS:
+            if ddl:
+                await conn.execute(ddl)
+            p = make_pipeline(**kw)
+            with pytest.raises(ConfigError) as exc:
+                await triggers.install(conn, SCHEMA, p)
+            assert exc.value.key == key, ddl
+            assert words in str(exc.value), ddl
+            cur = await conn.execute(
+                "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+                " WHERE n.nspname = 'connector'"
+            )
+            assert (await cur.fetchone())[0] == 0, ddl  # nothing left behind
+            # base's CASCADE takes the view of the last case
+            await conn.execute("DROP TABLE IF EXISTS base CASCADE; DROP TABLE IF EXISTS orders")
 
 
 async def test_hostile_identifiers(database: str) -> None:

@@ -46,7 +46,9 @@ async def table_images(conn: psycopg.AsyncConnection[Any], table: str = "orders"
     return {k: outbox.load_row(v) for k, v in await cur.fetchall()}
 
 
-async def test_inserts_updates_deletes_carry_row_images_and_stamps(capture: Capture) -> None:
+async def test_inserts_updates_deletes_and_key_changes_carry_row_images_and_stamps(
+    capture: Capture,
+) -> None:
     await capture.install(ORDERS_DDL)
     conn = capture.conn
     await conn.execute("INSERT INTO orders (id, status, amount) VALUES (1, 'new', 10.5)")
@@ -89,6 +91,15 @@ async def test_inserts_updates_deletes_carry_row_images_and_stamps(capture: Capt
     assert versions == sorted(set(versions))  # per-key order within the transaction too
     assert events[3].row is not None and events[3].row["status"] == "a2"
 
+    # a key change is a delete of the old key (its old image) then an insert of the new key
+    await conn.execute("UPDATE orders SET id = 7, status = 'moved' WHERE id = 4")
+    events = (await capture.all_events(12))[10:]
+    assert ops(events) == [("delete", "4"), ("insert", "7")]
+    old = {"id": 4, "status": "b2", "amount": None, "note": None}
+    assert events[0].row == (old if capture.mode == "triggers" else {"id": 4})
+    assert events[1].row == {**old, "id": 7, "status": "moved"}
+    assert events[0].version < events[1].version
+
 
 async def test_rollbacks_leave_nothing(capture: Capture) -> None:
     await capture.install(ORDERS_DDL)
@@ -114,15 +125,15 @@ async def test_rollbacks_leave_nothing(capture: Capture) -> None:
 async def test_out_of_order_commits_reach_the_reader_once_with_a_newer_version(
     capture: Capture,
 ) -> None:
-    """T1 takes its xid first and commits last: its change of key 1 must carry a higher version
-    than T2's (commit order), and a reader that read before T1 committed gets it afterwards,
-    exactly once (no gap, no duplicate)."""
-    await capture.install(ORDERS_DDL, "CREATE TABLE side (id int)")
+    """T1 writes first (its xid and, in trigger mode, its outbox id are the lower) and commits
+    last: its change of key 1 must carry a higher version than T2's (commit order), and a reader
+    that read before T1 committed gets T1's events afterwards, exactly once (no gap, no
+    duplicate)."""
+    await capture.install(ORDERS_DDL)
     async with await psycopg.AsyncConnection.connect(capture.dsn) as t1:
-        await t1.execute("INSERT INTO side VALUES (1)")
+        await t1.execute("INSERT INTO orders (id, status) VALUES (2, 'by T1')")
         xid1 = await current_xid(t1)
         await capture.conn.execute("INSERT INTO orders (id, status) VALUES (1, 'by T2')")
-        await t1.execute("INSERT INTO orders (id, status) VALUES (2, 'by T1')")
         first, position = await capture.events(1)
         assert ops(first) == [("insert", "1")]
         await t1.execute("UPDATE orders SET status = 'by T1' WHERE id = 1")
@@ -184,20 +195,6 @@ async def test_a_null_key_is_a_missing_key_dead_letter_and_capture_goes_on(
         "insert:4",
     ]
     assert int(letters[0]["source_xid"]) == events[0].source_xid == events[1].source_xid
-
-
-async def test_a_key_change_is_a_delete_of_the_old_key_and_an_insert_of_the_new(
-    capture: Capture,
-) -> None:
-    await capture.install(ORDERS_DDL)
-    await capture.conn.execute("INSERT INTO orders (id, status) VALUES (1, 'new')")
-    await capture.conn.execute("UPDATE orders SET id = 2, status = 'moved' WHERE id = 1")
-    events = await capture.all_events(3)
-    assert ops(events) == [("insert", "1"), ("delete", "1"), ("insert", "2")]
-    old = {"id": 1, "status": "new", "amount": None, "note": None}
-    assert events[1].row == (old if capture.mode == "triggers" else {"id": 1})
-    assert events[2].row is not None and events[2].row["status"] == "moved"
-    assert events[1].version < events[2].version
 
 
 SENTINEL = 1_000_000
@@ -275,15 +272,10 @@ async def test_key_shifts_and_swaps_under_a_deferrable_key_lose_nothing(capture:
                 await conn.execute(q, p)
     await conn.execute("INSERT INTO shift VALUES (%s, 'end', 0)", (SENTINEL,))
 
-    async def sentinel_seen() -> list[ChangeEvent]:
-        while True:
-            events = await capture.all_events(1)
-            if any(e.key == str(SENTINEL) for e in events):
-                return events
-            events = await capture.all_events(len(events) + 1)
-
-    events = await sentinel_seen()
-    crm = {k: e.row for k, e in coalesced(events).items() if not e.is_delete}
+    events = await capture.all_events(1)
+    while not any(e.key == str(SENTINEL) for e in events):  # commit order: the sentinel is last
+        events = await capture.all_events(len(events) + 1)
+    crm: dict[str, Any] = {k: e.row for k, e in coalesced(events).items() if not e.is_delete}
     assert crm == await table_images(conn, "shift")
     assert "190" not in crm and crm["191"]["v"] == "r190" and crm["201"]["v"] == "r200"
     assert crm["1"]["v"] == "a" and crm["2"]["v"] == "b"
