@@ -95,34 +95,13 @@ async def test_inserts_updates_deletes_and_key_changes_carry_row_images_and_stam
     await conn.execute("UPDATE orders SET id = 7, status = 'moved' WHERE id = 4")
     events = (await capture.all_events(12))[10:]
     assert ops(events) == [("delete", "4"), ("insert", "7")]
-    old = {"id": 4, "status": "b2", "amount": None, "note": None}
-    assert events[0].row == (old if capture.mode == "triggers" else {"id": 4})
-    assert events[1].row == {**old, "id": 7, "status": "moved"}
+    old4: dict[str, Any] = {"id": 4, "status": "b2", "amount": None, "note": None}
+    assert events[0].row == (old4 if capture.mode == "triggers" else {"id": 4})
+    assert events[1].row == {**old4, "id": 7, "status": "moved"}
     assert events[0].version < events[1].version
 
 
-async def test_rollbacks_leave_nothing(capture: Capture) -> None:
-    await capture.install(ORDERS_DDL)
-    conn = capture.conn
-    async with await psycopg.AsyncConnection.connect(capture.dsn) as other:
-        await other.execute("INSERT INTO orders (id, status) VALUES (1, 'rolled back')")
-        await other.rollback()
-    async with conn.transaction():
-        await conn.execute("INSERT INTO orders (id, status) VALUES (2, 'kept')")
-        try:
-            async with conn.transaction():  # a savepoint, rolled back
-                await conn.execute("INSERT INTO orders (id, status) VALUES (3, 'sub')")
-                await conn.execute("UPDATE orders SET status = 'sub' WHERE id = 2")
-                raise RuntimeError
-        except RuntimeError:
-            pass
-    await conn.execute("INSERT INTO orders (id, status) VALUES (9, 'sentinel')")
-    events = await capture.all_events(2)
-    assert ops(events) == [("insert", "2"), ("insert", "9")]
-    assert events[0].row is not None and events[0].row["status"] == "kept"
-
-
-async def test_out_of_order_commits_reach_the_reader_once_with_a_newer_version(
+async def test_late_commits_reach_the_reader_once_newer_and_rollbacks_leave_nothing(
     capture: Capture,
 ) -> None:
     """T1 writes first (its xid and, in trigger mode, its outbox id are the lower) and commits
@@ -144,9 +123,25 @@ async def test_out_of_order_commits_reach_the_reader_once_with_a_newer_version(
     assert by_t1.source_xid == xid1 < first[0].source_xid  # xid order says T1 is older ...
     assert by_t1.version > first[0].version  # ... the version (commit order) says newer
     assert by_t1.newer_than(first[0])
-    await capture.conn.execute("INSERT INTO orders (id, status) VALUES (9, 'sentinel')")
-    rest, _ = await capture.events(1, position)
-    assert ops(rest) == [("insert", "9")]
+
+    # rollbacks leave nothing: neither a rolled-back transaction nor a rolled-back savepoint
+    conn = capture.conn
+    async with await psycopg.AsyncConnection.connect(capture.dsn) as other:
+        await other.execute("INSERT INTO orders (id, status) VALUES (3, 'rolled back')")
+        await other.rollback()
+    async with conn.transaction():
+        await conn.execute("INSERT INTO orders (id, status) VALUES (4, 'kept')")
+        try:
+            async with conn.transaction():  # a savepoint, rolled back
+                await conn.execute("INSERT INTO orders (id, status) VALUES (5, 'sub')")
+                await conn.execute("UPDATE orders SET status = 'sub' WHERE id = 4")
+                raise RuntimeError
+        except RuntimeError:
+            pass
+    await conn.execute("INSERT INTO orders (id, status) VALUES (9, 'sentinel')")
+    rest, _ = await capture.events(2, position)
+    assert ops(rest) == [("insert", "4"), ("insert", "9")]  # each once, nothing rolled back
+    assert rest[0].row is not None and rest[0].row["status"] == "kept"
 
 
 async def test_a_null_key_is_a_missing_key_dead_letter_and_capture_goes_on(
@@ -282,23 +277,11 @@ async def test_key_shifts_and_swaps_under_a_deferrable_key_lose_nothing(capture:
     assert crm["10"]["v"] == "d" and "11" not in crm
 
 
-async def test_truncate_is_one_truncate_event(capture: Capture) -> None:
-    """One ``truncate`` event (key '', no row) in commit order; what it does downstream is the
-    pipeline's ``on_truncate`` (connector/truncate.py, tests/e2e/test_truncate.py)."""
-    await capture.install(ORDERS_DDL)
-    await capture.conn.execute("INSERT INTO orders (id, status) VALUES (1, 'a'), (2, 'b')")
-    await capture.conn.execute("TRUNCATE orders")
-    await capture.conn.execute("INSERT INTO orders (id, status) VALUES (3, 'c')")
-    events = await capture.all_events(4)
-    assert ops(events) == [("insert", "1"), ("insert", "2"), ("truncate", ""), ("insert", "3")]
-    assert events[2].op is Op.TRUNCATE and events[2].row is None
-    assert events[1].version < events[2].version < events[3].version
-
-
-async def test_images_follow_schema_changes_for_the_schema_change_halt(capture: Capture) -> None:
+async def test_table_statements_schema_changes_and_truncate(capture: Capture) -> None:
     """Images follow the table at each change: an added column appears, a dropped mapped
     column is absent — which is what the emitter's schema-change halt keys on
-    (Emitter._check_source_columns: a mapped column missing from an image)."""
+    (Emitter._check_source_columns: a mapped column missing from an image). A TRUNCATE is one
+    event in its place."""
     await capture.install(ORDERS_DDL)
     conn = capture.conn
     async with await psycopg.AsyncConnection.connect(capture.dsn, autocommit=True) as other:
@@ -321,6 +304,15 @@ async def test_images_follow_schema_changes_for_the_schema_change_halt(capture: 
     assert "channel" not in rows[0] and "channel" not in rows[1]
     assert rows[2]["channel"] == "web" and rows[3]["channel"] == "shop"
     assert rows[4] == {"id": 1, "status": "a", "note": None, "channel": "phone"}
+
+    # TRUNCATE: one ``truncate`` event (key '', no row) in its place in the stream; what it does
+    # downstream is the pipeline's ``on_truncate`` (connector/truncate.py)
+    await conn.execute("TRUNCATE orders")
+    await conn.execute("INSERT INTO orders (id, status) VALUES (4, 'e')")
+    events = (await capture.all_events(7))[4:]
+    assert ops(events) == [("update", "1"), ("truncate", ""), ("insert", "4")]
+    assert events[1].op is Op.TRUNCATE and events[1].row is None
+    assert events[0].version < events[1].version < events[2].version
 
 
 async def test_awkward_values_round_trip_whatever_the_writer_session(capture: Capture) -> None:
@@ -545,5 +537,6 @@ async def test_a_partitioned_table_is_captured_or_refused_clearly(capture: Captu
         return
     await capture.conn.execute("INSERT INTO orders (id, status) VALUES (1, 'a'), (150, 'b')")
     await capture.conn.execute("UPDATE orders SET id = 120 WHERE id = 1")  # moves partition
-    events = await capture.all_events(4, deadline=3.0)
+    # 1 s: trigger mode has them at once; the logical gap (xfail) captures nothing at all
+    events = await capture.all_events(4, deadline=1.0)
     assert ops(events) == [("insert", "1"), ("insert", "150"), ("delete", "1"), ("insert", "120")]
