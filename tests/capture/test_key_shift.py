@@ -52,44 +52,6 @@ async def table(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any]:
     return {str(k): img for k, img in await cur.fetchall()}
 
 
-async def test_shift_by_one_in_one_statement_loses_nothing(database: str) -> None:
-    async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
-        await _setup(conn, deferred=False)  # checked at the end of the statement
-        await conn.execute(
-            "INSERT INTO shift SELECT g, 'r' || g, 0 FROM generate_series(185, 200) g"
-        )
-        # ascending order: row 190 takes 191 before row 191 leaves it
-        await conn.execute("UPDATE shift SET id = id + 1 WHERE id BETWEEN 190 AND 200")
-        view = await crm_view(conn)
-        assert view == await table(conn)
-        assert "190" not in view and view["191"]["v"] == "r190" and view["201"]["v"] == "r200"
-
-
-async def test_swap_of_two_keys_under_a_deferred_key(database: str) -> None:
-    async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
-        await _setup(conn)
-        await conn.execute("INSERT INTO shift VALUES (1, 'a', 0), (2, 'b', 0)")
-        async with conn.transaction():  # two statements: a duplicate key between them
-            await conn.execute("UPDATE shift SET id = 2 WHERE v = 'a'")
-            await conn.execute("UPDATE shift SET id = 1 WHERE v = 'b'")
-        assert await crm_view(conn) == await table(conn)
-        await conn.execute("UPDATE shift SET id = CASE id WHEN 1 THEN 2 ELSE 1 END")
-        view = await crm_view(conn)
-        assert view == await table(conn) and view["1"]["v"] == "a"
-
-
-async def test_delete_of_a_duplicate_keeps_the_survivor(database: str) -> None:
-    async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
-        await _setup(conn)
-        await conn.execute("INSERT INTO shift VALUES (1, 'a', 0), (2, 'b', 0)")
-        async with conn.transaction():
-            await conn.execute("UPDATE shift SET id = 1 WHERE v = 'b'")
-            await conn.execute("UPDATE shift SET n = 7 WHERE v = 'a'")
-            await conn.execute("DELETE FROM shift WHERE v = 'a'")
-        view = await crm_view(conn)
-        assert view == await table(conn) and view["1"]["v"] == "b" and "2" not in view
-
-
 # -- property: random re-keying of rows within one transaction, in random statements -------
 
 KEYS = 8
