@@ -43,6 +43,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from connector import db, state
 from connector.config import PipelineConfig, Secrets, Settings
+from connector.dbpolicy import best_effort
 from connector.errors import (
     ConfigError,
     ConnectorError,
@@ -486,43 +487,47 @@ class PipelineRunner:
     async def _record_halt(self, exc: SchemaChanged) -> None:
         """Keep why the pipeline stopped, for `connector status` (cleared on the next start)."""
         rt = self.runtime
-        with contextlib.suppress(psycopg.Error, OSError, PoolTimeout):
-            async with rt.pool.connection() as conn:
-                await conn.execute(
-                    db.render(
-                        "INSERT INTO {schema}.pipeline_halts (pipeline, reason, column_name,"
-                        " message) VALUES (%s, 'schema_changed', %s, %s)"
-                        " ON CONFLICT (pipeline) DO UPDATE SET reason = EXCLUDED.reason,"
-                        " column_name = EXCLUDED.column_name, message = EXCLUDED.message,"
-                        " halted_at = now()",
-                        rt.schema,
-                    ),
-                    (self.pipeline.name, exc.column, str(exc)),
-                )
-                # the next start takes the column's type as it is then (the operator's fix)
-                await conn.execute(
-                    db.render(
-                        "DELETE FROM {schema}.source_column_types"
-                        " WHERE pipeline = %s AND column_name = %s",
-                        rt.schema,
-                    ),
-                    (self.pipeline.name, exc.column),
-                )
+        async with (
+            best_effort("the halt's reason", self.pipeline.name),
+            rt.pool.connection() as conn,
+        ):
+            await conn.execute(
+                db.render(
+                    "INSERT INTO {schema}.pipeline_halts (pipeline, reason, column_name,"
+                    " message) VALUES (%s, 'schema_changed', %s, %s)"
+                    " ON CONFLICT (pipeline) DO UPDATE SET reason = EXCLUDED.reason,"
+                    " column_name = EXCLUDED.column_name, message = EXCLUDED.message,"
+                    " halted_at = now()",
+                    rt.schema,
+                ),
+                (self.pipeline.name, exc.column, str(exc)),
+            )
+            # the next start takes the column's type as it is then (the operator's fix)
+            await conn.execute(
+                db.render(
+                    "DELETE FROM {schema}.source_column_types"
+                    " WHERE pipeline = %s AND column_name = %s",
+                    rt.schema,
+                ),
+                (self.pipeline.name, exc.column),
+            )
 
     async def _record_clean_stop(self) -> None:
         """The pipeline drained and stopped with nothing in flight: the next owner need not
         wait (``_record_owner``)."""
         rt = self.runtime
-        with contextlib.suppress(psycopg.Error, OSError):
-            async with rt.pool.connection() as conn:
-                await conn.execute(
-                    db.render(
-                        "UPDATE {schema}.checkpoints SET owner = NULL"
-                        " WHERE pipeline = %s AND owner = %s",
-                        rt.schema,
-                    ),
-                    (self.pipeline.name, rt.owner),
-                )
+        async with (
+            best_effort("the clean stop", self.pipeline.name),
+            rt.pool.connection() as conn,
+        ):
+            await conn.execute(
+                db.render(
+                    "UPDATE {schema}.checkpoints SET owner = NULL"
+                    " WHERE pipeline = %s AND owner = %s",
+                    rt.schema,
+                ),
+                (self.pipeline.name, rt.owner),
+            )
 
     async def _engine_after_grace(self, engine: Any, pstop: asyncio.Event, grace: float) -> None:
         """Start the engine, ``grace`` seconds late when the previous owner did not stop
