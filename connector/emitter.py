@@ -48,6 +48,7 @@ from connector.events import ChangeEvent, Op, stamp_of
 from connector.latency import LatencyEstimator
 from connector.mapping import RecordMapper, dumps_json
 from connector.metrics import Metrics
+from connector.zoho import coql
 from connector.zoho.bulk import BulkJob, BulkRowResult, JobStatus, RowOutcome, build_bulk_zip
 from connector.zoho.client import MAX_RECORDS_PER_CALL, RecordResult, ZohoClient
 from connector.zoho.codes import TRANSIENT_RECORD_CODES
@@ -433,6 +434,11 @@ class Emitter:
                 except TransientError:
                     out.retry.append(e)
                     continue
+                except coql.CoqlValueError as exc:  # not found safely: never "not in the CRM"
+                    res.reject(e.event, exc.code, str(exc), exc.field, api)
+                    self._count(api, "rejected")
+                    out.done.append(e)
+                    continue
             if crm_id is None:  # never reached the CRM: nothing to delete or mark
                 res.ack(e.event, None)
                 self._count(api, "success")
@@ -442,10 +448,9 @@ class Emitter:
         return targets, out
 
     async def _lookup_id(self, key: str) -> str | None:
-        escaped = key.replace("\\", "\\\\").replace("'", "\\'")
+        p = self.pipeline
         rows = await self.client.coql(
-            f"select id from {self.pipeline.module} "
-            f"where {self.pipeline.key_field} = '{escaped}' limit 1"
+            coql.select(p.module, ["id"], where=coql.equals(p.key_field, key), limit=1)
         )
         return str(rows[0]["id"]) if rows and rows[0].get("id") is not None else None
 
