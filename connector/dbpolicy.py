@@ -7,6 +7,8 @@ write gives up, and how a database operation is retried.
 * :func:`best_effort` wraps a bookkeeping write whose loss costs nothing but information
   (why a pipeline halted, that it stopped cleanly): a failure is logged in one format and the
   caller carries on.
+* :func:`retrying` is the one retry policy (tenacity): transient errors only, exponential
+  backoff with jitter and a cap, every retry logged in one format.
 
 Log lines name the error's class and SQLSTATE only, never its message or a DSN (a driver's
 message can quote the connection string; invariant: secrets never in logs).
@@ -16,10 +18,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 from collections.abc import AsyncIterator
 
 import psycopg
 from psycopg_pool import PoolTimeout
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_never,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,3 +67,48 @@ async def best_effort(what: str, pipeline: str | None = None) -> AsyncIterator[N
             describe(exc),
             extra={"pipeline": pipeline} if pipeline is not None else None,
         )
+
+
+def retrying(
+    what: str,
+    *,
+    pipeline: str | None = None,
+    initial: float = 0.5,
+    cap: float = 30.0,
+    attempts: int | None = None,
+) -> AsyncRetrying:
+    """The one retry policy of the state database: retry :data:`TRANSIENT` failures only
+    (anything else, e.g. a programming error, propagates at once), waiting ``initial`` × 2ⁿ
+    plus up to ``initial`` of random jitter, at most ``cap`` seconds, forever or for
+    ``attempts`` tries (then the last error propagates). Each retry is logged as
+    ``state database unavailable for <what> (<error>); retrying in <s>s``. Use::
+
+        async for attempt in dbpolicy.retrying("the bulk job's result"):
+            with attempt:
+                ...
+    """
+
+    def before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        wait = state.next_action.sleep if state.next_action is not None else 0.0
+        log.warning(
+            "state database unavailable for %s (%s); retrying in %.1fs",
+            what,
+            describe(exc) if exc is not None else "?",
+            wait,
+            extra={"pipeline": pipeline} if pipeline is not None else None,
+        )
+
+    def wait(state: RetryCallState) -> float:
+        # exponential from `initial`, plus jitter (so that processes that lost the same
+        # database do not come back in step), capped
+        step = initial * 2.0 ** min(state.attempt_number - 1, 60)
+        return min(cap, step + random.uniform(0, initial))
+
+    return AsyncRetrying(
+        retry=retry_if_exception_type(TRANSIENT),
+        wait=wait,
+        stop=stop_after_attempt(attempts) if attempts is not None else stop_never,
+        before_sleep=before_sleep,
+        reraise=True,
+    )

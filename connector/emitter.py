@@ -37,9 +37,9 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool
 
-from connector import state
+from connector import dbpolicy, state
 from connector.capture import OWN_WRITE_PREFIX, pin_image_settings
 from connector.coalesce import PendingEntry
 from connector.config import PipelineConfig
@@ -617,17 +617,12 @@ class Emitter:
         if started is not None and job.status is JobStatus.COMPLETED:
             duration = time.monotonic() - started
             self._measured_bulk(len(entries), duration)
-        delay = 0.5
-        while True:
-            try:
+        async for attempt in dbpolicy.retrying(
+            f"the result of bulk job {job_id}", pipeline=self.pipeline.name
+        ):
+            with attempt:
                 return await self._apply(job_row, job, results, entries, by_key, duration=duration)
-            except (psycopg.OperationalError, PoolTimeout) as exc:
-                log.warning(
-                    "cannot store the bulk job's result yet; retrying",
-                    extra={"pipeline": self.pipeline.name, "job_id": job_id, "error": str(exc)},
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+        raise AssertionError("unreachable: the policy retries until it returns or raises")
 
     async def _job_gone(
         self,
@@ -660,19 +655,10 @@ class Emitter:
         self, write: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]
     ) -> None:
         """Run a state write, retrying while the database is unreachable."""
-        delay = 0.5
-        while True:
-            try:
+        async for attempt in dbpolicy.retrying("a state write", pipeline=self.pipeline.name):
+            with attempt:
                 async with self.pool.connection() as conn:
                     await write(conn)
-                return
-            except (psycopg.OperationalError, PoolTimeout) as exc:
-                log.warning(
-                    "state database unavailable; retrying",
-                    extra={"pipeline": self.pipeline.name, "error": str(exc)},
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
 
     async def _apply(
         self,
