@@ -486,48 +486,47 @@ class PipelineRunner:
 
     async def _record_halt(self, exc: SchemaChanged) -> None:
         """Keep why the pipeline stopped, for `connector status` (cleared on the next start)."""
-        rt = self.runtime
-        async with (
-            best_effort("the halt's reason", self.pipeline.name),
-            rt.pool.connection() as conn,
-        ):
-            await conn.execute(
-                db.render(
-                    "INSERT INTO {schema}.pipeline_halts (pipeline, reason, column_name,"
-                    " message) VALUES (%s, 'schema_changed', %s, %s)"
-                    " ON CONFLICT (pipeline) DO UPDATE SET reason = EXCLUDED.reason,"
-                    " column_name = EXCLUDED.column_name, message = EXCLUDED.message,"
-                    " halted_at = now()",
-                    rt.schema,
-                ),
-                (self.pipeline.name, exc.column, str(exc)),
-            )
+        name = self.pipeline.name
+        await self._best_effort_write(
+            "the halt's reason",
+            (
+                "INSERT INTO {schema}.pipeline_halts (pipeline, reason, column_name,"
+                " message) VALUES (%s, 'schema_changed', %s, %s)"
+                " ON CONFLICT (pipeline) DO UPDATE SET reason = EXCLUDED.reason,"
+                " column_name = EXCLUDED.column_name, message = EXCLUDED.message,"
+                " halted_at = now()",
+                (name, exc.column, str(exc)),
+            ),
             # the next start takes the column's type as it is then (the operator's fix)
-            await conn.execute(
-                db.render(
-                    "DELETE FROM {schema}.source_column_types"
-                    " WHERE pipeline = %s AND column_name = %s",
-                    rt.schema,
-                ),
-                (self.pipeline.name, exc.column),
-            )
+            (
+                "DELETE FROM {schema}.source_column_types WHERE pipeline = %s AND column_name = %s",
+                (name, exc.column),
+            ),
+        )
 
     async def _record_clean_stop(self) -> None:
         """The pipeline drained and stopped with nothing in flight: the next owner need not
         wait (``_record_owner``)."""
+        await self._best_effort_write(
+            "the clean stop",
+            (
+                "UPDATE {schema}.checkpoints SET owner = NULL WHERE pipeline = %s AND owner = %s",
+                (self.pipeline.name, self.runtime.owner),
+            ),
+        )
+
+    async def _best_effort_write(self, what: str, *statements: tuple[str, tuple[Any, ...]]) -> None:
+        """Bookkeeping whose loss costs only information: run ``statements`` (``{schema}``
+        substituted) in one transaction; a database failure is logged by
+        ``dbpolicy.best_effort`` and the runner carries on."""
         rt = self.runtime
         async with (
-            best_effort("the clean stop", self.pipeline.name),
+            best_effort(what, self.pipeline.name),
             rt.pool.connection() as conn,
+            conn.transaction(),
         ):
-            await conn.execute(
-                db.render(
-                    "UPDATE {schema}.checkpoints SET owner = NULL"
-                    " WHERE pipeline = %s AND owner = %s",
-                    rt.schema,
-                ),
-                (self.pipeline.name, rt.owner),
-            )
+            for text, params in statements:
+                await conn.execute(db.render(text, rt.schema), params)
 
     async def _engine_after_grace(self, engine: Any, pstop: asyncio.Event, grace: float) -> None:
         """Start the engine, ``grace`` seconds late when the previous owner did not stop
