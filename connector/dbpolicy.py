@@ -16,6 +16,7 @@ message can quote the connection string; invariant: secrets never in logs).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import random
@@ -28,8 +29,10 @@ from tenacity import (
     RetryCallState,
     retry_if_exception_type,
     stop_after_attempt,
+    stop_any,
     stop_never,
 )
+from tenacity.stop import stop_base
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +79,13 @@ def retrying(
     initial: float = 0.5,
     cap: float = 30.0,
     attempts: int | None = None,
+    stop: asyncio.Event | None = None,
 ) -> AsyncRetrying:
     """The one retry policy of the state database: retry :data:`TRANSIENT` failures only
     (anything else, e.g. a programming error, propagates at once), waiting ``initial`` × 2ⁿ
     plus up to ``initial`` of random jitter, at most ``cap`` seconds, forever or for
-    ``attempts`` tries (then the last error propagates). Each retry is logged as
+    ``attempts`` tries (then the last error propagates); with ``stop``, a wait ends early when
+    it is set and no further attempt is made (the last error propagates). Each retry is logged as
     ``state database unavailable for <what> (<error>); retrying in <s>s``. Use::
 
         async for attempt in dbpolicy.retrying("the bulk job's result"):
@@ -105,10 +110,29 @@ def retrying(
         step = initial * 2.0 ** min(state.attempt_number - 1, 60)
         return min(cap, step + random.uniform(0, initial))
 
+    async def sleep(seconds: float) -> None:
+        if stop is None:
+            await asyncio.sleep(seconds)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), seconds)
+
+    give_up: stop_base = stop_after_attempt(attempts) if attempts is not None else stop_never
     return AsyncRetrying(
+        sleep=sleep,
         retry=retry_if_exception_type(TRANSIENT),
         wait=wait,
-        stop=stop_after_attempt(attempts) if attempts is not None else stop_never,
+        stop=stop_any(give_up, _StopWhenSet(stop)) if stop is not None else give_up,
         before_sleep=before_sleep,
         reraise=True,
     )
+
+
+class _StopWhenSet(stop_base):
+    """No further attempt once the event is set (shutting down)."""
+
+    def __init__(self, event: asyncio.Event) -> None:
+        self.event = event
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self.event.is_set()

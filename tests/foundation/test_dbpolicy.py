@@ -4,6 +4,7 @@ anything else propagates at once. No database needed: the driver's own exception
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import psycopg
@@ -103,3 +104,22 @@ def test_waits_grow_exponentially_with_jitter_and_never_pass_the_cap(
     assert 0 <= wait <= cap
     if base + initial <= cap:
         assert base <= wait <= base + initial
+
+
+async def test_a_stop_ends_the_retries_with_the_last_error() -> None:
+    stop = asyncio.Event()
+    fn = Flaky([psycopg.OperationalError("down")] * 1000)
+
+    async def run() -> None:
+        policy = dbpolicy.retrying("x", initial=30.0, cap=30.0, stop=stop)
+        async for attempt in policy:
+            with attempt:
+                await fn()
+
+    task = asyncio.create_task(run())
+    while fn.calls < 1:
+        await asyncio.sleep(0.01)
+    stop.set()  # during a 30-second wait: it ends now, without waiting it out
+    with pytest.raises(psycopg.OperationalError):
+        await asyncio.wait_for(task, 10)
+    assert fn.calls <= 2
