@@ -34,6 +34,7 @@ from connector import db
 from connector.config import PipelineConfig, Secrets, Settings
 from connector.errors import ConfigError, ConnectorError, DataError, TransientError
 from connector.mapping import RecordMapper, check_mapping
+from connector.zoho import coql
 from connector.zoho.auth import PgTokenStore
 from connector.zoho.bulk import build_bulk_zip, parse_result_zip
 from connector.zoho.client import FieldMeta, ZohoClient
@@ -399,7 +400,7 @@ def _scope_probes(
 
 
 def _probe_coql(module: str) -> str:
-    return f"select id from {module} where id is not null limit 1"
+    return coql.select(module, ["id"], where=coql.not_null("id"), limit=1)
 
 
 async def crm_checks(
@@ -700,11 +701,9 @@ async def roundtrip_checks(
 
 
 async def _find(client: ZohoClient, p: PipelineConfig, probe_key: str) -> dict[str, Any] | None:
-    fields = [p.key_field, *[m.field for m in p.fields.values()]]
-    key = probe_key.replace("\\", "\\\\").replace("'", "\\'")
+    fields = ["id", p.key_field, *[m.field for m in p.fields.values()]]
     rows = await client.coql(
-        f"select id, {', '.join(dict.fromkeys(fields))} from {p.module} "
-        f"where {p.key_field} = '{key}' limit 1"
+        coql.select(p.module, fields, where=coql.equals(p.key_field, probe_key), limit=1)
     )
     return rows[0] if rows else None
 
@@ -744,6 +743,8 @@ async def _upsert_roundtrip(
         if got is None:
             return check("fail", "the probe record was written but cannot be read back by key")
         diffs = _differences(p, record, got)
+    except coql.CoqlValueError as exc:
+        return check("fail", f"the probe key cannot be read back: {exc}", "choose --probe-key")
     finally:
         if res.id:
             with contextlib.suppress(ConnectorError):

@@ -37,9 +37,9 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool
 
-from connector import state
+from connector import dbpolicy, state
 from connector.capture import OWN_WRITE_PREFIX, pin_image_settings
 from connector.coalesce import PendingEntry
 from connector.config import PipelineConfig
@@ -48,6 +48,7 @@ from connector.events import ChangeEvent, Op, stamp_of
 from connector.latency import LatencyEstimator
 from connector.mapping import RecordMapper, dumps_json
 from connector.metrics import Metrics
+from connector.zoho import coql
 from connector.zoho.bulk import BulkJob, BulkRowResult, JobStatus, RowOutcome, build_bulk_zip
 from connector.zoho.client import MAX_RECORDS_PER_CALL, RecordResult, ZohoClient
 from connector.zoho.codes import TRANSIENT_RECORD_CODES
@@ -433,6 +434,11 @@ class Emitter:
                 except TransientError:
                     out.retry.append(e)
                     continue
+                except coql.CoqlValueError as exc:  # not found safely: never "not in the CRM"
+                    res.reject(e.event, exc.code, str(exc), exc.field, api)
+                    self._count(api, "rejected")
+                    out.done.append(e)
+                    continue
             if crm_id is None:  # never reached the CRM: nothing to delete or mark
                 res.ack(e.event, None)
                 self._count(api, "success")
@@ -442,10 +448,9 @@ class Emitter:
         return targets, out
 
     async def _lookup_id(self, key: str) -> str | None:
-        escaped = key.replace("\\", "\\\\").replace("'", "\\'")
+        p = self.pipeline
         rows = await self.client.coql(
-            f"select id from {self.pipeline.module} "
-            f"where {self.pipeline.key_field} = '{escaped}' limit 1"
+            coql.select(p.module, ["id"], where=coql.equals(p.key_field, key), limit=1)
         )
         return str(rows[0]["id"]) if rows and rows[0].get("id") is not None else None
 
@@ -612,17 +617,12 @@ class Emitter:
         if started is not None and job.status is JobStatus.COMPLETED:
             duration = time.monotonic() - started
             self._measured_bulk(len(entries), duration)
-        delay = 0.5
-        while True:
-            try:
+        async for attempt in dbpolicy.retrying(
+            f"the result of bulk job {job_id}", pipeline=self.pipeline.name
+        ):
+            with attempt:
                 return await self._apply(job_row, job, results, entries, by_key, duration=duration)
-            except (psycopg.OperationalError, PoolTimeout) as exc:
-                log.warning(
-                    "cannot store the bulk job's result yet; retrying",
-                    extra={"pipeline": self.pipeline.name, "job_id": job_id, "error": str(exc)},
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+        raise AssertionError("unreachable: the policy retries until it returns or raises")
 
     async def _job_gone(
         self,
@@ -655,19 +655,10 @@ class Emitter:
         self, write: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]
     ) -> None:
         """Run a state write, retrying while the database is unreachable."""
-        delay = 0.5
-        while True:
-            try:
+        async for attempt in dbpolicy.retrying("a state write", pipeline=self.pipeline.name):
+            with attempt:
                 async with self.pool.connection() as conn:
                     await write(conn)
-                return
-            except (psycopg.OperationalError, PoolTimeout) as exc:
-                log.warning(
-                    "state database unavailable; retrying",
-                    extra={"pipeline": self.pipeline.name, "error": str(exc)},
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
 
     async def _apply(
         self,

@@ -39,7 +39,7 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from connector import outbox, state, truncate
+from connector import dbpolicy, outbox, state, truncate
 from connector.coalesce import BatchTracker, Coalescer, PendingEntry
 from connector.config import PipelineConfig
 from connector.costs import CostModel
@@ -379,23 +379,29 @@ class Engine:
         until_idle: bool,
     ) -> None:
         name = self.pipeline.name
-        backoff = 0.1
         while not stop.is_set():
             self._raise_failed()
             # -- read
             try:
                 read_any = await self._read(reader)
-                backoff = 0.1
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                log.warning("outbox read failed; reconnecting", extra={"error": str(exc)})
-                await _sleep_or_stop(stop, backoff)
-                backoff = min(backoff * 2, 10.0)
+                log.warning(
+                    "outbox read failed; reconnecting (%s)",
+                    dbpolicy.describe(exc),
+                    extra={"pipeline": name},
+                )
                 with contextlib.suppress(Exception):
                     await reader.close()
                 try:
-                    reader = await psycopg.AsyncConnection.connect(self.state_dsn, autocommit=True)
-                except psycopg.OperationalError:
-                    continue
+                    async for attempt in dbpolicy.retrying(
+                        "the outbox reader", pipeline=name, initial=0.1, cap=10.0, stop=stop
+                    ):
+                        with attempt:
+                            reader = await psycopg.AsyncConnection.connect(
+                                self.state_dsn, autocommit=True
+                            )
+                except dbpolicy.TRANSIENT:
+                    pass  # stopping while the database is away: the loop ends
                 continue
             # -- plan and dispatch
             now = _now()

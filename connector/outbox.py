@@ -41,6 +41,7 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 from psycopg.types.json import set_json_loads
 
+from connector import dbpolicy
 from connector.config import PipelineConfig
 from connector.events import ChangeEvent, EventStamp, Op, SnapshotVisibility
 
@@ -624,25 +625,30 @@ class OutboxWatcher:
             self._task.result()
 
     async def _run(self) -> None:
-        backoff = 0.1
         while True:
+            # each outage starts the policy afresh: a connection that lived for hours does
+            # not make the next reconnect wait longer
+            async for attempt in dbpolicy.retrying(
+                "the outbox watcher",
+                pipeline=self._pipeline,
+                initial=0.1,
+                cap=self._max_backoff,
+            ):
+                with attempt:
+                    conn = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True)
             try:
-                async with await psycopg.AsyncConnection.connect(
-                    self._dsn, autocommit=True
-                ) as conn:
+                async with conn:
                     self._connected.set()
-                    backoff = 0.1
                     await self._poll(conn)
             except psycopg.OperationalError as exc:
                 log.warning(
-                    "outbox watcher connection lost; retrying",
-                    extra={"error": type(exc).__name__, "retry_in": backoff},
+                    "outbox watcher connection lost; reconnecting (%s)",
+                    dbpolicy.describe(exc),
+                    extra={"pipeline": self._pipeline},
                 )
             finally:
                 self._connected.clear()
-            self._event.set()  # anything may have happened meanwhile: make the reader read
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self._max_backoff)
+                self._event.set()  # anything may have happened meanwhile: make the reader read
 
     async def _poll(self, conn: psycopg.AsyncConnection[Any]) -> None:
         self.interval = self.min_interval

@@ -41,8 +41,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from connector import db
+from connector import db, state
 from connector.config import PipelineConfig, Secrets, Settings
+from connector.dbpolicy import best_effort
 from connector.errors import (
     ConfigError,
     ConnectorError,
@@ -466,27 +467,14 @@ class PipelineRunner:
         rt = self.runtime
         timeout = rt.settings.crm.request_timeout.total_seconds()
         async with rt.pool.connection() as conn:
-            cur = await conn.execute(
-                db.render(
-                    "WITH prev AS (SELECT owner FROM {schema}.checkpoints WHERE pipeline = %s)"
-                    " INSERT INTO {schema}.checkpoints AS c (pipeline, owner) VALUES (%s, %s)"
-                    " ON CONFLICT (pipeline) DO UPDATE SET owner = EXCLUDED.owner,"
-                    " crm_quiet_until = CASE WHEN c.owner IS NOT NULL AND c.crm_quiet_until"
-                    " IS NULL THEN now() + make_interval(secs => %s) ELSE c.crm_quiet_until END"
-                    " RETURNING (SELECT owner FROM prev),"
-                    " greatest(extract(epoch FROM c.crm_quiet_until - now()), 0)::float8",
-                    rt.schema,
-                ),
-                (self.pipeline.name, self.pipeline.name, rt.owner, timeout),
+            wait = await state.take_ownership(
+                conn, rt.schema, self.pipeline.name, rt.owner, timeout
             )
-            row = await cur.fetchone()
             await conn.execute(
                 db.render("DELETE FROM {schema}.pipeline_halts WHERE pipeline = %s", rt.schema),
                 (self.pipeline.name,),
             )
-        if row is None or row[1] is None:
-            return 0.0
-        return float(row[1])
+        return wait
 
     async def _start_writing(self) -> None:
         """Just before the engine's first CRM write: this owner may now have requests in flight
@@ -494,55 +482,51 @@ class PipelineRunner:
         it a successor could wait too little, so no write happens unless it is stored."""
         rt = self.runtime
         async with rt.pool.connection() as conn:
-            await conn.execute(
-                db.render(
-                    "UPDATE {schema}.checkpoints SET crm_quiet_until = NULL"
-                    " WHERE pipeline = %s AND crm_quiet_until IS NOT NULL",
-                    rt.schema,
-                ),
-                (self.pipeline.name,),
-            )
+            await state.start_writing(conn, rt.schema, self.pipeline.name)
 
     async def _record_halt(self, exc: SchemaChanged) -> None:
         """Keep why the pipeline stopped, for `connector status` (cleared on the next start)."""
-        rt = self.runtime
-        with contextlib.suppress(psycopg.Error, OSError, PoolTimeout):
-            async with rt.pool.connection() as conn:
-                await conn.execute(
-                    db.render(
-                        "INSERT INTO {schema}.pipeline_halts (pipeline, reason, column_name,"
-                        " message) VALUES (%s, 'schema_changed', %s, %s)"
-                        " ON CONFLICT (pipeline) DO UPDATE SET reason = EXCLUDED.reason,"
-                        " column_name = EXCLUDED.column_name, message = EXCLUDED.message,"
-                        " halted_at = now()",
-                        rt.schema,
-                    ),
-                    (self.pipeline.name, exc.column, str(exc)),
-                )
-                # the next start takes the column's type as it is then (the operator's fix)
-                await conn.execute(
-                    db.render(
-                        "DELETE FROM {schema}.source_column_types"
-                        " WHERE pipeline = %s AND column_name = %s",
-                        rt.schema,
-                    ),
-                    (self.pipeline.name, exc.column),
-                )
+        name = self.pipeline.name
+        await self._best_effort_write(
+            "the halt's reason",
+            (
+                "INSERT INTO {schema}.pipeline_halts (pipeline, reason, column_name,"
+                " message) VALUES (%s, 'schema_changed', %s, %s)"
+                " ON CONFLICT (pipeline) DO UPDATE SET reason = EXCLUDED.reason,"
+                " column_name = EXCLUDED.column_name, message = EXCLUDED.message,"
+                " halted_at = now()",
+                (name, exc.column, str(exc)),
+            ),
+            # the next start takes the column's type as it is then (the operator's fix)
+            (
+                "DELETE FROM {schema}.source_column_types WHERE pipeline = %s AND column_name = %s",
+                (name, exc.column),
+            ),
+        )
 
     async def _record_clean_stop(self) -> None:
         """The pipeline drained and stopped with nothing in flight: the next owner need not
         wait (``_record_owner``)."""
+        await self._best_effort_write(
+            "the clean stop",
+            (
+                "UPDATE {schema}.checkpoints SET owner = NULL WHERE pipeline = %s AND owner = %s",
+                (self.pipeline.name, self.runtime.owner),
+            ),
+        )
+
+    async def _best_effort_write(self, what: str, *statements: tuple[str, tuple[Any, ...]]) -> None:
+        """Bookkeeping whose loss costs only information: run ``statements`` (``{schema}``
+        substituted) in one transaction; a database failure is logged by
+        ``dbpolicy.best_effort`` and the runner carries on."""
         rt = self.runtime
-        with contextlib.suppress(psycopg.Error, OSError):
-            async with rt.pool.connection() as conn:
-                await conn.execute(
-                    db.render(
-                        "UPDATE {schema}.checkpoints SET owner = NULL"
-                        " WHERE pipeline = %s AND owner = %s",
-                        rt.schema,
-                    ),
-                    (self.pipeline.name, rt.owner),
-                )
+        async with (
+            best_effort(what, self.pipeline.name),
+            rt.pool.connection() as conn,
+            conn.transaction(),
+        ):
+            for text, params in statements:
+                await conn.execute(db.render(text, rt.schema), params)
 
     async def _engine_after_grace(self, engine: Any, pstop: asyncio.Event, grace: float) -> None:
         """Start the engine, ``grace`` seconds late when the previous owner did not stop
@@ -564,7 +548,6 @@ class PipelineRunner:
             # `status` says why changes wait meanwhile; /readyz is not ready; a gauge counts
             self.wait_until = time.monotonic() + grace
             rt.metrics.takeover_wait_seconds.labels(pipeline=name).set(grace)
-            await self._record_wait(grace)
             try:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(pstop.wait(), grace)
@@ -581,22 +564,6 @@ class PipelineRunner:
             )
         await self._start_writing()
         await rt.run_engine(engine, self.pipeline, pstop, self)
-
-    async def _record_wait(self, grace: float) -> None:
-        """Record when the takeover wait ends (``checkpoints.writes_after``, read by
-        ``connector status``)."""
-        rt = self.runtime
-        with contextlib.suppress(psycopg.Error, OSError, PoolTimeout):
-            async with rt.pool.connection() as conn:
-                await conn.execute(
-                    db.render(
-                        "UPDATE {schema}.checkpoints"
-                        " SET writes_after = clock_timestamp() + make_interval(secs => %s)"
-                        " WHERE pipeline = %s",
-                        rt.schema,
-                    ),
-                    (grace, self.pipeline.name),
-                )
 
     async def _own(self, grace: float = 0.0) -> bool:
         """Run the pipeline while the lease is held. True when the runner is finished (stop

@@ -1088,6 +1088,62 @@ async def set_snapshot_report(
 # --------------------------------------------------------------------------- helpers
 
 
+# --- the takeover wait (checkpoints.crm_quiet_until, migrations 0009 and 0011) ----------------
+#
+# After an unclean stop a new owner may not write to the CRM before ``crm_quiet_until``:
+# requests the previous owner had in flight may still be applied until then. Written when an
+# owner takes the pipeline (``take_ownership``), cleared just before its first CRM write
+# (``start_writing``), read by ``connector status`` (``writes_wait_left``). These three are
+# the column's only reader and writers.
+
+Q_TAKE_OWNERSHIP = """
+INSERT INTO {schema}.checkpoints AS c (pipeline, owner) VALUES (%s, %s)
+ON CONFLICT (pipeline) DO UPDATE SET owner = EXCLUDED.owner,
+  crm_quiet_until = CASE WHEN c.owner IS NOT NULL AND c.crm_quiet_until IS NULL
+                         THEN now() + make_interval(secs => %s) ELSE c.crm_quiet_until END
+RETURNING greatest(extract(epoch FROM c.crm_quiet_until - now()), 0)::float8 AS wait
+"""
+
+Q_START_WRITING = """
+UPDATE {schema}.checkpoints SET crm_quiet_until = NULL
+ WHERE pipeline = %s AND crm_quiet_until IS NOT NULL
+"""
+
+Q_WRITES_WAIT_LEFT = """
+SELECT extract(epoch FROM crm_quiet_until - clock_timestamp())::float8
+  FROM {schema}.checkpoints WHERE pipeline = %s
+"""
+
+
+async def take_ownership(
+    conn: AnyConn, schema: str, pipeline: str, owner: str, request_timeout: float
+) -> float:
+    """Record ``owner`` as the pipeline's owner; returns the seconds to wait before the first
+    CRM write. When a previous owner is still recorded (it did not stop cleanly) and had
+    started writing, the wait ends ``request_timeout`` from now; when it never wrote (it was
+    killed during its own wait) the earlier end is kept; with no previous owner and no wait
+    recorded: 0."""
+    cur = await conn.execute(_q(Q_TAKE_OWNERSHIP, schema), (pipeline, owner, request_timeout))
+    row = await cur.fetchone()
+    if row is None:
+        return 0.0
+    wait = _as_dict(cur, row)["wait"]
+    return 0.0 if wait is None else float(wait)
+
+
+async def start_writing(conn: AnyConn, schema: str, pipeline: str) -> None:
+    """The owner is about to send its first CRM write: a successor must wait in full."""
+    await conn.execute(_q(Q_START_WRITING, schema), (pipeline,))
+
+
+async def writes_wait_left(conn: AnyConn, schema: str, pipeline: str) -> float | None:
+    """Seconds until the pipeline's owner may write to the CRM; None when it may now."""
+    cur = await conn.execute(_q(Q_WRITES_WAIT_LEFT, schema), (pipeline,))
+    row = await cur.fetchone()
+    value = None if row is None else _first(row)
+    return float(value) if value is not None and value > 0 else None
+
+
 def _as_dict(cur: Any, row: Any) -> dict[str, Any]:
     """Rows as dicts whatever the connection's row factory (tuple or dict_row)."""
     if isinstance(row, dict):

@@ -25,8 +25,7 @@ SELECT count(DISTINCT o.key), extract(epoch FROM clock_timestamp() - min(o.captu
 """
 
 Q_CHECKPOINT = """
-SELECT last_id, greatest(cardinality(pending_txids) - 1, 0), events_passed, updated_at, owner,
-       extract(epoch FROM writes_after - clock_timestamp())::float8
+SELECT last_id, greatest(cardinality(pending_txids) - 1, 0), events_passed, updated_at, owner
   FROM {schema}.checkpoints WHERE pipeline = %s
 """
 
@@ -178,7 +177,7 @@ async def pipeline_status(
     )
     halt = await cur.fetchone()
     # after an unclean takeover the owner sends nothing for crm.request_timeout (runtime.py)
-    wait_left = float(cp[5]) if cp and owner and cp[5] is not None and cp[5] > 0 else None
+    wait_left = await state.writes_wait_left(conn, schema, name) if owner else None
     return {
         "halted": (
             {"reason": halt[0], "column": halt[1], "message": halt[2], "since": halt[3]}

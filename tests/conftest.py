@@ -133,3 +133,31 @@ def _fresh_process_token_store() -> Iterator[None]:
     auth.PROCESS_TOKEN_STORE._records.clear()
     yield
     auth.PROCESS_TOKEN_STORE._records.clear()
+
+
+# --------------------------------------------------------------------------- test tiers
+# `unit` (no database: nothing of the test asks for the session's PostgreSQL), `db` (a real
+# PostgreSQL), `e2e` (tests/e2e: the connector as a process, or the whole stack), `chaos`
+# (tests/chaos: fault injection). `make test-fast` runs `-m "unit and not slow"`. A test that
+# starts a PostgreSQL of its own marks itself `db`; any tier marker set by hand is kept.
+TIERS = ("unit", "db", "e2e", "chaos")
+_DIRECTORY_TIERS = {"e2e": "e2e", "chaos": "chaos"}
+# unit files that are minutes of exhaustive search (planner properties, the credits benchmark
+# against its brute-force bound): `slow`, so that `make test-fast` (`unit and not slow`) stays
+# quick; `make test` runs them
+_SLOW_UNIT_FILES = {"test_planner.py", "test_planner_v2.py", "test_credits_bench.py"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    tests = Path(__file__).parent
+    for item in items:
+        if any(item.get_closest_marker(t) for t in TIERS):
+            continue
+        parts = Path(str(item.path)).relative_to(tests).parts
+        tier = _DIRECTORY_TIERS.get(parts[0]) if len(parts) > 1 else None
+        if tier is None:
+            needs = getattr(item, "fixturenames", ())
+            tier = "db" if "pg_cluster" in needs else "unit"
+        item.add_marker(getattr(pytest.mark, tier))
+        if tier == "unit" and parts[-1] in _SLOW_UNIT_FILES:
+            item.add_marker(pytest.mark.slow)

@@ -288,6 +288,7 @@ async def test_install_checks_and_uninstall(database: str) -> None:
         await logical.uninstall(conn, SCHEMA, cfg)  # idempotent
 
 
+@pytest.mark.db  # starts a PostgreSQL of its own
 async def test_refuses_without_wal_level_logical(tmp_path: Any) -> None:
     from connector.pgembed import EmbeddedPostgres
 
