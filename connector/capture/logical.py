@@ -86,7 +86,8 @@ async def check_source(conn: psycopg.AsyncConnection[Any], pipeline: PipelineCon
         )
     schema, table = pipeline.table_parts
     cur = await conn.execute(
-        "SELECT c.oid, c.relreplident FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        "SELECT c.oid, c.relreplident, c.relpersistence FROM pg_class c"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace"
         " WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
         (schema, table),
     )
@@ -95,7 +96,19 @@ async def check_source(conn: psycopg.AsyncConnection[Any], pipeline: PipelineCon
         raise ConfigError(
             _key(pipeline, "source_table"), f"table {pipeline.source_table!r} does not exist"
         )
-    relid, replident = (row["oid"], row["relreplident"]) if isinstance(row, dict) else row
+    relid, replident, persistence = (
+        (row["oid"], row["relreplident"], row["relpersistence"]) if isinstance(row, dict) else row
+    )
+    if persistence == "u":
+        # an UNLOGGED table writes no WAL, so logical decoding never sees its changes and
+        # CREATE PUBLICATION refuses it (PostgreSQL docs, CREATE PUBLICATION: "unlogged
+        # tables ... cannot be part of a publication")
+        raise ConfigError(
+            _key(pipeline, "source_table"),
+            f"table {pipeline.source_table!r} is UNLOGGED: its changes are not in the WAL, so "
+            f"logical capture cannot see them. Nothing was installed. Fix: ALTER TABLE "
+            f"{pipeline.source_table} SET LOGGED, or use capture = 'triggers'",
+        )
     attnum = await _one(
         conn,
         "SELECT attnum FROM pg_attribute WHERE attrelid = %s AND attname = %s"
@@ -278,8 +291,13 @@ async def install(
     sch, tbl = pipeline.table_parts
     exists = await _one(conn, "SELECT 1 FROM pg_publication WHERE pubname = %s", (name,))
     if exists is None:
+        # publish_via_partition_root: a partitioned table's changes are published under its
+        # own name, not its partitions' (which the stream would not recognise: nothing was
+        # captured, silently); no effect on a plain table (PostgreSQL docs, CREATE PUBLICATION)
         await conn.execute(
-            sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(sql.Identifier(name), table)
+            sql.SQL(
+                "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)"
+            ).format(sql.Identifier(name), table)
         )
     else:
         has = await _one(
@@ -292,6 +310,12 @@ async def install(
             await conn.execute(
                 sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(sql.Identifier(name), table)
             )
+        # a publication made by an earlier version lacks the option (install is an upgrade)
+        await conn.execute(
+            sql.SQL("ALTER PUBLICATION {} SET (publish_via_partition_root = true)").format(
+                sql.Identifier(name)
+            )
+        )
     plugin = await _one(
         conn, "SELECT plugin FROM pg_replication_slots WHERE slot_name = %s", (name,)
     )

@@ -9,6 +9,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from connector.capture import logical
 from connector.errors import ConfigError
@@ -260,7 +261,15 @@ async def test_install_checks_and_uninstall(database: str) -> None:
         assert "replica identity" in str(e.value)
         await conn.execute("ALTER TABLE orders ADD PRIMARY KEY (id)")
         await logical.install(conn, SCHEMA, cfg)
-        await logical.install(conn, SCHEMA, cfg)  # idempotent
+        # a publication made by an earlier version (no publish_via_partition_root) is upgraded
+        await conn.execute(
+            sql.SQL("ALTER PUBLICATION {} SET (publish_via_partition_root = false)").format(
+                sql.Identifier(name)
+            )
+        )
+        await logical.install(conn, SCHEMA, cfg)  # idempotent, and an upgrade
+        cur = await conn.execute("SELECT pubviaroot FROM pg_publication WHERE pubname = %s", [name])
+        assert await cur.fetchone() == (True,)
         assert await logical.slot_lag_bytes(conn, SCHEMA, cfg) is not None
         cap = logical.LogicalCapture(database, SCHEMA, cfg, max_backoff=0.2)
         stop = asyncio.Event()
