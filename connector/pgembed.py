@@ -174,12 +174,27 @@ class EmbeddedPostgres:
             "start",
         )
 
-    def stop(self, mode: str = "fast") -> None:
+    def stop(self, mode: str = "fast", wait: int = 60) -> bool:
+        """Stop the server; True when it is stopped. pg_ctl gives up after ``wait`` seconds
+        (and returns non-zero, the server still stopping); its own limit comes first, so a
+        slow stop is a False here, never a ``TimeoutExpired`` (which pre-empted callers'
+        fall-back to ``immediate``)."""
         if not (self.datadir / "postmaster.pid").exists():
-            return
+            return True
         self._cmd(
-            "pg_ctl", "-D", str(self.datadir), "-m", mode, "-w", "-t", "60", "stop", check=False
+            "pg_ctl",
+            "-D",
+            str(self.datadir),
+            "-m",
+            mode,
+            "-w",
+            "-t",
+            str(wait),
+            "stop",
+            check=False,
+            timeout=wait + 30,
         )
+        return not (self.datadir / "postmaster.pid").exists()
 
     def restart(self, mode: str = "fast") -> None:
         self.stop(mode)

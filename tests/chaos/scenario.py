@@ -28,6 +28,7 @@ import os
 import random
 import re
 import shutil
+import subprocess
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -192,6 +193,8 @@ class RunResult:
     workload: dict[str, int] = field(default_factory=dict)
     injected: Counter[str] = field(default_factory=Counter)
     evidence: Counter[str] = field(default_factory=Counter)
+    # per fast stop that did not finish in 60 s: the server's processes left (``ps`` titles)
+    fast_stop_stuck: list[list[str]] = field(default_factory=list)
     report: checker.Report | None = None
     credits: dict[str, Any] = field(default_factory=dict)
     drain_seconds: float | None = None
@@ -223,6 +226,7 @@ class RunResult:
             "workload": self.workload,
             "injected": dict(self.injected),
             "evidence": dict(self.evidence),
+            "fast_stop_stuck": self.fast_stop_stuck,
             "check": self.report.summary() if self.report else None,
             "credits": self.credits,
             "drain_seconds": self.drain_seconds,
@@ -276,11 +280,27 @@ def lag_peaks(timeline: list[dict[str, float]], window: float = 300.0) -> list[d
     return [out[w] for w in sorted(out)]
 
 
-def restart_postgres(pg: EmbeddedPostgres) -> None:
-    pg.stop("fast")
-    if (pg.datadir / "postmaster.pid").exists():  # fast stop did not finish in time
-        pg.stop("immediate")
+def restart_postgres(pg: EmbeddedPostgres) -> list[str] | None:
+    """Fast stop, then start. When the fast stop does not finish within 60 s, the server's
+    remaining processes (their titles: which backend or walsender, in what state) are
+    returned as evidence and the server is stopped ``immediate`` (a crash, recovered on
+    start). A soak that needed this says so in its result (``pg_fast_stop_timeouts``)."""
+    if pg.stop("fast"):
+        pg.start()
+        return None
+    stuck = _children(pg.pid())
+    pg.stop("immediate")
     pg.start()
+    return stuck
+
+
+def _children(pid: int | None) -> list[str]:
+    if pid is None:
+        return []
+    out = subprocess.run(
+        ["ps", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True, check=False
+    )
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
 
 
 class Scenario:
@@ -367,9 +387,18 @@ class Scenario:
         self.result.injected["postgres_restart"] += 1
         self._restarting = True
         try:
-            await asyncio.to_thread(restart_postgres, self.pg)
+            stuck = await asyncio.to_thread(restart_postgres, self.pg)
         finally:
             self._restarting = False
+        if stuck is not None:
+            self.result.evidence["pg_fast_stop_timeouts"] += 1
+            self.result.fast_stop_stuck.append(stuck)
+            log.warning(
+                "%s: PostgreSQL's fast stop did not finish in 60 s; stopped immediate."
+                " Processes left: %s",
+                self.name,
+                stuck,
+            )
         log.info("%s: PostgreSQL restarted at operation %d", self.name, op)
 
     async def _kill(self, kind: str, down: float) -> None:
