@@ -16,11 +16,6 @@ Pure: no I/O, no clock. Ordering of two events of one key is ``ChangeEvent.newer
 * Orphan fences: keys of a bulk job that may still run on the CRM without our knowing its id
   (``fence(keys, tag)``) are not handed out by ``take`` either, until ``unfence(tag)`` (the
   engine decides when: the job's callback or its time bound).
-* Catch-up holds (``hold(key, stamp)``): after a restart the previous owner may have sent a
-  newer version than ``key_state`` says (its acknowledgement was lost with it). A key is not
-  handed out by ``take`` until a version not older than ``stamp`` (its newest committed outbox
-  row, which the reader will reach) has been merged or acknowledged; ``release_holds`` ends
-  them all when the reader has read everything committed.
 * Backlog: an entry made only of initial-sync (``snapshot``) events has no staleness deadline
   (``live_at is None``); see docs/planner.md.
 * ``BatchTracker`` turns "every event of reader batches ≤ b is acknowledged, dead-lettered or
@@ -160,7 +155,6 @@ class Coalescer:
         self._seq = itertools.count()
         self._fenced: dict[str, set[int]] = {}
         self._fence_keys: dict[int, list[str]] = {}
-        self._held: dict[str, EventStamp] = {}
 
     # -- input ------------------------------------------------------------------------------
     def add(self, event: ChangeEvent, batch: int) -> bool:
@@ -189,7 +183,6 @@ class Coalescer:
         else:
             entry.event = event
             self._attach(entry, batch, event)
-        self._unhold_if_covered(key, stamp_of(event))
         return True
 
     def set_acked(self, key: str, stamp: EventStamp | None) -> None:
@@ -198,7 +191,6 @@ class Coalescer:
             self._acked.pop(key, None)
         else:
             self._acked[key] = stamp
-            self._unhold_if_covered(key, stamp)
 
     def acked(self, key: str) -> EventStamp | None:
         return self._acked.get(key)
@@ -266,41 +258,6 @@ class Coalescer:
     def fenced(self) -> Set[str]:
         return self._fenced.keys()
 
-    # -- catch-up holds ---------------------------------------------------------------------
-    def hold(self, key: str, newest: EventStamp) -> bool:
-        """Do not hand ``key`` out until a version not older than ``newest`` is merged or
-        acknowledged (the previous owner may have sent it: sending anything older now could
-        move the CRM record back). True if the key is now held."""
-        for known in self._known_stamps(key):
-            if not newest.newer_than(known):
-                return False
-        current = self._held.get(key)
-        if current is None or newest.newer_than(current):
-            self._held[key] = newest
-        return True
-
-    def release_holds(self) -> int:
-        """End every hold (the reader has read all that was committed); returns how many."""
-        n = len(self._held)
-        self._held.clear()
-        return n
-
-    def held(self) -> Set[str]:
-        return self._held.keys()
-
-    def _known_stamps(self, key: str) -> Iterator[EventStamp]:
-        for entry in (self._pending.get(key), self._in_flight.get(key)):
-            if entry is not None:
-                yield stamp_of(entry.event)
-        acked = self._acked.get(key)
-        if acked is not None:
-            yield acked
-
-    def _unhold_if_covered(self, key: str, stamp: EventStamp) -> None:
-        target = self._held.get(key)
-        if target is not None and not target.newer_than(stamp):
-            del self._held[key]
-
     def fence_tags(self) -> list[int]:
         return list(self._fence_keys)
 
@@ -327,7 +284,7 @@ class Coalescer:
         ``complete``. Keys not pending, or already in flight, are skipped (fencing)."""
         out: list[PendingEntry] = []
         for key in keys:
-            if key in self._in_flight or key in self._fenced or key in self._held:
+            if key in self._in_flight or key in self._fenced:
                 continue
             entry = self._pending.pop(key, None)
             if entry is None:
@@ -351,7 +308,6 @@ class Coalescer:
                 if prev is None or entry.event.newer_than(prev):
                     prev = stamp_of(entry.event)
                 self._acked[key] = prev
-                self._unhold_if_covered(key, prev)
                 for b in entry.batches:
                     self.tracker.release(b)
                 entry.batches.clear()

@@ -155,8 +155,9 @@ class Engine:
         self._batch_events: dict[int, int] = {}
         self._fences: dict[int, float] = {}  # bulk_jobs.id -> when its fence ends (wall clock)
         # outbox rows up to this id were committed before this run started: a previous owner
-        # may have sent them without storing the ack (``_hold_until_newest``)
+        # may have sent them without storing the ack (``_read_ahead``)
         self._catchup_to = 0
+        self._read_ahead_keys = 0  # newest versions read ahead while catching up (logged)
         self._backlog_hold: tuple[int, int] | None = None  # snapshot chunk being read: (id, txid)
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._calls_seen = -1
@@ -445,21 +446,18 @@ class Engine:
                 self.metrics.events_captured_total.labels(pipeline=self.pipeline.name, op=op).inc(n)
         if any(ev.op is Op.TRUNCATE for ev in events):
             events = await self._truncates(reader, events)
+        read_any = bool(events)
         if events:
             await self._seed_acked(reader, events)
+            events.extend(await self._read_ahead(reader, events))
         self.tracker.register(batch, len(events))
         for ev in events:
             self.coalescer.add(ev, batch)
-        if events:
-            await self._hold_until_newest(reader, events)
-        elif self.coalescer.held():
-            # everything committed has been read: no newer version can come
-            self.coalescer.release_holds()
-        self._caught_up = not events
+        self._caught_up = not read_any
         self._read_pos = pos
         async with self._changed:
             self._changed.notify_all()
-        return bool(events)
+        return read_any
 
     async def _truncates(
         self, conn: psycopg.AsyncConnection[Any], events: list[ChangeEvent]
@@ -500,33 +498,47 @@ class Engine:
             if current is None or ks.stamp.newer_than(current):
                 self.coalescer.set_acked(key, ks.stamp)
 
-    async def _hold_until_newest(
+    async def _read_ahead(
         self, conn: psycopg.AsyncConnection[Any], events: list[ChangeEvent]
-    ) -> None:
-        """Never stale across a restart (issue 14): the previous owner may have sent a newer
-        version of a key than ``key_state`` records (killed, or its lease lost, between the
-        CRM's answer and storing the ack; or an orphan bulk job). Re-read from the checkpoint,
-        an older version comes first, and with a backlog past its deadline it would be sent
-        at once, before the reader reaches the newer one. While reading rows committed before
-        this run started, each key is held until its newest committed outbox row is merged
-        (or the reader has read everything: ``release_holds``)."""
+    ) -> list[ChangeEvent]:
+        """Never stale across a restart, in bounded time (issue 14). The previous owner may have
+        sent a newer version of a key than ``key_state`` records (killed, or its lease lost,
+        between the CRM's answer and storing the ack; or an orphan bulk job). Re-read from the
+        checkpoint, an older version comes first, and with a backlog past its deadline it would
+        be sent at once, over the newer one. So while the reader is behind what was committed
+        when this run started, each key of a batch also gets its newest committed outbox row,
+        read ahead by one index step and merged with the batch: the key goes out at that version
+        (or not at all, if ``key_state`` already has it) and the batch can be resolved and
+        checkpointed at once. (Holding the key until the reader reached that row instead made
+        the checkpoint wait for the whole backlog to be read: with a backlog larger than one run
+        reads, every restart started again from the same checkpoint.) When the reader gets to a
+        row read ahead, it is dropped as not newer than what is pending, in flight or
+        acknowledged."""
         if not self._catchup_to:
-            return
+            return []
         keys = sorted({ev.key for ev in events if ev.offset <= self._catchup_to})
         if not keys:
-            self._catchup_to = 0  # past what was committed at the start
-            return
-        newest = await outbox.newest_stamps(conn, self.schema, self.pipeline.name, keys)
-        held = sum(1 for key, stamp in newest.items() if self.coalescer.hold(key, stamp))
-        if held:
             log.info(
-                "catching up after a restart: keys held until their newest version is read",
-                extra={"pipeline": self.pipeline.name, "keys": held},
+                "caught up with what was committed at the start",
+                extra={"pipeline": self.pipeline.name, "keys_read_ahead": self._read_ahead_keys},
             )
+            self._catchup_to = 0
+            return []
+        here = {ev.offset for ev in events}
+        newest = await outbox.newest_rows(conn, self.schema, self.pipeline.name, keys)
+        ahead = sorted(
+            (ev for ev in newest.values() if ev.offset not in here), key=lambda ev: ev.offset
+        )
+        if ahead and not self._read_ahead_keys:
+            log.info(
+                "catching up after a restart: each key's newest committed version is read ahead",
+                extra={"pipeline": self.pipeline.name, "committed_up_to": self._catchup_to},
+            )
+        self._read_ahead_keys += len(ahead)
+        return ahead
 
     def _can_read(self) -> bool:
-        # held keys wait for rows further on: they must not stop the reader
-        busy = len(self.coalescer) + len(self.coalescer.in_flight()) - len(self.coalescer.held())
+        busy = len(self.coalescer) + len(self.coalescer.in_flight())
         return busy < self.options.max_pending
 
     def _idle(self) -> bool:
@@ -577,12 +589,11 @@ class Engine:
             return None
         in_flight = self.coalescer.in_flight()
         fenced = self.coalescer.fenced()
-        held = self.coalescer.held()
         keys = [
             PendingKey(
                 e.key,
                 (e.live_at or e.oldest_at).timestamp(),
-                e.key in in_flight or e.key in fenced or e.key in held,
+                e.key in in_flight or e.key in fenced,
                 backlog=e.live_at is None,
             )
             for e in pending.values()

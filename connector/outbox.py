@@ -43,7 +43,7 @@ from psycopg.types.json import set_json_loads
 
 from connector import dbpolicy
 from connector.config import PipelineConfig
-from connector.events import ChangeEvent, EventStamp, Op, SnapshotVisibility
+from connector.events import ChangeEvent, Op, SnapshotVisibility
 
 log = logging.getLogger(__name__)
 
@@ -244,33 +244,32 @@ async def last_committed_id(
     return int(row[0]) if row is not None else 0
 
 
-async def newest_stamps(
+async def newest_rows(
     conn: psycopg.AsyncConnection[Any],
     schema: str,
     pipeline: str | PipelineConfig,
     keys: Sequence[str],
-) -> dict[str, EventStamp]:
-    """The stamp of each key's newest committed outbox row (by id: rows are written in commit
-    order per key in both capture modes). Uses the ``(pipeline, key, id)`` index."""
+) -> dict[str, ChangeEvent]:
+    """Each key's newest committed outbox row (by id: rows are written in commit order per key
+    in both capture modes), as an event. One backward step of the ``(pipeline, key, id)``
+    index per key, however many versions a key has."""
     if not keys:
         return {}
-    cur = await conn.cursor(row_factory=tuple_row).execute(
+    cur = _cursor(conn)
+    await cur.execute(
         sql.SQL(
-            "SELECT DISTINCT ON (o.key) o.key, o.version, o.source_xid::text, c.snapshot::text"
-            " FROM {outbox} o LEFT JOIN {chunks} c ON c.id = o.chunk_id"
-            " WHERE o.pipeline = %s AND o.key = ANY(%s) ORDER BY o.key, o.id DESC"
+            "SELECT {cols} FROM unnest(%s::text[]) AS k(key)"
+            " CROSS JOIN LATERAL (SELECT * FROM {outbox} i WHERE i.pipeline = %s AND i.key = k.key"
+            " ORDER BY i.id DESC LIMIT 1) o"
+            " LEFT JOIN {chunks} c ON c.id = o.chunk_id"
         ).format(
+            cols=_COLUMNS,
             outbox=sql.Identifier(schema, "outbox"),
             chunks=sql.Identifier(schema, "snapshot_chunks"),
         ),
-        (_name(pipeline), list(keys)),
+        (list(keys), _name(pipeline)),
     )
-    return {
-        str(r[0]): EventStamp(
-            int(r[1]), int(r[2]), SnapshotVisibility.parse(r[3]) if r[3] is not None else None
-        )
-        for r in await cur.fetchall()
-    }
+    return {ev.key: ev for ev in (_event(r) for r in await cur.fetchall())}
 
 
 async def save_checkpoint(

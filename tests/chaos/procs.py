@@ -225,7 +225,9 @@ class Emulator(Child):
     async def all_history(self, module: str = "Orders") -> Any:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
-        async with self._session.get(f"{self.url}/__emulator__/chaos-history/{module}") as r:
+        # millions of writes after a long soak: the 120 s session default aborted one (issue 14)
+        url = f"{self.url}/__emulator__/chaos-history/{module}"
+        async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=1800)) as r:
             r.raise_for_status()
             return await r.json(content_type=None)
 

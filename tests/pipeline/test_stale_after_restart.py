@@ -6,8 +6,9 @@ an orphan) and dies — or loses its lease on a PostgreSQL restart — before th
 is stored. ``key_state`` still says N-1 and the checkpoint is behind version N's event. The
 next engine re-reads from the checkpoint; version N comes first, in its own reader batch, and
 with a backlog older than ``max_staleness`` it was dispatched at once — over the N+1 the CRM
-already had — before the reader reached N+1. Now every key read while the engine catches up
-with what was committed at its start is held until its newest committed outbox row is read.
+already had — before the reader reached N+1. Now, while the engine catches up with what was
+committed at its start, each batch also carries each of its keys' newest committed outbox row
+(read ahead), so the key goes out at that version.
 """
 
 from __future__ import annotations
