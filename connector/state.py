@@ -168,10 +168,6 @@ async def record_acks(conn: AnyConn, schema: str, pipeline: str, acks: Sequence[
     await conn.execute(_q(Q_RESOLVE_DEAD_LETTERS, schema), (pipeline, keys))
 
 
-async def set_crm_id(conn: AnyConn, schema: str, pipeline: str, key: str, crm_id: str) -> None:
-    await conn.execute(_q(Q_SET_CRM_ID, schema), (pipeline, key, crm_id))
-
-
 async def key_status_counts(conn: AnyConn, schema: str, pipeline: str) -> dict[str, int]:
     cur = await conn.execute(_q(Q_KEY_STATUS_COUNTS, schema), (pipeline,))
     return _pairs(cur, await cur.fetchall())
@@ -696,10 +692,6 @@ async def bulk_created(
     await conn.execute(_q(Q_BULK_CREATED, schema), (job_id, callback_secret, job))
 
 
-async def bulk_running(conn: AnyConn, schema: str, job: int) -> None:
-    await conn.execute(_q(Q_BULK_RUNNING, schema), (job,))
-
-
 async def bulk_completed(
     conn: AnyConn, schema: str, job: int, *, added: int, updated: int, skipped: int
 ) -> None:
@@ -798,18 +790,6 @@ async def open_bulk_jobs(
             )
         )
     return out
-
-
-async def bulk_job_for_callback(
-    conn: AnyConn, schema: str, job_id: str, secret: str
-) -> tuple[int, str] | None:
-    """(bulk_jobs.id, pipeline) of the job a callback names, if its secret matches."""
-    cur = await conn.execute(_q(Q_BULK_BY_SECRET, schema), (job_id, secret))
-    r = await cur.fetchone()
-    if r is None:
-        return None
-    row = _as_dict(cur, r)
-    return int(row["id"]), str(row["pipeline"])
 
 
 async def bulk_status_counts(conn: AnyConn, schema: str, pipeline: str) -> dict[str, int]:
@@ -1006,25 +986,6 @@ async def next_chunk_no(conn: AnyConn, schema: str, pipeline: str) -> int:
     return int(_first(row)) if row else 1
 
 
-async def update_chunk(
-    conn: AnyConn, schema: str, chunk: int, *, first_key: Any, last_key: Any, rows: int
-) -> None:
-    await conn.execute(_q(Q_CHUNK_ROWS, schema), (rows, Jsonb(last_key), Jsonb(first_key), chunk))
-
-
-async def chunk_snapshots(
-    conn: AnyConn, schema: str, chunk_ids: Sequence[int]
-) -> dict[int, SnapshotVisibility]:
-    if not chunk_ids:
-        return {}
-    cur = await conn.execute(_q(Q_CHUNK_SNAPSHOTS, schema), (list(chunk_ids),))
-    out: dict[int, SnapshotVisibility] = {}
-    for r in await cur.fetchall():
-        vals = list(r.values()) if isinstance(r, dict) else list(r)
-        out[int(vals[0])] = SnapshotVisibility.parse(str(vals[1]))
-    return out
-
-
 async def chunks(conn: AnyConn, schema: str, pipeline: str) -> list[ChunkRow]:
     cur = await conn.execute(_q(Q_CHUNKS, schema), (pipeline,))
     out: list[ChunkRow] = []
@@ -1077,12 +1038,6 @@ async def add_snapshot_counts(
     """Count snapshot rows acknowledged (added / updated) or dead-lettered (skipped)."""
     if sent or added or updated or skipped:
         await conn.execute(_q(Q_SNAPSHOT_COUNTS, schema), (sent, added, updated, skipped, pipeline))
-
-
-async def set_snapshot_report(
-    conn: AnyConn, schema: str, pipeline: str, report: dict[str, Any]
-) -> None:
-    await conn.execute(_q(Q_SNAPSHOT_REPORT, schema), (Jsonb(report), pipeline))
 
 
 # --------------------------------------------------------------------------- helpers
