@@ -29,6 +29,7 @@ REGISTRY: dict[str, str] = {
     "ceiling": "benchmarks.ceiling",
     "initial_sync": "benchmarks.initial_sync",
     "freshness": "benchmarks.freshness",
+    "interval_memory": "benchmarks.interval_memory",
 }
 
 RESULTS = Path(__file__).parent / "results"
