@@ -185,6 +185,38 @@ class Coalescer:
             self._attach(entry, batch, event)
         return True
 
+    def add_ahead(self, event: ChangeEvent) -> bool:
+        """Merge a row read *ahead* of the reader (catch-up after a restart, issue 14): a key's
+        newest committed version, at a position the reader has not passed yet. It becomes the
+        key's pending version like ``add``, but holds no reader batch: the batches of the older
+        versions it supersedes are released at once, because the row lies ahead of them — a
+        checkpoint past them still re-reads it — and the batch the reader later reads it in
+        holds it as usual (``add`` attaches it to this entry, or drops it once acknowledged).
+        So a catch-up never waits for versions that arrive while it runs. True if it became
+        the pending version."""
+        key = event.key
+        acked = self._acked.get(key)
+        if acked is not None and not event.newer_than(acked):
+            return False
+        entry = self._pending.get(key)
+        live = entry if entry is not None else self._in_flight.get(key)
+        if live is not None and not event.newer_than(live.event):
+            return False
+        if entry is None:
+            entry = PendingEntry(key, event, event.captured_at)
+            if event.op is not Op.SNAPSHOT:
+                entry.live_at = event.captured_at
+            self._pending[key] = entry
+            self._push(entry)
+            return True
+        entry.event = event  # oldest_at / live_at stay: the CRM is stale since the oldest
+        if event.op is not Op.SNAPSHOT and entry.live_at is None:
+            entry.live_at = event.captured_at
+        for b in entry.batches:
+            self.tracker.release(b)
+        entry.batches.clear()
+        return True
+
     def set_acked(self, key: str, stamp: EventStamp | None) -> None:
         """What key_state says was last acknowledged for ``key`` (None: nothing)."""
         if stamp is None:

@@ -447,12 +447,15 @@ class Engine:
         if any(ev.op is Op.TRUNCATE for ev in events):
             events = await self._truncates(reader, events)
         read_any = bool(events)
+        ahead: list[ChangeEvent] = []
         if events:
             await self._seed_acked(reader, events)
-            events.extend(await self._read_ahead(reader, events))
+            ahead = await self._read_ahead(reader, events)
         self.tracker.register(batch, len(events))
         for ev in events:
             self.coalescer.add(ev, batch)
+        for ev in ahead:  # after the batch: they release the batch's superseded versions
+            self.coalescer.add_ahead(ev)
         self._caught_up = not read_any
         self._read_pos = pos
         async with self._changed:
@@ -507,13 +510,15 @@ class Engine:
         checkpoint, an older version comes first, and with a backlog past its deadline it would
         be sent at once, over the newer one. So while the reader is behind what was committed
         when this run started, each key of a batch also gets its newest committed outbox row,
-        read ahead by one index step and merged with the batch: the key goes out at that version
-        (or not at all, if ``key_state`` already has it) and the batch can be resolved and
-        checkpointed at once. (Holding the key until the reader reached that row instead made
-        the checkpoint wait for the whole backlog to be read: with a backlog larger than one run
-        reads, every restart started again from the same checkpoint.) When the reader gets to a
-        row read ahead, it is dropped as not newer than what is pending, in flight or
-        acknowledged."""
+        read ahead by one index step and merged after the batch (``Coalescer.add_ahead``): the
+        key goes out at that version (or not at all, if ``key_state`` already has it). The row
+        lies ahead of the reader, so it holds no batch: the batch's versions it supersedes are
+        resolved at once, and the batch the reader later reads the row in waits for its
+        acknowledgement (or drops it as already acknowledged). (Holding each key until the
+        reader reached that row made the checkpoint wait for the whole backlog to be read;
+        merging the row into the batch made it wait for every key's newest version to be
+        acknowledged within one run, which under frequent restarts and a busy table chased the
+        versions written meanwhile for ever.)"""
         if not self._catchup_to:
             return []
         keys = sorted({ev.key for ev in events if ev.offset <= self._catchup_to})

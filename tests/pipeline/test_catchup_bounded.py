@@ -82,3 +82,69 @@ async def test_each_restart_moves_the_checkpoint_while_catching_up(
         first_v4 = next(i for i, n in enumerate(names) if n.endswith("v4"))
         assert all(n.endswith("v4") for n in names[first_v4:]), (key, names)
     assert all(rec["Name"].endswith("v4") for rec in crm_by_key(emu).values())
+
+
+def _version(name: str) -> int:
+    return int(name.rsplit(" v", 1)[1])
+
+
+async def test_catchup_progresses_while_the_table_keeps_changing_and_no_ack_arrives(
+    legacy: str,
+    emu: EmulatorHandle,
+    client: ZohoClient,
+    make_engine: EngineFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by the 60-minute trigger-mode soak on the read-ahead's first version (seed 9051,
+    checkpoint still for 27 minutes while 23 restarts each acknowledged thousands of keys): the
+    newest row read ahead was merged into the re-read batch, so the batch waited for that
+    version's acknowledgement. Rows written between two restarts are newer again, so every
+    run had to get each key's latest version acknowledged before being killed. Here no send is
+    ever answered while catching up and every key changes between restarts: the checkpoint
+    must still move on each restart (a version superseded by a row ahead of the reader needs no
+    acknowledgement: that row is re-read), and nothing older than what the CRM had is written."""
+    await execute(legacy, *insert_sql(KEYS, tag="v1"))
+    await make_engine(client).drain()
+    for v in (2, 3):
+        await execute(legacy, f"UPDATE public.orders SET name = replace(name, 'v{v - 1}', 'v{v}')")
+    await execute(
+        legacy, "UPDATE connector.outbox SET captured_at = captured_at - interval '1 hour'"
+    )
+    await _previous_owner_sent_newest(legacy, client)  # v3 in the CRM, key_state says v1
+
+    real_read, real_upsert = outbox.read_batch, client.upsert
+    options = dataclasses.replace(FAST, read_limit=READ_LIMIT)
+    checkpoints = [await _checkpoint(legacy)]
+    for v in (4, 5, 6):  # the table changes before every restart
+        await execute(legacy, f"UPDATE public.orders SET name = replace(name, 'v{v - 1}', 'v{v}')")
+        reads = 0
+        third_read_done = asyncio.Event()
+
+        async def read_three(*args: Any, **kwargs: Any) -> Any:
+            nonlocal reads
+            reads += 1
+            if reads > 3:  # three batches read, planned and checkpointed: killed here
+                third_read_done.set()
+                await asyncio.Event().wait()
+            return await real_read(*args, **kwargs)
+
+        async def never_answered(*args: Any, **kwargs: Any) -> Any:
+            await asyncio.Event().wait()
+
+        monkeypatch.setattr(outbox, "read_batch", read_three)
+        monkeypatch.setattr(client, "upsert", never_answered)
+        task = asyncio.create_task(make_engine(client, options=options).run(asyncio.Event()))
+        await asyncio.wait_for(third_read_done.wait(), 60)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        checkpoints.append(await _checkpoint(legacy))
+        assert checkpoints[-1] > checkpoints[-2], checkpoints  # progress on every restart
+
+    monkeypatch.setattr(outbox, "read_batch", real_read)
+    monkeypatch.setattr(client, "upsert", real_upsert)
+    await make_engine(client).drain()
+    for key, names in _names_written(emu).items():
+        versions = [_version(n) for n in names]
+        assert versions == sorted(versions), (key, names)  # never back to an older version
+        assert versions[-1] == 6, (key, names)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -376,3 +377,42 @@ def test_read_ahead_newest_is_never_followed_by_an_older_version(
         c.add(ev("k", v), 2)
     sent.extend(e.event.version for e in c.take(["k"]))
     assert sent == [top]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=1, max_value=4), min_size=1, max_size=6),
+    ahead_from=st.integers(min_value=0, max_value=5),
+    steps=st.lists(st.sampled_from(["none", "ack", "retry"]), min_size=6, max_size=6),
+)
+def test_read_ahead_releases_batches_but_never_loses_the_newest_version(
+    sizes: list[int], ahead_from: int, steps: list[str]
+) -> None:
+    """``add_ahead`` (issue 14): the batches a row read ahead supersedes resolve at once, yet
+    the checkpoint never passes the batch that holds the key's newest version before that
+    version is acknowledged, and only the newest version is ever sent once it is known."""
+    c = Coalescer()
+    offsets = list(itertools.accumulate(sizes))  # batch i holds versions offsets[i-1]+1 .. [i]
+    newest = offsets[-1]
+    sent: list[int] = []
+    after_ahead: list[int] = []
+    ahead = False
+    for i, size in enumerate(sizes, start=1):
+        first = offsets[i - 2] + 1 if i > 1 else 1
+        c.tracker.register(i, size)
+        for v in range(first, first + size):
+            c.add(ev("k", v), i)
+        if i > ahead_from and offsets[i - 1] < newest:
+            c.add_ahead(ev("k", newest))
+            ahead = True
+        for e in c.take(["k"]) if steps[i - 1] != "none" else []:
+            sent.append(e.event.version)
+            if ahead:
+                after_ahead.append(e.event.version)
+            c.complete([e], acked=steps[i - 1] == "ack")
+        done = c.tracker.resolved_upto()
+        if done is not None and done >= len(sizes):  # passed the newest version's batch
+            acked = c.acked("k")
+            assert acked is not None and acked.version == newest
+    assert sent == sorted(sent)  # never an older version after a newer one
+    assert all(v == newest for v in after_ahead)
