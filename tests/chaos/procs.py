@@ -222,12 +222,15 @@ class Emulator(Child):
             r.raise_for_status()
             return await r.json(content_type=None)
 
-    async def all_history(self, module: str = "Orders") -> Any:
+    async def all_history(self, module: str = "Orders", fields: str = "") -> Any:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
         # millions of writes after a long soak: the 120 s session default aborted one (issue 14)
         url = f"{self.url}/__emulator__/chaos-history/{module}"
-        async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=1800)) as r:
+        params = {"fields": fields} if fields else None
+        async with self._session.get(
+            url, params=params, timeout=aiohttp.ClientTimeout(total=1800)
+        ) as r:
             r.raise_for_status()
             return await r.json(content_type=None)
 
