@@ -358,3 +358,20 @@ async def test_insert_with_find_by_skips_existing_and_formats(emu, api: Api) -> 
     assert result[1]["ERRORS"] == "DUPLICATE_DATA-parent_id"
     assert emu.records("Orders")[0]["Order_Date"] == "2026-04-05"
     assert result[2]["ERRORS"] == "INVALID_DATA-Order_Date"  # MM/dd/yyyy no longer parses
+
+
+async def test_the_chaos_runner_counts_the_jobs_the_crm_failed(emu, api: Api) -> None:
+    """The soak's credit check excludes what injected job failures cost (the CRM charges a
+    FAILED job; the connector cannot avoid that). It read ``state`` from the job list, which
+    has ``status``, and so excluded nothing (issue 14's 12-minute trigger soak: 1.204)."""
+    from tests.chaos.scenario import failed_bulk_jobs
+
+    _, up = await upload(api, make_zip([row(1)]))
+    await create(api, job_body(up["details"]["file_id"]))
+    emu.set_faults(bulk_fail_next=1)
+    _, out = await create(api, job_body(up["details"]["file_id"]))
+    assert (await details(api, out["details"]["id"]))["status"] == "FAILED"
+    st, _, payload = await api.call("GET", "/__emulator__/jobs", auth=False)
+    assert st == 200
+    jobs = payload["jobs"]
+    assert len(jobs) == 2 and failed_bulk_jobs(jobs) == 1
