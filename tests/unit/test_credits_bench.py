@@ -19,7 +19,11 @@ SMALL = CostModel(upsert_batch=4, records_per_credit=2, bulk_batch=6, bulk_job_c
 
 
 def test_credits_benchmark_tiny(tmp_path: Path) -> None:
-    res = credits.run(scale=0.01, seed=3, out=tmp_path, charts=False)
+    res = credits.run(scale=0.01, seed=3, out=tmp_path, charts=False, jobs=2)
+    # the worker processes change only the wall times: every figure is the sequential run's
+    one, two = (credits.run(scale=0.003, seed=3, out=None, charts=False, jobs=j) for j in (1, 2))
+    assert one["tables"] == two["tables"]
+    assert res["parameters"]["worker_processes"] == 2
     assert {"trickle", "ecommerce", "import", "mass_update", "seed"} <= set(res["traces"])
     assert len([t for t in res["traces"].values()]) >= 10
     for name, tr in res["traces"].items():
