@@ -166,23 +166,16 @@ class Coalescer:
         return accepted
 
     def _merge(self, event: ChangeEvent, batch: int) -> bool:
-        key = event.key
-        acked = self._acked.get(key)
-        if acked is not None and not event.newer_than(acked):
-            return False
-        entry = self._pending.get(key)
-        live = entry if entry is not None else self._in_flight.get(key)
-        if live is not None and not event.newer_than(live.event):
-            self._attach(live, batch, event)
+        newest, entry, live = self._standing(event)
+        if not newest:
+            if live is not None:  # as new as the event: the batch resolves with it
+                self._attach(live, batch, event)
             return False
         if entry is None:
-            entry = PendingEntry(key, event, event.captured_at)
-            self._pending[key] = entry
-            self._attach(entry, batch, event)
-            self._push(entry)
+            entry = self._open(event)
         else:
             entry.event = event
-            self._attach(entry, batch, event)
+        self._attach(entry, batch, event)
         return True
 
     def add_ahead(self, event: ChangeEvent) -> bool:
@@ -194,20 +187,11 @@ class Coalescer:
         holds it as usual (``add`` attaches it to this entry, or drops it once acknowledged).
         So a catch-up never waits for versions that arrive while it runs. True if it became
         the pending version."""
-        key = event.key
-        acked = self._acked.get(key)
-        if acked is not None and not event.newer_than(acked):
-            return False
-        entry = self._pending.get(key)
-        live = entry if entry is not None else self._in_flight.get(key)
-        if live is not None and not event.newer_than(live.event):
+        newest, entry, _ = self._standing(event)
+        if not newest:
             return False
         if entry is None:
-            entry = PendingEntry(key, event, event.captured_at)
-            if event.op is not Op.SNAPSHOT:
-                entry.live_at = event.captured_at
-            self._pending[key] = entry
-            self._push(entry)
+            self._open(event)
             return True
         entry.event = event  # oldest_at / live_at stay: the CRM is stale since the oldest
         if event.op is not Op.SNAPSHOT and entry.live_at is None:
@@ -370,6 +354,33 @@ class Coalescer:
                     self._push(newer)
 
     # -- internals --------------------------------------------------------------------------
+    def _standing(
+        self, event: ChangeEvent
+    ) -> tuple[bool, PendingEntry | None, PendingEntry | None]:
+        """The checks ``add`` and ``add_ahead`` share: ``(newest, entry, live)``. ``newest``:
+        ``event`` is newer than the key's acknowledged version and than its pending or
+        in-flight entry. ``entry``: the key's pending entry; ``live``: that entry, else the
+        key's in-flight one. When the acknowledged version is as new, both are None (nothing
+        to merge into)."""
+        key = event.key
+        acked = self._acked.get(key)
+        if acked is not None and not event.newer_than(acked):
+            return False, None, None
+        entry = self._pending.get(key)
+        live = entry if entry is not None else self._in_flight.get(key)
+        if live is not None and not event.newer_than(live.event):
+            return False, entry, live
+        return True, entry, live
+
+    def _open(self, event: ChangeEvent) -> PendingEntry:
+        """A new pending entry for ``event``'s key, holding no batch yet."""
+        entry = PendingEntry(event.key, event, event.captured_at)
+        if event.op is not Op.SNAPSHOT:
+            entry.live_at = event.captured_at
+        self._pending[event.key] = entry
+        self._push(entry)
+        return entry
+
     def _attach(self, entry: PendingEntry, batch: int, event: ChangeEvent) -> None:
         if batch not in entry.batches:
             entry.batches.add(batch)

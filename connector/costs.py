@@ -1,6 +1,7 @@
 """The CRM's price list as a pure cost model (DESIGN.md §1, zoho-crm-api.md §4.2).
 
-Shared by the planner, the benchmarks and the emulator, so that all three charge the same:
+Shared by the planner, the benchmarks and the Zoho client (:class:`CreditCosts`), so that all
+three charge the same (the emulator stands alone and keeps its own table, same defaults):
 
 * Insert / Update / Upsert: at most ``upsert_batch`` records per call, 1 credit per
   ``records_per_credit`` records of the call, rounded up;
@@ -9,6 +10,9 @@ Shared by the planner, the benchmarks and the emulator, so that all three charge
 
 Nothing here is a constant of the decision: ``break_even`` and ``cheapest`` are derived from the
 four prices, so a different price list gives consistent answers.
+
+:class:`CreditCosts` is what the Zoho client charges each call it makes; its record and bulk-job
+prices are the :class:`CostModel`'s, so the client and the planner count from one price list.
 """
 
 from __future__ import annotations
@@ -120,6 +124,42 @@ class CostModel:
             else:
                 hi = mid
         return lo
+
+
+@dataclass(frozen=True, slots=True)
+class CreditCosts:
+    """The credits of each CRM API call the client makes (zoho-crm-api.md §4.2; DESIGN.md §1):
+    a records call and a bulk job at the ``model``'s prices, the rest as listed here."""
+
+    model: CostModel = CostModel()
+    # Zoho's API-limits page lists the calls that cost more than one credit and says "All other
+    # APIs: 1"; upload, job details and the result download are not listed, so each costs 1
+    # (zoho-crm-api.md §4.2; the specific value is not stated anywhere: counting 1 fails safe)
+    bulk_upload: int = 1
+    bulk_job_details: int = 1
+    bulk_download: int = 1
+    default: int = 1
+    # COQL by LIMIT (zoho-crm-api.md §4.2, third-party quotes of the v8 page): (max limit, cost)
+    coql_tiers: tuple[tuple[int, int], ...] = ((200, 1), (1_000, 2), (2_000, 3))
+
+    @property
+    def records_per_credit(self) -> int:
+        return self.model.records_per_credit
+
+    @property
+    def bulk_job(self) -> int:
+        """Credits of one bulk write job (charged when the job is created)."""
+        return self.model.bulk_job_credits
+
+    def records(self, n: int) -> int:
+        """Credits of one insert / update / upsert / delete call of ``n`` records (at least 1)."""
+        return max(1, _ceil_div(n, self.model.records_per_credit))
+
+    def coql(self, limit: int) -> int:
+        for top, cost in self.coql_tiers:
+            if limit <= top:
+                return cost
+        return self.coql_tiers[-1][1]
 
 
 def _check_n(n: int) -> None:

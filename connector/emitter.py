@@ -1219,6 +1219,25 @@ class CreditRecorder:
     def pending(self) -> int:
         return len(self._queue)
 
+    async def flush_pending(
+        self,
+        pool: AsyncConnectionPool[Any],
+        schema: str,
+        *,
+        then: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]] | None = None,
+    ) -> None:
+        """The one flush of this queue (the runtime's periodic and exit flushes and the
+        engine's flushes all come here): with calls queued, ``flush`` them through one of
+        ``pool``'s connections, then run ``then`` on that connection (the engine reads the
+        rolling 24 h total there). Nothing queued: no connection is taken. Errors are the
+        caller's to handle; calls not stored stay queued."""
+        if not self._queue:
+            return
+        async with pool.connection() as conn:
+            await self.flush(conn, schema)
+            if then is not None:
+                await then(conn)
+
     async def flush(self, conn: psycopg.AsyncConnection[Any], schema: str) -> int:
         """Write the queued calls into ``credit_ledger`` in one transaction; returns the credits
         written. Calls that were not stored stay queued for the next flush.

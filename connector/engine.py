@@ -786,7 +786,7 @@ class Engine:
             await outbox.save_checkpoint(conn, self.schema, self.pipeline.name, pos, passed)
             for b in passed_batches:
                 del self._batch_events[b]
-            self._spent_24h = await state.credits_spent(conn, self.schema)
+            await self._read_spent(conn)
         self._saved_pos = pos
         self._resolved_pos = pos
         # memory stays flat in the table size: what the checkpoint passed is in key_state
@@ -802,11 +802,12 @@ class Engine:
             self._changed.notify_all()
 
     async def _flush_credits(self) -> None:
-        if self.credits is None or not self.credits.pending() or self._pool is None:
+        if self.credits is None or self._pool is None:
             return
-        async with self._pool.connection() as conn:
-            await self.credits.flush(conn, self.schema)
-            self._spent_24h = await state.credits_spent(conn, self.schema)
+        await self.credits.flush_pending(self._pool, self.schema, then=self._read_spent)
+
+    async def _read_spent(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        self._spent_24h = await state.credits_spent(conn, self.schema)
 
     def _export_gauges(self, now: float) -> None:
         if self.metrics is None:

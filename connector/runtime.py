@@ -901,11 +901,10 @@ class Runtime:
             await self._flush_credits()
 
     async def _flush_credits(self) -> None:
-        if self._credits is None or not self._credits.pending():
+        if self._credits is None:
             return
         try:
-            async with self.pool.connection() as conn:
-                await self._credits.flush(conn, self.schema)
+            await self._credits.flush_pending(self.pool, self.schema)
         except (psycopg.Error, PoolTimeout) as exc:
             log.warning("credit ledger write failed; will retry: %s", type(exc).__name__)
 

@@ -3,6 +3,7 @@ adaptive concurrency (limiter.py). See docs/zoho-client.md."""
 
 from __future__ import annotations
 
+from connector.costs import CreditCosts
 from connector.zoho.auth import MemoryTokenStore, PgTokenStore, TokenManager, TokenStore
 from connector.zoho.bulk import (
     BulkFile,
@@ -17,7 +18,6 @@ from connector.zoho.bulk import (
 )
 from connector.zoho.client import (
     CallHook,
-    CreditCosts,
     FieldMeta,
     RecordResult,
     RetryPolicy,

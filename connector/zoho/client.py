@@ -33,7 +33,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import math
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -53,6 +52,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from connector.costs import CreditCosts
 from connector.errors import BulkJobGone, PermanentError, TransientError
 from connector.mapping import dumps_json
 from connector.zoho.auth import DEFAULT_TOKEN_BUDGET, TokenManager, TokenStore
@@ -99,32 +99,6 @@ class RetryPolicy:
     backoff_base: float = 0.5  # seconds; wait is uniform in [0, min(max, base * 2**n)]
     backoff_max: float = 30.0
     retry_after_max: float = 120.0
-
-
-@dataclass(frozen=True, slots=True)
-class CreditCosts:
-    """The credit cost model (zoho-crm-api.md §4.2; DESIGN.md §1)."""
-
-    records_per_credit: int = 10
-    bulk_job: int = 500
-    # Zoho's API-limits page lists the calls that cost more than one credit and says "All other
-    # APIs: 1"; upload, job details and the result download are not listed, so each costs 1
-    # (zoho-crm-api.md §4.2; the specific value is not stated anywhere: counting 1 fails safe)
-    bulk_upload: int = 1
-    bulk_job_details: int = 1
-    bulk_download: int = 1
-    default: int = 1
-    # COQL by LIMIT (zoho-crm-api.md §4.2, third-party quotes of the v8 page): (max limit, cost)
-    coql_tiers: tuple[tuple[int, int], ...] = ((200, 1), (1_000, 2), (2_000, 3))
-
-    def records(self, n: int) -> int:
-        return max(1, math.ceil(n / self.records_per_credit))
-
-    def coql(self, limit: int) -> int:
-        for top, cost in self.coql_tiers:
-            if limit <= top:
-                return cost
-        return self.coql_tiers[-1][1]
 
 
 @dataclass(frozen=True, slots=True)

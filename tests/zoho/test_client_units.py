@@ -9,10 +9,10 @@ import pytest
 from pydantic import SecretStr
 from tenacity import AsyncRetrying, RetryCallState
 
+from connector.costs import CostModel, CreditCosts
 from connector.errors import PermanentError, TransientError
 from connector.zoho.auth import _lifetime_seconds
 from connector.zoho.client import (
-    CreditCosts,
     RetryPolicy,
     ZohoClient,
     _field_meta,
@@ -132,6 +132,12 @@ def test_credit_model() -> None:
     costs = CreditCosts()
     assert [costs.records(n) for n in (1, 10, 11, 99, 100)] == [1, 1, 2, 10, 10]
     assert costs.bulk_job == 500
+    # one price list: the client charges what the planner's cost model says
+    model = CostModel(records_per_credit=4, bulk_job_credits=7)
+    priced = CreditCosts(model)
+    assert [priced.records(n) for n in (0, 4, 5)] == [1, 1, 2]
+    assert priced.bulk_job == 7
+    assert costs.records(100) == CostModel().call_credits(100) == 10
 
 
 def test_field_meta_parsing() -> None:
