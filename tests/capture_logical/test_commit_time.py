@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from connector.capture import pgoutput as po
-from connector.capture.logical import _copy_time
+from connector.capture.logical.stream import _copy_time
 
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 # 1970 .. 2200, in microseconds relative to 2000-01-01
