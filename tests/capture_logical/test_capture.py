@@ -223,7 +223,9 @@ async def test_heartbeat_advances_slot_when_only_other_tables_change(database: s
         )
         async with running(cap):
             await conn.execute("INSERT INTO busy (pad) SELECT 'x' FROM generate_series(1, 1000)")
-            cur = await conn.execute("SELECT pg_current_wal_lsn()::text")
+            # the insert position: pg_current_wal_lsn() is the *write* position, which need not
+            # have moved yet under synchronous_commit = off (seen: equal to the slot's `before`)
+            cur = await conn.execute("SELECT pg_current_wal_insert_lsn()::text")
             written = (await cur.fetchone())[0]
 
             async def advanced() -> bool:
