@@ -26,7 +26,7 @@ import psycopg
 import pytest
 from prometheus_client import values
 
-from connector import runtime, state, status
+from connector import probes, state, status
 from connector.config import load_settings, resolve_secrets
 from connector.demo import DEMO_ENV
 from connector.metrics import Metrics
@@ -135,7 +135,7 @@ def seen(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Seen]:
             record.note(self._sample, value)
 
     monkeypatch.setattr(values, "ValueClass", Recording)
-    monkeypatch.setattr(runtime, "GAUGE_INTERVAL", 0.2)
+    monkeypatch.setattr(probes, "GAUGE_INTERVAL", 0.2)  # read by the gauge loop
     yield record
 
 

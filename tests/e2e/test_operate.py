@@ -274,11 +274,11 @@ async def test_uninstall_under_a_running_connector_is_refused_and_noticed(
     recovers when `init` reinstalls the capture."""
     import logging
 
-    from connector import admin, runtime
+    from connector import admin, probes
     from connector.errors import ConnectorError
 
     caplog.set_level(logging.INFO, logger="connector")
-    monkeypatch.setattr(runtime, "GAUGE_INTERVAL", 0.2)
+    monkeypatch.setattr(probes, "GAUGE_INTERVAL", 0.2)  # read by the gauge loop
     r, _ = running
     with pytest.raises(ConnectorError, match="owned by a running connector"):
         await admin.uninstall(r.settings, r.secrets)
