@@ -50,7 +50,7 @@ class BulkJobs:
     _wake: dict[int, asyncio.Event]
     _transient: dict[str, tuple[float, int]]
 
-    if TYPE_CHECKING:  # defined by Emitter (and SyncFlags)
+    if TYPE_CHECKING:  # defined by Emitter (and its other mixins, SyncFlags and SchemaChecks)
 
         async def send_upsert(self, entries: Sequence[PendingEntry]) -> EmitOutcome: ...
         async def _check_source_columns(self, entries: Sequence[PendingEntry]) -> None: ...
