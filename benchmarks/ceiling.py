@@ -104,6 +104,7 @@ async def _child(config: Path, api: str, profile: Path | None) -> dict[str, Any]
 GROUPS: list[tuple[str, str]] = [
     ("select.epoll", "idle: event loop waiting for I/O"),
     ("connector/emitter", "connector.emitter"),
+    ("connector/credits", "connector.emitter"),  # CreditRecorder, split out of emitter.py
     ("connector/mapping", "connector.mapping (row → CRM values)"),
     ("connector/zoho/bulk", "connector.zoho.bulk (CSV + zip)"),
     ("connector/zoho", "connector.zoho.client (HTTP calls)"),

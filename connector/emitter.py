@@ -24,81 +24,52 @@ calls ``Coalescer.complete`` with the outcome (acknowledged and dead-lettered en
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import contextvars
 import hashlib
 import logging
 import math
-import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
-from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
-from connector import dbpolicy, state
-from connector.capture import OWN_WRITE_PREFIX, pin_image_settings
+from connector import state
 from connector.coalesce import PendingEntry
 from connector.config import PipelineConfig
-from connector.errors import BulkJobGone, DataError, SchemaChanged, TransientError
-from connector.events import ChangeEvent, Op, stamp_of
+from connector.credits import CreditRecorder, acting_for, current_pipeline, http_seconds
+from connector.emitter_bulk import CALLBACK_POLL_FACTOR, BulkJobs, CallbackUrl
+from connector.emitter_outcome import EmitOutcome, _Results
+from connector.emitter_schema import SchemaChecks
+from connector.emitter_syncflag import SyncFlags
+from connector.errors import DataError, TransientError
+from connector.events import ChangeEvent, Op
 from connector.latency import LatencyEstimator
 from connector.mapping import RecordMapper, dumps_json
 from connector.metrics import Metrics
 from connector.zoho import coql
-from connector.zoho.bulk import BulkJob, BulkRowResult, JobStatus, RowOutcome, build_bulk_zip
 from connector.zoho.client import MAX_RECORDS_PER_CALL, RecordResult, ZohoClient
 from connector.zoho.codes import TRANSIENT_RECORD_CODES
 
+# the names other modules import from here, some now defined in the split-out modules
+# (credits, emitter_bulk, emitter_outcome, emitter_schema, emitter_syncflag)
+__all__ = [
+    "CALLBACK_POLL_FACTOR",
+    "CallbackUrl",
+    "CreditRecorder",
+    "EmitOutcome",
+    "Emitter",
+    "RejectionLog",
+    "acting_for",
+    "current_pipeline",
+    "http_seconds",
+    "record_hash",
+]
+
 log = logging.getLogger(__name__)
-
-#: The pipeline on whose behalf a CRM call is made (credit ledger attribution).
-current_pipeline: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "connector_current_pipeline", default=None
-)
-# the HTTP seconds of each CRM call made in this context (CreditRecorder appends them): the
-# upsert latency estimate is the HTTP call only, not the limiter's slot wait (issue 18)
-http_seconds: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar(
-    "connector_http_seconds", default=None
-)
-
-CallbackUrl = Callable[[int, str], str]  # (bulk_jobs.id, secret) -> URL the CRM calls back
-#: With a callback URL the first job poll waits ``bulk_poll_max`` and the polls back off to this
-#: many times ``bulk_poll_max``: the callback ends the wait at once when it arrives.
-CALLBACK_POLL_FACTOR = 4
 
 # A delete of an id the CRM no longer has: the wanted end state is already there.
 _GONE_CODES = frozenset({"INVALID_DATA", "RECORD_NOT_FOUND", "RESOURCE_NOT_FOUND"})
-
-
-@dataclass
-class EmitOutcome:
-    """What became of the entries handed to one emitter call."""
-
-    done: list[PendingEntry] = field(default_factory=list)  # acknowledged or dead-lettered
-    retry: list[PendingEntry] = field(default_factory=list)  # transient failure: pending again
-    # one record refused for now (RECORD_LOCKED, …): pending again behind its own fence (in
-    # ``fences``), without slowing the rest of the pipeline
-    later: list[PendingEntry] = field(default_factory=list)
-    acked: int = 0
-    dead: int = 0
-    added: int = 0
-    updated: int = 0
-    # bulk jobs that may run on the CRM unknown to us: (bulk_jobs.id, keys, seconds to fence)
-    fences: list[state.BulkFence] = field(default_factory=list)
-
-    def merge(self, other: EmitOutcome) -> None:
-        self.done.extend(other.done)
-        self.retry.extend(other.retry)
-        self.later.extend(other.later)
-        self.fences.extend(other.fences)
-        self.acked += other.acked
-        self.dead += other.dead
-        self.added += other.added
-        self.updated += other.updated
 
 
 def record_hash(record: dict[str, Any]) -> bytes:
@@ -106,76 +77,7 @@ def record_hash(record: dict[str, Any]) -> bytes:
     return hashlib.blake2b(dumps_json(record), digest_size=16).digest()
 
 
-@dataclass
-class _Results:
-    """Acknowledgements and dead letters gathered before one state transaction."""
-
-    acks: list[state.Ack] = field(default_factory=list)
-    dead: list[state.DeadLetter] = field(default_factory=list)
-    snapshot_sent: int = 0
-    snapshot_added: int = 0
-    snapshot_updated: int = 0
-    snapshot_skipped: int = 0
-    added: int = 0
-    updated: int = 0
-    acked_events: list[ChangeEvent] = field(default_factory=list)
-
-    def ack(
-        self,
-        event: ChangeEvent,
-        crm_id: str | None,
-        action: str | None = None,
-        sent_hash: bytes | None = None,
-    ) -> None:
-        self.acks.append(
-            state.Ack(
-                event.key,
-                stamp_of(event),
-                crm_id,
-                deleted=event.op is Op.DELETE,
-                sent_hash=sent_hash,
-            )
-        )
-        self.acked_events.append(event)
-        if action == "insert":
-            self.added += 1
-        elif action == "update":
-            self.updated += 1
-        if event.op is Op.SNAPSHOT:
-            self.snapshot_sent += 1
-            if action == "insert":
-                self.snapshot_added += 1
-            elif action == "update":
-                self.snapshot_updated += 1
-
-    def reject(  # noqa: PLR0917
-        self,
-        event: ChangeEvent,
-        code: str,
-        message: str,
-        field_name: str | None,
-        api: str,
-        payload: dict[str, Any] | None = None,
-        details: dict[str, Any] | None = None,
-    ) -> None:
-        self.dead.append(
-            state.DeadLetter(
-                key=event.key,
-                stamp=stamp_of(event),
-                outbox_id=event.offset,
-                payload=payload if payload is not None else event.row,
-                code=code,
-                message=message,
-                field=field_name,
-                api=api,
-                details=details or None,
-            )
-        )
-        if event.op is Op.SNAPSHOT:
-            self.snapshot_skipped += 1
-
-
-class Emitter:
+class Emitter(BulkJobs, SyncFlags, SchemaChecks):
     """Sends entries of one pipeline to the CRM and records the outcomes in the state schema."""
 
     def __init__(
@@ -454,414 +356,6 @@ class Emitter:
         )
         return str(rows[0]["id"]) if rows and rows[0].get("id") is not None else None
 
-    # ------------------------------------------------------------------ bulk path
-    async def send_bulk(self, entries: Sequence[PendingEntry]) -> EmitOutcome:
-        """One planned bulk group (≤ 25,000 keys) as one Bulk Write upsert job. Deletes in the
-        group go through the upsert path (the Bulk Write API does not delete)."""
-        token = current_pipeline.set(self.pipeline.name)
-        try:
-            out = EmitOutcome()
-            await self._check_source_columns(entries)
-            deletes = [e for e in entries if e.event.op is Op.DELETE]
-            if deletes:
-                out.merge(await self._send_deletes(deletes))
-            rows: list[tuple[PendingEntry, list[str]]] = []
-            res = _Results()
-            rejected: list[tuple[PendingEntry, DataError]] = []
-            for e in entries:
-                if e.event.op is Op.DELETE:
-                    continue
-                try:
-                    rows.append((e, self._csv(e.event)))
-                except DataError as exc:
-                    rejected.append((e, exc))
-            await self._check_type_changes(rejected)
-            for e, err in rejected:
-                res.reject(e.event, err.code, str(err), err.field, "mapping")
-                out.done.append(e)
-            if res.dead:
-                await self._store(res)
-                out.dead += len(res.dead)
-            if rows:
-                out.merge(await self._bulk_job(rows))
-            return out
-        finally:
-            current_pipeline.reset(token)
-
-    async def _send_deletes(self, deletes: Sequence[PendingEntry]) -> EmitOutcome:
-        out = EmitOutcome()
-        for i in range(0, len(deletes), MAX_RECORDS_PER_CALL):
-            out.merge(await self.send_upsert(deletes[i : i + MAX_RECORDS_PER_CALL]))
-        return out
-
-    async def _bulk_job(self, rows: Sequence[tuple[PendingEntry, list[str]]]) -> EmitOutcome:
-        started = time.monotonic()
-        by_key = {e.key: e for e, _ in rows}
-        entries = [
-            state.BulkEntry(e.key, stamp_of(e.event), e.event.op.value, e.event.offset)
-            for e, _ in rows
-        ]
-        async with self.pool.connection() as conn:
-            job_row = await state.bulk_intent(
-                conn, self.schema, self.pipeline.name, "upsert", entries
-            )
-            # the job may land without our knowing (orphan): what was sent is unknown now
-            await state.forget_sent(conn, self.schema, self.pipeline.name, list(by_key))
-        self._bulk_gauge(+1)
-        try:
-            header, mappings = self._csv_layout()
-            bulk_file = build_bulk_zip(header, [values for _, values in rows])
-            secret = secrets.token_urlsafe(24)
-            try:
-                file_id = await self.client.upload_bulk_file(bulk_file)
-                async with self.pool.connection() as conn:
-                    await state.bulk_uploaded(conn, self.schema, job_row, file_id, secret)
-            except TransientError as exc:
-                # no create call was made: nothing can run on the CRM, hand the entries back
-                log.warning(
-                    "bulk file not uploaded; entries stay pending",
-                    extra={"pipeline": self.pipeline.name, "error": str(exc)},
-                )
-                async with self.pool.connection() as conn:
-                    await state.bulk_finish(conn, self.schema, job_row, state.BulkStatus.ABANDONED)
-                return EmitOutcome(retry=[e for e, _ in rows])
-            url = self.callback_url(job_row, secret) if self.callback_url else None
-            try:
-                job_id = await self.client.create_bulk_job(
-                    self.pipeline.module,
-                    file_id,
-                    operation="upsert",
-                    find_by=self.pipeline.key_field,
-                    field_mappings=mappings,
-                    callback_url=url,
-                )
-            except TransientError as exc:
-                # no job id came back, but an attempt may have reached the CRM (a timeout, a
-                # lost answer): such a job would write these versions later. The entries are
-                # handed back fenced until it can no longer write (its callback, or the bound).
-                fence = self.orphan_fence_seconds(len(rows))
-                log.warning(
-                    "bulk job not created; entries stay pending, fenced",
-                    extra={
-                        "pipeline": self.pipeline.name,
-                        "error": str(exc),
-                        "job_row": job_row,
-                        "fence_seconds": round(fence, 1),
-                    },
-                )
-                await self._until_stored(lambda conn: self._abandon_fenced(conn, job_row, fence))
-                return EmitOutcome(
-                    retry=[e for e, _ in rows],
-                    fences=[state.BulkFence(job_row, list(by_key), fence)],
-                )
-            # the job is paid for: its id must be recorded, however long the database is away
-            await self._until_stored(
-                lambda conn: state.bulk_created(conn, self.schema, job_row, job_id, secret)
-            )
-            log.info(
-                "bulk job created",
-                extra={"pipeline": self.pipeline.name, "job_id": job_id, "records": len(rows)},
-            )
-            return await self._finish_job(job_row, job_id, entries, by_key, started=started)
-        finally:
-            self._bulk_gauge(-1)
-            self._wake.pop(job_row, None)
-
-    async def _finish_job(
-        self,
-        job_row: int,
-        job_id: str,
-        entries: Sequence[state.BulkEntry],
-        by_key: dict[str, PendingEntry] | None,
-        *,
-        started: float | None = None,
-    ) -> EmitOutcome:
-        """Wait for the job (poll, or a callback wake-up), download its result and apply it in
-        one transaction with marking the job applied. Transient errors are retried here: the
-        job is paid for, its entries stay in flight until its result is known. ``started``
-        (monotonic, at intent) when this process ran the whole job: its duration is measured
-        and stored (the estimate survives restarts)."""
-        wake = self._wake.setdefault(job_row, asyncio.Event())
-        poll_initial, poll_max = self.bulk_poll_initial, self.bulk_poll_max
-        if self.callback_url is not None:
-            # the callback wakes the wait; polls are only the safety net, and each costs a
-            # credit ("All other APIs: 1"): poll less (docs/zoho-client.md "Credits")
-            poll_initial, poll_max = poll_max, poll_max * CALLBACK_POLL_FACTOR
-        delay = 1.0
-        while True:
-            try:
-                job = await self.client.wait_bulk_job(
-                    job_id,
-                    wake=wake,
-                    poll_initial=poll_initial,
-                    poll_max=poll_max,
-                )
-                results = (
-                    await self.client.bulk_results(
-                        job, [e.key for e in entries], key_column=self.pipeline.key_field
-                    )
-                    if job.download_url and job.status is JobStatus.COMPLETED
-                    else None
-                )
-                break
-            except BulkJobGone as exc:
-                return await self._job_gone(job_row, job_id, entries, by_key, exc)
-            except TransientError as exc:
-                log.warning(
-                    "bulk job poll failed; retrying",
-                    extra={"pipeline": self.pipeline.name, "job_id": job_id, "error": str(exc)},
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
-        duration = None
-        if started is not None and job.status is JobStatus.COMPLETED:
-            duration = time.monotonic() - started
-            self._measured_bulk(len(entries), duration)
-        async for attempt in dbpolicy.retrying(
-            f"the result of bulk job {job_id}", pipeline=self.pipeline.name
-        ):
-            with attempt:
-                return await self._apply(job_row, job, results, entries, by_key, duration=duration)
-        raise AssertionError("unreachable: the policy retries until it returns or raises")
-
-    async def _job_gone(
-        self,
-        job_row: int,
-        job_id: str,
-        entries: Sequence[state.BulkEntry],
-        by_key: dict[str, PendingEntry] | None,
-        exc: BulkJobGone,
-    ) -> EmitOutcome:
-        """The job or its result file expired on the CRM (a long outage): what it wrote is
-        unknown, so its entries are sent again, never failed. The row is abandoned with the
-        usual orphan fence (should the CRM still run the job, an older version must not land
-        after the re-sent one); after a restart the events are read again from the checkpoint."""
-        fence = self.orphan_fence_seconds(len(entries))
-        log.warning(
-            "bulk job or its result expired on the CRM; its entries are sent again, fenced",
-            extra={
-                "pipeline": self.pipeline.name,
-                "job_id": job_id,
-                "error": str(exc),
-                "fence_seconds": round(fence, 1),
-            },
-        )
-        await self._until_stored(lambda conn: self._abandon_fenced(conn, job_row, fence))
-        keys = [e.key for e in entries]
-        retry = [by_key[k] for k in keys if k in by_key] if by_key is not None else []
-        return EmitOutcome(retry=retry, fences=[state.BulkFence(job_row, keys, fence)])
-
-    async def _until_stored(
-        self, write: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]
-    ) -> None:
-        """Run a state write, retrying while the database is unreachable."""
-        async for attempt in dbpolicy.retrying("a state write", pipeline=self.pipeline.name):
-            with attempt:
-                async with self.pool.connection() as conn:
-                    await write(conn)
-
-    async def _apply(
-        self,
-        job_row: int,
-        job: BulkJob,
-        results: dict[str, BulkRowResult] | None,
-        entries: Sequence[state.BulkEntry],
-        by_key: dict[str, PendingEntry] | None,
-        *,
-        duration: float | None = None,
-    ) -> EmitOutcome:
-        out = EmitOutcome()
-        res = _Results()
-        retry_keys: list[str] = []
-        later_keys: list[str] = []
-        if results is None:
-            retry_keys = [e.key for e in entries]
-        else:
-            for be in entries:
-                r = results[be.key]
-                event = _entry_event(be, by_key)
-                if r.ok:
-                    self._transient.pop(be.key, None)
-                    action = "insert" if r.outcome is RowOutcome.ADDED else "update"
-                    res.ack(event, r.record_id, action)
-                    self._count("bulk", "success")
-                elif r.outcome is RowOutcome.UNPROCESSED:
-                    retry_keys.append(be.key)
-                elif self._retry_transient(be.key, r.code):
-                    later_keys.append(be.key)
-                else:
-                    message = r.message + self._gave_up(be.key)
-                    res.reject(event, r.code or "SKIPPED", message, r.field, "bulk", None)
-                    self._count("bulk", "skipped")
-        async with self.pool.connection() as conn, conn.transaction():
-            if job.status is JobStatus.FAILED:
-                await state.bulk_failed(conn, self.schema, job_row, "job FAILED")
-            else:
-                await state.bulk_completed(
-                    conn,
-                    self.schema,
-                    job_row,
-                    added=job.added,
-                    updated=job.updated,
-                    skipped=job.skipped,
-                )
-            finished = await state.bulk_finish(
-                conn, self.schema, job_row, state.BulkStatus.APPLIED, duration=duration
-            )
-            if finished:
-                await self._store_in(conn, res)
-        if not finished:
-            # an earlier attempt's COMMIT went through although its connection died before
-            # the answer (a PostgreSQL restart): the result is stored, nothing more to write
-            log.info(
-                "bulk job result was already stored",
-                extra={"pipeline": self.pipeline.name, "job_id": job.id, "job_row": job_row},
-            )
-        await self._sync_flags(res)
-        if self.metrics is not None:
-            outcome = "failed" if job.status is JobStatus.FAILED else "completed"
-            self.metrics.bulk_jobs_total.labels(pipeline=self.pipeline.name, outcome=outcome).inc()
-        if by_key is not None:
-            done_keys = {a.key for a in res.acks} | {d.key for d in res.dead}
-            out.done.extend(by_key[k] for k in done_keys if k in by_key)
-            out.retry.extend(by_key[k] for k in retry_keys if k in by_key)
-            for k in later_keys:
-                if k in by_key:
-                    self._later(out, by_key[k])
-        out.acked += len(res.acks)
-        out.dead += len(res.dead)
-        out.added += res.added
-        out.updated += res.updated
-        log.info(
-            "bulk job applied",
-            extra={
-                "pipeline": self.pipeline.name,
-                "job_id": job.id,
-                "acked": len(res.acks),
-                "dead": len(res.dead),
-                "retry": len(retry_keys) + len(later_keys),
-            },
-        )
-        return out
-
-    async def recover(self) -> EmitOutcome:
-        """Resume the pipeline's open bulk jobs after a restart (call before reading).
-
-        created / running / completed: poll the same job id, download, apply (never
-        re-created: it was paid for). intent (no create call was made): abandoned; its events
-        are past the checkpoint and are read and planned again. uploaded (the create call may
-        have reached the CRM, the id never came back: an *orphan* may run there and write these
-        versions later): abandoned with a fence (``bulk_jobs.fence_until``,
-        ``orphan_fence_seconds`` from now, when the process that could create it is gone);
-        the engine holds its keys back until then or until the orphan's callback."""
-        token = current_pipeline.set(self.pipeline.name)
-        out = EmitOutcome()
-        try:
-            async with self.pool.connection() as conn:
-                jobs = await state.open_bulk_jobs(conn, self.schema, self.pipeline.name)
-                self.restore_bulk_latency(
-                    await state.bulk_durations(conn, self.schema, self.pipeline.name)
-                )
-            for job in jobs:
-                if job.status is state.BulkStatus.INTENT:
-                    async with self.pool.connection() as conn:
-                        await state.bulk_finish(
-                            conn, self.schema, job.id, state.BulkStatus.ABANDONED
-                        )
-                    log.info(
-                        "unpaid bulk job abandoned after restart",
-                        extra={"pipeline": self.pipeline.name, "job_row": job.id},
-                    )
-                    continue
-                if job.status is state.BulkStatus.UPLOADED or job.job_id is None:
-                    fence = self.orphan_fence_seconds(job.record_count)
-                    async with self.pool.connection() as conn:
-                        await self._abandon_fenced(conn, job.id, fence)
-                    log.warning(
-                        "bulk job without a recorded id abandoned after restart; its keys are"
-                        " fenced in case the CRM runs it",
-                        extra={
-                            "pipeline": self.pipeline.name,
-                            "job_row": job.id,
-                            "fence_seconds": round(fence, 1),
-                        },
-                    )
-                    continue
-                log.info(
-                    "resuming bulk job",
-                    extra={"pipeline": self.pipeline.name, "job_id": job.job_id},
-                )
-                if self.metrics is not None:
-                    self.metrics.bulk_jobs_total.labels(
-                        pipeline=self.pipeline.name, outcome="resumed"
-                    ).inc()
-                self._bulk_gauge(+1)
-                try:
-                    out.merge(await self._finish_job(job.id, job.job_id, job.entries, None))
-                finally:
-                    self._bulk_gauge(-1)
-                    self._wake.pop(job.id, None)
-            return out
-        finally:
-            current_pipeline.reset(token)
-
-    async def _abandon_fenced(
-        self, conn: psycopg.AsyncConnection[Any], job_row: int, seconds: float
-    ) -> None:
-        await state.bulk_abandon_fenced(conn, self.schema, job_row, seconds)
-
-    def wake_bulk(self, job_row: int) -> bool:
-        """A verified callback for ``bulk_jobs.id = job_row``: stop waiting, poll now."""
-        event = self._wake.get(job_row)
-        if event is None:
-            return False
-        event.set()
-        return True
-
-    # ------------------------------------------------------------------ sync flag
-    async def write_sync_flags(self, events: Sequence[ChangeEvent]) -> int:
-        """Set ``sync_flag_column`` on the legacy rows that are still at the acknowledged
-        image (compared without the ignored columns). The trigger ignores updates that touch
-        only ignored columns, so this does not produce a capture event."""
-        column = self.pipeline.sync_flag_column
-        rows = [e for e in events if e.op is not Op.DELETE and e.row is not None]
-        if column is None or self.source_dsn is None or not rows:
-            return 0
-        table = sql.Identifier(*self.pipeline.table_parts)
-        key = sql.Identifier(self.pipeline.key_column)
-        ignored = list(self.pipeline.ignore_columns)
-        async with await psycopg.AsyncConnection.connect(self.source_dsn) as conn:
-            if self.pipeline.capture == "logical":
-                # first in the transaction: the decoder then skips its row changes (the
-                # flag is an ignored column; without an old image pgoutput cannot tell)
-                await conn.execute(
-                    "SELECT pg_catalog.pg_logical_emit_message(true, %s, '')", (OWN_WRITE_PREFIX,)
-                )
-            key_type = await _column_type(conn, self.pipeline)
-            await pin_image_settings(conn)
-            cur = await conn.execute(
-                sql.SQL(
-                    "UPDATE {table} AS t SET {flag} = true"
-                    " FROM unnest(%s::text[], %s::text[]) AS u(k, img)"
-                    " WHERE t.{key} = u.k::{ktype}"
-                    " AND (to_jsonb(t) - %s::text[]) = (u.img::jsonb - %s::text[])"
-                    " AND t.{flag} IS DISTINCT FROM true"
-                ).format(
-                    table=table,
-                    flag=sql.Identifier(column),
-                    key=key,
-                    ktype=sql.SQL(key_type),
-                ),
-                (
-                    [e.key for e in rows],
-                    [dumps_json(e.row).decode() for e in rows],
-                    ignored,
-                    ignored,
-                ),
-            )
-            await conn.commit()
-            return cur.rowcount
-
     # ------------------------------------------------------------------ transient record codes
     def _retry_transient(self, key: str, code: str | None) -> bool:
         """True when the key's answer is a transient per-record code (``TRANSIENT_RECORD_CODES``)
@@ -896,141 +390,6 @@ class Emitter:
             f" (still refused after {attempts} attempts over {time.monotonic() - first:.0f}s,"
             " the pipeline's max_staleness)"
         )
-
-    # ------------------------------------------------------------------ schema changes
-    async def _check_source_columns(self, entries: Sequence[PendingEntry]) -> None:
-        """Before anything of the group is sent: when a row image lacks a mapped column, ask
-        the source table whether the column still exists. Gone (dropped or renamed while the
-        pipeline ran): raise :class:`SchemaChanged`, so that the pipeline stops with its
-        events behind the checkpoint, instead of a dead letter per row. Still there: the image
-        predates a schema change that the mapping already follows; the mapper dead-letters it
-        (``MISSING_COLUMN``) and `dead-letters retry` re-captures the current row. Deletes need
-        only the key and are not checked. Both capture modes: a trigger's ``to_jsonb`` image
-        and a decoded pgoutput row both simply lack the column."""
-        mapped = [c for c in self.pipeline.fields if c != self.pipeline.key_column]
-        missing = sorted(
-            {
-                c
-                for e in entries
-                if e.event.op is not Op.DELETE and e.event.row is not None
-                for c in mapped
-                if c not in e.event.row
-            }
-        )
-        if not missing:
-            return
-        present = await self._source_columns()
-        gone = [c for c in missing if present is None or c not in present]
-        if not gone:
-            return
-        raise self._column_gone(gone[0])
-
-    def _column_gone(self, col: str) -> SchemaChanged:
-        p = self.pipeline
-        return SchemaChanged(
-            p.name,
-            col,
-            f"pipeline {p.name}: column {col!r} of {p.source_table} is mapped"
-            f" (pipelines['{p.name}'].fields['{col}'] -> {p.fields[col].field!r}) but no longer"
-            " exists in the table (dropped or renamed). The pipeline is"
-            " stopped before sending any record without that field; every captured change is"
-            " kept. Fix: map the column's new name, or remove the mapping if it was dropped,"
-            " then restart `connector run`: the held changes flow",
-        )
-
-    async def _source_columns(self) -> set[str] | None:
-        """The source table's current columns (None without a source connection)."""
-        types = await self._source_column_types()
-        return None if types is None else set(types)
-
-    async def _source_column_types(self) -> dict[str, str] | None:
-        """The source table's current columns and their types (``format_type``)."""
-        if self.source_dsn is None:
-            return None
-        async with await psycopg.AsyncConnection.connect(self.source_dsn) as conn:
-            cur = await conn.execute(
-                "SELECT a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod)"
-                " FROM pg_catalog.pg_attribute a"
-                " WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped",
-                (sql.Identifier(*self.pipeline.table_parts).as_string(conn),),
-            )
-            return {str(r[0]): str(r[1]) for r in await cur.fetchall()}
-
-    async def load_source_types(self) -> None:
-        """Load the baseline of :meth:`_check_type_changes`: the mapped columns' source types
-        as first recorded (``source_column_types``; kept across restarts and owners, so that a
-        restart or a standby's takeover after a type change does not hide it); a mapped column
-        without a row gets its current type."""
-        types: dict[str, str] | None = None
-        with contextlib.suppress(psycopg.errors.UndefinedTable):
-            types = await self._source_column_types()
-        if types is None:
-            return
-        mapped = [c for c in self.pipeline.fields if c != self.pipeline.key_column]
-        gone = [c for c in mapped if c not in types]
-        if gone:
-            # restarted without fixing the mapping after a drop or rename: stop again at once
-            raise self._column_gone(gone[0])
-        current = {c: t for c, t in types.items() if c in mapped}
-        table = sql.Identifier(self.schema, "source_column_types")
-        async with self.pool.connection() as conn:
-            await conn.execute(
-                sql.SQL(
-                    "DELETE FROM {} WHERE pipeline = %s AND NOT (column_name = ANY(%s))"
-                ).format(table),
-                (self.pipeline.name, mapped),
-            )
-            await conn.execute(
-                sql.SQL(
-                    "INSERT INTO {} (pipeline, column_name, source_type)"
-                    " SELECT %s, c, t FROM unnest(%s::text[], %s::text[]) AS u(c, t)"
-                    " ON CONFLICT (pipeline, column_name) DO NOTHING"
-                ).format(table),
-                (self.pipeline.name, list(current), list(current.values())),
-            )
-            cur = await conn.execute(
-                sql.SQL("SELECT column_name, source_type FROM {} WHERE pipeline = %s").format(
-                    table
-                ),
-                (self.pipeline.name,),
-            )
-            self._start_types = {str(r[0]): str(r[1]) for r in await cur.fetchall()}
-
-    async def _check_type_changes(self, rejected: Sequence[tuple[PendingEntry, DataError]]) -> None:
-        """A mapped value that cannot be converted is a per-row dead letter, unless the
-        column's type has changed since the pipeline started: then the change of type is the
-        cause, and the pipeline stops (:class:`SchemaChanged`) before sending anything of the
-        group. Restarting with the mapping unchanged takes the new type as the baseline (values
-        the field cannot hold are dead letters from then on): that decision is the
-        operator's."""
-        if not rejected or not self._start_types:
-            return
-        by_field = {m.field: c for c, m in self.pipeline.fields.items()}
-        columns = sorted({by_field[x.field] for _, x in rejected if x.field in by_field})
-        columns = [c for c in columns if c in self._start_types]
-        if not columns:
-            return
-        now = await self._source_column_types()
-        if now is None:
-            return
-        for col in columns:
-            before, after = self._start_types[col], now.get(col)
-            if after is None or after == before:
-                continue  # a missing column is _check_source_columns' business
-            p = self.pipeline
-            m = p.fields[col]
-            raise SchemaChanged(
-                p.name,
-                col,
-                f"pipeline {p.name}: column {col!r} of {p.source_table} changed type from"
-                f" {before} to {after} while the connector ran, and its values no longer"
-                f" convert to the CRM field {m.field!r} ({m.type}, pipelines['{p.name}']"
-                f".fields['{col}']). The pipeline is stopped before sending; every captured"
-                " change is kept. Fix: change the column back, or change (or remove) the"
-                " mapping to fit the new type, then restart `connector run`. Restarting with"
-                " the mapping unchanged accepts the new type: values the field cannot hold"
-                " then become dead letters",
-            )
 
     # ------------------------------------------------------------------ internals
     def _json(self, event: ChangeEvent) -> dict[str, Any]:
@@ -1077,17 +436,6 @@ class Emitter:
         async with self.pool.connection() as conn, conn.transaction():
             await self._store_in(conn, res)
         await self._sync_flags(res)
-
-    async def _sync_flags(self, res: _Results) -> None:
-        if self.pipeline.sync_flag_column is None or not res.acked_events:
-            return
-        try:
-            await self.write_sync_flags(res.acked_events)
-        except psycopg.Error as exc:  # the flag is a convenience; the ack is already stored
-            log.warning(
-                "could not write the sync flag",
-                extra={"pipeline": self.pipeline.name, "error": type(exc).__name__},
-            )
 
     async def _store_in(self, conn: psycopg.AsyncConnection[Any], res: _Results) -> None:
         name = self.pipeline.name
@@ -1187,149 +535,9 @@ class RejectionLog:
         self._suppressed = {}
 
 
-class CreditRecorder:
-    """A ``ZohoClient.on_call`` hook that queues charged calls for the ``credit_ledger``.
-
-    The hook is synchronous (it runs inside the client's request); ``flush`` writes the queue.
-    Calls are attributed to ``current_pipeline`` (set by the emitter around its calls).
-    ``chain`` is called too (e.g. the metrics hook of the runtime).
-    """
-
-    def __init__(self, chain: Callable[..., None] | None = None) -> None:
-        self._queue: list[tuple[str | None, str, int, int, int | None]] = []
-        self._chain = chain
-
-    def __call__(  # noqa: PLR0917 (CallHook's positional contract)
-        self,
-        api: str,
-        records: int,
-        credits: int,
-        latency_s: float,
-        status: int,
-        remaining: int | None,
-    ) -> None:
-        if credits > 0:
-            self._queue.append((current_pipeline.get(), api, credits, records, remaining))
-        seen = http_seconds.get()
-        if seen is not None:
-            seen.append(latency_s)
-        if self._chain is not None:
-            self._chain(api, records, credits, latency_s, status, remaining)
-
-    def pending(self) -> int:
-        return len(self._queue)
-
-    async def flush_pending(
-        self,
-        pool: AsyncConnectionPool[Any],
-        schema: str,
-        *,
-        then: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]] | None = None,
-    ) -> None:
-        """The one flush of this queue (the runtime's periodic and exit flushes and the
-        engine's flushes all come here): with calls queued, ``flush`` them through one of
-        ``pool``'s connections, then run ``then`` on that connection (the engine reads the
-        rolling 24 h total there). Nothing queued: no connection is taken. Errors are the
-        caller's to handle; calls not stored stay queued."""
-        if not self._queue:
-            return
-        async with pool.connection() as conn:
-            await self.flush(conn, schema)
-            if then is not None:
-                await then(conn)
-
-    async def flush(self, conn: psycopg.AsyncConnection[Any], schema: str) -> int:
-        """Write the queued calls into ``credit_ledger`` in one transaction; returns the credits
-        written. Calls that were not stored stay queued for the next flush.
-
-        The write is shielded from the caller's cancellation. Interrupted during its COMMIT,
-        psycopg cancels the query on the server, reads the COMMIT's answer and raises
-        ``CancelledError`` even when the rows were stored; re-queued, they were written again
-        by the next flush (the engine's shutdown does one): a bulk job's 500 counted twice.
-        A cancelled caller now waits for the write to end (a few rows), so that the queue
-        holds exactly what was not stored, then the cancellation goes on; a second cancel is
-        passed to the write (psycopg's own handling again)."""
-        queue, self._queue = self._queue, []
-        if not queue:
-            return 0
-        write = asyncio.create_task(self._write(conn, schema, queue), name="credit-ledger-flush")
-        try:
-            await asyncio.shield(write)
-        except asyncio.CancelledError:
-            if not write.done():
-                with contextlib.suppress(Exception):  # its failure re-queued the calls
-                    await write
-            raise
-        return sum(q[2] for q in queue)
-
-    async def _write(
-        self,
-        conn: psycopg.AsyncConnection[Any],
-        schema: str,
-        queue: list[tuple[str | None, str, int, int, int | None]],
-    ) -> None:
-        try:
-            async with conn.transaction():
-                for pipeline, api, credits, records, remaining in queue:
-                    await state.record_credits(
-                        conn,
-                        schema,
-                        pipeline,
-                        api=api,
-                        credits=credits,
-                        records=records,
-                        remaining=remaining,
-                    )
-        except BaseException:
-            self._queue[:0] = queue
-            raise
-
-
-async def _column_type(conn: psycopg.AsyncConnection[Any], pipeline: PipelineConfig) -> str:
-    cur = await conn.execute(
-        "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_catalog.pg_attribute a"
-        " WHERE a.attrelid = %s::regclass AND a.attname = %s AND NOT a.attisdropped",
-        (sql.Identifier(*pipeline.table_parts).as_string(conn), pipeline.key_column),
-    )
-    row = await cur.fetchone()
-    if row is None:
-        raise DataError("MISSING_COLUMN", f"key column {pipeline.key_column!r} not found")
-    return str(row[0])
-
-
-def _entry_event(be: state.BulkEntry, by_key: dict[str, PendingEntry] | None) -> ChangeEvent:
-    """The event a bulk entry carried: the live entry's event, or (after a restart) one
-    rebuilt from the stamp recorded at intent (enough for key_state and dead_letters)."""
-    if by_key is not None and be.key in by_key:
-        return by_key[be.key].event
-    from datetime import UTC, datetime
-
-    return ChangeEvent(
-        offset=be.outbox_id,
-        pipeline="",
-        op=Op(be.op),
-        key=be.key,
-        version=be.stamp.version,
-        source_xid=be.stamp.source_xid,
-        row=None,
-        captured_at=datetime.now(UTC),
-        snapshot=be.stamp.snapshot,
-    )
-
-
 def _message(r: RecordResult) -> str:
     return r.message or r.code
 
 
 def _ewma(prev: float | None, sample: float, alpha: float = 0.2) -> float:
     return sample if prev is None else (1 - alpha) * prev + alpha * sample
-
-
-@contextlib.contextmanager
-def acting_for(pipeline: str) -> Iterator[None]:
-    """Attribute CRM calls made inside the block to ``pipeline`` (credit ledger)."""
-    token = current_pipeline.set(pipeline)
-    try:
-        yield
-    finally:
-        current_pipeline.reset(token)
