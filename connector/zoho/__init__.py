@@ -1,5 +1,6 @@
-"""Zoho CRM client: OAuth (auth.py), records and bulk APIs (client.py), bulk files (bulk.py),
-adaptive concurrency (limiter.py). See docs/zoho-client.md."""
+"""Zoho CRM client: OAuth (auth.py), records and bulk APIs (client.py, with its HTTP layer in
+transport.py, the Bulk Write calls in bulk_write.py and reply parsing in records.py), bulk files
+(bulk.py), adaptive concurrency (limiter.py). See docs/zoho-client.md."""
 
 from __future__ import annotations
 

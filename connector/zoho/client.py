@@ -25,143 +25,53 @@ anything else 1 — bulk upload, job details and result download too: Zoho's lim
 every call not listed otherwise 1) for every call the CRM
 processed (not for 401, 429 or 5xx answers); ``X-API-CREDITS-REMAINING`` corrects the remaining
 count when present.
+
+Layout: the HTTP calls, retries and failure mapping are in :mod:`connector.zoho.transport`, the
+Bulk Write calls in :mod:`connector.zoho.bulk_write`, reply parsing in
+:mod:`connector.zoho.records` (mixins and helpers this module re-exports).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import json
-import logging
 import re
-import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from decimal import Decimal
+from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Literal, Protocol
-from urllib.parse import urljoin, urlsplit
+from typing import Any
 
 import aiohttp
 from pydantic import SecretStr
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_random_exponential,
-)
 
 from connector.costs import CreditCosts
-from connector.errors import BulkJobGone, PermanentError, TransientError
+from connector.errors import PermanentError
 from connector.mapping import dumps_json
 from connector.zoho.auth import DEFAULT_TOKEN_BUDGET, TokenManager, TokenStore
-from connector.zoho.bulk import (
-    BulkFile,
-    BulkJob,
-    BulkRowResult,
-    match_results,
-    parse_job,
-    parse_result_zip,
-)
+from connector.zoho.bulk_write import BulkOperation, BulkWrite
 from connector.zoho.limiter import AdaptiveLimiter
-from connector.zoho.scopes import scope_hint
-
-log = logging.getLogger(__name__)
-# hosts of Zoho's own services (download links of bulk results live on e.g. download.zoho.com)
-_ZOHO_HOST = re.compile(r"(^|\.)zoho(apis|cloud)?\.(com|eu|in|jp|sa|ca|com\.au|com\.cn)$")
+from connector.zoho.records import (
+    FieldMeta,
+    RecordResult,
+    _coql_limit,
+    _data,
+    _error_field,
+    _field_meta,
+    _info,
+    _lookup_module,
+    _parse_json,
+    _record_results,
+    _remaining,
+    _Reply,
+    _retry_after,
+)
+from connector.zoho.transport import CallHook, RetryPolicy, Transport
 
 MAX_RECORDS_PER_CALL = 100
 MAX_FIELDS_PER_READ = 50
 COQL_PAGE = 2_000
 COQL_MAX_OFFSET = 100_000
 
-BulkOperation = Literal["insert", "update", "upsert"]
 
-
-class CallHook(Protocol):
-    """Called after every HTTP attempt (also failed ones; ``status`` 0 = no response)."""
-
-    def __call__(  # noqa: PLR0917 (the positional signature is the contract)
-        self,
-        api: str,
-        records: int,
-        credits: int,
-        latency_s: float,
-        status: int,
-        remaining: int | None,
-    ) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    max_attempts: int = 8
-    backoff_base: float = 0.5  # seconds; wait is uniform in [0, min(max, base * 2**n)]
-    backoff_max: float = 30.0
-    retry_after_max: float = 120.0
-
-
-@dataclass(frozen=True, slots=True)
-class RecordResult:
-    """The CRM's answer for one record of a write call, in input order."""
-
-    index: int
-    status: Literal["success", "error"]
-    code: str
-    message: str
-    field: str | None = None  # api_name from details (the field the error is about)
-    id: str | None = None  # CRM record id
-    action: Literal["insert", "update"] | None = None
-    details: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "success"
-
-
-@dataclass(frozen=True, slots=True)
-class FieldMeta:
-    """One field of ``GET /crm/v8/settings/fields?module=``."""
-
-    api_name: str
-    data_type: str
-    json_type: str | None = None
-    unique: bool = False
-    mandatory: bool = False
-    read_only: bool = False
-    length: int | None = None
-    picklist_values: tuple[str, ...] = ()
-    lookup_module: str | None = None  # data_type "lookup": the target module (``lookup.module``)
-
-
-@dataclass(slots=True)
-class _Reply:
-    status: int
-    body: Any  # parsed JSON (dict/list) or None
-    raw: bytes
-    headers: Mapping[str, str]
-
-    @property
-    def code(self) -> str | None:
-        if isinstance(self.body, dict):
-            code = self.body.get("code")
-            return str(code) if code is not None else None
-        return None
-
-    def describe(self) -> str:
-        if isinstance(self.body, dict):
-            code = self.body.get("code") or self.body.get("ERROR_CODE") or self.body.get("error")
-            message = (
-                self.body.get("message")
-                or self.body.get("ERROR_MESSAGE")
-                or self.body.get("x-error")
-                or ""
-            )
-            return f"HTTP {self.status} {code}: {str(message)[:200]}"
-        return f"HTTP {self.status}"
-
-
-class ZohoClient:
+class ZohoClient(BulkWrite, Transport):
     def __init__(
         self,
         *,
@@ -563,526 +473,27 @@ class ZohoClient:
         self._org_id = str(value)
         return self._org_id
 
-    # ---- bulk write ----------------------------------------------------------------------------
 
-    async def upload_bulk_file(
-        self, file: BulkFile | bytes, *, filename: str = "records.zip"
-    ) -> str:
-        """``POST {upload}/crm/v8/upload`` (``feature: bulk-write``, ``X-CRM-ORG``) → file id."""
-        data = file.data if isinstance(file, BulkFile) else file
-        org = await self.org_id()
-
-        def form() -> aiohttp.FormData:
-            fd = aiohttp.FormData()
-            fd.add_field("file", data, filename=filename, content_type="application/zip")
-            return fd
-
-        reply = await self._request(
-            "POST",
-            "upload",
-            "/crm/v8/upload",
-            api="bulk_upload",
-            cost=self._costs.bulk_upload,
-            form=form,
-            headers={"feature": "bulk-write", "X-CRM-ORG": org},
-        )
-        details = reply.body.get("details") if isinstance(reply.body, dict) else None
-        file_id = details.get("file_id") if isinstance(details, dict) else None
-        if file_id is None:
-            raise PermanentError(f"bulk upload answered without a file_id ({reply.describe()})")
-        return str(file_id)
-
-    async def create_bulk_job(
-        self,
-        module: str,
-        file_id: str,
-        *,
-        operation: BulkOperation,
-        find_by: str | None,
-        field_mappings: Sequence[Mapping[str, Any]],
-        ignore_empty: bool = False,
-        callback_url: str | None = None,
-    ) -> str:
-        """``POST /crm/bulk/v8/write`` → job id (costs 500 credits)."""
-        if operation in ("update", "upsert") and not find_by:
-            raise ValueError(f"a bulk {operation} needs find_by")
-        resource: dict[str, Any] = {
-            "type": "data",
-            "module": {"api_name": module},
-            "file_id": file_id,
-            "ignore_empty": ignore_empty,
-            "field_mappings": [dict(m) for m in field_mappings],
-        }
-        if find_by:
-            resource["find_by"] = find_by
-        body: dict[str, Any] = {
-            "operation": operation,
-            "ignore_empty": ignore_empty,
-            "character_encoding": "UTF-8",
-            "resource": [resource],
-        }
-        if callback_url:
-            body["callback"] = {"url": callback_url, "method": "post"}
-        reply = await self._request(
-            "POST",
-            "api",
-            "/crm/bulk/v8/write",
-            api="bulk_create",
-            cost=self._costs.bulk_job,
-            records=0,
-            content=dumps_json(body),
-        )
-        details = reply.body.get("details") if isinstance(reply.body, dict) else None
-        job_id = details.get("id") if isinstance(details, dict) else None
-        if job_id is None:
-            raise PermanentError(f"bulk job creation answered without an id ({reply.describe()})")
-        return str(job_id)
-
-    async def get_bulk_job(self, job_id: str) -> BulkJob:
-        """``GET /crm/bulk/v8/write/{job_id}``."""
-        reply = await self._request(
-            "GET",
-            "api",
-            f"/crm/bulk/v8/write/{job_id}",
-            api="bulk_job",
-            cost=self._costs.bulk_job_details,
-        )
-        if not isinstance(reply.body, dict):
-            raise PermanentError(f"bulk job {job_id}: details are not a JSON object")
-        return parse_job(reply.body)
-
-    async def wait_bulk_job(
-        self,
-        job_id: str,
-        *,
-        wake: asyncio.Event | None = None,
-        poll_initial: float = 2.0,
-        poll_max: float = 60.0,
-        timeout: float | None = None,
-    ) -> BulkJob:
-        """Poll until COMPLETED or FAILED, with backoff (×1.5 up to ``poll_max``). Setting
-        ``wake`` (the callback endpoint does) ends the current wait at once; it is cleared
-        before each poll. ``timeout`` → :class:`TransientError` (the job is still known)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delay = poll_initial
-        while True:
-            if wake is not None:
-                wake.clear()
-            job = await self.get_bulk_job(job_id)
-            if job.status.done:
-                return job
-            wait = delay
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TransientError(f"bulk job {job_id} still {job.status} after {timeout}s")
-                wait = min(wait, left)
-            if wake is None:
-                await asyncio.sleep(wait)
-            else:
-                try:
-                    await asyncio.wait_for(wake.wait(), wait)
-                except TimeoutError:
-                    pass
-            delay = min(poll_max, delay * 1.5)
-
-    async def download_bulk_result(self, job: BulkJob | str) -> bytes:
-        """The result zip of a finished job (absolute or API-relative ``download_url``)."""
-        if isinstance(job, str):
-            job = await self.get_bulk_job(job)
-        if not job.download_url:
-            raise PermanentError(f"bulk job {job.id} ({job.status}) has no download_url")
-        reply = await self._request(
-            "GET",
-            "absolute",
-            job.download_url,
-            api="bulk_download",
-            cost=self._costs.bulk_download,
-            expect_json=False,
-        )
-        return reply.raw
-
-    async def bulk_results(
-        self, job: BulkJob, keys: Sequence[str], key_column: str | None = None
-    ) -> dict[str, BulkRowResult]:
-        """Download and parse the result file; one result per key sent."""
-        data = await self.download_bulk_result(job)
-        return match_results(keys, parse_result_zip(data, key_column))
-
-    # ---- the one place that talks HTTP ----------------------------------------------------------
-
-    async def _request(
-        self,
-        method: str,
-        base: Literal["api", "upload", "absolute"],
-        path: str,
-        *,
-        api: str,
-        cost: int,
-        records: int = 0,
-        params: Mapping[str, str] | None = None,
-        content: bytes | None = None,
-        form: Callable[[], aiohttp.FormData] | None = None,
-        headers: Mapping[str, str] | None = None,
-        record_errors: bool = False,
-        expect_json: bool = True,
-        complex_call: bool = False,
-    ) -> _Reply:
-        if self._session is None:
-            raise RuntimeError("ZohoClient.open() was not called")
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(TransientError),
-            stop=stop_after_attempt(self._retry.max_attempts),
-            wait=self._wait,
-            before_sleep=lambda state: self._before_sleep(api, state),
-            reraise=True,
-        )
-
-        async def attempt() -> _Reply:
-            return await self._attempt(
-                method,
-                base,
-                path,
-                api=api,
-                cost=cost,
-                records=records,
-                params=params,
-                content=content,
-                form=form,
-                headers=headers,
-                record_errors=record_errors,
-                expect_json=expect_json,
-            )
-
-        async for try_ in retrying:
-            with try_:
-                if complex_call and self._complex is not None:
-                    async with self._complex:
-                        reply = await attempt()
-                else:
-                    reply = await attempt()
-        return reply
-
-    def _wait(self, state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, TransientError) and exc.retry_after is not None:
-            return min(max(exc.retry_after, 0.0), self._retry.retry_after_max)
-        backoff = wait_random_exponential(
-            multiplier=self._retry.backoff_base, max=self._retry.backoff_max
-        )
-        return float(backoff(state))
-
-    def _before_sleep(self, api: str, state: RetryCallState) -> None:
-        self.retries += 1
-        exc = state.outcome.exception() if state.outcome else None
-        wait = state.next_action.sleep if state.next_action else 0.0
-        log.warning(
-            "zoho %s attempt %d failed (%s); retrying in %.2fs",
-            api,
-            state.attempt_number,
-            exc,
-            wait,
-        )
-
-    async def _attempt(
-        self,
-        method: str,
-        base: Literal["api", "upload", "absolute"],
-        path: str,
-        *,
-        api: str,
-        cost: int,
-        records: int,
-        params: Mapping[str, str] | None,
-        content: bytes | None,
-        form: Callable[[], aiohttp.FormData] | None,
-        headers: Mapping[str, str] | None,
-        record_errors: bool,
-        expect_json: bool,
-    ) -> _Reply:
-        token = await self.tokens.get()
-        reply: _Reply | None = None
-        for auth_try in range(2):
-            url = self._url(base, path)
-            reply = await self._send(
-                method,
-                url,
-                token.value,
-                api=api,
-                cost=cost,
-                records=records,
-                params=params,
-                content=content,
-                form=form,
-                headers=headers,
-                expect_json=expect_json,
-            )
-            if reply.status == 401 and reply.code == "INVALID_TOKEN" and auth_try == 0:
-                log.info("zoho %s: access token rejected (INVALID_TOKEN); refreshing once", api)
-                self.tokens.invalidate(token.value)
-                token = await self.tokens.get()
-                continue
-            break
-        assert reply is not None
-        return self._check(api, path if base != "absolute" else "download", reply, record_errors)
-
-    def _trusted_download_host(self, url: str, api_base: str | None) -> bool:
-        host = (urlsplit(url).hostname or "").lower()
-        known = {
-            (urlsplit(u).hostname or "").lower()
-            for u in (api_base, self._upload_url, self._default_api_url)
-            if u
-        }
-        return host in known or _ZOHO_HOST.search(host) is not None
-
-    def _url(self, base: Literal["api", "upload", "absolute"], path: str) -> str:
-        api_base = self._api_url or self.tokens.api_domain or self._default_api_url
-        if base == "absolute":
-            if re.match(r"^https?://", path):
-                if not self._trusted_download_host(path, api_base):
-                    # the access token travels with this request: never to a foreign host
-                    raise PermanentError(
-                        f"refusing to download a bulk result from untrusted host "
-                        f"{urlsplit(path).hostname!r}"
-                    )
-                return path
-            if api_base is None:
-                raise PermanentError("no API base URL known for a relative download_url")
-            return urljoin(api_base + "/", path.lstrip("/"))
-        root = (self._upload_url or api_base) if base == "upload" else api_base
-        if root is None:
-            raise PermanentError("no CRM API URL: the token had no api_domain; set crm.api_url")
-        return root + path
-
-    async def _send(
-        self,
-        method: str,
-        url: str,
-        token: str,
-        *,
-        api: str,
-        cost: int,
-        records: int,
-        params: Mapping[str, str] | None,
-        content: bytes | None,
-        form: Callable[[], aiohttp.FormData] | None,
-        headers: Mapping[str, str] | None,
-        expect_json: bool,
-    ) -> _Reply:
-        assert self._session is not None
-        hdrs = {"Authorization": f"Zoho-oauthtoken {token}"}
-        if content is not None:
-            hdrs["Content-Type"] = "application/json"
-        if headers:
-            hdrs.update(headers)
-        body: Any = form() if form is not None else content
-        status = 0
-        charged = 0
-        async with self.limiter.slot() as ticket:
-            started = time.monotonic()  # the HTTP call only, not the wait for a slot
-            try:
-                async with self._session.request(
-                    method, url, params=params, data=body, headers=hdrs
-                ) as resp:
-                    status = resp.status
-                    raw = await resp.read()
-                    resp_headers = dict(resp.headers)
-            except TimeoutError:
-                self._report(api, records, 0, started, 0)
-                raise TransientError(f"zoho {api}: request timed out") from None
-            except aiohttp.ClientError as exc:
-                self._report(api, records, 0, started, 0)
-                raise TransientError(
-                    f"zoho {api}: connection failed ({type(exc).__name__})"
-                ) from None
-            self.calls += 1
-            if status == 429:
-                self.limiter.on_overload(ticket)
-            else:
-                self.limiter.on_success(ticket)
-        parsed = _parse_json(raw) if (expect_json or status >= 400) else None
-        reply = _Reply(status, parsed, raw, resp_headers)
-        if status < 500 and status not in (401, 429):
-            charged = cost
-            self.credits_spent += cost
-        remaining = _remaining(resp_headers)
-        if remaining is not None:
-            self.credits_remaining = remaining
-        elif charged and self.credits_remaining is not None:
-            self.credits_remaining = max(0, self.credits_remaining - charged)
-        self._report(api, records, charged, started, status)
-        if status == 429:
-            raise TransientError(f"zoho {api}: {reply.describe()}", retry_after=_retry_after(reply))
-        if status >= 500:
-            raise TransientError(f"zoho {api}: {reply.describe()}")
-        return reply
-
-    def _report(self, api: str, records: int, credits: int, started: float, status: int) -> None:
-        if self.on_call is None:
-            return
-        try:
-            self.on_call(
-                api, records, credits, time.monotonic() - started, status, self.credits_remaining
-            )
-        except Exception:  # a metrics hook must not break a CRM call
-            log.exception("on_call hook failed")
-
-    def _check(self, api: str, what: str, reply: _Reply, record_errors: bool) -> _Reply:
-        status = reply.status
-        if status < 400 or (
-            record_errors
-            and status in (400, 412)
-            and isinstance(reply.body, dict)
-            and isinstance(reply.body.get("data"), list)
-        ):
-            return reply
-        if status == 401 and reply.code == "OAUTH_SCOPE_MISMATCH":
-            raise PermanentError(f"zoho {api}: {reply.describe()}: {scope_hint(api)}")
-        if status == 401:
-            raise PermanentError(
-                f"zoho {api}: the CRM refused the access token ({reply.describe()}); "
-                "check the OAuth client, scopes and refresh token"
-            )
-        if (api == "bulk_job" and status == 404 and reply.code != "INVALID_URL_PATTERN") or (
-            api == "bulk_download" and status in (403, 404)
-        ):
-            # an expired job / result link (Zoho keeps results for a limited time, §3.4):
-            # the caller sends the job's rows again
-            raise BulkJobGone(f"zoho {api} {what}: {reply.describe()}")
-        raise PermanentError(f"zoho {api} {what}: {reply.describe()}")
-
-
-# ---- parsing helpers -----------------------------------------------------------------------
-
-
-def _parse_json(raw: bytes) -> Any:
-    if not raw:
-        return None
-    try:
-        return json.loads(raw, parse_float=Decimal)
-    except (ValueError, UnicodeDecodeError):
-        return None
-
-
-def _coql_limit(query: str) -> int:
-    """The row limit of a COQL query: ``limit n``, ``limit offset, n``, ``limit n offset m``;
-    200 when absent (Zoho's default)."""
-    m = re.search(r"\blimit\s+(\d+)(?:\s*,\s*(\d+))?", query, re.IGNORECASE)
-    if not m:
-        return 200
-    return int(m.group(2) or m.group(1))
-
-
-def _data(reply: _Reply) -> list[dict[str, Any]]:
-    if reply.status == 204 or not isinstance(reply.body, dict):
-        return []
-    data = reply.body.get("data")
-    return [d for d in data if isinstance(d, dict)] if isinstance(data, list) else []
-
-
-def _info(reply: _Reply) -> dict[str, Any]:
-    """The ``info`` object of a paged read (``more_records``, ``next_page_token``…)."""
-    info = reply.body.get("info") if isinstance(reply.body, dict) else None
-    return info if isinstance(info, dict) else {}
-
-
-def _remaining(headers: Mapping[str, str]) -> int | None:
-    for name, value in headers.items():
-        if name.lower() == "x-api-credits-remaining":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
-
-
-def _retry_after(reply: _Reply) -> float | None:
-    for name, value in reply.headers.items():
-        if name.lower() == "retry-after":
-            try:
-                return float(value)
-            except ValueError:
-                return None
-    if isinstance(reply.body, dict):
-        details = reply.body.get("details")
-        if isinstance(details, dict) and details.get("retry_after") is not None:
-            try:
-                return float(details["retry_after"])
-            except (TypeError, ValueError):
-                return None
-    return None
-
-
-def _error_field(details: Mapping[str, Any]) -> str | None:
-    name = details.get("api_name")
-    if isinstance(name, str) and name:
-        return name
-    errors = details.get("errors")
-    if isinstance(errors, list):
-        for e in errors:
-            inner = e.get("details") if isinstance(e, dict) else None
-            if isinstance(inner, dict) and isinstance(inner.get("api_name"), str):
-                return str(inner["api_name"])
-    path = details.get("json_path")
-    if isinstance(path, str):
-        m = re.search(r"\.([A-Za-z0-9_]+)$", path)
-        if m and not m.group(1).isdigit():
-            return m.group(1)
-    return None
-
-
-def _record_results(reply: _Reply, n: int, api: str) -> list[RecordResult]:
-    data = reply.body.get("data") if isinstance(reply.body, dict) else None
-    if not isinstance(data, list) or len(data) != n:
-        got = len(data) if isinstance(data, list) else "no"
-        raise PermanentError(
-            f"zoho {api}: expected {n} per-record results, got {got} ({reply.describe()})"
-        )
-    out: list[RecordResult] = []
-    for i, item in enumerate(data):
-        item = item if isinstance(item, dict) else {}
-        raw_details = item.get("details")
-        details: dict[str, Any] = raw_details if isinstance(raw_details, dict) else {}
-        ok = str(item.get("status", "")).lower() == "success"
-        action = item.get("action")
-        record_id = details.get("id") if ok else None
-        out.append(
-            RecordResult(
-                index=i,
-                status="success" if ok else "error",
-                code=str(item.get("code") or ("SUCCESS" if ok else "UNKNOWN")),
-                message=str(item.get("message") or ""),
-                field=None if ok else _error_field(details),
-                id=str(record_id) if record_id is not None else None,
-                action=action if action in ("insert", "update") else None,
-                details=details,
-            )
-        )
-    return out
-
-
-def _lookup_module(lookup: Any) -> str | None:
-    module = lookup.get("module") if isinstance(lookup, dict) else None
-    name = module.get("api_name") if isinstance(module, dict) else None
-    return str(name) if name else None
-
-
-def _field_meta(f: Mapping[str, Any]) -> FieldMeta:
-    unique = f.get("unique")
-    picklist = f.get("pick_list_values") or []
-    length = f.get("length")
-    return FieldMeta(
-        api_name=str(f["api_name"]),
-        data_type=str(f.get("data_type") or ""),
-        json_type=f.get("json_type"),
-        unique=bool(unique),  # {} / null / false = not unique
-        mandatory=bool(f.get("system_mandatory") or f.get("required")),
-        read_only=bool(f.get("read_only") or f.get("field_read_only")),
-        length=int(length) if isinstance(length, int | str) and str(length).isdigit() else None,
-        picklist_values=tuple(
-            str(p.get("actual_value") or p.get("display_value"))
-            for p in picklist
-            if isinstance(p, dict)
-        ),
-        lookup_module=_lookup_module(f.get("lookup")),
-    )
+__all__ = [
+    "COQL_MAX_OFFSET",
+    "COQL_PAGE",
+    "MAX_FIELDS_PER_READ",
+    "MAX_RECORDS_PER_CALL",
+    "BulkOperation",
+    "CallHook",
+    "FieldMeta",
+    "RecordResult",
+    "RetryPolicy",
+    "ZohoClient",
+    "_Reply",
+    "_coql_limit",
+    "_data",
+    "_error_field",
+    "_field_meta",
+    "_info",
+    "_lookup_module",
+    "_parse_json",
+    "_record_results",
+    "_remaining",
+    "_retry_after",
+]
