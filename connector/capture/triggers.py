@@ -229,7 +229,7 @@ def _function_body(
         return sql.SQL(
             "    v_left := NULL;\n"
             "    IF pg_catalog.has_table_privilege({oid}::pg_catalog.oid, 'SELECT') THEN\n"
-            "      SELECT pg_catalog.to_jsonb(t) INTO v_left FROM {table} t\n"
+            "      SELECT pg_catalog.to_jsonb(t.*) INTO v_left FROM {table} t\n"
             "        WHERE t.{key} {eq} OLD.{key} LIMIT 1;\n"
             "    END IF;\n"
             "    IF v_left IS NULL THEN\n"

@@ -126,3 +126,30 @@ async def test_the_look_up_never_fails_the_application_without_select(database: 
             )
             await conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
             await conn.execute(sql.SQL("DROP ROLE {}").format(ident))
+
+
+async def test_a_column_named_like_the_look_up_alias_does_not_replace_the_row(
+    database: str,
+) -> None:
+    """The key-was-left look-up read ``to_jsonb(t) FROM <table> t``: in a table with a column
+    named ``t`` that is the column, not the row, so a swap of two keys left the key's newest
+    event holding a bare number instead of the row image (found by the statement-level trigger
+    prototype, 2026-12-04). ``t.*`` is always the whole row."""
+    pipe = PipelineConfig(
+        name="sw", source_table="sw", key_column="id", module="Orders", fields={"t": "T"}
+    )
+    async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+        await conn.execute("DROP TABLE IF EXISTS sw")
+        await conn.execute(
+            "CREATE TABLE sw (id int PRIMARY KEY DEFERRABLE INITIALLY DEFERRED, t int)"
+        )
+        await triggers.install(conn, SCHEMA, pipe)
+        await conn.execute("TRUNCATE connector.outbox")
+        await conn.execute("INSERT INTO sw VALUES (1, 10), (2, 20)")
+        # one statement swaps the keys: the second row leaves a key the first already took
+        await conn.execute("UPDATE sw SET id = 3 - id")
+        events, _ = await outbox.read_batch(conn, SCHEMA, "sw", outbox.START, limit=100)
+        view = {k: e.row for k, e in coalesced(events).items() if e.op is not Op.DELETE}
+        cur = await conn.execute("SELECT id::text, to_jsonb(x.*) FROM sw x")
+        assert view == {str(k): img for k, img in await cur.fetchall()}
+        assert view == {"1": {"id": 1, "t": 20}, "2": {"id": 2, "t": 10}}
