@@ -53,7 +53,7 @@ class SyncFlags:
                     "UPDATE {table} AS t SET {flag} = true"
                     " FROM unnest(%s::text[], %s::text[]) AS u(k, img)"
                     " WHERE t.{key} = u.k::{ktype}"
-                    " AND (to_jsonb(t) - %s::text[]) = (u.img::jsonb - %s::text[])"
+                    " AND (to_jsonb(t.*) - %s::text[]) = (u.img::jsonb - %s::text[])"
                     " AND t.{flag} IS DISTINCT FROM true"
                 ).format(
                     table=table,

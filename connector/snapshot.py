@@ -324,12 +324,12 @@ class Snapshotter:
             if cursor_value is None:  # the first chunk, in its snapshot: rows without a key
                 kcur = await src.execute(
                     sql.SQL(
-                        "SELECT to_jsonb(t)::text FROM {table} AS t WHERE t.{key} IS NULL"
+                        "SELECT to_jsonb(t.*)::text FROM {table} AS t WHERE t.{key} IS NULL"
                     ).format(table=table, key=key)
                 )
                 keyless = [str(r[0]) for r in await kcur.fetchall()]
             query = sql.SQL(
-                "SELECT t.{key}::text, to_jsonb(t)::text, to_jsonb(t.{key})::text"
+                "SELECT t.{key}::text, to_jsonb(t.*)::text, to_jsonb(t.{key})::text"
                 " FROM {table} AS t {where} ORDER BY t.{key} LIMIT %s"
             ).format(key=key, table=table, where=where)
             params: tuple[Any, ...] = (

@@ -186,7 +186,7 @@ async def source_rows(dsn: str, pipeline: PipelineConfig) -> dict[str, dict[str,
         await pin_image_settings(conn)
         cur = conn.cursor(name="verify_source", row_factory=tuple_row)
         await cur.execute(
-            sql.SQL("SELECT {key}::text, to_jsonb(t)::text FROM {table} t").format(
+            sql.SQL("SELECT {key}::text, to_jsonb(t.*)::text FROM {table} t").format(
                 key=sql.Identifier(pipeline.key_column), table=table
             )
         )
@@ -400,7 +400,7 @@ async def _recapture_batch(  # noqa: PLR0917
     await pin_image_settings(src)
     cur = await src.cursor(row_factory=tuple_row).execute(
         sql.SQL(
-            "SELECT t.{key}::text, to_jsonb(t)::text FROM {table} t"
+            "SELECT t.{key}::text, to_jsonb(t.*)::text FROM {table} t"
             " WHERE t.{key} = ANY(%s::text[]::{typ}[]) ORDER BY t.{key} FOR SHARE"
         ).format(key=key, table=table, typ=typ),
         (list(keys),),

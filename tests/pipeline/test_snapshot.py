@@ -173,6 +173,26 @@ async def test_snapshot_row_image_equals_the_captured_image(legacy: str) -> None
     assert rows[0][1] == rows[1][1]
 
 
+async def test_a_column_named_like_the_alias_does_not_replace_the_row_image(legacy: str) -> None:
+    """The snapshot (and verify, the sync flag, the logical re-reads) read ``to_jsonb(t) FROM
+    <table> t``: with a column named ``t`` that is the column's value, not the row, so every
+    snapshot image was a bare number. ``t.*`` is always the whole row."""
+    await execute(legacy, "ALTER TABLE public.orders ADD COLUMN t int")
+    await execute(
+        legacy,
+        "INSERT INTO public.orders VALUES (1, 'n', 'x@example.org', 'New', 1.5, 1,"
+        " '2024-02-29', '2024-03-01 12:00:00+00', 'm', false, false, 7)",
+    )
+    pipeline = pipeline_config(snapshot="auto")
+    snap = Snapshotter(pipeline, source_dsn=legacy, state_dsn=legacy, schema=SCHEMA)
+    await snap.prepare()
+    chunk = await snap.read_chunk()
+    assert chunk is not None and chunk.rows == 1
+    rows = await fetch(legacy, "SELECT op, row FROM connector.outbox WHERE key = '1' ORDER BY id")
+    assert [r[0] for r in rows] == ["insert", "snapshot"]
+    assert rows[1][1] == rows[0][1] and rows[1][1]["t"] == 7
+
+
 async def test_snapshot_refuses_without_capture(database: str) -> None:
     from connector.errors import PermanentError
 

@@ -249,10 +249,10 @@ class LogicalCapture(_Decoder, _Writer):
         # (DESIGN.md invariant 10), not the time the connector stored it
         self._commit_times: dict[int, bytes] = {}
         self._fetch_sql = sql.SQL(
-            "SELECT j.key, j.value::text FROM {} t, jsonb_each(to_jsonb(t)) j"
+            "SELECT j.key, j.value::text FROM {} t, jsonb_each(to_jsonb(t.*)) j"
             " WHERE t.{} = %s AND j.key = ANY(%s)"
         ).format(_table_ident(self.pipeline), sql.Identifier(self.pipeline.key_column))
-        self._image_sql = sql.SQL("SELECT to_jsonb(t)::text FROM {} t WHERE t.{} = %s").format(
+        self._image_sql = sql.SQL("SELECT to_jsonb(t.*)::text FROM {} t WHERE t.{} = %s").format(
             _table_ident(self.pipeline), sql.Identifier(self.pipeline.key_column)
         )
         self._dead_sql = sql.SQL(
