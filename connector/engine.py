@@ -24,73 +24,46 @@ checkpoint only ever covers resolved events.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import psycopg
-from psycopg import sql
-from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from connector import dbpolicy, outbox, state, truncate
+from connector import dbpolicy, outbox, state
 from connector.coalesce import BatchTracker, Coalescer, PendingEntry
 from connector.config import PipelineConfig
 from connector.costs import CostModel
 from connector.emitter import CallbackUrl, CreditRecorder, EmitOutcome, Emitter, acting_for
+from connector.engine_common import EngineOptions, SnapshotMode, _earliest, _now
+from connector.engine_drain import drain_plan
+from connector.engine_fences import OrphanFences
+from connector.engine_read import OutboxReading
+from connector.engine_replay import Replay, ReplayReport
+from connector.engine_snapshot import SnapshotRuns
 from connector.errors import TransientError
-from connector.events import ChangeEvent, Op, stamp_of
 from connector.metrics import Metrics
 from connector.outbox import OutboxWatcher, ReadPosition
-from connector.planner import PendingKey, Plan, PlannerInput, choose_mix, plan
-from connector.snapshot import Chunk, SnapshotProgress, Snapshotter
+from connector.planner import PendingKey, Plan, PlannerInput, plan
 from connector.zoho.client import ZohoClient
+
+# the names other modules import from here, some now defined in the split-out modules
+# (engine_common, engine_drain, engine_fences, engine_read, engine_replay, engine_snapshot)
+__all__ = [
+    "Engine",
+    "EngineOptions",
+    "ReplayReport",
+    "SnapshotMode",
+    "drain_plan",
+]
 
 log = logging.getLogger(__name__)
 
-SnapshotMode = Literal["auto", "never", "force"]
 
-
-@dataclass
-class ReplayReport:
-    events: int = 0  # outbox events in the range
-    sent_keys: int = 0  # keys sent (newest version each)
-
-
-@dataclass(frozen=True, slots=True)
-class EngineOptions:
-    poll_interval: float = 1.0  # seconds between reads without a wake-up
-    # the OutboxWatcher's adaptive poll for committed unread rows: min_interval while rows
-    # keep arriving, doubling to max_interval while idle (no NOTIFY: DESIGN.md invariant 9)
-    wake_poll_min: float = 0.05
-    wake_poll_max: float = 1.0
-    read_limit: int = 25_000  # outbox rows per read (a whole snapshot chunk fits)
-    max_pending: int = 50_000  # backpressure: stop reading above this many keys
-    drain_timeout: float = 30.0  # on stop, how long calls in flight may take to finish
-    default_upsert_latency: float = 2.0  # planner input until measured
-    default_bulk_latency: float = 120.0
-    retry_backoff_max: float = 30.0
-    bulk_poll_initial: float = 2.0  # first bulk job poll (a callback wakes it earlier)
-    bulk_poll_max: float = 30.0
-    # keys of a bulk job that may run on the CRM without its id known are held back for
-    # factor × its expected duration (at least the minimum), or until its callback
-    orphan_fence_factor: float = 3.0
-    orphan_fence_min: float = 5.0
-    # the CRM's X-API-CREDITS-REMAINING is trusted this long after the last call; then the
-    # planner goes by the ledger again, so one call probes whether the credits came back
-    credit_probe_interval: float = 30.0
-    # acknowledged stamps kept in memory once the checkpoint has passed them (most recent
-    # first); older ones are reloaded from key_state when their key shows up again
-    acked_cache: int = 10_000
-
-
-class Engine:
+class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
     """Runs one pipeline. Construct, then ``await run(stop)`` (or ``drain()`` /
     ``run_snapshot()``). No I/O in the constructor."""
 
@@ -187,79 +160,6 @@ class Engine:
         self._drain_all = True
         await self._run(stop or asyncio.Event(), until_idle=True)
         return self.snapshot_report
-
-    async def replay(
-        self,
-        *,
-        from_offset: int | None = None,
-        to_offset: int | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        key: str | None = None,
-        resend: bool = False,
-    ) -> ReplayReport:
-        """Send an outbox range again (``connector replay``), newest version per key, with the
-        cheapest API for its size. Never stale: an event older than what ``key_state`` holds
-        for its key is skipped. Without ``resend`` an event equal to the acknowledged one is
-        skipped too (replay is then idempotent: only what never reached the CRM goes); with
-        ``resend`` the acknowledged version is sent again (e.g. after records were lost on the
-        CRM side). The checkpoint is not touched. Not while ``run`` runs for this pipeline."""
-        report = ReplayReport()
-        saved = self.coalescer, self.tracker
-        self.tracker = BatchTracker()
-        self.coalescer = Coalescer(self.tracker)
-        try:
-            async with self._resources():
-                assert self._pool is not None
-                await self._load_fences()  # an orphan bulk job may still write these keys
-                batch = 0
-                async with self._pool.connection() as conn:
-                    async for page in outbox.read_range(
-                        conn,
-                        self.schema,
-                        self.pipeline.name,
-                        from_offset=from_offset,
-                        to_offset=to_offset,
-                        since=since,
-                        until=until,
-                        key=key,
-                    ):
-                        report.events += len(page)
-                        # a TRUNCATE is not replayed (it names no key): verify --repair
-                        page = [ev for ev in page if ev.op is not Op.TRUNCATE]
-                        keys = sorted({ev.key for ev in page})
-                        known = await state.key_states(conn, self.schema, self.pipeline.name, keys)
-                        if resend:  # sent again even when identical to what the CRM last got
-                            await state.forget_sent(conn, self.schema, self.pipeline.name, keys)
-                        batch += 1
-                        self.tracker.register(batch, len(page))
-                        for ev in page:
-                            ks = known.get(ev.key)
-                            if ks is not None and ks.stamp is not None:
-                                stale = ks.stamp.newer_than(stamp_of(ev))
-                                same = not stale and not ev.newer_than(ks.stamp)
-                                if stale or (same and not resend):
-                                    self.coalescer.set_acked(ev.key, ks.stamp)
-                            self.coalescer.add(ev, batch)
-                            self.coalescer.set_acked(ev.key, None)
-                report.sent_keys = len(self.coalescer)
-                self._drain_all = True
-                while len(self.coalescer) or self._tasks:
-                    self._raise_failed()
-                    now = _now()
-                    wake = self._dispatch(now)
-                    if self._tasks:
-                        await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
-                    elif len(self.coalescer):
-                        resume_at = wake if wake is not None else self._retry_until
-                        await asyncio.sleep(max(0.05, resume_at - _now()))
-                    await self._flush_credits()
-                self._raise_failed()
-        finally:
-            self.coalescer, self.tracker = saved
-            self._drain_all = False
-            self._fences.clear()
-        return report
 
     def flush_all(self) -> None:
         """While ``run`` runs: send everything pending now instead of waiting for deadlines
@@ -428,124 +328,6 @@ class Engine:
                 timeout = min(timeout, max(0.0, self._retry_until - now))
             await self._sleep(stop, listener, timeout)
 
-    async def _read(self, reader: psycopg.AsyncConnection[Any]) -> bool:
-        """Read one batch unless backpressure holds; True if it brought events."""
-        if not self._can_read():
-            return False
-        events, pos = await outbox.read_batch(
-            reader, self.schema, self.pipeline.name, self._read_pos, self.options.read_limit
-        )
-        self._batch_no += 1
-        batch = self._batch_no
-        self._positions[batch] = pos
-        self._batch_events[batch] = len(events)
-        if self.metrics is not None and events:
-            # each committed outbox event reaches the reader once per pass: count it here (both
-            # capture modes; after a restart the events behind the checkpoint count again)
-            for op, n in collections.Counter(ev.op for ev in events).items():
-                self.metrics.events_captured_total.labels(pipeline=self.pipeline.name, op=op).inc(n)
-        if any(ev.op is Op.TRUNCATE for ev in events):
-            events = await self._truncates(reader, events)
-        read_any = bool(events)
-        ahead: list[ChangeEvent] = []
-        if events:
-            await self._seed_acked(reader, events)
-            ahead = await self._read_ahead(reader, events)
-        self.tracker.register(batch, len(events))
-        for ev in events:
-            self.coalescer.add(ev, batch)
-        for ev in ahead:  # after the batch: they release the batch's superseded versions
-            self.coalescer.add_ahead(ev)
-        self._caught_up = not read_any
-        self._read_pos = pos
-        async with self._changed:
-            self._changed.notify_all()
-        return read_any
-
-    async def _truncates(
-        self, conn: psycopg.AsyncConnection[Any], events: list[ChangeEvent]
-    ) -> list[ChangeEvent]:
-        """Replace each TRUNCATE event by what ``pipelines.on_truncate`` makes of it
-        (connector/truncate.py): nothing (hold) or a delete per known or pending key."""
-        out: list[ChangeEvent] = []
-        for ev in events:
-            if ev.op is not Op.TRUNCATE:
-                out.append(ev)
-                continue
-            pending = [*self.coalescer.pending(), *self.coalescer.in_flight()]
-            out.extend(
-                await truncate.handle(
-                    conn,
-                    self.schema,
-                    self.pipeline,
-                    ev,
-                    pending_keys=[*pending, *(e.key for e in out)],
-                    metrics=self.metrics,
-                )
-            )
-        return out
-
-    async def _seed_acked(
-        self, conn: psycopg.AsyncConnection[Any], events: list[ChangeEvent]
-    ) -> None:
-        """Load key_state's acknowledged stamps for keys the coalescer has not seen, so that
-        replayed or superseded events are dropped (invariant 7)."""
-        unknown = sorted({ev.key for ev in events if self.coalescer.acked(ev.key) is None})
-        if not unknown:
-            return
-        known = await state.key_states(conn, self.schema, self.pipeline.name, unknown)
-        for key, ks in known.items():
-            if ks.stamp is None:
-                continue
-            current = self.coalescer.acked(key)
-            if current is None or ks.stamp.newer_than(current):
-                self.coalescer.set_acked(key, ks.stamp)
-
-    async def _read_ahead(
-        self, conn: psycopg.AsyncConnection[Any], events: list[ChangeEvent]
-    ) -> list[ChangeEvent]:
-        """Never stale across a restart, in bounded time (issue 14). The previous owner may have
-        sent a newer version of a key than ``key_state`` records (killed, or its lease lost,
-        between the CRM's answer and storing the ack; or an orphan bulk job). Re-read from the
-        checkpoint, an older version comes first, and with a backlog past its deadline it would
-        be sent at once, over the newer one. So while the reader is behind what was committed
-        when this run started, each key of a batch also gets its newest committed outbox row,
-        read ahead by one index step and merged after the batch (``Coalescer.add_ahead``): the
-        key goes out at that version (or not at all, if ``key_state`` already has it). The row
-        lies ahead of the reader, so it holds no batch: the batch's versions it supersedes are
-        resolved at once, and the batch the reader later reads the row in waits for its
-        acknowledgement (or drops it as already acknowledged). (Holding each key until the
-        reader reached that row made the checkpoint wait for the whole backlog to be read;
-        merging the row into the batch made it wait for every key's newest version to be
-        acknowledged within one run, which under frequent restarts and a busy table chased the
-        versions written meanwhile for ever.)"""
-        if not self._catchup_to:
-            return []
-        keys = sorted({ev.key for ev in events if ev.offset <= self._catchup_to})
-        if not keys:
-            log.info(
-                "caught up with what was committed at the start",
-                extra={"pipeline": self.pipeline.name, "keys_read_ahead": self._read_ahead_keys},
-            )
-            self._catchup_to = 0
-            return []
-        here = {ev.offset for ev in events}
-        newest = await outbox.newest_rows(conn, self.schema, self.pipeline.name, keys)
-        ahead = sorted(
-            (ev for ev in newest.values() if ev.offset not in here), key=lambda ev: ev.offset
-        )
-        if ahead and not self._read_ahead_keys:
-            log.info(
-                "catching up after a restart: each key's newest committed version is read ahead",
-                extra={"pipeline": self.pipeline.name, "committed_up_to": self._catchup_to},
-            )
-        self._read_ahead_keys += len(ahead)
-        return ahead
-
-    def _can_read(self) -> bool:
-        busy = len(self.coalescer) + len(self.coalescer.in_flight())
-        return busy < self.options.max_pending
-
     def _idle(self) -> bool:
         return (
             self._caught_up
@@ -708,67 +490,6 @@ class Engine:
             if exc is not None:
                 raise exc
 
-    # ------------------------------------------------------------------ orphan fences
-    async def _load_fences(self) -> None:
-        """Fences of bulk jobs abandoned without their id (``bulk_jobs.fence_until``, by this
-        start's ``recover`` or an earlier run): their keys wait until the bound or the job's
-        callback. Loaded before anything is read, so no newer version can go first."""
-        assert self._pool is not None
-        async with self._pool.connection() as conn:
-            fences = await state.bulk_fences(conn, self.schema, self.pipeline.name)
-        for f in fences:
-            self._add_fence(f.job, f.keys, f.seconds_left)
-
-    def _add_fence(self, job: int, keys: list[str], seconds: float) -> None:
-        self.coalescer.fence(keys, job)
-        self._fences[job] = max(self._fences.get(job, 0.0), _now() + seconds)
-        log.info(
-            "keys fenced: a bulk job may still write them on the CRM",
-            extra={
-                "pipeline": self.pipeline.name,
-                "job_row": job,
-                "keys": len(keys),
-                "seconds": round(seconds, 1),
-            },
-        )
-
-    def _expire_fences(self, now: float) -> float | None:
-        """Release fences whose time is up; the earliest remaining end (a wake-up)."""
-        for job, until in list(self._fences.items()):
-            if until <= now:
-                self._release_fence(job, persist=False)
-        return min(self._fences.values()) if self._fences else None
-
-    def _release_fence(self, job: int, *, persist: bool) -> None:
-        self._fences.pop(job, None)
-        self.coalescer.unfence(job)
-        if persist:
-            self._persist_unfence(job)
-
-    def _persist_unfence(self, job: int) -> None:
-        if self._pool is not None:
-            pool = self._pool
-
-            async def clear() -> None:
-                with contextlib.suppress(psycopg.Error, PoolTimeout):
-                    async with pool.connection() as conn:
-                        await state.bulk_unfence(conn, self.schema, job)
-
-            task = asyncio.create_task(clear(), name=f"unfence:{self.pipeline.name}:{job}")
-            self._side_tasks.add(task)
-            task.add_done_callback(self._side_tasks.discard)
-
-    def _holding_backlog(self) -> bool:
-        """While a snapshot chunk is being read, its rows leave only as full bulk jobs or with
-        the chunk's flush: a partly read chunk is not sent by a costlier mix."""
-        hold = self._backlog_hold
-        if hold is None:
-            return False
-        if self._read_pos.passed(*hold):
-            self._backlog_hold = None
-            return False
-        return True
-
     # ------------------------------------------------------------------ checkpoint & state
     async def _save_checkpoint(self) -> None:
         upto = self.tracker.resolved_upto()
@@ -864,138 +585,3 @@ class Engine:
         if self._pool is not None:
             with contextlib.suppress(Exception):
                 await self._save_checkpoint()
-
-    # ------------------------------------------------------------------ snapshot
-    async def _maybe_start_snapshot(self, stop: asyncio.Event) -> None:
-        if self.snapshot_mode == "never":
-            return
-        snap = Snapshotter(
-            self.pipeline,
-            source_dsn=self.source_dsn,
-            state_dsn=self.state_dsn,
-            schema=self.schema,
-            metrics=self.metrics,
-            progress=SnapshotProgress(self.pipeline.name, terminal=self.snapshot_progress)
-            if self.snapshot_progress is not False
-            else None,
-        )
-        current = await snap.status()
-        restart = self.snapshot_mode == "force" and self._force_restart
-        if current is not None and current.status == "done" and not restart:
-            self.snapshot_report = current.report
-            if self.metrics is not None:  # done before this start: the gauge says so
-                self.metrics.snapshot_progress_ratio.labels(pipeline=self.pipeline.name).set(1.0)
-            return
-        await snap.prepare(restart=restart)
-        self._force_restart = False
-        last = await self._last_snapshot_row()
-        if last is not None and not self._saved_pos.passed(*last):
-            # a chunk written before this start: held until read whole (set before the first
-            # read, so that no part of it leaves on its own by a costlier mix)
-            self._backlog_hold = last
-
-        async def run_snapshot() -> None:
-            delay = 0.5
-            while True:
-                try:
-                    # chunks written before a restart go first, each as its own flush
-                    await self._wait_snapshot_resolved()
-                    with acting_for(self.pipeline.name):
-                        row = await snap.run(stop, chunk_sent=self._chunk_sent)
-                    if row.status == "running" and not stop.is_set():
-                        # every chunk is written; wait until its last row is resolved
-                        await self._wait_snapshot_resolved()
-                        self.snapshot_report = await snap.finish()
-                    return
-                except (psycopg.OperationalError, PoolTimeout) as exc:
-                    # resumable by construction: go on from the last committed chunk
-                    log.warning("snapshot interrupted; resuming", extra={"error": str(exc)})
-                    await _sleep_or_stop(stop, delay)
-                    delay = min(delay * 2, 30.0)
-                    if stop.is_set():
-                        return
-
-        self._snapshot_task = asyncio.create_task(
-            run_snapshot(), name=f"snapshot:{self.pipeline.name}"
-        )
-        self._snapshot_task.add_done_callback(lambda _t: self._kick.set())
-
-    async def _last_snapshot_row(self) -> tuple[int, int] | None:
-        assert self._pool is not None
-        async with self._pool.connection() as conn:
-            cur = await conn.cursor(row_factory=tuple_row).execute(
-                sql.SQL(Q_LAST_SNAPSHOT_ROW).format(schema=sql.Identifier(self.schema)),
-                (self.pipeline.name,),
-            )
-            row = await cur.fetchone()
-        return None if row is None else (int(row[0]), int(row[1]))
-
-    async def _wait_snapshot_resolved(self) -> None:
-        last = await self._last_snapshot_row()
-        if last is None:
-            return
-        last_id, txid = last
-        if self._saved_pos.passed(last_id, txid):
-            return
-        # the chunk written before the restart: flush it once it is read whole
-        self._backlog_hold = (last_id, txid)
-        self._kick.set()
-        async with self._changed:
-            await self._changed.wait_for(lambda: self._read_pos.passed(last_id, txid))
-        self.flush_all()
-        async with self._changed:
-            await self._changed.wait_for(lambda: self._saved_pos.passed(last_id, txid))
-
-    async def _chunk_sent(self, chunk: Chunk) -> None:
-        """Snapshot hook: once the reader has the whole chunk, flush it now; return when the
-        checkpoint has passed it (every row acknowledged or dead-lettered)."""
-        self._backlog_hold = (chunk.max_outbox_id, chunk.txid)
-        self._kick.set()
-        async with self._changed:
-            await self._changed.wait_for(
-                lambda: self._read_pos.passed(chunk.max_outbox_id, chunk.txid)
-            )
-        self.flush_all()
-        async with self._changed:
-            await self._changed.wait_for(
-                lambda: self._saved_pos.passed(chunk.max_outbox_id, chunk.txid)
-            )
-
-
-Q_LAST_SNAPSHOT_ROW = """
-SELECT id, txid::text FROM {schema}.outbox
- WHERE pipeline = %s AND op = 'snapshot' ORDER BY id DESC LIMIT 1
-"""
-
-
-def drain_plan(inp: PlannerInput) -> Plan:
-    """Everything pending and not in flight, now, with the cheapest mix for its size (ties go
-    to fewer bulk jobs): the planner's cost rule without its waiting."""
-    free = sorted((pk for pk in inp.pending if not pk.in_flight), key=lambda pk: pk.oldest_at)
-    if not free:
-        return Plan([], [], None, "drain: all pending keys in flight", False)
-    keys = [pk.key for pk in free]
-    mix = choose_mix(inp, len(keys), math.inf)
-    c = inp.cost
-    bulk_keys, up_keys = keys[: mix.bulk_records], keys[mix.bulk_records :]
-    bulk = [bulk_keys[i : i + c.bulk_batch] for i in range(0, len(bulk_keys), c.bulk_batch)]
-    ups = [up_keys[i : i + c.upsert_batch] for i in range(0, len(up_keys), c.upsert_batch)]
-    return Plan(ups, bulk, None, f"drain {len(keys)}", inp.credits_left < inp.reserve)
-
-
-def _earliest(a: float | None, b: float | None) -> float | None:
-    if a is None:
-        return b
-    return a if b is None else min(a, b)
-
-
-def _now() -> float:
-    return datetime.now(UTC).timestamp()
-
-
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
-
-
-__all__ = ["Engine", "EngineOptions", "drain_plan"]

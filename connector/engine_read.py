@@ -1,0 +1,163 @@
+"""The engine's outbox reads (docs/architecture.md): one batch under backpressure, TRUNCATE
+events, the acknowledged stamps seeded from ``key_state``, and the catch-up read-ahead after a
+restart (issue 14).
+
+``OutboxReading`` is a mixin of :class:`connector.engine.Engine`, which holds the state it uses
+(declared below for the type checker). Split from ``connector.engine`` (issue 20)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import Any
+
+import psycopg
+
+from connector import outbox, state, truncate
+from connector.coalesce import BatchTracker, Coalescer
+from connector.config import PipelineConfig
+from connector.engine_common import EngineOptions
+from connector.events import ChangeEvent, Op
+from connector.metrics import Metrics
+from connector.outbox import ReadPosition
+
+# the engine's logger: records keep the name they had before the split
+log = logging.getLogger("connector.engine")
+
+
+class OutboxReading:
+    """Reading the outbox into the coalescer: a mixin of ``Engine``."""
+
+    pipeline: PipelineConfig
+    schema: str
+    metrics: Metrics | None
+    options: EngineOptions
+    tracker: BatchTracker
+    coalescer: Coalescer
+    _positions: dict[int, ReadPosition]
+    _batch_no: int
+    _batch_events: dict[int, int]
+    _read_pos: ReadPosition
+    _caught_up: bool
+    _changed: asyncio.Condition
+    _catchup_to: int
+    _read_ahead_keys: int
+
+    async def _read(self, reader: psycopg.AsyncConnection[Any]) -> bool:
+        """Read one batch unless backpressure holds; True if it brought events."""
+        if not self._can_read():
+            return False
+        events, pos = await outbox.read_batch(
+            reader, self.schema, self.pipeline.name, self._read_pos, self.options.read_limit
+        )
+        self._batch_no += 1
+        batch = self._batch_no
+        self._positions[batch] = pos
+        self._batch_events[batch] = len(events)
+        if self.metrics is not None and events:
+            # each committed outbox event reaches the reader once per pass: count it here (both
+            # capture modes; after a restart the events behind the checkpoint count again)
+            for op, n in collections.Counter(ev.op for ev in events).items():
+                self.metrics.events_captured_total.labels(pipeline=self.pipeline.name, op=op).inc(n)
+        if any(ev.op is Op.TRUNCATE for ev in events):
+            events = await self._truncates(reader, events)
+        read_any = bool(events)
+        ahead: list[ChangeEvent] = []
+        if events:
+            await self._seed_acked(reader, events)
+            ahead = await self._read_ahead(reader, events)
+        self.tracker.register(batch, len(events))
+        for ev in events:
+            self.coalescer.add(ev, batch)
+        for ev in ahead:  # after the batch: they release the batch's superseded versions
+            self.coalescer.add_ahead(ev)
+        self._caught_up = not read_any
+        self._read_pos = pos
+        async with self._changed:
+            self._changed.notify_all()
+        return read_any
+
+    async def _truncates(
+        self, conn: psycopg.AsyncConnection[Any], events: list[ChangeEvent]
+    ) -> list[ChangeEvent]:
+        """Replace each TRUNCATE event by what ``pipelines.on_truncate`` makes of it
+        (connector/truncate.py): nothing (hold) or a delete per known or pending key."""
+        out: list[ChangeEvent] = []
+        for ev in events:
+            if ev.op is not Op.TRUNCATE:
+                out.append(ev)
+                continue
+            pending = [*self.coalescer.pending(), *self.coalescer.in_flight()]
+            out.extend(
+                await truncate.handle(
+                    conn,
+                    self.schema,
+                    self.pipeline,
+                    ev,
+                    pending_keys=[*pending, *(e.key for e in out)],
+                    metrics=self.metrics,
+                )
+            )
+        return out
+
+    async def _seed_acked(
+        self, conn: psycopg.AsyncConnection[Any], events: list[ChangeEvent]
+    ) -> None:
+        """Load key_state's acknowledged stamps for keys the coalescer has not seen, so that
+        replayed or superseded events are dropped (invariant 7)."""
+        unknown = sorted({ev.key for ev in events if self.coalescer.acked(ev.key) is None})
+        if not unknown:
+            return
+        known = await state.key_states(conn, self.schema, self.pipeline.name, unknown)
+        for key, ks in known.items():
+            if ks.stamp is None:
+                continue
+            current = self.coalescer.acked(key)
+            if current is None or ks.stamp.newer_than(current):
+                self.coalescer.set_acked(key, ks.stamp)
+
+    async def _read_ahead(
+        self, conn: psycopg.AsyncConnection[Any], events: list[ChangeEvent]
+    ) -> list[ChangeEvent]:
+        """Never stale across a restart, in bounded time (issue 14). The previous owner may have
+        sent a newer version of a key than ``key_state`` records (killed, or its lease lost,
+        between the CRM's answer and storing the ack; or an orphan bulk job). Re-read from the
+        checkpoint, an older version comes first, and with a backlog past its deadline it would
+        be sent at once, over the newer one. So while the reader is behind what was committed
+        when this run started, each key of a batch also gets its newest committed outbox row,
+        read ahead by one index step and merged after the batch (``Coalescer.add_ahead``): the
+        key goes out at that version (or not at all, if ``key_state`` already has it). The row
+        lies ahead of the reader, so it holds no batch: the batch's versions it supersedes are
+        resolved at once, and the batch the reader later reads the row in waits for its
+        acknowledgement (or drops it as already acknowledged). (Holding each key until the
+        reader reached that row made the checkpoint wait for the whole backlog to be read;
+        merging the row into the batch made it wait for every key's newest version to be
+        acknowledged within one run, which under frequent restarts and a busy table chased the
+        versions written meanwhile for ever.)"""
+        if not self._catchup_to:
+            return []
+        keys = sorted({ev.key for ev in events if ev.offset <= self._catchup_to})
+        if not keys:
+            log.info(
+                "caught up with what was committed at the start",
+                extra={"pipeline": self.pipeline.name, "keys_read_ahead": self._read_ahead_keys},
+            )
+            self._catchup_to = 0
+            return []
+        here = {ev.offset for ev in events}
+        newest = await outbox.newest_rows(conn, self.schema, self.pipeline.name, keys)
+        ahead = sorted(
+            (ev for ev in newest.values() if ev.offset not in here), key=lambda ev: ev.offset
+        )
+        if ahead and not self._read_ahead_keys:
+            log.info(
+                "catching up after a restart: each key's newest committed version is read ahead",
+                extra={"pipeline": self.pipeline.name, "committed_up_to": self._catchup_to},
+            )
+        self._read_ahead_keys += len(ahead)
+        return ahead
+
+    def _can_read(self) -> bool:
+        busy = len(self.coalescer) + len(self.coalescer.in_flight())
+        return busy < self.options.max_pending
