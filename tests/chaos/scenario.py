@@ -57,6 +57,15 @@ SYNC_APIS = ("upsert", "insert", "update", "delete", "bulk_write_job")
 ACCESS_TOKEN = re.compile(r"1000\.[0-9a-f]{32}\.[0-9a-f]{16}")
 ROW_DATA_MARKERS = ("@example.org", "Order 1", "not-an-email", "gift wrap", "batch 1 of seed")
 BULK_JOB_CREDITS = 500
+RESTART_SEC = 5.0  # deploy/systemd/connector.service: Restart=on-failure, RestartSec=5
+SUPERVISE_POLL = 1.0
+
+
+def running_bulk_jobs(jobs: list[dict[str, Any]]) -> list[str]:
+    """Ids of the jobs the CRM has not finished (``status`` ADDED or INPROGRESS, Zoho's job
+    details). Read as ``state`` before 2026-12-04: none ever matched, so the mid-job kill
+    (``kill_mid_bulk_job``) never fired and ``kills_while_a_bulk_job_ran`` stayed 0."""
+    return [str(j.get("id")) for j in jobs if j.get("status") in ("ADDED", "INPROGRESS")]
 
 
 def failed_bulk_jobs(jobs: list[dict[str, Any]]) -> int:
@@ -415,7 +424,7 @@ class Scenario:
                 return
             with contextlib.suppress(Exception):
                 jobs = (await self.emulator.admin("GET", "jobs"))["jobs"]
-                if any(j.get("state") in ("ADDED", "INPROGRESS") for j in jobs):
+                if running_bulk_jobs(jobs):
                     self.result.evidence["kills_while_a_bulk_job_ran"] += 1
             await self.connector.kill()
             self.result.injected[kind] += 1
@@ -454,7 +463,7 @@ class Scenario:
         seen = {j["id"] for j in (await self.emulator.admin("GET", "jobs"))["jobs"]}
         while time.monotonic() < deadline and self._faults_on:
             jobs = (await self.emulator.admin("GET", "jobs"))["jobs"]
-            if any(j["id"] not in seen and j.get("state") in ("ADDED", "INPROGRESS") for j in jobs):
+            if any(i not in seen for i in running_bulk_jobs(jobs)):
                 await self._kill("kill_mid_bulk_job", down)
                 return
             await asyncio.sleep(0.1)
@@ -477,6 +486,33 @@ class Scenario:
             await self.emulator.faults(**ev.params)
             await asyncio.sleep(ev.duration)
             await self.emulator.faults(**{k: RESET_FAULTS[k] for k in ev.params})
+
+    async def _supervise(self) -> None:
+        """What systemd's ``Restart=on-failure`` / ``RestartSec=5`` does for the deployed
+        service (deploy/systemd/connector.service): a connector that exits on its own (a
+        start-up check failing under a fault: `connector run` exits 1 when the CRM's field
+        metadata cannot be read, e.g. with the credits out) is started again 5 s later. Without
+        it one such exit left the trigger soak of 2026-12-04 with no connector from minute 17
+        to the drain. Each exit is counted in the evidence with its exit code."""
+        assert self.connector is not None
+        while True:
+            await asyncio.sleep(SUPERVISE_POLL)
+            if self.connector.running or self._kill_lock.locked():
+                continue
+            async with self._kill_lock:
+                if self.connector.running:
+                    continue
+                proc = self.connector.proc
+                rc = proc.returncode if proc is not None else None
+                self.result.evidence[f"connector_exited_rc_{rc}"] += 1
+                log.warning(
+                    "%s: the connector exited by itself (rc %s); restarting in %.0f s",
+                    self.name,
+                    rc,
+                    RESTART_SEC,
+                )
+                await asyncio.sleep(RESTART_SEC)
+                await self.connector.start()
 
     async def _schedule(self, events: list[FaultEvent]) -> None:
         start = time.monotonic()
@@ -674,9 +710,15 @@ class Scenario:
             if self.faults:
                 self._faults_on = True
                 self._spawn(self._schedule(fault_schedule(self.p.seed, self.p.workload_seconds)))
+            supervisor = asyncio.create_task(self._supervise())
+            self._tasks.add(supervisor)  # cancelled by close() too, before the connector's kill
+            supervisor.add_done_callback(self._tasks.discard)
             self._spawn(self.sample_lag())
             self.result.ops = await wl.run(self.p.ops)
             self.result.workload = wl.stats.as_dict()
+            supervisor.cancel()  # the drain restarts an exited connector itself
+            with contextlib.suppress(asyncio.CancelledError):
+                await supervisor
             if self.faults:
                 await self.stop_faults()
             self.result.report = await self.drain_and_check(wl)

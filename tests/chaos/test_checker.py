@@ -146,3 +146,46 @@ def test_lag_timeline_is_folded_into_peaks_per_window() -> None:
         {"until_s": 300.0, "outbox_lag_events": 5.0, "cpu_connector": 1.0},
         {"until_s": 600.0, "outbox_lag_events": 50.0, "cpu_connector": 4.0},
     ]
+
+
+async def test_the_runner_restarts_a_connector_that_exited_by_itself(monkeypatch: Any) -> None:
+    """systemd restarts the deployed service 5 s after it exits (Restart=on-failure); the
+    chaos runner does the same during the faults, so one exit (a start-up check failing while
+    the credits are out) does not leave the rest of a soak without a connector. A deliberate
+    kill (the kill lock held) is not an exit."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from tests.chaos import scenario
+
+    monkeypatch.setattr(scenario, "RESTART_SEC", 0.05)
+    monkeypatch.setattr(scenario, "SUPERVISE_POLL", 0.01)
+
+    class Child:
+        def __init__(self) -> None:
+            self.running, self.starts = True, 0
+            self.proc = SimpleNamespace(returncode=None)
+
+        async def start(self) -> None:
+            self.running, self.starts = True, self.starts + 1
+
+    sc = object.__new__(scenario.Scenario)
+    sc.name, sc.connector = "chaos", Child()
+    sc._kill_lock = asyncio.Lock()
+    sc.result = scenario.RunResult("chaos", 1, "triggers", True)
+    task = asyncio.create_task(sc._supervise())
+    try:
+        async with sc._kill_lock:  # a kill: down on purpose, not restarted by the supervisor
+            sc.connector.running = False
+            await asyncio.sleep(0.2)
+            assert sc.connector.starts == 0
+            sc.connector.running = True
+        sc.connector.running, sc.connector.proc.returncode = False, 1  # exits by itself
+        for _ in range(200):
+            if sc.connector.starts:
+                break
+            await asyncio.sleep(0.01)
+        assert sc.connector.starts == 1 and sc.connector.running
+        assert sc.result.evidence["connector_exited_rc_1"] == 1
+    finally:
+        task.cancel()

@@ -375,3 +375,29 @@ async def test_the_chaos_runner_counts_the_jobs_the_crm_failed(emu, api: Api) ->
     assert st == 200
     jobs = payload["jobs"]
     assert len(jobs) == 2 and failed_bulk_jobs(jobs) == 1
+
+
+async def test_the_chaos_runner_sees_a_running_job() -> None:
+    """The mid-job kill waits for a job the CRM has not finished. It read ``state`` from the
+    job list, which has ``status``: no job ever matched and the fault never fired."""
+    from tests.chaos.scenario import running_bulk_jobs
+
+    cfg = make_config(bulk={"rows_per_second": 10, "queue_seconds": 30, "tick_seconds": 3600})
+    async with start_emulator(cfg) as emu, aiohttp.ClientSession() as s:
+        api = Api(emu, s)
+        await api.login()
+        _, up = await upload(api, make_zip([row(i) for i in range(100)]))
+        _, out = await create(api, job_body(up["details"]["file_id"]))
+        jid = out["details"]["id"]
+
+        async def listed() -> list[str]:
+            st, _, payload = await api.call("GET", "/__emulator__/jobs", auth=False)
+            assert st == 200
+            return running_bulk_jobs(payload["jobs"])
+
+        assert await listed() == [jid]  # ADDED
+        emu.advance(30 + 2)
+        assert await listed() == [jid]  # INPROGRESS
+        emu.advance(20)
+        assert (await details(api, jid))["status"] == "COMPLETED"
+        assert await listed() == []
