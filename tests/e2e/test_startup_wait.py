@@ -153,3 +153,52 @@ async def test_a_permanent_error_still_exits_2_at_once(database: str, tmp_path: 
         assert "configuration error: pipelines['orders'].module" in logs
         assert "start-up CRM checks: attempt" not in logs
         assert "Traceback" not in logs
+
+
+async def test_crm_and_accounts_unreachable_at_start_wait_in_process(
+    database: str, tmp_path: Path
+) -> None:
+    """Nothing listens at the CRM's and the accounts server's address (a closed port): the
+    start-up checks wait with reason ``unreachable`` (in-process, short backoff); a stop ends
+    the wait with 0."""
+    from connector.config import load_settings, resolve_secrets
+    from connector.demo import DEMO_ENV
+    from connector.metrics import Metrics
+    from connector.pgembed import free_port
+    from connector.runtime import Runtime
+    from connector.startup_wait import StartupBackoff
+
+    async with emulator() as emu:
+        setup = await prepare(database, tmp_path, emu.url, rows=5)
+    closed = f"http://127.0.0.1:{free_port()}"
+    path = tmp_path / "unreachable.toml"
+    path.write_text(setup.config.read_text().replace(emu.url, closed))
+    settings = load_settings(path)
+    metrics = Metrics()
+    rt = Runtime(
+        settings,
+        resolve_secrets(settings, dict(DEMO_ENV)),
+        metrics=metrics,
+        serve_http=False,
+        handle_signals=False,
+        startup_backoff=StartupBackoff(initial=0.2, maximum=0.5, jitter=0),
+    )
+    task = asyncio.create_task(rt.run())
+    try:
+        deadline = time.monotonic() + 30
+        while rt.startup.attempt < 3:
+            assert not task.done(), task
+            assert time.monotonic() < deadline, "the start-up checks did not retry"
+            await asyncio.sleep(0.05)
+        assert rt.startup.reason == "unreachable"
+        ready = await rt.readiness()
+        assert not ready.ok
+        line = ready.detail["checks"]["crm_fields"]
+        assert "unreachable" in line, line
+        value = metrics.registry.get_sample_value(
+            "connector_startup_wait_seconds", {"reason": "unreachable"}
+        )
+        assert value is not None and value > 0
+    finally:
+        rt.request_stop()
+        assert await asyncio.wait_for(task, 15) == 0
