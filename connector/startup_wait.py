@@ -87,11 +87,18 @@ def summary(exc: TransientError) -> str:
     """A short, secret-free phrase for the /readyz line."""
     reason = classify(exc)
     text = str(exc)
-    accounts = "token" in text or "accounts" in text.lower()
-    server = "Zoho Accounts" if accounts else "the CRM"
+    # the messages' prefixes (connector.zoho.auth / transport): who did not answer
+    if text.startswith("token store"):
+        server = "the state database (token store)"
+    elif text.startswith("token refresh"):
+        server = "Zoho Accounts"
+    else:
+        server = "the CRM"
     if reason == "http_429":
         # Zoho answers TOO_MANY_REQUESTS both for spent credits and for concurrency
         # (/work/shared/zoho-crm-api.md §4.4): the two are not told apart here
+        if server != "the CRM":
+            return f"HTTP 429 from {server} (too many requests)"
         return f"HTTP 429 from {server} (API credits spent or concurrency limit)"
     if reason == "http_5xx":
         return f"HTTP {exc.status} from {server} (server error)"

@@ -35,6 +35,19 @@ def test_summary_names_the_server_and_no_secret() -> None:
     )
     assert s == "HTTP 502 from Zoho Accounts (server error)"
     assert summary(TransientError("zoho fields: request timed out")) == "the CRM timed out"
+    s = summary(TransientError("token refresh failed: cannot reach the accounts server x (y)"))
+    assert s == "Zoho Accounts unreachable"
+    s = summary(TransientError("token refresh failed: the accounts server x did not answer"))
+    assert s == "Zoho Accounts timed out"
+    s = summary(
+        TransientError("token refresh failed: accounts server answered HTTP 429", status=429)
+    )
+    assert s == "HTTP 429 from Zoho Accounts (too many requests)"
+    s = summary(TransientError("token store: cannot connect to the state database (E)"))
+    assert s == "the state database (token store) unreachable"
+    # a CRM message that happens to mention a token is still the CRM
+    s = summary(TransientError("zoho fields: HTTP 503 X: token service busy", status=503))
+    assert s == "HTTP 503 from the CRM (server error)"
     assert summary(TransientError("zoho fields: connection failed (X)")) == "the CRM unreachable"
 
 
