@@ -7,9 +7,10 @@ a timeout or a connection error to the CRM or to Zoho Accounts, a throttled toke
 exit would only make the supervisor restart the process in a loop, with no /healthz or /readyz
 to say why. Instead the checks are tried again here (tenacity): exponential waits from
 ``StartupBackoff.initial`` (5 s) doubling to ``maximum`` (5 min), plus up to ``initial`` of
-random jitter; a ``Retry-After`` the failure carries (the HTTP header or Zoho's
-``details.retry_after``; the token budget's own wait) is used instead, within
-``retry_after_max``. Meanwhile:
+random jitter; a wait the failure carries (``TransientError.retry_after``: a 429's
+``Retry-After`` header or ``details.retry_after`` — neither documented by Zoho,
+/work/shared/zoho-crm-api.md §4.4, so used when present only; the token budget's or Accounts
+throttle's own wait) is used instead, within ``retry_after_max``. Meanwhile:
 
 * ``/healthz`` answers 200 (the process is alive) and ``/readyz`` 503 with a check line
   ``crm_fields: waiting — HTTP 429 (API credits spent or concurrency limit), next try in 37 s``
@@ -152,7 +153,7 @@ class StartupWait:
             stop=stop_never,
             wait=self._wait,
             before_sleep=self._before_sleep,
-            sleep=partial_sleep(self, stopping),
+            sleep=_interruptible_sleep(self, stopping),
             reraise=True,
         )
         try:
@@ -222,7 +223,9 @@ class _Stopped(Exception):
     """SIGTERM / SIGINT during the start-up checks (not a TransientError: ends the loop)."""
 
 
-def partial_sleep(wait: StartupWait, stopping: asyncio.Event) -> Callable[[float], Awaitable[None]]:
+def _interruptible_sleep(
+    wait: StartupWait, stopping: asyncio.Event
+) -> Callable[[float], Awaitable[None]]:
     """tenacity's sleep: returns early when ``stopping`` is set; keeps the gauge current."""
 
     async def sleep(seconds: float) -> None:
