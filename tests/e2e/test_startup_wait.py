@@ -202,3 +202,47 @@ async def test_crm_and_accounts_unreachable_at_start_wait_in_process(
     finally:
         rt.request_stop()
         assert await asyncio.wait_for(task, 15) == 0
+
+
+async def test_crm_5xx_at_start_waits_then_starts(database: str, tmp_path: Path) -> None:
+    """Every CRM call answered 500 ``INTERNAL_ERROR`` (the emulator's fault switch, reference
+    §5 / emulator item 15): reason ``http_5xx``; once the CRM answers, the pipelines start."""
+    from connector.config import load_settings, resolve_secrets
+    from connector.demo import DEMO_ENV
+    from connector.metrics import Metrics
+    from connector.runtime import Runtime
+    from connector.startup_wait import StartupBackoff
+
+    async with emulator() as emu:
+        setup = await prepare(database, tmp_path, emu.url, rows=5)
+        emu.set_faults(error_rate=1.0)
+        settings = load_settings(setup.config)
+        rt = Runtime(
+            settings,
+            resolve_secrets(settings, dict(DEMO_ENV)),
+            metrics=Metrics(),
+            serve_http=False,
+            handle_signals=False,
+            startup_backoff=StartupBackoff(initial=0.2, maximum=0.5, jitter=0),
+        )
+        task = asyncio.create_task(rt.run())
+        try:
+            deadline = time.monotonic() + 30
+            while rt.startup.attempt < 2:
+                assert not task.done(), task
+                assert time.monotonic() < deadline, "the start-up checks did not retry"
+                await asyncio.sleep(0.05)
+            assert rt.startup.reason == "http_5xx"
+            line = (await rt.readiness()).detail["checks"]["crm_fields"]
+            assert "HTTP 500 from the CRM (server error)" in line, line
+            assert not rt.runners  # no pipeline started meanwhile
+            emu.set_faults(error_rate=0.0)
+            deadline = time.monotonic() + 30
+            while not (rt.startup.done and "orders" in rt.runners):
+                assert not task.done(), task
+                assert time.monotonic() < deadline, "never started after the CRM recovered"
+                await asyncio.sleep(0.05)
+            assert rt.startup.readiness_line() is None
+        finally:
+            rt.request_stop()
+            assert await asyncio.wait_for(task, 30) == 0
