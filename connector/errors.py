@@ -22,11 +22,23 @@ class ConfigError(ConnectorError):
 
 
 class TransientError(ConnectorError):
-    """Worth retrying with backoff: 5xx, 429, timeouts, lost connections."""
+    """Worth retrying with backoff: 5xx, 429, timeouts, lost connections.
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    ``status`` is the HTTP status that caused it (429, 5xx) or ``None`` when no answer came
+    (timeout, connection error); ``retry_after`` the seconds the server (or the token budget)
+    asks to wait, when known."""
+
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, status: int | None = None
+    ) -> None:
         self.retry_after = retry_after
+        self.status = status
         super().__init__(message)
+
+
+class TokenThrottled(TransientError):
+    """No new access token for now: Zoho Accounts throttles token creation for this refresh
+    token, or the client-side ``crm.token_budget`` is spent. ``retry_after`` says how long."""
 
 
 class PermanentError(ConnectorError):

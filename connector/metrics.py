@@ -55,6 +55,8 @@ RETRY_CAUSES = ("429", "5xx", "timeout", "connection", "invalid_token")
 TOKEN_OUTCOMES = ("success", "failure")
 BULK_OUTCOMES = ("completed", "failed", "resumed")
 TRUNCATE_ACTIONS = ("held", "propagated")
+# why the start-up CRM checks wait (connector.startup_wait.classify)
+STARTUP_WAIT_REASONS = ("http_429", "http_5xx", "unreachable", "token_throttled")
 
 # 10 ms … 120 s: a token refresh or a 100-record upsert (tens to hundreds of ms) up to a bulk
 # upload of a 25,000-row zip or a slow CRM near the 60 s request timeout.
@@ -324,6 +326,16 @@ class Metrics:
             ["pipeline"],
             registry=r,
         )
+        self.startup_wait_seconds = Gauge(
+            f"{p}startup_wait_seconds",
+            "Seconds the start-up CRM checks have been waiting on a transient failure (429, "
+            "5xx, CRM or Accounts unreachable, token throttling), under the latest reason; 0 "
+            "once they passed.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in STARTUP_WAIT_REASONS:
+            self.startup_wait_seconds.labels(reason=reason)
         self.ready = Gauge(
             f"{p}ready",
             "1 when /readyz answers 200, else 0.",

@@ -18,6 +18,7 @@ from connector.errors import ConnectorError, TransientError
 from connector.metrics import Metrics, status_class
 from connector.runner import PipelineRunner
 from connector.server import ProbeResult
+from connector.startup_wait import CHECK_NAME, StartupWait
 from connector.supervision import TaskSupervisor
 
 if TYPE_CHECKING:
@@ -101,6 +102,7 @@ class ProbesAndGauges:
     _credits: Any
     _token_refreshes_seen: int
     _missing_key: dict[str, state.MissingKeyTally]
+    startup: StartupWait
 
     if TYPE_CHECKING:
 
@@ -139,6 +141,11 @@ class ProbesAndGauges:
                 if isinstance(exc, TransientError)
                 else "invalid_token"
             )
+            ok = False
+        waiting_line = self.startup.readiness_line()
+        if waiting_line is not None:
+            # the start-up CRM checks have not passed (waiting on 429 / 5xx / unreachable)
+            checks[CHECK_NAME] = waiting_line
             ok = False
         pipelines = {n: r.state for n, r in self.runners.items() if r.owned or r.state == "failed"}
         role = "owner" if pipelines else "standby"

@@ -40,7 +40,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from connector import db, state
 from connector.config import PipelineConfig, Secrets, Settings
-from connector.errors import ConfigError, ConnectorError, PermanentError
+from connector.errors import ConfigError, ConnectorError, PermanentError, TransientError
 from connector.lease import LeaseLost, PipelineLease
 from connector.metrics import Metrics
 from connector.probes import (
@@ -54,6 +54,7 @@ from connector.probes import (
 )
 from connector.runner import RESTARTABLE, PipelineRunner
 from connector.server import HttpServer, build_app, callback_url
+from connector.startup_wait import StartupBackoff, StartupWait
 from connector.supervision import TaskFailure, TaskSupervisor, on_stop_signals
 
 if TYPE_CHECKING:
@@ -85,6 +86,7 @@ class Runtime(ProbesAndGauges):
         owner: str | None = None,
         snapshot_progress: bool | None = False,
         engine_options: dict[str, Any] | None = None,
+        startup_backoff: StartupBackoff | None = None,
     ) -> None:
         self.settings = settings
         self.secrets = secrets
@@ -113,6 +115,8 @@ class Runtime(ProbesAndGauges):
         self._missing_key: dict[str, state.MissingKeyTally] = {}
         self.stop_signal: signal.Signals | None = None
         self._bind_later = False  # the HTTP port was in use at start (``_bind_when_free``)
+        # the start-up CRM checks wait out 429 / 5xx / unreachable (connector.startup_wait)
+        self.startup = StartupWait(self.metrics, startup_backoff)
 
     # ---------------------------------------------------------------- accessors
     @property
@@ -199,6 +203,8 @@ class Runtime(ProbesAndGauges):
                 # not otherwise need: read only here, and said when it is missing)
                 try:
                     modules: list[str] | None = await self.client.modules()
+                except TransientError:
+                    raise  # the CRM is not answering now: the start-up wait tries again
                 except ConnectorError:
                     modules = None
                 where = f"pipelines[{p.name!r}].module"
@@ -302,7 +308,6 @@ class Runtime(ProbesAndGauges):
             await client.open()
             stack.push_async_callback(client.aclose)
             self._client = client
-            await self.check_mappings()
 
             if self.serve_http:
                 app = build_app(self, self.metrics, pool, self.schema)
@@ -334,6 +339,9 @@ class Runtime(ProbesAndGauges):
                 else contextlib.nullcontext()
             )
             with signals:
+                # after the HTTP server and the signal handlers: /readyz says why it waits
+                if not await self.startup.run(self.check_mappings, self.stopping, client=client):
+                    return EXIT_OK  # SIGTERM / SIGINT while waiting for the CRM
                 return await self._supervise()
         return EXIT_FAILURE  # pragma: no cover (the block returns)
 

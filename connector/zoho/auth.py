@@ -50,7 +50,7 @@ import psycopg
 from psycopg import sql
 from pydantic import SecretStr
 
-from connector.errors import PermanentError, TransientError
+from connector.errors import PermanentError, TokenThrottled, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +318,7 @@ class TokenManager:
             if rec.blocked_until is not None and rec.blocked_until > now:
                 self.throttled += 1
                 wait = rec.blocked_until - now
-                raise TransientError(
+                raise TokenThrottled(
                     f"Zoho Accounts is throttling access-token creation for this refresh token "
                     f"(at most {ZOHO_TOKENS_PER_WINDOW} per {TOKEN_WINDOW_SECONDS / 60:.0f} "
                     f"minutes); waiting {wait:.0f}s before asking again. The credentials are "
@@ -329,7 +329,7 @@ class TokenManager:
             if len(rec.mints) >= self._budget:
                 self.throttled += 1
                 wait = rec.mints[0] + TOKEN_WINDOW_SECONDS - now
-                raise TransientError(
+                raise TokenThrottled(
                     f"access-token budget spent: {len(rec.mints)} tokens created in the last "
                     f"{TOKEN_WINDOW_SECONDS / 60:.0f} minutes (crm.token_budget = {self._budget}"
                     f", Zoho allows {ZOHO_TOKENS_PER_WINDOW}); waiting {wait:.0f}s",
@@ -343,7 +343,7 @@ class TokenManager:
                 # Zoho blocks "for the rest of the ten minutes"; the window's start is unknown,
                 # so wait a whole window (fails safe)
                 rec.blocked_until = now + TOKEN_WINDOW_SECONDS
-                raise TransientError(
+                raise TokenThrottled(
                     f"Zoho Accounts refused a new access token as throttled (more than "
                     f"{ZOHO_TOKENS_PER_WINDOW} tokens from this refresh token in "
                     f"{TOKEN_WINDOW_SECONDS / 60:.0f} minutes); waiting "
@@ -388,7 +388,9 @@ class TokenManager:
                 "the network and any proxy"
             ) from None
         if status >= 500 or status == 429:
-            raise TransientError(f"token refresh failed: accounts server answered HTTP {status}")
+            raise TransientError(
+                f"token refresh failed: accounts server answered HTTP {status}", status=status
+            )
         body = _json_object(raw)
         if _is_throttled(body):
             raise _Throttled

@@ -8,10 +8,12 @@ uses (declared below for the type checker) and re-exports this module's public n
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 from urllib.parse import urljoin, urlsplit
@@ -75,6 +77,18 @@ class Transport:
     credits_remaining: int | None
     calls: int
     retries: int
+
+    @contextlib.contextmanager
+    def single_attempt(self) -> Iterator[None]:
+        """Calls made inside the block try once: a :class:`TransientError` reaches the caller at
+        once (the start-up checks, :mod:`connector.startup_wait`, wait and retry themselves and
+        say so on /readyz)."""
+        saved = self._retry
+        self._retry = dataclasses.replace(saved, max_attempts=1)
+        try:
+            yield
+        finally:
+            self._retry = saved
 
     # ---- the one place that talks HTTP ----------------------------------------------------------
 
@@ -279,9 +293,11 @@ class Transport:
             self.credits_remaining = max(0, self.credits_remaining - charged)
         self._report(api, records, charged, started, status)
         if status == 429:
-            raise TransientError(f"zoho {api}: {reply.describe()}", retry_after=_retry_after(reply))
+            raise TransientError(
+                f"zoho {api}: {reply.describe()}", retry_after=_retry_after(reply), status=status
+            )
         if status >= 500:
-            raise TransientError(f"zoho {api}: {reply.describe()}")
+            raise TransientError(f"zoho {api}: {reply.describe()}", status=status)
         return reply
 
     def _report(self, api: str, records: int, credits: int, started: float, status: int) -> None:

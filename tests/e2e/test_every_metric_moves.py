@@ -31,6 +31,7 @@ from connector.config import load_settings, resolve_secrets
 from connector.demo import DEMO_ENV
 from connector.metrics import Metrics
 from connector.runtime import Runtime
+from connector.startup_wait import StartupBackoff
 from tests.e2e.helpers import emulator, prepare
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,6 +79,7 @@ DRIVEN_BY: dict[str, str] = {
     "connector_truncates_total": "phase 2, at the end: TRUNCATE of the table (held)",
     "connector_truncates_open": "phase 2, at the end: TRUNCATE of the table (held)",
     "connector_schema_change_stops_total": "phase 2, last: a mapped column is dropped",
+    "connector_startup_wait_seconds": "phase 2, at start: the CRM is out of credits (429)",
 }
 
 _HISTOGRAM_SUFFIXES = ("_sum", "_count", "_bucket")
@@ -234,12 +236,29 @@ async def test_every_documented_metric_moves_in_a_real_run(
             await c.execute("UPDATE connector.checkpoints SET owner = 'gone-host:4242'")
             # the CRM has 500 credits left (reserve 1000): the next call's answer says so
             await c.execute("UPDATE public.orders SET quantity = 5 WHERE id = 2")
-        emu.state.ledger.set_used(emu.state.ledger.allowance - 500)
+        # first no credits at all: the start-up checks wait (HTTP 429) until some are back
+        emu.state.ledger.set_used(emu.state.ledger.allowance)
         settings2 = _settings(setup.config, **{'request_timeout = "15s"': 'request_timeout = "8s"'})
         metrics2 = Metrics()
-        rt2 = Runtime(settings2, secrets, metrics=metrics2, serve_http=False, handle_signals=False)
+        rt2 = Runtime(
+            settings2,
+            secrets,
+            metrics=metrics2,
+            serve_http=False,
+            handle_signals=False,
+            startup_backoff=StartupBackoff(initial=0.3, maximum=1.0, jitter=0),
+        )
         task2 = asyncio.create_task(rt2.run())
         try:
+
+            async def startup_waited() -> bool:
+                assert not task2.done(), task2
+                return seen.moved("connector_startup_wait_seconds")
+
+            await _wait(startup_waited, "the start-up wait on 429", timeout=30)
+            line = (await rt2.readiness()).detail["checks"]["crm_fields"]
+            assert line.startswith("waiting — HTTP 429"), line
+            emu.state.ledger.set_used(emu.state.ledger.allowance - 500)
 
             async def waiting() -> bool:
                 runner = rt2.runners.get("orders")
@@ -329,4 +348,5 @@ PHASE2 = (
     "connector_truncates_total",
     "connector_truncates_open",
     "connector_schema_change_stops_total",
+    "connector_startup_wait_seconds",
 )
