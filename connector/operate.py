@@ -18,7 +18,8 @@ from psycopg import sql
 from psycopg.types.json import set_json_loads
 
 from connector import db, state, truncate
-from connector.config import PipelineConfig, Secrets, Settings
+from connector.config import PipelineConfig, Settings
+from connector.config_secrets import Secrets
 from connector.costs import CostModel
 from connector.errors import ConfigError, ConnectorError
 from connector.events import stamp_of

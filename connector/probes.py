@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from connector.config import PipelineConfig, Secrets, Settings
+from connector.config import PipelineConfig, Settings
+from connector.config_secrets import Secrets
 from connector.errors import ConnectorError, TransientError
 from connector.metrics import Metrics, status_class
 from connector.runner import PipelineRunner

@@ -39,7 +39,8 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from connector import db, state
-from connector.config import PipelineConfig, Secrets, Settings
+from connector.config import PipelineConfig, Settings
+from connector.config_secrets import Secrets
 from connector.errors import ConfigError, ConnectorError, PermanentError
 from connector.lease import LeaseLost, PipelineLease
 from connector.metrics import Metrics

@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from connector.config import DATA_CENTRES, UPLOAD_HOSTS
 from connector.emulator import start_emulator
 from connector.errors import PermanentError, TransientError
 from connector.zoho.auth import MemoryTokenStore
 from connector.zoho.bulk import build_bulk_zip
 from connector.zoho.client import RetryPolicy, ZohoClient
 from connector.zoho.scopes import REQUIRED_SCOPES
+from connector.zoho_hosts import DATA_CENTRES, UPLOAD_HOSTS
 from tests.emulator.conftest import make_config
 
 ROOT = Path(__file__).resolve().parents[2]
