@@ -270,7 +270,7 @@ def _bulk_pipeline() -> Any:
 
 
 def test_client_declares_only_formats_on_zohos_list() -> None:
-    from connector.emulator.bulk import ALLOWED_DATE_FORMATS, ALLOWED_DATETIME_FORMATS
+    from connector.emulator.bulk_csv import ALLOWED_DATE_FORMATS, ALLOWED_DATETIME_FORMATS
     from connector.mapping import RecordMapper
 
     mappings = {m["api_name"]: m for m in RecordMapper(_bulk_pipeline()).field_mappings()}
