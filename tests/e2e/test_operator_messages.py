@@ -107,7 +107,7 @@ async def test_config_mistakes_are_reported_all_at_once_without_the_password(
 async def test_status_before_init_and_db_only_verbs_without_the_zoho_secret(
     empty_database: str, tmp_path: Path
 ) -> None:
-    from connector.demo import create_orders
+    from connector.demo_workload import create_orders
 
     database = empty_database
     await create_orders(database, 5)
