@@ -189,7 +189,7 @@ class Runtime(ProbesAndGauges):
         """Refuse to start (exit 2, the key named) when a pipeline's mapping cannot work: the
         module is not one of the org's, a CRM field does not fit, or a SOURCE column is missing
         or of a type its CRM field cannot take."""
-        from connector.mapping import check_mapping, check_source_columns
+        from connector.mapping_check import check_mapping, check_source_columns
 
         for p in self.pipelines:
             try:

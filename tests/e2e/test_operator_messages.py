@@ -320,7 +320,7 @@ async def test_missing_privileges_and_capture_are_named(database: str, tmp_path:
     from connector.config import load_settings, resolve_secrets
     from connector.demo import DEMO_ENV
     from connector.errors import ConnectorError
-    from connector.mapping import check_source_columns
+    from connector.mapping_check import check_source_columns
     from connector.runtime import Runtime
 
     async with emulator() as emu:
