@@ -352,7 +352,8 @@ async def prepare_connector(
     set for the pipeline), and ``connector init``. Returns the configuration path."""
     from connector import admin
     from connector.config import load_settings, resolve_secrets
-    from connector.demo import create_orders, demo_config
+    from connector.demo import demo_config
+    from connector.demo_workload import create_orders
     from connector.pgembed import free_port
 
     await create_orders(dsn, rows)

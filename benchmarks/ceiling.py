@@ -171,7 +171,7 @@ def summarize(profile: Path, top: int = 15) -> dict[str, Any]:
 async def _fill(dsn: str, n: int) -> None:
     import psycopg
 
-    from connector.demo import FILL_ORDERS
+    from connector.demo_workload import FILL_ORDERS
 
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         async with conn.transaction():

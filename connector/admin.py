@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 import psycopg
 
 from connector import db
-from connector.config import PipelineConfig, Secrets, Settings
+from connector.config import PipelineConfig, Settings
+from connector.config_secrets import Secrets
 
 log = logging.getLogger(__name__)
 

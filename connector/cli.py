@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 
 from connector import __version__
-from connector.config import redact
+from connector.config_secrets import redact
 from connector.errors import ConfigError, ConnectorError
 
 EXIT_OK = 0

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 import tomllib
-import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -29,44 +27,9 @@ from pydantic import (
     model_validator,
 )
 
+from connector.config_secrets import Secrets, check_dsn, redact, resolve_secret
 from connector.errors import ConfigError
-
-# Zoho data centres: accounts server, API domain, bulk upload host, as hard-coded in Zoho's
-# official SDKs (zohocrm-python-sdk-8.0 / zohocrm-java-sdk `dc/*DataCenter`; zoho-crm-api.md
-# §1.5; docs/zoho-client.md "Fidelity: OAuth, hosts, formats, credits").
-DATA_CENTRES: dict[str, tuple[str, str]] = {
-    "us": ("https://accounts.zoho.com", "https://www.zohoapis.com"),
-    "eu": ("https://accounts.zoho.eu", "https://www.zohoapis.eu"),
-    "in": ("https://accounts.zoho.in", "https://www.zohoapis.in"),
-    "au": ("https://accounts.zoho.com.au", "https://www.zohoapis.com.au"),
-    "cn": ("https://accounts.zoho.com.cn", "https://www.zohoapis.com.cn"),
-    "jp": ("https://accounts.zoho.jp", "https://www.zohoapis.jp"),
-    "ca": ("https://accounts.zohocloud.ca", "https://www.zohoapis.ca"),
-    "sa": ("https://accounts.zoho.sa", "https://www.zohoapis.sa"),
-}
-UPLOAD_HOSTS: dict[str, str] = {
-    "us": "https://content.zohoapis.com",
-    "eu": "https://content.zohoapis.eu",
-    "in": "https://content.zohoapis.in",
-    "au": "https://content.zohoapis.com.au",
-    "cn": "https://content.zohoapis.com.cn",
-    "jp": "https://content.zohoapis.jp",
-    # CA and SA differ from the content.zohoapis.{tld} pattern (SDK ca_data_center.py /
-    # sa_data_center.py: upload.zohocloud.ca, files.zoho.sa)
-    "ca": "https://upload.zohocloud.ca",
-    "sa": "https://files.zoho.sa",
-}
-
-EDITION_CONCURRENCY: dict[str, int] = {
-    "free": 5,
-    "standard": 10,
-    "starter": 10,
-    "professional": 15,
-    "enterprise": 20,
-    "zoho_one": 20,
-    "ultimate": 25,
-    "crm_plus": 25,
-}
+from connector.zoho_hosts import DATA_CENTRES, EDITION_CONCURRENCY, UPLOAD_HOSTS
 
 CRM_TYPES = (
     "text",
@@ -139,72 +102,6 @@ Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _read_secret_file(path: str, key: str) -> str:
-    p = Path(path)
-    try:
-        st = p.stat()
-    except OSError as exc:
-        raise ConfigError(key, f"cannot read secret file {path!r}: {exc.strerror}") from None
-    if st.st_mode & stat.S_IROTH:
-        warnings.warn(
-            f"{key}: secret file {path!r} is world-readable; chmod 600 it",
-            UserWarning,
-            stacklevel=2,
-        )
-    return p.read_text().strip()
-
-
-_URL_PASSWORD = re.compile(r"(?P<pre>://[^:/?#@\s]*:)[^@/?#\s]*(?=@)")
-_KV_PASSWORD = re.compile(r"(?P<pre>\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
-
-
-def redact(text: str) -> str:
-    """``text`` with any DSN password replaced by ``***`` (URI ``user:PASSWORD@`` and
-    ``password=…`` forms): for messages that may quote a connection string."""
-    text = _URL_PASSWORD.sub(lambda m: m.group("pre") + "***", text)
-    return _KV_PASSWORD.sub(lambda m: m.group("pre") + "***", text)
-
-
-def check_dsn(dsn: str) -> None:
-    """Raise ``ValueError`` (never quoting the DSN) unless libpq can parse it."""
-    from psycopg import ProgrammingError
-    from psycopg.conninfo import conninfo_to_dict
-
-    try:
-        conninfo_to_dict(dsn)
-    except ProgrammingError:
-        raise ValueError(
-            "not a valid PostgreSQL connection string: use a URI"
-            " (postgresql://user@host:5432/dbname) or key=value pairs"
-            " (host=… dbname=… user=…)"
-        ) from None
-
-
-def dsn_password(dsn: str) -> str | None:
-    """The password inside a DSN, if any (so that logs can redact it)."""
-    from psycopg import ProgrammingError
-    from psycopg.conninfo import conninfo_to_dict
-
-    try:
-        value = conninfo_to_dict(dsn).get("password")
-    except ProgrammingError:
-        return None
-    return str(value) if value else None
-
-
-def resolve_secret(
-    env: str | None, file: str | None, key: str, environ: dict[str, str]
-) -> SecretStr:
-    if env:
-        value = environ.get(env)
-        if not value:
-            raise ConfigError(f"{key}_env", f"environment variable {env} is not set or empty")
-        return SecretStr(value)
-    if file:
-        return SecretStr(_read_secret_file(file, f"{key}_file"))
-    raise ConfigError(key, f"set {key}_env (an environment variable) or {key}_file (a file)")
 
 
 class CrmConfig(_Strict):
@@ -544,41 +441,6 @@ def check_lookups(pipelines: list[PipelineConfig], *, engine_supports: bool | No
             " could point to a missing parent; map the column as 'text' for now"
             " (docs/related-tables.md)",
         )
-
-
-class Secrets:
-    """Secrets resolved from the environment or files. ``repr`` never shows them."""
-
-    def __init__(
-        self, client_secret: SecretStr, refresh_token: SecretStr, dsn: str, state_dsn: str
-    ) -> None:
-        self.client_secret = client_secret
-        self.refresh_token = refresh_token
-        self._dsn = SecretStr(dsn)
-        self._state_dsn = SecretStr(state_dsn)
-
-    @property
-    def dsn(self) -> str:
-        return self._dsn.get_secret_value()
-
-    @property
-    def state_dsn(self) -> str:
-        return self._state_dsn.get_secret_value()
-
-    def values(self) -> list[str]:
-        """Every secret value, for the logs' last-line redaction (the DSNs' passwords too)."""
-        out = [
-            self.client_secret.get_secret_value(),
-            self.refresh_token.get_secret_value(),
-        ]
-        for dsn in (self.dsn, self.state_dsn):
-            password = dsn_password(dsn)
-            if password:
-                out.append(password)
-        return [v for v in out if v]
-
-    def __repr__(self) -> str:
-        return "Secrets(***)"
 
 
 def _loc(loc: tuple[int | str, ...], data: Any) -> str:

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import logging
 
-from connector.config import Secrets, Settings
+from connector.config import Settings
+from connector.config_secrets import Secrets
 from connector.doctor_crm import crm_checks
 from connector.doctor_db import database_checks
 from connector.doctor_report import Check, DoctorReport, Status

@@ -9,7 +9,7 @@ from typing import Any
 from connector.config import PipelineConfig, Settings
 from connector.doctor_report import Check
 from connector.errors import ConfigError, ConnectorError, TransientError
-from connector.mapping import check_mapping
+from connector.mapping_check import check_mapping
 from connector.zoho import coql
 from connector.zoho.client import FieldMeta, ZohoClient
 

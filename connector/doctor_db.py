@@ -9,7 +9,8 @@ from typing import Any
 import psycopg
 
 from connector import db
-from connector.config import PipelineConfig, Secrets, Settings
+from connector.config import PipelineConfig, Settings
+from connector.config_secrets import Secrets
 from connector.doctor_report import Check, Status, _first_line
 
 #: PostgreSQL type categories (pg_type.typcategory) a column may have for each CRM type.

@@ -29,7 +29,7 @@ class RedactingFilter(logging.Filter):
                 text = text.replace(s, "***")
         if "password" in text.lower() or "@" in text:
             # a connection string quoted by a library (psycopg's pool on a bad DSN)
-            from connector.config import redact
+            from connector.config_secrets import redact
 
             text = redact(text)
         return text

@@ -18,7 +18,8 @@ from psycopg import sql
 from psycopg.types.json import set_json_loads
 
 from connector import db, state, truncate
-from connector.config import PipelineConfig, Secrets, Settings
+from connector.config import PipelineConfig, Settings
+from connector.config_secrets import Secrets
 from connector.costs import CostModel
 from connector.errors import ConfigError, ConnectorError
 from connector.events import stamp_of
@@ -216,7 +217,7 @@ async def check_not_pruned(
     """Refuse a replay range that reaches events outbox retention has already deleted
     (``outbox_pruned``), naming the oldest event kept. Retention deletes only events older
     than ``pipelines.retention``: a range starting inside that window is never refused."""
-    from connector.outbox import pruned_bounds
+    from connector.outbox_retention import pruned_bounds
 
     b = await pruned_bounds(conn, schema, pipeline.name)
     if b.max_pruned_id is None or b.max_pruned_at is None:

@@ -1,4 +1,4 @@
-"""The outbox: gap-free reading, checkpoints, retention, replay, lag.
+"""The outbox: gap-free reading, checkpoints, replay, lag (retention: ``outbox_retention``).
 
 Gap-free reading (docs/architecture.md, "Gap-free reading"). A position is
 ``(last_id, pending_txids)``: every outbox row with ``id <= last_id`` has been delivered except
@@ -33,7 +33,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -46,8 +46,6 @@ from connector.config import PipelineConfig
 from connector.events import ChangeEvent, Op, SnapshotVisibility
 
 log = logging.getLogger(__name__)
-
-PRUNE_BATCH = 5_000
 
 
 def _parse_int(text: str) -> int | decimal.Decimal:
@@ -161,7 +159,7 @@ def _event(r: Sequence[Any]) -> ChangeEvent:
     )
 
 
-def _name(pipeline: str | PipelineConfig) -> str:
+def pipeline_name(pipeline: str | PipelineConfig) -> str:
     return pipeline if isinstance(pipeline, str) else pipeline.name
 
 
@@ -190,7 +188,7 @@ async def read_batch(
     Late rows are not bounded by ``limit``: a transaction that wrote N rows and committed after
     later offsets were read yields its N events in one batch.
     """
-    pipeline = _name(pipeline)
+    pipeline = pipeline_name(pipeline)
     async with conn.transaction():
         cur = _cursor(conn)
         await cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -217,7 +215,7 @@ async def load_checkpoint(
     conn: psycopg.AsyncConnection[Any], schema: str, pipeline: str | PipelineConfig
 ) -> ReadPosition:
     """The saved position of ``pipeline`` (the start of the log when none is saved)."""
-    pipeline = _name(pipeline)
+    pipeline = pipeline_name(pipeline)
     cur = await conn.cursor(row_factory=tuple_row).execute(
         sql.SQL("SELECT last_id, pending_txids::text[] FROM {} WHERE pipeline = %s").format(
             sql.Identifier(schema, "checkpoints")
@@ -238,7 +236,7 @@ async def last_committed_id(
         sql.SQL("SELECT coalesce(max(id), 0) FROM {} WHERE pipeline = %s").format(
             sql.Identifier(schema, "outbox")
         ),
-        (_name(pipeline),),
+        (pipeline_name(pipeline),),
     )
     row = await cur.fetchone()
     return int(row[0]) if row is not None else 0
@@ -267,7 +265,7 @@ async def newest_rows(
             outbox=sql.Identifier(schema, "outbox"),
             chunks=sql.Identifier(schema, "snapshot_chunks"),
         ),
-        (list(keys), _name(pipeline)),
+        (list(keys), pipeline_name(pipeline)),
     )
     return {ev.key: ev for ev in (_event(r) for r in await cur.fetchall())}
 
@@ -282,7 +280,7 @@ async def save_checkpoint(
     """Store ``position`` unless the stored one is already later (checkpoints only move
     forward: by ``last_id``, then by the snapshot horizon). ``events_passed`` is added to the
     pipeline's counter when the position is stored."""
-    pipeline = _name(pipeline)
+    pipeline = pipeline_name(pipeline)
     pending = [str(x) for x in sorted(position.pending_txids)]
     await conn.execute(
         sql.SQL(
@@ -320,7 +318,7 @@ async def outbox_lag(
     position: ReadPosition,
 ) -> tuple[int, float]:
     """(committed events the position has not passed, age in seconds of the oldest of them)."""
-    pipeline = _name(pipeline)
+    pipeline = pipeline_name(pipeline)
     cond, params = _not_passed(position)
     cur = await conn.cursor(row_factory=tuple_row).execute(
         sql.SQL(
@@ -332,160 +330,6 @@ async def outbox_lag(
     row = await cur.fetchone()
     assert row is not None
     return int(row[0]), float(row[1] or 0.0)
-
-
-@dataclass(frozen=True)
-class PruneResult:
-    """One retention pass of a pipeline: rows deleted and the transactions it took."""
-
-    rows: int
-    batches: int
-
-
-# One bounded batch, in its own transaction. A row may go when (a) its pipeline's checkpoint
-# has passed it, exactly as ``ReadPosition.passed`` says: ``id <= last_id`` and its writer is
-# not pending at that position (not in the listed xids, below the open-ended horizon); a
-# pipeline without a checkpoint keeps everything; (b) it was captured more than ``retention``
-# ago by the database's clock (the replay window: `connector replay --since` reaches back at
-# least that far); (c) it is not a row of a snapshot (initial sync) that has not finished.
-# Rows of transactions still running are invisible to this statement and cannot be deleted;
-# once such a transaction commits its rows are pending at the checkpoint until a read has
-# delivered them (``test_prune_never_takes_a_late_commit_before_it_is_read``). SKIP LOCKED and
-# the lock_timeout keep the batch from waiting on anyone. The highest offset and capture time
-# deleted are kept in ``outbox_pruned`` for `connector replay` (``pruned_bounds``).
-_PRUNE_BATCH_SQL = """
-WITH victims AS (
-    SELECT o.id FROM {outbox} o JOIN {cp} c ON c.pipeline = o.pipeline
-     WHERE o.pipeline = %(pipeline)s AND o.id <= c.last_id
-       AND (cardinality(c.pending_txids) = 0 OR
-            (o.txid < c.pending_txids[array_upper(c.pending_txids, 1)]
-             AND o.txid <> ALL(c.pending_txids)))
-       AND o.captured_at < clock_timestamp() - %(retention)s::interval
-       AND (o.chunk_id IS NULL OR NOT EXISTS (
-            SELECT 1 FROM {snapshots} s WHERE s.pipeline = o.pipeline AND s.status <> 'done'))
-     ORDER BY o.id LIMIT %(batch)s
-     FOR UPDATE OF o SKIP LOCKED
-), gone AS (
-    DELETE FROM {outbox} d USING victims v WHERE d.id = v.id RETURNING d.id, d.captured_at
-), agg AS (
-    SELECT count(*) AS n, max(id) AS max_id, max(captured_at) AS max_at FROM gone
-), mark AS (
-    INSERT INTO {pruned} AS p (pipeline, max_id, max_captured_at, rows_pruned, pruned_at)
-    SELECT %(pipeline)s, max_id, max_at, n, now() FROM agg WHERE n > 0
-    ON CONFLICT (pipeline) DO UPDATE SET
-        max_id = greatest(p.max_id, EXCLUDED.max_id),
-        max_captured_at = greatest(p.max_captured_at, EXCLUDED.max_captured_at),
-        rows_pruned = p.rows_pruned + EXCLUDED.rows_pruned, pruned_at = now()
-)
-SELECT n FROM agg
-"""
-
-
-async def prune(
-    conn: psycopg.AsyncConnection[Any],
-    schema: str,
-    pipeline: str | PipelineConfig,
-    retention: timedelta,
-    *,
-    batch: int = PRUNE_BATCH,
-    max_batches: int | None = None,
-    lock_timeout_ms: int = 2000,
-) -> PruneResult:
-    """Delete ``pipeline``'s outbox rows that retention may drop (see ``_PRUNE_BATCH_SQL``:
-    passed by the checkpoint, captured more than ``retention`` ago, not of an unfinished
-    snapshot), ``batch`` rows per transaction, until none is left or ``max_batches`` ran.
-    ``conn`` must be in autocommit mode (each batch commits on its own, so locks are short)."""
-    pipeline = _name(pipeline)
-    query = sql.SQL(_PRUNE_BATCH_SQL).format(
-        outbox=sql.Identifier(schema, "outbox"),
-        cp=sql.Identifier(schema, "checkpoints"),
-        snapshots=sql.Identifier(schema, "snapshots"),
-        pruned=sql.Identifier(schema, "outbox_pruned"),
-    )
-    params = {"pipeline": pipeline, "retention": retention, "batch": batch}
-    total = batches = 0
-    while max_batches is None or batches < max_batches:
-        async with conn.transaction():
-            await conn.execute(
-                sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{lock_timeout_ms}ms"))
-            )
-            cur = await conn.cursor(row_factory=tuple_row).execute(query, params)
-            row = await cur.fetchone()
-        n = int(row[0]) if row is not None else 0
-        batches += 1
-        total += n
-        if n < batch:
-            break
-        await asyncio.sleep(0)  # let the rest of the process run between batches
-    return PruneResult(total, batches)
-
-
-@dataclass(frozen=True)
-class OutboxStats:
-    """What the outbox holds for a pipeline (the retention task's gauges)."""
-
-    rows: int
-    oldest_age_seconds: float  # 0 when empty
-    table_bytes: int  # pg_total_relation_size of the whole outbox (all pipelines)
-
-
-async def outbox_stats(
-    conn: psycopg.AsyncConnection[Any], schema: str, pipeline: str | PipelineConfig
-) -> OutboxStats:
-    """Rows of ``pipeline`` in the outbox (an index-only count: its cost grows with the rows
-    kept), the age of the oldest by capture time, and the size of the outbox table with its
-    indexes and TOAST."""
-    pipeline = _name(pipeline)
-    outbox = sql.Identifier(schema, "outbox")
-    cur = await conn.cursor(row_factory=tuple_row).execute(
-        sql.SQL(
-            "SELECT count(*),"
-            " coalesce(extract(epoch FROM clock_timestamp() - min(captured_at)), 0)::float8,"
-            " pg_total_relation_size(%s::regclass)"
-            " FROM {} WHERE pipeline = %s"
-        ).format(outbox),
-        (outbox.as_string(conn), pipeline),
-    )
-    row = await cur.fetchone()
-    assert row is not None
-    return OutboxStats(int(row[0]), max(float(row[1]), 0.0), int(row[2]))
-
-
-@dataclass(frozen=True)
-class PrunedBounds:
-    """How far retention has pruned a pipeline, and what is left (for `connector replay`)."""
-
-    max_pruned_id: int | None  # None: nothing pruned yet
-    max_pruned_at: datetime | None
-    oldest_kept_id: int | None  # None: the outbox holds nothing of the pipeline
-    oldest_kept_at: datetime | None
-
-
-async def pruned_bounds(
-    conn: psycopg.AsyncConnection[Any], schema: str, pipeline: str | PipelineConfig
-) -> PrunedBounds:
-    pipeline = _name(pipeline)
-    cur = await conn.cursor(row_factory=tuple_row).execute(
-        sql.SQL(
-            "SELECT p.max_id, p.max_captured_at, k.id, k.captured_at"
-            " FROM (SELECT 1) one"
-            " LEFT JOIN {pruned} p ON p.pipeline = %s"
-            " LEFT JOIN LATERAL (SELECT id, captured_at FROM {outbox}"
-            "   WHERE pipeline = %s ORDER BY id LIMIT 1) k ON true"
-        ).format(
-            pruned=sql.Identifier(schema, "outbox_pruned"),
-            outbox=sql.Identifier(schema, "outbox"),
-        ),
-        (pipeline, pipeline),
-    )
-    row = await cur.fetchone()
-    assert row is not None
-    return PrunedBounds(
-        int(row[0]) if row[0] is not None else None,
-        row[1],
-        int(row[2]) if row[2] is not None else None,
-        row[3],
-    )
 
 
 async def read_range(
@@ -506,7 +350,7 @@ async def read_range(
     Each page is its own statement (no transaction is held across pages), so a transaction that
     commits during the iteration with ids below the page already read is not included.
     """
-    pipeline = _name(pipeline)
+    pipeline = pipeline_name(pipeline)
     conds: list[sql.Composable] = [sql.SQL("o.pipeline = %s"), sql.SQL("o.id > %s")]
     params: list[Any] = [pipeline]
     extra: list[Any] = []
@@ -559,7 +403,7 @@ async def has_unread(
         sql.SQL("SELECT EXISTS (SELECT 1 FROM {} o WHERE o.pipeline = %s AND {})").format(
             sql.Identifier(schema, "outbox"), cond
         ),
-        [_name(pipeline), *params],
+        [pipeline_name(pipeline), *params],
     )
     row = await cur.fetchone()
     return bool(row is not None and row[0])

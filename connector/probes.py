@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from connector.config import PipelineConfig, Secrets, Settings
+from connector.config import PipelineConfig, Settings
+from connector.config_secrets import Secrets
 from connector.errors import ConnectorError, TransientError
 from connector.metrics import Metrics, status_class
 from connector.runner import PipelineRunner
@@ -30,7 +31,7 @@ GAUGE_INTERVAL = 5.0
 CREDIT_FLUSH_INTERVAL = 2.0
 RETENTION_MAX_INTERVAL = 60.0  # the retention task runs every min(this, shortest retention / 2)
 RETENTION_MIN_INTERVAL = 1.0
-RETENTION_PASS_BATCHES = 20  # batches (of outbox.PRUNE_BATCH rows) per pool connection
+RETENTION_PASS_BATCHES = 20  # batches (of outbox_retention.PRUNE_BATCH rows) per pool connection
 
 # --------------------------------------------------------------------------- composition
 
@@ -229,7 +230,7 @@ class ProbesAndGauges:
 
     async def _retention_loop(self) -> None:
         """The ``outbox-retention`` task: for each pipeline this process owns, delete the
-        outbox rows its ``retention`` lets go (``outbox.prune``: passed by the checkpoint,
+        outbox rows its ``retention`` lets go (``outbox_retention.prune``: passed by the checkpoint,
         captured longer ago than ``retention``, not of an unfinished snapshot; 5,000 rows per
         transaction), then export the outbox gauges. A database error is logged and retried
         on the next pass (pruning late is safe; the alert ConnectorOutboxNotPruned watches)."""
@@ -245,7 +246,7 @@ class ProbesAndGauges:
 
     async def prune_outbox(self) -> None:
         """One retention pass over the pipelines this process owns."""
-        from connector import outbox
+        from connector import outbox_retention
 
         m = self.metrics
         for name, runner in self.runners.items():
@@ -256,14 +257,14 @@ class ProbesAndGauges:
             while True:
                 # a pool connection is held for at most RETENTION_PASS_BATCHES batches
                 async with self.pool.connection() as conn:
-                    res = await outbox.prune(
+                    res = await outbox_retention.prune(
                         conn, self.schema, name, retention, max_batches=RETENTION_PASS_BATCHES
                     )
                 pruned += res.rows
                 batches += res.batches
                 if res.rows:
                     m.outbox_pruned_events_total.labels(pipeline=name).inc(res.rows)
-                if res.rows < RETENTION_PASS_BATCHES * outbox.PRUNE_BATCH:
+                if res.rows < RETENTION_PASS_BATCHES * outbox_retention.PRUNE_BATCH:
                     break
             if pruned:
                 log.info(
@@ -272,7 +273,7 @@ class ProbesAndGauges:
                     extra={"pipeline": name, "batches": batches},
                 )
             async with self.pool.connection() as conn:
-                stats = await outbox.outbox_stats(conn, self.schema, name)
+                stats = await outbox_retention.outbox_stats(conn, self.schema, name)
             m.outbox_events.labels(pipeline=name).set(stats.rows)
             m.outbox_oldest_event_age_seconds.labels(pipeline=name).set(stats.oldest_age_seconds)
             m.outbox_bytes.set(stats.table_bytes)

@@ -20,7 +20,8 @@ from connector.errors import PermanentError, SchemaChanged, TransientError
 from connector.lease import LeaseLost, PipelineLease
 
 if TYPE_CHECKING:
-    from connector.config import PipelineConfig, Secrets, Settings
+    from connector.config import PipelineConfig, Settings
+    from connector.config_secrets import Secrets
     from connector.metrics import Metrics
 
 log = logging.getLogger("connector.runtime")

@@ -39,7 +39,8 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from connector import db, state
-from connector.config import PipelineConfig, Secrets, Settings
+from connector.config import PipelineConfig, Settings
+from connector.config_secrets import Secrets
 from connector.errors import ConfigError, ConnectorError, PermanentError, TransientError
 from connector.lease import LeaseLost, PipelineLease
 from connector.metrics import Metrics
@@ -192,7 +193,7 @@ class Runtime(ProbesAndGauges):
         """Refuse to start (exit 2, the key named) when a pipeline's mapping cannot work: the
         module is not one of the org's, a CRM field does not fit, or a SOURCE column is missing
         or of a type its CRM field cannot take."""
-        from connector.mapping import check_mapping, check_source_columns
+        from connector.mapping_check import check_mapping, check_source_columns
 
         for p in self.pipelines:
             try:

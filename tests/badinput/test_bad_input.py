@@ -16,7 +16,7 @@ import pytest
 from connector.capture import logical, triggers
 from connector.emulator import EmulatorConfig, start_emulator
 from connector.errors import ConfigError
-from connector.mapping import check_mapping
+from connector.mapping_check import check_mapping
 from tests.pipeline.conftest import FAST, FIELDS, SCHEMA, make_client, pipeline_config
 
 

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from connector import outbox
+from connector import outbox, outbox_retention
 from connector.capture import triggers
 from connector.config import PipelineConfig
 from connector.events import Op, SnapshotVisibility
@@ -275,9 +275,9 @@ async def test_prune_keeps_what_the_checkpoint_has_not_passed(db: Any) -> None:
         await outbox.save_checkpoint(db, SCHEMA, "orders", pos)
         await t.execute("COMMIT")
     await db.execute("INSERT INTO orders VALUES (5, 'not read yet')")
-    assert (await outbox.prune(db, SCHEMA, "orders", timedelta(hours=1))).rows == 0
-    assert (await outbox.prune(db, SCHEMA, "customers", timedelta(0))).rows == 0
-    assert (await outbox.prune(db, SCHEMA, "orders", timedelta(0))).rows == 3
+    assert (await outbox_retention.prune(db, SCHEMA, "orders", timedelta(hours=1))).rows == 0
+    assert (await outbox_retention.prune(db, SCHEMA, "customers", timedelta(0))).rows == 0
+    assert (await outbox_retention.prune(db, SCHEMA, "orders", timedelta(0))).rows == 3
     cur = await db.execute("SELECT pipeline, key FROM connector.outbox ORDER BY id")
     assert await cur.fetchall() == [("customers", "1"), ("orders", "3"), ("orders", "5")]
     events, _ = await outbox.read_batch(db, SCHEMA, "orders", pos)

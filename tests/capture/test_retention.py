@@ -1,5 +1,6 @@
-"""Outbox retention (``outbox.prune``): it deletes exactly what it may, in bounded batches,
-while the connector reads and writes, and never an event a long transaction commits late."""
+"""Outbox retention (``outbox_retention.prune``): it deletes exactly what it may, in bounded
+batches, while the connector reads and writes, and never an event a long transaction commits
+late."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from connector import outbox
 from connector.capture import triggers
 from connector.config import PipelineConfig
 from connector.outbox import START, ReadPosition
+from connector.outbox_retention import PruneResult, outbox_stats, prune, pruned_bounds
 
 SCHEMA = "connector"
 PIPELINES = ("orders", "other")
@@ -112,7 +114,7 @@ async def _prune_scenario(
                 )
         total = 0
         for p, (_, _, retention) in per_pipeline.items():
-            res = await outbox.prune(conn, SCHEMA, p, timedelta(seconds=retention), batch=batch)
+            res = await prune(conn, SCHEMA, p, timedelta(seconds=retention), batch=batch)
             total += res.rows
             assert res.batches == res.rows // batch + 1
         cur = await conn.execute("SELECT id FROM connector.outbox")
@@ -121,7 +123,7 @@ async def _prune_scenario(
         assert total == len(rows) - len(expected_kept)
         for p in PIPELINES:
             gone = [i for i, r in enumerate(rows, start=1) if r[0] == p and i not in kept]
-            bounds = await outbox.pruned_bounds(conn, SCHEMA, p)
+            bounds = await pruned_bounds(conn, SCHEMA, p)
             assert bounds.max_pruned_id == (max(gone) if gone else None)
             mine = [i for i, r in enumerate(rows, start=1) if r[0] == p and i in kept]
             assert bounds.oldest_kept_id == (min(mine) if mine else None)
@@ -173,16 +175,16 @@ async def test_prune_never_takes_a_late_commit_before_it_is_read(db: Any) -> Non
         events, pos = await outbox.read_batch(db, SCHEMA, "orders", START)
         assert [e.key for e in events] == ["2", "3"]
         await outbox.save_checkpoint(db, SCHEMA, "orders", pos)
-        assert (await outbox.prune(db, SCHEMA, "orders", timedelta(0))).rows == 2
+        assert (await prune(db, SCHEMA, "orders", timedelta(0))).rows == 2
         await long_txn.execute("COMMIT")
     # committed, not read yet: passed by last_id, pending by xid
-    assert (await outbox.prune(db, SCHEMA, "orders", timedelta(0))).rows == 0
+    assert (await prune(db, SCHEMA, "orders", timedelta(0))).rows == 0
     assert await _keys(db) == ["1"]
     restored = await outbox.load_checkpoint(db, SCHEMA, "orders")
     events, pos = await outbox.read_batch(db, SCHEMA, "orders", restored)
     assert [e.key for e in events] == ["1"]
     await outbox.save_checkpoint(db, SCHEMA, "orders", pos)
-    assert (await outbox.prune(db, SCHEMA, "orders", timedelta(0))).rows == 1
+    assert (await prune(db, SCHEMA, "orders", timedelta(0))).rows == 1
 
 
 async def test_prune_keeps_the_replay_window_and_runs_in_bounded_batches(db: Any) -> None:
@@ -193,15 +195,15 @@ async def test_prune_keeps_the_replay_window_and_runs_in_bounded_batches(db: Any
     )
     _, pos = await outbox.read_batch(db, SCHEMA, "orders", START)
     await outbox.save_checkpoint(db, SCHEMA, "orders", pos)
-    res = await outbox.prune(db, SCHEMA, "orders", timedelta(hours=1), batch=5, max_batches=2)
-    assert res == outbox.PruneResult(10, 2)
-    res = await outbox.prune(db, SCHEMA, "orders", timedelta(hours=1), batch=5)
-    assert res == outbox.PruneResult(10, 3)  # 5, 5, then 0 (the last batch finds none)
+    res = await prune(db, SCHEMA, "orders", timedelta(hours=1), batch=5, max_batches=2)
+    assert res == PruneResult(10, 2)
+    res = await prune(db, SCHEMA, "orders", timedelta(hours=1), batch=5)
+    assert res == PruneResult(10, 3)  # 5, 5, then 0 (the last batch finds none)
     assert await _keys(db) == ["21", "22", "23"]  # inside the window: kept though passed
-    bounds = await outbox.pruned_bounds(db, SCHEMA, "orders")
+    bounds = await pruned_bounds(db, SCHEMA, "orders")
     assert bounds.max_pruned_id is not None and bounds.oldest_kept_id is not None
     assert bounds.max_pruned_id < bounds.oldest_kept_id
-    stats = await outbox.outbox_stats(db, SCHEMA, "orders")
+    stats = await outbox_stats(db, SCHEMA, "orders")
     assert stats.rows == 3 and stats.table_bytes > 0 and 0 <= stats.oldest_age_seconds < 3600
 
 
@@ -257,7 +259,7 @@ async def test_prune_while_writers_readers_and_long_transactions_run(db: Any) ->
         nonlocal pruned
         async with await connect(dsn) as p:
             while not writers_done.is_set():
-                pruned += (await outbox.prune(p, SCHEMA, "orders", timedelta(0), batch=3)).rows
+                pruned += (await prune(p, SCHEMA, "orders", timedelta(0), batch=3)).rows
                 await asyncio.sleep(0)
 
     read_task = asyncio.create_task(reader())

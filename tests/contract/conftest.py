@@ -26,10 +26,10 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from connector.config import DATA_CENTRES, UPLOAD_HOSTS
 from connector.emulator import start_emulator
 from connector.emulator.server import EmulatorHandle
 from connector.zoho.client import RetryPolicy, ZohoClient
+from connector.zoho_hosts import DATA_CENTRES, UPLOAD_HOSTS
 
 LIVE = bool(os.environ.get("ZOHO_LIVE_REFRESH_TOKEN"))
 

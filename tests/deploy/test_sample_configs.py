@@ -11,7 +11,7 @@ from pydantic import SecretStr
 
 from connector.config import load_settings, parse_settings
 from connector.emulator import start_emulator
-from connector.mapping import check_mapping
+from connector.mapping_check import check_mapping
 from connector.zoho.client import ZohoClient
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"

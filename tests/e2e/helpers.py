@@ -19,7 +19,8 @@ import psycopg
 
 from connector import admin
 from connector.config import load_settings, resolve_secrets
-from connector.demo import DEMO_ENV, create_orders, demo_config
+from connector.demo import DEMO_ENV, demo_config
+from connector.demo_workload import create_orders
 from connector.emulator import EmulatorConfig, start_emulator
 from connector.emulator.server import EmulatorHandle
 from connector.pgembed import free_port
@@ -227,7 +228,7 @@ async def wait_in_sync(setup: Setup, proc: ConnectorProcess | None, timeout: flo
 
 async def change_orders(dsn: str, n: int, *, seed: int = 1) -> None:
     """``n`` committed business changes (inserts, updates, deletes)."""
-    from connector.demo import Workload
+    from connector.demo_workload import Workload
 
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
         cur = await conn.execute("SELECT id FROM public.orders")

@@ -107,7 +107,7 @@ async def test_config_mistakes_are_reported_all_at_once_without_the_password(
 async def test_status_before_init_and_db_only_verbs_without_the_zoho_secret(
     empty_database: str, tmp_path: Path
 ) -> None:
-    from connector.demo import create_orders
+    from connector.demo_workload import create_orders
 
     database = empty_database
     await create_orders(database, 5)
@@ -320,7 +320,7 @@ async def test_missing_privileges_and_capture_are_named(database: str, tmp_path:
     from connector.config import load_settings, resolve_secrets
     from connector.demo import DEMO_ENV
     from connector.errors import ConnectorError
-    from connector.mapping import check_source_columns
+    from connector.mapping_check import check_source_columns
     from connector.runtime import Runtime
 
     async with emulator() as emu:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from connector.emulator import EmulatorConfig, start_emulator
-from connector.emulator.bulk import make_csv_converter
+from connector.emulator.bulk_csv import make_csv_converter
 from connector.emulator.records import ALL_TRIGGERS
 from connector.emulator.server import EmulatorHandle
 from connector.emulator.state import EmulatorState

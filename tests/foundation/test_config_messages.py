@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from connector.config import parse_settings, redact
+from connector.config import parse_settings
+from connector.config_secrets import redact
 from connector.errors import ConfigError
 
 

@@ -16,7 +16,8 @@ import pytest
 from psycopg import sql
 
 from connector.capture import logical
-from connector.demo import create_orders, demo_config
+from connector.demo import demo_config
+from connector.demo_workload import create_orders
 from connector.pgembed import free_port
 from tests.e2e.helpers import ROOT, ConnectorProcess, Setup, change_orders, emulator, wait_in_sync
 from tests.security.common import acli

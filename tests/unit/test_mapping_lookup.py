@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from connector.cli import main
 from connector.config import PipelineConfig, check_lookups, parse_settings
 from connector.errors import ConfigError, DataError
-from connector.mapping import RecordMapper, check_mapping
+from connector.mapping import RecordMapper
+from connector.mapping_check import check_mapping
 
 CUSTOMERS: dict[str, Any] = {
     "name": "customers",

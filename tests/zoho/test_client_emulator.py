@@ -16,7 +16,8 @@ from pydantic import SecretStr
 from connector.config import CrmConfig, PipelineConfig
 from connector.emulator import EmulatorConfig, start_emulator
 from connector.errors import ConfigError, PermanentError, TransientError
-from connector.mapping import RecordMapper, check_mapping
+from connector.mapping import RecordMapper
+from connector.mapping_check import check_mapping
 from connector.zoho.bulk import JobStatus, RowOutcome, build_bulk_zip
 from connector.zoho.client import RetryPolicy, ZohoClient
 

@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from connector.config import DATA_CENTRES, UPLOAD_HOSTS
 from connector.emulator import start_emulator
 from connector.errors import PermanentError, TransientError
 from connector.zoho.auth import MemoryTokenStore
 from connector.zoho.bulk import build_bulk_zip
 from connector.zoho.client import RetryPolicy, ZohoClient
 from connector.zoho.scopes import REQUIRED_SCOPES
+from connector.zoho_hosts import DATA_CENTRES, UPLOAD_HOSTS
 from tests.emulator.conftest import make_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -270,7 +270,7 @@ def _bulk_pipeline() -> Any:
 
 
 def test_client_declares_only_formats_on_zohos_list() -> None:
-    from connector.emulator.bulk import ALLOWED_DATE_FORMATS, ALLOWED_DATETIME_FORMATS
+    from connector.emulator.bulk_csv import ALLOWED_DATE_FORMATS, ALLOWED_DATETIME_FORMATS
     from connector.mapping import RecordMapper
 
     mappings = {m["api_name"]: m for m in RecordMapper(_bulk_pipeline()).field_mappings()}

@@ -17,11 +17,11 @@ from connector.mapping import (
     CSV_DATE_FORMAT,
     CSV_DATETIME_FORMAT,
     RecordMapper,
-    check_mapping,
     dumps_json,
     to_csv_value,
     to_json_value,
 )
+from connector.mapping_check import check_mapping
 from connector.zoho.client import FieldMeta
 
 FIELDS: dict[str, Any] = {
