@@ -53,12 +53,29 @@ def _cost(api: str) -> Any:
     return CostModel(records_per_credit=1)
 
 
-async def _child(config: Path, api: str, profile: Path | None) -> dict[str, Any]:
+async def _child(
+    config: Path, api: str, profile: Path | None, timer: str = "wall", gc_mode: str = "tuned"
+) -> dict[str, Any]:
+    import gc
+
     from connector.engine import Engine, EngineOptions
+    from connector.gcsetup import tune_gc
     from connector.metrics import Metrics
     from connector.zoho import ZohoClient
 
     settings, secrets = c.load_config(config)
+    if gc_mode == "tuned":  # what `connector run` does after its start-up imports
+        tune_gc()
+    gc_before = [s["collections"] for s in gc.get_stats()]
+    gc_cpu = [0.0, 0.0]  # [total, start of the running collection]: automatic collections
+
+    def _gc_timer(phase: str, _info: dict[str, Any]) -> None:
+        if phase == "start":
+            gc_cpu[1] = time.process_time()
+        else:
+            gc_cpu[0] += time.process_time() - gc_cpu[1]
+
+    gc.callbacks.append(_gc_timer)
     pipeline = settings.pipelines[0]
     metrics = Metrics()
     metrics.add_pipeline(pipeline.name, pipeline.max_staleness.total_seconds())
@@ -79,7 +96,9 @@ async def _child(config: Path, api: str, profile: Path | None) -> dict[str, Any]
             cost=_cost(api),
         )
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
-        prof = cProfile.Profile() if profile else None
+        prof: cProfile.Profile | None = None
+        if profile:
+            prof = cProfile.Profile(time.process_time) if timer == "cpu" else cProfile.Profile()
         t0 = time.perf_counter()
         if prof is not None:
             prof.enable()
@@ -95,6 +114,11 @@ async def _child(config: Path, api: str, profile: Path | None) -> dict[str, Any]
         "seconds": seconds,
         "drain_cpu_s": (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime),
         "concurrency": concurrency,
+        "gc": gc_mode,
+        "gc_cpu_s": gc_cpu[0],
+        "gc_collections": [
+            s["collections"] - b for s, b in zip(gc.get_stats(), gc_before, strict=True)
+        ],
     }
 
 
@@ -194,7 +218,9 @@ async def _check(dsn: str) -> dict[str, Any]:
     return {"outbox": row[0], "synced": row[1], "dead_letters": row[2]}
 
 
-def run_api(api: str, events: int, profile: bool) -> dict[str, Any]:
+def run_api(
+    api: str, events: int, profile: bool, timer: str = "wall", gc_mode: str = "tuned"
+) -> dict[str, Any]:
     with c.postgres(f"ceiling-{api}") as pg:
         dsn = pg.dsn()
         work = Path(tempfile.mkdtemp(prefix="bench-ceiling-"))
@@ -203,8 +229,7 @@ def run_api(api: str, events: int, profile: bool) -> dict[str, Any]:
             asyncio.run(_fill(dsn, events))
             prof_path = work / "profile.out" if profile else None
             argv = [sys.executable, "-m", "benchmarks.ceiling", "--child", str(config), api]
-            if prof_path is not None:
-                argv.append(str(prof_path))
+            argv += [str(prof_path) if prof_path is not None else "-", timer, gc_mode]
             pg_cpu0 = c.postgres_cpu_seconds(c.postmaster_pid(pg))
             child = c.run_child(argv, c.connector_env())
             pg_cpu1 = c.postgres_cpu_seconds(c.postmaster_pid(pg))
@@ -234,6 +259,9 @@ def run_api(api: str, events: int, profile: bool) -> dict[str, Any]:
             round(pg_cpu1 - pg_cpu0, 2) if pg_cpu0 is not None and pg_cpu1 is not None else None
         ),
         "concurrency": child.output["concurrency"],
+        "gc": child.output.get("gc"),
+        "gc_cpu_us_per_event": round(1e6 * float(child.output.get("gc_cpu_s", 0.0)) / events, 1),
+        "gc_collections": child.output.get("gc_collections"),
         "upsert_calls": int(usage.get("upsert", {}).get("calls", 0)),
         "bulk_jobs": int(usage.get("bulk_write_job", {}).get("calls", 0)),
         "dead_letters": check["dead_letters"],
@@ -247,14 +275,29 @@ def run_api(api: str, events: int, profile: bool) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
     if args_in[:1] == ["--child"]:
-        prof = Path(args_in[3]) if len(args_in) > 3 else None
-        c.child_report(asyncio.run(_child(Path(args_in[1]), args_in[2], prof)))
+        prof = Path(args_in[3]) if len(args_in) > 3 and args_in[3] != "-" else None
+        timer = args_in[4] if len(args_in) > 4 else "wall"
+        gc_mode = args_in[5] if len(args_in) > 5 else "tuned"
+        c.child_report(asyncio.run(_child(Path(args_in[1]), args_in[2], prof, timer, gc_mode)))
         return 0
     ap = argparse.ArgumentParser(prog="python -m benchmarks ceiling", description=__doc__)
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--upsert-events", type=int)
     ap.add_argument("--bulk-events", type=int)
     ap.add_argument("--out", type=Path, default=c.RESULTS)
+    ap.add_argument(
+        "--profile-timer",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="the profiled run's clock: wall (shows the event loop's idle wait) or cpu"
+        " (time.process_time: the connector's own CPU only)",
+    )
+    ap.add_argument(
+        "--gc",
+        choices=["tuned", "default"],
+        default="tuned",
+        help="tuned: connector.gcsetup.tune_gc() as `connector run` does; default: CPython's",
+    )
     args, _unknown = ap.parse_known_args(args_in)
     sizes = {
         "upsert": args.upsert_events or c.scaled(DEFAULT_EVENTS["upsert"], args.scale, 1000),
@@ -265,16 +308,17 @@ def main(argv: list[str] | None = None) -> int:
     profiles: dict[str, Any] = {}
     for api, n in sizes.items():
         print(f"ceiling, {api}: {n:,} events", flush=True)
-        r = run_api(api, n, profile=False)
+        r = run_api(api, n, profile=False, gc_mode=args.gc)
         print(
             f"  {r['events_per_s']:,} events/s, connector CPU {r['connector_drain_cpu_s']} s"
             f" = {r['connector_cpu_us_per_event']} us/event (target <= {TARGET_CPU_US[api]:g}:"
-            f" x{r['ratio_to_target']} of it)"
+            f" x{r['ratio_to_target']} of it); cyclic gc {r['gc_cpu_us_per_event']} us/event"
+            f" ({r['gc_collections']} collections by generation)"
         )
         runs.append(r)
         pn = max(1000, round(n * PROFILE_SHARE))
         print(f"  profiled run: {pn:,} events", flush=True)
-        p = run_api(api, pn, profile=True)
+        p = run_api(api, pn, profile=True, timer=args.profile_timer, gc_mode=args.gc)
         profiles[api] = {
             "events": pn,
             "events_per_s_under_profiler": p["events_per_s"],
@@ -288,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
         shown.append(f"--upsert-events {args.upsert_events}")
     if args.bulk_events:
         shown.append(f"--bulk-events {args.bulk_events}")
+    if args.profile_timer != "wall":
+        shown.append(f"--profile-timer {args.profile_timer}")
+    if args.gc != "tuned":
+        shown.append(f"--gc {args.gc}")
     result: dict[str, Any] = {
         "benchmark": NAME,
         "title": "Pipeline ceiling: outbox → acknowledged, emulator latency 0, per API",
@@ -301,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
             "emulator": "own process, latency 0, bulk jobs complete when polled",
             "forced_api": "upsert: bulk job priced out; bulk: 1 credit per upserted record",
             "profiled_run_share": PROFILE_SHARE,
+            "profile_timer": args.profile_timer,
+            "gc": args.gc,
         },
         "runs": runs,
         "profiles": profiles,

@@ -335,6 +335,17 @@ def _operate(name: str) -> Callable[[argparse.Namespace], int]:
     return handler
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """`connector run`: the start-up imports, then the collector tuned (connector/gcsetup.py:
+    start-up objects frozen, higher thresholds; issue 19), then the long-running process."""
+    from connector import operate, runtime  # noqa: F401 (imported before the freeze)
+    from connector.gcsetup import tune_gc
+
+    settings, secrets = _load(args)
+    tune_gc()
+    return _run(operate.run(settings, secrets, args))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from connector import demo
     from connector.logs import setup_logging
@@ -350,7 +361,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "emulator": cmd_emulator,
     "doctor": cmd_doctor,
     "demo": cmd_demo,
-    "run": _operate("run"),
+    "run": cmd_run,
     "snapshot": _operate("snapshot"),
     "status": _operate("status"),
     "replay": _operate("replay"),

@@ -145,11 +145,11 @@ class OutboxReading:
             )
             self._catchup_to = 0
             return []
-        here = {ev.offset for ev in events}
-        newest = await outbox.newest_rows(conn, self.schema, self.pipeline.name, keys)
-        ahead = sorted(
-            (ev for ev in newest.values() if ev.offset not in here), key=lambda ev: ev.offset
-        )
+        # the batch's own rows are left out by the query (not fetched nor parsed again): what
+        # comes back lies ahead of the batch
+        here = [ev.offset for ev in events]
+        newest = await outbox.newest_rows(conn, self.schema, self.pipeline.name, keys, here)
+        ahead = sorted(newest.values(), key=lambda ev: ev.offset)
         if ahead and not self._read_ahead_keys:
             log.info(
                 "catching up after a restart: each key's newest committed version is read ahead",

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from decimal import Decimal, InvalidOperation
 from typing import Any, Protocol
@@ -77,6 +77,28 @@ _TEXT_TYPES = frozenset({"text", "textarea", "email", "phone", "url", "picklist"
 _DECIMAL_TYPES = frozenset({"decimal", "currency", "double", "percent"})
 _TRUE = frozenset({"true", "t", "yes", "y", "1", "on"})
 _FALSE = frozenset({"false", "f", "no", "n", "0", "off"})
+
+#: config type -> CRM field-metadata ``data_type`` values it may map to. Zoho calls a URL field
+#: ``website`` and a decimal field ``double``.
+COMPATIBLE_DATA_TYPES: dict[str, frozenset[str]] = {
+    "text": frozenset({"text"}),
+    "textarea": frozenset({"textarea"}),
+    "email": frozenset({"email"}),
+    "phone": frozenset({"phone"}),
+    "url": frozenset({"website", "url"}),
+    "picklist": frozenset({"picklist"}),
+    "multiselectpicklist": frozenset({"multiselectpicklist"}),
+    "integer": frozenset({"integer"}),
+    "bigint": frozenset({"bigint"}),
+    "decimal": frozenset({"decimal", "double"}),
+    "double": frozenset({"double", "decimal"}),
+    "currency": frozenset({"currency"}),
+    "percent": frozenset({"percent"}),
+    "boolean": frozenset({"boolean"}),
+    "date": frozenset({"date"}),
+    "datetime": frozenset({"datetime"}),
+    "lookup": frozenset({"lookup"}),
+}
 
 
 class LookupResolver(Protocol):
@@ -112,6 +134,21 @@ class RecordMapper:
             for column, m in pipeline.fields.items()
             if column != pipeline.key_column
         ]
+        # each column's converters, chosen once here rather than by CRM type per value (issue
+        # 19); None for a lookup (resolved per call)
+        self._json_columns: list[tuple[str, str, Converter | None]] = [
+            (column, api, None if t == "lookup" else json_converter(t, api, naive_timezone))
+            for column, api, t in self._columns
+        ]
+        self._csv_columns: list[tuple[str, str, Converter | None, bool]] = [
+            (
+                column,
+                api,
+                None if t == "lookup" else csv_converter(t, api, naive_timezone),
+                t == "datetime" and self._bulk_zone is not None,
+            )
+            for column, api, t in self._columns
+        ]
         # lookup column -> (parent pipeline name, parent key_field: the bulk find_by)
         self._lookups: dict[str, tuple[str, str]] = {}
         for column, m in pipeline.fields.items():
@@ -144,12 +181,15 @@ class RecordMapper:
         required when the pipeline maps a lookup.
         """
         record: dict[str, Any] = {self.key_field: self.key_of(row)}
-        for column, api, crm_type in self._columns:
-            value = self._get(row, column, api)
-            if crm_type == "lookup":
+        for column, api, convert in self._json_columns:
+            try:
+                value = row[column]
+            except KeyError:
+                value = self._get(row, column, api)  # raises MISSING_COLUMN
+            if convert is None:
                 record[api] = self._lookup_json(column, api, value, resolve)
             else:
-                record[api] = to_json_value(value, crm_type, api, self._naive_tz)
+                record[api] = convert(value)
         return record
 
     def parent_key(self, row: dict[str, Any], column: str) -> str | None:
@@ -188,15 +228,18 @@ class RecordMapper:
     def to_csv_values(self, row: dict[str, Any]) -> list[str]:
         """One CSV row in :meth:`csv_header` order (key first)."""
         values = [self.key_of(row)]
-        for column, api, crm_type in self._columns:
-            if crm_type == "lookup":  # the parent's key; Zoho resolves it by find_by
-                raw = self._get(row, column, api)
+        for column, api, convert, zoned in self._csv_columns:
+            try:
+                raw = row[column]
+            except KeyError:
+                raw = self._get(row, column, api)  # raises MISSING_COLUMN
+            if convert is None:  # a lookup: the parent's key; Zoho resolves it by find_by
                 values.append(
                     "" if raw is None else key_text(raw, f"lookup column {column!r}", api)
                 )
                 continue
-            value = to_csv_value(self._get(row, column, api), crm_type, api, self._naive_tz)
-            if crm_type == "datetime" and value and self._bulk_zone is not None:
+            value = convert(raw)
+            if zoned and value and self._bulk_zone is not None:
                 # Zoho's default pattern has no offset: the instant, written in the zone the
                 # CRM reads it in (pipelines[].bulk_timezone)
                 local = datetime.fromisoformat(value).astimezone(self._bulk_zone)
@@ -279,6 +322,130 @@ def to_csv_value(value: Any, crm_type: str, api: str, naive_tz: tzinfo = UTC) ->
     if isinstance(converted, bool):
         return "true" if converted else "false"
     return str(converted)
+
+
+#: a column's value converter, chosen once per mapping (``json_converter`` / ``csv_converter``)
+Converter = Callable[[Any], Any]
+
+_INT_LIMIT = 10**18  # 10**MAX_INTEGRAL_DIGITS (defined below)
+
+
+def json_converter(crm_type: str, api: str, naive_tz: tzinfo = UTC) -> Converter:
+    """``lambda value: to_json_value(value, crm_type, api, naive_tz)``, with the CRM type
+    dispatched once and a fast path for the values a row image usually holds (a ``str`` for a
+    text type, an ``int`` in range for integer/bigint, a ``bool`` for boolean). Same results
+    and errors as :func:`to_json_value` (tests/unit/test_mapping_fast.py)."""
+    if crm_type not in COMPATIBLE_DATA_TYPES or crm_type == "lookup":
+        raise ValueError(f"unknown CRM type {crm_type!r}")
+    if crm_type in _TEXT_TYPES:
+
+        def text(value: Any) -> Any:
+            if type(value) is str:
+                return value
+            return None if value is None else _text(value)
+
+        return text
+    if crm_type == "integer":
+
+        def integer(value: Any) -> Any:
+            if type(value) is int and -_INT_LIMIT < value < _INT_LIMIT:
+                return value
+            return None if value is None else _integer(value, api)
+
+        return integer
+    if crm_type == "bigint":
+
+        def bigint(value: Any) -> Any:
+            if type(value) is int and -_INT_LIMIT < value < _INT_LIMIT:
+                return str(value)
+            return None if value is None else str(_integer(value, api))
+
+        return bigint
+    if crm_type == "boolean":
+
+        def boolean(value: Any) -> Any:
+            if type(value) is bool:
+                return value
+            return None if value is None else _boolean(value, api)
+
+        return boolean
+    if crm_type in _DECIMAL_TYPES:
+
+        def decimal_(value: Any) -> Any:
+            return None if value is None else _to_decimal(value, api)
+
+        return decimal_
+    if crm_type == "multiselectpicklist":
+
+        def multiselect(value: Any) -> Any:
+            return None if value is None else _multiselect(value, api)
+
+        return multiselect
+    if crm_type == "date":
+
+        def date_(value: Any) -> Any:
+            return None if value is None else _date(value, api).isoformat()
+
+        return date_
+
+    def datetime_(value: Any) -> Any:
+        return None if value is None else _datetime_text(value, api, naive_tz)
+
+    return datetime_
+
+
+def csv_converter(crm_type: str, api: str, naive_tz: tzinfo = UTC) -> Converter:
+    """``lambda value: to_csv_value(value, crm_type, api, naive_tz)``, dispatched once, with
+    the same fast paths as :func:`json_converter`; same results and errors."""
+    if crm_type not in COMPATIBLE_DATA_TYPES or crm_type == "lookup":
+        raise ValueError(f"unknown CRM type {crm_type!r}")
+    if crm_type in _TEXT_TYPES:
+
+        def text(value: Any) -> str:
+            if type(value) is str:
+                return value
+            return "" if value is None else str(_text(value))
+
+        return text
+    if crm_type in ("integer", "bigint"):
+
+        def integer(value: Any) -> str:
+            if type(value) is int and -_INT_LIMIT < value < _INT_LIMIT:
+                return str(value)
+            return "" if value is None else str(_integer(value, api))
+
+        return integer
+    if crm_type == "boolean":
+
+        def boolean(value: Any) -> str:
+            if value is None:
+                return ""
+            return "true" if _boolean(value, api) else "false"
+
+        return boolean
+    if crm_type in _DECIMAL_TYPES:
+
+        def decimal_(value: Any) -> str:
+            return "" if value is None else _decimal_text(_to_decimal(value, api))
+
+        return decimal_
+    if crm_type == "multiselectpicklist":
+
+        def multiselect(value: Any) -> str:
+            return "" if value is None else ";".join(_multiselect(value, api))
+
+        return multiselect
+    if crm_type == "date":
+
+        def date_(value: Any) -> str:
+            return "" if value is None else _date(value, api).isoformat()
+
+        return date_
+
+    def datetime_(value: Any) -> str:
+        return "" if value is None else _datetime_text(value, api, naive_tz)
+
+    return datetime_
 
 
 def _text(value: Any) -> str:

@@ -11,28 +11,8 @@ from typing import Any, Protocol
 
 from connector.config import PipelineConfig
 from connector.errors import ConfigError
+from connector.mapping import COMPATIBLE_DATA_TYPES
 
-#: config type -> CRM field-metadata ``data_type`` values it may map to. Zoho calls a URL field
-#: ``website`` and a decimal field ``double``.
-COMPATIBLE_DATA_TYPES: dict[str, frozenset[str]] = {
-    "text": frozenset({"text"}),
-    "textarea": frozenset({"textarea"}),
-    "email": frozenset({"email"}),
-    "phone": frozenset({"phone"}),
-    "url": frozenset({"website", "url"}),
-    "picklist": frozenset({"picklist"}),
-    "multiselectpicklist": frozenset({"multiselectpicklist"}),
-    "integer": frozenset({"integer"}),
-    "bigint": frozenset({"bigint"}),
-    "decimal": frozenset({"decimal", "double"}),
-    "double": frozenset({"double", "decimal"}),
-    "currency": frozenset({"currency"}),
-    "percent": frozenset({"percent"}),
-    "boolean": frozenset({"boolean"}),
-    "date": frozenset({"date"}),
-    "datetime": frozenset({"datetime"}),
-    "lookup": frozenset({"lookup"}),
-}
 #: CRM data types a key_field may have (the key is sent as a string).
 KEY_DATA_TYPES = frozenset({"text", "email", "phone", "website", "autonumber"})
 

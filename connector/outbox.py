@@ -247,25 +247,32 @@ async def newest_rows(
     schema: str,
     pipeline: str | PipelineConfig,
     keys: Sequence[str],
+    exclude: Sequence[int] = (),
 ) -> dict[str, ChangeEvent]:
     """Each key's newest committed outbox row (by id: rows are written in commit order per key
     in both capture modes), as an event. One backward step of the ``(pipeline, key, id)``
-    index per key, however many versions a key has."""
+    index per key, however many versions a key has.
+
+    ``exclude``: offsets the caller already holds (the batch just read). A key whose newest row
+    is one of them is left out of the answer, in the query itself: that row is neither sent
+    again by PostgreSQL nor parsed again here (issue 19: with a backlog of distinct keys the
+    newest row of almost every key is the one just read)."""
     if not keys:
         return {}
     cur = _cursor(conn)
     await cur.execute(
         sql.SQL(
-            "SELECT {cols} FROM unnest(%s::text[]) AS k(key)"
+            "SELECT {cols} FROM unnest(%b::text[]) AS k(key)"
             " CROSS JOIN LATERAL (SELECT * FROM {outbox} i WHERE i.pipeline = %s AND i.key = k.key"
             " ORDER BY i.id DESC LIMIT 1) o"
             " LEFT JOIN {chunks} c ON c.id = o.chunk_id"
+            " WHERE o.id <> ALL(%b::bigint[])"  # binary arrays: cheaper to dump (issue 19)
         ).format(
             cols=_COLUMNS,
             outbox=sql.Identifier(schema, "outbox"),
             chunks=sql.Identifier(schema, "snapshot_chunks"),
         ),
-        (list(keys), pipeline_name(pipeline)),
+        (list(keys), pipeline_name(pipeline), list(exclude)),
     )
     return {ev.key: ev for ev in (_event(r) for r in await cur.fetchall())}
 
