@@ -44,6 +44,7 @@ from connector.engine_fences import OrphanFences
 from connector.engine_read import OutboxReading
 from connector.engine_replay import Replay, ReplayReport
 from connector.engine_snapshot import SnapshotRuns
+from connector.engine_wiring import build_emitter, chain_credits, open_state_pool
 from connector.errors import TransientError
 from connector.metrics import Metrics
 from connector.outbox import OutboxWatcher, ReadPosition
@@ -84,7 +85,11 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
         snapshot: SnapshotMode | None = None,
         snapshot_progress: bool | None = None,
         cost: CostModel | None = None,
+        pool: AsyncConnectionPool[Any] | None = None,
+        emitter: Emitter | None = None,
     ) -> None:
+        if emitter is not None and pool is None:
+            raise ValueError("an Engine given an emitter needs its pool too")
         self.pipeline = pipeline
         self.client = client
         self.state_dsn = state_dsn
@@ -121,8 +126,10 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
         self._retry_delay = 0.0
         self._caught_up = False
         self._snapshot_task: asyncio.Task[None] | None = None
-        self._installed_hook = False
-        self._prev_hook: Any = None
+        # given by the composition root (``connector.pipeline.build_pipeline``), which owns
+        # them; None: each run builds its own (``connector.engine_wiring``)
+        self._given_pool = pool
+        self._given_emitter = emitter
         self._spent_24h = 0
         self._force_restart = False
         self._batch_events: dict[int, int] = {}
@@ -192,49 +199,38 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
     # ------------------------------------------------------------------ the loop
     @contextlib.asynccontextmanager
     async def _resources(self) -> AsyncIterator[None]:
-        """The state pool, the emitter and the credit hook, for one run / drain / replay."""
-        name = self.pipeline.name
-        if self.credits is None:
-            self._prev_hook = self.client.on_call
-            self.credits = CreditRecorder(chain=self.client.on_call)
-            self.client.on_call = self.credits
-            self._installed_hook = True
-        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-            self.state_dsn,
-            min_size=1,
-            max_size=4,
-            kwargs={"autocommit": True},
-            open=False,
-            name=f"engine-{name}",
-        )
-        try:
-            await pool.open(wait=True)
+        """The state pool, the emitter and the credit hook, for one run / drain / replay: the
+        ones given to the constructor (``connector.pipeline.build_pipeline`` owns them), else
+        built for this run and closed after it."""
+        async with contextlib.AsyncExitStack() as stack:
+            if self._given_pool is not None:
+                pool = self._given_pool
+            else:
+                if self.credits is None:
+                    self.credits = stack.enter_context(chain_credits(self.client))
+                    stack.callback(setattr, self, "credits", None)
+                pool = await stack.enter_async_context(
+                    open_state_pool(self.state_dsn, f"engine-{self.pipeline.name}")
+                )
             self._pool = pool
-            self.emitter = Emitter(
+            stack.callback(setattr, self, "_pool", None)
+            stack.push_async_callback(self._flush_credits_quietly)
+            self.emitter = self._given_emitter or build_emitter(
                 self.pipeline,
                 client=self.client,
                 pool=pool,
                 schema=self.schema,
-                metrics=self.metrics,
                 source_dsn=self.source_dsn,
+                options=self.options,
+                metrics=self.metrics,
                 callback_url=self.callback_url,
-                bulk_poll_initial=self.options.bulk_poll_initial,
-                bulk_poll_max=self.options.bulk_poll_max,
-                default_bulk_latency=self.options.default_bulk_latency,
-                orphan_fence_factor=self.options.orphan_fence_factor,
-                orphan_fence_min=self.options.orphan_fence_min,
             )
             await self.emitter.load_source_types()
             yield
-        finally:
-            with contextlib.suppress(Exception):
-                await self._flush_credits()
-            await pool.close()
-            self._pool = None
-            if self._installed_hook:
-                self.client.on_call = self._prev_hook
-                self.credits = None
-                self._installed_hook = False
+
+    async def _flush_credits_quietly(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._flush_credits()
 
     async def _run(self, stop: asyncio.Event, *, until_idle: bool) -> None:
         name = self.pipeline.name
