@@ -54,8 +54,9 @@ def _cost(api: str) -> Any:
 
 
 async def _child(config: Path, api: str, profile: Path | None) -> dict[str, Any]:
-    from connector.engine import Engine, EngineOptions
+    from connector.engine import EngineOptions
     from connector.metrics import Metrics
+    from connector.pipeline import build_pipeline
     from connector.zoho import ZohoClient
 
     settings, secrets = c.load_config(config)
@@ -65,7 +66,7 @@ async def _child(config: Path, api: str, profile: Path | None) -> dict[str, Any]
     async with ZohoClient.from_config(
         settings.crm, client_secret=secrets.client_secret, refresh_token=secrets.refresh_token
     ) as client:
-        engine = Engine(
+        async with build_pipeline(
             pipeline,
             client=client,
             state_dsn=secrets.state_dsn,
@@ -77,17 +78,17 @@ async def _child(config: Path, api: str, profile: Path | None) -> dict[str, Any]
             options=EngineOptions(**ENGINE_OPTIONS),  # type: ignore[arg-type]
             snapshot="never",
             cost=_cost(api),
-        )
-        ru0 = resource.getrusage(resource.RUSAGE_SELF)
-        prof = cProfile.Profile() if profile else None
-        t0 = time.perf_counter()
-        if prof is not None:
-            prof.enable()
-        await engine.drain()
-        if prof is not None:
-            prof.disable()
-        seconds = time.perf_counter() - t0
-        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        ) as built:
+            ru0 = resource.getrusage(resource.RUSAGE_SELF)
+            prof = cProfile.Profile() if profile else None
+            t0 = time.perf_counter()
+            if prof is not None:
+                prof.enable()
+            await built.engine.drain()
+            if prof is not None:
+                prof.disable()
+            seconds = time.perf_counter() - t0
+            ru1 = resource.getrusage(resource.RUSAGE_SELF)
         concurrency = client.limiter.limit
     if prof is not None and profile is not None:
         prof.dump_stats(str(profile))
