@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -38,7 +37,7 @@ from connector.coalesce import BatchTracker, Coalescer, PendingEntry
 from connector.config import PipelineConfig
 from connector.costs import CostModel
 from connector.emitter import CallbackUrl, CreditRecorder, EmitOutcome, Emitter, acting_for
-from connector.engine_common import EngineOptions, SnapshotMode, _earliest, _now
+from connector.engine_common import Clock, EngineOptions, SnapshotMode, SystemClock, _earliest
 from connector.engine_drain import drain_plan
 from connector.engine_fences import OrphanFences
 from connector.engine_read import OutboxReading
@@ -87,10 +86,12 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
         cost: CostModel | None = None,
         pool: AsyncConnectionPool[Any] | None = None,
         emitter: Emitter | None = None,
+        clock: Clock | None = None,
     ) -> None:
         if emitter is not None and pool is None:
             raise ValueError("an Engine given an emitter needs its pool too")
         self.pipeline = pipeline
+        self.clock: Clock = clock or SystemClock()
         self.client = client
         self.state_dsn = state_dsn
         self.source_dsn = source_dsn or state_dsn
@@ -301,7 +302,7 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
                     pass  # stopping while the database is away: the loop ends
                 continue
             # -- plan and dispatch
-            now = _now()
+            now = self.clock.now()
             wake_at = self._dispatch(now)
             # -- checkpoint
             try:
@@ -319,7 +320,7 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
                 continue  # more may be waiting: read again before sleeping
             timeout = self.options.poll_interval
             if wake_at is not None:
-                timeout = max(0.0, min(timeout, wake_at - _now()))
+                timeout = max(0.0, min(timeout, wake_at - self.clock.now()))
             if self._retry_until > now:
                 timeout = min(timeout, max(0.0, self._retry_until - now))
             await self._sleep(stop, listener, timeout)
@@ -420,7 +421,7 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
         the CRM's window rolls on: after ``credit_probe_interval`` without a call it is not
         used (the ledger is), and the next flush's answer reads it again."""
         calls = int(getattr(self.client, "calls", 0))
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if calls != self._calls_seen:
             self._calls_seen, self._calls_seen_at = calls, now
         return now - self._calls_seen_at < self.options.credit_probe_interval
@@ -453,7 +454,7 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
                 self._retry_delay = min(
                     max(self._retry_delay * 2, 1.0), self.options.retry_backoff_max
                 )
-                self._retry_until = _now() + self._retry_delay
+                self._retry_until = self.clock.now() + self._retry_delay
                 if by_flush or self._flush_seq != flush_seq:
                     # a flush_all covered these entries (they were sent by it, or in flight
                     # when it was asked for): they go with a flush again after the backoff,

@@ -22,7 +22,7 @@ from connector.config import PipelineConfig
 from connector.costs import CostModel
 from connector.emitter import CallbackUrl, CreditRecorder, Emitter
 from connector.engine import Engine
-from connector.engine_common import EngineOptions, SnapshotMode
+from connector.engine_common import Clock, EngineOptions, SnapshotMode
 from connector.engine_wiring import build_emitter, chain_credits, open_state_pool
 from connector.metrics import Metrics
 from connector.zoho.client import ZohoClient
@@ -60,6 +60,7 @@ async def build_pipeline(
     snapshot: SnapshotMode | None = None,
     snapshot_progress: bool | None = None,
     cost: CostModel | None = None,
+    clock: Clock | None = None,
 ) -> AsyncIterator[Pipeline]:
     """Build one pipeline. ``pool`` / ``credits``: given ones are used and left open / in
     place (their owner closes them); otherwise they are made here and closed on exit."""
@@ -99,6 +100,7 @@ async def build_pipeline(
             cost=cost,
             pool=pool,
             emitter=emitter,
+            clock=clock,
         )
         yield Pipeline(
             config=config,
