@@ -309,11 +309,11 @@ class Runtime(ProbesAndGauges):
                 # one access token shared by the replicas and the CLI (Zoho: 10 per 10 minutes)
                 token_store=PgTokenStore(self.secrets.state_dsn, self.schema),
             )
+            # the credit recorder shared by every pipeline's engine, then the metrics hook
+            self._credits = stack.enter_context(chain_credits(client))
             await client.open()
             stack.push_async_callback(client.aclose)
             self._client = client
-            # the credit recorder shared by every pipeline's engine, then the metrics hook
-            self._credits = stack.enter_context(chain_credits(client))
             await self.check_mappings()
 
             if self.serve_http:
