@@ -58,9 +58,10 @@ async def _child(
 ) -> dict[str, Any]:
     import gc
 
-    from connector.engine import Engine, EngineOptions
+    from connector.engine import EngineOptions
     from connector.gcsetup import tune_gc
     from connector.metrics import Metrics
+    from connector.pipeline import build_pipeline
     from connector.zoho import ZohoClient
 
     settings, secrets = c.load_config(config)
@@ -82,7 +83,7 @@ async def _child(
     async with ZohoClient.from_config(
         settings.crm, client_secret=secrets.client_secret, refresh_token=secrets.refresh_token
     ) as client:
-        engine = Engine(
+        async with build_pipeline(
             pipeline,
             client=client,
             state_dsn=secrets.state_dsn,
@@ -94,19 +95,19 @@ async def _child(
             options=EngineOptions(**ENGINE_OPTIONS),  # type: ignore[arg-type]
             snapshot="never",
             cost=_cost(api),
-        )
-        ru0 = resource.getrusage(resource.RUSAGE_SELF)
-        prof: cProfile.Profile | None = None
-        if profile:
-            prof = cProfile.Profile(time.process_time) if timer == "cpu" else cProfile.Profile()
-        t0 = time.perf_counter()
-        if prof is not None:
-            prof.enable()
-        await engine.drain()
-        if prof is not None:
-            prof.disable()
-        seconds = time.perf_counter() - t0
-        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        ) as built:
+            ru0 = resource.getrusage(resource.RUSAGE_SELF)
+            prof: cProfile.Profile | None = None
+            if profile:
+                prof = cProfile.Profile(time.process_time) if timer == "cpu" else cProfile.Profile()
+            t0 = time.perf_counter()
+            if prof is not None:
+                prof.enable()
+            await built.engine.drain()
+            if prof is not None:
+                prof.disable()
+            seconds = time.perf_counter() - t0
+            ru1 = resource.getrusage(resource.RUSAGE_SELF)
         concurrency = client.limiter.limit
     if prof is not None and profile is not None:
         prof.dump_stats(str(profile))

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -38,12 +37,13 @@ from connector.coalesce import BatchTracker, Coalescer, PendingEntry
 from connector.config import PipelineConfig
 from connector.costs import CostModel
 from connector.emitter import CallbackUrl, CreditRecorder, EmitOutcome, Emitter, acting_for
-from connector.engine_common import EngineOptions, SnapshotMode, _earliest, _now
+from connector.engine_common import Clock, EngineOptions, SnapshotMode, SystemClock, _earliest
 from connector.engine_drain import drain_plan
 from connector.engine_fences import OrphanFences
 from connector.engine_read import OutboxReading
 from connector.engine_replay import Replay, ReplayReport
 from connector.engine_snapshot import SnapshotRuns
+from connector.engine_wiring import build_emitter, chain_credits, open_state_pool
 from connector.errors import TransientError
 from connector.metrics import Metrics
 from connector.outbox import OutboxWatcher, ReadPosition
@@ -84,8 +84,14 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
         snapshot: SnapshotMode | None = None,
         snapshot_progress: bool | None = None,
         cost: CostModel | None = None,
+        pool: AsyncConnectionPool[Any] | None = None,
+        emitter: Emitter | None = None,
+        clock: Clock | None = None,
     ) -> None:
+        if emitter is not None and pool is None:
+            raise ValueError("an Engine given an emitter needs its pool too")
         self.pipeline = pipeline
+        self.clock: Clock = clock or SystemClock()
         self.client = client
         self.state_dsn = state_dsn
         self.source_dsn = source_dsn or state_dsn
@@ -121,8 +127,10 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
         self._retry_delay = 0.0
         self._caught_up = False
         self._snapshot_task: asyncio.Task[None] | None = None
-        self._installed_hook = False
-        self._prev_hook: Any = None
+        # given by the composition root (``connector.pipeline.build_pipeline``), which owns
+        # them; None: each run builds its own (``connector.engine_wiring``)
+        self._given_pool = pool
+        self._given_emitter = emitter
         self._spent_24h = 0
         self._force_restart = False
         self._batch_events: dict[int, int] = {}
@@ -192,49 +200,38 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
     # ------------------------------------------------------------------ the loop
     @contextlib.asynccontextmanager
     async def _resources(self) -> AsyncIterator[None]:
-        """The state pool, the emitter and the credit hook, for one run / drain / replay."""
-        name = self.pipeline.name
-        if self.credits is None:
-            self._prev_hook = self.client.on_call
-            self.credits = CreditRecorder(chain=self.client.on_call)
-            self.client.on_call = self.credits
-            self._installed_hook = True
-        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-            self.state_dsn,
-            min_size=1,
-            max_size=4,
-            kwargs={"autocommit": True},
-            open=False,
-            name=f"engine-{name}",
-        )
-        try:
-            await pool.open(wait=True)
+        """The state pool, the emitter and the credit hook, for one run / drain / replay: the
+        ones given to the constructor (``connector.pipeline.build_pipeline`` owns them), else
+        built for this run and closed after it."""
+        async with contextlib.AsyncExitStack() as stack:
+            if self._given_pool is not None:
+                pool = self._given_pool
+            else:
+                if self.credits is None:
+                    self.credits = stack.enter_context(chain_credits(self.client))
+                    stack.callback(setattr, self, "credits", None)
+                pool = await stack.enter_async_context(
+                    open_state_pool(self.state_dsn, f"engine-{self.pipeline.name}")
+                )
             self._pool = pool
-            self.emitter = Emitter(
+            stack.callback(setattr, self, "_pool", None)
+            stack.push_async_callback(self._flush_credits_quietly)
+            self.emitter = self._given_emitter or build_emitter(
                 self.pipeline,
                 client=self.client,
                 pool=pool,
                 schema=self.schema,
-                metrics=self.metrics,
                 source_dsn=self.source_dsn,
+                options=self.options,
+                metrics=self.metrics,
                 callback_url=self.callback_url,
-                bulk_poll_initial=self.options.bulk_poll_initial,
-                bulk_poll_max=self.options.bulk_poll_max,
-                default_bulk_latency=self.options.default_bulk_latency,
-                orphan_fence_factor=self.options.orphan_fence_factor,
-                orphan_fence_min=self.options.orphan_fence_min,
             )
             await self.emitter.load_source_types()
             yield
-        finally:
-            with contextlib.suppress(Exception):
-                await self._flush_credits()
-            await pool.close()
-            self._pool = None
-            if self._installed_hook:
-                self.client.on_call = self._prev_hook
-                self.credits = None
-                self._installed_hook = False
+
+    async def _flush_credits_quietly(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._flush_credits()
 
     async def _run(self, stop: asyncio.Event, *, until_idle: bool) -> None:
         name = self.pipeline.name
@@ -305,7 +302,7 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
                     pass  # stopping while the database is away: the loop ends
                 continue
             # -- plan and dispatch
-            now = _now()
+            now = self.clock.now()
             wake_at = self._dispatch(now)
             # -- checkpoint
             try:
@@ -323,7 +320,7 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
                 continue  # more may be waiting: read again before sleeping
             timeout = self.options.poll_interval
             if wake_at is not None:
-                timeout = max(0.0, min(timeout, wake_at - _now()))
+                timeout = max(0.0, min(timeout, wake_at - self.clock.now()))
             if self._retry_until > now:
                 timeout = min(timeout, max(0.0, self._retry_until - now))
             await self._sleep(stop, listener, timeout)
@@ -424,7 +421,7 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
         the CRM's window rolls on: after ``credit_probe_interval`` without a call it is not
         used (the ledger is), and the next flush's answer reads it again."""
         calls = int(getattr(self.client, "calls", 0))
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if calls != self._calls_seen:
             self._calls_seen, self._calls_seen_at = calls, now
         return now - self._calls_seen_at < self.options.credit_probe_interval
@@ -457,7 +454,7 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
                 self._retry_delay = min(
                     max(self._retry_delay * 2, 1.0), self.options.retry_backoff_max
                 )
-                self._retry_until = _now() + self._retry_delay
+                self._retry_until = self.clock.now() + self._retry_delay
                 if by_flush or self._flush_seq != flush_seq:
                     # a flush_all covered these entries (they were sent by it, or in flight
                     # when it was asked for): they go with a flush again after the backoff,

@@ -1,14 +1,16 @@
 """What the engine's modules share (``connector.engine`` and its mixins ``engine_read``,
 ``engine_fences``, ``engine_snapshot``, ``engine_replay``): the engine's options, the snapshot
-mode and the clock and wait helpers. Split from ``connector.engine`` (issue 20)."""
+mode, the clock (``Clock``, ``SystemClock``) and wait helpers. Split from
+``connector.engine`` (issue 20)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, Protocol
 
 SnapshotMode = Literal["auto", "never", "force"]
 
@@ -48,6 +50,31 @@ def _earliest(a: float | None, b: float | None) -> float | None:
 
 def _now() -> float:
     return datetime.now(UTC).timestamp()
+
+
+class Clock(Protocol):
+    """The engine's time: ``now()`` wall-clock seconds since the epoch (deadlines, fences,
+    staleness), ``monotonic()`` for intervals, ``sleep()``. Injectable: tests pass a fake one
+    instead of sleeping."""
+
+    def now(self) -> float: ...
+
+    def monotonic(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class SystemClock:
+    """The real clock (the default)."""
+
+    def now(self) -> float:
+        return _now()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

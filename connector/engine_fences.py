@@ -17,7 +17,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from connector import state
 from connector.coalesce import Coalescer
 from connector.config import PipelineConfig
-from connector.engine_common import _now
+from connector.engine_common import Clock
 
 # the engine's logger: records keep the name they had before the split
 log = logging.getLogger("connector.engine")
@@ -28,6 +28,7 @@ class OrphanFences:
 
     pipeline: PipelineConfig
     schema: str
+    clock: Clock
     coalescer: Coalescer
     _pool: AsyncConnectionPool[Any] | None
     _fences: dict[int, float]
@@ -46,7 +47,7 @@ class OrphanFences:
 
     def _add_fence(self, job: int, keys: list[str], seconds: float) -> None:
         self.coalescer.fence(keys, job)
-        self._fences[job] = max(self._fences.get(job, 0.0), _now() + seconds)
+        self._fences[job] = max(self._fences.get(job, 0.0), self.clock.now() + seconds)
         log.info(
             "keys fenced: a bulk job may still write them on the CRM",
             extra={

@@ -19,7 +19,7 @@ from connector import outbox, state
 from connector.coalesce import BatchTracker, Coalescer
 from connector.config import PipelineConfig
 from connector.emitter import EmitOutcome
-from connector.engine_common import _now
+from connector.engine_common import Clock
 from connector.events import Op, stamp_of
 
 
@@ -34,6 +34,7 @@ class Replay:
 
     pipeline: PipelineConfig
     schema: str
+    clock: Clock
     tracker: BatchTracker
     coalescer: Coalescer
     _pool: AsyncConnectionPool[Any] | None
@@ -108,13 +109,13 @@ class Replay:
                 self._drain_all = True
                 while len(self.coalescer) or self._tasks:
                     self._raise_failed()
-                    now = _now()
+                    now = self.clock.now()
                     wake = self._dispatch(now)
                     if self._tasks:
                         await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
                     elif len(self.coalescer):
                         resume_at = wake if wake is not None else self._retry_until
-                        await asyncio.sleep(max(0.05, resume_at - _now()))
+                        await self.clock.sleep(max(0.05, resume_at - self.clock.now()))
                     await self._flush_credits()
                 self._raise_failed()
         finally:

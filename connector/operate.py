@@ -378,7 +378,7 @@ async def _replay_here(
     """When no ``run`` owns the pipeline: take its lease and send the range through this
     process's own coalescer / planner / emitter (``Engine.replay``, acknowledged versions sent
     again). False when another process owns the pipeline."""
-    from connector.engine import Engine
+    from connector.pipeline import build_pipeline
     from connector.runtime import PipelineLease
     from connector.zoho import PgTokenStore, ZohoClient
 
@@ -392,13 +392,14 @@ async def _replay_here(
     if not await lease.try_acquire():
         return False
     try:
-        async with ZohoClient.from_config(
-            settings.crm,
-            client_secret=secrets.client_secret,
-            refresh_token=secrets.refresh_token,
-            token_store=PgTokenStore(secrets.state_dsn, schema),
-        ) as client:
-            engine = Engine(
+        async with (
+            ZohoClient.from_config(
+                settings.crm,
+                client_secret=secrets.client_secret,
+                refresh_token=secrets.refresh_token,
+                token_store=PgTokenStore(secrets.state_dsn, schema),
+            ) as client,
+            build_pipeline(
                 pipeline,
                 client=client,
                 state_dsn=secrets.state_dsn,
@@ -408,8 +409,9 @@ async def _replay_here(
                 credit_reserve=settings.crm.credit_reserve,
                 snapshot="never",
                 snapshot_progress=False,
-            )
-            report = await engine.replay(
+            ) as built,
+        ):
+            report = await built.engine.replay(
                 from_offset=args.from_offset,
                 to_offset=to_offset,
                 since=since,

@@ -24,6 +24,8 @@ from connector.supervision import TaskSupervisor
 
 if TYPE_CHECKING:
     from connector import state
+    from connector.emitter import CreditRecorder
+    from connector.zoho.client import ZohoClient
 
 log = logging.getLogger("connector.runtime")
 
@@ -99,8 +101,8 @@ class ProbesAndGauges:
     metrics: Metrics
     supervisor: TaskSupervisor
     runners: dict[str, PipelineRunner]
-    _client: Any
-    _credits: Any
+    _client: ZohoClient | None
+    _credits: CreditRecorder | None
     _token_refreshes_seen: int
     _missing_key: dict[str, state.MissingKeyTally]
     startup: StartupWait
@@ -111,7 +113,7 @@ class ProbesAndGauges:
         def pool(self) -> AsyncConnectionPool[Any]: ...
 
         @property
-        def client(self) -> Any: ...
+        def client(self) -> ZohoClient: ...
 
     # ---------------------------------------------------------------- probes (server.Probe)
     def health(self) -> ProbeResult:

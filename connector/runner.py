@@ -20,9 +20,14 @@ from connector.errors import PermanentError, SchemaChanged, TransientError
 from connector.lease import LeaseLost, PipelineLease
 
 if TYPE_CHECKING:
+    from contextlib import AbstractAsyncContextManager
+
+    from connector.capture.logical import LogicalCapture
     from connector.config import PipelineConfig, Settings
     from connector.config_secrets import Secrets
+    from connector.engine import Engine
     from connector.metrics import Metrics
+    from connector.pipeline import Pipeline
 
 log = logging.getLogger("connector.runtime")
 
@@ -44,12 +49,12 @@ class RunnerHost(Protocol):
     @property
     def stopping(self) -> asyncio.Event: ...
 
-    def build_engine(self, pipeline: PipelineConfig) -> Any: ...
+    def open_pipeline(self, pipeline: PipelineConfig) -> AbstractAsyncContextManager[Pipeline]: ...
 
-    def build_capture(self, pipeline: PipelineConfig) -> Any: ...
+    def build_capture(self, pipeline: PipelineConfig) -> LogicalCapture: ...
 
     async def run_engine(
-        self, engine: Any, pipeline: PipelineConfig, stop: asyncio.Event, runner: PipelineRunner
+        self, engine: Engine, pipeline: PipelineConfig, stop: asyncio.Event, runner: PipelineRunner
     ) -> None: ...
 
 
@@ -77,8 +82,9 @@ class PipelineRunner:
         self.wait_until: float | None = None
         # what of the capture objects is gone (``Runtime.check_capture``), "" when all is there
         self.capture_missing = ""
-        self.engine: Any = None
-        self.capture: Any = None
+        # set while the engine runs (built after the takeover wait: ``_engine_after_grace``)
+        self.engine: Engine | None = None
+        self.capture: LogicalCapture | None = None
         self.lease = PipelineLease(
             runtime.secrets.state_dsn,
             db.advisory_key(runtime.schema, "pipeline", pipeline.name),
@@ -94,7 +100,7 @@ class PipelineRunner:
 
     def wake_bulk(self, job_row_id: int) -> bool:
         engine = self.engine
-        return bool(engine.wake_bulk(job_row_id)) if engine is not None else False
+        return engine.wake_bulk(job_row_id) if engine is not None else False
 
     async def run(self) -> None:
         rt = self.runtime
@@ -224,8 +230,9 @@ class PipelineRunner:
             for text, params in statements:
                 await conn.execute(db.render(text, rt.schema), params)
 
-    async def _engine_after_grace(self, engine: Any, pstop: asyncio.Event, grace: float) -> None:
-        """Start the engine, ``grace`` seconds late when the previous owner did not stop
+    async def _engine_after_grace(self, pstop: asyncio.Event, grace: float) -> None:
+        """Build the pipeline (``Runtime.open_pipeline``: its pool, emitter and engine) and run
+        the engine, ``grace`` seconds late when the previous owner did not stop
         cleanly: an upsert it had sent may still be in the CRM's hands (an emulator latency
         spike held one for seconds in the 60-minute soak), and if this process sent a newer
         version of the same record first, that older request would land after it (invariant
@@ -259,7 +266,12 @@ class PipelineRunner:
                 extra={"pipeline": name},
             )
         await self._start_writing()
-        await rt.run_engine(engine, self.pipeline, pstop, self)
+        async with rt.open_pipeline(self.pipeline) as built:
+            self.engine = built.engine
+            try:
+                await rt.run_engine(built.engine, self.pipeline, pstop, self)
+            finally:
+                self.engine = None
 
     async def _own(self, grace: float = 0.0) -> bool:
         """Run the pipeline while the lease is held. True when the runner is finished (stop
@@ -270,14 +282,13 @@ class PipelineRunner:
         name = self.pipeline.name
         self.state = "starting"
         pstop = asyncio.Event()
-        self.engine = rt.build_engine(self.pipeline)
         tasks: dict[str, asyncio.Task[Any]] = {}
         tasks["engine"] = asyncio.create_task(
-            self._engine_after_grace(self.engine, pstop, grace), name=f"{name}:engine"
+            self._engine_after_grace(pstop, grace), name=f"{name}:engine"
         )
         if self.pipeline.capture == "logical":
-            self.capture = rt.build_capture(self.pipeline)
-            tasks["capture"] = asyncio.create_task(self.capture.run(pstop), name=f"{name}:capture")
+            capture = self.capture = rt.build_capture(self.pipeline)
+            tasks["capture"] = asyncio.create_task(capture.run(pstop), name=f"{name}:capture")
         tasks["lease"] = asyncio.create_task(self.lease.watch(), name=f"{name}:lease")
         stop_wait = asyncio.create_task(rt.stopping.wait(), name=f"{name}:stop-wait")
         self.state = "running" if grace <= 0 else "waiting"

@@ -59,7 +59,14 @@ from connector.startup_wait import StartupBackoff, StartupWait
 from connector.supervision import TaskFailure, TaskSupervisor, on_stop_signals
 
 if TYPE_CHECKING:
+    from contextlib import AbstractAsyncContextManager
+
     from connector import state
+    from connector.capture.logical import LogicalCapture
+    from connector.emitter import CreditRecorder
+    from connector.engine import Engine
+    from connector.pipeline import Pipeline
+    from connector.zoho.client import ZohoClient
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +115,8 @@ class Runtime(ProbesAndGauges):
         self.runners: dict[str, PipelineRunner] = {}
         self.http: HttpServer | None = None
         self._pool: AsyncConnectionPool[Any] | None = None
-        self._client: Any = None
-        self._credits: Any = None
+        self._client: ZohoClient | None = None
+        self._credits: CreditRecorder | None = None
         self._stopping: asyncio.Event | None = None
         self._token_refreshes_seen = 0
         # per pipeline: the capture-time MISSING_KEY letters counted (update_gauges)
@@ -126,7 +133,7 @@ class Runtime(ProbesAndGauges):
         return self._pool
 
     @property
-    def client(self) -> Any:
+    def client(self) -> ZohoClient:
         assert self._client is not None, "runtime not started"
         return self._client
 
@@ -149,22 +156,26 @@ class Runtime(ProbesAndGauges):
         self.stopping.set()
 
     # ---------------------------------------------------------------- composition
-    def build_engine(self, pipeline: PipelineConfig) -> Any:
-        from connector.engine import Engine, EngineOptions
+    def open_pipeline(self, pipeline: PipelineConfig) -> AbstractAsyncContextManager[Pipeline]:
+        """One pipeline's parts (``connector.pipeline.build_pipeline``) on this runtime's
+        client and credit recorder: its own state pool and emitter, opened here and closed
+        when the block ends (one engine session of a runner)."""
+        from connector.engine import EngineOptions
+        from connector.pipeline import build_pipeline
 
         public = self.settings.server.public_url
         crm = self.settings.crm
-        return Engine(
+        return build_pipeline(
             pipeline,
             client=self.client,
             state_dsn=self.secrets.state_dsn,
             source_dsn=self.secrets.dsn,
             schema=self.schema,
+            credits=self._credits,
             metrics=self.metrics,
             daily_credit_budget=crm.daily_credit_budget,
             credit_reserve=crm.credit_reserve,
             callback_url=partial(callback_url, public) if public else None,
-            credit_recorder=self._credits,
             options=EngineOptions(
                 drain_timeout=self.settings.server.drain_timeout.total_seconds(),
                 **self.engine_options,
@@ -172,7 +183,7 @@ class Runtime(ProbesAndGauges):
             snapshot_progress=self.snapshot_progress,
         )
 
-    def build_capture(self, pipeline: PipelineConfig) -> Any:
+    def build_capture(self, pipeline: PipelineConfig) -> LogicalCapture:
         from connector.capture.logical import LogicalCapture
 
         return LogicalCapture(
@@ -180,7 +191,7 @@ class Runtime(ProbesAndGauges):
         )
 
     async def run_engine(
-        self, engine: Any, pipeline: PipelineConfig, stop: asyncio.Event, runner: PipelineRunner
+        self, engine: Engine, pipeline: PipelineConfig, stop: asyncio.Event, runner: PipelineRunner
     ) -> None:
         """The engine's life in this process: initial sync when needed, then streaming."""
         if self.mode == "snapshot":
@@ -263,7 +274,7 @@ class Runtime(ProbesAndGauges):
     # ---------------------------------------------------------------- main
     async def run(self) -> int:
         """Run until stopped (signal, ``request_stop``) or a task dies. Returns the exit code."""
-        from connector.emitter import CreditRecorder
+        from connector.engine_wiring import chain_credits
         from connector.zoho import PgTokenStore, ZohoClient
 
         settings = self.settings
@@ -297,15 +308,16 @@ class Runtime(ProbesAndGauges):
             self._pool = pool
             await self._check_schema()
 
-            self._credits = CreditRecorder(chain=self._on_call)
             client = ZohoClient.from_config(
                 settings.crm,
                 client_secret=self.secrets.client_secret,
                 refresh_token=self.secrets.refresh_token,
-                on_call=self._credits,
+                on_call=self._on_call,
                 # one access token shared by the replicas and the CLI (Zoho: 10 per 10 minutes)
                 token_store=PgTokenStore(self.secrets.state_dsn, self.schema),
             )
+            # the credit recorder shared by every pipeline's engine, then the metrics hook
+            self._credits = stack.enter_context(chain_credits(client))
             await client.open()
             stack.push_async_callback(client.aclose)
             self._client = client
