@@ -256,8 +256,15 @@ async def test_every_documented_metric_moves_in_a_real_run(
                 return seen.moved("connector_startup_wait_seconds")
 
             await _wait(startup_waited, "the start-up wait on 429", timeout=30)
-            line = (await rt2.readiness()).detail["checks"]["crm_fields"]
-            assert line.startswith("waiting — HTTP 429"), line
+
+            async def waiting_line() -> bool:
+                # between two waits an attempt runs and the line says "retrying — last failure
+                # HTTP 429 …": poll for the waiting line rather than read it once
+                line = (await rt2.readiness()).detail["checks"]["crm_fields"]
+                assert "HTTP 429" in line, line
+                return str(line).startswith("waiting — HTTP 429")
+
+            await _wait(waiting_line, "/readyz's waiting line", timeout=30)
             emu.state.ledger.set_used(emu.state.ledger.allowance - 500)
 
             async def waiting() -> bool:
