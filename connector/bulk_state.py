@@ -13,8 +13,8 @@ from typing import Any
 import orjson
 from psycopg.types.json import Jsonb
 
+from connector.crm_values import dumps_json
 from connector.events import EventStamp, SnapshotVisibility
-from connector.mapping import dumps_json
 from connector.state_common import AnyConn, _as_dict, _first, _pairs, _q, _snap_text
 
 # --------------------------------------------------------------------------- bulk_jobs

@@ -38,6 +38,7 @@ from connector import state
 from connector.coalesce import PendingEntry
 from connector.config import PipelineConfig
 from connector.credits import CreditRecorder, acting_for, current_pipeline, http_seconds
+from connector.crm_values import dumps_json
 from connector.emitter_bulk import CALLBACK_POLL_FACTOR, BulkJobs, CallbackUrl
 from connector.emitter_outcome import EmitOutcome, _Results
 from connector.emitter_schema import SchemaChecks
@@ -45,7 +46,7 @@ from connector.emitter_syncflag import SyncFlags
 from connector.errors import DataError, TransientError
 from connector.events import ChangeEvent, Op
 from connector.latency import LatencyEstimator
-from connector.mapping import RecordMapper, dumps_json
+from connector.mapping import RecordMapper
 from connector.metrics import Metrics
 from connector.zoho import coql
 from connector.zoho.client import MAX_RECORDS_PER_CALL, RecordResult, ZohoClient

@@ -13,10 +13,10 @@ from psycopg import sql
 
 from connector.capture import OWN_WRITE_PREFIX, pin_image_settings
 from connector.config import PipelineConfig
+from connector.crm_values import dumps_json
 from connector.emitter_outcome import _Results
 from connector.errors import DataError
 from connector.events import ChangeEvent, Op
-from connector.mapping import dumps_json
 
 # the emitter's logger: records keep the name they had before the split
 log = logging.getLogger("connector.emitter")

@@ -10,8 +10,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from connector.config import PipelineConfig
+from connector.crm_values import COMPATIBLE_DATA_TYPES
 from connector.errors import ConfigError
-from connector.mapping import COMPATIBLE_DATA_TYPES
 
 #: CRM data types a key_field may have (the key is sent as a string).
 KEY_DATA_TYPES = frozenset({"text", "email", "phone", "website", "autonumber"})

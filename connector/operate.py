@@ -21,9 +21,9 @@ from connector import db, state, truncate
 from connector.config import PipelineConfig, Settings
 from connector.config_secrets import Secrets
 from connector.costs import CostModel
+from connector.crm_values import wide_ints
 from connector.errors import ConfigError, ConnectorError
 from connector.events import stamp_of
-from connector.mapping import wide_ints
 from connector.outbox import load_json, read_range
 from connector.status import format_status, pipeline_status
 

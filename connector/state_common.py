@@ -10,8 +10,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from connector.crm_values import dumps_json
 from connector.events import EventStamp, SnapshotVisibility
-from connector.mapping import dumps_json
 
 AnyConn = psycopg.AsyncConnection[Any]
 

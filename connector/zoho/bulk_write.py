@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import aiohttp
 
 from connector.costs import CreditCosts
+from connector.crm_values import dumps_json
 from connector.errors import PermanentError, TransientError
-from connector.mapping import dumps_json
 from connector.zoho.bulk import (
     BulkFile,
     BulkJob,

@@ -43,8 +43,8 @@ import aiohttp
 from pydantic import SecretStr
 
 from connector.costs import CreditCosts
+from connector.crm_values import dumps_json
 from connector.errors import PermanentError
-from connector.mapping import dumps_json
 from connector.zoho.auth import DEFAULT_TOKEN_BUDGET, TokenManager, TokenStore
 from connector.zoho.bulk_write import BulkOperation, BulkWrite
 from connector.zoho.limiter import AdaptiveLimiter

@@ -32,7 +32,7 @@ DDL = (
 SETTINGS = ("TimeZone", "IntervalStyle", "bytea_output", "extra_float_digits")
 
 
-async def _show(conn: psycopg.AsyncConnection[Any]) -> list[str]:
+async def show_value(conn: psycopg.AsyncConnection[Any]) -> list[str]:
     out = []
     for name in SETTINGS:
         cur = await conn.execute("SELECT current_setting(%s)", (name,))
@@ -116,20 +116,20 @@ async def _scenario(dsn: str, session: dict[str, str], local: bool) -> None:
         if not local:
             for name, value in session.items():
                 await app.execute("SELECT set_config(%s, %s, false)", (name, value))
-        before = await _show(app)
+        before = await show_value(app)
         async with app.transaction():
             if local:
                 for name, value in session.items():
                     await app.execute("SELECT set_config(%s, %s, true)", (name, value))
-            inside = await _show(app)
+            inside = await show_value(app)
             await app.execute(
                 "INSERT INTO orders VALUES (1, 'a', '2024-01-02 03:04:05.5+05:30',"
                 " '1 day 02:03:04.5', '\\x00ff'::bytea, 0.1)"
             )
-            assert await _show(app) == inside
+            assert await show_value(app) == inside
             await app.execute("UPDATE orders SET ratio = 1.0 / 3, status = 'b' WHERE id = 1")
-            assert await _show(app) == inside
-        assert await _show(app) == before
+            assert await show_value(app) == inside
+        assert await show_value(app) == before
         events, _ = await outbox.read_batch(app, SCHEMA, "orders", outbox.START)
         assert [e.op for e in events] == [Op.INSERT, Op.UPDATE]
         cur = await app.execute("SELECT row::text FROM connector.outbox ORDER BY id DESC LIMIT 1")

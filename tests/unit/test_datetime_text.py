@@ -11,8 +11,8 @@ from zoneinfo import ZoneInfo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from connector.crm_values import MIN_DATE, _check_date_text, _datetime_text, show_value
 from connector.errors import DataError
-from connector.mapping import MIN_DATE, _check_date_text, _datetime_text, _show
 
 
 def _before(value: Any, api: str, naive_tz: tzinfo) -> str:
@@ -27,11 +27,11 @@ def _before(value: Any, api: str, naive_tz: tzinfo) -> str:
             dt = datetime.fromisoformat(value.strip())
         except ValueError:
             raise DataError(
-                "INVALID_DATETIME", f"cannot read {_show(value)} as a date and time", field=api
+                "INVALID_DATETIME", f"cannot read {show_value(value)} as a date and time", field=api
             ) from None
     else:
         raise DataError(
-            "INVALID_DATETIME", f"cannot read {_show(value)} as a date and time", field=api
+            "INVALID_DATETIME", f"cannot read {show_value(value)} as a date and time", field=api
         )
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=naive_tz)

@@ -14,15 +14,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from connector import mapping
-from connector.errors import DataError
-from connector.mapping import (
+from connector import crm_values
+from connector.crm_values import (
     COMPATIBLE_DATA_TYPES,
     csv_converter,
     json_converter,
     to_csv_value,
     to_json_value,
 )
+from connector.errors import DataError
 
 TYPES = sorted(t for t in COMPATIBLE_DATA_TYPES if t != "lookup")
 ZONES: list[tzinfo] = [UTC, ZoneInfo("Europe/Paris"), timezone(timedelta(hours=-5, minutes=-30))]
@@ -130,7 +130,7 @@ def test_edges(crm_type: str, value: Any) -> None:
 
 
 def test_int_limit_is_the_crm_integer_bound() -> None:
-    assert mapping._INT_LIMIT == 10**mapping.MAX_INTEGRAL_DIGITS
+    assert crm_values._INT_LIMIT == 10**crm_values.MAX_INTEGRAL_DIGITS
 
 
 def test_unknown_type_refused_at_construction() -> None:

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg.types.json import Jsonb
 
+from connector.crm_values import dumps_json, to_csv_value, to_json_value
 from connector.errors import DataError
-from connector.mapping import dumps_json, to_csv_value, to_json_value
 from connector.outbox import load_row
 
 CRM_TYPES = [

@@ -12,15 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from connector.config import PipelineConfig
+from connector.crm_values import dumps_json, to_csv_value, to_json_value
 from connector.errors import ConfigError, DataError
-from connector.mapping import (
-    CSV_DATE_FORMAT,
-    CSV_DATETIME_FORMAT,
-    RecordMapper,
-    dumps_json,
-    to_csv_value,
-    to_json_value,
-)
+from connector.mapping import CSV_DATE_FORMAT, CSV_DATETIME_FORMAT, RecordMapper
 from connector.mapping_check import check_mapping
 from connector.zoho.client import FieldMeta
 
