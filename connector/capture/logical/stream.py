@@ -35,6 +35,7 @@ from connector.capture.logical.decode import _Decoder
 from connector.capture.logical.model import CaptureStats, _Batch, _Closed, _Codec, _Event, _Pending
 from connector.capture.logical.writer import _Writer
 from connector.config import PipelineConfig
+from connector.config_secrets import redact
 from connector.errors import ConfigError
 
 # one logger for the package: log lines keep the name they had before the split
@@ -110,8 +111,12 @@ class LogicalCapture(_Decoder, _Writer):
             except (psycopg.OperationalError, OSError, _Closed) as exc:
                 self.stats.reconnects += 1
                 delay = min(self.max_backoff, backoff) * (0.5 + random.random() / 2)
+                # the server's own words (e.g. 'publication "…" does not exist'), so the
+                # operator does not have to guess why it keeps reconnecting
                 log.warning(
-                    "logical capture connection lost; reconnecting",
+                    "logical capture connection lost (%s: %s); reconnecting",
+                    type(exc).__name__,
+                    redact(str(exc).strip())[:500] or "no message",
                     extra={
                         "pipeline": self.pipeline.name,
                         "error": type(exc).__name__,
@@ -463,7 +468,9 @@ class LogicalCapture(_Decoder, _Writer):
                         last_status = monotonic()
                 continue
             if nbytes == -1:
-                raise _Closed("replication stream ended by the server")
+                # libpq: after PQgetCopyData returns -1, PQgetResult gives the COPY's final
+                # status, the server's ERROR when it ended the stream with one
+                raise _Closed(f"replication stream ended by the server{_server_error(pgconn)}")
             if nbytes < -1:
                 raise psycopg.OperationalError("replication stream error")
             # nothing buffered: time-based flush, housekeeping, then wait for the socket
@@ -553,3 +560,21 @@ async def _wait_readable(loop: asyncio.AbstractEventLoop, fd: int, timeout: floa
             await asyncio.wait_for(fut, timeout)
     finally:
         loop.remove_reader(fd)
+
+
+def _server_error(pgconn: Any) -> str:
+    """``": <the server's message>"`` of the result that ended a COPY stream, or ``""``
+    (never blocks: only a result that is already in is read)."""
+    try:
+        pgconn.consume_input()
+        if pgconn.is_busy():
+            return ""
+        res = pgconn.get_result()
+    except psycopg.Error:
+        return ""
+    if res is None:
+        return ""
+    text = bytes(res.error_message or b"").decode("utf-8", "replace").strip()
+    while not pgconn.is_busy() and pgconn.get_result() is not None:  # drain the results
+        pass
+    return f": {text}" if text else ""
