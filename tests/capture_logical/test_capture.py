@@ -386,3 +386,36 @@ async def test_capture_resumes_after_init_recreates_a_dropped_publication(databa
             stop.set()
             with contextlib.suppress(ConfigError, TimeoutError):
                 await asyncio.wait_for(task, 30)
+
+
+async def test_the_documented_way_past_a_dropped_publication(database: str) -> None:
+    """docs/operations.md, ConnectorCaptureMissing: stop the connector, advance the slot to the
+    current WAL position (decoding without the output plugin), start again: capture resumes."""
+    cfg = pipeline()
+    name = logical.object_name(SCHEMA, "orders")
+    async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+        await conn.execute("CREATE TABLE orders (id int PRIMARY KEY, v text)")
+        await logical.install(conn, SCHEMA, cfg)
+        cap = logical.LogicalCapture(database, SCHEMA, cfg, max_backoff=0.2)
+        stop = asyncio.Event()
+        task = asyncio.create_task(cap.run(stop))
+        await conn.execute("INSERT INTO orders VALUES (1, 'a')")
+        await wait_rows(database, 1)
+        await conn.execute(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(name)))
+        await conn.execute("INSERT INTO orders VALUES (2, 'b')")  # in the gap
+        await asyncio.sleep(1)
+        await logical.install(conn, SCHEMA, cfg)  # `connector init`
+        stop.set()  # stop the connector
+        with contextlib.suppress(ConfigError, TimeoutError):
+            await asyncio.wait_for(task, 30)
+        await conn.execute("SELECT pg_replication_slot_advance(%s, pg_current_wal_lsn())", [name])
+        cap = logical.LogicalCapture(database, SCHEMA, cfg, max_backoff=0.2)
+        stop = asyncio.Event()
+        task = asyncio.create_task(cap.run(stop))
+        try:
+            await conn.execute("INSERT INTO orders VALUES (3, 'c')")
+            await asyncio.wait_for(wait_rows(database, 2), 15)  # 1 and 3; 2 needs verify
+        finally:
+            stop.set()
+            with contextlib.suppress(ConfigError, TimeoutError):
+                await asyncio.wait_for(task, 30)
