@@ -34,6 +34,7 @@ EXPECTED = {
     "api_calls_total": ("counter", ("api", "status")),
     "api_credits_spent_total": ("counter", ("api",)),
     "api_credits_remaining": ("gauge", ()),
+    "startup_wait_seconds": ("gauge", ("reason",)),
     "api_credits_budget": ("gauge", ()),
     "api_credit_reserve": ("gauge", ()),
     "api_credits_below_reserve": ("gauge", ()),
