@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
@@ -323,12 +324,12 @@ async def test_refuses_without_wal_level_logical(tmp_path: Any) -> None:
         server.stop("immediate")
 
 
-async def test_a_dropped_publication_is_named_in_the_reconnect_warning(
-    database: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A DBA drops the publication under the streaming capture: the walsender fails on the
-    next change, and each reconnect warning carries the server's own words (which object is
-    missing), not only an error class (invariant 11: the operator is never left guessing)."""
+@contextlib.asynccontextmanager
+async def _publication_dropped_under_capture(
+    database: str,
+) -> AsyncIterator[tuple[psycopg.AsyncConnection[Any], logical.LogicalCapture, str]]:
+    """Capture streaming on ``orders``; row 1 captured; then the publication is dropped and
+    row 2 written in the gap. Yields (connection, capture, object name); stops the capture."""
     cfg = pipeline()
     name = logical.object_name(SCHEMA, "orders")
     async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
@@ -341,16 +342,31 @@ async def test_a_dropped_publication_is_named_in_the_reconnect_warning(
             await conn.execute("INSERT INTO orders VALUES (1, 'a')")
             await wait_rows(database, 1)
             await conn.execute(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(name)))
-            await conn.execute("INSERT INTO orders VALUES (2, 'b')")
-            deadline = asyncio.get_running_loop().time() + 30
-            while cap.stats.reconnects < 1:
-                assert not task.done(), task
-                assert asyncio.get_running_loop().time() < deadline, "no reconnect"
-                await asyncio.sleep(0.05)
+            await conn.execute("INSERT INTO orders VALUES (2, 'b')")  # in the gap
+            yield conn, cap, name
         finally:
             stop.set()
-            with contextlib.suppress(ConfigError):
+            with contextlib.suppress(ConfigError, TimeoutError):
                 await asyncio.wait_for(task, 30)
+
+
+async def _stream(database: str) -> tuple[logical.LogicalCapture, asyncio.Event, Any]:
+    cap = logical.LogicalCapture(database, SCHEMA, pipeline(), max_backoff=0.2)
+    stop = asyncio.Event()
+    return cap, stop, asyncio.create_task(cap.run(stop))
+
+
+async def test_a_dropped_publication_is_named_in_the_reconnect_warning(
+    database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A DBA drops the publication under the streaming capture: the walsender fails on the
+    next change, and each reconnect warning carries the server's own words (which object is
+    missing), not only an error class (invariant 11: the operator is never left guessing)."""
+    async with _publication_dropped_under_capture(database) as (_, cap, name):
+        deadline = asyncio.get_running_loop().time() + 30
+        while cap.stats.reconnects < 1:
+            assert asyncio.get_running_loop().time() < deadline, "no reconnect"
+            await asyncio.sleep(0.05)
     lost = [r.getMessage() for r in caplog.records if "connection lost" in r.getMessage()]
     assert lost, caplog.text
     assert any(name in m and "does not exist" in m for m in lost), lost
@@ -365,53 +381,23 @@ async def test_a_dropped_publication_is_named_in_the_reconnect_warning(
     " next work",
 )
 async def test_capture_resumes_after_init_recreates_a_dropped_publication(database: str) -> None:
-    cfg = pipeline()
-    name = logical.object_name(SCHEMA, "orders")
-    async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
-        await conn.execute("CREATE TABLE orders (id int PRIMARY KEY, v text)")
-        await logical.install(conn, SCHEMA, cfg)
-        cap = logical.LogicalCapture(database, SCHEMA, cfg, max_backoff=0.2)
-        stop = asyncio.Event()
-        task = asyncio.create_task(cap.run(stop))
-        try:
-            await conn.execute("INSERT INTO orders VALUES (1, 'a')")
-            await wait_rows(database, 1)
-            await conn.execute(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(name)))
-            await conn.execute("INSERT INTO orders VALUES (2, 'b')")  # not captured: no pub
-            await asyncio.sleep(1)
-            await logical.install(conn, SCHEMA, cfg)  # what `connector init` does
-            await conn.execute("INSERT INTO orders VALUES (3, 'c')")
-            await asyncio.wait_for(wait_rows(database, 2), 15)  # 1 and 3
-        finally:
-            stop.set()
-            with contextlib.suppress(ConfigError, TimeoutError):
-                await asyncio.wait_for(task, 30)
+    async with _publication_dropped_under_capture(database) as (conn, _, _):
+        await asyncio.sleep(1)
+        await logical.install(conn, SCHEMA, pipeline())  # what `connector init` does
+        await conn.execute("INSERT INTO orders VALUES (3, 'c')")
+        await asyncio.wait_for(wait_rows(database, 2), 15)  # 1 and 3
 
 
 async def test_the_documented_way_past_a_dropped_publication(database: str) -> None:
     """docs/operations.md, ConnectorCaptureMissing: stop the connector, advance the slot to the
     current WAL position (decoding without the output plugin), start again: capture resumes."""
-    cfg = pipeline()
-    name = logical.object_name(SCHEMA, "orders")
-    async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
-        await conn.execute("CREATE TABLE orders (id int PRIMARY KEY, v text)")
-        await logical.install(conn, SCHEMA, cfg)
-        cap = logical.LogicalCapture(database, SCHEMA, cfg, max_backoff=0.2)
-        stop = asyncio.Event()
-        task = asyncio.create_task(cap.run(stop))
-        await conn.execute("INSERT INTO orders VALUES (1, 'a')")
-        await wait_rows(database, 1)
-        await conn.execute(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(name)))
-        await conn.execute("INSERT INTO orders VALUES (2, 'b')")  # in the gap
+    async with _publication_dropped_under_capture(database) as (conn, _, name):
         await asyncio.sleep(1)
-        await logical.install(conn, SCHEMA, cfg)  # `connector init`
-        stop.set()  # stop the connector
-        with contextlib.suppress(ConfigError, TimeoutError):
-            await asyncio.wait_for(task, 30)
+        await logical.install(conn, SCHEMA, pipeline())  # `connector init`
+    # the connector is stopped (the context stopped the capture); advance, then start again
+    async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
         await conn.execute("SELECT pg_replication_slot_advance(%s, pg_current_wal_lsn())", [name])
-        cap = logical.LogicalCapture(database, SCHEMA, cfg, max_backoff=0.2)
-        stop = asyncio.Event()
-        task = asyncio.create_task(cap.run(stop))
+        _, stop, task = await _stream(database)
         try:
             await conn.execute("INSERT INTO orders VALUES (3, 'c')")
             await asyncio.wait_for(wait_rows(database, 2), 15)  # 1 and 3; 2 needs verify
