@@ -372,36 +372,51 @@ async def test_a_dropped_publication_is_named_in_the_reconnect_warning(
     assert any(name in m and "does not exist" in m for m in lost), lost
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known, not fixed: on PostgreSQL < 18 pgoutput looks the publication up in the"
-    " catalog as of each change, so a change made while it was missing fails the walsender at"
-    " the same LSN on every reconnect, even after `connector init` re-creates it; the fix"
-    " (init advancing the slot past the gap, with verify --repair for the changes in it) is"
-    " next work",
-)
-async def test_capture_resumes_after_init_recreates_a_dropped_publication(database: str) -> None:
-    async with _publication_dropped_under_capture(database) as (conn, _, _):
+async def test_capture_resumes_after_init_recreates_a_dropped_publication(
+    database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On PostgreSQL < 18 a change decoded while the publication was missing stops pgoutput at
+    the same position on every reconnect, even once the publication exists again. `connector
+    init` (``install``) finds that, advances the slot past it, and says which range it skipped
+    and that `connector verify --repair` re-captures it; the running capture resumes by itself."""
+    async with _publication_dropped_under_capture(database) as (conn, cap, name):
         await asyncio.sleep(1)
+        stuck_at = cap.stats.reconnects
         await logical.install(conn, SCHEMA, pipeline())  # what `connector init` does
         await conn.execute("INSERT INTO orders VALUES (3, 'c')")
-        await asyncio.wait_for(wait_rows(database, 2), 15)  # 1 and 3
+        rows = await asyncio.wait_for(wait_rows(database, 2), 15)  # 1 and 3; 2 needs verify
+        assert [r["key"] for r in rows] == ["1", "3"]
+        assert stuck_at >= 1
+    skipped = [r for r in caplog.records if "NOT captured" in r.getMessage()]
+    assert len(skipped) == 1, caplog.text
+    message = skipped[0].getMessage()
+    assert name in message and "--repair" in message and "orders" in message
 
 
-async def test_the_documented_way_past_a_dropped_publication(database: str) -> None:
-    """docs/operations.md, ConnectorCaptureMissing: stop the connector, advance the slot to the
-    current WAL position (decoding without the output plugin), start again: capture resumes."""
-    async with _publication_dropped_under_capture(database) as (conn, _, name):
-        await asyncio.sleep(1)
-        await logical.install(conn, SCHEMA, pipeline())  # `connector init`
-    # the connector is stopped (the context stopped the capture); advance, then start again
+async def test_init_skips_nothing_when_no_change_was_made_without_the_publication(
+    database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The slot outlived its publication but nothing was written meanwhile: the changes still
+    pending on the slot (made before the drop, connector stopped) decode, so `connector init`
+    leaves the slot where it is and the capture delivers them all."""
+    cfg = pipeline()
+    name = logical.object_name(SCHEMA, "orders")
     async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
-        await conn.execute("SELECT pg_replication_slot_advance(%s, pg_current_wal_lsn())", [name])
+        await conn.execute("CREATE TABLE orders (id int PRIMARY KEY, v text)")
+        await logical.install(conn, SCHEMA, cfg)
+        await conn.execute("INSERT INTO orders VALUES (1, 'a'), (2, 'b')")  # pending on the slot
+        before = await logical.slot_status(conn, SCHEMA, cfg)
+        await conn.execute(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(name)))
+        await logical.install(conn, SCHEMA, cfg)
+        after = await logical.slot_status(conn, SCHEMA, cfg)
+        assert before is not None and after is not None
+        assert after.confirmed_flush_lsn == before.confirmed_flush_lsn  # not advanced
         _, stop, task = await _stream(database)
         try:
-            await conn.execute("INSERT INTO orders VALUES (3, 'c')")
-            await asyncio.wait_for(wait_rows(database, 2), 15)  # 1 and 3; 2 needs verify
+            rows = await asyncio.wait_for(wait_rows(database, 2), 15)
+            assert sorted(r["key"] for r in rows) == ["1", "2"]
         finally:
             stop.set()
             with contextlib.suppress(ConfigError, TimeoutError):
                 await asyncio.wait_for(task, 30)
+    assert not [r for r in caplog.records if "NOT captured" in r.getMessage()], caplog.text

@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from connector.capture.logical.gap import pass_gap
 from connector.config import PipelineConfig
 from connector.errors import ConfigError, PermanentError
 
@@ -310,6 +311,24 @@ async def install(
             _key(pipeline, "capture"),
             f"replication slot {name!r} exists with plugin {plugin!r}, not pgoutput",
         )
+    elif exists is None:
+        # the slot outlived its publication: a change made meanwhile stops pgoutput (< 18) on
+        # every reconnect until the slot is past it (gap.py)
+        skipped = await pass_gap(
+            conn, name, name, timeout=wait_timeout if wait_timeout is not None else 60.0
+        )
+        if skipped is not None:
+            log.warning(
+                "connector init: the publication was missing while changes were made, and "
+                "PostgreSQL could not decode them; replication slot %s advanced from %s to %s "
+                "past them. Those changes were NOT captured: run `connector verify --pipeline "
+                "%s --repair` once the connector runs, to re-capture every row that differs",
+                skipped.slot,
+                skipped.from_lsn or "its start",
+                skipped.to_lsn,
+                pipeline.name,
+                extra={"pipeline": pipeline.name, "slot": skipped.slot},
+            )
     ident = sql.Identifier(schema)
     await state.execute(
         sql.SQL(
