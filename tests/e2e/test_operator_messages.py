@@ -344,3 +344,50 @@ async def test_missing_privileges_and_capture_are_named(database: str, tmp_path:
         with pytest.raises(ConnectorError, match="run `connector init` first") as err:
             await rt.run()
         assert "slot and publication missing" in str(err.value)
+
+
+async def test_init_after_a_dropped_publication_names_what_it_skipped(
+    database: str, tmp_path: Path
+) -> None:
+    """Logical mode, connector stopped: a change is pending on the slot, a DBA drops the
+    publication, another change is made. `connector init` re-creates the publication, finds the
+    slot cannot decode past the gap (PostgreSQL < 18), advances it, and says on stderr which
+    range was not captured and the verify to run; a second init has nothing to say."""
+    import psycopg
+
+    from connector.demo_workload import create_orders
+
+    await create_orders(database, 3)
+    f = tmp_path / "c.toml"
+    f.write_text(
+        CONFIG.format(database='dsn_env = "T_DSN"').replace(
+            'module = "Orders"', 'module = "Orders"\ncapture = "logical"'
+        )
+    )
+    env = {**_base_env(), "T_DSN": database}
+    rc, out, err = await cli("init", "--config", str(f), env=env)
+    _no_traceback(rc, out, err, 0)
+    assert "capture (logical) installed" in out and "NOT captured" not in err
+    async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+        await conn.execute("UPDATE public.orders SET quantity = quantity + 1 WHERE id = 1")
+        cur = await conn.execute("SELECT pubname FROM pg_publication")
+        (pub,) = await cur.fetchone() or ("",)
+        await conn.execute(f'DROP PUBLICATION "{pub}"')
+        await conn.execute("UPDATE public.orders SET quantity = quantity + 1 WHERE id = 2")
+        cur = await conn.execute(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+            (pub,),
+        )
+        (before,) = await cur.fetchone() or ("",)
+    rc, out, err = await cli("init", "--config", str(f), env=env)
+    _no_traceback(rc, out, err, 0)
+    assert "capture (logical) installed" in out
+    lines = [line for line in err.splitlines() if "NOT captured" in line]
+    assert len(lines) == 1, err
+    assert f"advanced from {before} to " in lines[0] and pub in lines[0]
+    assert "connector verify --pipeline orders --repair" in lines[0]
+    rc, out, err = await cli("init", "--config", str(f), env=env)
+    _no_traceback(rc, out, err, 0)
+    assert "NOT captured" not in err
+    rc, out, err = await cli("uninstall", "--config", str(f), env=env)
+    _no_traceback(rc, out, err, 0)
