@@ -112,6 +112,16 @@ async def schema_version(conn: psycopg.AsyncConnection[Any], schema: str) -> int
     return int(row[0]) if row else 0
 
 
+async def fetch_value(conn: psycopg.AsyncConnection[Any], query: Any, params: Any = None) -> Any:
+    """The first column of the first row of ``query`` (None when there is no row), whatever
+    the connection's row factory (tuples or ``dict_row``)."""
+    cur = await conn.execute(query, params)
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    return next(iter(row.values())) if isinstance(row, dict) else row[0]
+
+
 def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 

@@ -14,8 +14,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from connector.capture.logical.gap import pass_gap
+from connector.capture.logical.gap import end_slot_holder, pass_gap
 from connector.config import PipelineConfig
+from connector.db import fetch_value as _one
 from connector.errors import ConfigError, PermanentError
 
 # one logger for the package: log lines keep the name they had before the split
@@ -45,14 +46,6 @@ def _key(pipeline: PipelineConfig, attr: str) -> str:
 def _table_ident(pipeline: PipelineConfig) -> sql.Identifier:
     schema, table = pipeline.table_parts
     return sql.Identifier(schema, table)
-
-
-async def _one(conn: psycopg.AsyncConnection[Any], query: Any, params: Any = None) -> Any:
-    cur = await conn.execute(query, params)
-    row = await cur.fetchone()
-    if row is None:
-        return None
-    return row[0] if not isinstance(row, dict) else next(iter(row.values()))
 
 
 async def check_source(conn: psycopg.AsyncConnection[Any], pipeline: PipelineConfig) -> None:
@@ -464,15 +457,12 @@ async def uninstall(
     state = state_conn or conn
     name = object_name(schema, pipeline.name)
     for _ in range(50):
-        cur = await conn.execute(
-            "SELECT active, active_pid FROM pg_replication_slots WHERE slot_name = %s", (name,)
-        )
-        row = await cur.fetchone()
-        if row is None:
+        if (
+            await _one(conn, "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (name,))
+            is None
+        ):
             break
-        active, pid = tuple(row.values()) if isinstance(row, dict) else tuple(row)
-        if active and pid is not None:
-            await conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        if await end_slot_holder(conn, name) is not None:
             await asyncio.sleep(0.1)
             continue
         try:

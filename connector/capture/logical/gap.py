@@ -26,6 +26,7 @@ from typing import Any
 
 import psycopg
 
+from connector.db import fetch_value
 from connector.errors import PermanentError
 
 log = logging.getLogger("connector.capture.logical")
@@ -49,6 +50,23 @@ def _missing_publication(exc: psycopg.Error, publication: str) -> bool:
     )
 
 
+async def end_slot_holder(conn: psycopg.AsyncConnection[Any], slot: str) -> int | None:
+    """End the walsender (or backend) that holds ``slot``, when one does; returns its pid
+    (None: the slot is free or gone). Ending another role's backend may not be permitted:
+    then the caller waits for it to let go. A capture reconnects by itself and resumes from
+    the slot's confirmed position, so nothing is lost."""
+    pid = await fetch_value(
+        conn,
+        "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s AND active",
+        (slot,),
+    )
+    if pid is None:
+        return None
+    with contextlib.suppress(psycopg.errors.InsufficientPrivilege):
+        await conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    return int(pid)
+
+
 async def _while_in_use(
     conn: psycopg.AsyncConnection[Any],
     slot: str,
@@ -56,9 +74,9 @@ async def _while_in_use(
     timeout: float,
 ) -> None:
     """Run ``step`` on the slot. A running connector's capture holds it (a walsender streams
-    it, or reconnects in a loop when stuck): end that walsender, as ``uninstall`` does, and try
-    again before the capture reconnects (it resumes from the slot's confirmed position, so
-    nothing is lost); give up after ``timeout`` seconds."""
+    it, or reconnects in a loop when stuck): end that walsender (:func:`end_slot_holder`, as
+    ``uninstall`` does) and try again before the capture reconnects; give up after
+    ``timeout`` seconds."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     told = False
@@ -67,28 +85,15 @@ async def _while_in_use(
             await step()
             return
         except psycopg.errors.ObjectInUse as e:
-            cur = await conn.execute(
-                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s AND active",
-                (slot,),
-            )
-            row = await cur.fetchone()
-            pid = (
-                None
-                if row is None
-                else (row[0] if not isinstance(row, dict) else row["active_pid"])
-            )
-            if pid is not None:
-                if not told:
-                    log.info(
-                        "connector init ends the running capture's stream (walsender pid %s) "
-                        "for a moment to check replication slot %s; it reconnects by itself",
-                        pid,
-                        slot,
-                    )
-                    told = True
-                # not permitted (another role's walsender): wait for it to let go instead
-                with contextlib.suppress(psycopg.errors.InsufficientPrivilege):
-                    await conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            pid = await end_slot_holder(conn, slot)
+            if pid is not None and not told:
+                log.info(
+                    "connector init ended the running capture's stream (walsender pid %s) "
+                    "for a moment to check replication slot %s; it reconnects by itself",
+                    pid,
+                    slot,
+                )
+                told = True
             if loop.time() >= deadline:
                 raise PermanentError(
                     f"replication slot {slot!r} stayed in use for {timeout:.0f} s, so "
@@ -112,10 +117,7 @@ async def pass_gap(
     decode, nothing is skipped (None). If decoding fails on the missing publication, advance
     the slot to that position and return what was skipped. ``conn``: autocommit, a role
     allowed to use the slot (the capture role)."""
-    cur = await conn.execute("SELECT pg_current_wal_lsn()::text")
-    row = await cur.fetchone()
-    assert row is not None
-    upto = str(row[0] if not isinstance(row, dict) else next(iter(row.values())))
+    upto = str(await fetch_value(conn, "SELECT pg_current_wal_lsn()::text"))
     stuck = False
 
     async def peek() -> None:
@@ -135,15 +137,10 @@ async def pass_gap(
     await _while_in_use(conn, slot, peek, timeout)
     if not stuck:
         return None
-    cur = await conn.execute(
+    before = await fetch_value(
+        conn,
         "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
         (slot,),
-    )
-    row = await cur.fetchone()
-    before = (
-        None
-        if row is None
-        else (row[0] if not isinstance(row, dict) else row["confirmed_flush_lsn"])
     )
 
     async def advance() -> None:

@@ -25,7 +25,6 @@ from connector.capture import values as vals
 from connector.capture.logical.admin import (
     ORIGIN_MIN_SERVER,
     _key,
-    _one,
     _table_ident,
     foreign_origin,
     object_name,
@@ -36,6 +35,7 @@ from connector.capture.logical.model import CaptureStats, _Batch, _Closed, _Code
 from connector.capture.logical.writer import _Writer
 from connector.config import PipelineConfig
 from connector.config_secrets import redact
+from connector.db import fetch_value as _one
 from connector.errors import ConfigError
 
 # one logger for the package: log lines keep the name they had before the split

@@ -15,7 +15,6 @@ from psycopg import sql
 
 from connector.capture import pgoutput as po
 from connector.capture import values as vals
-from connector.capture.logical.admin import _one
 from connector.capture.logical.model import (
     _MISSING_KEY,
     _RECHECK,
@@ -31,6 +30,7 @@ from connector.capture.logical.model import (
 )
 from connector.capture.triggers import missing_key_message
 from connector.config import PipelineConfig
+from connector.db import fetch_value as _one
 from connector.errors import PermanentError
 
 # one logger for the package: log lines keep the name they had before the split
