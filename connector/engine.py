@@ -43,7 +43,6 @@ from connector.engine_fences import OrphanFences
 from connector.engine_read import OutboxReading
 from connector.engine_replay import Replay, ReplayReport
 from connector.engine_snapshot import SnapshotRuns
-from connector.engine_wiring import build_emitter, chain_credits, open_state_pool
 from connector.errors import TransientError
 from connector.metrics import Metrics
 from connector.outbox import OutboxWatcher, ReadPosition
@@ -72,6 +71,9 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
         pipeline: PipelineConfig,
         *,
         client: ZohoClient,
+        pool: AsyncConnectionPool[Any],
+        emitter: Emitter,
+        credit_recorder: CreditRecorder,
         state_dsn: str,
         source_dsn: str | None = None,
         schema: str = "connector",
@@ -79,17 +81,12 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
         daily_credit_budget: int = 50_000,
         credit_reserve: int = 1_000,
         callback_url: CallbackUrl | None = None,
-        credit_recorder: CreditRecorder | None = None,
         options: EngineOptions | None = None,
         snapshot: SnapshotMode | None = None,
         snapshot_progress: bool | None = None,
         cost: CostModel | None = None,
-        pool: AsyncConnectionPool[Any] | None = None,
-        emitter: Emitter | None = None,
         clock: Clock | None = None,
     ) -> None:
-        if emitter is not None and pool is None:
-            raise ValueError("an Engine given an emitter needs its pool too")
         self.pipeline = pipeline
         self.clock: Clock = clock or SystemClock()
         self.client = client
@@ -104,7 +101,7 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
         self.snapshot_mode: SnapshotMode = snapshot or pipeline.snapshot
         self.snapshot_progress = snapshot_progress
         self.cost = cost or CostModel()
-        self.credits = credit_recorder
+        self.credits: CreditRecorder = credit_recorder
         self.tracker = BatchTracker()
         self.coalescer = Coalescer(self.tracker)
         self.emitter: Emitter | None = None
@@ -128,7 +125,7 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
         self._caught_up = False
         self._snapshot_task: asyncio.Task[None] | None = None
         # given by the composition root (``connector.pipeline.build_pipeline``), which owns
-        # them; None: each run builds its own (``connector.engine_wiring``)
+        # them; ``_pool`` / ``emitter`` are set only while a run / drain / replay uses them
         self._given_pool = pool
         self._given_emitter = emitter
         self._spent_24h = 0
@@ -200,32 +197,14 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
     # ------------------------------------------------------------------ the loop
     @contextlib.asynccontextmanager
     async def _resources(self) -> AsyncIterator[None]:
-        """The state pool, the emitter and the credit hook, for one run / drain / replay: the
-        ones given to the constructor (``connector.pipeline.build_pipeline`` owns them), else
-        built for this run and closed after it."""
+        """The state pool and the emitter given to the constructor (the composition root,
+        ``connector.pipeline.build_pipeline``, owns and closes them), in use for one run /
+        drain / replay; the credits recorded meanwhile are flushed at its end."""
         async with contextlib.AsyncExitStack() as stack:
-            if self._given_pool is not None:
-                pool = self._given_pool
-            else:
-                if self.credits is None:
-                    self.credits = stack.enter_context(chain_credits(self.client))
-                    stack.callback(setattr, self, "credits", None)
-                pool = await stack.enter_async_context(
-                    open_state_pool(self.state_dsn, f"engine-{self.pipeline.name}")
-                )
-            self._pool = pool
+            self._pool = self._given_pool
             stack.callback(setattr, self, "_pool", None)
             stack.push_async_callback(self._flush_credits_quietly)
-            self.emitter = self._given_emitter or build_emitter(
-                self.pipeline,
-                client=self.client,
-                pool=pool,
-                schema=self.schema,
-                source_dsn=self.source_dsn,
-                options=self.options,
-                metrics=self.metrics,
-                callback_url=self.callback_url,
-            )
+            self.emitter = self._given_emitter
             await self.emitter.load_source_types()
             yield
 
@@ -520,7 +499,7 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
             self._changed.notify_all()
 
     async def _flush_credits(self) -> None:
-        if self.credits is None or self._pool is None:
+        if self._pool is None:
             return
         await self.credits.flush_pending(self._pool, self.schema, then=self._read_spent)
 
@@ -541,17 +520,7 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
             self._kick.clear()
             listener.event.clear()
             return
-        waiters = [
-            asyncio.ensure_future(stop.wait()),
-            asyncio.ensure_future(self._kick.wait()),
-            asyncio.ensure_future(listener.event.wait()),
-        ]
-        try:
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waiters:
-                w.cancel()
-            await asyncio.gather(*waiters, return_exceptions=True)
+        await self.clock.wait_any((stop, self._kick, listener.event), timeout)
         self._kick.clear()
         listener.event.clear()
 

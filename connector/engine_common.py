@@ -6,8 +6,8 @@ mode, the clock (``Clock``, ``SystemClock``) and wait helpers. Split from
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal, Protocol
@@ -63,6 +63,10 @@ class Clock(Protocol):
 
     async def sleep(self, seconds: float) -> None: ...
 
+    async def wait_any(self, events: Sequence[asyncio.Event], timeout: float) -> None:
+        """Return when one of ``events`` is set or ``timeout`` seconds have passed."""
+        ...
+
 
 class SystemClock:
     """The real clock (the default)."""
@@ -76,7 +80,13 @@ class SystemClock:
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
 
-
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
+    async def wait_any(self, events: Sequence[asyncio.Event], timeout: float) -> None:
+        if any(e.is_set() for e in events):
+            return
+        waiters = [asyncio.ensure_future(e.wait()) for e in events]
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)

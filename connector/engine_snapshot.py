@@ -18,7 +18,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from connector.config import PipelineConfig
 from connector.emitter import acting_for
-from connector.engine_common import SnapshotMode, _sleep_or_stop
+from connector.engine_common import Clock, SnapshotMode
 from connector.metrics import Metrics
 from connector.outbox import ReadPosition
 from connector.snapshot import Chunk, SnapshotProgress, Snapshotter
@@ -31,6 +31,7 @@ class SnapshotRuns:
     """The initial sync, run through the pipeline: a mixin of ``Engine``."""
 
     pipeline: PipelineConfig
+    clock: Clock
     source_dsn: str
     state_dsn: str
     schema: str
@@ -107,7 +108,7 @@ class SnapshotRuns:
                 except (psycopg.OperationalError, PoolTimeout) as exc:
                     # resumable by construction: go on from the last committed chunk
                     log.warning("snapshot interrupted; resuming", extra={"error": str(exc)})
-                    await _sleep_or_stop(stop, delay)
+                    await self.clock.wait_any((stop,), delay)
                     delay = min(delay * 2, 30.0)
                     if stop.is_set():
                         return

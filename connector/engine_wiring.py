@@ -1,9 +1,9 @@
 """The parts an :class:`connector.engine.Engine` runs on, built in one place: the state pool,
 the emitter, and the credit hook on the Zoho client.
 
-:mod:`connector.pipeline` composes them (``build_pipeline``) and hands them to the engine; an
-engine constructed without them (tests, one-off tools) builds its own for each run with these
-same functions. Split from ``connector.engine`` (issue 20, the composition root)."""
+:mod:`connector.pipeline` composes them (``build_pipeline``) and hands them to the engine,
+which requires them and never builds its own. Split from ``connector.engine`` (issue 20, the
+composition root)."""
 
 from __future__ import annotations
 

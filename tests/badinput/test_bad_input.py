@@ -17,7 +17,13 @@ from connector.capture import logical, triggers
 from connector.emulator import EmulatorConfig, start_emulator
 from connector.errors import ConfigError
 from connector.mapping_check import check_mapping
-from tests.pipeline.conftest import FAST, FIELDS, SCHEMA, make_client, pipeline_config
+from tests.pipeline.conftest import (
+    FIELDS,
+    SCHEMA,
+    drain_into_a_new_emulator,
+    make_client,
+    pipeline_config,
+)
 
 
 async def _exec(dsn: str, *statements: str) -> None:
@@ -125,12 +131,8 @@ async def test_values_that_cannot_be_converted_are_dead_lettered(database: str) 
         await conn.execute("UPDATE public.orders SET order_date = '1899-12-31' WHERE id = 5")
         await conn.execute("UPDATE public.orders SET amount = 'NaN' WHERE id = 6")
         await conn.execute("UPDATE public.orders SET quantity = 'abc' WHERE id = 7")
-    from connector.engine import Engine
-
-    async with start_emulator() as emu, make_client(emu) as client:
-        engine = Engine(pipeline, client=client, state_dsn=database, schema=SCHEMA, options=FAST)
-        await engine.drain()
-        crm = {str(r["parent_id"]): r for r in emu.records("Orders")}
+    records = await drain_into_a_new_emulator(database, pipeline)
+    crm = {str(r["parent_id"]): r for r in records}
     async with await psycopg.AsyncConnection.connect(database) as conn:
         cur = await conn.execute(
             "SELECT key, error_code, error_field, error_message FROM connector.dead_letters"
@@ -154,12 +156,8 @@ async def test_a_row_with_a_null_key_is_dead_lettered(database: str) -> None:
     async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
         await triggers.install(conn, SCHEMA, pipeline)
         await conn.execute("INSERT INTO public.orders (id, name) VALUES (1, 'a'), (NULL, 'b')")
-    from connector.engine import Engine
-
-    async with start_emulator() as emu, make_client(emu) as client:
-        engine = Engine(pipeline, client=client, state_dsn=database, schema=SCHEMA, options=FAST)
-        await engine.drain()
-        assert {str(r["parent_id"]) for r in emu.records("Orders")} == {"1"}
+    records = await drain_into_a_new_emulator(database, pipeline)
+    assert {str(r["parent_id"]) for r in records} == {"1"}
     async with await psycopg.AsyncConnection.connect(database) as conn:
         cur = await conn.execute("SELECT error_code FROM connector.dead_letters")
         assert await cur.fetchall() == [("MISSING_KEY",)]

@@ -15,11 +15,14 @@ from psycopg.types.json import set_json_loads
 
 from connector import operate, state
 from connector.capture import logical, triggers
-from connector.emulator import start_emulator
-from connector.engine import Engine
 from connector.outbox import load_json
 from tests.capture_logical.helpers import running, wait_for
-from tests.pipeline.conftest import FAST, FIELDS, SCHEMA, make_client, pipeline_config
+from tests.pipeline.conftest import (
+    FIELDS,
+    SCHEMA,
+    drain_into_a_new_emulator,
+    pipeline_config,
+)
 
 DDL = (
     "CREATE TABLE public.orders (id bigint PRIMARY KEY, name text NOT NULL, amount numeric,"
@@ -61,10 +64,8 @@ async def _outbox_has(dsn: str, n: int) -> bool:
 
 async def _check(database: str, capture: str) -> None:
     pipeline = pipeline_config(fields=FIELDS_X, capture=capture)
-    async with start_emulator() as emu, make_client(emu) as client:
-        engine = Engine(pipeline, client=client, state_dsn=database, schema=SCHEMA, options=FAST)
-        await engine.drain()
-        crm = {str(r["parent_id"]): r for r in emu.records("Orders")}
+    records = await drain_into_a_new_emulator(database, pipeline)
+    crm = {str(r["parent_id"]): r for r in records}
     async with await psycopg.AsyncConnection.connect(database) as conn:
         cur = await conn.execute(
             "SELECT key, error_code, error_field, error_message, payload->>'big'"

@@ -4,7 +4,8 @@ emulator in-process, a client pointed at it, and an engine factory."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import psycopg
@@ -13,9 +14,11 @@ from pydantic import SecretStr
 
 from connector.capture import triggers
 from connector.config import PipelineConfig
+from connector.emitter import CreditRecorder
 from connector.emulator import EmulatorConfig, start_emulator
 from connector.emulator.server import EmulatorHandle
 from connector.engine import Engine, EngineOptions
+from connector.pipeline import build_pipeline, chain_credits
 from connector.zoho.client import RetryPolicy, ZohoClient
 
 SCHEMA = "connector"
@@ -120,7 +123,7 @@ async def client(emu: EmulatorHandle) -> AsyncIterator[ZohoClient]:
         yield c
 
 
-EngineFactory = Callable[..., Engine]
+EngineFactory = Callable[..., Awaitable[Engine]]
 
 FAST = EngineOptions(
     poll_interval=0.05, drain_timeout=5.0, bulk_poll_initial=0.05, bulk_poll_max=0.5
@@ -128,20 +131,48 @@ FAST = EngineOptions(
 
 
 @pytest.fixture
-def make_engine(legacy: str) -> EngineFactory:
-    def factory(client: ZohoClient, pipeline: PipelineConfig | None = None, **kw: Any) -> Engine:
-        options = kw.pop("options", FAST)
-        return Engine(
-            pipeline or pipeline_config(),
-            client=client,
-            state_dsn=legacy,
-            schema=SCHEMA,
-            options=options,
-            snapshot_progress=False,
-            **kw,
-        )
+async def make_engine(legacy: str) -> AsyncIterator[EngineFactory]:
+    """``await make_engine(client[, pipeline], **build_pipeline options)``: an Engine built by
+    the composition root (``connector.pipeline.build_pipeline``), as ``connector run`` builds
+    it; its pool, emitter and credit hook stay open until the test ends. One credit recorder
+    per client, as the runtime has one per org."""
+    async with contextlib.AsyncExitStack() as stack:
+        recorders: dict[int, CreditRecorder] = {}
 
-    return factory
+        async def factory(
+            client: ZohoClient, pipeline: PipelineConfig | None = None, **kw: Any
+        ) -> Engine:
+            kw.setdefault("options", FAST)
+            kw.setdefault("snapshot_progress", False)
+            if id(client) not in recorders:
+                recorders[id(client)] = stack.enter_context(chain_credits(client))
+            built = await stack.enter_async_context(
+                build_pipeline(
+                    pipeline or pipeline_config(),
+                    client=client,
+                    state_dsn=legacy,
+                    schema=SCHEMA,
+                    credits=recorders[id(client)],
+                    **kw,
+                )
+            )
+            return built.engine
+
+        yield factory
+
+
+async def drain_into_a_new_emulator(dsn: str, pipeline: PipelineConfig) -> list[dict[str, Any]]:
+    """Start an emulator, drain the pipeline's outbox into it through an engine built by the
+    composition root, and return the Orders records it ends with."""
+    async with (
+        start_emulator() as emu,
+        make_client(emu) as client,
+        build_pipeline(
+            pipeline, client=client, state_dsn=dsn, schema=SCHEMA, options=FAST
+        ) as built,
+    ):
+        await built.engine.drain()
+        return list(emu.records("Orders"))
 
 
 async def execute(dsn: str, query: str, params: Any = None) -> None:

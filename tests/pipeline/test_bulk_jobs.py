@@ -54,7 +54,7 @@ async def test_newer_version_waits_for_the_job_in_flight(
     emu = slow_emu
     await execute(legacy, *insert_sql(6_000))
     async with make_client(emu) as client:
-        engine = make_engine(client)
+        engine = await make_engine(client)
         task = asyncio.create_task(engine.drain())
         await _wait_job_status(legacy, "created")
         # a newer version of a key inside the job in flight
@@ -82,7 +82,7 @@ async def test_killed_while_a_bulk_job_runs_resumes_the_same_job(
     await execute(legacy, *insert_sql(6_000))
     fast_stop = dataclasses.replace(FAST, drain_timeout=0.05)
     async with make_client(emu) as client:
-        first = asyncio.create_task(make_engine(client, options=fast_stop).drain())
+        first = asyncio.create_task((await make_engine(client, options=fast_stop)).drain())
         await _wait_job_status(legacy, "created")
         first.cancel()  # the process dies while the CRM works on the job
         with pytest.raises(asyncio.CancelledError):
@@ -95,7 +95,7 @@ async def test_killed_while_a_bulk_job_runs_resumes_the_same_job(
 
     emu.advance(200)
     async with make_client(emu) as client:
-        await make_engine(client).drain()
+        await (await make_engine(client)).drain()
 
     jobs = await _job_rows(legacy)
     assert jobs == [(jobs[0][0], "applied", job_id)]
@@ -118,7 +118,7 @@ async def test_unpaid_intent_is_abandoned_and_sent_again(
         " VALUES ('orders', 'uploaded', '[]', 0)",
     )
     async with make_client(emu) as client:
-        await make_engine(client).drain()
+        await (await make_engine(client)).drain()
     assert [s for _, s, _ in await _job_rows(legacy)] == ["abandoned", "applied"]
     assert sum(paid_by_api(emu).values()) == 500
     await assert_crm_matches(emu, legacy)
@@ -130,7 +130,7 @@ async def test_failed_job_hands_its_entries_back(
     emu.set_faults(bulk_fail_next=1)
     await execute(legacy, *insert_sql(6_000))
     async with make_client(emu) as client:
-        await make_engine(client).drain()
+        await (await make_engine(client)).drain()
     assert [s for _, s, _ in await _job_rows(legacy)] == ["applied", "applied"]
     assert emu.usage()["bulk_jobs"] == 2
     await assert_crm_matches(emu, legacy)
@@ -158,7 +158,7 @@ async def test_bulk_polls_less_when_a_callback_is_expected(
 
         client.wait_bulk_job = spy  # type: ignore[method-assign]
         url = (lambda job, secret: f"http://127.0.0.1:9/cb/{job}") if with_callback else None
-        await make_engine(client, callback_url=url).drain()
+        await (await make_engine(client, callback_url=url)).drain()
     assert seen
     if with_callback:
         assert seen[0] == (FAST.bulk_poll_max, FAST.bulk_poll_max * CALLBACK_POLL_FACTOR)
@@ -189,7 +189,7 @@ async def test_result_stored_although_its_commit_reported_an_error(
     monkeypatch.setattr(Emitter, "_sync_flags", commit_answer_lost)
     await execute(legacy, *insert_sql(6_000))
     async with make_client(emu) as client:
-        await asyncio.wait_for(make_engine(client).drain(), 120)
+        await asyncio.wait_for((await make_engine(client)).drain(), 120)
     assert failed
     assert [s for _, s, _ in await _job_rows(legacy)] == ["applied"]
     await assert_crm_matches(emu, legacy)

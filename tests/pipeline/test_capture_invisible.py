@@ -22,6 +22,7 @@ from connector.capture import logical, triggers
 from connector.config import PipelineConfig
 from connector.emulator.server import EmulatorHandle
 from connector.engine import Engine
+from connector.pipeline import build_pipeline
 
 from .conftest import FAST, ORDERS_DDL, SCHEMA, crm_by_key, fetch, make_client, pipeline_config
 
@@ -36,10 +37,13 @@ async def running_pipeline(
     background until the block ends."""
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
-    async with make_client(emu) as client:
-        engine = Engine(
+    async with (
+        make_client(emu) as client,
+        build_pipeline(
             cfg, client=client, state_dsn=dsn, schema=SCHEMA, options=FAST, snapshot_progress=False
-        )
+        ) as built,
+    ):
+        engine = built.engine
         if cfg.capture == "logical":
             cap = logical.LogicalCapture(dsn, SCHEMA, cfg, flush_interval=0.02)
             tasks.append(asyncio.create_task(cap.run(stop)))

@@ -46,7 +46,7 @@ async def test_each_restart_moves_the_checkpoint_while_catching_up(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     await execute(legacy, *insert_sql(KEYS, tag="v1"))
-    await make_engine(client).drain()
+    await (await make_engine(client)).drain()
     for old, new in (("v1", "v2"), ("v2", "v3"), ("v3", "v4")):
         await execute(legacy, f"UPDATE public.orders SET name = replace(name, '{old}', '{new}')")
     # a backlog long past its deadline: the planner sends what it reads at once
@@ -71,7 +71,7 @@ async def test_each_restart_moves_the_checkpoint_while_catching_up(
             return await real_read(*args, **kwargs)
 
         monkeypatch.setattr(outbox, "read_batch", read_then_stop)
-        await asyncio.wait_for(make_engine(client, options=options).run(stop), 60)
+        await asyncio.wait_for((await make_engine(client, options=options)).run(stop), 60)
         checkpoints.append(await _checkpoint(legacy))
         assert checkpoints[-1] > checkpoints[-2], checkpoints  # progress on every restart
         if checkpoints[-1] >= last:
@@ -104,7 +104,7 @@ async def test_catchup_progresses_while_the_table_keeps_changing_and_no_ack_arri
     must still move on each restart (a version superseded by a row ahead of the reader needs no
     acknowledgement: that row is re-read), and nothing older than what the CRM had is written."""
     await execute(legacy, *insert_sql(KEYS, tag="v1"))
-    await make_engine(client).drain()
+    await (await make_engine(client)).drain()
     for v in (2, 3):
         await execute(legacy, f"UPDATE public.orders SET name = replace(name, 'v{v - 1}', 'v{v}')")
     await execute(
@@ -133,7 +133,9 @@ async def test_catchup_progresses_while_the_table_keeps_changing_and_no_ack_arri
 
         monkeypatch.setattr(outbox, "read_batch", read_three)
         monkeypatch.setattr(client, "upsert", never_answered)
-        task = asyncio.create_task(make_engine(client, options=options).run(asyncio.Event()))
+        task = asyncio.create_task(
+            (await make_engine(client, options=options)).run(asyncio.Event())
+        )
         await asyncio.wait_for(third_read_done.wait(), 60)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -143,7 +145,7 @@ async def test_catchup_progresses_while_the_table_keeps_changing_and_no_ack_arri
 
     monkeypatch.setattr(outbox, "read_batch", real_read)
     monkeypatch.setattr(client, "upsert", real_upsert)
-    await make_engine(client).drain()
+    await (await make_engine(client)).drain()
     for key, names in _names_written(emu).items():
         versions = [_version(n) for n in names]
         assert versions == sorted(versions), (key, names)  # never back to an older version

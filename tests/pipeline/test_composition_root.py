@@ -5,8 +5,9 @@ previous hook."""
 
 from __future__ import annotations
 
-import pytest
+import inspect
 
+import connector.engine as engine_mod
 from connector.emitter import CreditRecorder
 from connector.emulator.server import EmulatorHandle
 from connector.engine import Engine
@@ -75,12 +76,32 @@ async def test_a_given_pool_and_recorder_are_left_to_their_owner(
     await assert_crm_matches(emu, legacy)
 
 
-async def test_an_engine_given_an_emitter_needs_its_pool(client: ZohoClient, legacy: str) -> None:
+def test_an_engine_has_no_builder_of_its_own() -> None:
+    """The engine is only ever given its pool, emitter and credit recorder (by
+    ``build_pipeline``): it has no default for them, so no path builds a second set."""
+    params = inspect.signature(Engine).parameters
+    for name in ("pool", "emitter", "credit_recorder"):
+        assert params[name].default is inspect.Parameter.empty, name
+    assert not hasattr(engine_mod, "open_state_pool")
+    assert not hasattr(engine_mod, "build_emitter")
+    assert not hasattr(engine_mod, "chain_credits")
+
+
+async def test_repeated_runs_reuse_the_given_parts(
+    legacy: str, emu: EmulatorHandle, client: ZohoClient
+) -> None:
+    """Two drains of one built pipeline (a restart within one process, as replay and the
+    tests do) run on the same pool and emitter and leave the CRM equal to the table."""
+    await execute(legacy, *insert_sql(30))
     async with build_pipeline(
         pipeline_config(), client=client, state_dsn=legacy, schema=SCHEMA, options=FAST
     ) as built:
-        with pytest.raises(ValueError, match="pool"):
-            Engine(pipeline_config(), client=client, state_dsn=legacy, emitter=built.emitter)
+        await built.engine.drain()
+        await execute(legacy, "UPDATE public.orders SET name = name || '!' WHERE id <= 10")
+        await built.engine.drain()
+        assert built.engine.emitter is built.emitter
+        assert not built.pool.closed
+    await assert_crm_matches(emu, legacy)
 
 
 def test_chain_credits_restores_the_previous_hook() -> None:

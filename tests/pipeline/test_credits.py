@@ -34,7 +34,7 @@ async def test_pending_records_cost_what_the_price_list_says(
     credits: int,
 ) -> None:
     await execute(legacy, *insert_sql(n))
-    engine = make_engine(client)
+    engine = await make_engine(client)
     await engine.drain()
 
     spent = credits_by_api(emu)

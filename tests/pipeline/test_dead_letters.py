@@ -30,7 +30,7 @@ async def test_seven_invalid_of_a_thousand(
     legacy: str, emu: EmulatorHandle, client: ZohoClient, make_engine: EngineFactory
 ) -> None:
     await _insert_with_bad_rows(legacy, 1_000)
-    await make_engine(client).drain()
+    await (await make_engine(client)).drain()
 
     crm = crm_by_key(emu)
     assert len(crm) == 993
@@ -63,7 +63,7 @@ async def test_bulk_rejections_then_fixed_in_source(
     bad = list(range(100, 2_100, 100))  # 20 keys
     await execute(legacy, *insert_sql(n))
     await execute(legacy, "UPDATE public.orders SET status = 'Lost' WHERE id = ANY(%s)", (bad,))
-    await make_engine(client).drain()
+    await (await make_engine(client)).drain()
 
     assert emu.usage()["bulk_jobs"] == 1
     letters = await fetch(
@@ -77,7 +77,7 @@ async def test_bulk_rejections_then_fixed_in_source(
 
     # fixed in the source: the new versions are sent, the letters resolve themselves
     await execute(legacy, "UPDATE public.orders SET status = 'Paid' WHERE id = ANY(%s)", (bad,))
-    await make_engine(client).drain()
+    await (await make_engine(client)).drain()
     rows = await fetch(
         legacy, "SELECT status, count(*) FROM connector.dead_letters GROUP BY status"
     )
@@ -93,13 +93,13 @@ async def test_sync_flag_written_back_without_a_capture_event(
 
     pipeline = pipeline_config(sync_flag_column="synced")
     await execute(legacy, *insert_sql(50))
-    await make_engine(client, pipeline).drain()
+    await (await make_engine(client, pipeline)).drain()
     assert await fetch(legacy, "SELECT count(*) FROM public.orders WHERE synced") == [(50,)]
     # writing the flag produced no outbox event (the trigger ignores that column)
     assert await fetch(legacy, "SELECT count(*) FROM connector.outbox") == [(50,)]
     # a row changed after its acknowledged version is not flagged by a late ack
     await execute(legacy, "UPDATE public.orders SET synced = false, name = 'changed' WHERE id = 1")
-    await make_engine(client, pipeline).drain()
+    await (await make_engine(client, pipeline)).drain()
     assert await fetch(legacy, "SELECT synced FROM public.orders WHERE id = 1") == [(True,)]
     assert crm_by_key(emu)["1"]["Name"] == "changed"
 

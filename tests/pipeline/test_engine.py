@@ -33,7 +33,7 @@ async def test_run_waits_then_sends_within_max_staleness_and_stops_cleanly(
     pipeline = pipeline_config(max_staleness=timedelta(seconds=3))
     # an upsert round trip assumed at 0.2 s until measured: the deadline leaves ~2.5 s to wait
     options = dataclasses.replace(FAST, default_upsert_latency=0.2)
-    engine = make_engine(client, pipeline, options=options)
+    engine = await make_engine(client, pipeline, options=options)
     stop = asyncio.Event()
     task = asyncio.create_task(engine.run(stop))
     async with await psycopg.AsyncConnection.connect(legacy) as conn:  # one transaction
@@ -60,7 +60,7 @@ async def test_run_waits_then_sends_within_max_staleness_and_stops_cleanly(
 async def test_flush_all_sends_now(
     legacy: str, emu: EmulatorHandle, client: ZohoClient, make_engine: EngineFactory
 ) -> None:
-    engine = make_engine(client)  # max_staleness 10 min: without a flush nothing would go
+    engine = await make_engine(client)  # max_staleness 10 min: without a flush nothing would go
     stop = asyncio.Event()
     task = asyncio.create_task(engine.run(stop))
     await execute(legacy, *insert_sql(30))
@@ -79,7 +79,7 @@ async def test_freshness_fast_sends_within_seconds_not_at_the_deadline(
     # freshness = "fast" (target 2 s) makes the same 30 rows leave at once, in whole credits
     pipeline = pipeline_config(freshness="fast")
     assert pipeline.freshness == "fast"
-    engine = make_engine(client, pipeline)
+    engine = await make_engine(client, pipeline)
     stop = asyncio.Event()
     task = asyncio.create_task(engine.run(stop))
     await execute(legacy, *insert_sql(30))
@@ -93,27 +93,27 @@ async def test_delete_modes(
     legacy: str, emu: EmulatorHandle, client: ZohoClient, make_engine: EngineFactory
 ) -> None:
     await execute(legacy, *insert_sql(20))
-    await make_engine(client).drain()
+    await (await make_engine(client)).drain()
     assert len(emu.records("Orders")) == 20
 
     # delete: by the CRM id from key_state; and a key whose id is unknown (looked up by COQL)
     await execute(legacy, "UPDATE connector.key_state SET crm_id = NULL WHERE key = '2'")
     await execute(legacy, "DELETE FROM public.orders WHERE id IN (1, 2)")
-    await make_engine(client).drain()
+    await (await make_engine(client)).drain()
     assert set(crm_by_key(emu)) == {str(i) for i in range(3, 21)}
     assert credits_by_api(emu).get("coql") == 1
 
     # mark: the record stays with Deleted = true
     mark = pipeline_config(delete_mode="mark", delete_mark_field="Deleted")
     await execute(legacy, "DELETE FROM public.orders WHERE id = 3")
-    await make_engine(client, mark).drain()
+    await (await make_engine(client, mark)).drain()
     assert crm_by_key(emu)["3"]["Deleted"] is True
 
     # ignore: nothing is sent, the key is acknowledged as deleted
     ignore = pipeline_config(delete_mode="ignore")
     before = emu.usage()["totals"]["calls"]
     await execute(legacy, "DELETE FROM public.orders WHERE id = 4")
-    await make_engine(client, ignore).drain()
+    await (await make_engine(client, ignore)).drain()
     assert "4" in crm_by_key(emu)
     assert emu.usage()["totals"]["calls"] == before
     rows = await fetch(
@@ -155,7 +155,7 @@ async def test_metrics_follow_the_pipeline(
     metrics.add_pipeline("orders", 600)
     await execute(legacy, *insert_sql(120))
     await execute(legacy, "UPDATE public.orders SET status = 'Lost' WHERE id = 7")
-    await make_engine(client, metrics=metrics).drain()
+    await (await make_engine(client, metrics=metrics)).drain()
 
     def value(name: str, **labels: str) -> float | None:
         return metrics.registry.get_sample_value(f"connector_{name}", labels)
@@ -173,23 +173,23 @@ async def test_replay_is_idempotent_and_never_stale(
     legacy: str, emu: EmulatorHandle, client: ZohoClient, make_engine: EngineFactory
 ) -> None:
     await execute(legacy, *insert_sql(100))
-    await make_engine(client).drain()
+    await (await make_engine(client)).drain()
     first = await fetch(legacy, "SELECT max(id) FROM connector.outbox")
     await execute(legacy, "UPDATE public.orders SET name = 'second' WHERE id = 1")
-    await make_engine(client).drain()
+    await (await make_engine(client)).drain()
     calls = emu.usage()["totals"]["calls"]
 
     # plain replay of everything: all acknowledged already, nothing is sent
-    report = await make_engine(client).replay()
+    report = await (await make_engine(client)).replay()
     assert (report.events, report.sent_keys) == (101, 0)
     assert emu.usage()["totals"]["calls"] == calls
 
     # the CRM lost its records: resend the first range; key 1's older version is not sent
     emu.reset()
-    report = await make_engine(client).replay(to_offset=first[0][0], resend=True)
+    report = await (await make_engine(client)).replay(to_offset=first[0][0], resend=True)
     assert report.sent_keys == 99
     assert "1" not in crm_by_key(emu)
-    report = await make_engine(client).replay(resend=True)
+    report = await (await make_engine(client)).replay(resend=True)
     assert report.sent_keys == 100
     await assert_crm_matches(emu, legacy)
     assert crm_by_key(emu)["1"]["Name"] == "second"

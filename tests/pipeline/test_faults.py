@@ -14,12 +14,12 @@ async def test_storm_of_429_500_and_token_expiry(
 ) -> None:
     emu.set_faults(burst_429=25, error_rate=0.05, expire_tokens_after_calls=12, seed=7)
     await execute(legacy, *insert_sql(3_000))  # upsert path: 30 calls
-    await make_engine(client).drain()
+    await (await make_engine(client)).drain()
     await execute(legacy, *insert_sql(6_000, start=3_001))  # bulk path
     await execute(legacy, "UPDATE public.orders SET status = 'Shipped' WHERE id % 97 = 0")
     await execute(legacy, "DELETE FROM public.orders WHERE id % 89 = 0")
     emu.set_faults(burst_429=10, expire_tokens_now=True)
-    await make_engine(client).drain()
+    await (await make_engine(client)).drain()
 
     await assert_crm_matches(emu, legacy)
     assert await fetch(legacy, "SELECT count(*) FROM connector.dead_letters") == [(0,)]

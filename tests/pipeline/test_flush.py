@@ -16,7 +16,7 @@ async def test_entries_of_a_flush_that_fail_transiently_are_flushed_again(
     legacy: str, emu: EmulatorHandle, make_engine: EngineFactory
 ) -> None:
     async with make_client(emu) as client:
-        engine = make_engine(client)  # max_staleness 10 min: nothing leaves on its own
+        engine = await make_engine(client)  # max_staleness 10 min: nothing leaves on its own
         stop = asyncio.Event()
         task = asyncio.create_task(engine.run(stop))
         try:

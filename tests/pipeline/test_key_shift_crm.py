@@ -9,7 +9,7 @@ import pytest
 
 from connector.capture import logical, triggers
 from connector.emulator import start_emulator
-from connector.engine import Engine
+from connector.pipeline import build_pipeline
 from tests.capture_logical.helpers import running, wait_for
 from tests.pipeline.conftest import (
     FAST,
@@ -66,8 +66,10 @@ async def test_shift_and_swap_under_a_deferrable_key_reach_the_crm(
                         await conn.execute("INSERT INTO public.orders (id, name) VALUES (999, 'x')")
                         await conn.execute("DELETE FROM public.orders WHERE id = 999")
                         await wait_for(lambda: _deleted_999(conn, before), "the sentinel")
-                engine = Engine(cfg, client=client, state_dsn=database, schema=SCHEMA, options=FAST)
-                await engine.drain()
+                async with build_pipeline(
+                    cfg, client=client, state_dsn=database, schema=SCHEMA, options=FAST
+                ) as built:
+                    await built.engine.drain()
 
             q, params = insert_sql(20)
             await conn.execute(q, params)

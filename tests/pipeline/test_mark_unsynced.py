@@ -29,13 +29,13 @@ async def test_mark_mode_skips_keys_never_synced(
     legacy: str, emu: EmulatorHandle, client: ZohoClient, make_engine: EngineFactory
 ) -> None:
     await execute(legacy, *insert_sql(5))
-    await make_engine(client, MARK).drain()
+    await (await make_engine(client, MARK)).drain()
     assert len(crm_by_key(emu)) == 5
 
     # row 6 is inserted and deleted before the connector sends it; row 5 was synced
     await execute(legacy, *insert_sql(1, start=6))
     await execute(legacy, "DELETE FROM public.orders WHERE id IN (5, 6)")
-    await make_engine(client, MARK).drain()
+    await (await make_engine(client, MARK)).drain()
     crm = crm_by_key(emu)
     assert "6" not in crm  # no ghost record
     assert crm["5"]["Deleted"] is True  # a synced key is still marked
@@ -60,7 +60,7 @@ async def test_retry_of_a_mark_letter_for_an_unsynced_key_resolves_it(
     )
     assert done.deleted == ["7"]
     before = upserted_records(emu)
-    await make_engine(client, MARK).drain()
+    await (await make_engine(client, MARK)).drain()
     assert "7" not in crm_by_key(emu)
     assert upserted_records(emu) == before  # nothing written for it
     assert await fetch(legacy, "SELECT status FROM connector.dead_letters") == [("resolved",)]

@@ -29,7 +29,7 @@ async def test_acked_stamps_stay_bounded_and_are_reloaded_from_key_state(
     await execute(legacy, *insert_sql(1_200))
     pipeline = pipeline_config(snapshot="auto", snapshot_chunk_size=400)
     options = dataclasses.replace(FAST, acked_cache=CACHE)
-    engine = make_engine(client, pipeline, options=options)
+    engine = await make_engine(client, pipeline, options=options)
     report = await engine.run_snapshot()
     assert report is not None and report["sent"] == 1_200
     assert engine.coalescer.acked_size() <= CACHE  # not one stamp per key of the table

@@ -84,7 +84,7 @@ async def _orphan(legacy: str, emu: EmulatorHandle, make_engine: EngineFactory) 
     created = asyncio.Event()
     async with make_client(emu) as client:
         _dies_after_create(client, created)
-        first = asyncio.create_task(make_engine(client, cost=CHEAP_BULK).drain())
+        first = asyncio.create_task((await make_engine(client, cost=CHEAP_BULK)).drain())
         await asyncio.wait_for(created.wait(), 30)
         first.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -111,7 +111,7 @@ async def test_orphan_job_never_lands_after_a_newer_version(
     await _orphan(legacy, emu, make_engine)
     await execute(legacy, "UPDATE public.orders SET name = 'NEWER' WHERE id = 42")
     async with make_client(emu) as client:
-        engine = make_engine(client, options=FENCE_3S)
+        engine = await make_engine(client, options=FENCE_3S)
         task = asyncio.create_task(engine.drain())
         # the restarted engine has either sent key 42 already or holds it back
         await wait_for(lambda: _sent_or_fenced(engine, "42"))
@@ -136,7 +136,7 @@ async def test_orphan_callback_releases_the_fence_early(
     await execute(legacy, "UPDATE public.orders SET name = 'NEWER' WHERE id = 42")
     long_fence = dataclasses.replace(FAST, default_bulk_latency=600.0)
     async with make_client(emu) as client:
-        engine = make_engine(client, options=long_fence)
+        engine = await make_engine(client, options=long_fence)
         task = asyncio.create_task(engine.drain())
         await wait_for(lambda: "42" in engine.coalescer.fenced())
         assert engine.coalescer.acked("42") is None
@@ -164,7 +164,7 @@ async def test_orphan_callback_before_the_fence_is_set_ends_it(
     await execute(legacy, "UPDATE public.orders SET name = 'NEWER' WHERE id = 42")
     long_fence = dataclasses.replace(FAST, default_bulk_latency=600.0)
     async with make_client(emu) as client:
-        engine = make_engine(client, options=long_fence)
+        engine = await make_engine(client, options=long_fence)
         await asyncio.wait_for(engine.drain(), 30)  # not held for the 1,800 s bound
     assert _history_names(emu, "42")[-1] == "NEWER"
     await assert_crm_matches(emu, legacy)
@@ -178,12 +178,12 @@ async def test_fence_survives_a_restart(
     await execute(legacy, "UPDATE public.orders SET name = 'NEWER' WHERE id = 42")
     long_fence = dataclasses.replace(FAST, default_bulk_latency=600.0)
     async with make_client(emu) as client:
-        second = asyncio.create_task(make_engine(client, options=long_fence).drain())
+        second = asyncio.create_task((await make_engine(client, options=long_fence)).drain())
         await asyncio.sleep(0.5)
         second.cancel()
         with pytest.raises(asyncio.CancelledError):
             await second
-        engine = make_engine(client, options=long_fence)
+        engine = await make_engine(client, options=long_fence)
         third = asyncio.create_task(engine.drain())
         await wait_for(lambda: "42" in engine.coalescer.fenced())
         third.cancel()
@@ -199,7 +199,7 @@ async def test_create_answer_lost_fences_until_the_bound(
     await execute(legacy, *insert_sql(300))
     async with make_client(emu) as client:
         _answer_lost(client)
-        engine = make_engine(client, options=FENCE_3S, cost=CHEAP_BULK)
+        engine = await make_engine(client, options=FENCE_3S, cost=CHEAP_BULK)
         task = asyncio.create_task(engine.drain())
         await wait_for(lambda: "42" in engine.coalescer.fenced())
         await execute(legacy, "UPDATE public.orders SET name = 'NEWER' WHERE id = 42")
@@ -223,7 +223,7 @@ async def test_snapshot_chunk_goes_by_one_bulk_job_under_a_short_staleness_budge
     await execute(legacy, "DELETE FROM connector.outbox")
     pipeline = pipeline_config(snapshot="auto", max_staleness="10s")
     async with make_client(emu) as client:
-        engine = make_engine(client, pipeline)
+        engine = await make_engine(client, pipeline)
         stop = asyncio.Event()
         task = asyncio.create_task(engine.run(stop))
         await wait_for(lambda: engine.snapshot_report is not None, 60)
@@ -249,7 +249,9 @@ async def test_chunk_written_before_a_restart_goes_as_one_job_when_read_in_parts
     assert chunk is not None and chunk.rows == 6_000
     await execute(legacy, "UPDATE connector.outbox SET captured_at = now() - interval '1 hour'")
     async with make_client(emu) as client:
-        engine = make_engine(client, pipeline, options=dataclasses.replace(FAST, read_limit=2_000))
+        engine = await make_engine(
+            client, pipeline, options=dataclasses.replace(FAST, read_limit=2_000)
+        )
         stop = asyncio.Event()
         task = asyncio.create_task(engine.run(stop))
         await wait_for(lambda: engine.snapshot_report is not None, 60)
@@ -264,10 +266,10 @@ async def test_bulk_estimate_survives_a_restart_and_checkpoint_counts_events(
 ) -> None:
     await execute(legacy, *insert_sql(6_000))
     async with make_client(emu) as client:
-        await make_engine(client).drain()
+        await (await make_engine(client)).drain()
         rows = await fetch(legacy, "SELECT duration_seconds FROM connector.bulk_jobs")
         assert len(rows) == 1 and rows[0][0] is not None and rows[0][0] > 0
-        engine = make_engine(client)
+        engine = await make_engine(client)
         await engine.drain()
         assert engine.emitter is not None
         assert engine.emitter.bulk_latency == pytest.approx(rows[0][0])
@@ -285,7 +287,7 @@ async def test_sending_resumes_when_the_crm_credits_come_back(
     await execute(legacy, *insert_sql(10))
     options = dataclasses.replace(FAST, credit_probe_interval=0.3, retry_backoff_max=0.5)
     async with make_client(emu) as client:
-        engine = make_engine(client, pipeline_config(max_staleness="1s"), options=options)
+        engine = await make_engine(client, pipeline_config(max_staleness="1s"), options=options)
         stop = asyncio.Event()
         task = asyncio.create_task(engine.run(stop))
         await wait_for(lambda: client.credits_remaining == 0 and engine._retry_delay > 0)

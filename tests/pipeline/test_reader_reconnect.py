@@ -35,7 +35,7 @@ async def test_the_reader_reconnects_after_its_connection_is_killed(
     make_engine: EngineFactory,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    engine = make_engine(client, pipeline_config(max_staleness=timedelta(seconds=1)))
+    engine = await make_engine(client, pipeline_config(max_staleness=timedelta(seconds=1)))
     stop = asyncio.Event()
     with caplog.at_level(logging.WARNING):
         task = asyncio.create_task(engine.run(stop))

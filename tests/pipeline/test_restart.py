@@ -39,7 +39,7 @@ async def test_postgres_restart_while_running(
     server = getattr(pg_cluster, "server", None)
     if server is None:
         pytest.skip("needs the embedded cluster (CONNECTOR_TEST_DSN is set)")
-    engine = make_engine(client)
+    engine = await make_engine(client)
     stop = asyncio.Event()
     task = asyncio.create_task(engine.run(stop))
     await execute(legacy, *insert_sql(300))

@@ -65,11 +65,11 @@ async def test_snapshot_with_a_concurrent_writer_ends_equal_row_for_row(
     await _preexisting(legacy, ROWS)
     pipeline = pipeline_config(snapshot="auto")
     async with make_client(emu) as client:
-        engine = make_engine(client, pipeline)
+        engine = await make_engine(client, pipeline)
         writer = asyncio.create_task(_writer(legacy, ROWS, 400, seed=1))
         await engine.drain()
         await writer
-        await make_engine(client, pipeline).drain()  # whatever the writer did last
+        await (await make_engine(client, pipeline)).drain()  # whatever the writer did last
 
     await assert_crm_matches(emu, legacy)
     # every field, not only the name: compare the CRM against the legacy table row for row
@@ -118,7 +118,7 @@ async def test_snapshot_interrupted_three_times_resumes_exactly(
     pipeline = pipeline_config(snapshot="auto", snapshot_chunk_size=chunk)
     for interruption in range(1, 4):
         async with make_client(emu) as client:
-            task = asyncio.create_task(make_engine(client, pipeline).drain())
+            task = asyncio.create_task((await make_engine(client, pipeline)).drain())
             for _ in range(2_000):
                 if await _created_jobs(legacy) >= interruption:
                     break
@@ -138,7 +138,7 @@ async def test_snapshot_interrupted_three_times_resumes_exactly(
     ticker = asyncio.create_task(advance())
     try:
         async with make_client(emu) as client:
-            await make_engine(client, pipeline).drain()
+            await (await make_engine(client, pipeline)).drain()
     finally:
         ticker.cancel()
 
@@ -214,7 +214,7 @@ async def test_snapshot_rejections_are_dead_lettered_and_fixed_rows_arrive(
     await execute(legacy, "DELETE FROM connector.outbox")
     pipeline = pipeline_config(snapshot="auto")
     async with make_client(emu) as client:
-        await make_engine(client, pipeline).drain()
+        await (await make_engine(client, pipeline)).drain()
         letters = await fetch(
             legacy,
             "SELECT key::int, error_code, error_field FROM connector.dead_letters"
@@ -226,7 +226,7 @@ async def test_snapshot_rejections_are_dead_lettered_and_fixed_rows_arrive(
         assert (report["sent"], report["skipped"]) == (n - 20, 20)
 
         await execute(legacy, "UPDATE public.orders SET status = 'New' WHERE id = ANY(%s)", (bad,))
-        await make_engine(client, pipeline).drain()
+        await (await make_engine(client, pipeline)).drain()
     await assert_crm_matches(emu, legacy)
     rows = await fetch(legacy, "SELECT status, count(*) FROM connector.dead_letters GROUP BY 1")
     assert rows == [("resolved", 20)]
@@ -277,11 +277,11 @@ async def test_run_snapshot_restart_resyncs_everything(
     await _preexisting(legacy, 300)
     pipeline = pipeline_config(snapshot="auto")
     async with make_client(emu) as client:
-        first = await make_engine(client, pipeline).run_snapshot()
+        first = await (await make_engine(client, pipeline)).run_snapshot()
         assert first is not None and (first["rows_read"], first["sent"]) == (300, 300)
         emu.reset()  # the CRM lost everything
         await execute(legacy, "UPDATE public.orders SET name = 'after' WHERE id = 5")
-        second = await make_engine(client, pipeline).run_snapshot(restart=True)
+        second = await (await make_engine(client, pipeline)).run_snapshot(restart=True)
     assert second is not None and second["rows_read"] == 300
     await assert_crm_matches(emu, legacy)
     chunks = await fetch(legacy, "SELECT chunk_no FROM connector.snapshot_chunks ORDER BY 1")

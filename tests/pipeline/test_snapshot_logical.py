@@ -9,7 +9,7 @@ import psycopg
 
 from connector.capture import logical
 from connector.emulator.server import EmulatorHandle
-from connector.engine import Engine
+from connector.pipeline import build_pipeline
 
 from .conftest import (
     FAST,
@@ -41,15 +41,18 @@ async def test_logical_mode_snapshot_with_a_concurrent_writer(
         logical.LogicalCapture(database, SCHEMA, pipeline).run(stop_capture)
     )
     try:
-        async with make_client(emu) as client:
-            engine = Engine(
+        async with (
+            make_client(emu) as client,
+            build_pipeline(
                 pipeline,
                 client=client,
                 state_dsn=database,
                 schema=SCHEMA,
                 options=FAST,
                 snapshot_progress=False,
-            )
+            ) as built,
+        ):
+            engine = built.engine
             writer = asyncio.create_task(_writer(database, ROWS, 300, seed=2))
             await engine.drain()
             await writer
@@ -62,8 +65,10 @@ async def test_logical_mode_snapshot_with_a_concurrent_writer(
                 await asyncio.sleep(0.02)
             else:
                 raise AssertionError("logical capture did not deliver the sentinel")
-            again = Engine(pipeline, client=client, state_dsn=database, schema=SCHEMA, options=FAST)
-            await again.drain()
+            async with build_pipeline(
+                pipeline, client=client, state_dsn=database, schema=SCHEMA, options=FAST
+            ) as again:
+                await again.engine.drain()
     finally:
         stop_capture.set()
         await asyncio.wait_for(capture, 30)

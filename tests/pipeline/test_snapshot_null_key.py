@@ -37,7 +37,7 @@ async def test_rows_without_a_key_become_dead_letters_and_the_sync_goes_on(
     await execute(legacy, FORGET_CAPTURE)
     pipeline = pipeline_config(snapshot="auto", snapshot_chunk_size=100)
     async with make_client(emu) as client:
-        await make_engine(client, pipeline).drain()
+        await (await make_engine(client, pipeline)).drain()
 
     status = await fetch(legacy, "SELECT status, rows_read FROM connector.snapshots")
     assert status == [("done", 298)]
@@ -53,7 +53,7 @@ async def test_rows_without_a_key_become_dead_letters_and_the_sync_goes_on(
     # a restarted initial sync reads the rows again but adds no second open letter
     await execute(legacy, "UPDATE connector.snapshots SET status = 'failed'")
     async with make_client(emu) as client:
-        await make_engine(client, pipeline).drain()
+        await (await make_engine(client, pipeline)).drain()
     assert len(await _letters(legacy)) == 2
 
 
@@ -65,7 +65,7 @@ async def test_a_table_of_keyless_rows_only_finishes_with_letters(
     await execute(legacy, "UPDATE public.orders SET id = NULL, name = 'keyless ' || id")
     await execute(legacy, FORGET_CAPTURE)
     async with make_client(emu) as client:
-        await make_engine(client, pipeline_config(snapshot="auto")).drain()
+        await (await make_engine(client, pipeline_config(snapshot="auto"))).drain()
     assert emu.records("Orders") == []
     assert [n for _, _, n, _ in await _letters(legacy)] == [
         "keyless 1",

@@ -68,7 +68,7 @@ async def test_reread_after_lost_ack_never_writes_an_older_version(
     api: str,
 ) -> None:
     await execute(legacy, *insert_sql(keys, tag="v1"))
-    await make_engine(client, cost=CHEAP_BULK).drain()
+    await (await make_engine(client, cost=CHEAP_BULK)).drain()
     # two more versions of every key, one transaction each
     await execute(legacy, "UPDATE public.orders SET name = replace(name, 'v1', 'v2')")
     await execute(legacy, "UPDATE public.orders SET name = replace(name, 'v2', 'v3')")
@@ -77,7 +77,7 @@ async def test_reread_after_lost_ack_never_writes_an_older_version(
 
     # the next engine reads one transaction per batch: v2 comes alone, v3 in the next read
     options = dataclasses.replace(FAST, read_limit=keys)
-    engine = make_engine(client, cost=CHEAP_BULK, options=options)
+    engine = await make_engine(client, cost=CHEAP_BULK, options=options)
     await engine.drain()
 
     history = _names_written(emu)
@@ -102,16 +102,16 @@ async def test_delete_after_a_lost_reinsert_ack_deletes_the_new_record(
     gone, and the new record stayed. An id recorded with a delete is that deleted record's: a
     later delete now looks the key up instead."""
     await execute(legacy, *insert_sql(1, tag="v1"))
-    await make_engine(client).drain()
+    await (await make_engine(client)).drain()
     await execute(legacy, "DELETE FROM public.orders WHERE id = 1")
-    await make_engine(client).drain()
+    await (await make_engine(client)).drain()
     assert crm_by_key(emu) == {}
     await execute(legacy, *insert_sql(1, tag="again"))
     await _previous_owner_sent_newest(legacy, client)  # a new record; its ack is lost
     assert set(crm_by_key(emu)) == {"1"}
     await execute(legacy, "DELETE FROM public.orders WHERE id = 1")
 
-    await make_engine(client).drain()
+    await (await make_engine(client)).drain()
     assert crm_by_key(emu) == {}
     rows = await fetch(legacy, "SELECT deleted FROM connector.key_state WHERE key = '1'")
     assert rows == [(True,)]

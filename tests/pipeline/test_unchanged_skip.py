@@ -50,14 +50,14 @@ async def test_unmapped_only_updates_spend_no_credits(
         await triggers.install(conn, SCHEMA, PIPELINE)
     await execute(legacy, *insert_sql(10))
     metrics = Metrics()
-    await make_engine(client, PIPELINE, metrics=metrics).drain()
+    await (await make_engine(client, PIPELINE, metrics=metrics)).drain()
     assert len(crm_by_key(emu)) == 10
     calls, credits = upsert_usage(emu)
     assert calls >= 1
 
     # only the unmapped column changes: nothing is sent, every key is acknowledged
     await execute(legacy, "UPDATE public.orders SET notes = 'internal ' || id")
-    await make_engine(client, PIPELINE, metrics=metrics).drain()
+    await (await make_engine(client, PIPELINE, metrics=metrics)).drain()
     assert upsert_usage(emu) == (calls, credits)
     assert unchanged(metrics) == 10
     pending = await fetch(
@@ -69,7 +69,7 @@ async def test_unmapped_only_updates_spend_no_credits(
 
     # a mapped column changes: sent
     await execute(legacy, "UPDATE public.orders SET name = 'Renamed', notes = 'x' WHERE id = 1")
-    await make_engine(client, PIPELINE, metrics=metrics).drain()
+    await (await make_engine(client, PIPELINE, metrics=metrics)).drain()
     assert upsert_usage(emu)[0] == calls + 1
     assert crm_by_key(emu)["1"]["Name"] == "Renamed"
     assert unchanged(metrics) == 10
@@ -81,7 +81,7 @@ async def test_unmapped_only_updates_spend_no_credits(
     await recapture(
         pipeline=PIPELINE, keys=["2"], source_dsn=legacy, state_dsn=legacy, schema=SCHEMA
     )
-    await make_engine(client, PIPELINE, metrics=metrics).drain()
+    await (await make_engine(client, PIPELINE, metrics=metrics)).drain()
     assert upsert_usage(emu)[0] == calls + 2
     assert crm_by_key(emu)["2"]["Name"] != "edited in the CRM"
 
@@ -93,12 +93,12 @@ async def test_a_delete_forgets_the_hash(
     async with await psycopg.AsyncConnection.connect(legacy, autocommit=True) as conn:
         await triggers.install(conn, SCHEMA, PIPELINE)
     await execute(legacy, *insert_sql(3))
-    await make_engine(client, PIPELINE).drain()
+    await (await make_engine(client, PIPELINE)).drain()
     assert await fetch(
         legacy, "SELECT count(*) FROM connector.key_state WHERE sent_hash IS NOT NULL"
     ) == [(3,)]
     await execute(legacy, "DELETE FROM public.orders WHERE id = 3")
-    await make_engine(client, PIPELINE).drain()
+    await (await make_engine(client, PIPELINE)).drain()
     assert await fetch(legacy, "SELECT sent_hash FROM connector.key_state WHERE key = '3'") == [
         (None,)
     ]
@@ -114,7 +114,7 @@ async def test_a_write_whose_outcome_was_lost_is_never_skipped_after(
     async with await psycopg.AsyncConnection.connect(legacy, autocommit=True) as conn:
         await triggers.install(conn, SCHEMA, PIPELINE)
     await execute(legacy, *insert_sql(1))
-    await make_engine(client, PIPELINE).drain()
+    await (await make_engine(client, PIPELINE)).drain()
     original = crm_by_key(emu)["1"]["Name"]
 
     # B is written to the CRM, then the process dies before storing the answer
@@ -127,7 +127,7 @@ async def test_a_write_whose_outcome_was_lost_is_never_skipped_after(
     client.upsert = upsert_then_die  # type: ignore[method-assign]
     await execute(legacy, "UPDATE public.orders SET name = 'B' WHERE id = 1")
     try:
-        await make_engine(client, PIPELINE).drain()
+        await (await make_engine(client, PIPELINE)).drain()
     except Exception:
         pass
     client.upsert = real  # type: ignore[method-assign]
@@ -135,5 +135,5 @@ async def test_a_write_whose_outcome_was_lost_is_never_skipped_after(
 
     # back to the acknowledged record A: the CRM holds B, so it must be sent
     await execute(legacy, "UPDATE public.orders SET name = %s WHERE id = 1", (original,))
-    await make_engine(client, PIPELINE).drain()
+    await (await make_engine(client, PIPELINE)).drain()
     assert crm_by_key(emu)["1"]["Name"] == original

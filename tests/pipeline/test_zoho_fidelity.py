@@ -36,7 +36,7 @@ async def test_synced_writes_run_no_automation_by_default(
     await execute(legacy, *insert_sql(5))
     await execute(legacy, "DELETE FROM public.orders WHERE id = 5")
     async with make_client(emu) as client:
-        await make_engine(client).drain()
+        await (await make_engine(client)).drain()
     writes = emu.triggers()
     assert {w["api"] for w in writes} == {"upsert"}
     assert all(w["trigger"] == [] for w in writes), writes
@@ -50,9 +50,9 @@ async def test_configured_automations_are_asked_for(
     pipeline = pipeline_config(triggers=["workflow", "blueprint"])
     await execute(legacy, *insert_sql(3))
     async with make_client(emu) as client:
-        await make_engine(client, pipeline).drain()
+        await (await make_engine(client, pipeline)).drain()
         await execute(legacy, "DELETE FROM public.orders WHERE id = 3")
-        await make_engine(client, pipeline).drain()
+        await (await make_engine(client, pipeline)).drain()
     writes = emu.triggers()
     assert [w["api"] for w in writes] == ["upsert", "delete"]
     assert writes[0]["trigger"] == ["workflow", "blueprint"]
@@ -88,7 +88,7 @@ async def test_result_status_spellings_and_unprocessed_rows(
     emu.set_faults(unprocessed_rows_next=7)
     await execute(legacy, *insert_sql(6_000))
     async with make_client(emu) as client:
-        await make_engine(client).drain()
+        await (await make_engine(client)).drain()
     assert (
         await fetch(legacy, "SELECT error_code, count(*) FROM connector.dead_letters GROUP BY 1")
         == []
@@ -121,7 +121,7 @@ async def test_expired_bulk_job_is_sent_again_after_a_long_outage(
             FAST, drain_timeout=0.05, default_bulk_latency=0.2, orphan_fence_min=0.2
         )
         async with make_client(emu) as client:
-            first = asyncio.create_task(make_engine(client, options=fast).drain())
+            first = asyncio.create_task((await make_engine(client, options=fast)).drain())
             for _ in range(1_000):
                 rows = await fetch(legacy, "SELECT status FROM connector.bulk_jobs")
                 if rows == [("created",)]:
@@ -133,7 +133,7 @@ async def test_expired_bulk_job_is_sent_again_after_a_long_outage(
         emu.advance(outage)  # a long outage: the CRM forgets the job or its result
         emu.state.config.bulk.queue_seconds = 0.0  # the job sent again runs at once
         async with make_client(emu) as client:
-            await make_engine(client, options=fast).drain()
+            await (await make_engine(client, options=fast)).drain()
         jobs = await fetch(legacy, "SELECT status FROM connector.bulk_jobs ORDER BY id")
         assert jobs[0] == ("abandoned",)  # not failed, not retried forever
         await assert_crm_matches(emu, legacy)
@@ -156,10 +156,10 @@ async def test_locked_record_is_retried_until_the_lock_ends(
 ) -> None:
     await execute(legacy, *insert_sql(3))
     async with make_client(emu) as client:
-        await make_engine(client).drain()
+        await (await make_engine(client)).drain()
         emu.lock("Orders", _crm_id(emu, "2"), seconds=2.0)  # an approval that ends soon
         await execute(legacy, "UPDATE public.orders SET name = 'AFTER LOCK'")
-        await make_engine(client).drain()
+        await (await make_engine(client)).drain()
     assert await fetch(legacy, "SELECT count(*) FROM connector.dead_letters") == [(0,)]
     await assert_crm_matches(emu, legacy)
     locked_answers = [w for w in emu.triggers() if w["api"] == "upsert"]
@@ -172,10 +172,10 @@ async def test_lasting_lock_is_dead_lettered_with_the_reason_after_max_staleness
     pipeline = pipeline_config(max_staleness="2s")
     await execute(legacy, *insert_sql(3))
     async with make_client(emu) as client:
-        await make_engine(client, pipeline).drain()
+        await (await make_engine(client, pipeline)).drain()
         emu.lock("Orders", _crm_id(emu, "2"))  # locked until someone approves: not today
         await execute(legacy, "UPDATE public.orders SET name = 'AFTER LOCK'")
-        await make_engine(client, pipeline).drain()
+        await (await make_engine(client, pipeline)).drain()
     dead = await fetch(
         legacy, "SELECT key, error_code, error_message, api FROM connector.dead_letters"
     )
@@ -193,11 +193,11 @@ async def test_bulk_row_of_a_locked_record_is_retried_not_dead_lettered(
 ) -> None:
     await execute(legacy, *insert_sql(6_000))
     async with make_client(emu) as client:
-        await make_engine(client).drain()
+        await (await make_engine(client)).drain()
         locked = _crm_id(emu, "42")
         emu.lock("Orders", locked)
         await execute(legacy, "UPDATE public.orders SET name = name || ' v2'")
-        task = asyncio.create_task(make_engine(client).drain())
+        task = asyncio.create_task((await make_engine(client)).drain())
         for _ in range(1_500):  # the update's job is applied with key 42 refused
             applied = await fetch(
                 legacy, "SELECT count(*) FROM connector.bulk_jobs WHERE status = 'applied'"
@@ -221,10 +221,10 @@ async def test_a_locked_record_does_not_hold_back_the_pipeline(
     pipeline-wide retry backoff (which pauses every other key) is not used."""
     await execute(legacy, *insert_sql(3))
     async with make_client(emu) as client:
-        await make_engine(client).drain()
+        await (await make_engine(client)).drain()
         emu.lock("Orders", _crm_id(emu, "2"))
         await execute(legacy, "UPDATE public.orders SET name = 'v2' WHERE id = 2")
-        engine = make_engine(client)
+        engine = await make_engine(client)
         task = asyncio.create_task(engine.drain())
         for _ in range(1_500):  # key 2 refused at least twice
             if sum(w["api"] == "upsert" for w in emu.triggers()) >= 3:

@@ -11,10 +11,10 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from connector.config import PipelineConfig
-from connector.engine import Engine
 from connector.events import ChangeEvent, Op
 from connector.planner import PendingKey, PlannerInput, plan
 from connector.zoho.client import ZohoClient
+from tests.unit.engine_parts import offline_engine
 
 
 def pipeline(**kw: Any) -> PipelineConfig:
@@ -81,11 +81,7 @@ def test_engine_passes_the_configured_allowance_to_the_planner(
         client_secret=SecretStr("s"),
         refresh_token=SecretStr("r"),
     )
-    eng = Engine(
-        pipeline(retry_allowance=timedelta(seconds=allowance)),
-        client=client,
-        state_dsn="postgresql://unused",
-    )
+    eng = offline_engine(pipeline(retry_allowance=timedelta(seconds=allowance)), client)
     eng.emitter = _Emitter()  # type: ignore[assignment]
     at = datetime(2026, 1, 1, tzinfo=UTC)
     eng.tracker.register(0, 1)
