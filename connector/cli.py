@@ -324,12 +324,13 @@ def cmd_emulator(args: argparse.Namespace) -> int:
     return int(run_emulator_cli(args.host, args.port, args.config))
 
 
-def _operate(name: str) -> Callable[[argparse.Namespace], int]:
+def _operate(name: str, module: str = "operate") -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
-        from connector import operate
+        import importlib
 
         settings, secrets = _load(args)
-        fn: Callable[..., Coroutine[Any, Any, int]] = getattr(operate, name)
+        verbs = importlib.import_module(f"connector.{module}")
+        fn: Callable[..., Coroutine[Any, Any, int]] = getattr(verbs, name)
         return _run(fn(settings, secrets, args))
 
     return handler
@@ -364,7 +365,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "snapshot": _operate("snapshot"),
     "status": _operate("status"),
-    "replay": _operate("replay"),
+    "replay": _operate("replay", "operate_replay"),
     "dead-letters": _operate("dead_letters"),
     "verify": _operate("verify"),
 }

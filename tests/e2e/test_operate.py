@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from connector import operate
+from connector import operate, operate_replay
 from connector.config import Settings, load_settings, resolve_secrets
 from connector.demo import DEMO_ENV
 from connector.metrics import Metrics
@@ -119,7 +119,7 @@ async def test_replay_is_idempotent_and_never_older(
     await wait_in_sync(r.setup, None)
     before = await _versions(dsn)
     args = ns(pipeline="orders", from_offset=1, since=None, to=None, key=None, dry_run=True)
-    assert await operate.replay(r.settings, r.secrets, args) == 0
+    assert await operate_replay.replay(r.settings, r.secrets, args) == 0
     out = capsys.readouterr().out
     assert "dry run: nothing sent" in out
     assert "120 keys; 120 to re-send" in out  # newest event per key, none older than acked
@@ -127,7 +127,7 @@ async def test_replay_is_idempotent_and_never_older(
     assert await _versions(dsn) == before
     args.dry_run = False
     args.key = "3"
-    assert await operate.replay(r.settings, r.secrets, args) == 0
+    assert await operate_replay.replay(r.settings, r.secrets, args) == 0
     out = capsys.readouterr().out
     assert "a running connector owns the pipeline" in out and "(1 row(s), 0 delete(s)" in out
     for _ in range(300):  # the running connector sends the re-captured event
@@ -193,7 +193,7 @@ async def test_replay_without_a_running_connector_sends_through_its_own_engine(
     assert r.task is not None and await r.task == 0
     upserts = emu.usage()["by_api"]["upsert"]["records"]
     args = ns(pipeline="orders", from_offset=1, since=None, to=None, key=None, dry_run=False)
-    assert await operate.replay(r.settings, r.secrets, args) == 0
+    assert await operate_replay.replay(r.settings, r.secrets, args) == 0
     out = capsys.readouterr().out
     assert "the newest version of 120 key(s) sent again" in out
     assert emu.usage()["by_api"]["upsert"]["records"] == upserts + 120
@@ -321,16 +321,18 @@ async def test_replay_verify_and_dead_letters_say_what_they_do(
     r, _ = running
     base = {"pipeline": None, "since": None, "to": None, "key": None, "dry_run": True}
     with pytest.raises(ConnectorError, match="past the end of orders's outbox"):
-        await operate.replay(r.settings, r.secrets, ns(**{**base, "from_offset": 10**9}))
+        await operate_replay.replay(r.settings, r.secrets, ns(**{**base, "from_offset": 10**9}))
     with pytest.raises(ConfigError, match="before --from-offset"):
-        await operate.replay(r.settings, r.secrets, ns(**{**base, "from_offset": 10, "to": "5"}))
+        await operate_replay.replay(
+            r.settings, r.secrets, ns(**{**base, "from_offset": 10, "to": "5"})
+        )
     with pytest.raises(ConnectorError, match="holds no event of id 'no-such-key'"):
-        await operate.replay(
+        await operate_replay.replay(
             r.settings, r.secrets, ns(**{**base, "from_offset": 1, "key": "no-such-key"})
         )
     capsys.readouterr()
     real = ns(**{**base, "from_offset": 1, "key": "3", "dry_run": False})
-    assert await operate.replay(r.settings, r.secrets, real) == 0
+    assert await operate_replay.replay(r.settings, r.secrets, real) == 0
     out = capsys.readouterr().out
     assert "would send" not in out and "re-captured" in out
     assert await operate.verify(r.settings, r.secrets, ns(repair=False)) == 0

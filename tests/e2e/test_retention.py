@@ -14,7 +14,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from connector import operate
+from connector import operate_replay
 from connector.config import load_settings, resolve_secrets
 from connector.demo import DEMO_ENV
 from connector.errors import ConfigError
@@ -110,23 +110,25 @@ async def test_retention_prunes_acknowledged_events_in_a_real_run(
                 dry_run=True,
             )
             with pytest.raises(ConfigError) as err:
-                await operate.replay(settings, secrets, args)
+                await operate_replay.replay(settings, secrets, args)
             msg = str(err.value)
             assert msg.startswith("--since: replay orders:")
             assert "already pruned by outbox retention" in msg
             assert "retention = 2s" in msg and "the outbox holds no event" in msg
             args.since, args.from_offset = None, 1
             with pytest.raises(ConfigError, match="--from-offset: replay orders: offset 1 "):
-                await operate.replay(settings, secrets, args)
+                await operate_replay.replay(settings, secrets, args)
 
             # a new change: kept for the retention window, then the oldest kept is named
             await change_orders(setup.dsn, 1, seed=4)
             await wait_in_sync(setup, run)
             with pytest.raises(ConfigError, match=r"the oldest event kept is offset \d+"):
-                await operate.replay(settings, secrets, args)
+                await operate_replay.replay(settings, secrets, args)
             args.from_offset = None
             args.since = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
-            assert await operate.replay(settings, secrets, args) == 0  # after the pruned range
+            assert (
+                await operate_replay.replay(settings, secrets, args) == 0
+            )  # after the pruned range
 
 
 async def test_default_retention_keeps_acknowledged_events(database: str, tmp_path: Path) -> None:
