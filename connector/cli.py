@@ -326,10 +326,10 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 
 def _operate(name: str, module: str = "operate") -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
-        import importlib
+        from connector import operate, operate_replay
 
         settings, secrets = _load(args)
-        verbs = importlib.import_module(f"connector.{module}")
+        verbs = {"operate": operate, "operate_replay": operate_replay}[module]
         fn: Callable[..., Coroutine[Any, Any, int]] = getattr(verbs, name)
         return _run(fn(settings, secrets, args))
 
