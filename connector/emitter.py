@@ -458,7 +458,7 @@ class Emitter(BulkJobs, SyncFlags, SchemaChecks):
                 self.metrics.dead_letters_total.labels(pipeline=name, code=d.code).inc()
         self.rejections.log(res.dead)
 
-    def _count(self, api: str, outcome: str) -> None:
+    def _count(self, api: str, outcome: str, n: int = 1) -> None:
         # called once per record: the labelled child is bound once per (metrics, api, outcome)
         # (prometheus_client's labels() validates and locks on every call; issue 19)
         if self.metrics is not None:
@@ -471,7 +471,7 @@ class Emitter(BulkJobs, SyncFlags, SchemaChecks):
                     pipeline=self.pipeline.name, api=api, outcome=outcome
                 )
                 self._emitted[(api, outcome)] = child
-            child.inc()
+            child.inc(n)
 
     def _bulk_gauge(self, delta: int) -> None:
         if self.metrics is not None:

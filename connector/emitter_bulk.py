@@ -68,7 +68,7 @@ class BulkJobs:
         def _retry_transient(self, key: str, code: str | None) -> bool: ...
         def _later(self, out: EmitOutcome, entry: PendingEntry) -> None: ...
         def _gave_up(self, key: str) -> str: ...
-        def _count(self, api: str, outcome: str) -> None: ...
+        def _count(self, api: str, outcome: str, n: int = 1) -> None: ...
         def _bulk_gauge(self, delta: int) -> None: ...
 
     # ------------------------------------------------------------------ bulk path
@@ -294,14 +294,19 @@ class BulkJobs:
         if results is None:
             retry_keys = [e.key for e in entries]
         else:
+            # records_emitted_total{api="bulk"}: counted here, added once after the loop (the
+            # same totals before the next await; issue 19)
+            succeeded = 0
+            transient = self._transient
             for be in entries:
                 r = results[be.key]
                 event = _entry_event(be, by_key)
                 if r.ok:
-                    self._transient.pop(be.key, None)
+                    if transient:
+                        transient.pop(be.key, None)
                     action = "insert" if r.outcome is RowOutcome.ADDED else "update"
                     res.ack(event, r.record_id, action)
-                    self._count("bulk", "success")
+                    succeeded += 1
                 elif r.outcome is RowOutcome.UNPROCESSED:
                     retry_keys.append(be.key)
                 elif self._retry_transient(be.key, r.code):
@@ -310,6 +315,8 @@ class BulkJobs:
                     message = r.message + self._gave_up(be.key)
                     res.reject(event, r.code or "SKIPPED", message, r.field, "bulk", None)
                     self._count("bulk", "skipped")
+            if succeeded:
+                self._count("bulk", "success", succeeded)
         async with self.pool.connection() as conn, conn.transaction():
             if job.status is JobStatus.FAILED:
                 await state.bulk_failed(conn, self.schema, job_row, "job FAILED")
