@@ -147,6 +147,8 @@ def json_converter(crm_type: str, api: str, naive_tz: tzinfo = UTC) -> Converter
     if crm_type in _DECIMAL_TYPES:
 
         def decimal_(value: Any) -> Any:
+            if type(value) is Decimal and value.is_finite():  # what _to_decimal returns
+                return value
             return None if value is None else _to_decimal(value, api)
 
         return decimal_
@@ -205,6 +207,8 @@ def csv_converter(crm_type: str, api: str, naive_tz: tzinfo = UTC) -> Converter:
     if crm_type in _DECIMAL_TYPES:
 
         def decimal_(value: Any) -> str:
+            if type(value) is Decimal and value.is_finite():  # what _to_decimal returns
+                return _decimal_text(value)
             return "" if value is None else _decimal_text(_to_decimal(value, api))
 
         return decimal_

@@ -294,9 +294,9 @@ class BulkJobs:
         if results is None:
             retry_keys = [e.key for e in entries]
         else:
-            # records_emitted_total{api="bulk"}: counted here, added once after the loop (the
-            # same totals before the next await; issue 19)
-            succeeded = 0
+            # records_emitted_total{api="bulk"}: counted here, added per outcome after the loop,
+            # in the order of first occurrence (the same totals before the next await; issue 19)
+            counts: dict[str, int] = {}
             transient = self._transient
             for be in entries:
                 r = results[be.key]
@@ -306,7 +306,7 @@ class BulkJobs:
                         transient.pop(be.key, None)
                     action = "insert" if r.outcome is RowOutcome.ADDED else "update"
                     res.ack(event, r.record_id, action)
-                    succeeded += 1
+                    counts["success"] = counts.get("success", 0) + 1
                 elif r.outcome is RowOutcome.UNPROCESSED:
                     retry_keys.append(be.key)
                 elif self._retry_transient(be.key, r.code):
@@ -314,9 +314,9 @@ class BulkJobs:
                 else:
                     message = r.message + self._gave_up(be.key)
                     res.reject(event, r.code or "SKIPPED", message, r.field, "bulk", None)
-                    self._count("bulk", "skipped")
-            if succeeded:
-                self._count("bulk", "success", succeeded)
+                    counts["skipped"] = counts.get("skipped", 0) + 1
+            for outcome, n in counts.items():
+                self._count("bulk", outcome, n)
         async with self.pool.connection() as conn, conn.transaction():
             if job.status is JobStatus.FAILED:
                 await state.bulk_failed(conn, self.schema, job_row, "job FAILED")
