@@ -238,20 +238,24 @@ def csv_converter(crm_type: str, api: str, naive_tz: tzinfo = UTC) -> Converter:
 # Fast paths for the text a row image holds (``to_jsonb`` of a date / timestamptz column):
 # the same result as ``_date(value).isoformat()`` / ``_datetime_text(value)`` when they apply,
 # None otherwise (the general form then decides, errors included; issue 19).
-_AWARE_ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?[+-]\d\d:\d\d")
+_AWARE_ISO = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?[+-][0-9]{2}:[0-9]{2}"
+)
 
 
 def _date_fast(value: str) -> str | None:
     """``yyyy-MM-dd`` from 1900-01-01 on. Such a text has nothing to strip and passes
     ``_check_date_text`` (four-digit year, no ``BC``); ``_date`` reads it with the same
     ``date.fromisoformat``."""
-    if len(value) != 10 or value[4] != "-":
+    if len(value) != 10 or value[4] != "-" or value[7] != "-" or not value.isascii():
         return None
     try:
         d = date.fromisoformat(value)
     except ValueError:
         return None
-    return d.isoformat() if d >= MIN_DATE else None
+    # read as yyyy-MM-dd (ASCII digits, the only 10-character form with both dashes there):
+    # its isoformat() is the text itself
+    return value if d >= MIN_DATE else None
 
 
 def _datetime_fast(value: str) -> str | None:
@@ -266,9 +270,12 @@ def _datetime_fast(value: str) -> str | None:
         dt = datetime.fromisoformat(value)
     except ValueError:
         return None
-    if not 1900 < dt.year < 9999 or dt.utcoffset() is None:
+    if not 1900 < dt.year < 9999 or value[11:13] == "24":  # (24:00 is the next day's 00:00)
         return None
-    return dt.isoformat(timespec="seconds")
+    # isoformat(timespec="seconds") of what was read from ASCII digits: the text up to the
+    # seconds, then the offset (a zero offset is written "+00:00")
+    offset = value[-6:]
+    return value[:19] + ("+00:00" if offset == "-00:00" else offset)
 
 
 def _text(value: Any) -> str:
