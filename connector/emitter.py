@@ -223,8 +223,11 @@ class Emitter(BulkJobs, SyncFlags, SchemaChecks):
                 # records_emitted_total: counted here, added per (api, outcome) after the loop
                 # (the same totals before the next await; issue 19)
                 counts: dict[tuple[str, str], int] = {}
+                transient = self._transient
                 for (e, record, api), r in zip(part, results, strict=True):
-                    if self._retry_transient(e.key, None if r.ok else r.code):
+                    if r.ok and not transient:
+                        pass  # what _retry_transient(e.key, None) decides: nothing to forget
+                    elif self._retry_transient(e.key, None if r.ok else r.code):
                         self._later(out, e)  # locked or busy now: sent again after a backoff
                         continue
                     counted = (api, "success" if r.ok else "rejected")
