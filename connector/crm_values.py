@@ -53,6 +53,8 @@ COMPATIBLE_DATA_TYPES: dict[str, frozenset[str]] = {
 
 def key_text(value: Any, what: str, api: str) -> str:
     """A legacy key as the CRM's text key field holds it (integers and decimals as digits)."""
+    if type(value) is str and value:  # the usual key: the text itself (str(value) below)
+        return value
     if value is None or (isinstance(value, str) and value == ""):
         raise DataError("MISSING_KEY", f"{what} is NULL or empty", field=api)
     if isinstance(value, bool | dict | list):
@@ -145,6 +147,8 @@ def json_converter(crm_type: str, api: str, naive_tz: tzinfo = UTC) -> Converter
     if crm_type in _DECIMAL_TYPES:
 
         def decimal_(value: Any) -> Any:
+            if type(value) is Decimal and value.is_finite():  # what _to_decimal returns
+                return value
             return None if value is None else _to_decimal(value, api)
 
         return decimal_
@@ -157,11 +161,15 @@ def json_converter(crm_type: str, api: str, naive_tz: tzinfo = UTC) -> Converter
     if crm_type == "date":
 
         def date_(value: Any) -> Any:
+            if type(value) is str and (fast := _date_fast(value)) is not None:
+                return fast
             return None if value is None else _date(value, api).isoformat()
 
         return date_
 
     def datetime_(value: Any) -> Any:
+        if type(value) is str and (fast := _datetime_fast(value)) is not None:
+            return fast
         return None if value is None else _datetime_text(value, api, naive_tz)
 
     return datetime_
@@ -199,6 +207,8 @@ def csv_converter(crm_type: str, api: str, naive_tz: tzinfo = UTC) -> Converter:
     if crm_type in _DECIMAL_TYPES:
 
         def decimal_(value: Any) -> str:
+            if type(value) is Decimal and value.is_finite():  # what _to_decimal returns
+                return _decimal_text(value)
             return "" if value is None else _decimal_text(_to_decimal(value, api))
 
         return decimal_
@@ -211,14 +221,61 @@ def csv_converter(crm_type: str, api: str, naive_tz: tzinfo = UTC) -> Converter:
     if crm_type == "date":
 
         def date_(value: Any) -> str:
+            if type(value) is str and (fast := _date_fast(value)) is not None:
+                return fast
             return "" if value is None else _date(value, api).isoformat()
 
         return date_
 
     def datetime_(value: Any) -> str:
+        if type(value) is str and (fast := _datetime_fast(value)) is not None:
+            return fast
         return "" if value is None else _datetime_text(value, api, naive_tz)
 
     return datetime_
+
+
+# Fast paths for the text a row image holds (``to_jsonb`` of a date / timestamptz column):
+# the same result as ``_date(value).isoformat()`` / ``_datetime_text(value)`` when they apply,
+# None otherwise (the general form then decides, errors included; issue 19).
+_AWARE_ISO = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?[+-][0-9]{2}:[0-9]{2}"
+)
+
+
+def _date_fast(value: str) -> str | None:
+    """``yyyy-MM-dd`` from 1900-01-01 on. Such a text has nothing to strip and passes
+    ``_check_date_text`` (four-digit year, no ``BC``); ``_date`` reads it with the same
+    ``date.fromisoformat``."""
+    if len(value) != 10 or value[4] != "-" or value[7] != "-" or not value.isascii():
+        return None
+    try:
+        d = date.fromisoformat(value)
+    except ValueError:
+        return None
+    # read as yyyy-MM-dd (ASCII digits, the only 10-character form with both dashes there):
+    # its isoformat() is the text itself
+    return value if d >= MIN_DATE else None
+
+
+def _datetime_fast(value: str) -> str | None:
+    """``yyyy-MM-ddTHH:mm:ss[.f]±HH:MM`` with a year in 1901..9998: nothing to strip, passes
+    ``_check_date_text``, read by the same ``datetime.fromisoformat``; its offset is whole
+    minutes and neither the date nor its UTC date (a day at most away) can leave
+    1900-01-01..9999-12-31, so ``_datetime_text`` ends in ``isoformat(timespec="seconds")``
+    of the same datetime."""
+    if not _AWARE_ISO.fullmatch(value):
+        return None
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if not 1900 < dt.year < 9999 or value[11:13] == "24":  # (24:00 is the next day's 00:00)
+        return None
+    # isoformat(timespec="seconds") of what was read from ASCII digits: the text up to the
+    # seconds, then the offset (a zero offset is written "+00:00")
+    offset = value[-6:]
+    return value[:19] + ("+00:00" if offset == "-00:00" else offset)
 
 
 def _text(value: Any) -> str:

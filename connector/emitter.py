@@ -220,11 +220,18 @@ class Emitter(BulkJobs, SyncFlags, SchemaChecks):
                 took = seen[-1] if seen else time.monotonic() - started
                 self.upsert_latency = _ewma(self.upsert_latency, took)
                 self.latency.observe_upsert(took)
+                # records_emitted_total: counted here, added per (api, outcome) after the loop
+                # (the same totals before the next await; issue 19)
+                counts: dict[tuple[str, str], int] = {}
+                transient = self._transient
                 for (e, record, api), r in zip(part, results, strict=True):
-                    if self._retry_transient(e.key, None if r.ok else r.code):
+                    if r.ok and not transient:
+                        pass  # what _retry_transient(e.key, None) decides: nothing to forget
+                    elif self._retry_transient(e.key, None if r.ok else r.code):
                         self._later(out, e)  # locked or busy now: sent again after a backoff
                         continue
-                    self._count(api, "success" if r.ok else "rejected")
+                    counted = (api, "success" if r.ok else "rejected")
+                    counts[counted] = counts.get(counted, 0) + 1
                     if r.ok:
                         res.ack(
                             e.event, r.id, r.action, hashes.get(e.key) if api == "upsert" else None
@@ -233,6 +240,8 @@ class Emitter(BulkJobs, SyncFlags, SchemaChecks):
                         message = _message(r) + self._gave_up(e.key)
                         res.reject(e.event, r.code, message, r.field, api, record, r.details)
                     out.done.append(e)
+                for (api, outcome), n in counts.items():
+                    self._count(api, outcome, n)
             await self._store(res)
             out.acked += len(res.acks)
             out.dead += len(res.dead)
@@ -458,7 +467,7 @@ class Emitter(BulkJobs, SyncFlags, SchemaChecks):
                 self.metrics.dead_letters_total.labels(pipeline=name, code=d.code).inc()
         self.rejections.log(res.dead)
 
-    def _count(self, api: str, outcome: str) -> None:
+    def _count(self, api: str, outcome: str, n: int = 1) -> None:
         # called once per record: the labelled child is bound once per (metrics, api, outcome)
         # (prometheus_client's labels() validates and locks on every call; issue 19)
         if self.metrics is not None:
@@ -471,7 +480,7 @@ class Emitter(BulkJobs, SyncFlags, SchemaChecks):
                     pipeline=self.pipeline.name, api=api, outcome=outcome
                 )
                 self._emitted[(api, outcome)] = child
-            child.inc()
+            child.inc(n)
 
     def _bulk_gauge(self, delta: int) -> None:
         if self.metrics is not None:

@@ -22,7 +22,7 @@ from connector.config import PipelineConfig
 from connector.credits import current_pipeline
 from connector.emitter_outcome import EmitOutcome, _Results
 from connector.errors import BulkJobGone, DataError, TransientError
-from connector.events import ChangeEvent, Op, stamp_of
+from connector.events import ChangeEvent, EventStamp, Op
 from connector.metrics import Metrics
 from connector.zoho.bulk import BulkJob, BulkRowResult, JobStatus, RowOutcome, build_bulk_zip
 from connector.zoho.client import MAX_RECORDS_PER_CALL, ZohoClient
@@ -34,6 +34,7 @@ CallbackUrl = Callable[[int, str], str]  # (bulk_jobs.id, secret) -> URL the CRM
 #: With a callback URL the first job poll waits ``bulk_poll_max`` and the polls back off to this
 #: many times ``bulk_poll_max``: the callback ends the wait at once when it arrives.
 CALLBACK_POLL_FACTOR = 4
+_OP_VALUE = {op: op.value for op in Op}
 
 
 class BulkJobs:
@@ -68,7 +69,7 @@ class BulkJobs:
         def _retry_transient(self, key: str, code: str | None) -> bool: ...
         def _later(self, out: EmitOutcome, entry: PendingEntry) -> None: ...
         def _gave_up(self, key: str) -> str: ...
-        def _count(self, api: str, outcome: str) -> None: ...
+        def _count(self, api: str, outcome: str, n: int = 1) -> None: ...
         def _bulk_gauge(self, delta: int) -> None: ...
 
     # ------------------------------------------------------------------ bulk path
@@ -114,8 +115,14 @@ class BulkJobs:
     async def _bulk_job(self, rows: Sequence[tuple[PendingEntry, list[str]]]) -> EmitOutcome:
         started = time.monotonic()
         by_key = {e.key: e for e, _ in rows}
+        # (stamp_of and Op.value inlined: once per row of the job; issue 19)
         entries = [
-            state.BulkEntry(e.key, stamp_of(e.event), e.event.op.value, e.event.offset)
+            state.BulkEntry(
+                e.key,
+                EventStamp((ev := e.event).version, ev.source_xid, ev.snapshot),
+                _OP_VALUE[ev.op],
+                ev.offset,
+            )
             for e, _ in rows
         ]
         async with self.pool.connection() as conn:
@@ -294,14 +301,19 @@ class BulkJobs:
         if results is None:
             retry_keys = [e.key for e in entries]
         else:
+            # records_emitted_total{api="bulk"}: counted here, added per outcome after the loop,
+            # in the order of first occurrence (the same totals before the next await; issue 19)
+            counts: dict[str, int] = {}
+            transient = self._transient
             for be in entries:
                 r = results[be.key]
                 event = _entry_event(be, by_key)
                 if r.ok:
-                    self._transient.pop(be.key, None)
+                    if transient:
+                        transient.pop(be.key, None)
                     action = "insert" if r.outcome is RowOutcome.ADDED else "update"
                     res.ack(event, r.record_id, action)
-                    self._count("bulk", "success")
+                    counts["success"] = counts.get("success", 0) + 1
                 elif r.outcome is RowOutcome.UNPROCESSED:
                     retry_keys.append(be.key)
                 elif self._retry_transient(be.key, r.code):
@@ -309,7 +321,9 @@ class BulkJobs:
                 else:
                     message = r.message + self._gave_up(be.key)
                     res.reject(event, r.code or "SKIPPED", message, r.field, "bulk", None)
-                    self._count("bulk", "skipped")
+                    counts["skipped"] = counts.get("skipped", 0) + 1
+            for outcome, n in counts.items():
+                self._count("bulk", outcome, n)
         async with self.pool.connection() as conn, conn.transaction():
             if job.status is JobStatus.FAILED:
                 await state.bulk_failed(conn, self.schema, job_row, "job FAILED")

@@ -9,7 +9,10 @@ from typing import Any
 
 from connector import state
 from connector.coalesce import PendingEntry
-from connector.events import ChangeEvent, Op, stamp_of
+from connector.events import ChangeEvent, EventStamp, Op, stamp_of
+
+_DELETE = Op.DELETE
+_SNAPSHOT = Op.SNAPSHOT
 
 
 @dataclass
@@ -60,13 +63,15 @@ class _Results:
         action: str | None = None,
         sent_hash: bytes | None = None,
     ) -> None:
+        op = event.op
         self.acks.append(
             state.Ack(
                 event.key,
-                stamp_of(event),
+                # stamp_of(event), inlined: once per acknowledged event (issue 19)
+                EventStamp(event.version, event.source_xid, event.snapshot),
                 crm_id,
-                deleted=event.op is Op.DELETE,
-                sent_hash=sent_hash,
+                op is _DELETE,
+                sent_hash,
             )
         )
         self.acked_events.append(event)
@@ -74,7 +79,7 @@ class _Results:
             self.added += 1
         elif action == "update":
             self.updated += 1
-        if event.op is Op.SNAPSHOT:
+        if op is _SNAPSHOT:
             self.snapshot_sent += 1
             if action == "insert":
                 self.snapshot_added += 1

@@ -122,6 +122,15 @@ class RecordMapper:
             )
             for column, api, t in self._columns
         ]
+        # without lookups or zoned datetimes (the usual mapping), every column is just its
+        # converter: to_json / to_csv_values take a comprehension over these (issue 19)
+        self._json_plain: list[tuple[str, Converter]] | None = None
+        self._csv_plain: list[tuple[str, Converter]] | None = None
+        if all(convert is not None for _, _, convert in self._json_columns):
+            self._json_plain = [(c, convert) for c, _, convert in self._json_columns if convert]
+            self._json_keys = [self.key_field, *(api for _, api, _ in self._json_columns)]
+        if all(convert is not None and not zoned for _, _, convert, zoned in self._csv_columns):
+            self._csv_plain = [(c, convert) for c, _, convert, _ in self._csv_columns if convert]
         # lookup column -> (parent pipeline name, parent key_field: the bulk find_by)
         self._lookups: dict[str, tuple[str, str]] = {}
         for column, m in pipeline.fields.items():
@@ -153,7 +162,15 @@ class RecordMapper:
         A lookup field is ``{"id": resolve(parent pipeline, parent key)}``; ``resolve`` is
         required when the pipeline maps a lookup.
         """
-        record: dict[str, Any] = {self.key_field: self.key_of(row)}
+        key = self.key_of(row)
+        if self._json_plain is not None:
+            try:
+                values = [convert(row[column]) for column, convert in self._json_plain]
+            except KeyError:
+                pass  # a missing column: the loop below raises MISSING_COLUMN in order
+            else:
+                return dict(zip(self._json_keys, [key, *values], strict=True))
+        record: dict[str, Any] = {self.key_field: key}
         for column, api, convert in self._json_columns:
             try:
                 value = row[column]
@@ -201,6 +218,13 @@ class RecordMapper:
     def to_csv_values(self, row: dict[str, Any]) -> list[str]:
         """One CSV row in :meth:`csv_header` order (key first)."""
         values = [self.key_of(row)]
+        if self._csv_plain is not None:
+            try:
+                values += [convert(row[column]) for column, convert in self._csv_plain]
+            except KeyError:
+                pass  # a missing column: the loop below raises MISSING_COLUMN in order
+            else:
+                return values
         for column, api, convert, zoned in self._csv_columns:
             try:
                 raw = row[column]

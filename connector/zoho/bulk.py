@@ -194,13 +194,21 @@ _OUTCOMES = {
 }
 
 
+def _listed(status: str) -> RowOutcome | None:
+    """The outcome of a listed STATUS spelling (None: not listed, :func:`_outcome` decides)."""
+    return _OUTCOMES.get("".join(ch for ch in status.upper() if ch not in " _-"))
+
+
+_UNSEEN: Any = object()
+
+
 def _outcome(
     status: str, record_id: str, errors: tuple[tuple[str, tuple[str, ...]], ...]
 ) -> RowOutcome:
     """The row's outcome from its STATUS cell; an unknown or empty STATUS is decided by the
     other columns: a RECORD_ID and no ERRORS is a write (counted as updated), ERRORS make it
     skipped (dead-lettered with the codes), neither means unprocessed (sent again)."""
-    known = _OUTCOMES.get("".join(ch for ch in status.upper() if ch not in " _-"))
+    known = _listed(status)
     if known is not None:
         return known
     if record_id and not errors:
@@ -284,13 +292,20 @@ def parse_result_csv(text: str, key_column: str | None = None) -> list[BulkRowRe
     i_err = upper.index("ERRORS") if "ERRORS" in upper else None
     i_key = header.index(key_column) if key_column and key_column in header else 0
     out: list[BulkRowResult] = []
+    width = len(header)
+    known_of: dict[str, RowOutcome | None] = {}  # STATUS cell -> its listed spelling's outcome
     for row in reader:
         if not row:
             continue
-        cell = row + [""] * (len(header) - len(row))
+        cell = row if len(row) >= width else row + [""] * (width - len(row))
         record_id = cell[i_id].strip() if i_id is not None else ""
-        errors = parse_errors(cell[i_err]) if i_err is not None else ()
-        outcome = _outcome(cell[i_status].strip(), record_id, errors)
+        # an empty ERRORS cell parses to () (the usual row; skips parse_errors)
+        errors = parse_errors(cell[i_err]) if i_err is not None and cell[i_err].strip() else ()
+        status = cell[i_status].strip()
+        known = known_of.get(status, _UNSEEN)
+        if known is _UNSEEN:
+            known = known_of[status] = _listed(status)
+        outcome = known if known is not None else _outcome(status, record_id, errors)
         if outcome in (RowOutcome.ADDED, RowOutcome.UPDATED) and not record_id:
             outcome = RowOutcome.UNPROCESSED
         out.append(BulkRowResult(cell[i_key], outcome, record_id or None, errors))
