@@ -344,6 +344,8 @@ def policy_d(trace: Trace, crm: Crm, freshness: Freshness = "economy") -> None:
     wake: float | None = None
     batches = list(trace.batches())
     bi = 0
+    # the estimator's answers change only when it observes something: asked again only then
+    estimates: tuple[float, float, tuple[tuple[int, float], ...]] | None = None
 
     while bi < len(batches) or done_heap or len(coal):
         candidates = [math.inf]
@@ -362,6 +364,7 @@ def policy_d(trace: Trace, crm: Crm, freshness: Freshness = "economy") -> None:
                 est.observe_bulk(len(entries), t_done - started)
             else:  # the HTTP call only, not the wait for a slot (as the emitter measures)
                 est.observe_upsert(min(t_done - started, UPSERT_LATENCY))
+            estimates = None
             coal.complete(entries, acked=True)
             for e in entries:  # a newer version that waited behind the fence may go now
                 pk = keys_pk.get(e.key)
@@ -380,7 +383,9 @@ def policy_d(trace: Trace, crm: Crm, freshness: Freshness = "economy") -> None:
                 )
                 if coal.add(ev, b_no) and key not in keys_pk:
                     keys_pk[key] = PendingKey(key, t, key in in_flight)
-        full, by_size = est.bulk_profile(crm.cost.bulk_batch)
+        if estimates is None:
+            estimates = (est.upsert(), *est.bulk_profile(crm.cost.bulk_batch))
+        upsert_latency, full, by_size = estimates
         p = plan(
             PlannerInput(
                 now=now,
@@ -389,7 +394,7 @@ def policy_d(trace: Trace, crm: Crm, freshness: Freshness = "economy") -> None:
                 credits_left=BUDGET - crm.credits,
                 reserve=RESERVE,
                 concurrency=CONCURRENCY,
-                upsert_latency=est.upsert(),
+                upsert_latency=upsert_latency,
                 bulk_latency=full,
                 cost=crm.cost,
                 freshness=freshness,

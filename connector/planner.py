@@ -30,7 +30,9 @@ changes keep their deadline and are planned separately.
 from __future__ import annotations
 
 import bisect
+import functools
 import math
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, get_args
@@ -173,10 +175,10 @@ def plan(inp: PlannerInput) -> Plan:
     if not free:
         reason = "all pending keys are in flight" if inp.pending else "nothing pending"
         return Plan([], [], None, reason, inp.credits_left < inp.reserve)
-    live = [pk for pk in free if not pk.backlog]
     backlog = [pk for pk in free if pk.backlog]
     if not backlog:
-        return _plan_live(inp, live)
+        return _plan_live(inp, free)
+    live = [pk for pk in free if not pk.backlog]
     p_live = _plan_live(inp, live) if live else None
     spent = p_live.credits(inp.cost) if p_live is not None else 0
     p_back = _plan_backlog(inp, backlog, spent)
@@ -235,8 +237,8 @@ def _plan_live(inp: PlannerInput, free: list[PendingKey]) -> Plan:
     spendable = inp.credits_left - inp.reserve
     tau = target_staleness(inp)
     tick = _tick(inp)  # a wake-up is never sooner than this: what is due within it goes now
-    ordered = sorted(free, key=lambda pk: pk.oldest_at)
-    dl = [pk.oldest_at + inp.max_staleness - margin(inp) for pk in ordered]  # arrive by
+    ordered = sorted(free, key=_OLDEST_AT)
+    dl = _Deadlines(ordered, inp.max_staleness, margin(inp))  # arrive by
 
     # -- what can wait for a bulk job: a suffix (latest deadlines), in chunks of a full job
     lat_b = _bulk_eligibility_latency(inp, dl)
@@ -268,13 +270,16 @@ def _plan_live(inp: PlannerInput, free: list[PendingKey]) -> Plan:
         pos = end
     jobs_now = [(a, b) for a, b, leave in chunks if leave <= now + tick]
 
-    # -- the upsert way: everything not waiting for a job, by deadline
-    ul: list[int] = []
-    prev = 0
-    for a, b, _ in chunks:
-        ul.extend(range(prev, a))
-        prev = b
-    ul.extend(range(prev, len(ordered)))
+    # -- the upsert way: everything not waiting for a job, by deadline (positions in ordered)
+    ul: Sequence[int] = range(len(ordered))
+    if chunks:
+        ul_list: list[int] = []
+        prev = 0
+        for a, b, _ in chunks:
+            ul_list.extend(range(prev, a))
+            prev = b
+        ul_list.extend(range(prev, len(ordered)))
+        ul = ul_list
     per_round = cost.upsert_batch * max(1, inp.concurrency)
 
     def offset(p: int) -> float:  # rank p's answer, from now, if the first p+1 leave now
@@ -289,7 +294,11 @@ def _plan_live(inp: PlannerInput, free: list[PendingKey]) -> Plan:
             break
     k = k_hard
     if math.isfinite(tau):
-        k_soft = bisect.bisect_right([ordered[i].oldest_at for i in ul], now - tau + tick)
+        # ordered[i].oldest_at for i in ul is sorted (ul increases): bisect it in place
+        if isinstance(ul, range):
+            k_soft = bisect.bisect_right(ordered, now - tau + tick, key=_OLDEST_AT)
+        else:
+            k_soft = bisect.bisect_right(ul, now - tau + tick, key=lambda i: ordered[i].oldest_at)
         if k_soft > k and inp.freshness == "balanced":
             # whole credits only: a change past the target waits until it fills one
             whole = k_soft // cost.records_per_credit * cost.records_per_credit
@@ -304,9 +313,8 @@ def _plan_live(inp: PlannerInput, free: list[PendingKey]) -> Plan:
     if k:
         k = min(len(ul), _whole_credits(cost, k))
 
-    keys = [pk.key for pk in ordered]
-    up_keys = [keys[i] for i in ul[:k]]
-    bulk_groups = [keys[a:b] for a, b in jobs_now]
+    up_keys = [ordered[i].key for i in ul[:k]]
+    bulk_groups = [[pk.key for pk in ordered[a:b]] for a, b in jobs_now]
     ups: list[list[str]] = []
     if k_hard and ordered[ul[0]].oldest_at + inp.max_staleness - margin(inp) - now < offset(
         k_hard - 1
@@ -352,7 +360,7 @@ def _plan_live(inp: PlannerInput, free: list[PendingKey]) -> Plan:
     return Plan(ups, bulk_groups, wake, reason, out.budget_alert)
 
 
-def _bulk_eligibility_latency(inp: PlannerInput, dl: list[float]) -> float:
+def _bulk_eligibility_latency(inp: PlannerInput, dl: _Deadlines) -> float:
     """The bulk latency used to decide which changes can still wait for a job: the estimate for
     the job that would carry them (by size), never less than what a larger job of them would
     take (the estimates are per size: a small job measured fast says nothing of a full one)."""
@@ -388,13 +396,20 @@ def _whole_credits(cost: CostModel, k: int) -> int:
 
 def _estimate(inp: PlannerInput, n: int) -> int:
     """What sending all ``n`` pending would cost at least (the cheapest mix): for the alert."""
-    return inp.cost.cheapest(n).credits if n else 0
+    return _cheapest_credits(inp.cost, n) if n else 0
+
+
+@functools.lru_cache(maxsize=4096)
+def _cheapest_credits(cost: CostModel, n: int) -> int:
+    """``cost.cheapest(n).credits``, remembered: a pure function of a frozen price list and n,
+    asked at every planning step with the number pending."""
+    return cost.cheapest(n).credits
 
 
 def _reserve(
     inp: PlannerInput,
     ordered: list[PendingKey],
-    ul: list[int],
+    ul: Sequence[int],
     k_hard: int,
     offset: Callable[[int], float],
 ) -> Plan:
@@ -419,6 +434,28 @@ def _reserve(
         at = ordered[ul[p]].oldest_at + inp.max_staleness - margin(inp) - offset(p)
         wake = min(wake, max(at, inp.now + _tick(inp)))
     return Plan(ups, bulk, wake, f"reserve: {len(due)} due sent", True)
+
+
+_OLDEST_AT = operator.attrgetter("oldest_at")
+
+
+class _Deadlines:
+    """``dl[i] = ordered[i].oldest_at + max_staleness - margin``: each pending key's arrive-by
+    time, computed when looked at. The planner only bisects it and reads a few entries near
+    the front, so it is not built for every pending key at every step."""
+
+    __slots__ = ("_minus", "_ordered", "_plus")
+
+    def __init__(self, ordered: Sequence[PendingKey], plus: float, minus: float) -> None:
+        self._ordered = ordered
+        self._plus = plus
+        self._minus = minus
+
+    def __len__(self) -> int:
+        return len(self._ordered)
+
+    def __getitem__(self, i: int) -> float:
+        return self._ordered[i].oldest_at + self._plus - self._minus
 
 
 def _tick(inp: PlannerInput) -> float:
