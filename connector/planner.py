@@ -201,7 +201,7 @@ def _plan_backlog(inp: PlannerInput, free: list[PendingKey], already: int) -> Pl
     the credits above the reserve allow, after ``already`` (the live changes' flush)."""
     cost = inp.cost
     spendable = inp.credits_left - inp.reserve - already
-    ordered = sorted(free, key=lambda pk: pk.oldest_at)
+    ordered = sorted(free, key=_OLDEST_AT)
     keys = [pk.key for pk in ordered]
     n = len(ordered)
     full_jobs = n // cost.bulk_batch
