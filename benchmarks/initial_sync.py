@@ -11,7 +11,9 @@ other processes and are reported separately).
 Engine options: ``bulk_poll_initial = 0.1 s`` (the default 2 s first poll would add 2 s of idle
 per 25,000-row chunk against an emulator that answers at once). Everything else is the default.
 
-``python -m benchmarks initial_sync [--scale S] [--sizes 100000,1000000]``
+``python -m benchmarks initial_sync [--scale S] [--sizes 100000,1000000] [--profile FILE]``
+(``--profile``: the child under cProfile with a CPU timer, stats in ``FILE.<rows>.pstats``;
+its rows/s and CPU are then the profiled ones, not for comparison.)
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from benchmarks import _common as c
 NAME = "initial_sync"
 SIZES = (100_000, 1_000_000)
 ENGINE_OPTIONS = {"bulk_poll_initial": 0.1, "bulk_poll_max": 1.0}
+PROFILE_ENV = "INITIAL_SYNC_PROFILE"
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,7 +84,7 @@ async def _check(dsn: str) -> dict[str, Any]:
     return {"synced": row[0], "dead_letters": row[1], "status": row[2], "bulk_jobs": row[3]}
 
 
-def run_size(rows: int) -> dict[str, Any]:
+def run_size(rows: int, profile: Path | None = None) -> dict[str, Any]:
     with c.postgres(f"sync{rows}") as pg:
         dsn = pg.dsn()
         work = Path(tempfile.mkdtemp(prefix="bench-sync-"))
@@ -90,9 +93,11 @@ def run_size(rows: int) -> dict[str, Any]:
             config = asyncio.run(c.prepare_connector(dsn, emu.url, work, rows=rows))
             fill_s = time.perf_counter() - t_fill
             pg_cpu0 = c.postgres_cpu_seconds(c.postmaster_pid(pg))
+            env = c.connector_env()
+            if profile is not None:
+                env[PROFILE_ENV] = str(profile.with_suffix(f".{rows}.pstats"))
             child = c.run_child(
-                [sys.executable, "-m", "benchmarks.initial_sync", "--child", str(config)],
-                c.connector_env(),
+                [sys.executable, "-m", "benchmarks.initial_sync", "--child", str(config)], env
             )
             pg_cpu1 = c.postgres_cpu_seconds(c.postmaster_pid(pg))
             usage = emu.usage()
@@ -132,12 +137,26 @@ def run_size(rows: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
     if args_in[:1] == ["--child"]:
-        c.child_report(asyncio.run(_child(Path(args_in[1]))))
+        profile = os.environ.get(PROFILE_ENV)
+        if not profile:
+            c.child_report(asyncio.run(_child(Path(args_in[1]))))
+            return 0
+        import cProfile
+
+        prof = cProfile.Profile(time.process_time)  # the connector's CPU only, no idle wait
+        doc = prof.runcall(asyncio.run, _child(Path(args_in[1])))
+        prof.dump_stats(profile)
+        c.child_report(doc)
         return 0
     ap = argparse.ArgumentParser(prog="python -m benchmarks initial_sync", description=__doc__)
     ap.add_argument("--scale", type=float, default=1.0, help="multiply both table sizes")
     ap.add_argument("--sizes", help="comma-separated row counts (overrides --scale)")
     ap.add_argument("--out", type=Path, default=c.RESULTS)
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        help="run the child under cProfile (CPU timer) and write PROFILE.<rows>.pstats",
+    )
     args, _unknown = ap.parse_known_args(args_in)
     sizes = (
         [int(x) for x in args.sizes.split(",")]
@@ -148,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for rows in sizes:
         print(f"initial sync of {rows:,} rows …", flush=True)
-        r = run_size(rows)
+        r = run_size(rows, args.profile)
         print(
             f"  {r['rows_per_s']:,} rows/s, {r['seconds']} s, connector CPU "
             f"{r['connector_cpu_s']} s, peak RSS {r['connector_peak_rss_mib']} MiB",

@@ -145,7 +145,19 @@ def new_rows_query(schema: str) -> sql.Composed:
     )
 
 
-def _event(r: Sequence[Any]) -> ChangeEvent:
+def _event(r: Sequence[Any], snapshots: dict[str, SnapshotVisibility] | None = None) -> ChangeEvent:
+    """One outbox row as an event. ``snapshots``: the chunk snapshots parsed so far in this
+    batch (every row of a chunk carries the same text: parsed once, one shared frozen value;
+    issue 19)."""
+    snap_text = r[8]
+    snapshot: SnapshotVisibility | None = None
+    if snap_text is not None:
+        if snapshots is None:
+            snapshot = SnapshotVisibility.parse(snap_text)
+        else:
+            snapshot = snapshots.get(snap_text)
+            if snapshot is None:
+                snapshot = snapshots[snap_text] = SnapshotVisibility.parse(snap_text)
     return ChangeEvent(
         offset=int(r[0]),
         pipeline=str(r[1]),
@@ -155,7 +167,7 @@ def _event(r: Sequence[Any]) -> ChangeEvent:
         source_xid=int(r[5]),
         row=r[6],
         captured_at=r[7],
-        snapshot=SnapshotVisibility.parse(r[8]) if r[8] is not None else None,
+        snapshot=snapshot,
     )
 
 
@@ -197,14 +209,15 @@ async def read_batch(
         assert snap_row is not None
         snap = SnapshotVisibility.parse(snap_row[0])
         events: list[ChangeEvent] = []
+        snapshots: dict[str, SnapshotVisibility] = {}
         if position.pending_txids and position.last_id > 0:
             listed, horizon = _pending_params(position)
             await cur.execute(
                 late_rows_query(schema), (pipeline, position.last_id, listed, horizon)
             )
-            events.extend(_event(r) for r in await cur.fetchall())
+            events.extend(_event(r, snapshots) for r in await cur.fetchall())
         await cur.execute(new_rows_query(schema), (pipeline, position.last_id, limit))
-        new = [_event(r) for r in await cur.fetchall()]
+        new = [_event(r, snapshots) for r in await cur.fetchall()]
         events.extend(new)
     last_id = new[-1].offset if new else position.last_id
     pending = (*sorted(snap.xip), snap.xmax)

@@ -56,21 +56,18 @@ SELECT chunks_done, status FROM {schema}.snapshots WHERE pipeline = %s FOR UPDAT
 
 # One outbox row per source row; id = version drawn from the outbox sequence (as the trigger
 # does), source_xid = the chunk snapshot's xmax (an xid no live event visible in the chunk can
-# have), txid = this writer's transaction (gap-free reading).
-Q_WRITE_CHUNK = """
-WITH src AS (
-    SELECT k, r, pg_catalog.nextval({seq}::regclass) AS v
-      FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS u(k, r, ord)
-     ORDER BY ord
-)
-INSERT INTO {schema}.outbox (id, pipeline, op, key, version, source_xid, chunk_id, row)
-SELECT v, %s, 'snapshot', k, v, %s::text::xid8, %s, r::jsonb FROM src
-RETURNING id
+# have), txid = this writer's transaction (the column's default; gap-free reading). The ids are
+# drawn first (one statement, returned with the writer's xid), then the rows go in by COPY
+# (issue 19: an INSERT ... unnest(%s::text[]) had psycopg quote every row image into an array
+# literal in Python, regex work per double quote, the top item of the snapshot's profile; and
+# the chunk's max(id) was looked up by ``chunk_id``, which no index covers).
+Q_DRAW_IDS = """
+SELECT pg_catalog.nextval({seq}::regclass), pg_current_xact_id()::text
+  FROM generate_series(1, %s)
 """
 
-Q_CHUNK_MAX = """
-SELECT max(id) AS max_id, pg_current_xact_id()::text AS txid
-  FROM {schema}.outbox WHERE chunk_id = %s
+Q_COPY_CHUNK = """
+COPY {schema}.outbox (id, pipeline, op, key, version, source_xid, chunk_id, row) FROM STDIN
 """
 
 Q_ESTIMATE = """
@@ -371,14 +368,7 @@ class Snapshotter:
                 rows=len(keys),
                 snapshot=snapshot_text,
             )
-            seq = await self._sequence(st)
-            await st.execute(
-                sql.SQL(Q_WRITE_CHUNK).format(schema=sql.Identifier(self.schema), seq=seq),
-                (keys, rows, p.name, xmax, chunk_row.id),
-            )
-            cur = await st.execute(_q(Q_CHUNK_MAX, self.schema), (chunk_row.id,))
-            mrow = await cur.fetchone()
-            assert mrow is not None
+            max_id, txid = await self._write_rows(st, chunk_row.id, keys, rows, xmax)
             await state.snapshot_progress(
                 st,
                 self.schema,
@@ -395,8 +385,8 @@ class Snapshotter:
             first_key=first_key,
             last_key=last_key,
             snapshot=snapshot_text,
-            max_outbox_id=int(mrow[0]),
-            txid=int(mrow[1]),
+            max_outbox_id=max_id,
+            txid=txid,
         )
         log.debug(
             "snapshot chunk written",
@@ -457,6 +447,27 @@ class Snapshotter:
                 )
                 row = await cur.fetchone()
             return None if row is None else int(row[0])
+
+    async def _write_rows(
+        self,
+        st: psycopg.AsyncConnection[Any],
+        chunk_id: int,
+        keys: list[str],
+        rows: list[str],
+        xmax: str,
+    ) -> tuple[int, int]:
+        """The chunk's outbox rows, in key order with ascending ids; returns (the highest id,
+        the writer's xid)."""
+        seq = await self._sequence(st)
+        cur = await st.execute(sql.SQL(Q_DRAW_IDS).format(seq=seq), (len(keys),), binary=True)
+        drawn = await cur.fetchall()
+        ids = sorted(int(r[0]) for r in drawn)  # ascending: the i-th key gets the i-th id
+        txid = int(drawn[0][1])
+        name = self.pipeline.name
+        async with st.cursor().copy(_q(Q_COPY_CHUNK, self.schema)) as copy:
+            for i, k, r in zip(ids, keys, rows, strict=True):
+                await copy.write_row((i, name, "snapshot", k, i, xmax, chunk_id, r))
+        return ids[-1], txid
 
     async def _missing_key_letters(self, st: psycopg.AsyncConnection[Any], rows: list[str]) -> None:
         from connector.capture.triggers import missing_key_message

@@ -41,7 +41,7 @@ from connector.bulk_state import (
     bulk_uploaded,
     open_bulk_jobs,
 )
-from connector.events import EventStamp
+from connector.events import EventStamp, SnapshotVisibility
 from connector.missing_key import (
     MissingKeyTally,
     count_missing_key_letters,
@@ -169,6 +169,15 @@ async def record_acks(conn: AnyConn, schema: str, pipeline: str, acks: Sequence[
     if not acks:
         return
     keys = [a.key for a in acks]
+    # a snapshot's acks share one chunk snapshot: its text is built once per distinct value
+    snap_texts: dict[SnapshotVisibility | None, str | None] = {None: None}
+    snaps: list[str | None] = []
+    for a in acks:
+        snap = a.stamp.snapshot
+        text = snap_texts.get(snap, "")
+        if text == "":
+            text = snap_texts[snap] = _snap_text(snap)
+        snaps.append(text)
     await conn.execute(
         _q(Q_ACK, schema),
         (
@@ -177,7 +186,7 @@ async def record_acks(conn: AnyConn, schema: str, pipeline: str, acks: Sequence[
             [a.crm_id for a in acks],
             [a.stamp.version for a in acks],
             [str(a.stamp.source_xid) for a in acks],
-            [_snap_text(a.stamp.snapshot) for a in acks],
+            snaps,
             [a.deleted for a in acks],
             [a.sent_hash for a in acks],
         ),
