@@ -31,25 +31,6 @@ from connector.config_secrets import Secrets, check_dsn, redact, resolve_secret
 from connector.errors import ConfigError
 from connector.zoho_hosts import DATA_CENTRES, EDITION_CONCURRENCY, UPLOAD_HOSTS
 
-CRM_TYPES = (
-    "text",
-    "textarea",
-    "email",
-    "phone",
-    "url",
-    "picklist",
-    "multiselectpicklist",
-    "integer",
-    "bigint",
-    "decimal",
-    "currency",
-    "double",
-    "percent",
-    "boolean",
-    "date",
-    "datetime",
-    "lookup",
-)
 CrmType = Literal[
     "text",
     "textarea",

@@ -317,7 +317,7 @@ async def save_checkpoint(
     )
 
 
-def _not_passed(position: ReadPosition) -> tuple[sql.Composable, list[Any]]:
+def not_passed(position: ReadPosition) -> tuple[sql.Composable, list[Any]]:
     """SQL condition (on alias o) for rows the position has not passed, and its parameters."""
     if not position.pending_txids:
         return sql.SQL("o.id > %s"), [position.last_id]
@@ -339,7 +339,7 @@ async def outbox_lag(
 ) -> tuple[int, float]:
     """(committed events the position has not passed, age in seconds of the oldest of them)."""
     pipeline = pipeline_name(pipeline)
-    cond, params = _not_passed(position)
+    cond, params = not_passed(position)
     cur = await conn.cursor(row_factory=tuple_row).execute(
         sql.SQL(
             "SELECT count(*), extract(epoch FROM clock_timestamp() - min(o.captured_at))::float8"
@@ -418,7 +418,7 @@ async def has_unread(
     ``read_batch`` from ``position`` would return something. One index probe: the newest ids
     above ``last_id`` (``outbox_pipeline_id``) and the rows of the pending transactions
     (``outbox_txid``); uncommitted rows are invisible to it."""
-    cond, params = _not_passed(position)
+    cond, params = not_passed(position)
     cur = await conn.cursor(row_factory=tuple_row).execute(
         sql.SQL("SELECT EXISTS (SELECT 1 FROM {} o WHERE o.pipeline = %s AND {})").format(
             sql.Identifier(schema, "outbox"), cond

@@ -14,7 +14,7 @@ from psycopg.rows import tuple_row
 
 from connector import db, state, truncate
 from connector.config import PipelineConfig, Settings
-from connector.outbox import ReadPosition, load_checkpoint
+from connector.outbox import load_checkpoint, not_passed, outbox_lag
 
 Q_PENDING = """
 SELECT count(DISTINCT o.key), extract(epoch FROM clock_timestamp() - min(o.captured_at))::float8
@@ -56,20 +56,6 @@ SELECT count(*), extract(epoch FROM now() - min(created_at))::float8
 """
 
 
-def _not_passed(position: ReadPosition) -> tuple[sql.Composable, list[Any]]:
-    if not position.pending_txids:
-        return sql.SQL("o.id > %s"), [position.last_id]
-    listed = [str(x) for x in position.pending_txids[:-1]]
-    horizon = str(position.pending_txids[-1])
-    return (
-        sql.SQL(
-            "(o.id > %s OR (o.id <= %s AND"
-            " (o.txid = ANY(%s::text[]::xid8[]) OR o.txid >= %s::text::xid8)))"
-        ),
-        [position.last_id, position.last_id, listed, horizon],
-    )
-
-
 async def pipeline_status(
     conn: psycopg.AsyncConnection[Any],
     settings: Settings,
@@ -77,14 +63,13 @@ async def pipeline_status(
     source: psycopg.AsyncConnection[Any] | None = None,
 ) -> dict[str, Any]:
     """One pipeline's status as a JSON-ready dict (also used by the demo and the tests)."""
-    from connector.outbox import outbox_lag
 
     schema = settings.database.state_schema
     name = pipeline.name
     q = db.render
     position = await load_checkpoint(conn, schema, name)
     lag_events, lag_seconds = await outbox_lag(conn, schema, name, position)
-    cond, params = _not_passed(position)
+    cond, params = not_passed(position)
     cur = await conn.cursor(row_factory=tuple_row).execute(
         sql.SQL(Q_PENDING).format(
             outbox=sql.Identifier(schema, "outbox"),
