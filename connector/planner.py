@@ -249,8 +249,12 @@ def _plan_live(inp: PlannerInput, free: list[PendingKey]) -> Plan:
     if inp.freshness != "economy" and e0 < len(ordered):
         # what upsert delivers before a job would arrive goes by upsert (full calls leave at
         # once): a burst is never slower than by upsert alone, only the rest waits for a job
-        rounds = int(lat_b // (inp.upsert_latency + inp.retry_allowance))
-        pos = min(len(ordered), e0 + rounds * cost.upsert_batch * max(1, inp.concurrency))
+        round_s = inp.upsert_latency + inp.retry_allowance
+        if round_s > 0:
+            rounds = int(lat_b // round_s)
+            pos = min(len(ordered), e0 + rounds * cost.upsert_batch * max(1, inp.concurrency))
+        else:  # an upsert round measured at 0 s: everything arrives before any job would
+            pos = len(ordered)
     while pos < len(ordered):
         end = min(len(ordered), pos + cost.bulk_batch)
         if not _worth_a_job(inp, end - pos):

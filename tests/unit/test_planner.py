@@ -377,3 +377,20 @@ def test_late_small_flush_is_not_bought_a_bulk_job() -> None:
     # a big late flush still takes the clearly faster API
     p = plan(inp(keys(25_000), now=S + 50.0, upsert_latency=1.0, bulk_latency=3.0))
     assert sizes(p) == ([], [25_000])
+
+
+def test_an_instant_upsert_round_sends_a_burst_by_upsert_without_dividing_by_zero() -> None:
+    # a measured upsert latency can be 0.0 (LatencyEstimator clamps at 0) and retry_allowance
+    # defaults to 0: under balanced / fast the burst's upsert share was lat_b // 0
+    for freshness in ("balanced", "fast"):
+        p = plan(
+            inp(
+                keys(30_000, at=1_000.0 - S + 200.0),
+                upsert_latency=0.0,
+                retry_allowance=0.0,
+                freshness=freshness,
+            )
+        )
+        ups, jobs = sizes(p)
+        assert sum(ups) + sum(jobs) == 30_000
+        assert not jobs  # upsert delivers at once: nothing waits for a job
