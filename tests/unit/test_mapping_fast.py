@@ -22,7 +22,7 @@ from connector.crm_values import (
     to_csv_value,
     to_json_value,
 )
-from connector.errors import DataError
+from tests.unit.outcomes import outcome
 
 TYPES = sorted(t for t in COMPATIBLE_DATA_TYPES if t != "lookup")
 ZONES: list[tzinfo] = [UTC, ZoneInfo("Europe/Paris"), timezone(timedelta(hours=-5, minutes=-30))]
@@ -74,17 +74,6 @@ VALUES = st.one_of(
 )
 
 
-def _outcome(fn: Any, *args: Any) -> tuple[str, Any]:
-    try:
-        out = fn(*args)
-    except DataError as exc:
-        return ("DataError", (exc.code, str(exc), exc.field))
-    except (ValueError, TypeError, OverflowError) as exc:
-        return (type(exc).__name__, str(exc))
-    # exact: same type and same text (Decimal('1.50') is not Decimal('1.5'))
-    return ("value", (type(out).__name__, repr(out)))
-
-
 @settings(max_examples=1500, deadline=None)
 @given(
     crm_type=st.sampled_from(TYPES),
@@ -94,8 +83,8 @@ def _outcome(fn: Any, *args: Any) -> tuple[str, Any]:
 def test_fast_converters_match_the_general_ones(crm_type: str, value: Any, zone: tzinfo) -> None:
     to_json = json_converter(crm_type, "Field_X", zone)
     to_csv = csv_converter(crm_type, "Field_X", zone)
-    assert _outcome(to_json, value) == _outcome(to_json_value, value, crm_type, "Field_X", zone)
-    assert _outcome(to_csv, value) == _outcome(to_csv_value, value, crm_type, "Field_X", zone)
+    assert outcome(to_json, value) == outcome(to_json_value, value, crm_type, "Field_X", zone)
+    assert outcome(to_csv, value) == outcome(to_csv_value, value, crm_type, "Field_X", zone)
 
 
 @pytest.mark.parametrize("crm_type", TYPES)
@@ -121,10 +110,10 @@ def test_fast_converters_match_the_general_ones(crm_type: str, value: Any, zone:
     ],
 )
 def test_edges(crm_type: str, value: Any) -> None:
-    assert _outcome(json_converter(crm_type, "F"), value) == _outcome(
+    assert outcome(json_converter(crm_type, "F"), value) == outcome(
         to_json_value, value, crm_type, "F"
     )
-    assert _outcome(csv_converter(crm_type, "F"), value) == _outcome(
+    assert outcome(csv_converter(crm_type, "F"), value) == outcome(
         to_csv_value, value, crm_type, "F"
     )
 

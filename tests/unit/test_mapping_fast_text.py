@@ -6,7 +6,6 @@ texts as ``to_jsonb`` writes them, and the edges around the fast paths' conditio
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
-from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -14,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from connector.crm_values import csv_converter, json_converter, to_csv_value, to_json_value
-from connector.errors import DataError
+from tests.unit.outcomes import outcome
 
 ZONES: list[tzinfo] = [UTC, ZoneInfo("Europe/Paris"), timezone(timedelta(hours=-5, minutes=-30))]
 
@@ -65,22 +64,12 @@ EDGES = [
 ]
 
 
-def _outcome(fn: Any, *args: Any) -> tuple[str, Any]:
-    try:
-        out = fn(*args)
-    except DataError as exc:
-        return ("DataError", (exc.code, str(exc), exc.field))
-    except (ValueError, TypeError, OverflowError) as exc:
-        return (type(exc).__name__, str(exc))
-    return ("value", (type(out).__name__, repr(out)))
-
-
 def _same(value: str, zone: tzinfo) -> None:
     for crm_type in ("date", "datetime"):
-        assert _outcome(json_converter(crm_type, "F", zone), value) == _outcome(
+        assert outcome(json_converter(crm_type, "F", zone), value) == outcome(
             to_json_value, value, crm_type, "F", zone
         )
-        assert _outcome(csv_converter(crm_type, "F", zone), value) == _outcome(
+        assert outcome(csv_converter(crm_type, "F", zone), value) == outcome(
             to_csv_value, value, crm_type, "F", zone
         )
 
