@@ -36,6 +36,15 @@ TARGET_RATIO = 1.5
 
 
 def _rss_mb() -> float:
+    """Peak RSS of this process's own memory (``VmHWM``). ``ru_maxrss`` would also count the
+    high-water mark of the process this child was forked from (Linux keeps it across exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
