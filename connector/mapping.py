@@ -50,8 +50,10 @@ default).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, tzinfo
+from decimal import Decimal
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
@@ -270,3 +272,146 @@ class RecordMapper:
                 "was the column renamed or dropped?",
                 field=api,
             ) from None
+
+
+# ---- subforms (issue 21 part 2a) ---------------------------------------------------------------
+
+#: Rows one record holds at most in one subform: "Each record's subform can have a maximum of
+#: 100 subform records" (Subform API v8, https://www.zoho.com/crm/developer/docs/api/v8/subforms.html;
+#: the emulator enforces the same limit, connector/emulator/config.py).
+SUBFORM_MAX_ROWS = 100
+
+_NUMERIC_KEY = re.compile(r"-?[0-9]+(?:\.[0-9]+)?\Z")
+
+
+def line_order(key: str) -> tuple[int, Decimal, str]:
+    """The order of subform rows: by line key text (:meth:`SubformMapper.key_of`). Keys written
+    as plain numbers (ASCII digits, optional sign and fraction: what ``key_text`` makes of an
+    integer or numeric key column) come first, numerically, as ``ORDER BY`` a numeric key does
+    (``2`` before ``10``); every other key after them by code point; equal numbers (``1.0``,
+    ``1``) by text. A total order on distinct keys, so the rows' order depends on the key set
+    only."""
+    if _NUMERIC_KEY.match(key):
+        return 0, Decimal(key), key
+    return 1, Decimal(0), key
+
+
+class SubformMapper:
+    """Converts the COMPLETE current line set of one parent into the value of its subform
+    field (``subform_of.field``), for the parent's upsert (docs/related-tables.md, Subforms).
+
+    Zoho replaces the whole row set on a write that names the subform (update-subforms.html):
+    a row with the ``id`` of one of the record's rows keeps and updates it, a row without an
+    id is created, rows not listed are deleted, ``[]`` deletes them all. So a line whose row id
+    is known (``row_ids``: line key → subform row id, from an earlier write's answer) is sent
+    with it, a new line without one, and a line gone from the table is simply not listed; a
+    parent whose lines were all deleted gets ``[]``. The same lines and ids always give the
+    same value (rows ordered by :func:`line_order`, independent of the order of ``lines``):
+    a replay writes the same set (idempotent).
+
+    Each mapped column becomes a row field, converted by the same per-type converter that
+    :class:`RecordMapper` uses (``crm_values.json_converter``; NULL → null). The key column is
+    not sent unless it is mapped in ``fields`` (a subform row has no key field; mapping it,
+    e.g. ``id = "Line_Id"``, puts the line key in a row field). ``parent_column`` is the link
+    and never a row field (``check_subforms`` refuses it in ``fields``).
+
+    A line whose ``parent_column`` is NULL belongs to no parent: :meth:`parent_key` is None
+    and the caller leaves it out of every parent's row set (it is not an error of the line;
+    an order that loses a line that way gets it deleted at its next write).
+    """
+
+    def __init__(
+        self,
+        pipeline: PipelineConfig,
+        parent: PipelineConfig,
+        *,
+        naive_timezone: tzinfo = UTC,
+    ) -> None:
+        sub = pipeline.subform_of
+        if sub is None:
+            raise ValueError(f"pipeline {pipeline.name!r} has no subform_of")
+        if sub.pipeline != parent.name:
+            raise ValueError(
+                f"pipeline {pipeline.name!r} is a subform of {sub.pipeline!r}, not {parent.name!r}"
+            )
+        self.pipeline = pipeline
+        self.parent = parent
+        self.field = sub.field
+        self.parent_column = sub.parent_column
+        self.key_column = pipeline.key_column
+        # (column, row field api_name, converter) in config order; the key column too if mapped
+        self._columns: list[tuple[str, str, Converter]] = [
+            (column, m.field, json_converter(m.type, m.field, naive_timezone))
+            for column, m in pipeline.fields.items()
+        ]
+
+    def key_of(self, line: dict[str, Any]) -> str:
+        """The line's key text (``key_text``, as :meth:`RecordMapper.key_of`)."""
+        return key_text(line.get(self.key_column), f"key column {self.key_column!r}", self.field)
+
+    def parent_key(self, line: dict[str, Any]) -> str | None:
+        """The parent's legacy key in ``parent_column``: the same text as the parent pipeline's
+        ``RecordMapper.key_of`` for that parent row (``key_text``); None when NULL (no parent)."""
+        value = line.get(self.parent_column)
+        if value is None:
+            return None
+        return key_text(value, f"parent column {self.parent_column!r}", self.field)
+
+    def to_rows(
+        self, lines: Sequence[dict[str, Any]], row_ids: Mapping[str, str]
+    ) -> list[dict[str, Any]]:
+        """The subform field's value for ``lines``, every current line of one parent.
+
+        Each row: ``"id"`` when ``row_ids`` has the line's key, then the mapped fields. More
+        than :data:`SUBFORM_MAX_ROWS` lines: ``DataError SUBFORM_LIMIT`` naming the parent and
+        the count (Zoho would refuse the write; lines are never dropped). Lines of different
+        parents, of no parent or with the same key are the caller's mistake: ``ValueError``.
+        """
+        parents = {self.parent_key(line) for line in lines}
+        if None in parents or len(parents) > 1:
+            shown = sorted(show_value(k) for k in parents)
+            raise ValueError(f"lines of one parent expected, got parent keys {', '.join(shown)}")
+        if len(lines) > SUBFORM_MAX_ROWS:
+            parent = show_value(next(iter(parents)))
+            raise DataError(
+                "SUBFORM_LIMIT",
+                f"{self.parent.name} {parent} has {len(lines)} lines in"
+                f" {self.pipeline.source_table}; Zoho holds at most {SUBFORM_MAX_ROWS} rows in"
+                f" subform {self.parent.module}.{self.field}, so the record is not written"
+                " (no line is dropped)",
+                field=self.field,
+            )
+        keyed: dict[str, dict[str, Any]] = {}
+        for line in lines:
+            key = self.key_of(line)
+            if key in keyed:
+                raise ValueError(f"two lines with key {show_value(key)}")
+            keyed[key] = line
+        rows: list[dict[str, Any]] = []
+        for key in sorted(keyed, key=line_order):
+            line = keyed[key]
+            row: dict[str, Any] = {}
+            row_id = row_ids.get(key)
+            if row_id is not None:
+                row["id"] = row_id
+            for column, api, convert in self._columns:
+                try:
+                    value = line[column]
+                except KeyError:
+                    raise DataError(
+                        "MISSING_COLUMN",
+                        f"the line has no column {column!r} (mapped to {self.field}.{api});"
+                        " was the column renamed or dropped?",
+                        field=api,
+                    ) from None
+                row[api] = convert(value)
+            rows.append(row)
+        return rows
+
+    def to_parent_json(
+        self, lines: Sequence[dict[str, Any]], row_ids: Mapping[str, str]
+    ) -> dict[str, Any]:
+        """``{subform field: rows}``: the part of the parent's record this pipeline fills (the
+        engine merges it into the parent's upsert). No lines: ``{field: []}``, which deletes
+        every row of the parent's subform."""
+        return {self.field: self.to_rows(lines, row_ids)}

@@ -6,14 +6,21 @@ contract with Zoho's documented row semantics as the emulator models them."""
 from __future__ import annotations
 
 import copy
+from datetime import date
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from connector.cli import main
 from connector.config import PipelineConfig, Settings, check_subforms, parse_settings
-from connector.errors import ConfigError
+from connector.crm_values import dumps_json
+from connector.emulator.config import SUBFORM_MAX_ROWS as EMULATOR_SUBFORM_MAX_ROWS
+from connector.errors import ConfigError, DataError
+from connector.mapping import SUBFORM_MAX_ROWS, RecordMapper, SubformMapper, line_order
 
 ORDERS: dict[str, Any] = {
     "name": "orders",
@@ -255,3 +262,182 @@ def test_subform_refused_until_the_engine_writes_subforms(tmp_path: Path, capsys
 
 def test_config_without_subforms_is_unchanged() -> None:
     parse_settings(settings_data(ORDERS))
+
+
+# ---- the mapper ---------------------------------------------------------------------------
+
+
+def mapper() -> SubformMapper:
+    orders, lines = validated(ORDERS, LINES)
+    return SubformMapper(lines, orders)
+
+
+def line(key: Any, order: Any = 7, **values: Any) -> dict[str, Any]:
+    row = {"id": key, "order_id": order, "product": f"p{key}", "qty": 1}
+    row.update({"price": None, "shipped": None, "due": None})
+    row.update(values)
+    return row
+
+
+def test_known_lines_keep_their_row_id_new_lines_have_none() -> None:
+    m = mapper()
+    lines = [line(3, qty=30), line(1), line(2)]
+    out = m.to_parent_json(lines, {"1": "900001", "3": "900003", "99": "900099"})
+    assert out == {
+        "Lines": [
+            {
+                "id": "900001",
+                "Product": "p1",
+                "Qty": 1,
+                "Price": None,
+                "Shipped": None,
+                "Due": None,
+            },
+            {"Product": "p2", "Qty": 1, "Price": None, "Shipped": None, "Due": None},
+            {
+                "id": "900003",
+                "Product": "p3",
+                "Qty": 30,
+                "Price": None,
+                "Shipped": None,
+                "Due": None,
+            },
+        ]
+    }
+
+
+def test_no_lines_clear_the_subform() -> None:
+    assert mapper().to_parent_json([], {"1": "900001"}) == {"Lines": []}
+
+
+def test_conversions_are_those_of_the_record_mapper() -> None:
+    """The same column types give the same JSON values as RecordMapper.to_json (one converter
+    per type, crm_values.json_converter), NULL included."""
+    orders, lines = validated(ORDERS, LINES)
+    as_record = PipelineConfig.model_validate(
+        {**LINES, "module": "Orders", "subform_of": None, "key_field": "Line_Id"}
+    )
+    rows = [
+        line(1, qty=Decimal("4"), price=Decimal("12.50"), shipped="yes", due="2026-01-31"),
+        line(2, qty="5", price=3, shipped=False, due=date(2026, 2, 1)),
+        line(3, product=None, qty=None, price=None, shipped=None, due=None),
+    ]
+    subform = SubformMapper(lines, orders).to_rows(rows, {})
+    for row, got in zip(rows, subform, strict=True):
+        expected = RecordMapper(as_record).to_json(row)
+        expected.pop("Line_Id")
+        assert got == expected
+    assert subform[0]["Price"] == Decimal("12.50") and subform[0]["Shipped"] is True
+    assert subform[2] == {"Product": None, "Qty": None, "Price": None, "Shipped": None, "Due": None}
+    assert dumps_json(subform[0]) == (
+        b'{"Product":"p1","Qty":4,"Price":12.50,"Shipped":true,"Due":"2026-01-31"}'
+    )
+
+
+def test_a_value_that_cannot_be_represented_is_the_same_data_error() -> None:
+    with pytest.raises(DataError) as exc:
+        mapper().to_rows([line(1, qty="1.5")], {})
+    assert exc.value.code == "NOT_AN_INTEGER" and exc.value.field == "Qty"
+    with pytest.raises(DataError) as exc:
+        mapper().to_rows([{"id": 1, "order_id": 7, "product": "p"}], {})
+    assert exc.value.code == "MISSING_COLUMN"
+
+
+def test_the_key_column_is_sent_only_when_mapped() -> None:
+    orders, lines = validated(ORDERS, lines_with(fields={"id": "Line_Id", "product": "Product"}))
+    rows = SubformMapper(lines, orders).to_rows([{"id": 5, "order_id": 7, "product": "p"}], {})
+    assert rows == [{"Line_Id": "5", "Product": "p"}]
+
+
+def test_more_than_100_lines_is_subform_limit_never_truncated() -> None:
+    assert SUBFORM_MAX_ROWS == EMULATOR_SUBFORM_MAX_ROWS == 100
+    m = mapper()
+    assert len(m.to_rows([line(i) for i in range(100)], {})) == 100
+    with pytest.raises(DataError) as exc:
+        m.to_parent_json([line(i, order=42) for i in range(101)], {})
+    assert exc.value.code == "SUBFORM_LIMIT" and exc.value.field == "Lines"
+    assert "orders '42' has 101 lines" in str(exc.value)
+    assert "at most 100 rows" in str(exc.value)
+
+
+def test_parent_key_is_the_parents_key_text_and_null_is_no_parent() -> None:
+    orders, lines = validated(ORDERS, LINES)
+    m = SubformMapper(lines, orders)
+    for value in (42, Decimal("42"), "A-42", Decimal("4.20")):
+        assert m.parent_key(line(1, order=value)) == RecordMapper(orders).key_of(
+            {"id": value, "title": "t"}
+        )
+    assert m.parent_key(line(1, order=None)) is None
+    with pytest.raises(DataError) as exc:
+        m.parent_key(line(1, order=""))
+    assert exc.value.code == "MISSING_KEY"
+
+
+def test_lines_of_several_parents_or_of_none_are_the_callers_mistake() -> None:
+    m = mapper()
+    with pytest.raises(ValueError, match="lines of one parent"):
+        m.to_rows([line(1, order=7), line(2, order=8)], {})
+    with pytest.raises(ValueError, match="lines of one parent"):
+        m.to_rows([line(1, order=None)], {})
+    with pytest.raises(ValueError, match="two lines with key '1'"):
+        m.to_rows([line(1), line(Decimal("1"))], {})
+
+
+def test_mapper_needs_its_parent() -> None:
+    orders, lines = validated(ORDERS, LINES)
+    with pytest.raises(ValueError, match="has no subform_of"):
+        SubformMapper(orders, orders)
+    with pytest.raises(ValueError, match="not 'order_lines'"):
+        SubformMapper(lines, lines)
+
+
+def test_line_order() -> None:
+    keys = ["b", "10", "2", "-1", "1.5", "a", "01", "1", "١"]
+    assert sorted(keys, key=line_order) == ["-1", "01", "1", "1.5", "2", "10", "a", "b", "١"]
+
+
+_line_keys = st.one_of(
+    st.integers(-(10**12), 10**12),
+    st.text(min_size=1, max_size=8),
+    st.decimals(allow_nan=False, allow_infinity=False, places=2, min_value=-1000, max_value=1000),
+)
+
+
+@st.composite
+def _line_sets(draw: st.DrawFn) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    keys = draw(st.lists(_line_keys, max_size=20))
+    m = mapper()
+    lines: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for key in keys:
+        text = m.key_of({"id": key})
+        if text not in seen:
+            seen.add(text)
+            lines.append(line(key, qty=draw(st.integers(0, 10**6))))
+    known = draw(st.lists(st.sampled_from(sorted(seen)), unique=True) if seen else st.just([]))
+    row_ids = {k: f"90000{i}" for i, k in enumerate(known)}
+    row_ids.update({f"gone-{i}": f"80000{i}" for i in range(draw(st.integers(0, 3)))})
+    return lines, row_ids
+
+
+@settings(deadline=None, max_examples=200)
+@given(case=_line_sets(), data=st.data())
+def test_every_line_once_in_order_with_its_id_whatever_the_input_order(
+    case: tuple[list[dict[str, Any]], dict[str, str]], data: st.DataObject
+) -> None:
+    lines, row_ids = case
+    m = mapper()
+    rows = m.to_rows(lines, row_ids)
+    keys = sorted((m.key_of(x) for x in lines), key=line_order)
+    by_key = {m.key_of(x): x for x in lines}
+    # (a) every input line exactly once, in line_order of the keys
+    assert len(rows) == len(lines)
+    assert [r["Qty"] for r in rows] == [by_key[k]["qty"] for k in keys]
+    assert [r["Product"] for r in rows] == [f"p{by_key[k]['id']}" for k in keys]
+    # (b) a row carries an id iff its key has one, and it is that id
+    for key, row in zip(keys, rows, strict=True):
+        assert ("id" in row) == (key in row_ids)
+        assert row.get("id") == row_ids.get(key)
+    # (c) independent of the order of the lines: a replay writes the same value
+    shuffled = data.draw(st.permutations(lines))
+    assert m.to_parent_json(shuffled, dict(reversed(row_ids.items()))) == {"Lines": rows}
