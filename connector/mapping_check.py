@@ -45,9 +45,22 @@ async def check_mapping(
     key_field exists, is unique and holds text; every mandatory CRM field is filled; the
     delete mark field (delete_mode 'mark') exists and is a boolean; a lookup field points to
     the module of its parent pipeline (field metadata ``lookup.module``; ``parents`` by name).
+
+    A subform pipeline (``subform_of``) is checked by :func:`check_subform_mapping` against
+    its parent's module instead (its parent pipeline in ``parents``).
     """
-    metas = {f.api_name: f for f in await client.fields(pipeline.module)}
     prefix = f"pipelines[{pipeline.name!r}]"
+    if pipeline.subform_of is not None:
+        parent = (parents or {}).get(pipeline.subform_of.pipeline)
+        if parent is None:
+            raise ConfigError(
+                f"{prefix}.subform_of.pipeline",
+                f"pipeline {pipeline.name!r} is a subform of pipeline"
+                f" {pipeline.subform_of.pipeline!r}, which is not configured",
+            )
+        await check_subform_mapping(client, pipeline, parent)
+        return
+    metas = {f.api_name: f for f in await client.fields(pipeline.module)}
     module = pipeline.module
 
     key = metas.get(pipeline.key_field)
@@ -127,6 +140,66 @@ async def check_mapping(
             f"CRM module {module!r} requires field(s) {', '.join(missing)} but no column "
             "is mapped to them",
         )
+
+
+async def check_subform_mapping(
+    client: FieldSource, pipeline: PipelineConfig, parent: PipelineConfig
+) -> None:
+    """Refuse a subform pipeline that cannot work against the CRM, naming the config key.
+
+    Checks: the parent module has the field ``subform_of.field``, writable, of ``data_type``
+    ``subform``; then, when the field metadata names the subform module (``subform.module``,
+    :attr:`FieldMeta.subform_module`), every mapped column's row field exists in that module's
+    field metadata (``settings/fields?module=<subform module>``, which the emulator serves and
+    Zoho's Subform API names as the source of the rows' api names), is writable and has a
+    compatible ``data_type``. Metadata without ``subform.module``: only the ``data_type`` is
+    checked (the rows' fields are then judged by the CRM at the first write).
+    """
+    sub = pipeline.subform_of
+    if sub is None:
+        raise ValueError(f"pipeline {pipeline.name!r} has no subform_of")
+    prefix = f"pipelines[{pipeline.name!r}]"
+    module = parent.module
+    metas = {f.api_name: f for f in await client.fields(module)}
+    meta = metas.get(sub.field)
+    if meta is None:
+        raise ConfigError(
+            f"{prefix}.subform_of.field",
+            f"CRM module {module!r} has no field {sub.field!r} "
+            f"(its fields: {', '.join(sorted(metas))})",
+        )
+    if meta.data_type != "subform":
+        raise ConfigError(
+            f"{prefix}.subform_of.field",
+            f"CRM field {module}.{sub.field} has data_type {meta.data_type!r}; expected a"
+            " subform field",
+        )
+    if meta.read_only:
+        raise ConfigError(
+            f"{prefix}.subform_of.field", f"CRM field {module}.{sub.field} is read-only"
+        )
+    sub_module = getattr(meta, "subform_module", None)
+    if not sub_module:
+        return
+    rows = {f.api_name: f for f in await client.fields(sub_module)}
+    for column, m in pipeline.fields.items():
+        where = f"{prefix}.fields.{column}"
+        row_meta = rows.get(m.field)
+        if row_meta is None:
+            raise ConfigError(
+                where,
+                f"subform {module}.{sub.field} (module {sub_module!r}) has no field"
+                f" {m.field!r} (its fields: {', '.join(sorted(rows))})",
+            )
+        if row_meta.read_only:
+            raise ConfigError(where, f"subform field {sub_module}.{m.field} is read-only")
+        if row_meta.data_type not in COMPATIBLE_DATA_TYPES[m.type]:
+            raise ConfigError(
+                where,
+                f"type {m.type!r} does not match subform field {sub_module}.{m.field}, whose"
+                f" data_type is {row_meta.data_type!r}; expected type"
+                f" {_config_type_for(row_meta.data_type)!r}",
+            )
 
 
 def _config_type_for(data_type: str) -> str:

@@ -45,6 +45,9 @@ class FieldMeta:
     length: int | None = None
     picklist_values: tuple[str, ...] = ()
     lookup_module: str | None = None  # data_type "lookup": the target module (``lookup.module``)
+    # data_type "subform": the subform module (``subform.module``, a string in Zoho's v8 OAS
+    # fields.json), whose own field metadata lists the rows' fields
+    subform_module: str | None = None
 
 
 @dataclass(slots=True)
@@ -189,6 +192,11 @@ def _lookup_module(lookup: Any) -> str | None:
     return str(name) if name else None
 
 
+def _subform_module(subform: Any) -> str | None:
+    module = subform.get("module") if isinstance(subform, dict) else None
+    return module if isinstance(module, str) and module else None
+
+
 def _field_meta(f: Mapping[str, Any]) -> FieldMeta:
     unique = f.get("unique")
     picklist = f.get("pick_list_values") or []
@@ -207,4 +215,5 @@ def _field_meta(f: Mapping[str, Any]) -> FieldMeta:
             if isinstance(p, dict)
         ),
         lookup_module=_lookup_module(f.get("lookup")),
+        subform_module=_subform_module(f.get("subform")),
     )

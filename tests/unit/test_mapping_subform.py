@@ -6,6 +6,7 @@ contract with Zoho's documented row semantics as the emulator models them."""
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
 from pathlib import Path
@@ -21,6 +22,7 @@ from connector.crm_values import dumps_json
 from connector.emulator.config import SUBFORM_MAX_ROWS as EMULATOR_SUBFORM_MAX_ROWS
 from connector.errors import ConfigError, DataError
 from connector.mapping import SUBFORM_MAX_ROWS, RecordMapper, SubformMapper, line_order
+from connector.mapping_check import check_mapping, check_subform_mapping
 
 ORDERS: dict[str, Any] = {
     "name": "orders",
@@ -441,3 +443,112 @@ def test_every_line_once_in_order_with_its_id_whatever_the_input_order(
     # (c) independent of the order of the lines: a replay writes the same value
     shuffled = data.draw(st.permutations(lines))
     assert m.to_parent_json(shuffled, dict(reversed(row_ids.items()))) == {"Lines": rows}
+
+
+# ---- the start-up check against field metadata ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Meta:
+    api_name: str
+    data_type: str = "text"
+    unique: bool = False
+    mandatory: bool = False
+    read_only: bool = False
+    lookup_module: str | None = None
+    subform_module: str | None = None
+
+
+class Fields:
+    def __init__(self, by_module: dict[str, list[Meta]]) -> None:
+        self.by_module = by_module
+        self.asked: list[str] = []
+
+    async def fields(self, module: str) -> list[Meta]:
+        self.asked.append(module)
+        return self.by_module[module]
+
+
+ROW_FIELDS = [
+    Meta("Product"),
+    Meta("Qty", "integer"),
+    Meta("Price", "double"),
+    Meta("Shipped", "boolean"),
+    Meta("Due", "date"),
+]
+
+
+def crm(lines_field: Meta, rows: list[Meta] = ROW_FIELDS) -> Fields:
+    orders = [Meta("Legacy_Id", unique=True), Meta("Name"), lines_field]
+    return Fields({"Orders": orders, "Order_Lines": rows})
+
+
+async def test_check_mapping_accepts_a_subform_and_its_row_fields() -> None:
+    orders, lines = validated(ORDERS, LINES)
+    client = crm(Meta("Lines", "subform", subform_module="Order_Lines"))
+    await check_mapping(client, lines, {"orders": orders})
+    assert client.asked == ["Orders", "Order_Lines"]
+    # metadata without subform.module: the data_type only
+    client = crm(Meta("Lines", "subform"))
+    await check_subform_mapping(client, lines, orders)
+    assert client.asked == ["Orders"]
+
+
+@pytest.mark.parametrize(
+    ("lines_field", "rows", "key", "message"),
+    [
+        (Meta("Items", "subform"), ROW_FIELDS, "subform_of.field", "has no field 'Lines'"),
+        (Meta("Lines", "text"), ROW_FIELDS, "subform_of.field", "expected a subform field"),
+        (
+            Meta("Lines", "subform", read_only=True),
+            ROW_FIELDS,
+            "subform_of.field",
+            "is read-only",
+        ),
+        (
+            Meta("Lines", "subform", subform_module="Order_Lines"),
+            ROW_FIELDS[1:],
+            "fields.product",
+            "has no field 'Product'",
+        ),
+        (
+            Meta("Lines", "subform", subform_module="Order_Lines"),
+            [Meta("Product"), Meta("Qty", "text"), *ROW_FIELDS[2:]],
+            "fields.qty",
+            "data_type is 'text'; expected type 'text'",
+        ),
+        (
+            Meta("Lines", "subform", subform_module="Order_Lines"),
+            [Meta("Product", read_only=True), *ROW_FIELDS[1:]],
+            "fields.product",
+            "is read-only",
+        ),
+    ],
+)
+async def test_check_mapping_refuses_a_wrong_subform(
+    lines_field: Meta, rows: list[Meta], key: str, message: str
+) -> None:
+    orders, lines = validated(ORDERS, LINES)
+    with pytest.raises(ConfigError) as exc:
+        await check_mapping(crm(lines_field, rows), lines, {"orders": orders})
+    assert exc.value.key == f"pipelines['order_lines'].{key}"
+    assert message in str(exc.value)
+
+
+async def test_check_mapping_of_a_subform_needs_its_parent() -> None:
+    _, lines = validated(ORDERS, LINES)
+    with pytest.raises(ConfigError, match="'orders', which is not configured"):
+        await check_mapping(crm(Meta("Lines", "subform")), lines)
+
+
+def test_field_metadata_carries_the_subform_module() -> None:
+    from connector.zoho.client import _field_meta
+
+    meta = _field_meta(
+        {"api_name": "Lines", "data_type": "subform", "subform": {"module": "Order_Lines"}}
+    )
+    assert meta.subform_module == "Order_Lines"
+    assert (
+        _field_meta({"api_name": "Name", "data_type": "text", "subform": None}).subform_module
+        is None
+    )
