@@ -6,12 +6,14 @@ contract with Zoho's documented row semantics as the emulator models them."""
 from __future__ import annotations
 
 import copy
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,10 +21,13 @@ from hypothesis import strategies as st
 from connector.cli import main
 from connector.config import PipelineConfig, Settings, check_subforms, parse_settings
 from connector.crm_values import dumps_json
+from connector.emulator import EmulatorConfig, start_emulator
 from connector.emulator.config import SUBFORM_MAX_ROWS as EMULATOR_SUBFORM_MAX_ROWS
+from connector.emulator.server import EmulatorHandle
 from connector.errors import ConfigError, DataError
 from connector.mapping import SUBFORM_MAX_ROWS, RecordMapper, SubformMapper, line_order
 from connector.mapping_check import check_mapping, check_subform_mapping
+from tests.emulator.conftest import Api
 
 ORDERS: dict[str, Any] = {
     "name": "orders",
@@ -552,3 +557,105 @@ def test_field_metadata_carries_the_subform_module() -> None:
         _field_meta({"api_name": "Name", "data_type": "text", "subform": None}).subform_module
         is None
     )
+
+
+# ---- the contract with the emulator (Zoho's documented row semantics) ----------------------
+
+
+def emulator_config() -> EmulatorConfig:
+    return EmulatorConfig.from_dict(
+        {
+            "modules": [
+                {
+                    "api_name": "Orders",
+                    "id": "4876876000000500001",
+                    "fields": [
+                        {"api_name": "Name", "mandatory": True},
+                        {"api_name": "Legacy_Id", "unique": True},
+                        {
+                            "api_name": "Lines",
+                            "data_type": "subform",
+                            "subform_module": "Order_Lines",
+                            "subform_fields": [
+                                {"api_name": "Product"},
+                                {"api_name": "Qty", "data_type": "integer"},
+                                {"api_name": "Price", "data_type": "decimal"},
+                                {"api_name": "Shipped", "data_type": "boolean"},
+                                {"api_name": "Due", "data_type": "date"},
+                            ],
+                        },
+                    ],
+                }
+            ]
+        }
+    )
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[tuple[EmulatorHandle, Api]]:
+    async with start_emulator(emulator_config()) as emu, aiohttp.ClientSession() as s:
+        a = Api(emu, s)
+        await a.login()
+        yield emu, a
+
+
+async def _write(api: Api, record: dict[str, Any]) -> dict[str, Any]:
+    st_, _, body = await api.call(
+        "POST",
+        "/crm/v8/Orders/upsert",
+        data=dumps_json({"data": [record], "duplicate_check_fields": ["Legacy_Id"]}),
+        headers={"Content-Type": "application/json"},
+    )
+    item = body["data"][0]
+    assert st_ in (200, 201) and item["status"] == "success", (st_, item)
+    return dict(item)
+
+
+def _stored(emu: EmulatorHandle, key: str) -> list[dict[str, Any]]:
+    rec = next(r for r in emu.records("Orders") if r["Legacy_Id"] == key)
+    return list(rec["Lines"])
+
+
+def _values(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows' mapped fields (the id apart), as the emulator stores them."""
+    fields = ("Product", "Qty", "Price", "Shipped", "Due")
+    return [{f: r.get(f) for f in fields} for r in rows]
+
+
+async def test_the_emulator_stores_exactly_the_lines_given(
+    api: tuple[EmulatorHandle, Api],
+) -> None:
+    emu, client = api
+    orders, lines_pipeline = validated(ORDERS, LINES)
+    m = SubformMapper(lines_pipeline, orders)
+    parent = RecordMapper(orders).to_json({"id": 7, "title": "O7"})
+
+    first = [line(1, qty=1, price=Decimal("9.90")), line(2, qty=2), line(3, qty=3)]
+    await _write(client, {**parent, **m.to_parent_json(first, {})})
+    stored = _stored(emu, "7")
+    assert [(r["Product"], r["Qty"]) for r in stored] == [("p1", 1), ("p2", 2), ("p3", 3)]
+    assert _values(stored) == _values(m.to_rows(first, {}))
+    # the engine learns the row ids from the record (line order = row order)
+    row_ids = {m.key_of(x): r["id"] for x, r in zip(first, stored, strict=True)}
+
+    # line 2 deleted, line 3 changed, line 4 new: one write with the complete current set
+    second = [line(4, qty=4), line(3, qty=33), line(1, qty=1, price=Decimal("9.90"))]
+    await _write(client, {**parent, **m.to_parent_json(second, row_ids)})
+    stored = _stored(emu, "7")
+    assert [(r["Product"], r["Qty"]) for r in stored] == [("p1", 1), ("p3", 33), ("p4", 4)]
+    assert [r["id"] for r in stored[:2]] == [row_ids["1"], row_ids["3"]]
+    assert stored[2]["id"] not in row_ids.values()
+    assert _values(stored) == _values(m.to_rows(second, row_ids))
+    assert stored[0]["Price"] == Decimal("9.90") and stored[0]["Shipped"] is None
+
+    # a replay of the same set changes nothing
+    row_ids = {
+        m.key_of(x): r["id"]
+        for x, r in zip(sorted(second, key=lambda x: x["id"]), stored, strict=True)
+    }
+    await _write(client, {**parent, **m.to_parent_json(list(reversed(second)), row_ids)})
+    assert _stored(emu, "7") == stored
+
+    # every line deleted: [] clears the subform
+    await _write(client, {**parent, **m.to_parent_json([], row_ids)})
+    assert _stored(emu, "7") == []
