@@ -155,8 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         # of the process it was forked from (exec keeps the old mm's high-water mark), so in one
         # long-lived parent every later benchmark's peak RSS read at least the largest earlier
         # one (the first `make bench` run reported 321.6 MiB for every child)
-        for n in REGISTRY:
-            print(f"== {n}", flush=True)
+        for n in REGISTRY:  # each child prints its own "== name" header
             done = subprocess.run([sys.executable, "-m", "benchmarks", n, *rest], check=False)
             rc = max(rc, done.returncode)
     else:
