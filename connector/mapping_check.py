@@ -85,23 +85,14 @@ async def check_mapping(
 
     for column, m in pipeline.fields.items():
         where = f"{prefix}.fields.{column}"
-        meta = metas.get(m.field)
-        if meta is None:
-            raise ConfigError(
-                where,
-                f"CRM module {module!r} has no field {m.field!r} "
-                f"(its fields: {', '.join(sorted(metas))})",
-            )
-        if meta.read_only:
-            raise ConfigError(where, f"CRM field {module}.{m.field} is read-only")
-        allowed = COMPATIBLE_DATA_TYPES[m.type]
-        if meta.data_type not in allowed:
-            raise ConfigError(
-                where,
-                f"type {m.type!r} does not match CRM field {module}.{m.field}, whose "
-                f"data_type is {meta.data_type!r}; expected type "
-                f"{_config_type_for(meta.data_type)!r}",
-            )
+        meta = _mapped_field(
+            where,
+            metas,
+            m.field,
+            m.type,
+            container=f"CRM module {module!r}",
+            label=f"CRM field {module}",
+        )
         if m.type == "lookup":
             parent = (parents or {}).get(m.pipeline or "")
             target = getattr(meta, "lookup_module", None)
@@ -183,23 +174,42 @@ async def check_subform_mapping(
         return
     rows = {f.api_name: f for f in await client.fields(sub_module)}
     for column, m in pipeline.fields.items():
-        where = f"{prefix}.fields.{column}"
-        row_meta = rows.get(m.field)
-        if row_meta is None:
-            raise ConfigError(
-                where,
-                f"subform {module}.{sub.field} (module {sub_module!r}) has no field"
-                f" {m.field!r} (its fields: {', '.join(sorted(rows))})",
-            )
-        if row_meta.read_only:
-            raise ConfigError(where, f"subform field {sub_module}.{m.field} is read-only")
-        if row_meta.data_type not in COMPATIBLE_DATA_TYPES[m.type]:
-            raise ConfigError(
-                where,
-                f"type {m.type!r} does not match subform field {sub_module}.{m.field}, whose"
-                f" data_type is {row_meta.data_type!r}; expected type"
-                f" {_config_type_for(row_meta.data_type)!r}",
-            )
+        _mapped_field(
+            f"{prefix}.fields.{column}",
+            rows,
+            m.field,
+            m.type,
+            container=f"subform {module}.{sub.field} (module {sub_module!r})",
+            label=f"subform field {sub_module}",
+        )
+
+
+def _mapped_field(
+    where: str,
+    metas: Mapping[str, FieldInfo],
+    field: str,
+    config_type: str,
+    *,
+    container: str,
+    label: str,
+) -> FieldInfo:
+    """The metadata of mapped field ``field`` among ``metas`` (a module's fields, or a
+    subform's row fields): it exists, is writable and its ``data_type`` takes ``config_type``;
+    else ConfigError at ``where``. ``container`` / ``label`` name the place in the messages."""
+    meta = metas.get(field)
+    if meta is None:
+        raise ConfigError(
+            where, f"{container} has no field {field!r} (its fields: {', '.join(sorted(metas))})"
+        )
+    if meta.read_only:
+        raise ConfigError(where, f"{label}.{field} is read-only")
+    if meta.data_type not in COMPATIBLE_DATA_TYPES[config_type]:
+        raise ConfigError(
+            where,
+            f"type {config_type!r} does not match {label}.{field}, whose data_type is"
+            f" {meta.data_type!r}; expected type {_config_type_for(meta.data_type)!r}",
+        )
+    return meta
 
 
 def _config_type_for(data_type: str) -> str:

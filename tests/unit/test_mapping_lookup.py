@@ -19,6 +19,7 @@ from connector.config import PipelineConfig, check_lookups, parse_settings
 from connector.errors import ConfigError, DataError
 from connector.mapping import RecordMapper
 from connector.mapping_check import check_mapping
+from tests.unit.relations import TOML_HEAD, settings_data
 
 CUSTOMERS: dict[str, Any] = {
     "name": "customers",
@@ -39,25 +40,9 @@ ORDERS: dict[str, Any] = {
         "customer_id": {"field": "Account", "type": "lookup", "pipeline": "customers"},
     },
 }
-BASE: dict[str, Any] = {
-    "crm": {
-        "client_id": "1000.ABC",
-        "client_secret_env": "ZOHO_CLIENT_SECRET",
-        "refresh_token_env": "ZOHO_REFRESH_TOKEN",
-    },
-    "database": {"dsn_env": "LEGACY_DSN"},
-}
-
-
-TOML = """
-[crm]
-client_id = "1000.ABC"
-client_secret_env = "ZOHO_CLIENT_SECRET"
-refresh_token_env = "ZOHO_REFRESH_TOKEN"
-
-[database]
-dsn_env = "LEGACY_DSN"
-
+TOML = (
+    TOML_HEAD
+    + """
 [[pipelines]]
 name = "customers"
 source_table = "public.customers"
@@ -76,10 +61,7 @@ key_field = "Legacy_Id"
 title = "Name"
 customer_id = { field = "Account", type = "lookup", pipeline = "customers" }
 """
-
-
-def settings_data(*pipelines: dict[str, Any]) -> dict[str, Any]:
-    return {**copy.deepcopy(BASE), "pipelines": [copy.deepcopy(p) for p in pipelines]}
+)
 
 
 def pipelines() -> tuple[PipelineConfig, PipelineConfig]:

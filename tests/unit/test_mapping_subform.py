@@ -28,6 +28,7 @@ from connector.errors import ConfigError, DataError
 from connector.mapping import SUBFORM_MAX_ROWS, RecordMapper, SubformMapper, line_order
 from connector.mapping_check import check_mapping, check_subform_mapping
 from tests.emulator.conftest import Api
+from tests.unit.relations import TOML_HEAD, settings_data
 
 ORDERS: dict[str, Any] = {
     "name": "orders",
@@ -50,24 +51,9 @@ LINES: dict[str, Any] = {
         "due": {"field": "Due", "type": "date"},
     },
 }
-BASE: dict[str, Any] = {
-    "crm": {
-        "client_id": "1000.ABC",
-        "client_secret_env": "ZOHO_CLIENT_SECRET",
-        "refresh_token_env": "ZOHO_REFRESH_TOKEN",
-    },
-    "database": {"dsn_env": "LEGACY_DSN"},
-}
-
-TOML = """
-[crm]
-client_id = "1000.ABC"
-client_secret_env = "ZOHO_CLIENT_SECRET"
-refresh_token_env = "ZOHO_REFRESH_TOKEN"
-
-[database]
-dsn_env = "LEGACY_DSN"
-
+TOML = (
+    TOML_HEAD
+    + """
 [[pipelines]]
 name = "orders"
 source_table = "public.orders"
@@ -83,10 +69,7 @@ key_column = "id"
 subform_of = { pipeline = "orders", field = "Lines", parent_column = "order_id" }
 fields = { product = "Product", qty = { field = "Qty", type = "integer" } }
 """
-
-
-def settings_data(*pipelines: dict[str, Any]) -> dict[str, Any]:
-    return {**copy.deepcopy(BASE), "pipelines": [copy.deepcopy(p) for p in pipelines]}
+)
 
 
 def validated(*pipelines: dict[str, Any]) -> list[PipelineConfig]:

@@ -1,0 +1,32 @@
+"""Shared settings fixtures of the related-tables tests (lookups, subform pipelines)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+#: the settings around the pipelines (secrets by environment variable name only)
+BASE: dict[str, Any] = {
+    "crm": {
+        "client_id": "1000.ABC",
+        "client_secret_env": "ZOHO_CLIENT_SECRET",
+        "refresh_token_env": "ZOHO_REFRESH_TOKEN",
+    },
+    "database": {"dsn_env": "LEGACY_DSN"},
+}
+
+#: BASE as the head of a TOML file; the tests append their ``[[pipelines]]``
+TOML_HEAD = """
+[crm]
+client_id = "1000.ABC"
+client_secret_env = "ZOHO_CLIENT_SECRET"
+refresh_token_env = "ZOHO_REFRESH_TOKEN"
+
+[database]
+dsn_env = "LEGACY_DSN"
+"""
+
+
+def settings_data(*pipelines: dict[str, Any]) -> dict[str, Any]:
+    """BASE with deep copies of ``pipelines``, ready for ``parse_settings``."""
+    return {**copy.deepcopy(BASE), "pipelines": [copy.deepcopy(p) for p in pipelines]}
