@@ -78,6 +78,7 @@ class EmbeddedPostgres:
         self.settings = {**DEFAULT_SETTINGS, **(settings or {})}
         self.superuser = superuser
         self._run_as: str | None = _SYSTEM_USER if os.geteuid() == 0 else None
+        self.last_error = ""
 
     # -- helpers ---------------------------------------------------------------------------
     @property
@@ -92,6 +93,9 @@ class EmbeddedPostgres:
         proc = subprocess.run(
             argv, capture_output=True, text=True, timeout=timeout, check=False, user=self._run_as
         )
+        if proc.returncode != 0:
+            # what the last failing command said (``stop`` returns False and keeps it here)
+            self.last_error = f"{exe} exited {proc.returncode}: {proc.stderr.strip()}"
         if check and proc.returncode != 0:
             log = self.datadir / "postgres.log"
             tail = log.read_text()[-3000:] if log.exists() else ""

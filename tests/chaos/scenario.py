@@ -28,6 +28,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import time
 from collections import Counter
@@ -300,14 +301,59 @@ def restart_postgres(pg: EmbeddedPostgres) -> list[str] | None:
     """Fast stop, then start. When the fast stop does not finish within 60 s, the server's
     remaining processes (their titles: which backend or walsender, in what state) are
     returned as evidence and the server is stopped ``immediate`` (a crash, recovered on
-    start). A soak that needed this says so in its result (``pg_fast_stop_timeouts``)."""
+    start). A soak that needed this says so in its result (``pg_fast_stop_timeouts``).
+
+    When ``pg_ctl stop`` cannot stop the server at all, the postmaster and its processes are
+    killed (a crash too) and what pg_ctl said is in the evidence: seen once in `make test`
+    (2026-12-06, the 1.75-minute trigger pair), where both stops returned at once without the
+    server logging a shutdown request, and the start then failed on the running server's
+    lock file, ending the run as a runner error."""
     if pg.stop("fast"):
         pg.start()
         return None
-    stuck = _children(pg.pid())
-    pg.stop("immediate")
+    pid = pg.pid()
+    stuck = _children(pid)
+    if not pg.stop("immediate"):
+        stuck.append(f"pg_ctl could not stop postmaster {pid} ({pg.last_error}); killed")
+        _kill_cluster(pg, pid)
     pg.start()
     return stuck
+
+
+def _kill_cluster(pg: EmbeddedPostgres, pid: int | None) -> None:
+    """SIGKILL the postmaster ``pid`` and its processes, and wait (≤ 30 s) until all are gone,
+    so that the next start neither finds the lock file's owner alive nor shared memory still
+    attached (start then runs crash recovery). The dead postmaster's lock files
+    (``postmaster.pid`` and the socket's) are removed: here PID 1 reaps orphans late, and a
+    new postmaster takes a zombie's PID in a lock file for a running server (``kill(pid, 0)``
+    succeeds on a zombie) and refuses to start (seen while writing this, 2026-12-06)."""
+    if pid is None:
+        return
+    out = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, check=False
+    )
+    pids = [pid, *(int(x) for x in out.stdout.split())]
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.05)
+    if any(_alive(p) for p in pids):
+        return
+    for lock in [pg.datadir / "postmaster.pid", *pg.socket_dir.glob(".s.PGSQL.*.lock")]:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(lock.read_text().splitlines()[0]) == pid:
+                lock.unlink()
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting to be reaped holds no shared memory: gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
 
 
 def _children(pid: int | None) -> list[str]:

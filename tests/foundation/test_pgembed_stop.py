@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from connector.pgembed import EmbeddedPostgres
-from tests.chaos.scenario import _children
+from tests.chaos.scenario import _children, restart_postgres
 
 pytestmark = pytest.mark.db
 
@@ -25,5 +26,35 @@ def test_a_stop_that_does_not_finish_in_time_returns_false(tmp_path: Path) -> No
         assert stopped is (not (pg.datadir / "postmaster.pid").exists())  # the truth, either way
         assert pg.stop("fast") is True
         assert pg.pid() is None
+    finally:
+        pg.stop("immediate")
+
+
+def test_a_restart_whose_stops_fail_kills_the_server_and_starts_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chaos runner's restart when ``pg_ctl stop`` cannot stop the server (seen once in
+    `make test`: the start then failed on the running server's lock file): the postmaster and
+    its processes are killed, the server starts again (crash recovery) and keeps its data, and
+    the evidence says what happened."""
+    pg = EmbeddedPostgres(tmp_path / "pg")
+    pg.start()
+    try:
+        with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+            conn.execute("CREATE TABLE kept (v int); INSERT INTO kept VALUES (42)")
+        old = pg.pid()
+        assert old is not None
+        pg.last_error = "pg_ctl exited 1: (simulated)"
+        monkeypatch.setattr(pg, "stop", lambda *a, **k: False)  # pg_ctl stop fails every time
+        evidence = restart_postgres(pg)
+        monkeypatch.undo()
+        assert evidence is not None
+        assert any(f"could not stop postmaster {old}" in e and "killed" in e for e in evidence)
+        assert "(simulated)" in evidence[-1]
+        new = pg.pid()
+        assert new is not None and new != old
+        with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+            row = conn.execute("SELECT v FROM kept").fetchone()
+        assert row == (42,)
     finally:
         pg.stop("immediate")
