@@ -41,6 +41,9 @@ def test_a_restart_whose_stops_fail_kills_the_server_and_starts_it_again(
     pg.start()
     try:
         with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+            # the cluster commits asynchronously (synchronous_commit = off): a kill loses what
+            # the WAL writer has not written yet, so this commit waits for its WAL
+            conn.execute("SET synchronous_commit = on")
             conn.execute("CREATE TABLE kept (v int); INSERT INTO kept VALUES (42)")
         old = pg.pid()
         assert old is not None
