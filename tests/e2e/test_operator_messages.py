@@ -369,6 +369,9 @@ async def test_init_after_a_dropped_publication_names_what_it_skipped(
     _no_traceback(rc, out, err, 0)
     assert "capture (logical) installed" in out and "NOT captured" not in err
     async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+        # the test cluster commits asynchronously, and a slot decodes only flushed WAL: the
+        # second init must see both changes (failed in make test without this)
+        await conn.execute("SET synchronous_commit = on")
         await conn.execute("UPDATE public.orders SET quantity = quantity + 1 WHERE id = 1")
         cur = await conn.execute("SELECT pubname FROM pg_publication")
         (pub,) = await cur.fetchone() or ("",)
