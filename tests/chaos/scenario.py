@@ -282,9 +282,21 @@ def cpu_seconds(pid: int) -> float:
         return -1.0
 
 
+def rss_mb(pid: int) -> float:
+    """Resident set size of a live process in MB (``VmRSS`` in /proc), -1 when gone: a
+    long-lived connector whose RSS keeps rising is falling behind or leaking."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, IndexError, ValueError):
+        pass
+    return -1.0
+
+
 def lag_peaks(timeline: list[dict[str, float]], window: float = 300.0) -> list[dict[str, float]]:
-    """The timeline folded into windows: the peak of each lag gauge per window (a run that falls
-    behind shows a rising peak; one that keeps up shows a flat one)."""
+    """The timeline folded into windows: the peak of each lag gauge and RSS per window (a run
+    that falls behind shows a rising peak; one that keeps up shows a flat one)."""
     out: dict[int, dict[str, float]] = {}
     for s in timeline:
         w = int(s["t"] // window)
@@ -677,8 +689,8 @@ class Scenario:
             return f"unavailable ({type(exc).__name__}: {exc})"
 
     async def sample_lag(self) -> None:
-        """Every ``sample_every`` seconds: the connector's lag gauges and CPU seconds of the
-        connector and emulator processes (a run that falls behind shows where)."""
+        """Every ``sample_every`` seconds: the connector's lag gauges, and CPU seconds and RSS of
+        the connector and emulator processes (a run that falls behind shows where)."""
         assert self.connector is not None and self.emulator is not None
         began = time.monotonic()
         while True:
@@ -691,6 +703,7 @@ class Scenario:
             for name, child in (("connector", self.connector), ("emulator", self.emulator)):
                 if child.proc is not None:
                     sample[f"cpu_{name}"] = cpu_seconds(child.proc.pid)
+                    sample[f"rss_mb_{name}"] = rss_mb(child.proc.pid)
             self.result.timeline.append(sample)
 
     async def credits(self) -> dict[str, Any]:

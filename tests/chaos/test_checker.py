@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from decimal import Decimal
 from typing import Any
@@ -138,14 +139,37 @@ def test_lag_timeline_is_folded_into_peaks_per_window() -> None:
     )
     assert parse_lag(text) == {"outbox_lag_events": 12.0, "pending_keys": 3.0}
     timeline = [
-        {"t": 10.0, "outbox_lag_events": 5.0, "cpu_connector": 1.0},
-        {"t": 320.0, "outbox_lag_events": 50.0, "cpu_connector": 3.0},
-        {"t": 400.0, "outbox_lag_events": 7.0, "cpu_connector": 4.0},
+        {"t": 10.0, "outbox_lag_events": 5.0, "cpu_connector": 1.0, "rss_mb_connector": 90.0},
+        {"t": 320.0, "outbox_lag_events": 50.0, "cpu_connector": 3.0, "rss_mb_connector": 120.0},
+        {"t": 400.0, "outbox_lag_events": 7.0, "cpu_connector": 4.0, "rss_mb_connector": 110.0},
     ]
     assert lag_peaks(timeline) == [
-        {"until_s": 300.0, "outbox_lag_events": 5.0, "cpu_connector": 1.0},
-        {"until_s": 600.0, "outbox_lag_events": 50.0, "cpu_connector": 4.0},
+        {
+            "until_s": 300.0,
+            "outbox_lag_events": 5.0,
+            "cpu_connector": 1.0,
+            "rss_mb_connector": 90.0,
+        },
+        {
+            "until_s": 600.0,
+            "outbox_lag_events": 50.0,
+            "cpu_connector": 4.0,
+            "rss_mb_connector": 120.0,
+        },
     ]
+
+
+def test_rss_is_read_from_proc_and_a_gone_process_reads_minus_one() -> None:
+    import subprocess
+    import sys
+
+    from tests.chaos.scenario import rss_mb
+
+    here = rss_mb(os.getpid())
+    assert 1.0 < here < 100_000.0
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert rss_mb(child.pid) == -1.0
 
 
 async def test_the_runner_restarts_a_connector_that_exited_by_itself(monkeypatch: Any) -> None:
