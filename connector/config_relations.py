@@ -9,7 +9,7 @@ so the rules see a pipeline through the protocols below (what they read of
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from connector.errors import ConfigError
@@ -33,11 +33,21 @@ class _SubformOf(Protocol):
     def parent_column(self) -> str: ...
 
 
-class PipelineRules(Protocol):
-    """What the rules read of a pipeline (``connector.config.PipelineConfig``)."""
+class PipelineLinks(Protocol):
+    """What the dependency order reads of a pipeline: its name, its lookups and its subform
+    parent (``connector.config.PipelineConfig``; ``connector.parents.pipeline_order``)."""
 
     @property
     def name(self) -> str: ...
+    @property
+    def fields(self) -> Mapping[str, _Field]: ...
+    @property
+    def subform_of(self) -> _SubformOf | None: ...
+
+
+class PipelineRules(PipelineLinks, Protocol):
+    """What the rules read of a pipeline (``connector.config.PipelineConfig``)."""
+
     @property
     def module(self) -> str: ...
     @property
@@ -48,10 +58,6 @@ class PipelineRules(Protocol):
     def delete_mode(self) -> str: ...
     @property
     def ignore_columns(self) -> tuple[str, ...]: ...
-    @property
-    def fields(self) -> Mapping[str, _Field]: ...
-    @property
-    def subform_of(self) -> _SubformOf | None: ...
     @property
     def model_fields_set(self) -> set[str]: ...
 
@@ -65,6 +71,23 @@ ENGINE_SUPPORTS_LOOKUPS = False
 #: line set, docs/related-tables.md "Subforms"). Until it does, a configuration with a
 #: ``subform_of`` pipeline is refused at start, like lookups above.
 ENGINE_SUPPORTS_SUBFORMS = False
+
+
+def lookup_columns(p: PipelineLinks) -> Iterator[tuple[str, str | None]]:
+    """Each lookup column of ``p`` in config order, with the pipeline it looks up (None only
+    before the field is validated: a lookup needs ``pipeline``)."""
+    for column, m in p.fields.items():
+        if m.type == "lookup":
+            yield column, m.pipeline
+
+
+def parent_pipelines(p: PipelineLinks) -> list[str]:
+    """The pipelines ``p`` depends on, each once: the pipelines its lookups name (config
+    order), then its ``subform_of`` parent. Their records must be in the CRM before ``p``'s."""
+    parents = [parent for _, parent in lookup_columns(p) if parent is not None]
+    if p.subform_of is not None:
+        parents.append(p.subform_of.pipeline)
+    return list(dict.fromkeys(parents))
 
 
 def fill_subform_modules(data: Any) -> Any:
@@ -112,25 +135,23 @@ def check_lookups(
     edges: dict[str, set[str]] = {p.name: set() for p in pipelines}
     first: str | None = None
     for p in pipelines:
-        for column, m in p.fields.items():
-            if m.type != "lookup":
-                continue
+        for column, parent in lookup_columns(p):
             key = f"pipelines[{p.name!r}].fields.{column}.pipeline"
             first = first or key
-            if m.pipeline not in by_name:
+            if parent not in by_name:
                 raise ConfigError(
                     key,
-                    f"column {column!r} looks up pipeline {m.pipeline!r}, which is not"
+                    f"column {column!r} looks up pipeline {parent!r}, which is not"
                     f" configured (pipelines: {', '.join(sorted(by_name))}); name the pipeline"
                     " that syncs the parent table",
                 )
-            if m.pipeline == p.name:
+            if parent == p.name:
                 raise ConfigError(
                     key,
                     f"column {column!r} looks up its own pipeline {p.name!r}; a record"
                     " pointing to a record of the same table is not supported",
                 )
-            edges[p.name].add(m.pipeline)
+            edges[p.name].add(parent)
     for start in edges:
         stack, seen = [start], set()
         while stack:
@@ -226,13 +247,12 @@ def check_subforms(
                 " ignore_columns (or be the sync_flag_column): a line moved to another parent"
                 " changes two parents' rows",
             )
-        for column, m in p.fields.items():
-            if m.type == "lookup":
-                raise ConfigError(
-                    f"pipelines[{p.name!r}].fields.{column}.type",
-                    f"column {column!r} is a lookup; a subform row holds plain fields only"
-                    " (a lookup inside a subform is not supported)",
-                )
+        for column, _ in lookup_columns(p):
+            raise ConfigError(
+                f"pipelines[{p.name!r}].fields.{column}.type",
+                f"column {column!r} is a lookup; a subform row holds plain fields only"
+                " (a lookup inside a subform is not supported)",
+            )
         if "key_field" in p.model_fields_set:
             raise ConfigError(
                 f"pipelines[{p.name!r}].key_field",
@@ -261,12 +281,12 @@ def check_subforms(
                 " field is filled by its subform pipeline only",
             )
     for p in pipelines:
-        for column, m in p.fields.items():
-            target_pipeline = by_name.get(m.pipeline or "")
-            if m.type == "lookup" and target_pipeline and target_pipeline.subform_of:
+        for column, looked_up in lookup_columns(p):
+            target_pipeline = by_name.get(looked_up or "")
+            if target_pipeline and target_pipeline.subform_of:
                 raise ConfigError(
                     f"pipelines[{p.name!r}].fields.{column}.pipeline",
-                    f"column {column!r} looks up pipeline {m.pipeline!r}, a subform pipeline:"
+                    f"column {column!r} looks up pipeline {looked_up!r}, a subform pipeline:"
                     " its lines are rows of a record, not records a lookup can point to",
                 )
     supported = ENGINE_SUPPORTS_SUBFORMS if engine_supports is None else engine_supports
