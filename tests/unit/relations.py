@@ -30,3 +30,25 @@ dsn_env = "LEGACY_DSN"
 def settings_data(*pipelines: dict[str, Any]) -> dict[str, Any]:
     """BASE with deep copies of ``pipelines``, ready for ``parse_settings``."""
     return {**copy.deepcopy(BASE), "pipelines": [copy.deepcopy(p) for p in pipelines]}
+
+
+#: a parent pipeline (Accounts) and a child pipeline whose ``customer_id`` looks it up
+CUSTOMERS: dict[str, Any] = {
+    "name": "customers",
+    "source_table": "public.customers",
+    "key_column": "id",
+    "module": "Accounts",
+    "key_field": "Legacy_Id",
+    "fields": {"name": "Account_Name"},
+}
+ORDERS: dict[str, Any] = {
+    "name": "orders",
+    "source_table": "public.orders",
+    "key_column": "id",
+    "module": "Orders",
+    "key_field": "Legacy_Id",
+    "fields": {
+        "title": "Name",
+        "customer_id": {"field": "Account", "type": "lookup", "pipeline": "customers"},
+    },
+}

@@ -19,27 +19,8 @@ from connector.config import PipelineConfig, check_lookups, parse_settings
 from connector.errors import ConfigError, DataError
 from connector.mapping import RecordMapper
 from connector.mapping_check import check_mapping
-from tests.unit.relations import TOML_HEAD, settings_data
+from tests.unit.relations import CUSTOMERS, ORDERS, TOML_HEAD, settings_data
 
-CUSTOMERS: dict[str, Any] = {
-    "name": "customers",
-    "source_table": "public.customers",
-    "key_column": "id",
-    "module": "Accounts",
-    "key_field": "Legacy_Id",
-    "fields": {"name": "Account_Name"},
-}
-ORDERS: dict[str, Any] = {
-    "name": "orders",
-    "source_table": "public.orders",
-    "key_column": "id",
-    "module": "Orders",
-    "key_field": "Legacy_Id",
-    "fields": {
-        "title": "Name",
-        "customer_id": {"field": "Account", "type": "lookup", "pipeline": "customers"},
-    },
-}
 TOML = (
     TOML_HEAD
     + """

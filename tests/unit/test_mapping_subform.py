@@ -28,16 +28,10 @@ from connector.errors import ConfigError, DataError
 from connector.mapping import SUBFORM_MAX_ROWS, RecordMapper, SubformMapper, line_order
 from connector.mapping_check import check_mapping, check_subform_mapping
 from tests.emulator.conftest import Api
+from tests.unit import relations
 from tests.unit.relations import TOML_HEAD, settings_data
 
-ORDERS: dict[str, Any] = {
-    "name": "orders",
-    "source_table": "public.orders",
-    "key_column": "id",
-    "module": "Orders",
-    "key_field": "Legacy_Id",
-    "fields": {"title": "Name"},
-}
+ORDERS: dict[str, Any] = {**relations.ORDERS, "fields": {"title": "Name"}}
 LINES: dict[str, Any] = {
     "name": "order_lines",
     "source_table": "public.order_lines",
