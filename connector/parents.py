@@ -27,7 +27,7 @@ import heapq
 import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple, TypeVar
+from typing import ClassVar, Literal, NamedTuple, TypeVar
 
 from connector.config_relations import PipelineLinks, parent_pipelines
 
@@ -180,11 +180,11 @@ class Hold:
     dead-lettered or deleted, or not in the CRM at the child's deadline. Re-queued when that
     parent is acknowledged (the replay path)."""
 
+    code: ClassVar[str] = PARENT_NOT_SYNCED
     key: str
     field: str
     parent: RecordRef
     message: str
-    code: str = PARENT_NOT_SYNCED
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,12 +287,22 @@ def _blocked(state: ParentState, due: bool) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class HeldDelete:
-    """A parent delete that waits: ``children`` records still name it."""
+    """A parent delete that waits ``PARENT_HAS_CHILDREN``: these child records (sorted) still
+    name it."""
 
+    code: ClassVar[str] = PARENT_HAS_CHILDREN
     parent: RecordRef
-    children: int
-    message: str
-    code: str = PARENT_HAS_CHILDREN
+    children: tuple[RecordRef, ...]
+
+    @property
+    def message(self) -> str:
+        """Names the first child and the count."""
+        n = len(self.children)
+        others = f" and {n - 1} more" if n > 1 else ""
+        return (
+            f"parent {self.parent} is still named by {n} child record(s) in the legacy tables"
+            f" ({self.children[0]}{others}); its delete waits until none names it"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,19 +329,11 @@ def hold_parent_deletes(
     go: list[RecordRef] = []
     held: list[HeldDelete] = []
     for ref in deletes:
-        named = sorted(set(children.get(ref, ())))
+        named = tuple(sorted(set(children.get(ref, ()))))
         if delete_modes.get(ref.pipeline, "delete") != "delete" or not named:
             go.append(ref)
-            continue
-        others = f" and {len(named) - 1} more" if len(named) > 1 else ""
-        held.append(
-            HeldDelete(
-                ref,
-                len(named),
-                f"parent {ref} is still named by {len(named)} child record(s) in the legacy"
-                f" tables ({named[0]}{others}); its delete waits until none names it",
-            )
-        )
+        else:
+            held.append(HeldDelete(ref, named))
     return DeleteHolds(tuple(go), tuple(held))
 
 
