@@ -229,8 +229,8 @@ def parents_first(
     :class:`Dead` or :class:`Deleted` → :class:`Hold` at once; else, at the child's deadline
     (``now >= deadline``), a parent still :class:`Pending` or asked and not found →
     :class:`Hold`, unknown ones not yet asked → :class:`Ask`; before it, any parent not
-    :class:`Synced` → :class:`Wait`; all synced → :class:`Send`. The first blocking parent in
-    field order names the dead letter."""
+    :class:`Synced` → :class:`Wait`; all synced → :class:`Send`. The dead letter names a dead
+    or deleted parent if there is one, else the first blocking parent in field order."""
     if not flush_interval >= 0:
         raise ValueError(f"flush_interval must be >= 0 seconds, got {flush_interval!r}")
     decisions: list[Decision] = []
@@ -258,10 +258,10 @@ def _decide(child: ChildChange, parents: Mapping[RecordRef, ParentState], now: f
         for lookup, ref in child.parents.items()
         if ref is not None
     ]
-    for lookup, ref, state in named:
-        why = _blocked(state, due)
-        if why is not None:
-            return Hold(child.key, lookup, ref, f"parent {ref} {why}")
+    blocked = [(b, lookup, ref) for lookup, ref, state in named if (b := _blocked(state, due))]
+    if blocked:  # a dead or deleted parent first, then in field order
+        (_, why), lookup, ref = min(blocked, key=lambda b: b[0][0])
+        return Hold(child.key, lookup, ref, f"parent {ref} {why}")
     ids = {ref: state.crm_id for _, ref, state in named if isinstance(state, Synced)}
     if len(ids) == len({ref for _, ref, _ in named}):
         return Send(child.key, {lookup: ids[ref] for lookup, ref, _ in named}, ids)
@@ -269,16 +269,17 @@ def _decide(child: ChildChange, parents: Mapping[RecordRef, ParentState], now: f
     return Ask(child.key, waiting) if due else Wait(child.key, waiting)
 
 
-def _blocked(state: ParentState, due: bool) -> str | None:
-    """Why ``state`` holds a child whose deadline is (``due``) or is not yet reached."""
+def _blocked(state: ParentState, due: bool) -> tuple[int, str] | None:
+    """Why ``state`` holds a child whose deadline is (``due``) or is not yet reached, ranked:
+    0 a parent that stays out of the CRM until it changes, 1 one that is late."""
     if isinstance(state, Dead):
-        return f"is dead-lettered: {state.reason}"
+        return 0, f"is dead-lettered: {state.reason}"
     if isinstance(state, Deleted):
-        return "is deleted"
+        return 0, "is deleted"
     if due and isinstance(state, Unknown) and state.asked:
-        return "is not in the CRM"
+        return 1, "is not in the CRM"
     if due and isinstance(state, Pending):
-        return "is not in the CRM by the child's deadline (its change is still pending)"
+        return 1, "is not in the CRM by the child's deadline (its change is still pending)"
     return None
 
 

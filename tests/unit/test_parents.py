@@ -211,6 +211,11 @@ def test_a_dead_parent_holds_before_a_pending_one_and_the_first_field_names_it()
     assert isinstance(decision, Hold) and decision.field == "Vendor" and decision.parent == V7
     result = gate([child(Account=C42, Vendor=V7)], {C42: Pending(200.0), V7: Synced("v")})
     assert result.decisions == (Wait("1", (C42,)),)
+    due = only(gate([child(Account=C42, Vendor=V7)], view, now=100.0))  # C42 is late too
+    assert isinstance(due, Hold) and due.parent == V7 and due.message.endswith("dead-lettered: x")
+    late = {C42: Pending(200.0), C43: Unknown(asked=True)}
+    due = only(gate([child(Account=C42, Other=C43)], late, now=100.0))
+    assert isinstance(due, Hold) and due.field == "Account"
 
 
 def test_gate_refuses_a_negative_flush_interval() -> None:
