@@ -171,7 +171,7 @@ class Emitter(BulkJobs, SyncFlags, SchemaChecks):
                 try:
                     records.append((e, self._json(e.event), "upsert"))
                 except DataError as exc:
-                    rejected.append((e, exc))
+                    rejected.append((e, exc.detached()))  # not exc: see DataError.detached
             await self._check_type_changes(rejected)
             for e, err in rejected:
                 res.reject(e.event, err.code, str(err), err.field, "mapping")

@@ -92,7 +92,7 @@ class BulkJobs:
                 try:
                     rows.append((e, self._csv(e.event)))
                 except DataError as exc:
-                    rejected.append((e, exc))
+                    rejected.append((e, exc.detached()))  # not exc: see DataError.detached
             await self._check_type_changes(rejected)
             for e, err in rejected:
                 res.reject(e.event, err.code, str(err), err.field, "mapping")

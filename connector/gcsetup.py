@@ -5,8 +5,14 @@ which triggers CPython's generation-0 collection every 700 net allocations, and 
 collection walks every object imported at start-up. ``tune_gc`` moves the start-up objects to
 the permanent generation (``gc.freeze``: never scanned again) and raises the thresholds, so
 collections run far less often. Reference counting still frees almost everything at once;
-only reference cycles wait a little longer. Called by ``connector run`` after its imports and
-by the ceiling benchmark (benchmarks/ceiling.py) the same way."""
+what only the cyclic collector can free (reference cycles) waits for a full collection, and
+with these thresholds that comes rarely (every 50,000 × 20 × 20 net allocations at most, and
+only once the long-lived objects grew by a quarter): so code on the per-event path must make
+no cycle that holds a batch. One did (a rejected row's caught exception, whose traceback held
+the emitter's frame and its whole group): a fault-free connector's RSS grew ~25 MB a minute
+(session 15; ``DataError.detached``, tests/pipeline/test_reference_cycles.py). Called by
+``connector run`` after its imports and by the ceiling benchmark (benchmarks/ceiling.py) the
+same way."""
 
 from __future__ import annotations
 
