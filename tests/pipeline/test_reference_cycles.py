@@ -51,14 +51,13 @@ def unreachable_emitter_frames() -> list[str]:
         gc.garbage.clear()
 
 
-@pytest.mark.parametrize(("rows", "api"), [(6_000, "bulk"), (40, "upsert")])
+@pytest.mark.parametrize("rows", [6_000, 40], ids=["bulk", "upsert"])
 async def test_a_group_with_rows_the_mapping_rejects_leaves_no_cycle(
     legacy: str,
     client: ZohoClient,
     make_engine: EngineFactory,
     collector_off: None,
     rows: int,
-    api: str,
 ) -> None:
     bad = [7, 17, 27]
     await execute(legacy, *insert_sql(rows))
@@ -69,5 +68,5 @@ async def test_a_group_with_rows_the_mapping_rejects_leaves_no_cycle(
     letters = await fetch(
         legacy, "SELECT key::int, api FROM connector.dead_letters ORDER BY key::int"
     )
-    assert [k for k, _ in letters] == bad  # the path under test ran
+    assert letters == [(k, "mapping") for k in bad]  # the path under test ran
     assert unreachable_emitter_frames() == []
