@@ -136,6 +136,7 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
         # may have sent them without storing the ack (``_read_ahead``)
         self._catchup_to = 0
         self._read_ahead_keys = 0  # newest versions read ahead while catching up (logged)
+        self._read_ahead_done: set[str] = set()  # keys read ahead in this run (``_read_ahead``)
         self._backlog_hold: tuple[int, int] | None = None  # snapshot chunk being read: (id, txid)
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._calls_seen = -1
@@ -232,6 +233,7 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
                 self._read_pos = await outbox.load_checkpoint(reader, self.schema, name)
                 self._saved_pos = self._resolved_pos = self._read_pos
                 self._catchup_to = await outbox.last_committed_id(reader, self.schema, name)
+                self._read_ahead_done.clear()
                 with acting_for(name):
                     await self.emitter.recover()
                 await self._load_fences()

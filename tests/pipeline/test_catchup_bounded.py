@@ -15,12 +15,13 @@ outbox) and is stopped, as a chaos kill would.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 from typing import Any
 
 import pytest
 
-from connector import outbox
+from connector import engine_read, outbox
 from connector.emulator.server import EmulatorHandle
 from connector.zoho.client import ZohoClient
 
@@ -150,3 +151,120 @@ async def test_catchup_progresses_while_the_table_keeps_changing_and_no_ack_arri
         versions = [_version(n) for n in names]
         assert versions == sorted(versions), (key, names)  # never back to an older version
         assert versions[-1] == 6, (key, names)
+
+
+def _spy_newest_rows(monkeypatch: pytest.MonkeyPatch) -> collections.Counter[str]:
+    """Count, per key, how often the catch-up read-ahead asked for its newest row."""
+    asked: collections.Counter[str] = collections.Counter()
+    real = outbox.newest_rows
+
+    async def spy(conn: Any, schema: str, pipeline: Any, keys: Any, exclude: Any = ()) -> Any:
+        asked.update(keys)
+        return await real(conn, schema, pipeline, keys, exclude)
+
+    monkeypatch.setattr(outbox, "newest_rows", spy)
+    return asked
+
+
+async def _backlog_of_four_versions(legacy: str, client: ZohoClient, make_engine: Any) -> None:
+    """v1 acknowledged; v2, v3, v4 of every key in the outbox, past their deadline; the killed
+    previous owner sent v4 and did not store the acknowledgement."""
+    await execute(legacy, *insert_sql(KEYS, tag="v1"))
+    await (await make_engine(client)).drain()
+    for old, new in (("v1", "v2"), ("v2", "v3"), ("v3", "v4")):
+        await execute(legacy, f"UPDATE public.orders SET name = replace(name, '{old}', '{new}')")
+    await execute(
+        legacy, "UPDATE connector.outbox SET captured_at = captured_at - interval '1 hour'"
+    )
+    await _previous_owner_sent_newest(legacy, client)
+
+
+def _never_back_to_older(emu: EmulatorHandle, last: int) -> None:
+    for key, names in _names_written(emu).items():
+        versions = [_version(n) for n in names]
+        assert versions == sorted(versions), (key, names)
+        assert versions[-1] == last, (key, names)
+
+
+@pytest.mark.parametrize("acked_cache", [10_000, 1])
+async def test_each_key_is_read_ahead_once_per_catchup(
+    legacy: str,
+    emu: EmulatorHandle,
+    client: ZohoClient,
+    make_engine: EngineFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    acked_cache: int,
+) -> None:
+    """Session 16's 60-minute trigger-mode soak: one catch-up read 386,786 rows ahead for
+    48,000 keys, because every batch asked again for the newest row of every key it held,
+    though the first answer already was newer than anything a previous owner could have sent.
+    Each key is now looked up once per catch-up. Three batches hold v2 of the 300 keys, three
+    v3, three v4: before, each key was looked up three times. Never stale either way, also when
+    the acknowledged stamps leave memory at once (``acked_cache = 1``: an older version read
+    later is dropped against the stamp reloaded from key_state)."""
+    await _backlog_of_four_versions(legacy, client, make_engine)
+    asked = _spy_newest_rows(monkeypatch)
+    options = dataclasses.replace(FAST, read_limit=READ_LIMIT, acked_cache=acked_cache)
+    await asyncio.wait_for((await make_engine(client, options=options)).drain(), 60)
+    assert len(asked) == KEYS
+    assert max(asked.values()) == 1, asked.most_common(3)
+    _never_back_to_older(emu, 4)
+
+
+async def test_keys_beyond_the_remembered_bound_are_looked_up_again(
+    legacy: str,
+    emu: EmulatorHandle,
+    client: ZohoClient,
+    make_engine: EngineFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The keys remembered in one catch-up are bounded (``READ_AHEAD_REMEMBERED``, memory):
+    beyond the bound a key is looked up in every batch that holds it, as before. Correct
+    either way."""
+    monkeypatch.setattr(engine_read, "READ_AHEAD_REMEMBERED", READ_LIMIT)
+    await _backlog_of_four_versions(legacy, client, make_engine)
+    asked = _spy_newest_rows(monkeypatch)
+    options = dataclasses.replace(FAST, read_limit=READ_LIMIT)
+    await asyncio.wait_for((await make_engine(client, options=options)).drain(), 60)
+    counts = sorted(asked.values())
+    assert counts.count(1) == READ_LIMIT  # the first batch's keys, remembered
+    assert counts[-1] == 3  # the others: once per batch holding one of their versions
+    _never_back_to_older(emu, 4)
+
+
+async def test_a_dead_lettered_newest_version_still_drops_older_ones_read_later(
+    legacy: str,
+    emu: EmulatorHandle,
+    client: ZohoClient,
+    make_engine: EngineFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The reasoning behind looking a key up once, where it is thinnest: the newest version
+    read ahead is rejected by the CRM (dead-lettered), its stamp leaves memory at once
+    (``acked_cache = 1``), and the key's older versions come in later batches without a second
+    look-up. key_state holds the dead-lettered version, so they are dropped: the CRM keeps v3,
+    what the previous owner sent, and never gets v2 after it."""
+    await execute(legacy, *insert_sql(KEYS, tag="v1"))
+    await (await make_engine(client)).drain()
+    for old, new in (("v1", "v2"), ("v2", "v3")):
+        await execute(legacy, f"UPDATE public.orders SET name = replace(name, '{old}', '{new}')")
+    await _previous_owner_sent_newest(legacy, client)  # v3 in the CRM; key_state says v1
+    await execute(legacy, "UPDATE public.orders SET name = replace(name, 'v3', 'v4')")
+    await execute(legacy, "UPDATE public.orders SET name = name || repeat('x', 300) WHERE id = 7")
+    await execute(
+        legacy, "UPDATE connector.outbox SET captured_at = captured_at - interval '1 hour'"
+    )
+    asked = _spy_newest_rows(monkeypatch)
+    options = dataclasses.replace(FAST, read_limit=READ_LIMIT, acked_cache=1)
+    await asyncio.wait_for((await make_engine(client, options=options)).drain(), 60)
+    assert asked["7"] == 1
+    letters = await fetch(
+        legacy, "SELECT key FROM connector.dead_letters WHERE pipeline = 'orders' AND key = '7'"
+    )
+    assert letters, "the over-long v4 of key 7 was not dead-lettered"
+    names = _names_written(emu)["7"]
+    first_v3 = next(i for i, n in enumerate(names) if n.endswith("v3"))
+    assert not any(n.endswith("v2") for n in names[first_v3:]), names
+    assert all(
+        _version(n) == 4 for k, ns in _names_written(emu).items() if k != "7" for n in ns[-1:]
+    )
