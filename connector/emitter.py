@@ -41,7 +41,7 @@ from connector.credits import CreditRecorder, acting_for, current_pipeline, http
 from connector.crm_values import dumps_json
 from connector.emitter_bulk import CALLBACK_POLL_FACTOR, BulkJobs, CallbackUrl
 from connector.emitter_outcome import EmitOutcome, _Results
-from connector.emitter_schema import SchemaChecks
+from connector.emitter_schema import SchemaChecks, SourceConnections
 from connector.emitter_syncflag import SyncFlags
 from connector.errors import DataError, TransientError
 from connector.events import ChangeEvent, Op
@@ -106,6 +106,7 @@ class Emitter(BulkJobs, SyncFlags, SchemaChecks):
         self.metrics = metrics
         self.rejections = RejectionLog(pipeline.name)
         self.source_dsn = source_dsn
+        self.source_connections = SourceConnections()  # bounded one-shot source connections
         self.callback_url = callback_url
         self.bulk_poll_initial = bulk_poll_initial
         self.bulk_poll_max = bulk_poll_max

@@ -4,8 +4,9 @@ of the group is sent. ``SchemaChecks`` is a mixin of :class:`connector.emitter.E
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -17,6 +18,55 @@ from connector.config import PipelineConfig
 from connector.errors import DataError, SchemaChanged
 from connector.events import Op
 
+# One-shot connections to the source (the legacy database) the emitter may hold at once: the
+# catalog query below and the sync-flag write-back. Without a bound, one plan's upsert groups
+# (hundreds after a mass update, each with a rejected row) each opened its own connection at
+# the same moment, and the legacy server refused everyone with "too many clients" (session
+# 16's soak, logical mode; invariant 9: capture is invisible to the legacy application).
+SOURCE_CONNECTIONS = 2
+
+
+class SourceConnections:
+    """The bound on the emitter's one-shot source connections, and the catalog query shared
+    by concurrent callers (``column_types``)."""
+
+    def __init__(self, limit: int = SOURCE_CONNECTIONS) -> None:
+        self.slots = asyncio.Semaphore(limit)
+        self._lock = asyncio.Lock()
+        self._started = 0  # catalog queries started so far
+        self._answer: tuple[int, dict[str, str] | None] = (0, None)  # (its query, the answer)
+        self.queries = 0  # catalog queries run (tests)
+        self.in_use = 0  # connections open now, and the most at once (tests)
+        self.peak = 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        async with self.slots:
+            self.in_use += 1
+            self.peak = max(self.peak, self.in_use)
+            try:
+                yield
+            finally:
+                self.in_use -= 1
+
+    async def column_types(
+        self, query: Callable[[], Awaitable[dict[str, str] | None]]
+    ) -> dict[str, str] | None:
+        """``query()``'s answer from a run that *started after this call*, so a type change
+        committed before the caller saw its effect is in it; callers waiting meanwhile share
+        one run. A burst of callers costs at most two queries, one connection at a time."""
+        asked_after = self._started
+        async with self._lock:
+            seq, answer = self._answer
+            if seq > asked_after:
+                return answer
+            self._started += 1
+            seq = self._started
+            self.queries += 1
+            answer = await query()
+            self._answer = (seq, answer)
+            return answer
+
 
 class SchemaChecks:
     """Source-table columns and types against the mapping: a mixin of ``Emitter``."""
@@ -25,6 +75,7 @@ class SchemaChecks:
     pool: AsyncConnectionPool[Any]
     schema: str
     source_dsn: str | None
+    source_connections: SourceConnections
     _start_types: dict[str, str]
 
     # ------------------------------------------------------------------ schema changes
@@ -70,14 +121,25 @@ class SchemaChecks:
 
     async def _source_columns(self) -> set[str] | None:
         """The source table's current columns (None without a source connection)."""
-        types = await self._source_column_types()
+        types = await self._shared_column_types()
         return None if types is None else set(types)
+
+    async def _shared_column_types(self) -> dict[str, str] | None:
+        """:meth:`_source_column_types` for the per-group checks, which run in every group of a
+        plan at once: one query at a time, shared by the groups waiting for it
+        (``SourceConnections.column_types``)."""
+        if self.source_dsn is None:
+            return None
+        return await self.source_connections.column_types(self._source_column_types)
 
     async def _source_column_types(self) -> dict[str, str] | None:
         """The source table's current columns and their types (``format_type``)."""
         if self.source_dsn is None:
             return None
-        async with await psycopg.AsyncConnection.connect(self.source_dsn) as conn:
+        async with (
+            self.source_connections.slot(),
+            await psycopg.AsyncConnection.connect(self.source_dsn) as conn,
+        ):
             cur = await conn.execute(
                 "SELECT a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod)"
                 " FROM pg_catalog.pg_attribute a"
@@ -140,7 +202,7 @@ class SchemaChecks:
         columns = [c for c in columns if c in self._start_types]
         if not columns:
             return
-        now = await self._source_column_types()
+        now = await self._shared_column_types()
         if now is None:
             return
         for col in columns:

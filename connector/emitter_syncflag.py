@@ -15,6 +15,7 @@ from connector.capture import OWN_WRITE_PREFIX, pin_image_settings
 from connector.config import PipelineConfig
 from connector.crm_values import dumps_json
 from connector.emitter_outcome import _Results
+from connector.emitter_schema import SourceConnections
 from connector.errors import DataError
 from connector.events import ChangeEvent, Op
 
@@ -27,6 +28,7 @@ class SyncFlags:
 
     pipeline: PipelineConfig
     source_dsn: str | None
+    source_connections: SourceConnections
 
     async def write_sync_flags(self, events: Sequence[ChangeEvent]) -> int:
         """Set ``sync_flag_column`` on the legacy rows that are still at the acknowledged
@@ -39,7 +41,10 @@ class SyncFlags:
         table = sql.Identifier(*self.pipeline.table_parts)
         key = sql.Identifier(self.pipeline.key_column)
         ignored = list(self.pipeline.ignore_columns)
-        async with await psycopg.AsyncConnection.connect(self.source_dsn) as conn:
+        async with (
+            self.source_connections.slot(),  # bounded: every group of a plan gets here at once
+            await psycopg.AsyncConnection.connect(self.source_dsn) as conn,
+        ):
             if self.pipeline.capture == "logical":
                 # first in the transaction: the decoder then skips its row changes (the
                 # flag is an ignored column; without an old image pgoutput cannot tell)
