@@ -46,15 +46,7 @@ async def test_each_restart_moves_the_checkpoint_while_catching_up(
     make_engine: EngineFactory,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    await execute(legacy, *insert_sql(KEYS, tag="v1"))
-    await (await make_engine(client)).drain()
-    for old, new in (("v1", "v2"), ("v2", "v3"), ("v3", "v4")):
-        await execute(legacy, f"UPDATE public.orders SET name = replace(name, '{old}', '{new}')")
-    # a backlog long past its deadline: the planner sends what it reads at once
-    await execute(
-        legacy, "UPDATE connector.outbox SET captured_at = captured_at - interval '1 hour'"
-    )
-    await _previous_owner_sent_newest(legacy, client)  # v4 everywhere; key_state still says v1
+    await _backlog_of_four_versions(legacy, client, make_engine)
     last = (await fetch(legacy, "SELECT max(id) FROM connector.outbox"))[0][0]
 
     real_read = outbox.read_batch
@@ -173,10 +165,11 @@ async def _backlog_of_four_versions(legacy: str, client: ZohoClient, make_engine
     await (await make_engine(client)).drain()
     for old, new in (("v1", "v2"), ("v2", "v3"), ("v3", "v4")):
         await execute(legacy, f"UPDATE public.orders SET name = replace(name, '{old}', '{new}')")
+    # a backlog long past its deadline: the planner sends what it reads at once
     await execute(
         legacy, "UPDATE connector.outbox SET captured_at = captured_at - interval '1 hour'"
     )
-    await _previous_owner_sent_newest(legacy, client)
+    await _previous_owner_sent_newest(legacy, client)  # v4 everywhere; key_state still says v1
 
 
 def _never_back_to_older(emu: EmulatorHandle, last: int) -> None:
