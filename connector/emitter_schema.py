@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -36,18 +36,10 @@ class SourceConnections:
         self._started = 0  # catalog queries started so far
         self._answer: tuple[int, dict[str, str] | None] = (0, None)  # (its query, the answer)
         self.queries = 0  # catalog queries run (tests)
-        self.in_use = 0  # connections open now, and the most at once (tests)
-        self.peak = 0
 
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        async with self.slots:
-            self.in_use += 1
-            self.peak = max(self.peak, self.in_use)
-            try:
-                yield
-            finally:
-                self.in_use -= 1
+    def slot(self) -> asyncio.Semaphore:
+        """``async with`` it around opening a one-shot source connection."""
+        return self.slots
 
     async def column_types(
         self, query: Callable[[], Awaitable[dict[str, str] | None]]
