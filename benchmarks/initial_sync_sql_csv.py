@@ -1,9 +1,10 @@
 """Issue 19's initial-sync lead, measured before building it: the bulk CSV cells made by
 PostgreSQL (``COPY (SELECT …) TO STDOUT (FORMAT csv)``) instead of by the connector in Python.
 
-Not part of ``make bench``: a probe of the headroom, run by hand. Both paths read the demo's
-``orders`` table (N rows, ``connector.demo_workload``) in keyset chunks of 25,000 rows, the
-snapshot's chunk size, and write each chunk as one deflated zip, the Bulk Write upload:
+Part of ``make bench`` (registered in ``benchmarks/__main__.py``): a probe of the headroom. Both
+paths read the demo's ``orders`` table (N rows, ``connector.demo_workload``) in keyset chunks of
+25,000 rows, the snapshot's chunk size, and write each chunk as one deflated zip, the Bulk Write
+upload:
 
 * ``python``: what the connector does per row today, without the outbox round trip: the row
   image as ``to_jsonb(t.*)::text`` (``TimeZone = UTC``, as the trigger and snapshot pin it),
@@ -21,7 +22,7 @@ both parse to the same cells).
 The paths run alternately, ``--rounds`` times each; per run: wall seconds, the probe process's
 own CPU (``time.process_time``) and PostgreSQL's CPU (postmaster and children, /proc).
 
-    .venv/bin/python -m benchmarks.initial_sync_sql_csv [--rows 1000000] [--rounds 3]
+    python -m benchmarks initial_sync_sql_csv [--rows 1000000] [--rounds 3] [--scale S]
         [--out benchmarks/results]
 """
 
@@ -153,6 +154,22 @@ def _cells(zipped: bytes) -> list[list[str]]:
     return list(csv.reader(io.StringIO(text, newline="")))
 
 
+def compare(conn: psycopg.Connection[Any], pipeline: Any) -> tuple[int, dict[str, int]]:
+    """Both paths over the whole table, every cell compared: (rows compared, zip bytes per
+    path). ``SystemExit`` naming the first row whose cells differ."""
+    py, sq = _python_chunks(conn, pipeline), _sql_chunks(conn, pipeline)
+    if len(py) != len(sq):
+        raise SystemExit(f"{len(py)} python chunks against {len(sq)} sql chunks")
+    compared = 0
+    for a, b in zip(py, sq, strict=True):
+        ca, cb = _cells(a), _cells(b)
+        if ca != cb:
+            bad = next(i for i, (x, y) in enumerate(zip(ca, cb, strict=False)) if x != y)
+            raise SystemExit(f"cells differ at row {bad}: {ca[bad]} != {cb[bad]}")
+        compared += len(ca) - 1
+    return compared, {"python": sum(map(len, py)), "sql": sum(map(len, sq))}
+
+
 def _measure(fn: Any, conn: psycopg.Connection[Any], pipeline: Any, pm: int | None) -> Any:
     pg0, cpu0, t0 = c.postgres_cpu_seconds(pm), time.process_time(), time.perf_counter()
     chunks = fn(conn, pipeline)
@@ -168,8 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply --rows")
     ap.add_argument("--out", type=Path, default=c.RESULTS)
     ns = ap.parse_args(argv)
+    ns.rows = c.scaled(ns.rows, ns.scale, 1_000)
     pipeline = _pipeline()
     from connector.demo_workload import create_orders
 
@@ -181,18 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("SET TimeZone = 'UTC'")
             # equal cells, chunk by chunk, before anything is timed
-            py, sq = _python_chunks(conn, pipeline), _sql_chunks(conn, pipeline)
-            assert len(py) == len(sq), (len(py), len(sq))
-            compared = 0
-            for a, b in zip(py, sq, strict=True):
-                ca, cb = _cells(a), _cells(b)
-                if ca != cb:
-                    bad = next(i for i, (x, y) in enumerate(zip(ca, cb, strict=False)) if x != y)
-                    raise SystemExit(f"cells differ at row {bad}: {ca[bad]} != {cb[bad]}")
-                compared += len(ca) - 1
-            assert compared == ns.rows, (compared, ns.rows)
-            sizes = {"python": sum(map(len, py)), "sql": sum(map(len, sq))}
-            del py, sq
+            compared, sizes = compare(conn, pipeline)
+            if compared != ns.rows:
+                raise SystemExit(f"compared {compared} rows of {ns.rows}")
             for _ in range(ns.rounds):
                 for name, fn in (("python", _python_chunks), ("sql", _sql_chunks)):
                     _, wall, cpu, pg = _measure(fn, conn, pipeline, pm)
@@ -223,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": NAME,
         "title": "Initial sync lead: bulk CSV cells by PostgreSQL vs by the connector",
-        "command": f"python -m benchmarks.{NAME} --rows {ns.rows} --rounds {ns.rounds}",
+        "command": f"python -m benchmarks {NAME} --rows {ns.rows} --rounds {ns.rounds}",
         "generated_at": c.now_iso(),
         "machine": c.machine(),
         "parameters": {"rows": ns.rows, "rounds": ns.rounds, "chunk": CHUNK},

@@ -1,12 +1,12 @@
 """Issue 19's interval-sync lead, measured before building it: coalesce in PostgreSQL at flush
 time instead of holding every pending key in the ``Coalescer``.
 
-Not part of ``make bench``: a probe of what the design in docs/performance.md ("Interval sync
-memory") would cost, run by hand. For each size (pending keys), a fresh embedded PostgreSQL
-holds the connector's state schema (``connector.db.migrate``: the real outbox and its
-indexes) and the demo's ``orders`` table; the outbox gets two update events per key (every
-key once, then every key again: the second version is the newest), each with the row's
-``to_jsonb`` image, as the trigger writes it. Then a fresh child process does the flush:
+Part of ``make bench`` (registered in ``benchmarks/__main__.py``): a probe of what the design in
+docs/performance.md ("Interval sync memory") would cost. For each size (pending keys), a fresh
+embedded PostgreSQL holds the connector's state schema (``connector.db.migrate``: the real
+outbox and its indexes) and the demo's ``orders`` table; the outbox gets two update events per
+key (every key once, then every key again: the second version is the newest), each with the
+row's ``to_jsonb`` image, as the trigger writes it. Then a fresh child process does the flush:
 
     SELECT DISTINCT ON (o.key) o.key, o.id, o.row::text FROM connector.outbox o
      WHERE o.pipeline = 'orders' ORDER BY o.key DESC, o.id DESC
@@ -21,7 +21,7 @@ What the probe leaves out (the real design must add them, docs/performance.md): 
 fences and ``key_state``'s acknowledged version, snapshot events (ordered by visibility, not
 id), deletes, and the bound of the range by the reader's checkpoint.
 
-    .venv/bin/python -m benchmarks.interval_pg_coalesce [--sizes 10000,1000000]
+    python -m benchmarks interval_pg_coalesce [--sizes 10000,1000000] [--scale S]
 """
 
 from __future__ import annotations
@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__)
     ap.add_argument("--sizes", default="10000,1000000")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every size")
     ap.add_argument("--out", type=Path, default=c.RESULTS)
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dsn", default=None, help=argparse.SUPPRESS)
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.child is not None:
         print(json.dumps(child(ns.dsn, ns.child)))
         return 0
-    sizes = [int(s) for s in ns.sizes.split(",")]
+    sizes = [c.scaled(int(s), ns.scale, 1_000) for s in ns.sizes.split(",")]
     started = time.perf_counter()
     runs = []
     for n in sizes:
@@ -173,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": NAME,
         "title": "Interval sync lead: newest per key by DISTINCT ON at flush time, paged",
-        "command": f"python -m benchmarks.{NAME} --sizes {ns.sizes}",
+        "command": f"python -m benchmarks {NAME} --sizes {ns.sizes}"
+        + (f" --scale {ns.scale:g}" if ns.scale != 1 else ""),
         "generated_at": c.now_iso(),
         "machine": c.machine(),
         "versions": {"connector_commit": c.git_commit()},
