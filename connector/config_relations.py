@@ -10,6 +10,7 @@ so the rules see a pipeline through the protocols below (what they read of
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from datetime import timedelta
 from typing import Any, Protocol
 
 from connector.errors import ConfigError
@@ -56,6 +57,8 @@ class PipelineRules(PipelineLinks, Protocol):
     def key_field(self) -> str: ...
     @property
     def delete_mode(self) -> str: ...
+    @property
+    def max_staleness(self) -> timedelta: ...
     @property
     def ignore_columns(self) -> tuple[str, ...]: ...
     @property
@@ -175,6 +178,41 @@ def check_lookups(
             " could point to a missing parent; map the column as 'text' for now"
             " (docs/related-tables.md)",
         )
+    _check_parents(pipelines, by_name)
+
+
+def _check_parents(
+    pipelines: Sequence[PipelineRules], by_name: Mapping[str, PipelineRules]
+) -> None:
+    """What the engine's parents-first rule needs of a pipeline that other pipelines look up
+    (docs/related-tables.md "Deletes of parents", "Planner across pipelines"):
+
+    * its ``delete_mode`` is "mark" or "ignore": a delete would remove a CRM record that child
+      records may still name (the check of the CRM's children before a parent delete is not
+      built), so "delete" is refused for it;
+    * its ``max_staleness`` is at most the child's: a child waits for its parent, so a parent
+      that may arrive later than the child's bound would make the child late (the pull-forward
+      of parents' deadlines is not built)."""
+    for p in pipelines:
+        for column, parent_name in lookup_columns(p):
+            parent = by_name[str(parent_name)]
+            if parent.delete_mode == "delete":
+                raise ConfigError(
+                    f"pipelines[{parent.name!r}].delete_mode",
+                    f"pipeline {parent.name!r} is looked up by {p.name}.{column}, so its"
+                    " deletes cannot be 'delete' (the CRM record would be deleted while child"
+                    " records may still name it); use delete_mode = 'mark' or 'ignore'"
+                    " (docs/related-tables.md)",
+                )
+            if parent.max_staleness > p.max_staleness:
+                raise ConfigError(
+                    f"pipelines[{p.name!r}].max_staleness",
+                    f"pipeline {p.name!r} (max_staleness {p.max_staleness}) looks up pipeline"
+                    f" {parent.name!r} (max_staleness {parent.max_staleness}) in column"
+                    f" {column!r}; a child waits for its parent, so its bound must be at least"
+                    f" the parent's: raise {p.name!r}'s max_staleness or lower"
+                    f" {parent.name!r}'s (docs/related-tables.md)",
+                )
 
 
 def _subform_parent_error(name: str, parent: str, names: list[str]) -> ConfigError:

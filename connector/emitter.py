@@ -28,7 +28,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -41,13 +41,15 @@ from connector.credits import CreditRecorder, acting_for, current_pipeline, http
 from connector.crm_values import dumps_json
 from connector.emitter_bulk import CALLBACK_POLL_FACTOR, BulkJobs, CallbackUrl
 from connector.emitter_outcome import EmitOutcome, _Results
+from connector.emitter_parents import ParentGate
 from connector.emitter_schema import SchemaChecks, SourceConnections
 from connector.emitter_syncflag import SyncFlags
 from connector.errors import DataError, TransientError
 from connector.events import ChangeEvent, Op
 from connector.latency import LatencyEstimator
-from connector.mapping import RecordMapper
+from connector.mapping import LookupResolver, RecordMapper
 from connector.metrics import Metrics
+from connector.parents import PARENT_NOT_SYNCED, Send
 from connector.zoho import coql
 from connector.zoho.client import MAX_RECORDS_PER_CALL, RecordResult, ZohoClient
 from connector.zoho.codes import TRANSIENT_RECORD_CODES
@@ -78,7 +80,7 @@ def record_hash(record: dict[str, Any]) -> bytes:
     return hashlib.blake2b(dumps_json(record), digest_size=16).digest()
 
 
-class Emitter(BulkJobs, SyncFlags, SchemaChecks):
+class Emitter(BulkJobs, SyncFlags, SchemaChecks, ParentGate):
     """Sends entries of one pipeline to the CRM and records the outcomes in the state schema."""
 
     def __init__(
@@ -97,12 +99,15 @@ class Emitter(BulkJobs, SyncFlags, SchemaChecks):
         default_bulk_latency: float = 120.0,
         orphan_fence_factor: float = 3.0,
         orphan_fence_min: float = 5.0,
+        parents: Mapping[str, PipelineConfig] | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.client = client
         self.pool = pool
         self.schema = schema
-        self.mapper = mapper or RecordMapper(pipeline)
+        # the pipelines this one's lookup fields name (parents first: emitter_parents.py)
+        self.parents: Mapping[str, PipelineConfig] = parents or {}
+        self.mapper = mapper or RecordMapper(pipeline, parents=self.parents)
         self.metrics = metrics
         self.rejections = RejectionLog(pipeline.name)
         self.source_dsn = source_dsn
@@ -168,9 +173,17 @@ class Emitter(BulkJobs, SyncFlags, SchemaChecks):
             records: list[tuple[PendingEntry, dict[str, Any], str]] = []
             hashes: dict[str, bytes] = {}
             rejected: list[tuple[PendingEntry, DataError]] = []
+            sends: dict[str, Send] = {}
+            if upserts and self._gated:  # a child pipeline: parents first (issue 21)
+                gated = await self._gate(upserts, res, out, "upsert")
+                upserts = [e for e, _ in gated.go]
+                sends = {e.key: d for e, d in gated.go}
             for e in upserts:
                 try:
-                    records.append((e, self._json(e.event), "upsert"))
+                    send = sends.get(e.key)
+                    records.append(
+                        (e, self._json(e.event, send.resolve if send else None), "upsert")
+                    )
                 except DataError as exc:
                     rejected.append((e, exc.detached()))  # not exc: see DataError.detached
             await self._check_type_changes(rejected)
@@ -403,10 +416,10 @@ class Emitter(BulkJobs, SyncFlags, SchemaChecks):
         )
 
     # ------------------------------------------------------------------ internals
-    def _json(self, event: ChangeEvent) -> dict[str, Any]:
+    def _json(self, event: ChangeEvent, resolve: LookupResolver | None = None) -> dict[str, Any]:
         if event.row is None:
             raise DataError("MISSING_ROW", "the event carries no row image")
-        record = self.mapper.to_json(event.row)
+        record = self.mapper.to_json(event.row, resolve)
         mark = self.pipeline.delete_mark_field
         if self.pipeline.delete_mode == "mark" and mark and not self._mark_mapped:
             record[mark] = False
@@ -509,8 +522,14 @@ class RejectionLog:
             if self._logged < self.burst:
                 self._logged += 1
                 log.warning(
-                    "the CRM rejected a record: key %s, %s%s; dead-lettered"
-                    " (see: connector dead-letters list)",
+                    (
+                        "a record waits for its parent: key %s, %s%s; dead-lettered until the"
+                        " parent is in the CRM, then sent by itself (see: connector dead-letters"
+                        " list)"
+                        if d.code == PARENT_NOT_SYNCED
+                        else "the CRM rejected a record: key %s, %s%s; dead-lettered"
+                        " (see: connector dead-letters list)"
+                    ),
                     d.key,
                     d.code,
                     f" on field {d.field}" if d.field else "",

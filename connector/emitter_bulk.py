@@ -21,6 +21,7 @@ from connector.coalesce import PendingEntry
 from connector.config import PipelineConfig
 from connector.credits import current_pipeline
 from connector.emitter_outcome import EmitOutcome, _Results
+from connector.emitter_parents import Gated
 from connector.errors import BulkJobGone, DataError, TransientError
 from connector.events import ChangeEvent, EventStamp, Op
 from connector.metrics import Metrics
@@ -71,6 +72,11 @@ class BulkJobs:
         def _gave_up(self, key: str) -> str: ...
         def _count(self, api: str, outcome: str, n: int = 1) -> None: ...
         def _bulk_gauge(self, delta: int) -> None: ...
+        @property
+        def _gated(self) -> bool: ...
+        async def _gate(
+            self, entries: Sequence[PendingEntry], res: _Results, out: EmitOutcome, api: str
+        ) -> Gated: ...
 
     # ------------------------------------------------------------------ bulk path
     async def send_bulk(self, entries: Sequence[PendingEntry]) -> EmitOutcome:
@@ -86,9 +92,12 @@ class BulkJobs:
             rows: list[tuple[PendingEntry, list[str]]] = []
             res = _Results()
             rejected: list[tuple[PendingEntry, DataError]] = []
-            for e in entries:
-                if e.event.op is Op.DELETE:
-                    continue
+            writes = [e for e in entries if e.event.op is not Op.DELETE]
+            if writes and self._gated:
+                # a child pipeline: parents first (issue 21); the job's lookup cells are the
+                # parents' keys, resolved by Zoho through find_by once each parent is in the CRM
+                writes = [e for e, _ in (await self._gate(writes, res, out, "bulk")).go]
+            for e in writes:
                 try:
                     rows.append((e, self._csv(e.event)))
                 except DataError as exc:

@@ -234,6 +234,7 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
                 self._saved_pos = self._resolved_pos = self._read_pos
                 self._catchup_to = await outbox.last_committed_id(reader, self.schema, name)
                 self._read_ahead_done.clear()
+                self._release_at = 0.0  # held children: looked for at the first read
                 with acting_for(name):
                     await self.emitter.recover()
                 await self._load_fences()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from typing import Any
 
 import psycopg
@@ -17,8 +18,9 @@ import psycopg
 from connector import outbox, state, truncate
 from connector.coalesce import BatchTracker, Coalescer
 from connector.config import PipelineConfig
+from connector.emitter_parents import released_children
 from connector.engine_common import EngineOptions
-from connector.events import ChangeEvent, Op
+from connector.events import ChangeEvent, Op, stamp_of
 from connector.metrics import Metrics
 from connector.outbox import ReadPosition
 
@@ -28,6 +30,11 @@ log = logging.getLogger("connector.engine")
 # keys remembered as read ahead in one catch-up (``_read_ahead``): ~100 bytes each, so at most
 # ~20 MB; keys beyond it are looked up again in each batch, as before (correct, slower)
 READ_AHEAD_REMEMBERED = 200_000
+
+# children held PARENT_NOT_SYNCED whose parent is in the CRM now: looked for at most this often,
+# this many at a time (issue 21, ``_release_held``)
+RELEASE_EVERY_S = 2.0
+RELEASE_LIMIT = 1_000
 
 
 class OutboxReading:
@@ -48,6 +55,7 @@ class OutboxReading:
     _catchup_to: int
     _read_ahead_keys: int
     _read_ahead_done: set[str]
+    _release_at: float = 0.0  # monotonic: when held children are looked for next
 
     async def _read(self, reader: psycopg.AsyncConnection[Any]) -> bool:
         """Read one batch unless backpressure holds; True if it brought events."""
@@ -79,9 +87,50 @@ class OutboxReading:
             self.coalescer.add_ahead(ev)
         self._caught_up = not read_any
         self._read_pos = pos
+        if await self._release_held(reader):
+            self._caught_up = False  # released children are pending: not idle yet
         async with self._changed:
             self._changed.notify_all()
         return read_any
+
+    async def _release_held(self, conn: psycopg.AsyncConnection[Any]) -> int:
+        """Parents first (issue 21): children held ``PARENT_NOT_SYNCED`` whose parent is in
+        the CRM now go out again at their newest committed version, read ahead like the
+        catch-up's (``Coalescer.add_ahead``: the row lies behind the checkpoint and holds no
+        batch). Their acknowledgement resolves the dead letter. Never stale: a version older
+        than the one ``key_state`` holds (the held one) is not sent; a key pending or in
+        flight is left alone (its newer version is on its way). A pipeline without lookups
+        never queries anything. Returns how many keys became pending."""
+        if not any(m.type == "lookup" for m in self.pipeline.fields.values()):
+            return 0
+        now = time.monotonic()
+        if now < self._release_at:
+            return 0
+        self._release_at = now + RELEASE_EVERY_S
+        name = self.pipeline.name
+        busy = self.coalescer.pending().keys() | set(self.coalescer.in_flight())
+        keys = [
+            k
+            for k in await released_children(conn, self.schema, name, RELEASE_LIMIT)
+            if k not in busy
+        ]
+        if not keys:
+            return 0
+        newest = await outbox.newest_rows(conn, self.schema, name, keys)
+        known = await state.key_states(conn, self.schema, name, keys)
+        released = 0
+        for key, ev in sorted(newest.items(), key=lambda kv: kv[1].offset):
+            held = known.get(key)
+            if held is not None and held.stamp is not None and held.stamp.newer_than(stamp_of(ev)):
+                continue  # older than what was held: never sent
+            self.coalescer.set_acked(key, None)  # the held version itself goes again
+            released += self.coalescer.add_ahead(ev)
+        if released:
+            log.info(
+                "children whose parent is in the CRM now are sent again",
+                extra={"pipeline": name, "keys": released},
+            )
+        return released
 
     async def _truncates(
         self, conn: psycopg.AsyncConnection[Any], events: list[ChangeEvent]

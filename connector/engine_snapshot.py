@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -16,8 +17,9 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from connector import state
 from connector.config import PipelineConfig
-from connector.emitter import acting_for
+from connector.emitter import Emitter, acting_for
 from connector.engine_common import Clock, SnapshotMode
 from connector.metrics import Metrics
 from connector.outbox import ReadPosition
@@ -47,6 +49,7 @@ class SnapshotRuns:
     _force_restart: bool
     _snapshot_task: asyncio.Task[None] | None
     _backlog_hold: tuple[int, int] | None
+    emitter: Emitter | None
 
     if TYPE_CHECKING:  # defined by Engine
 
@@ -94,6 +97,7 @@ class SnapshotRuns:
 
         async def run_snapshot() -> None:
             delay = 0.5
+            await self._parents_synced_first(stop)
             while True:
                 try:
                     # chunks written before a restart go first, each as its own flush
@@ -117,6 +121,34 @@ class SnapshotRuns:
             run_snapshot(), name=f"snapshot:{self.pipeline.name}"
         )
         self._snapshot_task.add_done_callback(lambda _t: self._kick.set())
+
+    async def _parents_synced_first(self, stop: asyncio.Event) -> None:
+        """Initial sync in dependency order (issue 21): a pipeline whose lookups name parent
+        pipelines reads its first chunk once each parent that takes an initial sync has
+        finished its own (``snapshots.status = 'done'``: every parent row acknowledged or
+        dead-lettered), so its rows find their parents in the CRM instead of waiting for
+        them. A pipeline without lookups, or whose parents take none, starts at once."""
+        assert self.emitter is not None and self._pool is not None
+        named = dict.fromkeys(parent for _, _, parent in self.emitter.mapper.lookup_columns)
+        todo = [n for n in named if self.emitter.parents[n].snapshot != "never"]
+        said: float | None = None  # when the wait was last logged (monotonic)
+        while todo and not stop.is_set():
+            async with self._pool.connection() as conn:
+                rows = [(n, await state.get_snapshot(conn, self.schema, n)) for n in todo]
+            todo = [n for n, row in rows if row is None or row.status != "done"]
+            if not todo:
+                break
+            now = time.monotonic()
+            if said is None or now - said >= 300.0:  # at once (INFO), then every 5 min (WARNING)
+                log.log(
+                    logging.INFO if said is None else logging.WARNING,
+                    "initial sync waits for the initial sync of its parent pipeline(s) %s"
+                    " (parents first); see: connector status",
+                    ", ".join(todo),
+                    extra={"pipeline": self.pipeline.name, "waiting_for": ", ".join(todo)},
+                )
+                said = now
+            await self.clock.wait_any((stop,), 1.0)
 
     async def _last_snapshot_row(self) -> tuple[int, int] | None:
         assert self._pool is not None

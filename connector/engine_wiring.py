@@ -8,7 +8,7 @@ composition root)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
@@ -49,8 +49,10 @@ def build_emitter(
     options: EngineOptions,
     metrics: Metrics | None = None,
     callback_url: CallbackUrl | None = None,
+    parents: Mapping[str, PipelineConfig] | None = None,
 ) -> Emitter:
-    """The pipeline's emitter (no I/O: ``load_source_types`` runs when the engine starts)."""
+    """The pipeline's emitter (no I/O: ``load_source_types`` runs when the engine starts).
+    ``parents``: the pipelines its lookup fields name (by name), required when it maps one."""
     return Emitter(
         pipeline,
         client=client,
@@ -64,6 +66,7 @@ def build_emitter(
         default_bulk_latency=options.default_bulk_latency,
         orphan_fence_factor=options.orphan_fence_factor,
         orphan_fence_min=options.orphan_fence_min,
+        parents=parents,
     )
 
 

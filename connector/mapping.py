@@ -146,6 +146,11 @@ class RecordMapper:
                     " configured; name the pipeline that syncs the parent table",
                 )
             self._lookups[column] = (parent.name, parent.key_field)
+        #: (column, CRM api name, parent pipeline) of each lookup field, in config order
+        self.lookup_columns: list[tuple[str, str, str]] = [
+            (column, pipeline.fields[column].field, parent_name)
+            for column, (parent_name, _) in self._lookups.items()
+        ]
 
     @property
     def crm_fields(self) -> list[str]:

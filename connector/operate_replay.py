@@ -309,6 +309,7 @@ async def _replay_here(
                 credit_reserve=settings.crm.credit_reserve,
                 snapshot="never",
                 snapshot_progress=False,
+                parents={p.name: p for p in settings.pipelines},
             ) as built,
         ):
             report = await built.engine.replay(

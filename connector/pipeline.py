@@ -12,7 +12,7 @@ builds these itself when given them."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,9 +61,12 @@ async def build_pipeline(
     snapshot_progress: bool | None = None,
     cost: CostModel | None = None,
     clock: Clock | None = None,
+    parents: Mapping[str, PipelineConfig] | None = None,
 ) -> AsyncIterator[Pipeline]:
     """Build one pipeline. ``pool`` / ``credits``: given ones are used and left open / in
-    place (their owner closes them); otherwise they are made here and closed on exit."""
+    place (their owner closes them); otherwise they are made here and closed on exit.
+    ``parents``: the pipelines its lookup fields name (by name; all of the configuration's
+    pipelines will do), required when it maps a lookup."""
     options = options or EngineOptions()
     source_dsn = source_dsn or state_dsn
     async with contextlib.AsyncExitStack() as stack:
@@ -82,6 +85,7 @@ async def build_pipeline(
             options=options,
             metrics=metrics,
             callback_url=callback_url,
+            parents=parents,
         )
         engine = Engine(
             config,

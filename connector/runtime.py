@@ -181,6 +181,7 @@ class Runtime(ProbesAndGauges):
                 **self.engine_options,
             ),
             snapshot_progress=self.snapshot_progress,
+            parents={p.name: p for p in self.settings.pipelines},
         )
 
     def build_capture(self, pipeline: PipelineConfig) -> LogicalCapture:

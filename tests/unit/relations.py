@@ -32,7 +32,8 @@ def settings_data(*pipelines: dict[str, Any]) -> dict[str, Any]:
     return {**copy.deepcopy(BASE), "pipelines": [copy.deepcopy(p) for p in pipelines]}
 
 
-#: a parent pipeline (Accounts) and a child pipeline whose ``customer_id`` looks it up
+#: a parent pipeline (Accounts) and a child pipeline whose ``customer_id`` looks it up (a
+#: looked-up pipeline's deletes are "mark" or "ignore": config_relations._check_parents)
 CUSTOMERS: dict[str, Any] = {
     "name": "customers",
     "source_table": "public.customers",
@@ -40,6 +41,7 @@ CUSTOMERS: dict[str, Any] = {
     "module": "Accounts",
     "key_field": "Legacy_Id",
     "fields": {"name": "Account_Name"},
+    "delete_mode": "ignore",
 }
 ORDERS: dict[str, Any] = {
     "name": "orders",

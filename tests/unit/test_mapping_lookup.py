@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ key_column = "id"
 module = "Accounts"
 key_field = "Legacy_Id"
 fields = { name = "Account_Name" }
+delete_mode = "ignore"
 
 [[pipelines]]
 name = "orders"
@@ -98,6 +100,29 @@ def test_lookup_refused_until_the_engine_keeps_parents_first(tmp_path: Path, cap
     err = capsys.readouterr().err
     assert "not yet supported by the engine (issue 21)" in err
     assert "customer_id" in err
+
+
+def test_a_looked_up_pipeline_does_not_delete_and_is_not_slower_than_its_child() -> None:
+    """What parents first needs of a parent pipeline once the engine supports lookups: its
+    deletes are "mark" or "ignore", and its max_staleness is at most the child's."""
+    customers, orders = pipelines()
+    deleting = customers.model_copy(update={"delete_mode": "delete"})
+    with pytest.raises(ConfigError) as exc:
+        check_lookups([deleting, orders], engine_supports=True)
+    assert exc.value.key == "pipelines['customers'].delete_mode"
+    assert "looked up by orders.customer_id" in str(exc.value) and "'mark'" in str(exc.value)
+    slow = customers.model_copy(update={"max_staleness": timedelta(minutes=30)})
+    with pytest.raises(ConfigError) as exc:
+        check_lookups([slow, orders], engine_supports=True)
+    assert exc.value.key == "pipelines['orders'].max_staleness"
+    assert "at least the parent's" in str(exc.value)
+    # equal bounds, and a parent that marks its deletes, are fine
+    check_lookups(
+        [customers.model_copy(update={"delete_mode": "mark"}), orders], engine_supports=True
+    )
+    # without the engine's support, the refusal of lookups comes first
+    with pytest.raises(ConfigError, match="not yet supported by the engine"):
+        check_lookups([deleting, orders])
 
 
 def test_config_without_lookups_is_unchanged() -> None:

@@ -1,0 +1,237 @@
+"""Parents first, at send time (issue 21 part 2b-ii, docs/related-tables.md "Wiring plan"):
+``ParentGate`` is a mixin of :class:`connector.emitter.Emitter` that decides, for the writes
+of a child pipeline (one with ``type = "lookup"`` fields), which may leave now.
+
+Per send, one query per parent pipeline reads the parents' ``key_state``
+(:func:`parent_view`); :func:`connector.parents.parents_first` decides, and:
+
+* ``Send``: the record goes out with each lookup resolved to the parent's CRM id (upsert) or
+  with the parent's key and ``find_by`` (Bulk Write: Zoho resolves it);
+* ``Wait``: the parent is not in the CRM yet and the child's deadline is not reached: the
+  entry goes back pending behind a short fence of its own (``EmitOutcome.later``, as for a
+  locked record), its deadline unchanged;
+* ``Ask``: at the child's deadline, a parent nobody synced is looked up once by COQL on the
+  parent's unique key field (counted in credits): found, the child goes with that id; not
+  found, it is held;
+* ``Hold``: a dead letter ``PARENT_NOT_SYNCED`` naming the parent in ``error_details``
+  (``waiting_for``). The engine re-queues it when that parent is acknowledged
+  (:func:`released_children`, ``Engine._release_held``), so the dead letter resolves itself
+  on the ordinary acknowledgement path.
+
+A pipeline without lookups never reaches any of this (``Emitter._gated`` is False).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+
+from connector import parents as pf
+from connector import state
+from connector.coalesce import PendingEntry
+from connector.config import PipelineConfig
+from connector.emitter_outcome import EmitOutcome, _Results
+from connector.errors import DataError, TransientError
+from connector.events import Op
+from connector.mapping import RecordMapper
+from connector.state_common import AnyConn, _as_dict, _q
+from connector.zoho import coql
+from connector.zoho.client import ZohoClient
+
+#: How long a child waiting for its parent stays fenced before it is looked at again (at most;
+#: never past its own deadline, at least ``WAIT_MIN_S``).
+WAIT_MAX_S = 5.0
+WAIT_MIN_S = 0.5
+
+Q_PARENT_STATES = """
+SELECT key, crm_id, deleted, status, last_error
+  FROM {schema}.key_state
+ WHERE pipeline = %s AND key = ANY(%s::text[])
+"""
+
+# held children of `pipeline` whose parent is in the CRM now (synced, not deleted)
+Q_RELEASED = """
+SELECT DISTINCT d.key
+  FROM {schema}.dead_letters d
+  JOIN {schema}.key_state p
+    ON p.pipeline = d.error_details #>> '{{waiting_for,pipeline}}'
+   AND p.key = d.error_details #>> '{{waiting_for,key}}'
+ WHERE d.pipeline = %s AND d.status = 'open' AND d.error_code = %s
+   AND p.status = 'synced' AND NOT p.deleted AND p.crm_id IS NOT NULL
+ LIMIT %s
+"""
+
+
+async def parent_view(
+    conn: AnyConn, schema: str, refs: Sequence[pf.RecordRef]
+) -> dict[pf.RecordRef, pf.ParentState]:
+    """What ``key_state`` says of each parent: synced with a CRM id → ``Synced``; deleted →
+    ``Deleted``; its newest change dead-lettered (``failed``) → ``Dead``. A parent with no row
+    (or pending, or synced without an id) is left out: :func:`~connector.parents.parents_first`
+    takes it as ``Unknown``."""
+    by_pipeline: dict[str, list[str]] = {}
+    for ref in refs:
+        by_pipeline.setdefault(ref.pipeline, []).append(ref.key)
+    view: dict[pf.RecordRef, pf.ParentState] = {}
+    for pipeline, keys in by_pipeline.items():
+        cur = await conn.execute(_q(Q_PARENT_STATES, schema), (pipeline, sorted(set(keys))))
+        for r in await cur.fetchall():
+            row = _as_dict(cur, r)
+            ref = pf.RecordRef(pipeline, row["key"])
+            if row["deleted"]:
+                view[ref] = pf.Deleted()
+            elif row["status"] == "failed":
+                view[ref] = pf.Dead(row["last_error"] or "its newest change was refused")
+            elif row["status"] == "synced" and row["crm_id"] is not None:
+                view[ref] = pf.Synced(str(row["crm_id"]))
+    return view
+
+
+async def released_children(conn: AnyConn, schema: str, pipeline: str, limit: int) -> list[str]:
+    """Keys of ``pipeline`` held ``PARENT_NOT_SYNCED`` (open dead letters) whose parent is in
+    the CRM now: the engine sends their newest version again."""
+    cur = await conn.execute(_q(Q_RELEASED, schema), (pipeline, pf.PARENT_NOT_SYNCED, limit))
+    return sorted(str(_as_dict(cur, r)["key"]) for r in await cur.fetchall())
+
+
+@dataclass(frozen=True, slots=True)
+class Gated:
+    """The entries that may leave now, each with its decision (the lookups' CRM ids)."""
+
+    go: list[tuple[PendingEntry, pf.Send]]
+
+
+class ParentGate:
+    """Parents first for a child pipeline's writes: a mixin of ``Emitter``."""
+
+    pipeline: PipelineConfig
+    pool: AsyncConnectionPool[Any]
+    schema: str
+    client: ZohoClient
+    mapper: RecordMapper
+    parents: Mapping[str, PipelineConfig]
+    _backoff_tag: int
+
+    @property
+    def _gated(self) -> bool:
+        """Whether this pipeline maps a lookup (only then is anything here run)."""
+        return bool(self.mapper.lookup_columns)
+
+    async def _gate(
+        self, entries: Sequence[PendingEntry], res: _Results, out: EmitOutcome, api: str
+    ) -> Gated:
+        """Split ``entries`` (writes; deletes and rows without an image pass through with an
+        empty decision) into those that may leave now and those that wait (``out.later``, a
+        fence each) or are held (a ``PARENT_NOT_SYNCED`` dead letter in ``res``, the entry in
+        ``out.done``)."""
+        now = datetime.now(UTC).timestamp()
+        children: list[pf.ChildChange] = []
+        passing: list[PendingEntry] = []  # nothing to decide: the mapper has the last word
+        by_key: dict[str, PendingEntry] = {}
+        for e in entries:
+            named = self._named_parents(e)
+            if named is None:
+                passing.append(e)
+                continue
+            by_key[e.key] = e
+            children.append(pf.ChildChange(e.key, self._deadline(e), named))
+        go: list[tuple[PendingEntry, pf.Send]] = [(e, pf.Send(e.key, {}, {})) for e in passing]
+        if not children:
+            return Gated(go)
+        refs = sorted({r for c in children for r in c.parents.values() if r is not None})
+        async with self.pool.connection() as conn:
+            view = await parent_view(conn, self.schema, refs)
+        result = pf.parents_first(children, view, now=now, flush_interval=0.0)
+        if result.ask:
+            asked = await self._ask(result.ask, view)
+            if asked is None:  # the CRM is away: everything asked waits, as for a transient
+                for a in result.of(pf.Ask):
+                    self._wait(out, by_key[a.key], WAIT_MAX_S)
+                result = pf.GateResult(tuple(d for d in result.decisions if not _is_ask(d)))
+            else:
+                view = {**view, **asked}
+                asking = {a.key for a in result.of(pf.Ask)}
+                again = [c for c in children if c.key in asking]
+                redone = pf.parents_first(again, view, now=now, flush_interval=0.0)
+                result = pf.GateResult(
+                    (*(d for d in result.decisions if not _is_ask(d)), *redone.decisions)
+                )
+        for d in result.decisions:
+            e = by_key[d.key]
+            if isinstance(d, pf.Send):
+                go.append((e, d))
+            elif isinstance(d, pf.Wait):
+                self._wait(out, e, self._deadline(e) - now)
+            elif isinstance(d, pf.Hold):
+                res.reject(
+                    e.event,
+                    pf.PARENT_NOT_SYNCED,
+                    d.message + "; sent again once the parent is in the CRM",
+                    d.field,
+                    api,
+                    details={"waiting_for": {"pipeline": d.parent.pipeline, "key": d.parent.key}},
+                )
+                out.done.append(e)
+            else:  # an Ask left after asking cannot happen: the view now knows every parent
+                raise AssertionError(f"undecided child {d!r}")
+        return Gated(go)
+
+    def _named_parents(self, e: PendingEntry) -> dict[str, pf.RecordRef | None] | None:
+        """Lookup field → the parent the entry's row names (None: NULL); None when there is
+        nothing to decide (a delete, no image, a key the mapper refuses: it dead-letters it)."""
+        row = e.event.row
+        if e.event.op is Op.DELETE or row is None:
+            return None
+        named: dict[str, pf.RecordRef | None] = {}
+        try:
+            for column, api, parent in self.mapper.lookup_columns:
+                key = self.mapper.parent_key(row, column)
+                named[api] = None if key is None else pf.RecordRef(parent, key)
+        except DataError:
+            return None
+        return named
+
+    def _deadline(self, e: PendingEntry) -> float:
+        """The entry's deadline (epoch seconds): its staleness clock + ``max_staleness``."""
+        since = e.live_at or e.oldest_at
+        return since.timestamp() + self.pipeline.max_staleness.total_seconds()
+
+    def _wait(self, out: EmitOutcome, e: PendingEntry, seconds: float) -> None:
+        """Back to pending behind a fence of its own (a negative tag, as ``_later``)."""
+        self._backoff_tag -= 1
+        fence = min(WAIT_MAX_S, max(WAIT_MIN_S, seconds if math.isfinite(seconds) else 0.0))
+        out.later.append(e)
+        out.fences.append(state.BulkFence(self._backoff_tag, [e.key], fence))
+
+    async def _ask(
+        self, refs: Sequence[pf.RecordRef], view: Mapping[pf.RecordRef, pf.ParentState]
+    ) -> dict[pf.RecordRef, pf.ParentState] | None:
+        """Each unknown parent looked up once by COQL on its pipeline's unique key field:
+        found → ``Synced`` (its id), not found → ``Unknown(asked=True)``; None when the CRM
+        could not be asked (transient). A value COQL cannot compare safely holds the child."""
+        out: dict[pf.RecordRef, pf.ParentState] = {}
+        for ref in refs:
+            parent = self.parents[ref.pipeline]
+            try:
+                rows = await self.client.coql(
+                    coql.select(
+                        parent.module, ["id"], where=coql.equals(parent.key_field, ref.key), limit=1
+                    )
+                )
+            except TransientError:
+                return None
+            except coql.CoqlValueError as exc:
+                out[ref] = pf.Dead(f"cannot be looked up in the CRM: {exc}")
+                continue
+            found = rows[0].get("id") if rows else None
+            out[ref] = pf.Synced(str(found)) if found is not None else pf.Unknown(asked=True)
+        return out
+
+
+def _is_ask(d: pf.Decision) -> bool:
+    return isinstance(d, pf.Ask)
