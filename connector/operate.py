@@ -290,6 +290,7 @@ async def verify(settings: Settings, secrets: Secrets, args: argparse.Namespace)
             source_dsn=secrets.dsn,
             state_dsn=secrets.state_dsn,
             schema=schema,
+            parents={p.name: p for p in settings.pipelines},
         )
     if args.repair and report.mismatches:
         done = await recapture(

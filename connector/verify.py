@@ -31,7 +31,7 @@ running connector (or the next ``run``) delivers the events through the normal p
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -154,9 +154,17 @@ def same_value(expected: Any, actual: Any, crm_type: str) -> bool:
         return bool(expected) == bool(actual) if expected is not None else actual in (None, False)
     if crm_type == "multiselectpicklist":
         return sorted(expected or []) == sorted(actual or [])
+    if crm_type == "lookup":  # the same parent record: compared by CRM id (Zoho adds its name)
+        return _lookup_id(expected) == _lookup_id(actual)
     return (expected if expected not in ("", None) else None) == (
         actual if actual not in ("", None) else None
     )
+
+
+def _lookup_id(v: Any) -> str | None:
+    if isinstance(v, dict):
+        v = v.get("id")
+    return None if v in (None, "") else str(v)
 
 
 # --------------------------------------------------------------------------- reading both sides
@@ -207,16 +215,23 @@ def _counter(client: Any, name: str) -> int:
 
 
 async def crm_records(
-    client: Any, pipeline: PipelineConfig, read: CrmRead | None = None
+    client: Any,
+    pipeline: PipelineConfig,
+    read: CrmRead | None = None,
+    fields: Sequence[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Every CRM record of the module that has a key, by key (COQL keyset paging on the record
     id, see the module docstring). ``read`` receives the records read and the client's calls
-    and credits spent on them (from its ``calls`` / ``credits_spent`` counters)."""
-    mapper = RecordMapper(pipeline)
-    fields = list(dict.fromkeys([*mapper.crm_fields, pipeline.delete_mark_field or ""]))
+    and credits spent on them (from its ``calls`` / ``credits_spent`` counters); added to what
+    it holds. ``fields``: the CRM fields to read (default: every mapped one)."""
+    if fields is None:
+        mapped = (m.field for c, m in pipeline.fields.items() if c != pipeline.key_column)
+        fields = [pipeline.key_field, *mapped]
+    fields = list(dict.fromkeys([*fields, pipeline.delete_mark_field or ""]))
     fields = [f for f in fields if f]
     read = read if read is not None else CrmRead()
-    calls0, credits0 = _counter(client, "calls"), _counter(client, "credits_spent")
+    calls0 = _counter(client, "calls") - read.calls
+    credits0 = _counter(client, "credits_spent") - read.credits
     out: dict[str, dict[str, Any]] = {}
     next_progress = PROGRESS_EVERY
     async for page in client.coql_pages(pipeline.module, fields):
@@ -248,14 +263,24 @@ async def open_dead_letter_keys(
     return {r.key for r in rows}
 
 
-def compare(
+def compare(  # noqa: PLR0917
     pipeline: PipelineConfig,
     source: dict[str, dict[str, Any]],
     crm: dict[str, dict[str, Any]],
     dead_letter_keys: set[str] = frozenset(),  # type: ignore[assignment]
+    parents: Mapping[str, PipelineConfig] | None = None,
+    parent_ids: Mapping[str, Mapping[str, str]] | None = None,
 ) -> VerifyReport:
+    """``parents`` / ``parent_ids``: for a pipeline with lookups, the pipelines they name and,
+    per such pipeline, legacy key → CRM id of its records in the CRM: a lookup is right when
+    it names the CRM record of the parent the source row names (issue 21)."""
     report = VerifyReport(pipeline.name, rows_in_source=len(source))
-    mapper = RecordMapper(pipeline)
+    mapper = RecordMapper(pipeline, parents=parents)
+    ids = parent_ids or {}
+
+    def resolve(pipeline: str, key: str) -> str | None:
+        return ids.get(pipeline, {}).get(key)
+
     types = {m.field: m.type for c, m in pipeline.fields.items() if c != pipeline.key_column}
     mark = pipeline.delete_mark_field if pipeline.delete_mode == "mark" else None
     live_crm = 0
@@ -266,8 +291,24 @@ def compare(
     report.records_in_crm = live_crm
     for key, row in source.items():
         try:
-            expected = mapper.to_json(row)
-        except DataError:
+            expected = mapper.to_json(row, resolve)
+        except DataError as exc:
+            if exc.code == "PARENT_NOT_SYNCED" and key not in dead_letter_keys:
+                # the parent the row names is not in the CRM: the child cannot be right there
+                found = crm.get(key)
+                if found is None:
+                    report.missing.append(Mismatch(key, "missing"))
+                else:
+                    field = exc.field or "?"
+                    report.different.append(
+                        Mismatch(
+                            key,
+                            "different",
+                            {field: ("<a parent that is not in the CRM>", found.get(field))},
+                            crm_id=_str(found.get("id")),
+                        )
+                    )
+                continue
             report.dead_lettered.append(key)
             continue
         found = crm.get(key)
@@ -308,13 +349,27 @@ async def verify(
     source_dsn: str,
     state_dsn: str,
     schema: str,
+    parents: Mapping[str, PipelineConfig] | None = None,
 ) -> VerifyReport:
+    """Compare the pipeline's source table with its CRM module. With lookup fields (``parents``:
+    the configuration's pipelines by name), each parent module's keys and ids are read too
+    (their calls and credits are in the report) and each lookup is checked to name the CRM
+    record of the parent its source row names."""
     source = await source_rows(source_dsn, pipeline)
     read = CrmRead()
     crm = await crm_records(client, pipeline, read)
+    parent_ids: dict[str, dict[str, str]] = {}
+    for column, m in pipeline.fields.items():
+        if m.type != "lookup" or m.pipeline is None or m.pipeline in parent_ids:
+            continue
+        if parents is None or m.pipeline not in parents:
+            raise ValueError(f"column {column!r} looks up pipeline {m.pipeline!r}: pass parents")
+        parent = parents[m.pipeline]
+        records = await crm_records(client, parent, read, fields=[parent.key_field])
+        parent_ids[m.pipeline] = {k: str(r["id"]) for k, r in records.items() if r.get("id")}
     async with await psycopg.AsyncConnection.connect(state_dsn, autocommit=True) as conn:
         dead = await open_dead_letter_keys(conn, schema, pipeline.name)
-    report = compare(pipeline, source, crm, dead)
+    report = compare(pipeline, source, crm, dead, parents, parent_ids)
     report.crm_calls = read.calls
     report.crm_credits = read.credits
     return report

@@ -27,6 +27,7 @@ from connector.emulator.server import EmulatorHandle
 from connector.engine import Engine
 from connector.parents import PARENT_NOT_SYNCED
 from connector.pipeline import build_pipeline, chain_credits
+from connector.verify import verify
 from connector.zoho.client import ZohoClient
 from tests.emulator.test_relations import relations_config
 from tests.pipeline.conftest import FAST, SCHEMA, fetch, make_client
@@ -412,3 +413,37 @@ async def test_initial_sync_runs_parents_first(
     assert order == [(True,)]
     assert await fetch(shop.dsn, "SELECT count(*) FROM connector.dead_letters") == [(0,)]
     assert remu.usage()["by_api"].get("coql", {}).get("calls", 0) == 0
+
+
+async def test_verify_checks_each_lookup_names_the_right_parent(
+    shop: Shop, remu: EmulatorHandle, rclient: ZohoClient, build: Build
+) -> None:
+    """``verify`` on a child pipeline reads the parents' keys and ids and reports a lookup that
+    names another parent than the source row's as different; a clean sync has no mismatch."""
+    await shop.write("INSERT INTO public.customers VALUES (1, 'Acme', 'x'), (2, 'Bolt', 'y')")
+    await shop.write("INSERT INTO public.orders VALUES (10, 'o10', 1), (11, 'o11', 2)")
+    await (await build(customers())).drain()
+    await (await build(orders())).drain()
+    both = {"customers": customers(), "orders": orders()}
+
+    async def check() -> Any:
+        return await verify(
+            pipeline=orders(),
+            client=rclient,
+            source_dsn=shop.dsn,
+            state_dsn=shop.dsn,
+            schema=SCHEMA,
+            parents=both,
+        )
+
+    clean = await check()
+    assert clean.mismatches == 0 and clean.rows_in_source == 2
+    ids = account_ids(remu)
+    # someone points order 10 at the other account in the CRM
+    await rclient.upsert(
+        "Orders", [{"Legacy_Id": "10", "Account": {"id": ids["2"]}}], ["Legacy_Id"]
+    )
+    report = await check()
+    assert [(m.key, m.kind, set(m.fields)) for m in report.different] == [
+        ("10", "different", {"Account"})
+    ]
