@@ -100,6 +100,33 @@ def _log_trigger(
     )
 
 
+async def _write_each(
+    request: web.Request,
+    store: ModuleStore,
+    api: str,
+    body: Any,
+    data: list[Any],
+    *,
+    write: Callable[[int, dict[str, Any]], dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """What the insert, update and upsert routes share: the request's automations
+    (``trigger``, checked first), admission at the records' credit cost, the trigger log, the
+    automations set on the store while it writes, and one answer item per record (``write``;
+    a record that is not a JSON object is an INVALID_DATA item)."""
+    state = state_of(request)
+    trigger = _triggers(body)
+    n = len(data)
+    await admit(request, api, state.record_cost(n), heavy=n > 10, records=n)
+    _log_trigger(state, store, api, trigger, n)
+    store.trigger = trigger
+    try:
+        return [
+            write(i, rec) if isinstance(rec, dict) else _not_object(i) for i, rec in enumerate(data)
+        ]
+    finally:
+        store.trigger = None
+
+
 def _not_object(i: int) -> dict[str, Any]:
     return {
         "code": "INVALID_DATA",
@@ -170,18 +197,14 @@ async def insert_records(request: web.Request) -> web.Response:
     store = state.store(request.match_info["module"])
     body = await _json_body(request, exact=True)
     data = _data_items(body, state)
-    trigger = _triggers(body)
-    n = len(data)
-    await admit(request, "insert", state.record_cost(n), heavy=n > 10, records=n)
-    _log_trigger(state, store, "insert", trigger, n)
-    store.trigger = trigger
-    items = []
-    for i, rec in enumerate(data):
-        if not isinstance(rec, dict):
-            items.append(_not_object(i))
-            continue
-        items.append(_item(store.insert(rec, "insert"), i, store))
-    store.trigger = None
+    items = await _write_each(
+        request,
+        store,
+        "insert",
+        body,
+        data,
+        write=lambda i, rec: _item(store.insert(rec, "insert"), i, store),
+    )
     return json_response({"data": items}, _overall(items, 201))
 
 
@@ -191,22 +214,14 @@ async def update_records(request: web.Request) -> web.Response:
     path_id = request.match_info.get("id")
     body = await _json_body(request, exact=True)
     data = _data_items(body, state)
-    trigger = _triggers(body)
-    n = len(data)
-    await admit(request, "update", state.record_cost(n), heavy=n > 10, records=n)
-    _log_trigger(state, store, "update", trigger, n)
-    store.trigger = trigger
-    items = []
-    for i, rec in enumerate(data):
-        if not isinstance(rec, dict):
-            items.append(_not_object(i))
-            continue
+
+    def update(i: int, rec: dict[str, Any]) -> dict[str, Any]:
         rid = path_id if path_id is not None else rec.get("id")
         if rid is None or rid == "":
-            items.append(_field_error(("MANDATORY_NOT_FOUND", "id", {}), i))
-            continue
-        items.append(_item(store.update(str(rid), rec, "update"), i, store))
-    store.trigger = None
+            return _field_error(("MANDATORY_NOT_FOUND", "id", {}), i)
+        return _item(store.update(str(rid), rec, "update"), i, store)
+
+    items = await _write_each(request, store, "update", body, data, write=update)
     return json_response({"data": items}, _overall(items, 200))
 
 
@@ -233,18 +248,14 @@ async def upsert_records(request: web.Request) -> web.Response:
                     {"api_name": name, "json_path": "$.duplicate_check_fields"},
                 )
     order = store.match_order(dcf)
-    trigger = _triggers(body)
-    n = len(data)
-    await admit(request, "upsert", state.record_cost(n), heavy=n > 10, records=n)
-    _log_trigger(state, store, "upsert", trigger, n)
-    store.trigger = trigger
-    items = []
-    for i, rec in enumerate(data):
-        if not isinstance(rec, dict):
-            items.append(_not_object(i))
-            continue
-        items.append(_item(store.upsert(rec, "upsert", order), i, store, upsert=True))
-    store.trigger = None
+    items = await _write_each(
+        request,
+        store,
+        "upsert",
+        body,
+        data,
+        write=lambda i, rec: _item(store.upsert(rec, "upsert", order), i, store, upsert=True),
+    )
     return json_response({"data": items}, _overall(items, 200))
 
 
