@@ -24,6 +24,7 @@ from connector.emitter_outcome import EmitOutcome, _Results
 from connector.emitter_parents import Gated
 from connector.errors import BulkJobGone, DataError, TransientError
 from connector.events import ChangeEvent, EventStamp, Op
+from connector.latency import BULK_WINDOW, LatencyEstimator
 from connector.metrics import Metrics
 from connector.zoho.bulk import BulkJob, BulkRowResult, JobStatus, RowOutcome, build_bulk_zip
 from connector.zoho.client import MAX_RECORDS_PER_CALL, ZohoClient
@@ -32,9 +33,15 @@ from connector.zoho.client import MAX_RECORDS_PER_CALL, ZohoClient
 log = logging.getLogger("connector.emitter")
 
 CallbackUrl = Callable[[int, str], str]  # (bulk_jobs.id, secret) -> URL the CRM calls back
-#: With a callback URL the first job poll waits ``bulk_poll_max`` and the polls back off to this
-#: many times ``bulk_poll_max``: the callback ends the wait at once when it arrives.
+#: With a callback URL the polls are a safety net and back off to this many times
+#: ``bulk_poll_max``: the callback ends the wait at once when it arrives.
 CALLBACK_POLL_FACTOR = 4
+#: With a callback URL the first safety-net poll comes when the job is this many times its
+#: typical (median) duration late, between ``bulk_poll_initial`` and ``bulk_poll_max``. A job
+#: whose callback is lost is then measured close to its time on the CRM, not at the first poll
+#: 30 s later: such a measurement, above ``max_staleness``, kept every later job out of the plan
+#: for the rest of a soak, so none was measured again (the "bulk-estimate trap").
+CALLBACK_LATE_FACTOR = 1.5
 _OP_VALUE = {op: op.value for op in Op}
 
 
@@ -49,6 +56,7 @@ class BulkJobs:
     callback_url: CallbackUrl | None
     bulk_poll_initial: float
     bulk_poll_max: float
+    latency: LatencyEstimator
     _wake: dict[int, asyncio.Event]
     _transient: dict[str, tuple[float, int]]
 
@@ -218,8 +226,12 @@ class BulkJobs:
         poll_initial, poll_max = self.bulk_poll_initial, self.bulk_poll_max
         if self.callback_url is not None:
             # the callback wakes the wait; polls are only the safety net, and each costs a
-            # credit ("All other APIs: 1"): poll less (docs/zoho-client.md "Credits")
-            poll_initial, poll_max = poll_max, poll_max * CALLBACK_POLL_FACTOR
+            # credit ("All other APIs: 1"): the first when the job is late by its typical
+            # duration, then backing off (docs/zoho-client.md "Credits")
+            typical = self.latency.typical_bulk(len(entries))
+            if typical is not None:
+                poll_initial = min(poll_max, max(poll_initial, CALLBACK_LATE_FACTOR * typical))
+            poll_max = poll_max * CALLBACK_POLL_FACTOR
         delay = 1.0
         while True:
             try:
@@ -400,7 +412,9 @@ class BulkJobs:
             async with self.pool.connection() as conn:
                 jobs = await state.open_bulk_jobs(conn, self.schema, self.pipeline.name)
                 self.restore_bulk_latency(
-                    await state.bulk_durations(conn, self.schema, self.pipeline.name)
+                    await state.bulk_durations(
+                        conn, self.schema, self.pipeline.name, limit=BULK_WINDOW
+                    )
                 )
             for job in jobs:
                 if job.status is state.BulkStatus.INTENT:

@@ -17,7 +17,10 @@ a full one (the running average the planner was fed before let whole jobs arrive
   job "120 s", so no full job ever went by bulk and none was measured again — a 60-minute soak
   with 30 s ``max_staleness`` spent 3x the credits on its mass updates). Both fail safe: a
   too-high bulk estimate only costs credits (the changes go by upsert instead), a too-low one
-  makes changes late.
+  makes changes late. But a too-high one corrects itself only through a new measurement, which
+  it forbids: the measurements must be honest (a lost callback noticed at a late poll is not the
+  CRM's time: the emitter polls at 1.5x :meth:`typical_bulk`) and a restart restores the whole
+  window (docs/planner.md, "the bulk-estimate trap").
 
 Pure: samples are pushed in, nothing is timed here.
 """
@@ -68,13 +71,26 @@ class LatencyEstimator:
 
     def bulk(self, records: int) -> float:
         """Seconds a bulk job of ``records`` records is assumed to take."""
-        larger = [s for r, s in self._bulk if r >= records]
-        if larger:
-            return quantile(larger, self.q)
         if not self._bulk:
             return self.default_bulk
+        return self._bulk_quantile(records, self.q)
+
+    def typical_bulk(self, records: int) -> float | None:
+        """The median of the jobs measured for ``records`` records (by the same size rule as
+        :meth:`bulk`), ``None`` before any job was measured: when a job's callback is late.
+        A median, not the planner's high percentile, so that one slow measurement does not
+        move the safety-net poll that measures the next jobs (docs/planner.md, "Latency
+        estimates")."""
+        if not self._bulk:
+            return None
+        return self._bulk_quantile(records, 0.5)
+
+    def _bulk_quantile(self, records: int, q: float) -> float:
+        larger = [s for r, s in self._bulk if r >= records]
+        if larger:
+            return quantile(larger, q)
         top = max(r for r, _ in self._bulk)
-        at_top = quantile([s for r, s in self._bulk if r == top], self.q)
+        at_top = quantile([s for r, s in self._bulk if r == top], q)
         return at_top * records / top
 
     def bulk_profile(self, full_job: int) -> tuple[float, tuple[tuple[int, float], ...]]:

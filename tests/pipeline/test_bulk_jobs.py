@@ -138,11 +138,12 @@ async def test_failed_job_hands_its_entries_back(
 
 
 @pytest.mark.parametrize("with_callback", [False, True])
-async def test_bulk_polls_less_when_a_callback_is_expected(
+async def test_bulk_polls_are_a_safety_net_when_a_callback_is_expected(
     legacy: str, emu: EmulatorHandle, make_engine: EngineFactory, with_callback: bool
 ) -> None:
-    """Each job-status poll costs a credit: with a callback URL the polls are a safety net,
-    first after ``bulk_poll_max``, backing off to 4x that (the callback wakes the wait)."""
+    """Each job-status poll costs a credit: with a callback URL the polls are a safety net
+    backing off to 4x ``bulk_poll_max`` (the callback wakes the wait). Before any job was
+    measured the first poll is ``bulk_poll_initial``, as without a callback."""
     from connector.emitter import CALLBACK_POLL_FACTOR
 
     from .conftest import FAST
@@ -161,10 +162,85 @@ async def test_bulk_polls_less_when_a_callback_is_expected(
         await (await make_engine(client, callback_url=url)).drain()
     assert seen
     if with_callback:
-        assert seen[0] == (FAST.bulk_poll_max, FAST.bulk_poll_max * CALLBACK_POLL_FACTOR)
+        assert seen[0] == (FAST.bulk_poll_initial, FAST.bulk_poll_max * CALLBACK_POLL_FACTOR)
     else:
         assert seen[0] == (FAST.bulk_poll_initial, FAST.bulk_poll_max)
     await assert_crm_matches(emu, legacy)
+
+
+async def test_a_lost_callback_is_measured_near_the_jobs_time_not_at_a_late_poll(
+    legacy: str, make_engine: EngineFactory
+) -> None:
+    """The bulk-estimate trap (docs/reliability.md, session 18): with a callback URL the first
+    safety-net poll used to wait ``bulk_poll_max`` (30 s by default). A job whose callback was
+    lost was then measured at 31-38 s although the CRM had finished it in about 3 s; above the
+    soak's 30 s ``max_staleness`` that estimate kept every later job out of the plan, so none
+    was measured again. Now the first poll comes when the job is 1.5x its typical (median)
+    duration late, and a lost callback costs a measurement of about that, not 30 s."""
+    from connector.emitter_bulk import CALLBACK_LATE_FACTOR, CALLBACK_POLL_FACTOR
+
+    options = dataclasses.replace(FAST, bulk_poll_max=30.0)  # the default: callbacks never come
+    seen: list[tuple[float, float]] = []
+    async with (
+        start_emulator(emulator_with(queue_seconds=1.0)) as emu,  # a job takes about 1 s
+        make_client(emu) as client,
+    ):
+        original = client.wait_bulk_job
+
+        async def spy(job_id: str, **kw: Any) -> Any:
+            seen.append((kw["poll_initial"], kw["poll_max"]))
+            return await original(job_id, **kw)
+
+        client.wait_bulk_job = spy  # type: ignore[method-assign]
+        engine = await make_engine(
+            client, callback_url=lambda job, secret: f"http://127.0.0.1:9/cb/{job}", options=options
+        )
+        await execute(legacy, *insert_sql(6_000))
+        await engine.drain()
+        await execute(legacy, "UPDATE public.orders SET notes = 'second round'")
+        await engine.drain()
+        durations = [
+            float(r[0])
+            for r in await fetch(
+                legacy,
+                "SELECT duration_seconds FROM connector.bulk_jobs"
+                " WHERE duration_seconds IS NOT NULL ORDER BY id",
+            )
+        ]
+        assert len(seen) == 2 and len(durations) == 2, (seen, durations)
+        # no callback ever came: each job was found done by a poll, well before bulk_poll_max
+        assert 1.0 <= min(durations) and max(durations) < 10.0, durations
+        assert seen[0] == (FAST.bulk_poll_initial, 30.0 * CALLBACK_POLL_FACTOR)
+        # the second job (same size) is first polled when 1.5x the first one's time late
+        expected = min(30.0, max(FAST.bulk_poll_initial, CALLBACK_LATE_FACTOR * durations[0]))
+        assert seen[1][0] == pytest.approx(expected)
+        await assert_crm_matches(emu, legacy)
+
+
+async def test_restart_restores_the_whole_window_so_one_slow_job_does_not_set_the_estimate(
+    legacy: str, emu: EmulatorHandle, make_engine: EngineFactory
+) -> None:
+    """The planner's bulk estimate is a 95th percentile, which is the slowest job while fewer
+    than 20 are known. A restart restored only the last 10 measured jobs, so one slow job
+    among them (a lost callback noticed at the 30 s poll) was the estimate after every restart
+    of a soak that restarted every minute. The whole window (100) is restored now."""
+    from connector.latency import BULK_WINDOW
+
+    rows = [3.0] * 30 + [38.0]  # oldest first: the slow one is the latest
+    for seconds in rows:
+        await execute(
+            legacy,
+            "INSERT INTO connector.bulk_jobs (pipeline, status, entries, record_count,"
+            f" duration_seconds) VALUES ('orders', 'applied', '[]', 25000, {seconds})",
+        )
+    async with make_client(emu) as client:
+        engine = await make_engine(client)
+        await engine.drain()  # starts: the emitter recovers open jobs and restores durations
+        assert engine.emitter is not None
+        latency = engine.emitter.latency
+    assert BULK_WINDOW >= len(rows)
+    assert latency.bulk(25_000) == 3.0  # the 95th percentile of 31 jobs, not the slowest
+    assert latency.typical_bulk(25_000) == 3.0
 
 
 async def test_result_stored_although_its_commit_reported_an_error(

@@ -266,3 +266,15 @@ def test_balanced_burst_never_slower_than_upsert_alone_and_cheaper() -> None:
     assert bal.late == 0
     assert bal.p50() <= 25.5
     assert bal.credits < 500  # 500 upserted (250) + 2 jobs (40)
+
+
+def test_typical_bulk_is_the_median_one_slow_job_does_not_move_it() -> None:
+    # the safety-net poll of a job whose callback is late comes at 1.5x this figure: a median,
+    # so that one slow measurement (itself maybe a lost callback) does not stretch the next
+    est = LatencyEstimator(default_upsert=1.0, default_bulk=120.0)
+    assert est.typical_bulk(25_000) is None  # nothing measured: the caller's first poll
+    for seconds in (3.0, 3.5, 4.0, 38.0):
+        est.observe_bulk(25_000, seconds)
+    assert est.typical_bulk(25_000) == 3.5
+    assert est.bulk(25_000) == 38.0  # the planner's figure stays the conservative one
+    assert est.typical_bulk(50_000) == 7.0  # larger than measured: in proportion, as bulk()
