@@ -6,7 +6,11 @@ that each check fails when its property is broken):
   is one the CRM must refuse) in ``dead_letters`` with a data reason;
 * no live CRM record without a table row (delete mode), no key twice in the CRM;
 * no dead letter for a transient reason, none for a valid row image;
-* the write history: per key, ``Rev`` never decreases from one write to the next.
+* the write history: per key, ``Rev`` never decreases from one write to the next;
+* related tables (issue 21): every customer is in ``Accounts`` as in its table; every order's
+  ``Account`` lookup names its customer's record (none for no customer); and in the write
+  history, no ``Orders`` write ever named an ``Accounts`` record that did not exist yet, or
+  one of another customer than the write's ``Customer_Ref`` (a missing or wrong parent).
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.chaos.model import TRANSIENT_CODES, Row, field_differences, invalid_reason
+from tests.chaos.model import TRANSIENT_CODES, Row, field_differences, invalid_reason, lookup_id
+
+PARENT_NOT_SYNCED = "PARENT_NOT_SYNCED"
 
 MAX_SHOWN = 20
 
@@ -38,6 +44,7 @@ class Report:
     invalid_rows: int = 0
     crm_records: int = 0
     history_writes: int = 0
+    lookup_writes: int = 0
     dead_letters: int = 0
     dead_letter_codes: dict[str, int] = field(default_factory=dict)
     problems: dict[str, list[str]] = field(default_factory=dict)
@@ -61,6 +68,7 @@ class Report:
             "invalid_rows": self.invalid_rows,
             "crm_records": self.crm_records,
             "history_writes_checked": self.history_writes,
+            "lookup_writes_checked": self.lookup_writes,
             "dead_letters": self.dead_letters,
             "dead_letter_codes": self.dead_letter_codes,
             "problem_counts": dict(self.counts),
@@ -122,9 +130,18 @@ def check_end_state(
 
 
 def check_dead_letters(dead_letters: list[DeadLetter], report: Report) -> None:
+    """No dead letter for a transient fault or a valid row. A child held ``PARENT_NOT_SYNCED``
+    (its customer not in the CRM by its deadline) is not a failure once released (resolved);
+    still open at the end, when every customer exists, it is."""
     report.dead_letters = len(dead_letters)
     report.dead_letter_codes = dict(Counter(d.code for d in dead_letters))
     for d in dead_letters:
+        if d.code == PARENT_NOT_SYNCED:
+            if d.status == "open":
+                report.problem("child_still_held", f"key {d.key} v{d.version}: {d.message[:160]}")
+            elif not d.message.strip():
+                report.problem("dead_letter_without_reason", f"key {d.key} v{d.version}")
+            continue
         if d.code in TRANSIENT_CODES:
             report.problem(
                 "dead_letter_for_transient_fault", f"key {d.key} v{d.version}: {d.code} {d.message}"
@@ -166,3 +183,114 @@ def check_history(
                     f"key {key} record {rid}: Rev {last} then {tag}",
                 )
             last = max(last, rev)
+
+
+# ---- related tables (issue 21) ---------------------------------------------------------------
+
+
+def check_customers(
+    expected: dict[int, Row],
+    table: dict[int, Row],
+    accounts: list[dict[str, Any]],
+    report: Report,
+) -> None:
+    """The workload's customers are the table's, and each is in ``Accounts`` (once, by
+    ``Legacy_Id``) with its ``Name`` and ``Rev``."""
+    for k in expected.keys() ^ table.keys():
+        report.problem("customer_model_vs_table", f"customer {k}: in one of model and table only")
+    by_key: dict[str, list[dict[str, Any]]] = {}
+    for rec in accounts:
+        by_key.setdefault(str(rec.get("Legacy_Id")), []).append(rec)
+    for k, row in table.items():
+        if k in expected and expected[k]["rev"] != row["rev"]:
+            report.problem(
+                "customer_model_vs_table",
+                f"customer {k}: workload {expected[k]['rev']}, table {row['rev']}",
+            )
+        recs = by_key.get(str(k), [])
+        if not recs:
+            report.problem("customer_missing_in_crm", f"customer {k} (rev {row['rev']})")
+            continue
+        if len(recs) > 1:
+            report.problem("customer_duplicate_in_crm", f"customer {k}: {len(recs)} records")
+        rec = recs[0]
+        rev = None if rec.get("Rev") is None else int(rec["Rev"])
+        if rec.get("Name") != row["name"] or rev != int(row["rev"]):
+            report.problem(
+                "customer_different_in_crm",
+                f"customer {k}: table ({row['name']!r}, {row['rev']}),"
+                f" CRM ({rec.get('Name')!r}, {rec.get('Rev')})",
+            )
+
+
+def check_lookups(
+    table: dict[int, Row],
+    crm_live: list[dict[str, Any]],
+    accounts: list[dict[str, Any]],
+    report: Report,
+    key_field: str = "parent_id",
+) -> None:
+    """Each valid order in the CRM names its customer's ``Accounts`` record (none when its
+    ``customer_id`` is NULL). Invalid orders are dead-lettered (``check_end_state``)."""
+    account_of = {str(a.get("Legacy_Id")): str(a.get("id")) for a in accounts}
+    orders = {str(r.get(key_field)): r for r in crm_live}
+    for k, row in table.items():
+        rec = orders.get(str(k))
+        if rec is None or invalid_reason(row) is not None:
+            continue  # missing or invalid: check_end_state says so
+        customer = row.get("customer_id")
+        want = None if customer is None else account_of.get(str(customer))
+        got = lookup_id(rec.get("Account"))
+        if customer is not None and want is None:
+            report.problem("lookup_parent_missing", f"order {k}: customer {customer} not in CRM")
+        elif got != want:
+            report.problem(
+                "lookup_wrong",
+                f"order {k} (customer {customer}): Account {got}, its customer's record {want}",
+            )
+
+
+def check_lookup_history(
+    orders: dict[str, list[dict[str, Any]]],
+    accounts: dict[str, list[dict[str, Any]]],
+    report: Report,
+) -> None:
+    """No ``Orders`` write ever named a missing or wrong parent: each write's ``Account`` (an
+    id) is an ``Accounts`` record that existed by the write's time and whose ``Legacy_Id`` is
+    the write's ``Customer_Ref``; a write without a customer names no record."""
+    created: dict[str, float] = {}
+    legacy: dict[str, str] = {}
+    for rid, entries in accounts.items():
+        for h in entries:
+            ts = float(h.get("timestamp", 0.0))
+            created[rid] = min(created.get(rid, ts), ts)
+            key = (h.get("values") or {}).get("Legacy_Id")
+            if key is not None:
+                legacy[rid] = str(key)
+    for rid, entries in orders.items():
+        for h in entries:
+            values = h.get("values") or {}
+            if h.get("api") == "delete" or "Account" not in values:
+                continue
+            report.lookup_writes += 1
+            account = lookup_id(values.get("Account"))
+            ref = values.get("Customer_Ref")
+            ref = None if ref in (None, "") else str(ref)
+            ts = float(h.get("timestamp", 0.0))
+            where = f"order record {rid} ({values.get('parent_id')}) at {ts:.3f}"
+            if account is None:
+                if ref is not None:
+                    report.problem("lookup_missing", f"{where}: no Account, customer {ref}")
+            elif account not in legacy:
+                report.problem("lookup_to_missing_parent", f"{where}: Account {account}")
+            elif created[account] > ts:
+                report.problem(
+                    "lookup_before_parent",
+                    f"{where}: Account {account} created at {created[account]:.3f}",
+                )
+            elif legacy[account] != ref:
+                report.problem(
+                    "lookup_to_wrong_parent",
+                    f"{where}: Account {account} is customer {legacy[account]},"
+                    f" the write's is {ref}",
+                )

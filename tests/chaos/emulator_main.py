@@ -1,10 +1,11 @@
-"""The emulator for a chaos run, as its own process: ``connector.emulator``'s application
-plus one read-only route, ``GET /__emulator__/chaos-history/{module}``, that returns the write
-history of every record of a module (live and deleted) in one answer (the standard admin API
-gives one record per call; a run checks tens of thousands). ``?fields=parent_id,Rev`` keeps only
-those values and each write's ``api`` and ``timestamp``: an hour's soak writes millions of
-versions, and the full images (every field, the trigger, the ISO time) took 6.5 GB in the runner
-that checks them, enough for the kernel's OOM killer on a 24 GiB machine (issue 14).
+"""The emulator for a chaos run, as its own process: ``connector.emulator``'s application plus one
+read-only route, ``GET /__emulator__/chaos-history/{module}``, that returns the write history of
+every record of a module (live and deleted) in one answer (the standard admin API gives one
+record per call; a run checks tens of thousands). ``?fields=parent_id,Rev`` keeps only those
+values and each write's ``api`` and ``timestamp`` (a lookup value as its id only): an hour's
+soak writes millions of versions, and the full images (every field, the trigger, the ISO time)
+took 6.5 GB in the runner that checks them, enough for the kernel's OOM killer on a 24 GiB
+machine (issue 14).
 
     python -m tests.chaos.emulator_main --port P --config emulator.toml
 """
@@ -34,7 +35,7 @@ async def _all_history(request: web.Request) -> web.Response:
                 {
                     "api": w["api"],
                     "timestamp": w["timestamp"],
-                    "values": {f: w["values"][f] for f in fields if f in w["values"]},
+                    "values": {f: _slim(w["values"][f]) for f in fields if f in w["values"]},
                 }
                 for w in h
             ]
@@ -44,6 +45,11 @@ async def _all_history(request: web.Request) -> web.Response:
         history = {rid: list(h) for rid, h in store.history.items()}
     doc: dict[str, Any] = {"history": history, "deleted": sorted(store.deleted)}
     return web.Response(body=orjson.dumps(doc, default=str), content_type="application/json")
+
+
+def _slim(value: Any) -> Any:
+    """A lookup value (``{"id", "name"}``) as its id; anything else as it is."""
+    return value.get("id") if isinstance(value, dict) else value
 
 
 async def serve(config: EmulatorConfig, port: int) -> None:

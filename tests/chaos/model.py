@@ -4,6 +4,11 @@ which rows the CRM must refuse (and why), and how a CRM record is compared with 
 Every row carries ``rev``: a per-key counter that only grows (also across a delete and a
 re-insert of the same key) and is mapped to the CRM field ``Rev``, so the emulator's write
 history shows whether a record ever moved to an older version.
+
+Two tables (issue 21): ``customers`` (→ ``Accounts``) and ``orders`` (→ ``Orders``), whose
+``customer_id`` is a lookup to the customer's CRM record (NULL: no customer). ``customer_ref``
+holds the same value as text (``Customer_Ref``): a column is mapped once, so this is what the
+write history shows the lookup must name.
 """
 
 from __future__ import annotations
@@ -31,7 +36,20 @@ COLUMNS = (
     "notes",
     "is_gift",
     "rev",
+    "customer_id",
+    "customer_ref",
 )
+
+CUSTOMER_COLUMNS = ("id", "name", "rev")
+
+# customers' column -> (CRM field, connector type), in the Accounts module (key: Legacy_Id)
+CUSTOMER_FIELDS: dict[str, tuple[str, str]] = {
+    "name": ("Name", "text"),
+    "rev": ("Rev", "integer"),
+}
+
+# orders' lookup columns -> the pipeline they look up
+LOOKUPS: dict[str, str] = {"customer_id": "customers"}
 
 # column -> (CRM field, connector type)
 FIELDS: dict[str, tuple[str, str]] = {
@@ -45,6 +63,8 @@ FIELDS: dict[str, tuple[str, str]] = {
     "notes": ("Notes", "textarea"),
     "is_gift": ("Is_Gift", "boolean"),
     "rev": ("Rev", "integer"),
+    "customer_id": ("Account", "lookup"),
+    "customer_ref": ("Customer_Ref", "text"),
 }
 
 # The kinds of bad value the workload writes on purpose (each a data reason to dead-letter).
@@ -69,9 +89,18 @@ TRANSIENT_CODES = frozenset(
 Row = dict[str, Any]
 
 
-def make_row(key: int, rev: int, rng: random.Random, bad_rate: float) -> Row:
-    """A full row image for ``key`` at ``rev``; with probability ``bad_rate`` one value is one
-    that the CRM (or the value conversion) must refuse."""
+def make_customer(key: int, rev: int) -> Row:
+    """A customer row (always valid: the CRM never refuses one, so no order is held for a
+    dead-lettered customer at the end of a run)."""
+    return {"id": key, "name": f"Customer {key} r{rev}", "rev": rev}
+
+
+def make_row(
+    key: int, rev: int, rng: random.Random, bad_rate: float, customer: int | None = None
+) -> Row:
+    """A full row image for ``key`` at ``rev`` naming ``customer`` (None: no customer); with
+    probability ``bad_rate`` one value is one that the CRM (or the value conversion) must
+    refuse."""
     row: Row = {
         "id": key,
         "name": f"Order {key} r{rev}",
@@ -85,6 +114,8 @@ def make_row(key: int, rev: int, rng: random.Random, bad_rate: float) -> Row:
         "notes": rng.choice(NOTES),
         "is_gift": rng.random() < 0.1,
         "rev": rev,
+        "customer_id": customer,
+        "customer_ref": None if customer is None else str(customer),
     }
     if rng.random() < bad_rate:
         kind = rng.choice(BAD_KINDS)
@@ -185,7 +216,15 @@ def field_differences(row: Row, record: dict[str, Any]) -> list[str]:
     differ("Notes", row["notes"] or None, record.get("Notes") or None)
     differ("Is_Gift", bool(row["is_gift"]), bool(record.get("Is_Gift")))
     differ("Rev", int(row["rev"]), None if record.get("Rev") is None else int(record["Rev"]))
+    differ("Customer_Ref", row.get("customer_ref"), record.get("Customer_Ref") or None)
     return out
+
+
+def lookup_id(value: Any) -> str | None:
+    """The CRM id a lookup field value names (Zoho returns ``{"id", "name"}``), or None."""
+    if isinstance(value, dict):
+        value = value.get("id")
+    return None if value in (None, "") else str(value)
 
 
 @dataclass

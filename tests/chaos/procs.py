@@ -39,9 +39,10 @@ ENTERPRISE_CREDITS_PER_USER = 1_000
 def emulator_toml(
     secrets: dict[str, str], *, rows_per_second: float = 10_000.0, users: int = 10
 ) -> str:
-    """The default emulator configuration plus an integer ``Rev`` field, the run's own client
-    credentials, bulk jobs that take a few seconds (so kills land mid-job), and ``users``
-    licences (the org's daily credits: 50,000 + 1,000 per user)."""
+    """The default emulator configuration plus an integer ``Rev`` field, the ``Account`` lookup
+    and ``Customer_Ref`` text fields of Orders and an ``Accounts`` module (issue 21), the run's
+    own client credentials, bulk jobs that take a few seconds (so kills land mid-job), and
+    ``users`` licences (the org's daily credits: 50,000 + 1,000 per user)."""
     text = (ROOT / "connector" / "emulator" / "default.toml").read_text()
     assert "users = 10\n" in text, "default.toml changed: update tests/chaos/procs.py"
     text = text.replace("users = 10\n", f"users = {users}\n", 1)
@@ -61,9 +62,31 @@ def emulator_toml(
     marker = '  { api_name = "Deleted", data_type = "boolean", label = "Deleted" },\n'
     assert marker in text, "default.toml changed: update tests/chaos/procs.py"
     text = text.replace(
-        marker, marker + '  { api_name = "Rev", data_type = "integer", label = "Revision" },\n'
+        marker,
+        marker
+        + '  { api_name = "Rev", data_type = "integer", label = "Revision" },\n'
+        + '  { api_name = "Account", data_type = "lookup", label = "Account",'
+        + ' lookup_module = "Accounts" },\n'
+        + '  { api_name = "Customer_Ref", data_type = "text", label = "Customer Ref",'
+        + " length = 255 },\n",
     )
-    return text
+    return text + ACCOUNTS_MODULE
+
+
+ACCOUNTS_MODULE = (
+    "\n[[modules]]\n"
+    'api_name = "Accounts"\n'
+    'singular_label = "Account"\n'
+    'plural_label = "Accounts"\n'
+    'id = "4876876000000600001"\n'
+    "fields = [\n"
+    '  { api_name = "Name", data_type = "text", label = "Account Name", mandatory = true,'
+    " length = 255 },\n"
+    '  { api_name = "Legacy_Id", data_type = "text", label = "Legacy Id", mandatory = true,'
+    " unique = true, length = 255 },\n"
+    '  { api_name = "Rev", data_type = "integer", label = "Revision" },\n'
+    "]\n"
+)
 
 
 def connector_toml(
@@ -75,11 +98,18 @@ def connector_toml(
     max_staleness: str,
     daily_credit_budget: int = 50_000,
 ) -> str:
-    from tests.chaos.model import FIELDS
+    from tests.chaos.model import CUSTOMER_FIELDS, FIELDS, LOOKUPS
 
-    fields = "\n".join(
-        f'{col} = {{ field = "{f}", type = "{t}" }}' for col, (f, t) in FIELDS.items()
-    )
+    def lines(mapping: dict[str, tuple[str, str]]) -> str:
+        return "\n".join(
+            f'{col} = {{ field = "{f}", type = "{t}"'
+            + (f', pipeline = "{LOOKUPS[col]}"' if t == "lookup" else "")
+            + " }"
+            for col, (f, t) in mapping.items()
+        )
+
+    fields = lines(FIELDS)
+    customer_fields = lines(CUSTOMER_FIELDS)
     return f"""\
 [crm]
 data_centre = "custom"
@@ -108,6 +138,20 @@ drain_timeout = "10s"
 [logging]
 level = "info"
 format = "json"
+
+# the parent first (issue 21): its deletes are ignored (customers are never deleted here) and
+# its bound is the orders' one (a looked-up pipeline may not be slower than its children)
+[[pipelines]]
+name = "customers"
+source_table = "public.customers"
+key_column = "id"
+module = "Accounts"
+key_field = "Legacy_Id"
+capture = "{capture}"
+max_staleness = "{max_staleness}"
+delete_mode = "ignore"
+[pipelines.fields]
+{customer_fields}
 
 [[pipelines]]
 name = "orders"

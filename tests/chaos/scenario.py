@@ -265,11 +265,13 @@ LAG_GAUGES = (
 
 
 def parse_lag(metrics_text: str) -> dict[str, float]:
+    """Each lag gauge's worst value over the pipelines (customers and orders)."""
     out: dict[str, float] = {}
     for line in metrics_text.splitlines():
         name = line.split("{", 1)[0].split(" ", 1)[0]
         if name in LAG_GAUGES:
-            out[name.removeprefix("connector_")] = float(line.rsplit(" ", 1)[1])
+            key, value = name.removeprefix("connector_"), float(line.rsplit(" ", 1)[1])
+            out[key] = max(out.get(key, value), value)
     return out
 
 
@@ -375,6 +377,18 @@ def _children(pid: int | None) -> list[str]:
         ["ps", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True, check=False
     )
     return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+
+@dataclass
+class State:
+    """What a drain check reads at one moment: the tables, the CRM modules, the dead letters."""
+
+    table: dict[int, Any] = field(default_factory=dict)
+    customers: dict[int, Any] = field(default_factory=dict)
+    crm: list[dict[str, Any]] = field(default_factory=list)
+    accounts: list[dict[str, Any]] = field(default_factory=list)
+    dls: list[checker.DeadLetter] = field(default_factory=list)
+    customer_dls: list[checker.DeadLetter] = field(default_factory=list)
 
 
 class Scenario:
@@ -497,8 +511,8 @@ class Scenario:
         async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
             cur = await conn.execute(
                 "SELECT (SELECT max(source_lsn) FROM connector.outbox)"
-                " > (SELECT confirmed_flush_lsn FROM pg_replication_slots"
-                "    WHERE database = current_database() LIMIT 1)"
+                " > (SELECT min(confirmed_flush_lsn) FROM pg_replication_slots"
+                "    WHERE database = current_database())"
             )
             row = await cur.fetchone()
             return bool(row and row[0])
@@ -596,27 +610,30 @@ class Scenario:
             await self.connector.start()
 
     # ------------------------------------------------------------------ checks
-    async def snapshot_state(
-        self,
-    ) -> tuple[dict[int, Any], list[dict[str, Any]], list[checker.DeadLetter]]:
+    async def snapshot_state(self) -> State:
+        """Both tables, both modules and both pipelines' dead letters, now."""
         assert self.emulator is not None
-        table: dict[int, Any] = {}
-        async with await psycopg.AsyncConnection.connect(self.dsn) as conn:
-            from tests.chaos.model import COLUMNS
+        from tests.chaos.model import COLUMNS, CUSTOMER_COLUMNS
 
+        st = State()
+        async with await psycopg.AsyncConnection.connect(self.dsn) as conn:
             cur = await conn.execute(f"SELECT {', '.join(COLUMNS)} FROM public.orders")
             for r in await cur.fetchall():
-                table[int(r[0])] = dict(zip(COLUMNS, r, strict=True))
+                st.table[int(r[0])] = dict(zip(COLUMNS, r, strict=True))
+            cur = await conn.execute(f"SELECT {', '.join(CUSTOMER_COLUMNS)} FROM public.customers")
+            for r in await cur.fetchall():
+                st.customers[int(r[0])] = dict(zip(CUSTOMER_COLUMNS, r, strict=True))
             cur = await conn.execute(
-                "SELECT key, version, error_code, error_field, error_message, status, payload"
-                " FROM connector.dead_letters WHERE pipeline = 'orders'"
+                "SELECT key, version, error_code, error_field, error_message, status, payload,"
+                " pipeline FROM connector.dead_letters"
+                " WHERE pipeline IN ('orders', 'customers')"
             )
-            dls = [
-                checker.DeadLetter(str(r[0]), int(r[1]), r[2], r[3], r[4], r[5], r[6])
-                for r in await cur.fetchall()
-            ]
-        crm = (await self.emulator.admin("GET", "records/Orders"))["records"]
-        return table, crm, dls
+            for r in await cur.fetchall():
+                letter = checker.DeadLetter(str(r[0]), int(r[1]), r[2], r[3], r[4], r[5], r[6])
+                (st.dls if r[7] == "orders" else st.customer_dls).append(letter)
+        st.crm = (await self.emulator.admin("GET", "records/Orders"))["records"]
+        st.accounts = (await self.emulator.admin("GET", "records/Accounts"))["records"]
+        return st
 
     async def drain_and_check(self, wl: Workload) -> checker.Report:
         assert self.emulator is not None and self.connector is not None
@@ -627,8 +644,10 @@ class Scenario:
         report = checker.Report()
         while True:
             report = checker.Report()
-            table, crm, dls = await self.snapshot_state()
-            checker.check_end_state(table, crm, dls, report)
+            st = await self.snapshot_state()
+            checker.check_end_state(st.table, st.crm, st.dls, report)
+            checker.check_customers(wl.expected_customers(), st.customers, st.accounts, report)
+            checker.check_lookups(st.table, st.crm, st.accounts, report)
             now = time.monotonic()
             backlog = sum(report.counts.values())
             if now - last_logged >= 15 or report.ok:
@@ -658,13 +677,19 @@ class Scenario:
                 self.result.errors.append(f"connector exited with {rc} while draining")
                 await self.connector.start()
             await asyncio.sleep(3)
-        checker.check_model(wl.expected_rows(), table, report)
-        checker.check_dead_letters(dls, report)
-        # only what the check reads (the key and Rev of each write): full images of an hour's
-        # writes took 6.5 GB here and the OOM killer ended a soak (issue 14)
-        hist = await self.emulator.all_history("Orders", fields="parent_id,Rev")
+        checker.check_model(wl.expected_rows(), st.table, report)
+        checker.check_dead_letters(st.dls, report)
+        checker.check_dead_letters(st.customer_dls, report)  # customers are never invalid
+        # only what the checks read (the key, Rev and lookup of each write): full images of an
+        # hour's writes took 6.5 GB here and the OOM killer ended a soak (issue 14)
+        hist = await self.emulator.all_history(
+            "Orders", fields="parent_id,Rev,Account,Customer_Ref"
+        )
+        accounts = await self.emulator.all_history("Accounts", fields="Legacy_Id,Rev")
         checker.check_history(hist["history"], report)
-        del hist
+        checker.check_history(accounts["history"], report, key_field="Legacy_Id")
+        checker.check_lookup_history(hist["history"], accounts["history"], report)
+        del hist, accounts
         return report
 
     async def _status_line(self) -> str:

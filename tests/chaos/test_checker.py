@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from decimal import Decimal
@@ -213,3 +214,105 @@ async def test_the_runner_restarts_a_connector_that_exited_by_itself(monkeypatch
         assert sc.result.evidence["connector_exited_rc_1"] == 1
     finally:
         task.cancel()
+
+
+# ---- related tables (issue 21) ---------------------------------------------------------------
+
+
+def _orders_with_customers() -> tuple[dict[int, Row], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Orders 1..6 naming customers 1..3 (order 6: none); their CRM records and Accounts."""
+    rng = random.Random(5)
+    rows = {k: make_row(k, 1, rng, 0.0, None if k == 6 else 1 + k % 3) for k in range(1, 7)}
+    accounts = [{"id": f"a{c}", "Legacy_Id": str(c), "Name": f"C{c}", "Rev": 1} for c in (1, 2, 3)]
+    crm = []
+    for row in rows.values():
+        rec = _record(row)
+        c = row["customer_id"]
+        rec["Customer_Ref"] = row["customer_ref"]
+        rec["Account"] = None if c is None else {"id": f"a{c}", "name": f"C{c}"}
+        crm.append(rec)
+    return rows, crm, accounts
+
+
+def test_lookups_right_pass_and_wrong_or_missing_are_found() -> None:
+    rows, crm, accounts = _orders_with_customers()
+    report = checker.Report()
+    checker.check_end_state(rows, crm, [], report)
+    checker.check_lookups(rows, crm, accounts, report)
+    assert report.ok, report.summary()
+
+    crm[0]["Account"] = {"id": "a3"}  # order 1 names customer 2: a3 is customer 3's record
+    crm[5]["Account"] = {"id": "a1"}  # order 6 names no customer
+    report = checker.Report()
+    checker.check_lookups(rows, crm, accounts[1:], report)  # customer 1 not in the CRM
+    assert report.counts["lookup_wrong"] == 2
+    assert report.counts["lookup_parent_missing"] >= 1
+
+
+def test_customers_checked_against_model_table_and_accounts() -> None:
+    table = {c: {"id": c, "name": f"C{c}", "rev": 1} for c in (1, 2, 3)}
+    accounts = [{"id": f"a{c}", "Legacy_Id": str(c), "Name": f"C{c}", "Rev": 1} for c in (1, 2, 3)]
+    report = checker.Report()
+    checker.check_customers(dict(table), table, accounts, report)
+    assert report.ok, report.summary()
+    stale = [dict(accounts[0], Rev=0), accounts[1], accounts[1]]  # old rev, a duplicate, one gone
+    report = checker.Report()
+    checker.check_customers({**table, 4: {"id": 4, "name": "C4", "rev": 1}}, table, stale, report)
+    assert set(report.counts) == {
+        "customer_model_vs_table",
+        "customer_different_in_crm",
+        "customer_duplicate_in_crm",
+        "customer_missing_in_crm",
+    }
+
+
+def _write(ts: float, values: dict[str, Any], api: str = "upsert") -> dict[str, Any]:
+    return {"api": api, "timestamp": ts, "values": values}
+
+
+def test_lookup_history_finds_a_missing_early_or_wrong_parent() -> None:
+    accounts = {
+        "a1": [_write(10.0, {"Legacy_Id": "1", "Rev": 1})],
+        "a2": [_write(20.0, {"Legacy_Id": "2", "Rev": 1}), _write(30.0, {"Legacy_Id": "2"})],
+    }
+    good = {
+        "o1": [
+            _write(11.0, {"parent_id": "1", "Account": "a1", "Customer_Ref": "1"}),
+            _write(21.0, {"parent_id": "1", "Account": "a2", "Customer_Ref": "2"}),  # re-parented
+            _write(22.0, {"parent_id": "1", "Account": None, "Customer_Ref": None}),
+            _write(23.0, {"parent_id": "1"}, api="delete"),
+        ]
+    }
+    report = checker.Report()
+    checker.check_lookup_history(good, accounts, report)
+    assert report.ok and report.lookup_writes == 3, report.summary()
+    bad = {
+        "o2": [
+            _write(12.0, {"parent_id": "2", "Account": "a9", "Customer_Ref": "9"}),  # no record
+            _write(15.0, {"parent_id": "2", "Account": "a2", "Customer_Ref": "2"}),  # too early
+            _write(25.0, {"parent_id": "2", "Account": "a1", "Customer_Ref": "2"}),  # wrong one
+            _write(26.0, {"parent_id": "2", "Account": None, "Customer_Ref": "2"}),  # cleared
+        ]
+    }
+    report = checker.Report()
+    checker.check_lookup_history(bad, accounts, report)
+    assert dict(report.counts) == {
+        "lookup_to_missing_parent": 1,
+        "lookup_before_parent": 1,
+        "lookup_to_wrong_parent": 1,
+        "lookup_missing": 1,
+    }
+
+
+def test_a_released_hold_is_fine_and_one_still_open_is_not() -> None:
+    rng = random.Random(2)
+    payload = make_row(7, 1, rng, 0.0, 3)
+    held = checker.DeadLetter(
+        "7", 1, "PARENT_NOT_SYNCED", "Account", "parent customers/3 …", "resolved", payload
+    )
+    report = checker.Report()
+    checker.check_dead_letters([held], report)
+    assert report.ok, report.summary()
+    report = checker.Report()
+    checker.check_dead_letters([dataclasses.replace(held, status="open")], report)
+    assert set(report.counts) == {"child_still_held"}

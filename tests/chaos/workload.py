@@ -9,6 +9,11 @@ commits last), long transactions left open for hundreds of operations (they also
 "mass updates" that touch every row at once (a legacy batch job: the connector sends them with a
 Bulk Write job). PostgreSQL restarts happen at operation indices known in advance; no
 transaction is open across one (the hook runs between operations).
+
+Orders name customers (issue 21: a lookup to the customer's CRM record). A few name a customer
+that is inserted only later, by a later operation (the child waits for its parent, or is held
+and released); some name none; customers are inserted and updated in their own transactions
+and never deleted; every customer named is inserted before the run ends.
 """
 
 from __future__ import annotations
@@ -24,7 +29,15 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from tests.chaos.model import COLUMNS, KeySlot, Row, invalid_reason, make_row
+from tests.chaos.model import (
+    COLUMNS,
+    CUSTOMER_COLUMNS,
+    KeySlot,
+    Row,
+    invalid_reason,
+    make_customer,
+    make_row,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +53,15 @@ CREATE TABLE public.orders (
     placed_at      timestamptz,
     notes          text,
     is_gift        boolean,
+    rev            bigint NOT NULL,
+    customer_id    bigint,
+    customer_ref   text
+);
+CREATE TABLE public.customers (
+    id             bigint PRIMARY KEY,
+    name           text NOT NULL,
     rev            bigint NOT NULL
-)
+);
 """
 
 _INSERT = sql.SQL("INSERT INTO public.orders ({}) VALUES ({})").format(
@@ -51,6 +71,9 @@ _INSERT = sql.SQL("INSERT INTO public.orders ({}) VALUES ({})").format(
 _UPDATE = sql.SQL("UPDATE public.orders SET {} WHERE id = %s").format(
     sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(c)) for c in COLUMNS if c != "id")
 )
+_C_INSERT = "INSERT INTO public.customers (id, name, rev) VALUES (%s, %s, %s)"
+_C_UPDATE = "UPDATE public.customers SET name = %s, rev = %s WHERE id = %s"
+_C_SELECT = "SELECT id, name, rev FROM public.customers"
 
 
 class KeySet:
@@ -99,6 +122,8 @@ class WorkloadStats:
     bad_writes: int = 0
     uncertain: int = 0  # operations hit by a connection error; their keys were re-read
     row_writes: int = 0
+    customer_inserts: int = 0
+    customer_updates: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
@@ -151,16 +176,60 @@ class Workload:
         self.holders: list[Holder] = []
         self.stats = WorkloadStats()
         self._conn: psycopg.AsyncConnection[Any] | None = None
+        # customers: committed rows, their keys (for a seeded choice), the highest rev each
+        # reached, and those named by an order but not inserted yet (oldest first)
+        self.customers: dict[int, Row] = {}
+        self.customer_keys: list[int] = []
+        self.customer_rev: dict[int, int] = {}
+        self.pending_customers: list[int] = []
+        self.next_customer = 1
 
     # ------------------------------------------------------------------ model
     def expected_rows(self) -> dict[int, Row]:
         """What the table must hold: every live key with its last committed row."""
         return {k: s.row for k, s in self.slots.items() if s.row is not None}
 
+    def expected_customers(self) -> dict[int, Row]:
+        return dict(self.customers)
+
+    def _pick_customer(self) -> int | None:
+        """The customer a new order version names: none (5 %), one not inserted yet (3 %, or
+        when there is no customer yet), else a committed one."""
+        r = self.rng.random()
+        if r < 0.05:
+            return None
+        if r < 0.08 or not self.customer_keys:
+            c = self.next_customer
+            self.next_customer += 1
+            self.pending_customers.append(c)
+            return c
+        return self.rng.choice(self.customer_keys)
+
+    def _new_customer(self, key: int) -> Row:
+        rev = self.customer_rev.get(key, 0) + 1
+        self.customer_rev[key] = rev
+        return make_customer(key, rev)
+
+    def _commit_customer(self, key: int, row: Row | None) -> None:
+        if row is None:
+            return
+        if key not in self.customers:
+            self.customer_keys.append(key)
+        self.customers[key] = row
+        self.customer_rev[key] = max(self.customer_rev.get(key, 0), int(row["rev"]))
+        if key in self.pending_customers:
+            self.pending_customers.remove(key)
+
     def _new_row(self, key: int, bad_rate: float | None = None) -> Row:
         slot = self.slots.get(key)
         rev = (slot.max_rev if slot else 0) + 1
-        row = make_row(key, rev, self.rng, self.bad_rate if bad_rate is None else bad_rate)
+        row = make_row(
+            key,
+            rev,
+            self.rng,
+            self.bad_rate if bad_rate is None else bad_rate,
+            self._pick_customer(),
+        )
         if slot is None:
             self.slots[key] = KeySlot(None, rev)
         else:
@@ -196,7 +265,15 @@ class Workload:
 
     # ------------------------------------------------------------------ setup
     async def create(self) -> None:
-        """Create the table and fill it with ``initial_rows`` rows (COPY)."""
+        """Create the tables and fill them: ``initial_rows`` orders naming one of
+        ``initial_rows // 100`` customers (at least 20) or none or one inserted later (COPY)."""
+        customers: list[Row] = []
+        for _ in range(max(20, self.initial_rows // 100)):
+            c = self.next_customer
+            self.next_customer += 1
+            customers.append(self._new_customer(c))
+        for c_row in customers:  # before the orders are made: they name these
+            self._commit_customer(int(c_row["id"]), c_row)
         rows: list[Row] = []
         for _ in range(self.initial_rows):
             k = self.next_id
@@ -205,6 +282,12 @@ class Workload:
         async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
             await conn.execute(TABLE_DDL)
             async with conn.cursor() as cur:
+                copy_c = sql.SQL("COPY public.customers ({}) FROM STDIN").format(
+                    sql.SQL(", ").join(map(sql.Identifier, CUSTOMER_COLUMNS))
+                )
+                async with cur.copy(copy_c) as copy:
+                    for c in customers:
+                        await copy.write_row([c[k] for k in CUSTOMER_COLUMNS])
                 copy_sql = sql.SQL("COPY public.orders ({}) FROM STDIN").format(
                     sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
                 )
@@ -212,6 +295,7 @@ class Workload:
                     for r in rows:
                         await copy.write_row([r[c] for c in COLUMNS])
             await conn.execute("ANALYZE public.orders")
+            await conn.execute("ANALYZE public.customers")
         self._commit_model({int(r["id"]): r for r in rows})
         self.hot = self.live.items[: min(200, len(self.live))]
 
@@ -251,6 +335,63 @@ class Workload:
         else:
             raise RuntimeError("the workload cannot reach PostgreSQL for 30 s")
         self._commit_model({k: found.get(k) for k in keys})
+
+    async def _resync_customers(self, keys: set[int]) -> None:
+        """After a connection error on a customer write: the table says what was committed."""
+        self.stats.uncertain += 1
+        for attempt in range(60):
+            try:
+                async with await psycopg.AsyncConnection.connect(self.dsn) as conn:
+                    cur = await conn.execute(_C_SELECT + " WHERE id = ANY(%s)", (sorted(keys),))
+                    found = {
+                        int(r[0]): dict(zip(CUSTOMER_COLUMNS, r, strict=True))
+                        for r in await cur.fetchall()
+                    }
+                break
+            except psycopg.OperationalError:
+                await asyncio.sleep(0.5 + attempt * 0.1)
+        else:
+            raise RuntimeError("the workload cannot reach PostgreSQL for 30 s")
+        for k in keys:
+            self._commit_customer(k, found.get(k))
+
+    async def _customer_txn(self, key: int, row: Row) -> None:
+        """Insert or update one customer in a transaction of its own."""
+        conn = await self._main()
+        try:
+            async with conn.transaction():
+                if key in self.customers:
+                    await conn.execute(_C_UPDATE, (row["name"], row["rev"], key))
+                else:
+                    await conn.execute(_C_INSERT, (key, row["name"], row["rev"]))
+        except psycopg.OperationalError:
+            await self._drop_main()
+            await self._resync_customers({key})
+            return
+        self._commit_customer(key, row)
+
+    async def _customer_step(self) -> None:
+        """A customer named by an order but not inserted yet is inserted (most often), or a
+        committed customer is updated."""
+        if self.pending_customers and (self.rng.random() < 0.7 or not self.customer_keys):
+            key = self.pending_customers[0]
+            self.stats.customer_inserts += 1
+        elif self.customer_keys:
+            key = self.rng.choice(self.customer_keys)
+            self.stats.customer_updates += 1
+        else:
+            return
+        await self._customer_txn(key, self._new_customer(key))
+
+    async def _insert_pending_customers(self) -> None:
+        """At the end of a run: every customer an order named exists."""
+        for _ in range(100):
+            if not self.pending_customers:
+                return
+            key = self.pending_customers[0]
+            self.stats.customer_inserts += 1
+            await self._customer_txn(key, self._new_customer(key))
+        raise RuntimeError(f"customers still not inserted: {self.pending_customers[:10]}")
 
     # ------------------------------------------------------------------ operations
     async def _write(
@@ -402,6 +543,9 @@ class Workload:
         if self.mass_update_every and i > 0 and i % self.mass_update_every == 0:
             await self._mass_update(i // self.mass_update_every)
             return
+        if self.rng.random() < 0.06:
+            await self._customer_step()
+            return
         r = self.rng.random()
         if r < 0.25:
             k = self.next_id
@@ -451,6 +595,7 @@ class Workload:
                     await asyncio.sleep(delay)
             # finish the open transactions as they were planned (commit or roll back)
             await self._close_holders(i, all_=True)
+            await self._insert_pending_customers()
         finally:
             await self.close()
         return i
@@ -463,3 +608,10 @@ class Workload:
                 )
             )
             return {int(r[0]): dict(zip(COLUMNS, r, strict=True)) for r in await cur.fetchall()}
+
+    async def table_customers(self) -> dict[int, Row]:
+        async with await psycopg.AsyncConnection.connect(self.dsn) as conn:
+            cur = await conn.execute(_C_SELECT)
+            return {
+                int(r[0]): dict(zip(CUSTOMER_COLUMNS, r, strict=True)) for r in await cur.fetchall()
+            }
