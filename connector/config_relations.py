@@ -65,10 +65,11 @@ class PipelineRules(PipelineLinks, Protocol):
     def model_fields_set(self) -> set[str]: ...
 
 
-#: Whether the engine keeps parents first for lookups (docs/related-tables.md). Until it does,
-#: a configuration with a ``type = "lookup"`` field is refused at start: nothing the connector
-#: runs may send a lookup without that guarantee.
-ENGINE_SUPPORTS_LOOKUPS = False
+#: Whether the engine keeps parents first for lookups (docs/related-tables.md): it does since
+#: issue 21 part 2b-ii (the emitter's gate, the engine's release of held children, the initial
+#: sync in dependency order), run under faults by the chaos runner's customers/orders
+#: scenario in both capture modes. False would refuse every ``type = "lookup"`` field at start.
+ENGINE_SUPPORTS_LOOKUPS = True
 
 #: Whether the engine writes subform pipelines (one parent write carrying the complete current
 #: line set, docs/related-tables.md "Subforms"). Until it does, a configuration with a

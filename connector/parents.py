@@ -2,8 +2,9 @@
 function of what the engine knows (issue 21, docs/related-tables.md "Engine design").
 
 No I/O and no clock: ``now``, the pending children and a view of their parents' state are
-inputs, so the same functions can drive the engine and the property tests. Not wired into the
-engine yet: ``config_relations.ENGINE_SUPPORTS_LOOKUPS`` stays False.
+inputs, so the same functions can drive the engine and the property tests. The emitter's gate
+(``connector/emitter_parents.py``) calls :func:`parents_first` for every write of a pipeline
+with lookups; the other functions are not wired yet (docs/related-tables.md).
 
 - :func:`pipeline_order`: pipelines in dependency order (a lookup's pipeline and a
   ``subform_of`` parent before the pipeline that names them), ties in config order; a cycle is

@@ -47,3 +47,4 @@ async def test_chaos_run(tmp_path: Path, capture: str) -> None:
     assert len(chaos.injected) >= 5, result.failure_text()
     assert chaos.workload["mass_updates"] >= 1 and chaos.workload["long_open"] >= 1
     assert chaos.report is not None and chaos.report.invalid_rows > 0
+    assert chaos.report.lookup_writes > 0  # orders' lookups were written and checked

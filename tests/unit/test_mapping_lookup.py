@@ -86,20 +86,18 @@ def test_own_pipeline_and_cycles_are_refused() -> None:
         parse_settings(settings_data(customers, ORDERS))
 
 
-def test_lookup_refused_until_the_engine_keeps_parents_first(tmp_path: Path, capsys) -> None:
-    with pytest.raises(ConfigError) as exc:
-        parse_settings(settings_data(CUSTOMERS, ORDERS))
-    assert exc.value.key == "pipelines['orders'].fields.customer_id.pipeline"
-    assert "not yet supported by the engine (issue 21)" in str(exc.value)
-    # the same configuration is valid once the engine supports lookups
-    check_lookups(list(pipelines()), engine_supports=True)
-    # and `connector run` refuses it at start, before touching the database or the CRM
+def test_lookups_are_accepted_at_start_and_the_switch_still_refuses(tmp_path: Path) -> None:
+    """The engine keeps parents first (issue 21 part 2b-ii): a configuration with a lookup is
+    valid, and `connector config check` accepts it; the switch that refused lookups until then
+    still refuses them when off."""
+    parse_settings(settings_data(CUSTOMERS, ORDERS))
     path = tmp_path / "connector.toml"
     path.write_text(TOML)
-    assert main(["run", "--config", str(path)]) == 2
-    err = capsys.readouterr().err
-    assert "not yet supported by the engine (issue 21)" in err
-    assert "customer_id" in err
+    assert main(["config", "check", str(path)]) == 0
+    with pytest.raises(ConfigError) as exc:
+        check_lookups(list(pipelines()), engine_supports=False)
+    assert exc.value.key == "pipelines['orders'].fields.customer_id.pipeline"
+    assert "not yet supported by the engine (issue 21)" in str(exc.value)
 
 
 def test_a_looked_up_pipeline_does_not_delete_and_is_not_slower_than_its_child() -> None:
@@ -122,7 +120,7 @@ def test_a_looked_up_pipeline_does_not_delete_and_is_not_slower_than_its_child()
     )
     # without the engine's support, the refusal of lookups comes first
     with pytest.raises(ConfigError, match="not yet supported by the engine"):
-        check_lookups([deleting, orders])
+        check_lookups([deleting, orders], engine_supports=False)
 
 
 def test_config_without_lookups_is_unchanged() -> None:
