@@ -49,7 +49,7 @@ from connector.events import ChangeEvent, Op
 from connector.latency import LatencyEstimator
 from connector.mapping import LookupResolver, RecordMapper
 from connector.metrics import Metrics
-from connector.parents import PARENT_NOT_SYNCED, Send
+from connector.parents import PARENT_NOT_SYNCED, RecordRef, Send
 from connector.zoho import coql
 from connector.zoho.client import MAX_RECORDS_PER_CALL, RecordResult, ZohoClient
 from connector.zoho.codes import TRANSIENT_RECORD_CODES
@@ -107,6 +107,7 @@ class Emitter(BulkJobs, SyncFlags, SchemaChecks, ParentGate):
         self.schema = schema
         # the pipelines this one's lookup fields name (parents first: emitter_parents.py)
         self.parents: Mapping[str, PipelineConfig] = parents or {}
+        self._found: dict[RecordRef, str] = {}  # parents found by COQL (emitter_parents)
         self.mapper = mapper or RecordMapper(pipeline, parents=self.parents)
         self.metrics = metrics
         self.rejections = RejectionLog(pipeline.name)

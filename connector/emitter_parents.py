@@ -47,6 +47,8 @@ from connector.zoho.client import ZohoClient
 #: never past its own deadline, at least ``WAIT_MIN_S``).
 WAIT_MAX_S = 5.0
 WAIT_MIN_S = 0.5
+#: parents found by COQL (not synced by this connector) remembered per process
+ASKED_REMEMBERED = 100_000
 
 Q_PARENT_STATES = """
 SELECT key, crm_id, deleted, status, last_error
@@ -116,6 +118,7 @@ class ParentGate:
     mapper: RecordMapper
     parents: Mapping[str, PipelineConfig]
     _backoff_tag: int
+    _found: dict[pf.RecordRef, str]  # parents found by COQL: their CRM ids
 
     @property
     def _gated(self) -> bool:
@@ -211,25 +214,51 @@ class ParentGate:
     async def _ask(
         self, refs: Sequence[pf.RecordRef], view: Mapping[pf.RecordRef, pf.ParentState]
     ) -> dict[pf.RecordRef, pf.ParentState] | None:
-        """Each unknown parent looked up once by COQL on its pipeline's unique key field:
-        found → ``Synced`` (its id), not found → ``Unknown(asked=True)``; None when the CRM
-        could not be asked (transient). A value COQL cannot compare safely holds the child."""
+        """Each unknown parent looked up once by COQL on its pipeline's unique key field, up to
+        50 keys a query (``in``: COQL's limit): found → ``Synced`` (its id), not found →
+        ``Unknown(asked=True)``; None when the CRM could not be asked (transient). A value
+        COQL cannot compare safely holds the child. Found ids are remembered (up to
+        ``ASKED_REMEMBERED``): a parent created in the CRM by other means is asked for once."""
         out: dict[pf.RecordRef, pf.ParentState] = {}
+        by_pipeline: dict[str, list[str]] = {}
         for ref in refs:
-            parent = self.parents[ref.pipeline]
+            crm_id = self._found.get(ref)
+            if crm_id is not None:
+                out[ref] = pf.Synced(crm_id)
+                continue
             try:
-                rows = await self.client.coql(
-                    coql.select(
-                        parent.module, ["id"], where=coql.equals(parent.key_field, ref.key), limit=1
-                    )
-                )
-            except TransientError:
-                return None
+                coql.string(ref.key, field=ref.pipeline)
             except coql.CoqlValueError as exc:
                 out[ref] = pf.Dead(f"cannot be looked up in the CRM: {exc}")
                 continue
-            found = rows[0].get("id") if rows else None
-            out[ref] = pf.Synced(str(found)) if found is not None else pf.Unknown(asked=True)
+            by_pipeline.setdefault(ref.pipeline, []).append(ref.key)
+        for pipeline, keys in by_pipeline.items():
+            parent = self.parents[pipeline]
+            for i in range(0, len(keys), coql.IN_MAX_VALUES):
+                part = keys[i : i + coql.IN_MAX_VALUES]
+                query = coql.select(
+                    parent.module,
+                    ["id", parent.key_field],
+                    where=coql.one_of(parent.key_field, part),
+                    limit=max(len(part) * 2, 10),
+                )
+                try:
+                    rows = await self.client.coql(query)
+                except TransientError:
+                    return None
+                found = {
+                    str(r.get(parent.key_field)): str(r["id"])
+                    for r in rows
+                    if r.get("id") is not None
+                }
+                for key in part:
+                    ref = pf.RecordRef(pipeline, key)
+                    if key in found:
+                        out[ref] = pf.Synced(found[key])
+                        if len(self._found) < ASKED_REMEMBERED:
+                            self._found[ref] = found[key]
+                    else:
+                        out[ref] = pf.Unknown(asked=True)
         return out
 
 

@@ -19,6 +19,9 @@ _TOKEN = re.compile(
 Predicate = Callable[[dict[str, Any]], bool]
 
 
+IN_MAX_VALUES = 50  # values of one `in` / `not in` (COQL-Limitations)
+
+
 class CoqlError(Exception):
     def __init__(self, code: str, message: str, details: dict[str, Any]) -> None:
         super().__init__(message)
@@ -150,6 +153,16 @@ class _Parser:
                 values.append(self.value())
             if not self.punct(")"):
                 raise _syntax(")", col)
+            if len(values) > IN_MAX_VALUES:
+                # "in (up to 50 values)", "not in (up to 50 values)": COQL-Limitations
+                # (zoho.com/crm/developer/docs/api/COQL-Limitations.html); Zoho's limit
+                # errors of COQL are LIMIT_EXCEEDED (zoho-crm-api.md §2, "COQL")
+                raise CoqlError(
+                    "LIMIT_EXCEEDED",
+                    f"limit exceeded: {'not in' if negate else 'in'} takes at most"
+                    f" {IN_MAX_VALUES} values, got {len(values)}",
+                    {"by": "in", "limit": IN_MAX_VALUES},
+                )
             return _in(name, values, negate)
         if self.word("like"):
             pattern = str(self.value())

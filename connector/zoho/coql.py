@@ -89,6 +89,17 @@ def equals(field: str, value: str) -> str:
     return f"{name(field)} = {string(value, field=field)}"
 
 
+#: values of one ``in`` comparison: "in (up to 50 values)" (Zoho's COQL-Limitations page)
+IN_MAX_VALUES = 50
+
+
+def one_of(field: str, values: Sequence[str]) -> str:
+    """``Field in ('a', 'b', …)`` (string comparisons), at most :data:`IN_MAX_VALUES`."""
+    if not 0 < len(values) <= IN_MAX_VALUES:
+        raise ValueError(f"a COQL in takes 1..{IN_MAX_VALUES} values, not {len(values)}")
+    return f"{name(field)} in ({', '.join(string(v, field=field) for v in values)})"
+
+
 def not_null(field: str) -> str:
     """``field is not null`` (older COQL versions require a WHERE clause: this one matches all
     records with an id, see client.coql_pages)."""

@@ -15,6 +15,7 @@ import pytest
 from connector.emulator import start_emulator
 from connector.emulator.config import EmulatorConfig
 from connector.emulator.server import EmulatorHandle
+from connector.zoho import coql as client_coql
 from tests.emulator import oas
 from tests.emulator.conftest import Api, make_config, order
 
@@ -133,3 +134,20 @@ async def test_coql_keyset_paging_by_id_reads_past_the_limit(
         api, f"select parent_id from Orders where id >= {ids[5]} and id < {ids[8]} limit 10"
     )
     assert [r["parent_id"] for r in body["data"]] == ["5", "6", "7"]
+
+
+async def test_coql_in_takes_at_most_50_values(capped: tuple[Api, list[str]]) -> None:
+    """COQL-Limitations: "in (up to 50 values)", "not in (up to 50 values)"; more is a
+    LIMIT_EXCEEDED like COQL's other limits. The client's ``coql.one_of`` keeps to it."""
+    api, _ = capped
+    fifty = ", ".join(f"'{i}'" for i in range(50))
+    st, body = await coql(api, f"select parent_id from Orders where parent_id in ({fifty})")
+    assert st == 200 and {r["parent_id"] for r in body["data"]} == {str(i) for i in range(50)}
+    for op in ("in", "not in"):
+        q = f"select parent_id from Orders where parent_id {op} ({fifty}, '50')"
+        st, body = await coql(api, q)
+        assert st == 400 and body["code"] == "LIMIT_EXCEEDED", (op, body)
+        assert body["details"] == {"by": "in", "limit": 50}
+    assert client_coql.one_of("parent_id", ["1", "o'k"]) == "parent_id in ('1', 'o''k')"
+    with pytest.raises(ValueError):
+        client_coql.one_of("parent_id", [str(i) for i in range(51)])

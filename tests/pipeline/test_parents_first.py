@@ -263,6 +263,25 @@ async def test_parent_already_in_the_crm_is_found_by_coql(
     assert await open_letters(shop.dsn, "orders") == []
 
 
+async def test_unknown_parents_are_asked_fifty_to_a_query(
+    shop: Shop, remu: EmulatorHandle, rclient: ZohoClient, build: Build
+) -> None:
+    """60 orders naming 60 customers the CRM has but the connector never synced: at the
+    deadline they are asked for with COQL ``in`` (at most 50 values), two queries in all."""
+    accounts = [{"Name": f"C{i}", "Legacy_Id": str(i)} for i in range(1, 61)]
+    for i in range(0, 60, 20):
+        await rclient.upsert("Accounts", accounts[i : i + 20], ["Legacy_Id"])
+    await shop.write(
+        "INSERT INTO public.orders SELECT g, 'o' || g, g FROM generate_series(1, 60) g"
+    )
+    child = await build(orders(max_staleness="1s"))
+    await child.drain()
+    ids = account_ids(remu)
+    assert order_accounts(remu) == {str(i): ids[str(i)] for i in range(1, 61)}
+    assert remu.usage()["by_api"]["coql"]["calls"] == 2
+    assert await open_letters(shop.dsn, "orders") == []
+
+
 async def test_dead_lettered_parent_holds_its_child_until_fixed(
     shop: Shop, remu: EmulatorHandle, build: Build
 ) -> None:
