@@ -124,7 +124,7 @@ async def crm_checks(
             Check("crm", "module", "ok", f"module {p.module!r}: {len(fields)} fields", "", p.name)
         )
         try:
-            await check_mapping(_Fields(fields), p)
+            await check_mapping(_Fields(fields), p, {q.name: q for q in pipelines})
         except ConfigError as exc:
             out.append(Check("crm", "mapping", "fail", str(exc), f"fix {exc.key}", p.name))
         else:

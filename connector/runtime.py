@@ -207,9 +207,10 @@ class Runtime(ProbesAndGauges):
         or of a type its CRM field cannot take."""
         from connector.mapping_check import check_mapping, check_source_columns
 
+        parents = {q.name: q for q in self.settings.pipelines}  # what lookups name
         for p in self.pipelines:
             try:
-                await check_mapping(self.client, p)
+                await check_mapping(self.client, p, parents)
             except PermanentError as exc:
                 # the field metadata could not be read: is the module one of the org's? (the
                 # module list needs ZohoCRM.settings.modules.READ, a scope the connector does
