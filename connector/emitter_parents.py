@@ -56,16 +56,28 @@ SELECT key, crm_id, deleted, status, last_error
  WHERE pipeline = %s AND key = ANY(%s::text[])
 """
 
-# held children of `pipeline` whose parent is in the CRM now (synced, not deleted)
+# held children of `pipeline` whose parent is in the CRM now (synced, not deleted), and whose
+# hold is still the key's latest outcome (its key_state version is the held one)
 Q_RELEASED = """
 SELECT DISTINCT d.key
   FROM {schema}.dead_letters d
+  JOIN {schema}.key_state c
+    ON c.pipeline = d.pipeline AND c.key = d.key AND c.version = d.version
   JOIN {schema}.key_state p
     ON p.pipeline = d.error_details #>> '{{waiting_for,pipeline}}'
    AND p.key = d.error_details #>> '{{waiting_for,key}}'
  WHERE d.pipeline = %s AND d.status = 'open' AND d.error_code = %s
    AND p.status = 'synced' AND NOT p.deleted AND p.crm_id IS NOT NULL
  LIMIT %s
+"""
+
+# holds of an older version than the key's latest outcome (a newer version was acknowledged,
+# or dead-lettered for another reason): that version is never sent, the hold is over
+Q_SUPERSEDED = """
+UPDATE {schema}.dead_letters d SET status = 'resolved', updated_at = now()
+  FROM {schema}.key_state c
+ WHERE d.pipeline = %s AND d.status = 'open' AND d.error_code = %s
+   AND c.pipeline = d.pipeline AND c.key = d.key AND c.version > d.version
 """
 
 
@@ -96,7 +108,11 @@ async def parent_view(
 
 async def released_children(conn: AnyConn, schema: str, pipeline: str, limit: int) -> list[str]:
     """Keys of ``pipeline`` held ``PARENT_NOT_SYNCED`` (open dead letters) whose parent is in
-    the CRM now: the engine sends their newest version again."""
+    the CRM now and whose hold is the key's latest outcome: the engine sends their newest
+    version again. Holds superseded by a newer outcome of their key are resolved first (else
+    a hold of an older version, behind a newer one dead-lettered for a data reason, would
+    release the key again and again)."""
+    await conn.execute(_q(Q_SUPERSEDED, schema), (pipeline, pf.PARENT_NOT_SYNCED))
     cur = await conn.execute(_q(Q_RELEASED, schema), (pipeline, pf.PARENT_NOT_SYNCED, limit))
     return sorted(str(_as_dict(cur, r)["key"]) for r in await cur.fetchall())
 

@@ -282,6 +282,30 @@ async def test_unknown_parents_are_asked_fifty_to_a_query(
     assert await open_letters(shop.dsn, "orders") == []
 
 
+async def test_a_hold_superseded_by_a_newer_outcome_is_resolved_not_sent_again(
+    shop: Shop, remu: EmulatorHandle, build: Build
+) -> None:
+    """Order 10 is held for its missing customer; its next version is refused by the CRM (a
+    name longer than the field). Once the customer is in the CRM, the old hold is over (its
+    version will never be sent) and is resolved; the order is not sent again and again."""
+    await shop.write("INSERT INTO public.orders VALUES (10, 'o10', 1)")
+    child = await build(orders(max_staleness="1s"))
+    await child.drain()  # held: customer 1 is not in the CRM
+    await shop.write("UPDATE public.orders SET name = repeat('x', 300), customer_id = NULL")
+    await child.drain()  # v2 names no customer: sent, and refused by the CRM
+    before = await open_letters(shop.dsn, "orders")
+    assert len(before) == 2 and PARENT_NOT_SYNCED in {d.error_code for d in before}
+    await shop.write("INSERT INTO public.customers VALUES (1, 'Acme', 'x')")
+    await (await build(customers())).drain()
+    calls = remu.usage()["by_api"]["upsert"]["calls"]
+    await child.drain()
+    await asyncio.sleep(2.5)  # more than one release interval
+    await child.drain()
+    assert remu.usage()["by_api"]["upsert"]["calls"] == calls  # nothing sent again
+    letters = await open_letters(shop.dsn, "orders")  # only v2's refusal is left open
+    assert len(letters) == 1 and letters[0].error_code != PARENT_NOT_SYNCED
+
+
 async def test_dead_lettered_parent_holds_its_child_until_fixed(
     shop: Shop, remu: EmulatorHandle, build: Build
 ) -> None:
