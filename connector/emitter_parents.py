@@ -18,6 +18,11 @@ Per send, one query per parent pipeline reads the parents' ``key_state``
   (:func:`released_children`, ``Engine._release_held``), so the dead letter resolves itself
   on the ordinary acknowledgement path.
 
+While a child waits, it records by when it needs each parent (:func:`record_demand`, the table
+``parent_demand``: its deadline less :meth:`ParentGate._send_lead`); the parent pipeline's
+engine reads those needs (:func:`parent_demands`, ``engine_read._read_demands``) and plans the
+parent with that earlier deadline (the *pull-forward*, docs/related-tables.md).
+
 A pipeline without lookups never reaches any of this (``Emitter._gated`` is False).
 """
 
@@ -38,6 +43,7 @@ from connector.config import PipelineConfig
 from connector.emitter_outcome import EmitOutcome, _Results
 from connector.errors import DataError, TransientError
 from connector.events import Op
+from connector.latency import LatencyEstimator
 from connector.mapping import RecordMapper
 from connector.state_common import AnyConn, _as_dict, _q
 from connector.zoho import coql
@@ -79,6 +85,57 @@ UPDATE {schema}.dead_letters d SET status = 'resolved', updated_at = now()
  WHERE d.pipeline = %s AND d.status = 'open' AND d.error_code = %s
    AND c.pipeline = d.pipeline AND c.key = d.key AND c.version > d.version
 """
+
+
+# a waiting child's need (docs/related-tables.md "Pull-forward"): the earliest need is kept
+Q_DEMAND = """
+INSERT INTO {schema}.parent_demand AS d (pipeline, key, needed_by)
+SELECT u.p, u.k, to_timestamp(u.t)
+  FROM unnest(%s::text[], %s::text[], %s::float8[]) AS u(p, k, t)
+ ORDER BY u.p, u.k
+ON CONFLICT (pipeline, key) DO UPDATE SET needed_by = least(d.needed_by, excluded.needed_by)
+"""
+
+# needs that are over: the parent is in the CRM, or the moment named passed an hour ago
+Q_DEMAND_PRUNE = """
+DELETE FROM {schema}.parent_demand d
+ WHERE d.pipeline = %s
+   AND (d.needed_by < now() - interval '1 hour'
+        OR EXISTS (SELECT 1 FROM {schema}.key_state k
+                    WHERE k.pipeline = d.pipeline AND k.key = d.key AND k.status = 'synced'
+                      AND NOT k.deleted AND k.crm_id IS NOT NULL))
+"""
+
+Q_DEMANDS = """
+SELECT key, extract(epoch FROM needed_by)::float8 AS needed_by
+  FROM {schema}.parent_demand
+ WHERE pipeline = %s
+ LIMIT %s
+"""
+
+
+async def record_demand(conn: AnyConn, schema: str, needs: Mapping[pf.RecordRef, float]) -> None:
+    """Waiting children need these parents in the CRM by these moments (epoch seconds): kept
+    per parent, the earliest wins."""
+    if not needs:
+        return
+    refs = sorted(needs)
+    await conn.execute(
+        _q(Q_DEMAND, schema),
+        ([r.pipeline for r in refs], [r.key for r in refs], [needs[r] for r in refs]),
+    )
+
+
+async def parent_demands(conn: AnyConn, schema: str, pipeline: str, limit: int) -> dict[str, float]:
+    """Keys of ``pipeline`` that waiting children need in the CRM, each with the moment (epoch
+    seconds); needs that are over are deleted first."""
+    await conn.execute(_q(Q_DEMAND_PRUNE, schema), (pipeline,))
+    cur = await conn.execute(_q(Q_DEMANDS, schema), (pipeline, limit))
+    out: dict[str, float] = {}
+    for r in await cur.fetchall():
+        row = _as_dict(cur, r)
+        out[str(row["key"])] = float(row["needed_by"])
+    return out
 
 
 async def parent_view(
@@ -135,6 +192,7 @@ class ParentGate:
     parents: Mapping[str, PipelineConfig]
     _backoff_tag: int
     _found: dict[pf.RecordRef, str]  # parents found by COQL: their CRM ids
+    latency: LatencyEstimator
 
     @property
     def _gated(self) -> bool:
@@ -180,13 +238,19 @@ class ParentGate:
                 result = pf.GateResult(
                     (*(d for d in result.decisions if not _is_ask(d)), *redone.decisions)
                 )
+        needs: dict[pf.RecordRef, float] = {}  # parents to pull forward: by when
         for d in result.decisions:
             e = by_key[d.key]
             if isinstance(d, pf.Send):
                 go.append((e, d))
             elif isinstance(d, pf.Wait):
                 self._wait(out, e, self._deadline(e) - now)
+                by = self._deadline(e) - self._send_lead()
+                for ref in d.parents:
+                    needs[ref] = min(needs.get(ref, math.inf), by)
             elif isinstance(d, pf.Hold):
+                if isinstance(view.get(d.parent, pf.Unknown()), pf.Unknown):
+                    needs[d.parent] = min(needs.get(d.parent, math.inf), now)  # late: at once
                 res.reject(
                     e.event,
                     pf.PARENT_NOT_SYNCED,
@@ -198,6 +262,9 @@ class ParentGate:
                 out.done.append(e)
             else:  # an Ask left after asking cannot happen: the view now knows every parent
                 raise AssertionError(f"undecided child {d!r}")
+        if needs:
+            async with self.pool.connection() as conn:
+                await record_demand(conn, self.schema, needs)
         return Gated(go)
 
     def _named_parents(self, e: PendingEntry) -> dict[str, pf.RecordRef | None] | None:
@@ -219,6 +286,12 @@ class ParentGate:
         """The entry's deadline (epoch seconds): its staleness clock + ``max_staleness``."""
         since = e.live_at or e.oldest_at
         return since.timestamp() + self.pipeline.max_staleness.total_seconds()
+
+    def _send_lead(self) -> float:
+        """How long before its deadline a waiting child needs its parent in the CRM: the
+        longest wait before it looks again (``WAIT_MAX_S``), then one upsert call (the high
+        percentile the planner uses) and the pipeline's ``retry_allowance``."""
+        return WAIT_MAX_S + self.latency.upsert() + self.pipeline.retry_allowance.total_seconds()
 
     def _wait(self, out: EmitOutcome, e: PendingEntry, seconds: float) -> None:
         """Back to pending behind a fence of its own (a negative tag, as ``_later``)."""

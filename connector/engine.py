@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -123,6 +124,8 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
         self._retry_until = 0.0
         self._retry_delay = 0.0
         self._caught_up = False
+        self._pulled: dict[str, float] = {}  # parent keys waiting children need (engine_read)
+        self._looked_up = False  # set per run from the emitter's pipelines
         self._snapshot_task: asyncio.Task[None] | None = None
         # given by the composition root (``connector.pipeline.build_pipeline``), which owns
         # them; ``_pool`` / ``emitter`` are set only while a run / drain / replay uses them
@@ -235,6 +238,12 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
                 self._catchup_to = await outbox.last_committed_id(reader, self.schema, name)
                 self._read_ahead_done.clear()
                 self._release_at = 0.0  # held children: looked for at the first read
+                self._demand_at, self._pulled = 0.0, {}  # children's needs: read at once
+                self._looked_up = any(
+                    m.type == "lookup" and m.pipeline == name
+                    for p in self.emitter.parents.values()
+                    for m in p.fields.values()
+                )
                 with acting_for(name):
                     await self.emitter.recover()
                 await self._load_fences()
@@ -355,10 +364,15 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
             return None
         in_flight = self.coalescer.in_flight()
         fenced = self.coalescer.fenced()
+        max_staleness = self.pipeline.max_staleness.total_seconds()
+        pulled = self._pulled  # a waiting child's need: never later than the key's own deadline
         keys = [
             PendingKey(
                 e.key,
-                (e.live_at or e.oldest_at).timestamp(),
+                min(
+                    (e.live_at or e.oldest_at).timestamp(),
+                    pulled.get(e.key, math.inf) - max_staleness,
+                ),
                 e.key in in_flight or e.key in fenced,
                 backlog=e.live_at is None,
             )
@@ -371,7 +385,7 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
         inp = PlannerInput(
             now=now,
             pending=keys,
-            max_staleness=self.pipeline.max_staleness.total_seconds(),
+            max_staleness=max_staleness,
             credits_left=self._credits_left,
             reserve=self.reserve,
             concurrency=self.client.limiter.limit,

@@ -18,7 +18,7 @@ import psycopg
 from connector import outbox, state, truncate
 from connector.coalesce import BatchTracker, Coalescer
 from connector.config import PipelineConfig
-from connector.emitter_parents import released_children
+from connector.emitter_parents import parent_demands, released_children
 from connector.engine_common import EngineOptions
 from connector.events import ChangeEvent, Op, stamp_of
 from connector.metrics import Metrics
@@ -35,6 +35,8 @@ READ_AHEAD_REMEMBERED = 200_000
 # this many at a time (issue 21, ``_release_held``)
 RELEASE_EVERY_S = 2.0
 RELEASE_LIMIT = 1_000
+# parent keys waiting children need (``_read_demands``): read as often, at most this many
+DEMAND_LIMIT = 100_000
 
 
 class OutboxReading:
@@ -56,6 +58,9 @@ class OutboxReading:
     _read_ahead_keys: int
     _read_ahead_done: set[str]
     _release_at: float = 0.0  # monotonic: when held children are looked for next
+    _demand_at: float = 0.0  # monotonic: when children's needs of this pipeline are read next
+    _pulled: dict[str, float]  # key -> by when waiting children need it (epoch seconds)
+    _looked_up: bool  # some pipeline's lookup names this one
 
     async def _read(self, reader: psycopg.AsyncConnection[Any]) -> bool:
         """Read one batch unless backpressure holds; True if it brought events."""
@@ -89,6 +94,7 @@ class OutboxReading:
         self._read_pos = pos
         if await self._release_held(reader):
             self._caught_up = False  # released children are pending: not idle yet
+        await self._read_demands(reader)
         async with self._changed:
             self._changed.notify_all()
         return read_any
@@ -131,6 +137,27 @@ class OutboxReading:
                 extra={"pipeline": name, "keys": released},
             )
         return released
+
+    async def _read_demands(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Parents pulled forward (issue 21): the keys of this pipeline that waiting children
+        need in the CRM by a moment (``parent_demand``, written by the children's emitters,
+        in this process or another), read every ``RELEASE_EVERY_S``; ``_plan`` gives each
+        such pending key that deadline when it is earlier than its own. Only a pipeline some
+        lookup names queries anything."""
+        if not self._looked_up:
+            return
+        now = time.monotonic()
+        if now < self._demand_at:
+            return
+        self._demand_at = now + RELEASE_EVERY_S
+        pulled = await parent_demands(conn, self.schema, self.pipeline.name, DEMAND_LIMIT)
+        new = pulled.keys() - self._pulled.keys()
+        if new:
+            log.info(
+                "parents pulled forward: waiting children need them sooner",
+                extra={"pipeline": self.pipeline.name, "keys": len(new)},
+            )
+        self._pulled = pulled
 
     async def _truncates(
         self, conn: psycopg.AsyncConnection[Any], events: list[ChangeEvent]

@@ -22,10 +22,11 @@ from connector import state
 from connector.capture import logical, triggers
 from connector.config import PipelineConfig
 from connector.costs import CostModel
+from connector.emitter_parents import parent_demands, record_demand
 from connector.emulator import start_emulator
 from connector.emulator.server import EmulatorHandle
 from connector.engine import Engine
-from connector.parents import PARENT_NOT_SYNCED
+from connector.parents import PARENT_NOT_SYNCED, RecordRef
 from connector.pipeline import build_pipeline, chain_credits
 from connector.verify import verify
 from connector.zoho.client import ZohoClient
@@ -490,3 +491,54 @@ async def test_verify_checks_each_lookup_names_the_right_parent(
     assert [(m.key, m.kind, set(m.fields)) for m in report.different] == [
         ("10", "different", {"Account"})
     ]
+
+
+async def test_a_waiting_child_pulls_its_parent_forward(
+    shop: Shop, remu: EmulatorHandle, build: Build
+) -> None:
+    """Pull-forward (issue 21): the customer's own deadline (10 minutes; "economy" waits for
+    company until close to it) is far later than its waiting order's (10 s). The order records
+    by when it needs the customer (``parent_demand``), the customers' engine plans that key with
+    that deadline, and the order goes with the customer's id, never held. Without it the order
+    is held PARENT_NOT_SYNCED at its deadline."""
+    await shop.write("INSERT INTO public.customers VALUES (1, 'Acme', 'Oslo')")
+    await shop.write("INSERT INTO public.orders VALUES (10, 'o10', 1)")
+    child = await build(orders(max_staleness="10s", freshness="fast"))
+    parent = await build(customers(max_staleness="10m", freshness="economy"))
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(e.run(stop)) for e in (child, parent)]
+    try:
+        for _ in range(600):  # at most 30 s: the order is sent, or held
+            if order_accounts(remu) or await open_letters(shop.dsn, "orders"):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    assert await open_letters(shop.dsn, "orders") == []
+    assert order_accounts(remu) == {"10": account_ids(remu)["1"]}
+    # the need is over once the customer is in the CRM: the parent's next read deletes it
+    async with await psycopg.AsyncConnection.connect(shop.dsn, autocommit=True) as conn:
+        assert await parent_demands(conn, SCHEMA, "customers", 10) == {}
+
+
+async def test_children_needs_keep_the_earliest_and_end_when_the_parent_is_synced(
+    shop: Shop,
+) -> None:
+    """``parent_demand``: per parent the earliest need wins; a need is deleted once the parent
+    is in the CRM (synced with an id), or an hour after the moment it named."""
+    a, b = RecordRef("customers", "1"), RecordRef("customers", "2")
+    async with await psycopg.AsyncConnection.connect(shop.dsn, autocommit=True) as conn:
+        await record_demand(conn, SCHEMA, {a: 2_000_000_000.0, b: 2_000_000_000.0})
+        await record_demand(conn, SCHEMA, {a: 1_999_999_000.0, b: 2_000_000_500.0})
+        await record_demand(conn, SCHEMA, {RecordRef("customers", "3"): 1_000_000_000.0})
+        assert await parent_demands(conn, SCHEMA, "customers", 10) == {
+            "1": 1_999_999_000.0,
+            "2": 2_000_000_000.0,
+        }  # customer 3's moment (2001) passed more than an hour ago: deleted
+        await conn.execute(
+            "INSERT INTO connector.key_state (pipeline, key, crm_id, status)"
+            " VALUES ('customers', '1', '99', 'synced')"
+        )
+        assert await parent_demands(conn, SCHEMA, "customers", 10) == {"2": 2_000_000_000.0}
+        assert await parent_demands(conn, SCHEMA, "orders", 10) == {}
