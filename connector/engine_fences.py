@@ -48,6 +48,14 @@ class OrphanFences:
     def _add_fence(self, job: int, keys: list[str], seconds: float) -> None:
         self.coalescer.fence(keys, job)
         self._fences[job] = max(self._fences.get(job, 0.0), self.clock.now() + seconds)
+        if job < 0:  # not a job: a retry after a transient answer, or a child waiting for its
+            # parent (negative tags, ``Emitter._later`` / ``ParentGate._wait``): one line per
+            # key and attempt would drown the log, and "a bulk job" would be wrong
+            log.debug(
+                "keys wait before they are tried again",
+                extra={"pipeline": self.pipeline.name, "keys": len(keys), "seconds": seconds},
+            )
+            return
         log.info(
             "keys fenced: a bulk job may still write them on the CRM",
             extra={

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -268,13 +269,17 @@ async def test_unknown_parents_are_asked_fifty_to_a_query(
     shop: Shop, remu: EmulatorHandle, rclient: ZohoClient, build: Build
 ) -> None:
     """60 orders naming 60 customers the CRM has but the connector never synced: at the
-    deadline they are asked for with COQL ``in`` (at most 50 values), two queries in all."""
+    deadline they are asked for with COQL ``in`` (at most 50 values), two queries in all.
+    The engine starts after their deadline, so that the 60 are planned and asked together
+    (started before it, they wait first, and on a loaded machine their waits can end in
+    different ticks: each smaller group then asks on its own — make test saw 4 queries)."""
     accounts = [{"Name": f"C{i}", "Legacy_Id": str(i)} for i in range(1, 61)]
     for i in range(0, 60, 20):
         await rclient.upsert("Accounts", accounts[i : i + 20], ["Legacy_Id"])
     await shop.write(
         "INSERT INTO public.orders SELECT g, 'o' || g, g FROM generate_series(1, 60) g"
     )
+    await asyncio.sleep(1.2)  # past the orders' deadline (1 s)
     child = await build(orders(max_staleness="1s"))
     await child.drain()
     ids = account_ids(remu)
@@ -494,13 +499,15 @@ async def test_verify_checks_each_lookup_names_the_right_parent(
 
 
 async def test_a_waiting_child_pulls_its_parent_forward(
-    shop: Shop, remu: EmulatorHandle, build: Build
+    shop: Shop, remu: EmulatorHandle, build: Build, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Pull-forward (issue 21): the customer's own deadline (10 minutes; "economy" waits for
     company until close to it) is far later than its waiting order's (10 s). The order records
     by when it needs the customer (``parent_demand``), the customers' engine plans that key with
     that deadline, and the order goes with the customer's id, never held. Without it the order
-    is held PARENT_NOT_SYNCED at its deadline."""
+    is held PARENT_NOT_SYNCED at its deadline. The customers' engine says so in its log; the
+    order's waits are not logged as bulk-job fences (they are not)."""
+    caplog.set_level(logging.INFO, logger="connector")
     await shop.write("INSERT INTO public.customers VALUES (1, 'Acme', 'Oslo')")
     await shop.write("INSERT INTO public.orders VALUES (10, 'o10', 1)")
     child = await build(orders(max_staleness="10s", freshness="fast"))
@@ -517,6 +524,9 @@ async def test_a_waiting_child_pulls_its_parent_forward(
         await asyncio.gather(*tasks)
     assert await open_letters(shop.dsn, "orders") == []
     assert order_accounts(remu) == {"10": account_ids(remu)["1"]}
+    messages = [r.getMessage() for r in caplog.records]
+    assert "parents pulled forward: waiting children need them sooner" in messages
+    assert not [m for m in messages if "a bulk job may still write" in m]
     # the need is over once the customer is in the CRM: the parent's next read deletes it
     async with await psycopg.AsyncConnection.connect(shop.dsn, autocommit=True) as conn:
         assert await parent_demands(conn, SCHEMA, "customers", 10) == {}
