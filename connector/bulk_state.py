@@ -151,8 +151,8 @@ UPDATE {schema}.bulk_jobs SET fence_until = now()
 """
 
 Q_BULK_DURATIONS = """
-SELECT record_count, duration_seconds FROM (
-    SELECT id, record_count, duration_seconds FROM {schema}.bulk_jobs
+SELECT record_count, duration_seconds, extract(epoch FROM updated_at)::float8 AS measured_at FROM (
+    SELECT id, record_count, duration_seconds, updated_at FROM {schema}.bulk_jobs
      WHERE pipeline = %s AND status = 'applied' AND duration_seconds IS NOT NULL
      ORDER BY id DESC LIMIT %s
 ) recent ORDER BY id
@@ -272,13 +272,16 @@ async def bulk_unfence(conn: AnyConn, schema: str, job: int) -> None:
 
 async def bulk_durations(
     conn: AnyConn, schema: str, pipeline: str, limit: int = 10
-) -> list[tuple[int, float]]:
-    """(records, seconds) of the pipeline's latest measured jobs, oldest first."""
+) -> list[tuple[int, float, float]]:
+    """(records, seconds, measured at: epoch seconds of the row's last update, when its result
+    was applied) of the pipeline's latest measured jobs, oldest first."""
     cur = await conn.execute(_q(Q_BULK_DURATIONS, schema), (pipeline, limit))
-    out: list[tuple[int, float]] = []
+    out: list[tuple[int, float, float]] = []
     for r in await cur.fetchall():
         row = _as_dict(cur, r)
-        out.append((int(row["record_count"]), float(row["duration_seconds"])))
+        out.append(
+            (int(row["record_count"]), float(row["duration_seconds"]), float(row["measured_at"]))
+        )
     return out
 
 

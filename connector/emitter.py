@@ -138,16 +138,18 @@ class Emitter(BulkJobs, SyncFlags, SchemaChecks, ParentGate):
         self._emitted_of: Metrics | None = None
 
     # ------------------------------------------------------------------ estimates
-    def restore_bulk_latency(self, durations: Sequence[tuple[int, float]]) -> None:
-        """Seed the bulk estimates from jobs measured by earlier runs ((records, seconds),
-        oldest first, ``state.bulk_durations``): a restart does not forget them."""
-        for records, seconds in durations:
-            self._measured_bulk(records, seconds)
+    def restore_bulk_latency(self, durations: Sequence[tuple[int, float, float]]) -> None:
+        """Seed the bulk estimates from jobs measured by earlier runs ((records, seconds,
+        measured at), oldest first, ``state.bulk_durations``): a restart does not forget them,
+        and they keep their age (connector/latency.py, ``bulk_fresh_for``)."""
+        for records, seconds, at in durations:
+            self._measured_bulk(records, seconds, at)
 
-    def _measured_bulk(self, records: int, seconds: float) -> None:
+    def _measured_bulk(self, records: int, seconds: float, at: float | None = None) -> None:
+        """A job measured at ``at`` (epoch seconds; now when None)."""
         self.bulk_latency = _ewma(self.bulk_latency, seconds)
         self.bulk_records = _ewma(self.bulk_records, float(max(records, 1)))
-        self.latency.observe_bulk(records, seconds)
+        self.latency.observe_bulk(records, seconds, time.time() if at is None else at)
 
     def orphan_fence_seconds(self, records: int) -> float:
         """How long the keys of a job that may run on the CRM unknown to us (its create call

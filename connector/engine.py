@@ -381,7 +381,7 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
         assert self.emitter is not None
         est = self.emitter.latency  # high percentiles, bulk by job size (connector/latency.py)
         est.default_upsert = self.options.default_upsert_latency
-        bulk_full, bulk_by_size = est.bulk_profile(self.cost.bulk_batch)
+        bulk_full, bulk_by_size = est.bulk_profile(self.cost.bulk_batch, now)
         inp = PlannerInput(
             now=now,
             pending=keys,

@@ -21,8 +21,16 @@ a full one (the running average the planner was fed before let whole jobs arrive
   it forbids: the measurements must be honest (a lost callback noticed at a late poll is not the
   CRM's time: the emitter polls at 1.5x :meth:`typical_bulk`) and a restart restores the whole
   window (docs/planner.md, "the bulk-estimate trap").
+* Bulk measurements age: one older than ``bulk_fresh_for`` (15 minutes) no longer counts in the
+  high percentile. The estimate is the high percentile of the fresh ones, never below the
+  median of all kept ones, and that median alone when none is fresh. Without it a slow spell
+  of the CRM (the chaos runner's latency windows: jobs of 24-28 s against a 30 s
+  ``max_staleness``) left the estimate above the bound for good, since it forbids the jobs that
+  would measure it again. The price: while the CRM stays slow, one job per
+  ``bulk_fresh_for`` is planned with the median, and may arrive late.
 
-Pure: samples are pushed in, nothing is timed here.
+Pure: samples are pushed in (each bulk one with its time, ``at``), nothing is timed here; the
+caller passes ``now`` (a measurement or a ``now`` of ``None`` never ages).
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ from collections import deque
 
 UPSERT_WINDOW = 200
 BULK_WINDOW = 100
+#: seconds a bulk measurement counts in the high percentile (then only in the median)
+BULK_FRESH_FOR = 900.0
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -48,6 +58,8 @@ class LatencyEstimator:
         quantile: float = 0.95,
         upsert_window: int = UPSERT_WINDOW,
         bulk_window: int = BULK_WINDOW,
+        *,
+        bulk_fresh_for: float = BULK_FRESH_FOR,
     ) -> None:
         if not 0.0 < quantile <= 1.0:
             raise ValueError("quantile must be in (0, 1]")
@@ -55,13 +67,16 @@ class LatencyEstimator:
         self.default_bulk = default_bulk
         self.q = quantile
         self._upsert: deque[float] = deque(maxlen=upsert_window)
-        self._bulk: deque[tuple[int, float]] = deque(maxlen=bulk_window)
+        self.bulk_fresh_for = bulk_fresh_for
+        self._bulk: deque[tuple[int, float, float | None]] = deque(maxlen=bulk_window)
 
     def observe_upsert(self, seconds: float) -> None:
         self._upsert.append(max(0.0, seconds))
 
-    def observe_bulk(self, records: int, seconds: float) -> None:
-        self._bulk.append((max(1, records), max(0.0, seconds)))
+    def observe_bulk(self, records: int, seconds: float, at: float | None = None) -> None:
+        """A job of ``records`` took ``seconds``, measured at ``at`` (epoch seconds; None:
+        never ages)."""
+        self._bulk.append((max(1, records), max(0.0, seconds), at))
 
     def upsert(self) -> float:
         """Seconds one upsert call is assumed to take."""
@@ -69,11 +84,22 @@ class LatencyEstimator:
             return self.default_upsert
         return quantile(list(self._upsert), self.q)
 
-    def bulk(self, records: int) -> float:
-        """Seconds a bulk job of ``records`` records is assumed to take."""
+    def bulk(self, records: int, now: float | None = None) -> float:
+        """Seconds a bulk job of ``records`` records is assumed to take at ``now``: the high
+        percentile of the fresh measurements, at least the median of all (that alone when none
+        is fresh)."""
         if not self._bulk:
             return self.default_bulk
-        return self._bulk_quantile(records, self.q)
+        every = [(r, s) for r, s, _ in self._bulk]
+        typical = _size_quantile(every, records, 0.5)
+        fresh = [
+            (r, s)
+            for r, s, at in self._bulk
+            if now is None or at is None or now - at <= self.bulk_fresh_for
+        ]
+        if not fresh:
+            return typical
+        return max(typical, _size_quantile(fresh, records, self.q))
 
     def typical_bulk(self, records: int) -> float | None:
         """The median of the jobs measured for ``records`` records (by the same size rule as
@@ -83,18 +109,22 @@ class LatencyEstimator:
         estimates")."""
         if not self._bulk:
             return None
-        return self._bulk_quantile(records, 0.5)
+        return _size_quantile([(r, s) for r, s, _ in self._bulk], records, 0.5)
 
-    def _bulk_quantile(self, records: int, q: float) -> float:
-        larger = [s for r, s in self._bulk if r >= records]
-        if larger:
-            return quantile(larger, q)
-        top = max(r for r, _ in self._bulk)
-        at_top = quantile([s for r, s in self._bulk if r == top], q)
-        return at_top * records / top
+    def bulk_profile(
+        self, full_job: int, now: float | None = None
+    ) -> tuple[float, tuple[tuple[int, float], ...]]:
+        """The planner's inputs at ``now``: (estimate for a job of ``full_job`` records,
+        entries (records, seconds) for each measured job size below it)."""
+        sizes = sorted({r for r, _, _ in self._bulk if r < full_job})
+        return self.bulk(full_job, now), tuple((r, self.bulk(r, now)) for r in sizes)
 
-    def bulk_profile(self, full_job: int) -> tuple[float, tuple[tuple[int, float], ...]]:
-        """The planner's inputs: (estimate for a job of ``full_job`` records, entries
-        (records, seconds) for each measured job size below it)."""
-        sizes = sorted({r for r, _ in self._bulk if r < full_job})
-        return self.bulk(full_job), tuple((r, self.bulk(r)) for r in sizes)
+
+def _size_quantile(jobs: list[tuple[int, float]], records: int, q: float) -> float:
+    """The ``q`` quantile of the jobs (records, seconds) with at least ``records`` records;
+    above every one, in proportion to records from the largest (``jobs`` not empty)."""
+    larger = [s for r, s in jobs if r >= records]
+    if larger:
+        return quantile(larger, q)
+    top = max(r for r, _ in jobs)
+    return quantile([s for r, s in jobs if r == top], q) * records / top

@@ -52,11 +52,14 @@ def simulate(
     retry_allowance: float = 0.0,
     budget: int = 10**9,
     reserve: int = 0,
+    bulk_ages: bool = False,
 ) -> SimResult:
     """``upsert_lat(now, k)`` / ``bulk_lat(now, n)``: what the CRM really takes for the k-th
     call / a job of n records sent at ``now``. ``exact``: the planner is told the true latency
     of the next call / a job of each size at the current time (an oracle); otherwise the
-    estimator's conservative figures, fed with the measured ones."""
+    estimator's conservative figures, fed with the measured ones. ``bulk_ages``: the bulk
+    measurements carry their time and the estimate is asked at the current one (they age, as
+    in the engine); otherwise they never age."""
     cost = cost or CostModel()
     est = estimator or LatencyEstimator(default_upsert=1.0, default_bulk=120.0)
     order = sorted(range(len(changes)), key=lambda j: changes[j][0])
@@ -85,7 +88,7 @@ def simulate(
         while done and done[0][0] <= now:
             t_done, _, items, kind, n, started = heapq.heappop(done)
             if kind == "bulk":
-                est.observe_bulk(n, t_done - started)
+                est.observe_bulk(n, t_done - started, t_done if bulk_ages else None)
             else:
                 est.observe_upsert(t_done - started)
             for key, v in items:
@@ -108,7 +111,8 @@ def simulate(
         if exact:
             up, full = upsert_lat(now, calls), bulk_lat(now, cost.bulk_batch)
         else:
-            up, (full, profile) = est.upsert(), est.bulk_profile(cost.bulk_batch)
+            up = est.upsert()
+            full, profile = est.bulk_profile(cost.bulk_batch, now if bulk_ages else None)
             if profile:
                 kw["bulk_latency_by_size"] = profile
         pi = PlannerInput(

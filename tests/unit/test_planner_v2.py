@@ -278,3 +278,51 @@ def test_typical_bulk_is_the_median_one_slow_job_does_not_move_it() -> None:
     assert est.typical_bulk(25_000) == 3.5
     assert est.bulk(25_000) == 38.0  # the planner's figure stays the conservative one
     assert est.typical_bulk(50_000) == 7.0  # larger than measured: in proportion, as bulk()
+
+
+def test_a_slow_spell_does_not_keep_bulk_out_for_good() -> None:
+    # session 18's soak: in a latency window jobs took 24-28 s against a 30 s max_staleness;
+    # an estimate above the bound forbids every job, so no job measures the CRM fast again.
+    # Here jobs take 35 s for 100 s, then 1-4 s again; mass updates every 70 s for 35 minutes.
+    # Measurements age (15 minutes): the planner then plans a job with the median of all, it
+    # is fast, and bulk is back. Never aging, every later mass update goes by upsert.
+    cost = CostModel(upsert_batch=10, records_per_credit=1, bulk_batch=300, bulk_job_credits=20)
+
+    def bulk_lat(now: float, n: int) -> float:
+        return (35.0 if 600 <= now < 700 else 1.0) + 3.0 * n / cost.bulk_batch
+
+    changes = [c for k in range(1, 31) for c in burst(300, 70.0 * k, "row")]
+    runs = {}
+    for ages in (False, True):
+        est = LatencyEstimator(default_upsert=1.0, default_bulk=120.0)
+        est.observe_bulk(cost.bulk_batch - 1, 4.0, 0.0 if ages else None)  # the initial sync
+        runs[ages] = simulate(
+            changes,
+            max_staleness=30.0,
+            cost=cost,
+            estimator=est,
+            bulk_lat=bulk_lat,
+            upsert_lat=lambda now, n: 0.3,
+            bulk_ages=ages,
+        )
+    trapped, aged = runs[False], runs[True]
+    assert trapped.late == aged.late  # the job sent into the slow spell, in both
+    assert trapped.jobs <= 10  # none after the slow job
+    assert aged.jobs >= trapped.jobs + 7  # back to bulk 15 minutes after it
+    assert aged.credits < 0.8 * trapped.credits
+
+
+def test_bulk_measurements_age_out_of_the_high_percentile() -> None:
+    est = LatencyEstimator(default_upsert=1.0, default_bulk=120.0)
+    for at in range(10):
+        est.observe_bulk(25_000, 3.0, float(at))
+    est.observe_bulk(25_000, 38.0, 100.0)
+    assert est.bulk(25_000, now=200.0) == 38.0  # fresh: the slowest of fewer than 20
+    assert est.bulk(25_000, now=100.0 + 900.0) == 38.0  # still fresh at 15 minutes
+    assert est.bulk(25_000, now=100.0 + 901.0) == 3.0  # none fresh: the median of all
+    assert est.bulk(25_000) == 38.0  # no time given: nothing ages
+    assert est.bulk_profile(25_000, now=100.0 + 901.0)[0] == 3.0
+    est.observe_bulk(25_000, 5.0, 1_500.0)
+    assert est.bulk(25_000, now=1_600.0) == 5.0  # the fresh one, at least the median (3.0)
+    est.observe_bulk(25_000, 0.5, 1_550.0)
+    assert est.bulk(25_000, now=1_600.0) == 5.0
