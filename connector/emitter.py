@@ -141,7 +141,10 @@ class Emitter(BulkJobs, SyncFlags, SchemaChecks, ParentGate):
     def restore_bulk_latency(self, durations: Sequence[tuple[int, float, float]]) -> None:
         """Seed the bulk estimates from jobs measured by earlier runs ((records, seconds,
         measured at), oldest first, ``state.bulk_durations``): a restart does not forget them,
-        and they keep their age (connector/latency.py, ``bulk_fresh_for``)."""
+        and they keep their age (connector/latency.py, ``bulk_fresh_for``). They replace the
+        ones held: a run of the same engine again (a standby's next turn) restores them all,
+        and each would otherwise count twice."""
+        self.latency.forget_bulk()
         for records, seconds, at in durations:
             self._measured_bulk(records, seconds, at)
 

@@ -126,6 +126,7 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
         self._caught_up = False
         self._pulled: dict[str, float] = {}  # parent keys waiting children need (engine_read)
         self._looked_up = False  # set per run from the emitter's pipelines
+        self._bulk_out = False  # a full job's estimate leaves no change time for one (logged)
         self._snapshot_task: asyncio.Task[None] | None = None
         # given by the composition root (``connector.pipeline.build_pipeline``), which owns
         # them; ``_pool`` / ``emitter`` are set only while a run / drain / replay uses them
@@ -382,6 +383,7 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
         est = self.emitter.latency  # high percentiles, bulk by job size (connector/latency.py)
         est.default_upsert = self.options.default_upsert_latency
         bulk_full, bulk_by_size = est.bulk_profile(self.cost.bulk_batch, now)
+        self._note_bulk_out(bulk_full, max_staleness)
         inp = PlannerInput(
             now=now,
             pending=keys,
@@ -402,6 +404,28 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
             self._drain_once = False
             return drain_plan(inp)
         return plan(inp)
+
+    def _note_bulk_out(self, estimate: float, max_staleness: float) -> None:
+        """Say when a full bulk job's estimate (with ``retry_allowance``) reaches
+        ``max_staleness``, so no live change can wait for a job, and when it no longer does:
+        otherwise the only sign is the credits (connector/latency.py, the estimate trap)."""
+        out = estimate + self.pipeline.retry_allowance.total_seconds() >= max_staleness
+        if out == self._bulk_out:
+            return
+        self._bulk_out = out
+        extra = {
+            "pipeline": self.pipeline.name,
+            "estimate_seconds": round(estimate, 1),
+            "max_staleness_seconds": max_staleness,
+        }
+        if out:
+            log.warning(
+                "bulk jobs are estimated slower than max_staleness: live changes go by upsert"
+                " until a job is measured faster or the slow measurements age (15 minutes)",
+                extra=extra,
+            )
+        else:
+            log.info("bulk jobs fit max_staleness again", extra=extra)
 
     @property
     def _credits_left(self) -> int:

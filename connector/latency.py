@@ -78,6 +78,10 @@ class LatencyEstimator:
         never ages)."""
         self._bulk.append((max(1, records), max(0.0, seconds), at))
 
+    def forget_bulk(self) -> None:
+        """Drop every bulk measurement (before they are restored from the state tables)."""
+        self._bulk.clear()
+
     def upsert(self) -> float:
         """Seconds one upsert call is assumed to take."""
         if not self._upsert:

@@ -24,6 +24,7 @@ from .conftest import (
     insert_sql,
     make_client,
     paid_by_api,
+    pipeline_config,
     wait_for,
 )
 
@@ -179,7 +180,7 @@ async def test_a_lost_callback_is_measured_near_the_jobs_time_not_at_a_late_poll
     duration late, and a lost callback costs a measurement of about that, not 30 s."""
     from connector.emitter_bulk import CALLBACK_LATE_FACTOR, CALLBACK_POLL_FACTOR
 
-    options = dataclasses.replace(FAST, bulk_poll_max=30.0)  # the default: callbacks never come
+    options = dataclasses.replace(FAST, bulk_poll_max=60.0)  # callbacks never come
     seen: list[tuple[float, float]] = []
     async with (
         start_emulator(emulator_with(queue_seconds=1.0)) as emu,  # a job takes about 1 s
@@ -209,10 +210,10 @@ async def test_a_lost_callback_is_measured_near_the_jobs_time_not_at_a_late_poll
         ]
         assert len(seen) == 2 and len(durations) == 2, (seen, durations)
         # no callback ever came: each job was found done by a poll, well before bulk_poll_max
-        assert 1.0 <= min(durations) and max(durations) < 10.0, durations
-        assert seen[0] == (FAST.bulk_poll_initial, 30.0 * CALLBACK_POLL_FACTOR)
+        assert 1.0 <= min(durations) and max(durations) < 45.0, durations  # old code: >= 60
+        assert seen[0] == (FAST.bulk_poll_initial, 60.0 * CALLBACK_POLL_FACTOR)
         # the second job (same size) is first polled when 1.5x the first one's time late
-        expected = min(30.0, max(FAST.bulk_poll_initial, CALLBACK_LATE_FACTOR * durations[0]))
+        expected = min(60.0, max(FAST.bulk_poll_initial, CALLBACK_LATE_FACTOR * durations[0]))
         assert seen[1][0] == pytest.approx(expected)
         await assert_crm_matches(emu, legacy)
 
@@ -272,3 +273,39 @@ async def test_result_stored_although_its_commit_reported_an_error(
     assert emu.usage()["by_api"]["bulk_write_job"]["credits"] == 500  # one job, not two
     rows = await fetch(legacy, "SELECT count(*) FROM connector.key_state WHERE status = 'synced'")
     assert rows[0][0] == 6_000
+
+
+async def test_the_log_says_when_bulk_jobs_are_estimated_slower_than_max_staleness(
+    legacy: str, emu: EmulatorHandle, make_engine: EngineFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Invariant 11: a full job's estimate at or above ``max_staleness`` means no live change
+    can wait for a job (the estimate trap of docs/planner.md). That was visible only in the
+    credits; now a WARNING says so once, and an INFO once the estimate fits again."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="connector")
+    for seconds in (3.0, 3.0, 40.0):  # restored at start, measured just now
+        await execute(
+            legacy,
+            "INSERT INTO connector.bulk_jobs (pipeline, status, entries, record_count,"
+            f" duration_seconds) VALUES ('orders', 'applied', '[]', 25000, {seconds})",
+        )
+    async with make_client(emu) as client:
+        engine = await make_engine(client, pipeline_config(max_staleness="30s"))
+        await execute(legacy, *insert_sql(3))
+        await engine.drain()  # plans with the restored jobs: the slowest of 3 is 40 s >= 30 s
+        warned = [r for r in caplog.records if "estimated slower than max_staleness" in r.message]
+        assert [r.levelname for r in warned] == ["WARNING"]
+        assert not [r for r in caplog.records if "fit max_staleness again" in r.message]
+        for _ in range(20):  # twenty fast full jobs: the 95th percentile of 23 is 3 s
+            await execute(
+                legacy,
+                "INSERT INTO connector.bulk_jobs (pipeline, status, entries, record_count,"
+                " duration_seconds) VALUES ('orders', 'applied', '[]', 25000, 2.0)",
+            )
+        await execute(legacy, "UPDATE public.orders SET notes = 'again'")
+        await engine.drain()  # the same engine again: restores the 23 jobs
+    fits = [r for r in caplog.records if "fit max_staleness again" in r.message]
+    assert [r.levelname for r in fits] == ["INFO"]
+    warned = [r for r in caplog.records if "estimated slower than max_staleness" in r.message]
+    assert len(warned) == 1  # said once, not at every plan
