@@ -24,9 +24,9 @@ a full one (the running average the planner was fed before let whole jobs arrive
 * Bulk measurements age: one older than ``bulk_fresh_for`` (15 minutes) no longer counts in the
   high percentile. The estimate is the high percentile of the fresh ones, never below the
   median of all kept ones, and that median alone when none is fresh. Without it a slow spell
-  of the CRM (the chaos runner's latency windows: jobs of 24-28 s against a 30 s
-  ``max_staleness``) left the estimate above the bound for good, since it forbids the jobs that
-  would measure it again. The price: while the CRM stays slow, one job per
+  of the CRM (a soak measured jobs of 24-28 s against a 30 s ``max_staleness``, under latency
+  windows or lost callbacks) left the estimate above the bound for good, since it forbids
+  the jobs that would measure it again. The price: while the CRM stays slow, one job per
   ``bulk_fresh_for`` is planned with the median, and may arrive late.
 
 Pure: samples are pushed in (each bulk one with its time, ``at``), nothing is timed here; the
