@@ -383,7 +383,8 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
         est = self.emitter.latency  # high percentiles, bulk by job size (connector/latency.py)
         est.default_upsert = self.options.default_upsert_latency
         bulk_full, bulk_by_size = est.bulk_profile(self.cost.bulk_batch, now)
-        self._note_bulk_out(bulk_full, max_staleness)
+        if est.typical_bulk(1) is not None:  # measured: the default alone is not a finding
+            self._note_bulk_out(bulk_full, max_staleness)
         inp = PlannerInput(
             now=now,
             pending=keys,
