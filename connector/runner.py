@@ -119,8 +119,10 @@ class PipelineRunner:
                     done = await self._own(grace)
                 except SchemaChanged as exc:
                     # this pipeline only: the others go on; its events stay behind the
-                    # checkpoint until the operator fixes the mapping and restarts
-                    self.state = "failed"
+                    # checkpoint until the operator fixes the mapping and restarts. The
+                    # reason is stored before the state says "failed": whoever sees the
+                    # failure (`status`, /readyz, a test) finds its reason too (invariant 11;
+                    # CI caught a restart where the state was read between the two)
                     log.error(
                         "pipeline stopped by a schema change: %s",
                         exc,
@@ -128,6 +130,7 @@ class PipelineRunner:
                     )
                     rt.metrics.schema_change_stops_total.labels(pipeline=name).inc()
                     await self._record_halt(exc)
+                    self.state = "failed"
                     return
                 except RESTARTABLE as exc:
                     # the database (or the CRM, after the client's own retries) went away:
@@ -147,6 +150,10 @@ class PipelineRunner:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(rt.stopping.wait(), backoff)
                     backoff = min(backoff * 2, 30.0)
+                except Exception:
+                    if not rt.stopping.is_set():
+                        self.state = "failed"  # not restartable: the process reports it
+                    raise
                 finally:
                     up.set(0)
                     await self.lease.release()
@@ -314,7 +321,8 @@ class PipelineRunner:
             if engine_task in done and not rt.stopping.is_set():
                 exc = engine_task.exception()
                 if exc is not None:
-                    self.state = "failed"
+                    # the state is set by `run`, once it has handled the error (a schema
+                    # change's reason is stored first; a restartable one means "standby")
                     await _cancel([t for k, t in tasks.items() if k != "engine"])
                     raise exc
                 if rt.mode == "snapshot":
@@ -322,13 +330,11 @@ class PipelineRunner:
                     await self._record_clean_stop()
                     self.finished.set()
                     return True
-                self.state = "failed"
                 await _cancel(tasks.values())
                 raise PermanentError(f"pipeline {name}: engine stopped unexpectedly")
             capture_task = tasks.get("capture")
             if capture_task is not None and capture_task in done and not rt.stopping.is_set():
                 exc = capture_task.exception()
-                self.state = "failed"
                 await _cancel([t for k, t in tasks.items() if k != "capture"])
                 if exc is not None:
                     raise exc

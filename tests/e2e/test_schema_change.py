@@ -19,6 +19,7 @@ from connector import operate
 from connector.config import load_settings, resolve_secrets
 from connector.demo import DEMO_ENV
 from connector.metrics import Metrics
+from connector.runner import PipelineRunner
 from connector.runtime import Runtime
 from tests.e2e.helpers import emulator, prepare, wait_in_sync
 
@@ -65,8 +66,23 @@ async def _until(pred: Any, what: str, timeout: float = 120) -> None:
 @pytest.mark.parametrize("change", ["drop", "rename"])
 @pytest.mark.parametrize("capture", ["triggers", "logical"])
 async def test_mapped_column_dropped_or_renamed_stops_the_pipeline_and_loses_nothing(
-    database: str, tmp_path: Path, capsys: Any, caplog: Any, capture: str, change: str
+    database: str,
+    tmp_path: Path,
+    capsys: Any,
+    caplog: Any,
+    monkeypatch: Any,
+    capture: str,
+    change: str,
 ) -> None:
+    # the halt's reason is stored slowly here: whoever sees the pipeline "failed" must find its
+    # reason at once (CI once read the state between the two; this makes that gap certain)
+    record_halt = PipelineRunner._record_halt
+
+    async def slow_record_halt(self: PipelineRunner, exc: Any) -> None:
+        await asyncio.sleep(0.5)
+        await record_halt(self, exc)
+
+    monkeypatch.setattr(PipelineRunner, "_record_halt", slow_record_halt)
     async with emulator() as emu:
         setup = await prepare(
             database, tmp_path, emu.url, rows=20, max_staleness="1s", capture=capture
