@@ -265,13 +265,19 @@ LAG_GAUGES = (
 
 
 def parse_lag(metrics_text: str) -> dict[str, float]:
-    """Each lag gauge's worst value over the pipelines (customers and orders)."""
+    """Each lag gauge's worst value over the pipelines (customers and orders), and each
+    pipeline's own as ``<gauge>:<pipeline>``: a peak over a bound then says which pipeline
+    it was (session 18's two-table soak could not)."""
     out: dict[str, float] = {}
     for line in metrics_text.splitlines():
         name = line.split("{", 1)[0].split(" ", 1)[0]
         if name in LAG_GAUGES:
             key, value = name.removeprefix("connector_"), float(line.rsplit(" ", 1)[1])
             out[key] = max(out.get(key, value), value)
+            labels = line.partition("{")[2].partition("}")[0]
+            pipeline = re.search(r'pipeline="([^"]*)"', labels)
+            if pipeline:
+                out[f"{key}:{pipeline.group(1)}"] = value
     return out
 
 

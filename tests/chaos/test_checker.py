@@ -135,10 +135,17 @@ def test_lag_timeline_is_folded_into_peaks_per_window() -> None:
     text = (
         "# HELP connector_outbox_lag_events x\n"
         'connector_outbox_lag_events{pipeline="orders"} 12.0\n'
+        'connector_outbox_lag_events{pipeline="customers"} 30.0\n'
         'connector_pending_keys{pipeline="orders"} 3.0\n'
         'connector_api_calls_total{api="upsert"} 9.0\n'
     )
-    assert parse_lag(text) == {"outbox_lag_events": 12.0, "pending_keys": 3.0}
+    assert parse_lag(text) == {
+        "outbox_lag_events": 30.0,
+        "outbox_lag_events:orders": 12.0,
+        "outbox_lag_events:customers": 30.0,
+        "pending_keys": 3.0,
+        "pending_keys:orders": 3.0,
+    }
     timeline = [
         {"t": 10.0, "outbox_lag_events": 5.0, "cpu_connector": 1.0, "rss_mb_connector": 90.0},
         {"t": 320.0, "outbox_lag_events": 50.0, "cpu_connector": 3.0, "rss_mb_connector": 120.0},
