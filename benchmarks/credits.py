@@ -399,6 +399,8 @@ def policy_d(trace: Trace, crm: Crm, freshness: Freshness = "economy") -> None:
                 cost=crm.cost,
                 freshness=freshness,
                 bulk_latency_by_size=by_size,
+                # the upsert calls sent and not answered, as the engine reads its limiter
+                calls_ahead=sum(1 for d in done_heap if d[3] == "upsert"),
             )
         )
         wake = p.wake_at

@@ -399,12 +399,20 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
             freshness=self.pipeline.freshness,
             bulk_latency_by_size=bulk_by_size,
             retry_allowance=self.pipeline.retry_allowance.total_seconds(),
+            calls_ahead=self._calls_ahead(),
         )
         if self._drain_all or self._drain_once:
             self._flushing = self._drain_once
             self._drain_once = False
             return drain_plan(inp)
         return plan(inp)
+
+    def _calls_ahead(self) -> int:
+        """API calls a call planned now starts behind: those at the shared limiter (holding a
+        slot or waiting for one, every pipeline), or this engine's upsert calls not answered
+        yet when more (a spawned call may still be on its way to the limiter)."""
+        own = sum(1 for t in self._tasks if not t.done() and t not in self._bulk_tasks)
+        return max(self.client.limiter.queued, own)
 
     def _note_bulk_out(self, estimate: float, max_staleness: float) -> None:
         """Say when a full bulk job's estimate (with ``retry_allowance``) reaches

@@ -74,6 +74,11 @@ class PlannerInput:
     # (LatencyEstimator.bulk_profile); sizes above every entry take ``bulk_latency``
     bulk_latency_by_size: tuple[tuple[int, float], ...] = ()
     retry_allowance: float = 0.0  # extra seconds each call may take in retries (429 storms)
+    # API calls already sent and not answered (holding a slot or waiting for one; every
+    # pipeline of the client): a call planned now starts behind them. Without it a key changed
+    # again while in flight behind a long queue was planned as if the slots were free and
+    # arrived late (found by hypothesis, session 18: 60.5 s with a 60 s bound)
+    calls_ahead: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +131,10 @@ def send_time(inp: PlannerInput, mix: Mix) -> float:
     """Seconds from now until every record of ``mix`` is acknowledged: upsert calls run
     ``concurrency`` at a time, bulk jobs side by side on the CRM, each within ``bulk_latency``."""
     c = max(1, inp.concurrency)
-    t_upsert = -(-mix.upsert_calls // c) * (inp.upsert_latency + inp.retry_allowance)
+    t_upsert = 0.0
+    if mix.upsert_calls:
+        rounds = -(-(inp.calls_ahead + mix.upsert_calls) // c)
+        t_upsert = rounds * (inp.upsert_latency + inp.retry_allowance)
     t_bulk = 0.0
     if mix.bulk_jobs:
         t_bulk = bulk_time(inp, min(mix.bulk_records, inp.cost.bulk_batch)) + inp.retry_allowance
@@ -251,7 +259,7 @@ def _plan_live(inp: PlannerInput, free: list[PendingKey]) -> Plan:
         # once): a burst is never slower than by upsert alone, only the rest waits for a job
         round_s = inp.upsert_latency + inp.retry_allowance
         if round_s > 0:
-            rounds = int(lat_b // round_s)
+            rounds = max(0, int(lat_b // round_s) - inp.calls_ahead // max(1, inp.concurrency))
             pos = min(len(ordered), e0 + rounds * cost.upsert_batch * max(1, inp.concurrency))
         else:  # an upsert round measured at 0 s: everything arrives before any job would
             pos = len(ordered)
@@ -284,10 +292,10 @@ def _plan_live(inp: PlannerInput, free: list[PendingKey]) -> Plan:
             prev = b
         ul_list.extend(range(prev, len(ordered)))
         ul = ul_list
-    per_round = cost.upsert_batch * max(1, inp.concurrency)
 
     def offset(p: int) -> float:  # rank p's answer, from now, if the first p+1 leave now
-        return (p // per_round + 1) * (inp.upsert_latency + inp.retry_allowance)
+        call = inp.calls_ahead + p // cost.upsert_batch  # behind the calls already sent
+        return (call // max(1, inp.concurrency) + 1) * (inp.upsert_latency + inp.retry_allowance)
 
     k_hard = 0
     last = offset(len(ul) - 1) if ul else 0.0  # the largest offset: later ones cannot be due
@@ -314,8 +322,37 @@ def _plan_live(inp: PlannerInput, free: list[PendingKey]) -> Plan:
         if inp.freshness == "balanced" and len(ul) - k >= BALANCED_GROUP * cost.upsert_batch:
             # enough waiting to nearly fill a call: they all leave, in whole credits
             k = max(k, len(ul) // cost.records_per_credit * cost.records_per_credit)
+    if k > k_hard:
+        # leaving early is for freshness: a call that would wait behind the calls already
+        # queued gains none, and loses coalescing (a key changed again while its first
+        # version waits in the queue is sent twice; with a 429 storm on one slot that made a
+        # change 3 s late, found by hypothesis). Early calls fill the free slots only; the rest
+        # are planned again when a slot frees (every answer wakes the planner)
+        free_calls = max(0, max(1, inp.concurrency) - inp.calls_ahead)
+        k = max(k_hard, min(k, free_calls * cost.upsert_batch))
     if k:
         k = min(len(ul), _whole_credits(cost, k))
+
+    def offset_after(p: int, k: int) -> float:  # rank p ≥ k's answer, behind the k sent now
+        call = inp.calls_ahead + -(-k // cost.upsert_batch) + (p - k) // cost.upsert_batch
+        return (call // max(1, inp.concurrency) + 1) * (inp.upsert_latency + inp.retry_allowance)
+
+    # the keys left wait behind the calls sent now, in whole calls: the last one sent may be
+    # partly filled (whole credits), so rank p ≥ k is not in call p // 100 as the due test
+    # took it. A key that is due behind them goes now, in that call (found by hypothesis on a
+    # storm: due a moment later, it needed a call of its own one round later: 310 s > 300 s)
+    while k < len(ul):
+        more = 0
+        last_after = offset_after(len(ul) - 1, k)
+        for p in range(k, len(ul)):
+            if dl[ul[p]] - offset_after(p, k) <= now + tick:
+                more = p + 1
+            elif dl[ul[p]] - last_after > now + tick:
+                break
+        if not more:
+            break
+        k_hard = max(k_hard, more)
+        k = min(len(ul), _whole_credits(cost, more))
 
     up_keys = [ordered[i].key for i in ul[:k]]
     bulk_groups = [[pk.key for pk in ordered[a:b]] for a, b in jobs_now]
@@ -343,11 +380,12 @@ def _plan_live(inp: PlannerInput, free: list[PendingKey]) -> Plan:
 
     # -- when to plan again at the latest
     wakes: list[float] = [leave for _, _, leave in chunks if leave > now + tick]
+    last_after = offset_after(len(ul) - 1, k) if k < len(ul) else 0.0
     first = math.inf
     for p in range(k, len(ul)):
-        if dl[ul[p]] - last >= first:
+        if dl[ul[p]] - last_after >= first:
             break  # every later one becomes due after this
-        first = min(first, dl[ul[p]] - offset(p))
+        first = min(first, dl[ul[p]] - offset_after(p, k))
     if math.isfinite(first):
         wakes.append(first)
     if k < len(ul) and math.isfinite(tau):
@@ -365,18 +403,22 @@ def _plan_live(inp: PlannerInput, free: list[PendingKey]) -> Plan:
 
 
 def _bulk_eligibility_latency(inp: PlannerInput, dl: _Deadlines) -> float:
-    """The bulk latency used to decide which changes can still wait for a job: the estimate for
-    the job that would carry them (by size), never less than what a larger job of them would
-    take (the estimates are per size: a small job measured fast says nothing of a full one)."""
-    full = bulk_time(inp, inp.cost.bulk_batch) + inp.retry_allowance
-    n = len(dl) - bisect.bisect_left(dl, inp.now + full)
-    if n <= 0:
-        return full
-    size = min(n, inp.cost.bulk_batch)
-    lat = bulk_time(inp, size) + inp.retry_allowance
-    n2 = min(inp.cost.bulk_batch, len(dl) - bisect.bisect_left(dl, inp.now + lat))
-    if bulk_time(inp, n2) + inp.retry_allowance <= lat:
-        return lat
+    """The bulk latency used to decide which changes can still wait for a job: the smallest
+    estimate L (by size, ``bulk_latency_by_size``, else the full-job one) such that a job of
+    the changes that can wait L (at most a full job) is itself estimated within L. The
+    estimates are per size: a small job measured fast says nothing of a full one.
+
+    Every size's estimate is tried, not only the full job's and then one smaller: when no
+    change could wait for a *full* job any more, the full estimate was used, so changes that
+    had been planned into a small job (leave at deadline − 7 s) found at that moment that
+    they could not wait for any job, and left later by the already-late rule (found by
+    hypothesis, session 19: 60.46 s with a 60 s bound)."""
+    allowance = inp.retry_allowance
+    full = bulk_time(inp, inp.cost.bulk_batch) + allowance
+    for lat in sorted({s + allowance for _, s in inp.bulk_latency_by_size if s + allowance < full}):
+        n = min(inp.cost.bulk_batch, len(dl) - bisect.bisect_left(dl, inp.now + lat))
+        if n > 0 and bulk_time(inp, n) + allowance <= lat:
+            return lat
     return full
 
 

@@ -42,6 +42,7 @@ class AdaptiveLimiter:
         self._factor = decrease_factor
         self._limit = max_limit
         self._in_flight = 0
+        self._waiting = 0
         self._generation = 0
         self._successes = 0
         self._decreases = 0
@@ -67,6 +68,17 @@ class AdaptiveLimiter:
         return self._in_flight
 
     @property
+    def waiting(self) -> int:
+        """Calls waiting for a slot right now."""
+        return self._waiting
+
+    @property
+    def queued(self) -> int:
+        """Calls sent and not answered: holding a slot or waiting for one. A call made now
+        starts behind them (the planner's ``calls_ahead``)."""
+        return self._in_flight + self._waiting
+
+    @property
     def decreases(self) -> int:
         """How many times the limit was lowered (for metrics and tests)."""
         return self._decreases
@@ -76,10 +88,14 @@ class AdaptiveLimiter:
         return self._increases
 
     async def acquire(self) -> Ticket:
-        async with self._cond:
-            await self._cond.wait_for(lambda: self._in_flight < self._limit)
-            self._in_flight += 1
-            return Ticket(self._generation)
+        self._waiting += 1
+        try:
+            async with self._cond:
+                await self._cond.wait_for(lambda: self._in_flight < self._limit)
+                self._in_flight += 1
+                return Ticket(self._generation)
+        finally:
+            self._waiting -= 1
 
     async def release(self) -> None:
         async with self._cond:

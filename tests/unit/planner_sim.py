@@ -45,6 +45,7 @@ def simulate(
     cost: CostModel | None = None,
     concurrency: int = 10,
     upsert_lat: Callable[[float, int], float] = lambda now, n: 1.0,
+    upsert_retry: Callable[[float, int], float] = lambda now, n: 0.0,
     bulk_lat: Callable[[float, int], float] = lambda now, n: 60.0 + n / 1_000,
     estimator: LatencyEstimator | None = None,
     exact: bool = False,
@@ -55,8 +56,12 @@ def simulate(
     bulk_ages: bool = False,
 ) -> SimResult:
     """``upsert_lat(now, k)`` / ``bulk_lat(now, n)``: what the CRM really takes for the k-th
-    call / a job of n records sent at ``now``. ``exact``: the planner is told the true latency
-    of the next call / a job of each size at the current time (an oracle); otherwise the
+    call / a job of n records sent at ``now``. ``upsert_retry(now, k)``: the seconds the k-th
+    call spends in the client's retries (429 storms) before its answering HTTP call; the call
+    takes both, the estimator sees only the answering call, as the emitter measures it
+    (``http_seconds``: the last HTTP attempt, without backoff or slot wait). ``exact``: the
+    planner is told the true latency of the next call / a job of each size at the current
+    time (an oracle); otherwise the
     estimator's conservative figures, fed with the measured ones. ``bulk_ages``: the bulk
     measurements carry their time and the estimate is asked at the current one (they age, as
     in the engine); otherwise they never age."""
@@ -125,6 +130,8 @@ def simulate(
             upsert_latency=up,
             bulk_latency=full,
             cost=cost,
+            # the calls sent and not answered, as the engine reads them from the limiter
+            calls_ahead=sum(1 for d in done if d[3] == "upsert"),
             **kw,
         )
         p = plan(pi)
@@ -146,7 +153,9 @@ def simulate(
                     jobs += 1
                 else:
                     free = heapq.heappop(slots)
-                    started = max(now, free)  # measured from when it holds a slot
+                    start = max(now, free)  # holds a slot from here
+                    retry = upsert_retry(now, calls)
+                    started = start + retry  # measured: the answering HTTP call only
                     t_done = started + upsert_lat(now, calls)
                     heapq.heappush(slots, t_done)
                     calls += 1

@@ -158,7 +158,9 @@ def trace(bursts: list[tuple[float, int, int]]) -> list[tuple[float, str]]:
 
 
 # derandomize: the same 50 examples every run, so that CI does not fail by chance on the known
-# defect below; the defect itself is the strict xfail after this test
+# limit below (a strict xfail). Random searches of this property (40,000 examples in session
+# 19, `/tmp`-free recipe in docs/planner.md "Searching the planner") found the four fixed
+# defects and that limit
 @settings(max_examples=50, deadline=None, derandomize=True)
 @given(
     arrivals,
@@ -193,10 +195,10 @@ def test_no_change_late_under_any_latency_model(
         # 429 storms: some calls take up to the retry allowance longer than measured
         allowance = 0.05 * smax
 
-        def storm(now: float, k: int) -> float:
-            return 1.0 + (allowance if (now // 97) % 3 == 0 else 0.0)
+        def storm(now: float, k: int) -> float:  # retries before the answering call
+            return allowance if (now // 97) % 3 == 0 else 0.0
 
-        kw = {"upsert_lat": storm, "retry_allowance": allowance}
+        kw = {"upsert_retry": storm, "retry_allowance": allowance}
         # only storms *within the budget*: the changes of any max_staleness window must fit in
         # the upsert rounds a storm leaves (151 keys at once, 1 slot, 4 s calls: 64 s > 60 s
         # by any schedule, found by hypothesis; a bulk job takes 60 s + rows too)
@@ -211,13 +213,12 @@ def test_no_change_late_under_any_latency_model(
     assert r.late == 0, (model, max(r.staleness))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known planner defect, found by hypothesis in session 18's make test (random "
-    "examples): one slot, exact latencies, 'balanced', 426 keys at once; the key changed again "
-    "at 1.5 s while its first version was in flight is sent 0.5 s too late (60.5 s, bound 60 s)",
-)
-def test_known_defect_a_key_changed_while_in_flight_behind_a_long_queue() -> None:
+def test_a_key_changed_while_in_flight_behind_a_long_queue_is_not_late() -> None:
+    # found by hypothesis in session 18's make test: one slot, exact latencies, 'balanced',
+    # 426 keys at once. The planner took the slots as free, but 'balanced' had queued ~60
+    # calls behind the one slot: k379, changed again at 1.5 s while its first version waited
+    # in that queue, arrived at 60.5 s (bound 60 s). It now plans behind the calls already
+    # sent (PlannerInput.calls_ahead): 57.5 s
     bursts = [
         (0.0, 0, 1),
         (0.0, 95, 116),
@@ -235,6 +236,102 @@ def test_known_defect_a_key_changed_while_in_flight_behind_a_long_queue() -> Non
         freshness="balanced",
         exact=True,
         bulk_lat=lambda now, n: 0.2 * 60.0,
+    )
+    assert r.late == 0, max(r.staleness)
+
+
+def test_early_calls_do_not_queue_behind_a_storm() -> None:
+    # found by a random hypothesis search in session 19: one slot, a 429 storm (calls take
+    # 4 s, the retry allowance is 3 s), 'balanced', 144 changes in 1 s. 'balanced' sent every
+    # full call at once into the one slot's queue; the keys changed again at 1 s waited behind
+    # their first versions and were sent twice: a change late (63.0 s), 72 credits. Early
+    # calls now fill free slots only (PlannerInput.calls_ahead): 58.0 s at most, 49 credits
+    smax, allowance = 60.0, 3.0
+
+    def storm(now: float, k: int) -> float:  # retries before the answering call (1 s)
+        return allowance if (now // 97) % 3 == 0 else 0.0
+
+    r = simulate(
+        trace([(0.0, 16, 59), (1.0, 100, 85)]),
+        max_staleness=smax,
+        cost=SMALL,
+        concurrency=1,
+        freshness="balanced",
+        upsert_retry=storm,
+        retry_allowance=allowance,
+    )
+    assert r.late == 0, max(r.staleness)
+    assert r.credits < 72
+
+
+def test_changes_planned_into_a_small_job_still_go_by_job_near_their_deadline() -> None:
+    # found by a random hypothesis search in session 19: small jobs measured fast (20 records,
+    # 3 s), the 51 changes left after a first job planned into a job of their size (7 s).
+    # When no change could wait for a *full* job any more, the planner took the full estimate
+    # (26 s) and so found that none could wait for any job; the job left 3 s after its moment
+    # by the already-late rule and k0 arrived at 60.46 s (bound 60 s). Every size's estimate
+    # is now tried (_bulk_eligibility_latency)
+    smax = 60.0
+    est = LatencyEstimator(default_upsert=1.0, default_bulk=0.3 * smax)
+    est.observe_bulk(20, 0.05 * smax)
+    r = simulate(
+        trace([(0.0, 0, 67), (21.0, 0, 1), (23.0, 0, 51)]),
+        max_staleness=smax,
+        cost=SMALL,
+        concurrency=1,
+        estimator=est,
+        bulk_lat=lambda now, n: 0.05 * smax + 0.25 * smax * n / SMALL.bulk_batch,
+    )
+    assert r.late == 0, max(r.staleness)
+    assert r.jobs == 2
+
+
+def test_a_key_due_behind_a_partly_filled_call_goes_with_it() -> None:
+    # found by a random hypothesis search in session 19: economy, 5 slots, a storm (16 s a
+    # call with the allowance). 81 keys were due: 9 calls, the last of 2 records (whole
+    # credits). The 11 keys after them were taken to fit in that call's round, so they waited
+    # 1 s; behind the 9 calls they needed two calls, the second one round later: 310 s with a
+    # 300 s bound. A key due behind the calls sent now goes now
+    smax, allowance = 300.0, 15.0
+
+    def storm(now: float, k: int) -> float:  # retries before the answering call (1 s)
+        return allowance if (now // 97) % 3 == 0 else 0.0
+
+    r = simulate(
+        trace([(0.0, 0, 41), (1191.0, 0, 81), (1193.0, 1, 12)]),
+        max_staleness=smax,
+        cost=SMALL,
+        concurrency=5,
+        upsert_retry=storm,
+        retry_allowance=allowance,
+    )
+    assert r.late == 0, max(r.staleness)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limit of economy's latest-moment rule, found by a random hypothesis search "
+    "in session 19, present before it: a storm, 2 slots, 201 keys leave at their latest "
+    "moment and book the slots for 44 of the 60 s; 75 changes 0.6 s later (14 of them of keys "
+    "in flight, so sent twice) no longer fit: one arrives at 63.4 s (62.4 s before session 19)",
+)
+def test_known_limit_a_burst_behind_slots_booked_at_the_latest_moment() -> None:
+    # 31 calls of 4 s on 2 slots is 62 s of work from 14.4 s, when economy first sends: no
+    # schedule that starts then is in time; one that sent the first burst at 0 s would be.
+    # Leaving earlier when the booked rounds grow (headroom) is the fix to weigh against
+    # its credits (docs/planner.md, "Known limits")
+    smax, allowance = 60.0, 3.0
+
+    def storm(now: float, k: int) -> float:  # retries before the answering call (1 s)
+        return allowance if (now // 97) % 3 == 0 else 0.0
+
+    r = simulate(
+        trace([(0.0, 0, 1), (0.0, 248, 116), (15.0, 136, 75), (0.0, 246, 84)]),
+        max_staleness=smax,
+        cost=SMALL,
+        concurrency=2,
+        upsert_retry=storm,
+        retry_allowance=allowance,
     )
     assert r.late == 0, max(r.staleness)
 

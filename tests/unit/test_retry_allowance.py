@@ -4,6 +4,7 @@ changes leave earlier by that much."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -88,3 +89,47 @@ def test_engine_passes_the_configured_allowance_to_the_planner(
     eng.coalescer.add(ChangeEvent(1, "orders", Op.UPDATE, "k", 1, 1, {"id": 1}, at), 0)
     eng._plan(at.timestamp() + 550.0)
     assert seen and seen[-1].retry_allowance == allowance
+
+
+async def test_engine_plans_behind_the_calls_already_queued_at_the_limiter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # PlannerInput.calls_ahead: the shared limiter's queue (every pipeline's calls) makes a
+    # change leave sooner; without it a key planned behind a long queue arrived late
+    seen: list[PlannerInput] = []
+    import connector.engine as engine_mod
+
+    def spy(inp: PlannerInput) -> Any:
+        seen.append(inp)
+        return plan(inp)
+
+    monkeypatch.setattr(engine_mod, "plan", spy)
+    client = ZohoClient(
+        accounts_url="http://127.0.0.1:9",
+        client_id="id",
+        client_secret=SecretStr("s"),
+        refresh_token=SecretStr("r"),
+        concurrency=10,
+    )
+    eng = offline_engine(pipeline(), client)
+    eng.emitter = _Emitter()  # type: ignore[assignment]
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    eng.tracker.register(0, 1)
+    eng.coalescer.add(ChangeEvent(1, "orders", Op.UPDATE, "k", 1, 1, {"id": 1}, at), 0)
+    # nothing queued: at 585 s the change still waits (due at ~592 s: 600 s less the margin)
+    first = eng._plan(at.timestamp() + 585.0)
+    assert seen[-1].calls_ahead == 0 and first is not None and first.is_empty
+    # 10 calls hold the slots and 90 wait: 10 rounds of 1 s ahead, so it must leave now
+    held = [await client.limiter.acquire() for _ in range(10)]
+    waiting = [asyncio.create_task(client.limiter.acquire()) for _ in range(90)]
+    await asyncio.sleep(0)
+    try:
+        second = eng._plan(at.timestamp() + 585.0)
+        assert seen[-1].calls_ahead == 100
+        assert second is not None and second.upserts == [["k"]]
+    finally:
+        for t in waiting:
+            t.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        for _ in held:
+            await client.limiter.release()

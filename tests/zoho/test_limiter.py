@@ -99,3 +99,25 @@ def test_bad_arguments() -> None:
         AdaptiveLimiter(5, min_limit=6)
     with pytest.raises(ValueError):
         AdaptiveLimiter(5, decrease_factor=1.0)
+
+
+async def test_queued_counts_the_calls_holding_a_slot_and_those_waiting_for_one() -> None:
+    # the planner plans a new call behind these (PlannerInput.calls_ahead)
+    lim = AdaptiveLimiter(2)
+    held = [await lim.acquire() for _ in range(2)]
+    waiters = [asyncio.create_task(lim.acquire()) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert (lim.in_flight, lim.waiting, lim.queued) == (2, 3, 5)
+    waiters[2].cancel()  # a call given up while waiting leaves the queue
+    await asyncio.gather(waiters[2], return_exceptions=True)
+    assert lim.queued == 4
+    await lim.release()
+    await asyncio.sleep(0)
+    assert (lim.in_flight, lim.waiting, lim.queued) == (2, 1, 3)
+    assert held
+    await lim.release()
+    await asyncio.gather(*waiters[:2])
+    assert (lim.in_flight, lim.waiting, lim.queued) == (2, 0, 2)
+    await lim.release()
+    await lim.release()
+    assert lim.queued == 0
