@@ -43,6 +43,10 @@ class CostModel:
     records_per_credit: int = 10
     bulk_batch: int = 25_000
     bulk_job_credits: int = 500
+    #: whether Bulk Write may carry this pipeline's records: False for a subform pipeline
+    #: (Zoho's Bulk Write takes no subform column, zoho-crm-api.md; the emulator refuses one):
+    #: then every mix is upsert only
+    bulk_write: bool = True
 
     def __post_init__(self) -> None:
         for name in ("upsert_batch", "records_per_credit", "bulk_batch", "bulk_job_credits"):
@@ -98,7 +102,10 @@ class CostModel:
         )
 
     def mixes(self, n: int) -> list[Mix]:
-        """Every sensible mix for ``n`` records: 0 … ⌈n / bulk_batch⌉ bulk jobs."""
+        """Every sensible mix for ``n`` records: 0 … ⌈n / bulk_batch⌉ bulk jobs (none without
+        ``bulk_write``)."""
+        if not self.bulk_write:
+            return [self.mix(n, 0)]
         return [self.mix(n, j) for j in range(self.bulk_jobs(n) + 1)]
 
     def cheapest(self, n: int) -> Mix:

@@ -43,11 +43,12 @@ from connector.emitter_bulk import CALLBACK_POLL_FACTOR, BulkJobs, CallbackUrl
 from connector.emitter_outcome import EmitOutcome, _Results
 from connector.emitter_parents import ParentGate
 from connector.emitter_schema import SchemaChecks, SourceConnections
+from connector.emitter_subform import SubformWrites
 from connector.emitter_syncflag import SyncFlags
 from connector.errors import DataError, TransientError
 from connector.events import ChangeEvent, Op
 from connector.latency import LatencyEstimator
-from connector.mapping import LookupResolver, RecordMapper
+from connector.mapping import LookupResolver, RecordMapper, SubformMapper
 from connector.metrics import Metrics
 from connector.parents import PARENT_NOT_SYNCED, RecordRef, Send
 from connector.zoho import coql
@@ -80,7 +81,7 @@ def record_hash(record: dict[str, Any]) -> bytes:
     return hashlib.blake2b(dumps_json(record), digest_size=16).digest()
 
 
-class Emitter(BulkJobs, SyncFlags, SchemaChecks, ParentGate):
+class Emitter(BulkJobs, SyncFlags, SchemaChecks, ParentGate, SubformWrites):
     """Sends entries of one pipeline to the CRM and records the outcomes in the state schema."""
 
     def __init__(
@@ -136,6 +137,10 @@ class Emitter(BulkJobs, SyncFlags, SchemaChecks, ParentGate):
         # records_emitted_total children bound once (see _count)
         self._emitted: dict[tuple[str, str], Any] = {}
         self._emitted_of: Metrics | None = None
+        # a subform pipeline's writes (emitter_subform): its mapper and parent column type,
+        # and a lock per parent key
+        self._subform: tuple[SubformMapper, str] | None = None
+        self._parent_locks: dict[str, asyncio.Lock] = {}
 
     # ------------------------------------------------------------------ estimates
     def restore_bulk_latency(self, durations: Sequence[tuple[int, float, float]]) -> None:
@@ -174,6 +179,9 @@ class Emitter(BulkJobs, SyncFlags, SchemaChecks, ParentGate):
             out = EmitOutcome()
             res = _Results()
             await self._check_source_columns(entries)
+            if self.pipeline.subform_of is not None:  # lines: each parent written whole
+                await self._send_lines(entries, res, out)
+                return await self._finish(res, out)
             deletes = [e for e in entries if e.event.op is Op.DELETE]
             upserts = [e for e in entries if e.event.op is not Op.DELETE]
             records: list[tuple[PendingEntry, dict[str, Any], str]] = []
@@ -262,14 +270,18 @@ class Emitter(BulkJobs, SyncFlags, SchemaChecks, ParentGate):
                     out.done.append(e)
                 for (api, outcome), n in counts.items():
                     self._count(api, outcome, n)
-            await self._store(res)
-            out.acked += len(res.acks)
-            out.dead += len(res.dead)
-            out.added += res.added
-            out.updated += res.updated
-            return out
+            return await self._finish(res, out)
         finally:
             current_pipeline.reset(token)
+
+    async def _finish(self, res: _Results, out: EmitOutcome) -> EmitOutcome:
+        """Store the group's outcomes and count them in ``out``."""
+        await self._store(res)
+        out.acked += len(res.acks)
+        out.dead += len(res.dead)
+        out.added += res.added
+        out.updated += res.updated
+        return out
 
     async def _unchanged(
         self,

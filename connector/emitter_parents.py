@@ -200,18 +200,24 @@ class ParentGate:
         return bool(self.mapper.lookup_columns)
 
     async def _gate(
-        self, entries: Sequence[PendingEntry], res: _Results, out: EmitOutcome, api: str
+        self,
+        entries: Sequence[PendingEntry],
+        res: _Results,
+        out: EmitOutcome,
+        api: str,
+        parents_of: Mapping[str, Mapping[str, pf.RecordRef | None]] | None = None,
     ) -> Gated:
         """Split ``entries`` (writes; deletes and rows without an image pass through with an
         empty decision) into those that may leave now and those that wait (``out.later``, a
         fence each) or are held (a ``PARENT_NOT_SYNCED`` dead letter in ``res``, the entry in
-        ``out.done``)."""
+        ``out.done``). ``parents_of``: key → (field → parent) when the caller knows the parents
+        (a subform pipeline's lines: ``emitter_subform``), else the lookups of each row."""
         now = datetime.now(UTC).timestamp()
         children: list[pf.ChildChange] = []
         passing: list[PendingEntry] = []  # nothing to decide: the mapper has the last word
         by_key: dict[str, PendingEntry] = {}
         for e in entries:
-            named = self._named_parents(e)
+            named = self._named_parents(e) if parents_of is None else parents_of.get(e.key)
             if named is None:
                 passing.append(e)
                 continue

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -102,6 +103,8 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
         self.snapshot_mode: SnapshotMode = snapshot or pipeline.snapshot
         self.snapshot_progress = snapshot_progress
         self.cost = cost or CostModel()
+        if pipeline.subform_of is not None:  # Bulk Write takes no subform column: upsert only
+            self.cost = dataclasses.replace(self.cost, bulk_write=False)
         self.credits: CreditRecorder = credit_recorder
         self.tracker = BatchTracker()
         self.coalescer = Coalescer(self.tracker)
@@ -240,10 +243,13 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
                 self._read_ahead_done.clear()
                 self._release_at = 0.0  # held children: looked for at the first read
                 self._demand_at, self._pulled = 0.0, {}  # children's needs: read at once
-                self._looked_up = any(
-                    m.type == "lookup" and m.pipeline == name
+                self._looked_up = any(  # by a lookup or as a subform's parent
+                    (m.type == "lookup" and m.pipeline == name)
                     for p in self.emitter.parents.values()
                     for m in p.fields.values()
+                ) or any(
+                    p.subform_of is not None and p.subform_of.pipeline == name
+                    for p in self.emitter.parents.values()
                 )
                 with acting_for(name):
                     await self.emitter.recover()

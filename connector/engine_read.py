@@ -60,7 +60,7 @@ class OutboxReading:
     _release_at: float = 0.0  # monotonic: when held children are looked for next
     _demand_at: float = 0.0  # monotonic: when children's needs of this pipeline are read next
     _pulled: dict[str, float]  # key -> by when waiting children need it (epoch seconds)
-    _looked_up: bool  # some pipeline's lookup names this one
+    _looked_up: bool  # some pipeline's lookup names this one, or it holds a subform
 
     async def _read(self, reader: psycopg.AsyncConnection[Any]) -> bool:
         """Read one batch unless backpressure holds; True if it brought events."""
@@ -106,8 +106,11 @@ class OutboxReading:
         batch). Their acknowledgement resolves the dead letter. Never stale: a version older
         than the one ``key_state`` holds (the held one) is not sent; a key pending or in
         flight is left alone (its newer version is on its way). A pipeline without lookups
-        never queries anything. Returns how many keys became pending."""
-        if not any(m.type == "lookup" for m in self.pipeline.fields.values()):
+        never queries anything. A subform pipeline's lines wait for their order the same way
+        (``emitter_subform``). Returns how many keys became pending."""
+        if self.pipeline.subform_of is None and not any(
+            m.type == "lookup" for m in self.pipeline.fields.values()
+        ):
             return 0
         now = time.monotonic()
         if now < self._release_at:

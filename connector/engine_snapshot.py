@@ -127,9 +127,12 @@ class SnapshotRuns:
         pipelines reads its first chunk once each parent that takes an initial sync has
         finished its own (``snapshots.status = 'done'``: every parent row acknowledged or
         dead-lettered), so its rows find their parents in the CRM instead of waiting for
-        them. A pipeline without lookups, or whose parents take none, starts at once."""
+        them; a subform pipeline after its parent's (its lines are rows of those records). A
+        pipeline without parents, or whose parents take none, starts at once."""
         assert self.emitter is not None and self._pool is not None
         named = dict.fromkeys(parent for _, _, parent in self.emitter.mapper.lookup_columns)
+        if self.pipeline.subform_of is not None:
+            named[self.pipeline.subform_of.pipeline] = None
         todo = [n for n in named if self.emitter.parents[n].snapshot != "never"]
         said: float | None = None  # when the wait was last logged (monotonic)
         while todo and not stop.is_set():

@@ -212,7 +212,7 @@ def _plan_backlog(inp: PlannerInput, free: list[PendingKey], already: int) -> Pl
     ordered = sorted(free, key=_OLDEST_AT)
     keys = [pk.key for pk in ordered]
     n = len(ordered)
-    full_jobs = n // cost.bulk_batch
+    full_jobs = n // cost.bulk_batch if cost.bulk_write else 0
     if full_jobs:
         m = cost.mix(full_jobs * cost.bulk_batch, full_jobs)
         if m.credits > spendable:
@@ -426,7 +426,7 @@ def _worth_a_job(inp: PlannerInput, size: int) -> bool:
     """Economy: a job when it is cheaper than upsert; balanced / fast: only a full job (a
     smaller one would keep its changes waiting for a job's latency)."""
     cost = inp.cost
-    if cost.upsert_credits(size) <= cost.bulk_job_credits:
+    if not cost.bulk_write or cost.upsert_credits(size) <= cost.bulk_job_credits:
         return False
     return inp.freshness == "economy" or size >= cost.bulk_batch
 

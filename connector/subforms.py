@@ -38,7 +38,7 @@ from psycopg.rows import tuple_row
 from connector.capture import pin_image_settings
 from connector.config import PipelineConfig
 from connector.errors import DataError
-from connector.mapping import SubformMapper
+from connector.mapping import SubformMapper, line_order
 from connector.outbox import load_row
 
 #: Parent keys per query (one ``= ANY`` array; far below PostgreSQL's limits, and a set of
@@ -56,6 +56,8 @@ class LineSets:
     failed: dict[str, DataError] = field(default_factory=dict)
     #: lines read from the table
     lines: int = 0
+    #: parent key → the keys of the lines in its value (line order), for every set in values
+    line_keys: dict[str, list[str]] = field(default_factory=dict)
 
 
 async def parent_column_type(conn: psycopg.AsyncConnection[Any], pipeline: PipelineConfig) -> str:
@@ -123,14 +125,17 @@ async def read_line_sets(
         for key, image in found:
             grouped.setdefault(key, []).append(image)
             count += 1
+    line_keys: dict[str, list[str]] = {}
     for key in asked:
         if key in failed:
             continue
+        lines = grouped.get(key, [])
         try:
-            values[key] = mapper.to_rows(grouped.get(key, []), {})
+            values[key] = mapper.to_rows(lines, {})
+            line_keys[key] = sorted((mapper.key_of(x) for x in lines), key=line_order)
         except DataError as exc:
             failed[key] = exc.detached()
-    return LineSets(values, failed, count)
+    return LineSets(values, failed, count, line_keys)
 
 
 async def _select(

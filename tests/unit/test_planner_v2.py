@@ -454,3 +454,66 @@ def test_bulk_measurements_age_out_of_the_high_percentile() -> None:
     assert est.bulk(25_000, now=1_600.0) == 5.0  # the fresh one, at least the median (3.0)
     est.observe_bulk(25_000, 0.5, 1_550.0)
     assert est.bulk(25_000, now=1_600.0) == 5.0
+
+
+# -- upsert only (a subform pipeline: Bulk Write takes no subform column) ----------------------
+
+UPSERT_ONLY = CostModel(
+    upsert_batch=10, records_per_credit=2, bulk_batch=250, bulk_job_credits=20, bulk_write=False
+)
+
+
+def test_without_bulk_write_a_mass_update_and_a_backlog_go_by_upsert() -> None:
+    # the same mass update goes in one job when Bulk Write may carry it, never without
+    changes = burst(2_000, 10.0)
+    with_bulk = simulate(changes, max_staleness=600.0, cost=SMALL, concurrency=2)
+    assert with_bulk.jobs >= 1
+    r = simulate(changes, max_staleness=600.0, cost=UPSERT_ONLY, concurrency=2)
+    assert (r.jobs, r.late, r.calls) == (0, 0, 200)
+    backlog = [PendingKey(f"b{i}", 0.0, backlog=True) for i in range(1_000)]
+    for cost in (SMALL, UPSERT_ONLY):
+        inp = PlannerInput(
+            now=700.0,
+            pending=backlog,
+            max_staleness=600.0,
+            credits_left=10**6,
+            reserve=0,
+            concurrency=2,
+            upsert_latency=1.0,
+            bulk_latency=60.0,
+            cost=cost,
+        )
+        p = plan(inp)
+        assert bool(p.bulk) is cost.bulk_write  # 4 full jobs with Bulk Write, none without
+        if not cost.bulk_write:
+            assert sum(map(len, p.upserts)) == 1_000
+    assert UPSERT_ONLY.cheapest(30_000).bulk_jobs == 0
+    assert UPSERT_ONLY.mixes(30_000) == [UPSERT_ONLY.mix(30_000, 0)]
+
+
+@settings(max_examples=50, deadline=None, derandomize=True)
+@given(
+    arrivals,
+    st.sampled_from([60.0, 300.0, 600.0]),
+    st.integers(1, 10),
+    st.sampled_from(["economy", "balanced", "fast"]),
+)
+def test_without_bulk_write_no_job_and_no_change_late(
+    bursts: list[tuple[float, int, int]], smax: float, conc: int, freshness: str
+) -> None:
+    changes = trace(bursts)
+    rounds = int(0.9 * smax // 1.0)  # calls of 1 s; the upsert capacity of one window
+    ts = sorted(changes)
+    for i, (t0, _) in enumerate(ts):
+        keys = {k for t, k in ts[i:] if t < t0 + smax}
+        assume(len(keys) <= rounds * UPSERT_ONLY.upsert_batch * conc)
+    r = simulate(
+        changes,
+        max_staleness=smax,
+        cost=UPSERT_ONLY,
+        concurrency=conc,
+        freshness=freshness,
+        exact=True,
+    )
+    assert r.jobs == 0
+    assert r.late == 0, max(r.staleness)
