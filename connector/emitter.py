@@ -399,12 +399,12 @@ class Emitter(BulkJobs, SyncFlags, SchemaChecks, ParentGate, SubformWrites):
         return str(rows[0]["id"]) if rows and rows[0].get("id") is not None else None
 
     # ------------------------------------------------------------------ transient record codes
-    def _retry_transient(self, key: str, code: str | None) -> bool:
-        """True when the key's answer is a transient per-record code (``TRANSIENT_RECORD_CODES``)
-        and its first such answer is less than ``max_staleness`` ago: the entry goes back to
-        pending (the engine's retry backoff spaces the attempts). False otherwise; the
-        attempts stay counted for :meth:`_gave_up`."""
-        if code not in TRANSIENT_RECORD_CODES:
+    def _retry_transient(self, key: str, code: str | None, *, transient: bool = False) -> bool:
+        """True when the key's answer is a transient per-record code (``TRANSIENT_RECORD_CODES``,
+        or any code the caller says is ``transient``) and its first such answer is less than
+        ``max_staleness`` ago: the entry goes back to pending (the engine's retry backoff
+        spaces the attempts). False otherwise; the attempts stay counted for :meth:`_gave_up`."""
+        if code not in TRANSIENT_RECORD_CODES and not transient:
             self._transient.pop(key, None)
             return False
         now = time.monotonic()

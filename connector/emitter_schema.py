@@ -81,6 +81,8 @@ class SchemaChecks:
         only the key and are not checked. Both capture modes: a trigger's ``to_jsonb`` image
         and a decoded pgoutput row both simply lack the column."""
         mapped = [c for c in self.pipeline.fields if c != self.pipeline.key_column]
+        if self.pipeline.subform_of is not None:  # the link to the order: as vital as a field
+            mapped.append(self.pipeline.subform_of.parent_column)
         missing = sorted(
             {
                 c
@@ -100,11 +102,16 @@ class SchemaChecks:
 
     def _column_gone(self, col: str) -> SchemaChanged:
         p = self.pipeline
+        where = (
+            f"pipelines['{p.name}'].fields['{col}'] -> {p.fields[col].field!r}"
+            if col in p.fields
+            else f"pipelines['{p.name}'].subform_of.parent_column: the line's order"
+        )
         return SchemaChanged(
             p.name,
             col,
             f"pipeline {p.name}: column {col!r} of {p.source_table} is mapped"
-            f" (pipelines['{p.name}'].fields['{col}'] -> {p.fields[col].field!r}) but no longer"
+            f" ({where}) but no longer"
             " exists in the table (dropped or renamed). The pipeline is"
             " stopped before sending any record without that field; every captured change is"
             " kept. Fix: map the column's new name, or remove the mapping if it was dropped,"

@@ -103,7 +103,9 @@ class SubformWrites:
             api: str,
             parents_of: Mapping[str, Mapping[str, pf.RecordRef | None]] | None = None,
         ) -> Gated: ...
-        def _retry_transient(self, key: str, code: str | None) -> bool: ...
+        def _retry_transient(
+            self, key: str, code: str | None, *, transient: bool = False
+        ) -> bool: ...
         def _later(self, out: EmitOutcome, entry: PendingEntry) -> None: ...
         def _gave_up(self, key: str) -> str: ...
         def _count(self, api: str, outcome: str, n: int = 1) -> None: ...
@@ -261,14 +263,25 @@ class SubformWrites:
             self._retry_transient(transient_key, None)
             self._count("update", "success")
             return {}
-        if self._retry_transient(transient_key, r.code):
+        sub = self.pipeline.subform_of
+        parent = f"{sub.pipeline if sub else '?'} {key}"
+        # the order's record is not in the CRM any more (zoho-crm-api.md §3: INVALID_DATA with
+        # details {"id": …} on update of an unknown or deleted id): deleted by the order's own
+        # pipeline since the gate read its state, or by hand. Looked at again like a locked
+        # record: the next attempt reads the order's state anew (deleted: nothing to write)
+        gone = r.code == "INVALID_DATA" and "id" in r.details and r.field is None
+        if self._retry_transient(transient_key, r.code, transient=gone):
             return {key: ("later",)}
         self._count("update", "rejected")
-        sub = self.pipeline.subform_of
-        message = (
-            f"{r.code}: {r.message} (the subform write of"
-            f" {sub.pipeline if sub else '?'} {key} with its lines)"
-        ) + self._gave_up(transient_key)
+        if gone:
+            message = (
+                f"the CRM record {record['id']} of {parent} is gone ({r.code}: {r.message}),"
+                " and its pipeline does not say it was deleted: was it deleted in the CRM by"
+                " hand? `connector dead-letters retry` once the order is back"
+            )
+        else:
+            message = f"{r.code}: {r.message} (the subform write of {parent} with its lines)"
+        message += self._gave_up(transient_key)
         return {key: ("dead", r.code, message, r.field, record)}
 
     def _parent_locks_trim(self) -> None:

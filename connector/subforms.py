@@ -198,6 +198,14 @@ def parents_touched(
             continue
         if ev.row is None:
             raise ValueError(f"a {ev.op} event of line {ev.key!r} without its image")
+        if mapper.parent_column not in ev.row:  # not NULL: absent (an image older than a
+            # rename); taken as "no order" it would delete the line's row from its order
+            raise DataError(
+                "MISSING_COLUMN",
+                f"the line has no column {mapper.parent_column!r} (subform_of.parent_column);"
+                " was the column renamed or dropped?",
+                field=mapper.field,
+            )
         now = mapper.parent_key(dict(ev.row))
         if now is not None:
             touched.add(now)

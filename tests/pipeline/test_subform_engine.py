@@ -24,6 +24,7 @@ from connector.costs import CostModel
 from connector.emulator import start_emulator
 from connector.emulator.server import EmulatorHandle
 from connector.engine import Engine
+from connector.errors import SchemaChanged
 from connector.parents import PARENT_NOT_SYNCED
 from connector.pipeline import build_pipeline, chain_credits
 from connector.zoho.client import ZohoClient
@@ -371,3 +372,54 @@ async def test_a_bulk_group_of_lines_still_goes_by_update(
     assert crm_lines(emu) == await shop.lines()
     assert bulk_calls(emu) == 0
     assert updates(emu) >= 1
+
+
+async def test_an_order_whose_crm_record_vanished_is_looked_at_again(
+    shop: Shop, emu: EmulatorHandle, client: ZohoClient, build: Build
+) -> None:
+    """The order's record is deleted in the CRM behind the connector's back: the update answers
+    INVALID_DATA on the id (zoho-crm-api.md §3), so the lines are looked at again, as a
+    locked record is. Once the legacy order is deleted too and its pipeline says so, the lines
+    need no write and are acknowledged; a record gone while the pipeline still says the order
+    is there is dead-lettered at the lines' deadline, saying what to check."""
+    await shop.write("INSERT INTO public.orders VALUES (1, 'o1'), (2, 'o2')")
+    await (await build(orders())).drain()
+    await shop.write("INSERT INTO public.order_lines VALUES (1, 1, 'a', 1), (2, 2, 'b', 2)")
+    child = await build(lines(max_staleness="2s"))
+    await child.drain()
+    assert crm_lines(emu) == {"1": [("a", 1)], "2": [("b", 2)]}
+    ids = {str(r["Legacy_Id"]): str(r["id"]) for r in emu.records("Orders")}
+    await client.delete("Orders", [ids["1"], ids["2"]])  # by hand, in the CRM
+
+    # order 1: deleted in the legacy table too (its line with it); its pipeline says deleted
+    await shop.write(
+        "UPDATE public.order_lines SET qty = 5",
+        "DELETE FROM public.order_lines WHERE order_id = 1",
+        "DELETE FROM public.orders WHERE id = 1",
+    )
+    await (await build(orders())).drain()  # delete_mode ignore: its state reads deleted
+    await child.drain()
+    letters = await open_letters(shop.dsn, "order_lines")
+    # order 2's record is gone while its pipeline says synced: held at the deadline, told why
+    assert [(d.key, d.error_code) for d in letters] == [("2", "INVALID_DATA")]
+    assert f"the CRM record {ids['2']} of orders 2 is gone" in letters[0].error_message
+
+
+async def test_the_link_column_renamed_stops_the_pipeline_and_deletes_no_row(
+    shop: Shop, emu: EmulatorHandle, build: Build
+) -> None:
+    """Images without ``order_id`` (renamed under the running pipeline) must not read as
+    "no order", which would take every changed line out of its order's rows: the pipeline
+    stops as for a mapped column (SchemaChanged), its changes kept."""
+    await shop.write("INSERT INTO public.orders VALUES (1, 'o1')")
+    await (await build(orders())).drain()
+    await shop.write("INSERT INTO public.order_lines VALUES (1, 1, 'a', 1), (2, 1, 'b', 2)")
+    child = await build(lines())
+    await child.drain()
+    await shop.write(
+        "ALTER TABLE public.order_lines RENAME COLUMN order_id TO order_ref",
+        "UPDATE public.order_lines SET qty = 9 WHERE id = 1",
+    )
+    with pytest.raises(SchemaChanged, match=r"subform_of.parent_column"):
+        await child.drain()
+    assert crm_lines(emu) == {"1": [("a", 1), ("b", 2)]}  # no row deleted

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from connector.crm_values import dumps_json
 from connector.emulator import start_emulator
 from connector.emulator.server import EmulatorHandle
+from connector.errors import DataError
 from connector.mapping import SUBFORM_MAX_ROWS, RecordMapper, SubformMapper
 from connector.subforms import (
     LineEvent,
@@ -314,3 +315,16 @@ async def test_rewriting_the_touched_orders_keeps_crm_rows_equal_to_the_legacy_l
     crm_now = await _crm_lines(emu)
     assert crm_now["8"] == []
     assert {k: v for k, v in crm_now.items() if v} == await _legacy_lines(aconn)
+
+
+def test_an_image_without_the_link_column_is_refused_not_orphaned() -> None:
+    """NULL in ``order_id`` is an orphan line; no ``order_id`` at all (an image from before a
+    rename) is an error: read as an orphan it would delete the line's row from its order."""
+    m = mapper()
+    with pytest.raises(DataError, match="no column 'order_id'") as exc:
+        parents_touched(m, [LineEvent("1", "update", {"id": 1, "product": "x"})], {"1": "7"})
+    assert exc.value.code == "MISSING_COLUMN"
+    touched, memory = parents_touched(
+        m, [LineEvent("1", "update", {"id": 1, "order_id": None})], {"1": "7"}
+    )
+    assert (touched, memory) == ({"7"}, {"1": None})
