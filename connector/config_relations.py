@@ -71,10 +71,11 @@ class PipelineRules(PipelineLinks, Protocol):
 #: scenario in both capture modes. False would refuse every ``type = "lookup"`` field at start.
 ENGINE_SUPPORTS_LOOKUPS = True
 
-#: Whether the engine writes subform pipelines (one parent write carrying the complete current
-#: line set, docs/related-tables.md "Subforms"). Until it does, a configuration with a
-#: ``subform_of`` pipeline is refused at start, like lookups above.
-ENGINE_SUPPORTS_SUBFORMS = False
+#: Whether the engine writes subform pipelines (one update of each parent carrying its complete
+#: current line set, docs/related-tables.md "Part 2b-iii as built"): it does since session 20
+#: (``emitter_subform``), run under faults by the chaos runner's order lines in both capture
+#: modes. False would refuse every ``subform_of`` pipeline at start.
+ENGINE_SUPPORTS_SUBFORMS = True
 
 
 def lookup_columns(p: PipelineLinks) -> Iterator[tuple[str, str | None]]:

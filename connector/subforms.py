@@ -21,8 +21,7 @@ moved to another parent or were deleted must rewrite the parent they left. Two p
   parent a line was last written under comes from a memory the caller keeps (``key_state`` of
   the lines pipeline, per the design).
 
-Built and tested; not yet called by the engine, which refuses ``subform_of`` pipelines at start
-until it writes them (``config_relations.ENGINE_SUPPORTS_SUBFORMS``).
+Used by the subform engine (``connector/emitter_subform.py``).
 """
 
 from __future__ import annotations

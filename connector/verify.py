@@ -44,7 +44,7 @@ from psycopg.rows import tuple_row
 from connector import state
 from connector.capture import pin_image_settings
 from connector.config import PipelineConfig
-from connector.errors import DataError
+from connector.errors import ConfigError, DataError
 from connector.mapping import RecordMapper
 from connector.outbox import load_row
 
@@ -354,7 +354,16 @@ async def verify(
     """Compare the pipeline's source table with its CRM module. With lookup fields (``parents``:
     the configuration's pipelines by name), each parent module's keys and ids are read too
     (their calls and credits are in the report) and each lookup is checked to name the CRM
-    record of the parent its source row names."""
+    record of the parent its source row names. A subform pipeline is refused: comparing its
+    lines with the parent records' subform rows is not built yet (issue 21)."""
+    if pipeline.subform_of is not None:
+        raise ConfigError(
+            f"pipelines[{pipeline.name!r}].subform_of",
+            f"verify does not compare subform rows yet (issue 21): pipeline {pipeline.name!r}"
+            f" writes the {pipeline.subform_of.field!r} rows of pipeline"
+            f" {pipeline.subform_of.pipeline!r}'s records; verify that pipeline for the records"
+            " themselves",
+        )
     source = await source_rows(source_dsn, pipeline)
     read = CrmRead()
     crm = await crm_records(client, pipeline, read)

@@ -10,7 +10,11 @@ that each check fails when its property is broken):
 * related tables (issue 21): every customer is in ``Accounts`` as in its table; every order's
   ``Account`` lookup names its customer's record (none for no customer); and in the write
   history, no ``Orders`` write ever named an ``Accounts`` record that did not exist yet, or
-  one of another customer than the write's ``Customer_Ref`` (a missing or wrong parent).
+  one of another customer than the write's ``Customer_Ref`` (a missing or wrong parent);
+* order lines (issue 21, the subform ``Orders.Lines``): every order in the CRM holds exactly its
+  table lines, in line-key order, unless the order's own newest version is dead-lettered (its
+  lines are then held for it); a line held ``PARENT_NOT_SYNCED`` at the end waits for such an
+  order, and no line dead letter has a transient reason.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class Report:
     crm_records: int = 0
     history_writes: int = 0
     lookup_writes: int = 0
+    line_orders: int = 0  # orders whose CRM rows were compared with their table lines
     dead_letters: int = 0
     dead_letter_codes: dict[str, int] = field(default_factory=dict)
     problems: dict[str, list[str]] = field(default_factory=dict)
@@ -69,6 +74,7 @@ class Report:
             "crm_records": self.crm_records,
             "history_writes_checked": self.history_writes,
             "lookup_writes_checked": self.lookup_writes,
+            "line_orders_checked": self.line_orders,
             "dead_letters": self.dead_letters,
             "dead_letter_codes": self.dead_letter_codes,
             "problem_counts": dict(self.counts),
@@ -293,4 +299,67 @@ def check_lookup_history(
                     "lookup_to_wrong_parent",
                     f"{where}: Account {account} is customer {legacy[account]},"
                     f" the write's is {ref}",
+                )
+
+
+# ---- order lines: the subform Orders.Lines (issue 21) -----------------------------------------
+
+
+def crm_lines(rec: dict[str, Any]) -> list[tuple[str, int | None]]:
+    """A CRM order's subform rows as (Product, Qty), in row order."""
+    return [
+        (str(r.get("Product")), None if r.get("Qty") is None else int(r["Qty"]))
+        for r in rec.get("Lines") or []
+    ]
+
+
+def check_lines(
+    table: dict[int, Row],
+    lines: dict[int, list[tuple[str, int]]],
+    crm_live: list[dict[str, Any]],
+    order_dls: list[DeadLetter],
+    report: Report,
+    key_field: str = "parent_id",
+) -> None:
+    """Each order in the CRM holds its table lines, in order (an order with none: no rows);
+    not checked for an order whose newest version is dead-lettered (open), whose lines wait."""
+    held = {d.key for d in order_dls if d.status == "open"}
+    for rec in crm_live:
+        key = str(rec.get(key_field))
+        if not key.isdigit() or int(key) not in table or key in held:
+            continue  # a deleted or refused order: check_end_state says what is wrong
+        want = lines.get(int(key), [])
+        got = crm_lines(rec)
+        report.line_orders += 1
+        if got != want:
+            report.problem(
+                "lines_different",
+                f"order {key}: CRM {len(got)} row(s) {got[:3]}…, table {len(want)} {want[:3]}…",
+            )
+
+
+def check_line_dead_letters(
+    line_dls: list[DeadLetter], order_dls: list[DeadLetter], report: Report
+) -> None:
+    """Line dead letters: ``PARENT_NOT_SYNCED`` still open only for an order that is itself
+    dead-lettered (open); none for a transient fault; every one with a reason."""
+    held_orders = {d.key for d in order_dls if d.status == "open"}
+    report.dead_letters += len(line_dls)
+    for d in line_dls:
+        report.dead_letter_codes[f"lines:{d.code}"] = (
+            report.dead_letter_codes.get(f"lines:{d.code}", 0) + 1
+        )
+        if not d.message.strip() or not d.code.strip():
+            report.problem("dead_letter_without_reason", f"line {d.key} v{d.version}")
+        elif d.code in TRANSIENT_CODES:
+            report.problem(
+                "line_dead_letter_for_transient_fault", f"line {d.key}: {d.code} {d.message}"
+            )
+        elif d.status == "open":
+            waits = d.code == PARENT_NOT_SYNCED and any(
+                f"orders/{k} " in d.message + " " for k in held_orders
+            )
+            if not waits:
+                report.problem(
+                    "line_still_dead_lettered", f"line {d.key} v{d.version}: {d.message[:160]}"
                 )

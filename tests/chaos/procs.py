@@ -39,8 +39,9 @@ ENTERPRISE_CREDITS_PER_USER = 1_000
 def emulator_toml(
     secrets: dict[str, str], *, rows_per_second: float = 10_000.0, users: int = 10
 ) -> str:
-    """The default emulator configuration plus an integer ``Rev`` field, the ``Account`` lookup
-    and ``Customer_Ref`` text fields of Orders and an ``Accounts`` module (issue 21), the run's
+    """The default emulator configuration plus an integer ``Rev`` field, the ``Account`` lookup,
+    ``Customer_Ref`` text and ``Lines`` subform fields of Orders and an ``Accounts`` module
+    (issue 21), the run's
     own client credentials, bulk jobs that take a few seconds (so kills land mid-job), and
     ``users`` licences (the org's daily credits: 50,000 + 1,000 per user)."""
     text = (ROOT / "connector" / "emulator" / "default.toml").read_text()
@@ -68,7 +69,11 @@ def emulator_toml(
         + '  { api_name = "Account", data_type = "lookup", label = "Account",'
         + ' lookup_module = "Accounts" },\n'
         + '  { api_name = "Customer_Ref", data_type = "text", label = "Customer Ref",'
-        + " length = 255 },\n",
+        + " length = 255 },\n"
+        + '  { api_name = "Lines", data_type = "subform", label = "Lines",'
+        + ' subform_module = "Order_Lines", subform_fields = ['
+        + '{ api_name = "Product", label = "Product" },'
+        + ' { api_name = "Qty", data_type = "integer", label = "Qty" }] },\n',
     )
     return text + ACCOUNTS_MODULE
 
@@ -163,6 +168,19 @@ max_staleness = "{max_staleness}"
 delete_mode = "delete"
 [pipelines.fields]
 {fields}
+
+# order lines: rows of the subform Orders.Lines (issue 21); each change of a line rewrites its
+# order's whole line set, by update, after the order is in the CRM
+[[pipelines]]
+name = "order_lines"
+source_table = "public.order_lines"
+key_column = "id"
+subform_of = {{ pipeline = "orders", field = "Lines", parent_column = "order_id" }}
+capture = "{capture}"
+max_staleness = "{max_staleness}"
+[pipelines.fields]
+product = "Product"
+qty = {{ field = "Qty", type = "integer" }}
 """
 
 

@@ -395,6 +395,8 @@ class State:
     accounts: list[dict[str, Any]] = field(default_factory=list)
     dls: list[checker.DeadLetter] = field(default_factory=list)
     customer_dls: list[checker.DeadLetter] = field(default_factory=list)
+    lines: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
+    line_dls: list[checker.DeadLetter] = field(default_factory=list)
 
 
 class Scenario:
@@ -617,7 +619,7 @@ class Scenario:
 
     # ------------------------------------------------------------------ checks
     async def snapshot_state(self) -> State:
-        """Both tables, both modules and both pipelines' dead letters, now."""
+        """The three tables, both modules and the pipelines' dead letters, now."""
         assert self.emulator is not None
         from tests.chaos.model import COLUMNS, CUSTOMER_COLUMNS
 
@@ -632,11 +634,22 @@ class Scenario:
             cur = await conn.execute(
                 "SELECT key, version, error_code, error_field, error_message, status, payload,"
                 " pipeline FROM connector.dead_letters"
-                " WHERE pipeline IN ('orders', 'customers')"
+                " WHERE pipeline IN ('orders', 'customers', 'order_lines')"
             )
+            by_pipeline = {
+                "orders": st.dls,
+                "customers": st.customer_dls,
+                "order_lines": st.line_dls,
+            }
             for r in await cur.fetchall():
                 letter = checker.DeadLetter(str(r[0]), int(r[1]), r[2], r[3], r[4], r[5], r[6])
-                (st.dls if r[7] == "orders" else st.customer_dls).append(letter)
+                by_pipeline[str(r[7])].append(letter)
+            cur = await conn.execute(
+                "SELECT order_id, product, qty FROM public.order_lines"
+                " WHERE order_id IS NOT NULL ORDER BY order_id, id"
+            )
+            for order, product, qty in await cur.fetchall():
+                st.lines.setdefault(int(order), []).append((str(product), int(qty)))
         st.crm = (await self.emulator.admin("GET", "records/Orders"))["records"]
         st.accounts = (await self.emulator.admin("GET", "records/Accounts"))["records"]
         return st
@@ -654,6 +667,7 @@ class Scenario:
             checker.check_end_state(st.table, st.crm, st.dls, report)
             checker.check_customers(wl.expected_customers(), st.customers, st.accounts, report)
             checker.check_lookups(st.table, st.crm, st.accounts, report)
+            checker.check_lines(st.table, st.lines, st.crm, st.dls, report)
             now = time.monotonic()
             backlog = sum(report.counts.values())
             if now - last_logged >= 15 or report.ok:
@@ -686,6 +700,7 @@ class Scenario:
         checker.check_model(wl.expected_rows(), st.table, report)
         checker.check_dead_letters(st.dls, report)
         checker.check_dead_letters(st.customer_dls, report)  # customers are never invalid
+        checker.check_line_dead_letters(st.line_dls, st.dls, report)
         # only what the checks read (the key, Rev and lookup of each write): full images of an
         # hour's writes took 6.5 GB here and the OOM killer ended a soak (issue 14)
         hist = await self.emulator.all_history(

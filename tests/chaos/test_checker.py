@@ -323,3 +323,49 @@ def test_a_released_hold_is_fine_and_one_still_open_is_not() -> None:
     report = checker.Report()
     checker.check_dead_letters([dataclasses.replace(held, status="open")], report)
     assert set(report.counts) == {"child_still_held"}
+
+
+def test_order_lines_equal_to_the_table_pass_and_any_difference_is_found() -> None:
+    table = _rows(3)
+    lines = {1: [("p1", 2), ("p2", 3)], 2: [("p3", 1)]}
+    crm = [_record(table[k]) for k in (1, 2, 3)]
+    crm[0]["Lines"] = [{"id": "s1", "Product": "p1", "Qty": 2}, {"Product": "p2", "Qty": 3}]
+    crm[1]["Lines"] = [{"Product": "p3", "Qty": 1}]
+    ok = checker.Report()
+    checker.check_lines(table, lines, crm, [], ok)  # order 3: no lines, no rows
+    assert ok.ok and ok.line_orders == 3
+    for broken, reason in [
+        ({1: [("p2", 3), ("p1", 2)], 2: lines[2]}, "rows in another order"),
+        ({1: lines[1], 2: [("p3", 2)]}, "an older quantity"),
+        ({1: lines[1], 2: lines[2], 3: [("p9", 1)]}, "a line missing"),
+        ({1: lines[1]}, "a deleted line still a row"),
+    ]:
+        bad = checker.Report()
+        checker.check_lines(table, broken, crm, [], bad)
+        assert bad.counts["lines_different"] == 1, reason
+    # an order whose newest version is dead-lettered: its lines wait, not checked
+    held = checker.Report()
+    letter = checker.DeadLetter("2", 5, "INVALID_DATA", "Amount", "refused", "open", None)
+    checker.check_lines(table, {1: lines[1], 2: [("p3", 2)]}, crm, [letter], held)
+    assert held.ok
+
+
+def test_line_dead_letters_only_for_orders_that_are_themselves_refused() -> None:
+    order_letter = checker.DeadLetter("7", 3, "INVALID_DATA", "Amount", "refused", "open", None)
+    waiting = checker.DeadLetter(
+        "40", 1, "PARENT_NOT_SYNCED", "Lines", "parent orders/7 is dead-lettered: …", "open", None
+    )
+    ok = checker.Report()
+    checker.check_line_dead_letters([waiting], [order_letter], ok)
+    assert ok.ok
+    bad = checker.Report()
+    checker.check_line_dead_letters([waiting], [], bad)  # order 7 fine: the line is stuck
+    assert bad.counts["line_still_dead_lettered"] == 1
+    transient = dataclasses.replace(waiting, code="INTERNAL_ERROR", status="resolved")
+    bad = checker.Report()
+    checker.check_line_dead_letters([transient], [], bad)
+    assert bad.counts["line_dead_letter_for_transient_fault"] == 1
+    resolved = dataclasses.replace(waiting, status="resolved")
+    ok = checker.Report()
+    checker.check_line_dead_letters([resolved], [], ok)
+    assert ok.ok

@@ -10,6 +10,11 @@ commits last), long transactions left open for hundreds of operations (they also
 Bulk Write job). PostgreSQL restarts happen at operation indices known in advance; no
 transaction is open across one (the hook runs between operations).
 
+Orders have lines (issue 21: rows of the subform ``Orders.Lines``): lines are inserted, changed,
+moved to another order and deleted in transactions of their own, and go with their order when
+it is deleted (a foreign key ``ON DELETE CASCADE``); the end state is checked against the table,
+not modelled here.
+
 Orders name customers (issue 21: a lookup to the customer's CRM record). A few name a customer
 that is inserted only later, by a later operation (the child waits for its parent, or is held
 and released); some name none; customers are inserted and updated in their own transactions
@@ -62,6 +67,14 @@ CREATE TABLE public.customers (
     name           text NOT NULL,
     rev            bigint NOT NULL
 );
+-- an order's lines go with it (ON DELETE CASCADE), as a legacy schema with a foreign key has it
+CREATE TABLE public.order_lines (
+    id             bigint PRIMARY KEY,
+    order_id       bigint REFERENCES public.orders (id) ON DELETE CASCADE,
+    product        text NOT NULL,
+    qty            integer NOT NULL
+);
+CREATE INDEX ON public.order_lines (order_id);
 """
 
 _INSERT = sql.SQL("INSERT INTO public.orders ({}) VALUES ({})").format(
@@ -124,6 +137,7 @@ class WorkloadStats:
     row_writes: int = 0
     customer_inserts: int = 0
     customer_updates: int = 0
+    line_writes: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
@@ -183,6 +197,8 @@ class Workload:
         self.customer_rev: dict[int, int] = {}
         self.pending_customers: list[int] = []
         self.next_customer = 1
+        # order lines: ids handed out so far (a line may be gone: its write then changes nothing)
+        self.next_line = 1
 
     # ------------------------------------------------------------------ model
     def expected_rows(self) -> dict[int, Row]:
@@ -294,8 +310,16 @@ class Workload:
                 async with cur.copy(copy_sql) as copy:
                     for r in rows:
                         await copy.write_row([r[c] for c in COLUMNS])
+                copy_l = "COPY public.order_lines (id, order_id, product, qty) FROM STDIN"
+                async with cur.copy(copy_l) as copy:
+                    for r in rows[: min(2_000, len(rows))]:  # two lines each
+                        for _ in range(2):
+                            line = self.next_line
+                            self.next_line += 1
+                            await copy.write_row([line, r["id"], f"p{line}", 1 + line % 9])
             await conn.execute("ANALYZE public.orders")
             await conn.execute("ANALYZE public.customers")
+            await conn.execute("ANALYZE public.order_lines")
         self._commit_model({int(r["id"]): r for r in rows})
         self.hot = self.live.items[: min(200, len(self.live))]
 
@@ -384,6 +408,48 @@ class Workload:
         else:
             return
         await self._customer_txn(key, self._new_customer(key))
+
+    async def _line_step(self) -> None:
+        """One transaction on order lines: 1-3 new lines of a live order (40 %), a line's
+        quantity changed (30 %), a line moved to another live order (15 %) or deleted (15 %).
+        A line picked may be gone (deleted, or with its order): the statement changes nothing.
+        A line written for an order deleted meanwhile fails on the foreign key: rolled back."""
+        r = self.rng.random()
+        qty = self.rng.randint(1, 99)
+        picked = self.rng.randrange(1, self.next_line) if self.next_line > 1 else 0
+        if r < 0.4 or not picked:
+            order = self._pick_live()
+            if order is None:
+                return
+            ids = list(range(self.next_line, self.next_line + self.rng.randint(1, 3)))
+            self.next_line += len(ids)
+            stmts = [
+                (
+                    "INSERT INTO public.order_lines (id, order_id, product, qty)"
+                    " VALUES (%s, %s, %s, %s)",
+                    (i, order, f"p{i}", qty),
+                )
+                for i in ids
+            ]
+        elif r < 0.7:
+            stmts = [("UPDATE public.order_lines SET qty = %s WHERE id = %s", (qty, picked))]
+        elif r < 0.85:
+            order = self._pick_live()
+            if order is None:
+                return
+            stmts = [("UPDATE public.order_lines SET order_id = %s WHERE id = %s", (order, picked))]
+        else:
+            stmts = [("DELETE FROM public.order_lines WHERE id = %s", (picked,))]
+        conn = await self._main()
+        self.stats.line_writes += 1
+        try:
+            async with conn.transaction():
+                for q, params in stmts:
+                    await conn.execute(q, params)
+        except psycopg.OperationalError:
+            await self._drop_main()
+        except psycopg.errors.ForeignKeyViolation:
+            pass  # the order was deleted by a transaction committed since it was picked
 
     async def _insert_pending_customers(self) -> None:
         """At the end of a run: every customer an order named exists (a connection error
@@ -549,6 +615,9 @@ class Workload:
         if self.rng.random() < 0.06:
             await self._customer_step()
             return
+        if self.rng.random() < 0.06:
+            await self._line_step()
+            return
         r = self.rng.random()
         if r < 0.25:
             k = self.next_id
@@ -618,3 +687,15 @@ class Workload:
             return {
                 int(r[0]): dict(zip(CUSTOMER_COLUMNS, r, strict=True)) for r in await cur.fetchall()
             }
+
+    async def table_lines(self) -> dict[int, list[tuple[str, int]]]:
+        """Each order's lines (product, qty) in line-key order, from the table."""
+        async with await psycopg.AsyncConnection.connect(self.dsn) as conn:
+            cur = await conn.execute(
+                "SELECT order_id, product, qty FROM public.order_lines"
+                " WHERE order_id IS NOT NULL ORDER BY order_id, id"
+            )
+            out: dict[int, list[tuple[str, int]]] = {}
+            for order, product, qty in await cur.fetchall():
+                out.setdefault(int(order), []).append((str(product), int(qty)))
+            return out
