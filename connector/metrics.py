@@ -33,7 +33,7 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 PREFIX = "connector_"
 
 OPS = ("insert", "update", "delete", "snapshot", "truncate")
-EMIT_APIS = ("upsert", "bulk", "delete", "mark")
+EMIT_APIS = ("upsert", "bulk", "delete", "mark", "update")
 EMIT_OUTCOMES = ("success", "rejected", "skipped", "unchanged")
 CALL_APIS = (
     "token",
@@ -169,7 +169,8 @@ class Metrics:
         # emitting
         self.records_emitted_total = Counter(
             f"{p}records_emitted_total",
-            "Records sent to the CRM, by API (upsert|bulk|delete|mark) and outcome "
+            "Records sent to the CRM, by API (upsert|bulk|delete|mark|update: a subform"
+            " pipeline's parent records, each with its complete line set) and outcome "
             "(success|rejected|skipped|unchanged: not sent, its mapped record equals the one "
             "the CRM last acknowledged).",
             ["pipeline", "api", "outcome"],

@@ -25,6 +25,7 @@ from connector.emulator import start_emulator
 from connector.emulator.server import EmulatorHandle
 from connector.engine import Engine
 from connector.errors import ConfigError, SchemaChanged
+from connector.metrics import Metrics
 from connector.parents import PARENT_NOT_SYNCED
 from connector.pipeline import build_pipeline, chain_credits
 from connector.verify import verify
@@ -210,11 +211,16 @@ async def test_line_changes_are_one_write_of_each_order_with_its_complete_line_s
     await shop.write(
         "INSERT INTO public.order_lines VALUES (1, 1, 'a', 1), (2, 1, 'b', 2), (3, 2, 'c', 3)"
     )
-    child = await build(lines())
+    metrics = Metrics()
+    child = await build(lines(), metrics=metrics)
     assert child.cost.bulk_write is False  # Bulk Write takes no subform column
     await child.drain()
     assert crm_lines(emu) == await shop.lines()
     assert updates(emu) == 1  # two orders, one call
+    emitted = metrics.records_emitted_total.labels(
+        pipeline="order_lines", api="update", outcome="success"
+    )
+    assert emitted._value.get() == 2  # the orders written, not the lines
 
     # ten changes of order 3's lines in one transaction: one write of order 3
     await shop.write(
