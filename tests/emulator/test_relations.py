@@ -214,6 +214,37 @@ async def test_subform_rows_kept_replaced_and_removed_as_documented(remu, rapi: 
     assert st_ == 200 and _order(remu, "o1")["Lines"] == []
 
 
+async def test_subform_rows_replaced_by_an_update_naming_only_the_id_and_the_subform(
+    remu, rapi: Api
+) -> None:
+    """What the subform engine sends (connector/emitter_subform.py): Update Records (PUT) with
+    the record's id and the complete row set, no other field. Zoho's "Update Subform Data"
+    page documents this call: rows without an id are created, rows not named are deleted, the
+    record's other fields stay; an unknown or deleted record id is INVALID_DATA with
+    ``{"id": …}`` (zoho-crm-api.md §3)."""
+    st_, item = await _upsert(
+        rapi, {"Name": "O1", "Legacy_Id": "o1", "Lines": [{"Product": "a", "Qty": 1}]}
+    )
+    rid = item["details"]["id"]
+    st_, _, body = await rapi.call(
+        "PUT",
+        "/crm/v8/Orders",
+        json={"data": [{"id": rid, "Lines": [{"Product": "b", "Qty": 2}, {"Product": "c"}]}]},
+    )
+    assert st_ == 200 and body["data"][0]["status"] == "success", body
+    order = _order(remu, "o1")
+    assert [(r["Product"], r.get("Qty")) for r in order["Lines"]] == [("b", 2), ("c", None)]
+    assert order["Name"] == "O1"  # not named: kept
+    st_, _, body = await rapi.call("DELETE", "/crm/v8/Orders", params={"ids": rid})
+    assert st_ == 200
+    st_, _, body = await rapi.call(
+        "PUT", "/crm/v8/Orders", json={"data": [{"id": rid, "Lines": []}]}
+    )
+    item = body["data"][0]
+    assert item["code"] == "INVALID_DATA" and item["details"] == {"id": rid}, body
+    assert item["message"] == "the id given seems to be invalid"
+
+
 async def test_subform_row_id_on_insert_is_refused(remu, rapi: Api) -> None:
     st_, item = await _upsert(
         rapi, {"Name": "O1", "Legacy_Id": "o1", "Lines": [{"id": "4876876000001000001"}]}
