@@ -312,11 +312,32 @@ class Snapshotter:
             srow = await cur.fetchone()
             assert srow is not None
             snapshot_text, xmax = str(srow[0]), str(srow[1])
-            where = (
-                sql.SQL("WHERE t.{} IS NOT NULL").format(key)
-                if cursor_value is None
-                else sql.SQL("WHERE t.{} > %s").format(key)
-            )
+            # the rows in the table when the first chunk is read, and no later ones: a row
+            # inserted since is captured live, and reading it again would never end while
+            # inserts go on at growing keys (migration 13). A snapshot started before that
+            # migration has no bound (``upper_known`` false), as then.
+            bounded = snap_row.upper_known
+            upper_value = _key_param(snap_row.upper_key)
+            if cursor_value is None:
+                ucur = await src.execute(  # ORDER BY as the chunks (max() lacks some types)
+                    sql.SQL(
+                        "SELECT to_jsonb(t.{key})::text FROM {table} AS t"
+                        " WHERE t.{key} IS NOT NULL ORDER BY t.{key} DESC LIMIT 1"
+                    ).format(key=key, table=table)
+                )
+                urow = await ucur.fetchone()
+                upper_json = urow[0] if urow is not None else None
+                upper = orjson.loads(upper_json) if upper_json is not None else None
+                await state.set_snapshot_upper(st, self.schema, p.name, upper)
+            where: sql.Composable
+            if cursor_value is None:
+                where = sql.SQL("WHERE t.{} IS NOT NULL").format(key)
+            elif bounded and upper_value is None:  # no keyed row at the start: nothing more
+                where = sql.SQL("WHERE false")
+            elif bounded:
+                where = sql.SQL("WHERE t.{key} > %s AND t.{key} <= %s").format(key=key)
+            else:
+                where = sql.SQL("WHERE t.{} > %s").format(key)
             keyless: list[str] = []
             if cursor_value is None:  # the first chunk, in its snapshot: rows without a key
                 kcur = await src.execute(
@@ -330,7 +351,11 @@ class Snapshotter:
                 " FROM {table} AS t {where} ORDER BY t.{key} LIMIT %s"
             ).format(key=key, table=table, where=where)
             params: tuple[Any, ...] = (
-                (self.chunk_size,) if cursor_value is None else (cursor_value, self.chunk_size)
+                (self.chunk_size,)
+                if cursor_value is None or (bounded and upper_value is None)
+                else (cursor_value, upper_value, self.chunk_size)
+                if bounded
+                else (cursor_value, self.chunk_size)
             )
             keys: list[str] = []
             rows: list[str] = []

@@ -27,6 +27,11 @@ class SnapshotRow:
     report: dict[str, Any] | None
     started_at: datetime
     finished_at: datetime | None
+    # the largest key when the first chunk was read (JSON, as cursor): chunks read up to it
+    # (rows inserted later are captured live); ``upper_known`` False: no bound (not read yet,
+    # or a snapshot started before migration 13)
+    upper_key: Any = None
+    upper_known: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +44,7 @@ class ChunkRow:
 
 Q_SNAPSHOT_GET = """
 SELECT pipeline, status, cursor, chunks_done, rows_read, estimated_rows, report, started_at,
-       finished_at
+       finished_at, upper_key, upper_known
   FROM {schema}.snapshots WHERE pipeline = %s
 """
 
@@ -49,7 +54,12 @@ VALUES (%s, 'running', %s)
 ON CONFLICT (pipeline) DO UPDATE
    SET status = 'running', cursor = NULL, chunks_done = 0, rows_read = 0,
        estimated_rows = EXCLUDED.estimated_rows, report = NULL, started_at = now(),
-       finished_at = NULL
+       finished_at = NULL, upper_key = NULL, upper_known = false
+"""
+
+Q_SNAPSHOT_UPPER = """
+UPDATE {schema}.snapshots SET upper_key = %s, upper_known = true
+ WHERE pipeline = %s AND status = 'running'
 """
 
 Q_NEXT_CHUNK_NO = """
@@ -106,6 +116,13 @@ async def start_snapshot(
     """Begin (or restart from scratch) the pipeline's snapshot. Earlier chunks are kept: outbox
     rows not yet read still need their chunk's snapshot to be ordered."""
     await conn.execute(_q(Q_SNAPSHOT_START, schema), (pipeline, estimated_rows))
+
+
+async def set_snapshot_upper(conn: AnyConn, schema: str, pipeline: str, upper: Any) -> None:
+    """Record the largest key of the first chunk's snapshot (None: the table had no keyed row)."""
+    await conn.execute(
+        _q(Q_SNAPSHOT_UPPER, schema), (Jsonb(upper) if upper is not None else None, pipeline)
+    )
 
 
 async def insert_chunk(

@@ -55,6 +55,7 @@ from connector.snapshot_state import (
     get_snapshot,
     insert_chunk,
     next_chunk_no,
+    set_snapshot_upper,
     snapshot_progress,
     start_snapshot,
 )
@@ -533,6 +534,7 @@ __all__ = [
     "insert_chunk",
     "next_chunk_no",
     "open_bulk_jobs",
+    "set_snapshot_upper",
     "snapshot_progress",
     "start_snapshot",
 ]

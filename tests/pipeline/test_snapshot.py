@@ -336,3 +336,38 @@ async def test_credits_written_once_when_a_cancel_lands_on_the_ledger_commit(dat
     rows = await fetch(database, "SELECT api, credits FROM connector.credit_ledger")
     assert rows == [("bulk_create", 500)]
     assert recorder.pending() == 0
+
+
+async def test_snapshot_ends_at_the_rows_there_when_it_started_while_inserts_go_on(
+    legacy: str,
+) -> None:
+    """New orders keep arriving at growing keys while the initial sync runs: it reads the
+    2,500 rows that were there at its first chunk and ends; the rows inserted since are in the
+    outbox as live inserts (captured), not read again. Before migration 13 each chunk found
+    the rows inserted while the previous one was sent, and under a steady insert stream the
+    snapshot never ended (session 20's soak: still running after 22 minutes, the order lines'
+    initial sync waiting for it)."""
+    await _preexisting(legacy, 2_500)
+    pipeline = pipeline_config(snapshot="auto", snapshot_chunk_size=1_000)
+    snap = Snapshotter(pipeline, source_dsn=legacy, state_dsn=legacy, schema=SCHEMA)
+    next_id = 10_001
+    chunks = 0
+
+    async def meanwhile(chunk: object) -> None:  # 300 new orders while each chunk is sent
+        nonlocal next_id, chunks
+        chunks += 1
+        if chunks <= 6:
+            await execute(legacy, *insert_sql(300, start=next_id, tag="live"))
+            next_id += 300
+
+    row = await snap.run(chunk_sent=meanwhile)
+    assert (row.rows_read, row.chunks_done) == (2_500, 3)
+    live = await fetch(
+        legacy,
+        "SELECT count(*) FROM connector.outbox WHERE op = 'insert' AND key::bigint > 10000",
+    )
+    assert live[0][0] == 900  # 3 chunks × 300: captured live, not read by the snapshot
+    # restarted, it reads the table as it is then (the bound is taken again)
+    await snap.prepare(restart=True)
+    row = await snap.run()
+    assert row.rows_read == 2_500 + 900
