@@ -73,7 +73,8 @@ SELECT DISTINCT d.key
     ON p.pipeline = d.error_details #>> '{{waiting_for,pipeline}}'
    AND p.key = d.error_details #>> '{{waiting_for,key}}'
  WHERE d.pipeline = %s AND d.status = 'open' AND d.error_code = %s
-   AND p.status = 'synced' AND NOT p.deleted AND p.crm_id IS NOT NULL
+   AND p.status = 'synced'
+   AND ((NOT p.deleted AND p.crm_id IS NOT NULL) OR (%s AND p.deleted))
  LIMIT %s
 """
 
@@ -163,14 +164,20 @@ async def parent_view(
     return view
 
 
-async def released_children(conn: AnyConn, schema: str, pipeline: str, limit: int) -> list[str]:
+async def released_children(
+    conn: AnyConn, schema: str, pipeline: str, limit: int, *, deleted_parents: bool = False
+) -> list[str]:
     """Keys of ``pipeline`` held ``PARENT_NOT_SYNCED`` (open dead letters) whose parent is in
     the CRM now and whose hold is the key's latest outcome: the engine sends their newest
     version again. Holds superseded by a newer outcome of their key are resolved first (else
     a hold of an older version, behind a newer one dead-lettered for a data reason, would
-    release the key again and again)."""
+    release the key again and again). ``deleted_parents`` (a subform pipeline): a parent
+    deleted since releases its children too, as their lines need no write any more (a lookup
+    child would only be held again: "is deleted")."""
     await conn.execute(_q(Q_SUPERSEDED, schema), (pipeline, pf.PARENT_NOT_SYNCED))
-    cur = await conn.execute(_q(Q_RELEASED, schema), (pipeline, pf.PARENT_NOT_SYNCED, limit))
+    cur = await conn.execute(
+        _q(Q_RELEASED, schema), (pipeline, pf.PARENT_NOT_SYNCED, deleted_parents, limit)
+    )
     return sorted(str(_as_dict(cur, r)["key"]) for r in await cur.fetchall())
 
 

@@ -120,7 +120,13 @@ class OutboxReading:
         busy = self.coalescer.pending().keys() | set(self.coalescer.in_flight())
         keys = [
             k
-            for k in await released_children(conn, self.schema, name, RELEASE_LIMIT)
+            for k in await released_children(
+                conn,
+                self.schema,
+                name,
+                RELEASE_LIMIT,
+                deleted_parents=self.pipeline.subform_of is not None,
+            )
             if k not in busy
         ]
         if not keys:
