@@ -71,11 +71,12 @@ class PipelineRules(PipelineLinks, Protocol):
 #: scenario in both capture modes. False would refuse every ``type = "lookup"`` field at start.
 ENGINE_SUPPORTS_LOOKUPS = True
 
-#: Whether the engine writes subform pipelines (one update of each parent carrying its complete
-#: current line set, docs/related-tables.md "Part 2b-iii as built"): it does since session 20
-#: (``emitter_subform``), run under faults by the chaos runner's order lines in both capture
-#: modes. False would refuse every ``subform_of`` pipeline at start.
-ENGINE_SUPPORTS_SUBFORMS = True
+#: Whether subform pipelines are accepted at start. The engine writes them (session 20,
+#: ``emitter_subform``; tests in both capture modes), but the 45-minute soak of session 20 found
+#: orders whose CRM rows kept a line that had moved away or been deleted (docs/related-tables.md,
+#: "Part 2b-iii as built", open defects), so they stay refused until that is fixed and soaked.
+#: True runs the chaos runner's order lines too (tests/chaos/procs.py).
+ENGINE_SUPPORTS_SUBFORMS = False
 
 
 def lookup_columns(p: PipelineLinks) -> Iterator[tuple[str, str | None]]:
@@ -333,8 +334,8 @@ def check_subforms(
     if first is not None and not supported:
         raise ConfigError(
             first,
-            "subform_of is not yet supported by the engine (issue 21): the mapping and the"
-            " emulator know subforms, but the engine does not yet write a parent with its"
-            " complete line set, so a line change could delete other lines' rows; leave this"
-            " pipeline out for now (docs/related-tables.md)",
+            "subform_of is not yet supported by the engine (issue 21): the engine writes"
+            " subforms, but a soak found orders whose CRM rows kept a line that had moved to"
+            " another order or been deleted; leave this pipeline out for now"
+            " (docs/related-tables.md)",
         )

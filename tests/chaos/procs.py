@@ -115,6 +115,7 @@ def connector_toml(
 
     fields = lines(FIELDS)
     customer_fields = lines(CUSTOMER_FIELDS)
+    with_lines = subforms_on()
     return f"""\
 [crm]
 data_centre = "custom"
@@ -168,7 +169,18 @@ max_staleness = "{max_staleness}"
 delete_mode = "delete"
 [pipelines.fields]
 {fields}
+{LINES_PIPELINE.format(capture=capture, max_staleness=max_staleness) if with_lines else ""}"""
 
+
+def subforms_on() -> bool:
+    """Whether the connector accepts subform pipelines: only then does a chaos run sync the
+    order lines (the table and its workload are there either way)."""
+    from connector import config_relations
+
+    return config_relations.ENGINE_SUPPORTS_SUBFORMS
+
+
+LINES_PIPELINE = """
 # order lines: rows of the subform Orders.Lines (issue 21); each change of a line rewrites its
 # order's whole line set, by update, after the order is in the CRM
 [[pipelines]]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.chaos.procs import subforms_on
 from tests.chaos.scenario import Params, run_pair
 
 SEEDS = {"triggers": 20240928, "logical": 20240929}
@@ -48,5 +49,5 @@ async def test_chaos_run(tmp_path: Path, capture: str) -> None:
     assert chaos.workload["mass_updates"] >= 1 and chaos.workload["long_open"] >= 1
     assert chaos.report is not None and chaos.report.invalid_rows > 0
     assert chaos.report.lookup_writes > 0  # orders' lookups were written and checked
-    # orders' subform rows were compared with their lines (issue 21), some of them non-empty
-    assert chaos.report.line_orders > 0
+    # orders' subform rows were compared with their lines (issue 21), when subforms are on
+    assert chaos.report.line_orders > 0 or not subforms_on()
