@@ -111,6 +111,9 @@ class SubformWrites:
         def _count(self, api: str, outcome: str, n: int = 1) -> None: ...
 
     def _lines_mapper(self) -> SubformMapper:
+        """The pipeline's mapper: built once (``_subform`` keeps it with the column type)."""
+        if self._subform is not None:
+            return self._subform[0]
         sub = self.pipeline.subform_of
         assert sub is not None
         return SubformMapper(self.pipeline, self.parents[sub.pipeline])
