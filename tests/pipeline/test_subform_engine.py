@@ -468,3 +468,65 @@ async def test_a_line_held_for_a_refused_order_is_released_when_the_order_is_del
     await asyncio.sleep(2.5)  # more than one release interval
     await child.drain()
     assert await open_letters(shop.dsn, "order_lines") == []
+
+
+async def test_a_line_moved_to_a_refused_order_leaves_the_order_it_left(
+    shop: Shop, emu: EmulatorHandle, build: Build
+) -> None:
+    """The line moves from order 1 to order 2, whose newest version is refused (no Name:
+    mandatory). The line is held for order 2 (PARENT_NOT_SYNCED), but order 1 is in the CRM:
+    it is written without the line at once (session 20's soak found it kept the line, as the
+    whole line was held). Once order 2 is fixed, the line lands there."""
+    await shop.write("INSERT INTO public.orders VALUES (1, 'o1'), (2, 'o2')")
+    orders_engine = await build(orders())
+    await orders_engine.drain()
+    await shop.write("INSERT INTO public.order_lines VALUES (1, 1, 'a', 1), (2, 1, 'b', 2)")
+    child = await build(lines())
+    await child.drain()
+    assert crm_lines(emu) == {"1": [("a", 1), ("b", 2)], "2": []}
+    await shop.write("UPDATE public.orders SET name = NULL WHERE id = 2")
+    await orders_engine.drain()  # refused: order 2 is dead-lettered
+    await shop.write("UPDATE public.order_lines SET order_id = 2 WHERE id = 1")
+    await child.drain()
+    assert crm_lines(emu) == {"1": [("b", 2)], "2": []}  # order 1 no longer holds line 1
+    letters = await open_letters(shop.dsn, "order_lines")
+    assert [(d.key, d.error_code, d.error_details) for d in letters] == [
+        ("1", PARENT_NOT_SYNCED, {"waiting_for": {"pipeline": "orders", "key": "2"}})
+    ]
+
+    await shop.write("UPDATE public.orders SET name = 'o2 fixed' WHERE id = 2")
+    await orders_engine.drain()
+    for _ in range(100):  # released by the engine's release pass
+        await child.drain()
+        if crm_lines(emu) == await shop.lines():
+            break
+        await asyncio.sleep(0.1)
+    assert crm_lines(emu) == await shop.lines() == {"1": [("b", 2)], "2": [("a", 1)]}
+    assert await open_letters(shop.dsn, "order_lines") == []
+
+
+async def test_a_line_moved_then_deleted_rewrites_both_orders(
+    shop: Shop, emu: EmulatorHandle, build: Build
+) -> None:
+    """Each line moves from its order to the next one and is then deleted, before the lines'
+    pipeline sends anything: the newest change is a delete whose image (triggers: the old row)
+    names the order it moved to, while the line was last written under the one it left. Both
+    orders are rewritten (session 20's soak found the order it left keeping the line, as the
+    two orders were named under one field and one of them was dropped)."""
+    n = 12
+    await shop.write(
+        f"INSERT INTO public.orders SELECT g, 'o' || g FROM generate_series(1, {n + 1}) g"
+    )
+    await (await build(orders())).drain()
+    await shop.write(
+        f"INSERT INTO public.order_lines SELECT g, g, 'p' || g, g FROM generate_series(1, {n}) g"
+    )
+    child = await build(lines())
+    await child.drain()
+    assert all(len(v) == 1 for k, v in crm_lines(emu).items() if int(k) <= n)
+    await shop.write("UPDATE public.order_lines SET order_id = order_id + 1")
+    await shop.write("DELETE FROM public.order_lines")
+    await child.drain()
+    assert crm_lines(emu) == await shop.lines()
+    assert all(v == [] for v in crm_lines(emu).values())
+    assert await open_letters(shop.dsn, "order_lines") == []
