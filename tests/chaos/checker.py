@@ -139,8 +139,9 @@ def check_dead_letters(dead_letters: list[DeadLetter], report: Report) -> None:
     """No dead letter for a transient fault or a valid row. A child held ``PARENT_NOT_SYNCED``
     (its customer not in the CRM by its deadline) is not a failure once released (resolved);
     still open at the end, when every customer exists, it is."""
-    report.dead_letters = len(dead_letters)
-    report.dead_letter_codes = dict(Counter(d.code for d in dead_letters))
+    report.dead_letters += len(dead_letters)  # added up over the pipelines checked
+    for code, n in Counter(d.code for d in dead_letters).items():
+        report.dead_letter_codes[code] = report.dead_letter_codes.get(code, 0) + n
     for d in dead_letters:
         if d.code == PARENT_NOT_SYNCED:
             if d.status == "open":
