@@ -71,12 +71,12 @@ class PipelineRules(PipelineLinks, Protocol):
 #: scenario in both capture modes. False would refuse every ``type = "lookup"`` field at start.
 ENGINE_SUPPORTS_LOOKUPS = True
 
-#: Whether subform pipelines are accepted at start. The engine writes them (session 20,
-#: ``emitter_subform``; tests in both capture modes), but the 45-minute soak of session 20 found
-#: orders whose CRM rows kept a line that had moved away or been deleted (docs/related-tables.md,
-#: "Part 2b-iii as built", open defects), so they stay refused until that is fixed and soaked.
-#: True runs the chaos runner's order lines too (tests/chaos/procs.py).
-ENGINE_SUPPORTS_SUBFORMS = False
+#: Whether subform pipelines are accepted at start (issue 21, ``emitter_subform``). Switched off
+#: in session 20 when the soak found orders whose CRM rows kept a line that had moved away or
+#: been deleted; on again in session 21 with both defects fixed and tested
+#: (docs/related-tables.md, "Defects found by the soak"). A kill switch: False refuses every
+#: ``subform_of`` at start and leaves the chaos runner's order lines out (tests/chaos/procs.py).
+ENGINE_SUPPORTS_SUBFORMS = True
 
 
 def lookup_columns(p: PipelineLinks) -> Iterator[tuple[str, str | None]]:
@@ -334,8 +334,7 @@ def check_subforms(
     if first is not None and not supported:
         raise ConfigError(
             first,
-            "subform_of is not yet supported by the engine (issue 21): the engine writes"
-            " subforms, but a soak found orders whose CRM rows kept a line that had moved to"
-            " another order or been deleted; leave this pipeline out for now"
+            "subform_of is not yet supported by the engine (issue 21): subforms are switched"
+            " off in this build (ENGINE_SUPPORTS_SUBFORMS); leave this pipeline out"
             " (docs/related-tables.md)",
         )

@@ -230,29 +230,28 @@ def test_a_lookup_may_not_point_to_a_subform_pipeline() -> None:
     assert "a subform pipeline" in str(err)
 
 
-def test_subforms_refused_at_start_and_accepted_with_the_switch_on(
+def test_subforms_accepted_at_start_and_refused_with_the_switch_off(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The engine writes subforms (issue 21 part 2b-iii), but they stay refused at start
-    until the soak's open defects are fixed: the refusal names the key; with the switch on,
-    a configuration with a subform pipeline is valid and `connector config check` accepts
-    it."""
+    """The engine writes subforms (issue 21): a configuration with a subform pipeline is valid
+    and `connector config check` accepts it. The kill switch off refuses it at start, naming
+    the key, and `connector run` stops before anything is started."""
+    parse_settings(settings_data(ORDERS, LINES))
+    path = tmp_path / "connector.toml"
+    path.write_text(TOML)
+    assert main(["config", "check", str(path)]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(config_relations, "ENGINE_SUPPORTS_SUBFORMS", False)
     with pytest.raises(ConfigError) as exc:
         parse_settings(settings_data(ORDERS, LINES))
     assert exc.value.key == "pipelines['order_lines'].subform_of"
     assert "not yet supported by the engine (issue 21)" in str(exc.value)
     assert "docs/related-tables.md" in str(exc.value)
-    path = tmp_path / "connector.toml"
-    path.write_text(TOML)
     assert main(["config", "check", str(path)]) == 2
     err = capsys.readouterr().err
     assert "subform_of is not yet supported by the engine (issue 21)" in err
     assert "order_lines" in err
     assert main(["run", "--config", str(path)]) == 2
-    capsys.readouterr()
-    monkeypatch.setattr(config_relations, "ENGINE_SUPPORTS_SUBFORMS", True)
-    parse_settings(settings_data(ORDERS, LINES))
-    assert main(["config", "check", str(path)]) == 0
 
 
 def test_config_without_subforms_is_unchanged() -> None:
