@@ -76,7 +76,6 @@ UPDATE {schema}.dead_letters d SET status = 'resolved', updated_at = now()
 """
 
 
-
 def left_field(field: str, parent_key: str) -> str:
     """The gate's name of a parent the line leaves (the dead letter's field when the line waits
     for that one): ``Lines (left 470)``. One name per parent: a delete whose image names the
