@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from aiohttp import web
@@ -425,20 +425,24 @@ async def coql_query(request: web.Request) -> web.StreamResponse:
     except coql.CoqlError as e:
         raise ApiError(400, e.code, e.message, e.details) from None
     store = state.stores.get(query.module)
-    if store is None:
+    # a subform module's rows are records of their own in COQL (coql.subform_rows)
+    sub = coql.subform_rows(state.stores, query.module) if store is None else None
+    source: Iterable[dict[str, Any]]
+    if store is not None:
+        columns = list(store.m.fields)
+        known = set(columns) | {"id", "Created_Time", "Modified_Time", "Created_By", "Modified_By"}
+        source = store.records.values()
+    elif sub is not None:
+        columns = [*sub.fields, coql.PARENT_ID]
+        known = {*columns, "id"}
+        source = sub.rows
+    else:
         raise ApiError(
             400,
             "INVALID_QUERY",
             "invalid query formed",
             {"reason": f"module {query.module} is invalid"},
         )
-    known = set(store.m.fields) | {
-        "id",
-        "Created_Time",
-        "Modified_Time",
-        "Created_By",
-        "Modified_By",
-    }
     for f in [*query.fields, *query.where_fields, *([query.order_by] if query.order_by else [])]:
         if f != "*" and f not in known:
             raise ApiError(
@@ -446,7 +450,7 @@ async def coql_query(request: web.Request) -> web.StreamResponse:
             )
     cost = 1 if query.limit <= 200 else 2 if query.limit <= 1000 else 3
     await admit(request, "coql", cost, heavy=True)
-    recs = [r for r in store.records.values() if query.where is None or query.where(r)]
+    recs = [r for r in source if query.where is None or query.where(r)]
     if query.order_by:
         ob = query.order_by
         if ob == "id":  # record ids are numeric strings: order them as numbers
@@ -459,7 +463,7 @@ async def coql_query(request: web.Request) -> web.StreamResponse:
     chunk = recs[query.offset : query.offset + query.limit]
     if not chunk:
         return web.Response(status=204)
-    fields = list(store.m.fields) if query.fields == ["*"] else query.fields
+    fields = columns if query.fields == ["*"] else query.fields
     return json_response(
         {
             "data": [_project(r, fields) for r in chunk],
