@@ -50,6 +50,7 @@ class Report:
     history_writes: int = 0
     lookup_writes: int = 0
     line_orders: int = 0  # orders whose CRM rows were compared with their table lines
+    line_set_writes: int = 0  # writes of an order's subform rows read from the history
     dead_letters: int = 0
     dead_letter_codes: dict[str, int] = field(default_factory=dict)
     problems: dict[str, list[str]] = field(default_factory=dict)
@@ -75,6 +76,7 @@ class Report:
             "history_writes_checked": self.history_writes,
             "lookup_writes_checked": self.lookup_writes,
             "line_orders_checked": self.line_orders,
+            "line_set_writes_checked": self.line_set_writes,
             "dead_letters": self.dead_letters,
             "dead_letter_codes": self.dead_letter_codes,
             "problem_counts": dict(self.counts),
@@ -337,6 +339,34 @@ def check_lines(
                 "lines_different",
                 f"order {key}: CRM {len(got)} row(s) {got[:3]}…, table {len(want)} {want[:3]}…",
             )
+
+
+def check_line_history(history: dict[str, list[dict[str, Any]]], report: Report) -> None:
+    """No write ever carried an older line set (issue 21): per CRM record, in write order, each
+    line's quantity never goes down (the workload only raises it), so a set read before a
+    change and written after one read later shows as a quantity that fell. Per record only:
+    two orders are written under two locks, so a line moved between them can be read at two
+    moments in either order. ``history``: writes with ``Lines`` only where they replaced it
+    (``emulator_main._slim_history``)."""
+    for rid, entries in history.items():
+        last: dict[str, int] = {}
+        for h in entries:
+            rows = (h.get("values") or {}).get("Lines")
+            if rows is None or h.get("api") == "delete":
+                continue
+            report.line_set_writes += 1
+            for row in rows:
+                product, qty = str(row.get("Product")), row.get("Qty")
+                if qty is None:
+                    continue
+                before = last.get(product)
+                if before is not None and int(qty) < before:
+                    report.problem(
+                        "line_set_older",
+                        f"record {rid}: line {product} Qty {before} then {qty}"
+                        f" ({h.get('api')} at {h.get('timestamp')})",
+                    )
+                last[product] = max(int(qty), before or 0)
 
 
 def check_line_dead_letters(

@@ -710,12 +710,14 @@ class Scenario:
         # only what the checks read (the key, Rev and lookup of each write): full images of an
         # hour's writes took 6.5 GB here and the OOM killer ended a soak (issue 14)
         hist = await self.emulator.all_history(
-            "Orders", fields="parent_id,Rev,Account,Customer_Ref"
+            "Orders", fields="parent_id,Rev,Account,Customer_Ref" + (",Lines" * subforms_on())
         )
         accounts = await self.emulator.all_history("Accounts", fields="Legacy_Id,Rev")
         checker.check_history(hist["history"], report)
         checker.check_history(accounts["history"], report, key_field="Legacy_Id")
         checker.check_lookup_history(hist["history"], accounts["history"], report)
+        if subforms_on():
+            checker.check_line_history(hist["history"], report)
         del hist, accounts
         return report
 

@@ -51,3 +51,4 @@ async def test_chaos_run(tmp_path: Path, capture: str) -> None:
     assert chaos.report.lookup_writes > 0  # orders' lookups were written and checked
     # orders' subform rows were compared with their lines (issue 21), when subforms are on
     assert chaos.report.line_orders > 0 or not subforms_on()
+    assert chaos.report.line_set_writes > 0 or not subforms_on()  # the history check ran

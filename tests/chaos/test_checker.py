@@ -369,3 +369,46 @@ def test_line_dead_letters_only_for_orders_that_are_themselves_refused() -> None
     ok = checker.Report()
     checker.check_line_dead_letters([resolved], [], ok)
     assert ok.ok
+
+
+def test_an_older_line_set_written_after_a_newer_one_is_found() -> None:
+    """Per record, in write order, a line's quantity only grows (the workload only raises
+    it): a write carrying a lower one wrote a set read before a change. A line that left and
+    came back with a higher quantity, or is in another record, is not a problem."""
+
+    def w(rows: list[tuple[str, int]] | None, api: str = "update") -> dict[str, Any]:
+        values: dict[str, Any] = {"parent_id": "1"}
+        if rows is not None:
+            values["Lines"] = [{"Product": p, "Qty": q} for p, q in rows]
+        return {"api": api, "timestamp": 0.0, "values": values}
+
+    fine = {
+        "r1": [w([("p1", 2)]), w(None, "upsert"), w([]), w([("p1", 5), ("p2", 1)])],
+        "r2": [w([("p1", 3)])],  # another record: read at another moment
+    }
+    ok = checker.Report()
+    checker.check_line_history(fine, ok)
+    assert ok.ok and ok.line_set_writes == 4
+    bad = checker.Report()
+    checker.check_line_history({"r1": [w([("p1", 5)]), w([("p1", 4), ("p2", 1)])]}, bad)
+    assert bad.counts["line_set_older"] == 1
+
+
+def test_the_chaos_history_keeps_a_subform_only_where_a_write_replaced_it() -> None:
+    from tests.chaos.emulator_main import _slim_history
+
+    first = [{"id": "9", "Product": "p1", "Qty": 2}]
+    second = [{"id": "10", "Product": "p1", "Qty": 3}]
+    h = [
+        {"api": "upsert", "timestamp": 1.0, "values": {"parent_id": "1", "Rev": 1}},
+        {"api": "update", "timestamp": 2.0, "values": {"parent_id": "1", "Lines": first}},
+        {"api": "upsert", "timestamp": 3.0, "values": {"parent_id": "1", "Lines": first}},
+        {"api": "update", "timestamp": 4.0, "values": {"parent_id": "1", "Lines": second}},
+    ]
+    out = _slim_history(h, ["parent_id", "Lines"])
+    assert [e["values"].get("Lines") for e in out] == [
+        None,
+        [{"Product": "p1", "Qty": 2}],
+        None,  # the same rows, kept by a write that did not name them
+        [{"Product": "p1", "Qty": 3}],
+    ]
