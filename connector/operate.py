@@ -295,7 +295,7 @@ async def verify(settings: Settings, secrets: Secrets, args: argparse.Namespace)
     if args.repair and report.mismatches:
         done = await recapture(
             pipeline=pipeline,
-            keys=report.keys(),
+            keys=report.repair_keys(),  # a subform pipeline: the lines of mismatched orders
             source_dsn=secrets.dsn,
             state_dsn=secrets.state_dsn,
             schema=schema,
@@ -313,13 +313,21 @@ async def verify(settings: Settings, secrets: Secrets, args: argparse.Namespace)
     if args.json:
         _dump(doc)
     else:
-        _out(
-            f"verify {pipeline.name}: {report.rows_in_source} rows in {pipeline.source_table}, "
+        sub = pipeline.subform_of
+        crm_side = (
             f"{report.records_in_crm} records in {pipeline.module} (read with"
-            f" {report.crm_calls} COQL call(s), {report.crm_credits} credit(s))"
+            f" {report.crm_calls} COQL call(s)"
+            if sub is None
+            else f"{report.records_in_crm} rows of {pipeline.module}.{sub.field} (read with"
+            f" {report.crm_calls} call(s): field metadata and COQL"
         )
         _out(
-            f"  missing {len(report.missing)}, extra {len(report.extra)}, "
+            f"verify {pipeline.name}: {report.rows_in_source} rows in {pipeline.source_table}, "
+            f"{crm_side}, {report.crm_credits} credit(s))"
+        )
+        _out(
+            ("  " if sub is None else f"  {sub.pipeline} (by their lines): ")
+            + f"missing {len(report.missing)}, extra {len(report.extra)}, "
             f"different {len(report.different)}, dead-lettered {len(report.dead_lettered)}"
         )
         for kind in ("missing", "extra", "different"):
@@ -337,8 +345,18 @@ async def verify(settings: Settings, secrets: Secrets, args: argparse.Namespace)
                 f"  re-captured {report.repaired} key(s) into the outbox; the running connector"
                 " sends them — run verify again once `status` shows nothing pending"
             )
+        if args.repair and report.unrepairable():
+            _out(
+                f"  {len(report.unrepairable())} key(s) of {sub.pipeline if sub else '?'} with"
+                " no line to re-capture (rows in the CRM, no line in the table ever written"
+                " there): only a change of one of their lines rewrites their rows"
+            )
     if report.mismatches == 0:
         return EXIT_OK
-    if args.repair and report.repaired >= len(set(report.keys())):
+    if (
+        args.repair
+        and report.repaired >= len(set(report.repair_keys()))
+        and not report.unrepairable()
+    ):
         return EXIT_OK  # every mismatch re-captured: the repair succeeded
     return EXIT_MISMATCH

@@ -19,6 +19,31 @@ A progress line is logged every 50,000 records; the report carries the calls and
 * **dead-lettered**: rows whose key has an open dead letter, or that cannot be converted
   (they are reported, not counted as mismatches: the connector set them aside on purpose).
 
+A **subform pipeline** (``subform_of``, e.g. ``order_lines`` as the rows of ``Orders.Lines``) is
+compared per *parent* (order), as the engine writes it (``connector/emitter_subform.py``): each
+order with its complete current line set, no row ids. Its report's keys are order keys
+(:func:`verify_subform`):
+
+* the table's lines, grouped by the order their ``parent_column`` names and converted by the
+  pipeline's :class:`SubformMapper` (``to_rows``: exactly the rows the engine would send);
+* the parent pipeline's records (key field → CRM id), by :func:`crm_records`;
+* every subform row, by COQL on the **subform module** (the subform field's ``subform.module``
+  in the field metadata, e.g. ``Order_Lines``; Zoho's COQL Overview: "To retrieve records from
+  a Subform, specify the Subform module's API name"), keyset-paged on the row id as records are,
+  each row naming its record in ``Parent_Id`` (Kaizen #124 "Accessing Subform using Zoho CRM
+  APIs"); the same 3 credits per 2,000 rows (that a subform module is charged as any COQL call
+  is UNCONFIRMED first-hand), plus one field metadata call.
+
+* **different**: an order in the CRM whose rows, as a multiset (row order is not compared;
+  fields by meaning, :func:`same_value`), are not its lines (an order without lines must have
+  no rows); the report says how many rows each side holds and shows one row of each side that
+  the other lacks;
+* **missing**: an order with lines whose record is not in the CRM (records marked deleted under
+  ``delete_mode = "mark"`` are not compared: the engine writes no marked order);
+* **dead-lettered**: an order one of whose lines has an open dead letter (the order the line is
+  under in the table, and the one it was last written or tried under, ``key_state.crm_id``), or
+  whose line set cannot be written whole (``SUBFORM_LIMIT``, a value that does not convert).
+
 Repair (``--repair``, also used by ``replay`` and ``dead-letters retry``) **re-captures** the
 keys: in one transaction it locks the source rows (``FOR SHARE``), reads their current image and
 appends it to the outbox with a fresh ``version`` from the outbox sequence, exactly as the
@@ -26,12 +51,16 @@ capture trigger would for a change of that row (a delete event for a key no long
 table). A concurrent update of the same row waits for the lock and therefore gets a later
 version, so a repair can never make the CRM older than the table (invariants 2 and 7), and the
 running connector (or the next ``run``) delivers the events through the normal pipeline.
+For a subform pipeline the keys re-captured are lines (:meth:`VerifyReport.repair_keys`): for
+each mismatched order, its current lines in the table and the lines last written under it that
+are no longer there (moved: re-captured with the order they are under now; deleted: as a
+delete), so the engine rewrites the order with its complete current set.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -45,8 +74,9 @@ from connector import state
 from connector.capture import pin_image_settings
 from connector.config import PipelineConfig
 from connector.errors import ConfigError, DataError
-from connector.mapping import RecordMapper
+from connector.mapping import RecordMapper, SubformMapper, line_order
 from connector.outbox import load_row
+from connector.state_common import _q
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +113,9 @@ class VerifyReport:
     different: list[Mismatch] = field(default_factory=list)
     dead_lettered: list[str] = field(default_factory=list)
     repaired: int = 0
+    #: a subform pipeline's report (its keys are the parent's, i.e. orders): per mismatched
+    #: order, the line keys ``--repair`` re-captures; None for any other pipeline
+    line_keys: dict[str, list[str]] | None = None
 
     @property
     def mismatches(self) -> int:
@@ -90,6 +123,21 @@ class VerifyReport:
 
     def keys(self) -> list[str]:
         return [m.key for m in (*self.missing, *self.extra, *self.different)]
+
+    def repair_keys(self) -> list[str]:
+        """The keys ``--repair`` re-captures: the mismatched keys, or for a subform pipeline
+        the lines of the mismatched orders (see the module docstring)."""
+        if self.line_keys is None:
+            return self.keys()
+        return sorted({k for o in self.keys() for k in self.line_keys.get(o, ())}, key=line_order)
+
+    def unrepairable(self) -> list[str]:
+        """Mismatched keys that re-capturing cannot reach: a subform pipeline's orders with no
+        line in the table and none last written under them (rows added in the CRM to an order
+        that never had a line): only a line event rewrites an order."""
+        if self.line_keys is None:
+            return []
+        return [o for o in self.keys() if not self.line_keys.get(o)]
 
     def to_json(self, limit: int = 100) -> dict[str, Any]:
         def show(items: list[Mismatch]) -> list[dict[str, Any]]:
@@ -102,7 +150,7 @@ class VerifyReport:
                 for m in items[:limit]
             ]
 
-        return {
+        doc: dict[str, Any] = {
             "pipeline": self.pipeline,
             "rows_in_source": self.rows_in_source,
             "records_in_crm": self.records_in_crm,
@@ -120,6 +168,10 @@ class VerifyReport:
                 "different": show(self.different),
             },
         }
+        if self.line_keys is not None:  # a subform pipeline: keys are orders, rows are lines
+            doc["lines_to_recapture"] = len(self.repair_keys())
+            doc["unrepairable"] = self.unrepairable()[:limit]
+        return doc
 
 
 # --------------------------------------------------------------------------- value comparison
@@ -229,17 +281,26 @@ async def crm_records(
         fields = [pipeline.key_field, *mapped]
     fields = list(dict.fromkeys([*fields, pipeline.delete_mark_field or ""]))
     fields = [f for f in fields if f]
-    read = read if read is not None else CrmRead()
-    calls0 = _counter(client, "calls") - read.calls
-    credits0 = _counter(client, "credits_spent") - read.credits
     out: dict[str, dict[str, Any]] = {}
-    next_progress = PROGRESS_EVERY
-    async for page in client.coql_pages(pipeline.module, fields):
+    async for page in _coql_pages(client, pipeline.module, fields, read, pipeline.name):
         for rec in page:
             key = rec.get(pipeline.key_field)
             if key is None or key == "":
                 continue
             out[str(key)] = rec
+    return out
+
+
+async def _coql_pages(
+    client: Any, module: str, fields: Sequence[str], read: CrmRead | None, pipeline: str
+) -> AsyncIterator[list[dict[str, Any]]]:
+    """:meth:`ZohoClient.coql_pages`, counting into ``read`` what it reads and spends, with a
+    progress line every :data:`PROGRESS_EVERY` records."""
+    read = read if read is not None else CrmRead()
+    calls0 = _counter(client, "calls") - read.calls
+    credits0 = _counter(client, "credits_spent") - read.credits
+    next_progress = PROGRESS_EVERY
+    async for page in client.coql_pages(module, fields):
         read.records += len(page)
         read.calls = _counter(client, "calls") - calls0
         read.credits = _counter(client, "credits_spent") - credits0
@@ -248,12 +309,12 @@ async def crm_records(
                 "verify: %d CRM records read, %d credits",
                 read.records,
                 read.credits,
-                extra={"pipeline": pipeline.name, "records": read.records},
+                extra={"pipeline": pipeline, "records": read.records},
             )
             next_progress = (read.records // PROGRESS_EVERY + 1) * PROGRESS_EVERY
+        yield page
     read.calls = _counter(client, "calls") - calls0
     read.credits = _counter(client, "credits_spent") - credits0
-    return out
 
 
 async def open_dead_letter_keys(
@@ -354,15 +415,17 @@ async def verify(
     """Compare the pipeline's source table with its CRM module. With lookup fields (``parents``:
     the configuration's pipelines by name), each parent module's keys and ids are read too
     (their calls and credits are in the report) and each lookup is checked to name the CRM
-    record of the parent its source row names. A subform pipeline is refused: comparing its
-    lines with the parent records' subform rows is not built yet (issue 21)."""
+    record of the parent its source row names. A subform pipeline is compared per order with
+    the subform rows of its parent's records (:func:`verify_subform`; ``parents`` must hold
+    the parent pipeline)."""
     if pipeline.subform_of is not None:
-        raise ConfigError(
-            f"pipelines[{pipeline.name!r}].subform_of",
-            f"verify does not compare subform rows yet (issue 21): pipeline {pipeline.name!r}"
-            f" writes the {pipeline.subform_of.field!r} rows of pipeline"
-            f" {pipeline.subform_of.pipeline!r}'s records; verify that pipeline for the records"
-            " themselves",
+        return await verify_subform(
+            pipeline=pipeline,
+            client=client,
+            source_dsn=source_dsn,
+            state_dsn=state_dsn,
+            schema=schema,
+            parents=parents,
         )
     source = await source_rows(source_dsn, pipeline)
     read = CrmRead()
@@ -379,6 +442,202 @@ async def verify(
     async with await psycopg.AsyncConnection.connect(state_dsn, autocommit=True) as conn:
         dead = await open_dead_letter_keys(conn, schema, pipeline.name)
     report = compare(pipeline, source, crm, dead, parents, parent_ids)
+    report.crm_calls = read.calls
+    report.crm_credits = read.credits
+    return report
+
+
+# --------------------------------------------------------------------------- subform pipelines
+
+# the lines last written (or tried) under the given parents: ``crm_id`` of a line's key_state
+# holds the parent's legacy key (a line has no CRM record of its own; emitter_subform)
+Q_LINES_UNDER = """
+SELECT key, crm_id FROM {schema}.key_state
+ WHERE pipeline = %s AND crm_id = ANY(%s::text[]) AND NOT deleted
+"""
+
+
+async def subform_module(client: Any, pipeline: PipelineConfig, parent: PipelineConfig) -> str:
+    """The subform module of the pipeline's subform field: ``subform.module`` of the field's
+    metadata (``settings/fields?module=<parent module>``, :attr:`FieldMeta.subform_module`)."""
+    sub = pipeline.subform_of
+    assert sub is not None
+    meta = next((f for f in await client.fields(parent.module) if f.api_name == sub.field), None)
+    module = getattr(meta, "subform_module", None) if meta is not None else None
+    if not module:
+        raise ConfigError(
+            f"pipelines[{pipeline.name!r}].subform_of.field",
+            f"the CRM's field metadata of {parent.module}.{sub.field} names no subform module"
+            + (" (no such field)" if meta is None else f" (data_type {meta.data_type!r})")
+            + "; verify reads the rows by COQL on it",
+        )
+    return str(module)
+
+
+async def crm_subform_rows(
+    client: Any, pipeline: PipelineConfig, module: str, read: CrmRead | None = None
+) -> list[dict[str, Any]]:
+    """Every row of subform module ``module`` with ``Parent_Id`` and the pipeline's row fields
+    (COQL keyset paging on the row id; ``read`` as for :func:`crm_records`)."""
+    fields = ["Parent_Id", *dict.fromkeys(m.field for m in pipeline.fields.values())]
+    out: list[dict[str, Any]] = []
+    async for page in _coql_pages(client, module, fields, read, pipeline.name):
+        out += page
+    return out
+
+
+@dataclass
+class _Lines:
+    """The table's lines by order: images, and each line's order (None: no order)."""
+
+    by_order: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    order_of: dict[str, str | None] = field(default_factory=dict)
+
+
+def _group_lines(mapper: SubformMapper, source: Mapping[str, dict[str, Any]]) -> _Lines:
+    out = _Lines()
+    for key, line in source.items():
+        try:
+            order = mapper.parent_key(line)
+        except DataError:  # a parent key no order can have ("", …): in no order's set
+            order = None
+        out.order_of[key] = order
+        if order is not None:
+            out.by_order.setdefault(order, []).append(line)
+    return out
+
+
+def _unmatched(
+    expected: Sequence[dict[str, Any]], actual: Sequence[dict[str, Any]], types: Mapping[str, str]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows of ``expected`` and of ``actual`` that the other side lacks, as multisets: each
+    row matches at most one row of the other side with every field the same by meaning
+    (:func:`same_value` is an equivalence per field, so matching greedily is exact)."""
+    left = list(actual)
+    lacking: list[dict[str, Any]] = []
+    for row in expected:
+        for i, cand in enumerate(left):
+            if all(same_value(row.get(f), cand.get(f), t) for f, t in types.items()):
+                del left[i]
+                break
+        else:
+            lacking.append(row)
+    return lacking, left
+
+
+def compare_subform(  # noqa: PLR0917
+    mapper: SubformMapper,
+    source: Mapping[str, dict[str, Any]],
+    parents: Mapping[str, Mapping[str, Any]],
+    rows: Iterable[Mapping[str, Any]],
+    dead_orders: Iterable[str] = (),
+    lines: _Lines | None = None,
+) -> VerifyReport:
+    """Compare a subform pipeline's lines (``source``: line key → image) with the CRM: the
+    parent records (``parents``: parent key → record with ``id`` and any delete mark) and every
+    subform row (``rows``, each with ``Parent_Id``). ``dead_orders``: orders with a line that has
+    an open dead letter. The report's keys are order keys (see the module docstring); its
+    ``rows_in_source`` counts the lines read, ``records_in_crm`` the subform rows read."""
+    pipeline, parent, name = mapper.pipeline, mapper.parent, mapper.field
+    report = VerifyReport(pipeline.name, rows_in_source=len(source), line_keys={})
+    lines = lines if lines is not None else _group_lines(mapper, source)
+    dead = set(dead_orders)
+    types = {m.field: m.type for m in pipeline.fields.values()}
+    mark = parent.delete_mark_field if parent.delete_mode == "mark" else None
+    marked = {k for k, r in parents.items() if mark and r.get(mark) is True}
+    ids = {str(r["id"]): k for k, r in parents.items() if r.get("id") and k not in marked}
+    held: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        report.records_in_crm += 1
+        order = ids.get(_lookup_id(row.get("Parent_Id")) or "")
+        if order is not None:
+            held.setdefault(order, []).append({f: row.get(f) for f in types})
+    for order in sorted((set(lines.by_order) | set(ids.values())) - marked, key=line_order):
+        record = parents.get(order)
+        if record is None or not record.get("id"):
+            if order in dead:
+                report.dead_lettered.append(order)
+            else:
+                report.missing.append(Mismatch(order, "missing"))
+            continue
+        try:
+            expected = mapper.to_rows(lines.by_order.get(order, []), {})
+        except DataError:  # the engine dead-letters a set it cannot write whole
+            report.dead_lettered.append(order)
+            continue
+        actual = held.get(order, [])
+        lacking, extra = _unmatched(expected, actual, types)
+        if not lacking and not extra:
+            continue
+        if order in dead:
+            report.dead_lettered.append(order)
+            continue
+        report.different.append(
+            Mismatch(
+                order,
+                "different",
+                {
+                    f"{name} rows": (len(expected), len(actual)),
+                    f"{name} row": (lacking[0] if lacking else None, extra[0] if extra else None),
+                },
+                crm_id=str(record["id"]),
+            )
+        )
+    return report
+
+
+async def verify_subform(
+    *,
+    pipeline: PipelineConfig,
+    client: Any,
+    source_dsn: str,
+    state_dsn: str,
+    schema: str,
+    parents: Mapping[str, PipelineConfig] | None = None,
+) -> VerifyReport:
+    """Compare a subform pipeline's lines with the subform rows of its parent's records, per
+    order (see the module docstring); ``parents`` holds the parent pipeline. The report's keys
+    are order keys; its :attr:`VerifyReport.line_keys` the lines ``--repair`` re-captures."""
+    sub = pipeline.subform_of
+    assert sub is not None
+    parent = (parents or {}).get(sub.pipeline)
+    if parent is None:
+        raise ConfigError(
+            f"pipelines[{pipeline.name!r}].subform_of.pipeline",
+            f"pipeline {pipeline.name!r} is a subform of pipeline {sub.pipeline!r}, which is"
+            " not configured",
+        )
+    mapper = SubformMapper(pipeline, parent)
+    source = await source_rows(source_dsn, pipeline)
+    lines = _group_lines(mapper, source)
+    read = CrmRead()
+    calls0, credits0 = _counter(client, "calls"), _counter(client, "credits_spent")
+    module = await subform_module(client, pipeline, parent)
+    read.calls = _counter(client, "calls") - calls0
+    read.credits = _counter(client, "credits_spent") - credits0
+    records = await crm_records(client, parent, read, fields=[parent.key_field])
+    rows = await crm_subform_rows(client, pipeline, module, read)
+    async with await psycopg.AsyncConnection.connect(state_dsn, autocommit=True) as conn:
+        dead = await open_dead_letter_keys(conn, schema, pipeline.name)
+        dead.discard("")  # MISSING_KEY letters name no line
+        known = await state.key_states(conn, schema, pipeline.name, sorted(dead))
+        dead_orders = {lines.order_of.get(k) for k in dead} | {ks.crm_id for ks in known.values()}
+        report = compare_subform(
+            mapper, source, records, rows, {o for o in dead_orders if o}, lines
+        )
+        mismatched = report.keys()
+        line_keys: dict[str, list[str]] = {o: [] for o in mismatched}
+        for key, order in lines.order_of.items():
+            if order in line_keys:
+                line_keys[order].append(key)
+        if mismatched:  # lines last written under a mismatched order that are not in it now
+            cur = await conn.cursor(row_factory=tuple_row).execute(
+                _q(Q_LINES_UNDER, schema), (pipeline.name, mismatched)
+            )
+            for key, order in await cur.fetchall():
+                if lines.order_of.get(key) != order:
+                    line_keys[order].append(key)
+    report.line_keys = {o: sorted(ks, key=line_order) for o, ks in line_keys.items()}
     report.crm_calls = read.calls
     report.crm_credits = read.credits
     return report

@@ -24,11 +24,10 @@ from connector.costs import CostModel
 from connector.emulator import start_emulator
 from connector.emulator.server import EmulatorHandle
 from connector.engine import Engine
-from connector.errors import ConfigError, SchemaChanged
+from connector.errors import SchemaChanged
 from connector.metrics import Metrics
 from connector.parents import PARENT_NOT_SYNCED
 from connector.pipeline import build_pipeline, chain_credits
-from connector.verify import verify
 from connector.zoho.client import ZohoClient
 from tests.pipeline.conftest import FAST, SCHEMA, make_client
 from tests.unit.test_mapping_subform import emulator_config
@@ -430,14 +429,6 @@ async def test_the_link_column_renamed_stops_the_pipeline_and_deletes_no_row(
     with pytest.raises(SchemaChanged, match=r"subform_of.parent_column"):
         await child.drain()
     assert crm_lines(emu) == {"1": [("a", 1), ("b", 2)]}  # no row deleted
-
-
-async def test_verify_says_it_does_not_compare_subform_rows_yet() -> None:
-    with pytest.raises(ConfigError, match="verify does not compare subform rows yet") as exc:
-        await verify(
-            pipeline=lines(), client=None, source_dsn="", state_dsn="", schema=SCHEMA, parents={}
-        )
-    assert exc.value.key == "pipelines['order_lines'].subform_of"
 
 
 async def test_a_line_held_for_a_refused_order_is_released_when_the_order_is_deleted(
