@@ -47,7 +47,7 @@ from connector.emitter_parents import Gated, parent_view
 from connector.emitter_schema import SourceConnections
 from connector.errors import DataError, TransientError
 from connector.mapping import SubformMapper
-from connector.state_common import _q
+from connector.state_common import _as_dict, _q
 from connector.subforms import LineEvent, parent_column_type, parents_touched, read_line_sets
 from connector.zoho.client import MAX_RECORDS_PER_CALL, ZohoClient
 from connector.zoho.records import RecordResult
@@ -74,6 +74,28 @@ WITH u AS (SELECT * FROM unnest(%s::text[], %s::text[]) AS u(k, p)),
 UPDATE {schema}.dead_letters d SET status = 'resolved', updated_at = now()
   FROM u WHERE d.pipeline = %s AND d.key = u.k AND d.status IN ('open', 'retried')
 """
+
+# the record each parent's set was last written to (migration 14): a parent re-created in the
+# CRM (deleted, inserted again) is found by its key_state's crm_id differing from it
+Q_SETS_WRITTEN = """
+INSERT INTO {schema}.subform_sets AS s (pipeline, parent_key, crm_id)
+SELECT %s, u.k, u.c FROM unnest(%s::text[], %s::text[]) AS u(k, c) ORDER BY u.k
+ON CONFLICT (pipeline, parent_key) DO UPDATE SET crm_id = EXCLUDED.crm_id, written_at = now()
+"""
+
+# parents in the CRM whose record is not the one their set was last written to
+Q_SETS_MOVED = """
+SELECT s.parent_key, p.crm_id
+  FROM {schema}.subform_sets s
+  JOIN {schema}.key_state p ON p.pipeline = %s AND p.key = s.parent_key
+ WHERE s.pipeline = %s AND p.status = 'synced' AND NOT p.deleted AND p.crm_id IS NOT NULL
+   AND p.crm_id <> s.crm_id
+ ORDER BY s.parent_key
+ LIMIT %s
+"""
+
+#: parents whose set is written again per pass (``rewrite_moved_sets``)
+MOVED_SETS_LIMIT = 1_000
 
 
 def left_field(field: str, parent_key: str) -> str:
@@ -196,6 +218,7 @@ class SubformWrites:
         }
         ids = {**held_in_crm, **ids}
         failed, written = await self._write_parents(mapper, ids)
+        await self._sets_written({k: ids[k] for k in written})
         for k in sorted(held_in_crm.keys() - {p for e in go for p in touched[e.key]}):
             if k in failed:
                 log.warning(
@@ -230,6 +253,54 @@ class SubformWrites:
                 _, code, message, fname, payload = why
                 res.reject(e.event, code, message, fname, "update", payload)
                 out.done.append(e)
+
+    async def _sets_written(self, ids: Mapping[str, str]) -> None:
+        """Remember the record each parent's set was written to (``subform_sets``)."""
+        if not ids:
+            return
+        keys = sorted(ids)
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                _q(Q_SETS_WRITTEN, self.schema),
+                (self.pipeline.name, keys, [ids[k] for k in keys]),
+            )
+
+    async def rewrite_moved_sets(self) -> int:
+        """Question 4 (docs/related-tables.md): a parent whose CRM record is not the one its
+        set was last written to (the order deleted and inserted again: a new record without
+        rows, while its lines, with no foreign key, stayed and did not change) has its current
+        set written again, under its lock. A set refused for good (``SUBFORM_LIMIT``, a value
+        that does not convert, the record refused) is remembered as tried, with a warning: its
+        lines are dead-lettered by their own next change, and trying again on every pass would
+        spend a credit each time. A transient failure is tried on the next pass. Returns the
+        parents written."""
+        sub = self.pipeline.subform_of
+        if sub is None:
+            return 0
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                _q(Q_SETS_MOVED, self.schema), (sub.pipeline, self.pipeline.name, MOVED_SETS_LIMIT)
+            )
+            rows = [_as_dict(cur, r) for r in await cur.fetchall()]
+        moved = {str(r["parent_key"]): str(r["crm_id"]) for r in rows}
+        if not moved:
+            return 0
+        failed, written = await self._write_parents(self._lines_mapper(), moved)
+        refused = {k: moved[k] for k, why in failed.items() if why[0] == "dead"}
+        for k, why in sorted(failed.items()):
+            if why[0] == "dead":
+                log.warning(
+                    "the set of a re-created parent record was refused; its lines' next"
+                    " change tries again",
+                    extra={"pipeline": self.pipeline.name, "parent": k, "code": why[1]},
+                )
+        await self._sets_written({**refused, **{k: moved[k] for k in written}})
+        if written:
+            log.info(
+                "parent records created again in the CRM got their line sets back",
+                extra={"pipeline": self.pipeline.name, "parents": len(written)},
+            )
+        return len(written)
 
     async def _write_parents(
         self, mapper: SubformMapper, ids: Mapping[str, str]

@@ -11,7 +11,7 @@ import asyncio
 import collections
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
@@ -23,6 +23,9 @@ from connector.engine_common import EngineOptions
 from connector.events import ChangeEvent, Op, stamp_of
 from connector.metrics import Metrics
 from connector.outbox import ReadPosition
+
+if TYPE_CHECKING:
+    from connector.emitter import Emitter
 
 # the engine's logger: records keep the name they had before the split
 log = logging.getLogger("connector.engine")
@@ -37,6 +40,9 @@ RELEASE_EVERY_S = 2.0
 RELEASE_LIMIT = 1_000
 # parent keys waiting children need (``_read_demands``): read as often, at most this many
 DEMAND_LIMIT = 100_000
+# a subform pipeline's parents re-created in the CRM (``_rewrite_moved_sets``): looked for this
+# often (one join of subform_sets with the parents' key_state)
+MOVED_SETS_EVERY_S = 10.0
 
 
 class OutboxReading:
@@ -58,6 +64,8 @@ class OutboxReading:
     _read_ahead_keys: int
     _read_ahead_done: set[str]
     _release_at: float = 0.0  # monotonic: when held children are looked for next
+    _moved_sets_at: float = 0.0  # monotonic: when re-created parents are looked for next
+    emitter: Emitter | None
     _demand_at: float = 0.0  # monotonic: when children's needs of this pipeline are read next
     _pulled: dict[str, float]  # key -> by when waiting children need it (epoch seconds)
     _looked_up: bool  # some pipeline's lookup names this one, or it holds a subform
@@ -95,6 +103,7 @@ class OutboxReading:
         if await self._release_held(reader):
             self._caught_up = False  # released children are pending: not idle yet
         await self._read_demands(reader)
+        await self._rewrite_moved_sets()
         async with self._changed:
             self._changed.notify_all()
         return read_any
@@ -146,6 +155,19 @@ class OutboxReading:
                 extra={"pipeline": name, "keys": released},
             )
         return released
+
+    async def _rewrite_moved_sets(self) -> None:
+        """A subform pipeline (issue 21, question 4): every ``MOVED_SETS_EVERY_S``, the sets of
+        parents whose CRM record changed since their set was written are written again
+        (``SubformWrites.rewrite_moved_sets``: the order deleted and inserted again while
+        its lines stayed). Nothing for other pipelines."""
+        if self.pipeline.subform_of is None or self.emitter is None:
+            return
+        now = time.monotonic()
+        if now < self._moved_sets_at:
+            return
+        self._moved_sets_at = now + MOVED_SETS_EVERY_S
+        await self.emitter.rewrite_moved_sets()
 
     async def _read_demands(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Parents pulled forward (issue 21): the keys of this pipeline that waiting children

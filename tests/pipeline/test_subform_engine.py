@@ -521,3 +521,41 @@ async def test_a_line_moved_then_deleted_rewrites_both_orders(
     assert crm_lines(emu) == await shop.lines()
     assert all(v == [] for v in crm_lines(emu).values())
     assert await open_letters(shop.dsn, "order_lines") == []
+
+
+async def test_an_order_deleted_and_inserted_again_gets_its_lines_back(
+    shop: Shop, emu: EmulatorHandle, build: Build
+) -> None:
+    """Without a foreign key the lines outlive their order: the order deleted (its CRM record
+    and its rows with it: delete_mode delete) and inserted again gets a new record without
+    rows, while no line changed. The lines engine sees that the order's record is not the one
+    it last wrote the set to, and writes the set again (question 4 of docs/related-tables.md).
+    """
+    await shop.write("INSERT INTO public.orders VALUES (1, 'o1'), (2, 'o2')")
+    orders_engine = await build(orders(delete_mode="delete"))
+    await orders_engine.drain()
+    await shop.write(
+        "INSERT INTO public.order_lines VALUES (1, 1, 'a', 1), (2, 1, 'b', 2), (3, 2, 'c', 3)"
+    )
+    child = await build(lines())
+    await child.drain()
+    assert crm_lines(emu) == await shop.lines() == {"1": [("a", 1), ("b", 2)], "2": [("c", 3)]}
+    await shop.write("DELETE FROM public.orders WHERE id = 1")
+    await orders_engine.drain()
+    assert "1" not in crm_lines(emu)
+    await shop.write("INSERT INTO public.orders VALUES (1, 'o1 again')")
+    await orders_engine.drain()
+    assert crm_lines(emu)["1"] == []  # a new record: no rows
+    calls = updates(emu)
+    for _ in range(100):
+        await child.drain()
+        if crm_lines(emu) == await shop.lines():
+            break
+        await asyncio.sleep(0.2)
+    assert crm_lines(emu) == await shop.lines()
+    assert crm_lines(emu)["1"] == [("a", 1), ("b", 2)]
+    assert updates(emu) == calls + 1  # order 1 only, once
+    await asyncio.sleep(2.5)  # more than one pass: nothing more to write
+    await child.drain()
+    assert updates(emu) == calls + 1
+    assert await open_letters(shop.dsn, "order_lines") == []
