@@ -861,7 +861,7 @@ def _summary(
     )
     out.print(t)
 
-    s = RichTable(title="all tables")
+    s = RichTable(title="all tables", show_header=False)
     s.add_column("")
     s.add_column("", justify="right")
     s.add_row("initial sync", f"{r.initial_sync_seconds}s, {r.credits_initial_sync} credits")
