@@ -262,7 +262,7 @@ def _dl_json(r: state.DeadLetterRow) -> dict[str, Any]:
 async def verify(settings: Settings, secrets: Secrets, args: argparse.Namespace) -> int:
     """`connector verify --pipeline P [--repair] [--json]`: exit 1 when mismatches remain
     (with ``--repair``: when a mismatched key could not be re-captured)."""
-    from connector.verify import recapture
+    from connector.verify import recapture, rewrite_sets
     from connector.verify import verify as compare_all
     from connector.zoho import PgTokenStore, ZohoClient
 
@@ -301,6 +301,13 @@ async def verify(settings: Settings, secrets: Secrets, args: argparse.Namespace)
             schema=schema,
         )
         report.repaired = done.total
+        if pipeline.subform_of is not None:  # and every differing order's set written again
+            report.sets_marked = await rewrite_sets(
+                pipeline=pipeline,
+                keys=[m.key for m in report.different],
+                state_dsn=secrets.state_dsn,
+                schema=schema,
+            )
     resolved = 0
     if held and (report.mismatches == 0 or report.repaired):
         # the CRM now matches the table, or the difference is re-captured behind every held
@@ -344,6 +351,11 @@ async def verify(settings: Settings, secrets: Secrets, args: argparse.Namespace)
             _out(
                 f"  re-captured {report.repaired} key(s) into the outbox; the running connector"
                 " sends them — run verify again once `status` shows nothing pending"
+            )
+        if report.sets_marked:
+            _out(
+                f"  {report.sets_marked} order(s) marked for their line set to be written again:"
+                " the running connector writes each within about 10 s"
             )
         if args.repair and report.unrepairable():
             _out(

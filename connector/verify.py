@@ -116,6 +116,9 @@ class VerifyReport:
     #: a subform pipeline's report (its keys are the parent's, i.e. orders): per mismatched
     #: order, the line keys ``--repair`` re-captures; None for any other pipeline
     line_keys: dict[str, list[str]] | None = None
+    #: a subform pipeline's ``--repair``: orders whose set the running engine is told to write
+    #: again (:func:`rewrite_sets`), whether or not a line of theirs could be re-captured
+    sets_marked: int = 0
 
     @property
     def mismatches(self) -> int:
@@ -137,7 +140,7 @@ class VerifyReport:
         that never had a line): only a line event rewrites an order."""
         if self.line_keys is None:
             return []
-        return [o for o in self.keys() if not self.line_keys.get(o)]
+        return [o for o in self.keys() if not self.line_keys.get(o) and not self.sets_marked]
 
     def to_json(self, limit: int = 100) -> dict[str, Any]:
         def show(items: list[Mismatch]) -> list[dict[str, Any]]:
@@ -656,6 +659,34 @@ class Recaptured:
     @property
     def total(self) -> int:
         return len(self.updated) + len(self.deleted)
+
+
+# orders whose subform set the lines' engine writes again: '' is no CRM id, so each differs
+# from its order's key_state crm_id (emitter_subform.Q_SETS_MOVED, every 10 s)
+Q_SETS_STALE = """
+INSERT INTO {schema}.subform_sets AS s (pipeline, parent_key, crm_id)
+SELECT %s, k, '' FROM unnest(%s::text[]) AS k ORDER BY k
+ON CONFLICT (pipeline, parent_key) DO UPDATE SET crm_id = '', written_at = now()
+"""
+
+
+async def rewrite_sets(
+    *, pipeline: PipelineConfig, keys: Sequence[str], state_dsn: str, schema: str
+) -> int:
+    """``--repair`` of a subform pipeline: tell its engine to write the current line set of
+    each order in ``keys`` again (``subform_sets``, migration 14; the engine's pass
+    ``SubformWrites.rewrite_moved_sets`` writes each order in the CRM within about 10 s,
+    read from the table under the order's lock). This reaches an order that no line event
+    would rewrite (rows added in the CRM to an order that never had a line). Returns the
+    orders marked."""
+    if pipeline.subform_of is None:
+        raise ValueError(f"pipeline {pipeline.name!r} is not a subform pipeline")
+    keys = sorted(set(keys))
+    if not keys:
+        return 0
+    async with await psycopg.AsyncConnection.connect(state_dsn, autocommit=True) as conn:
+        await conn.execute(_q(Q_SETS_STALE, schema), (pipeline.name, keys))
+    return len(keys)
 
 
 Q_OUTBOX_SEQUENCE = "SELECT pg_catalog.pg_get_serial_sequence(%s, 'id')"

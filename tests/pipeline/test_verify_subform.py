@@ -10,13 +10,14 @@ helpers of ``tests/pipeline/test_subform_engine.py``."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
 
 from connector.emulator.server import EmulatorHandle
 from connector.parents import PARENT_NOT_SYNCED
-from connector.verify import VerifyReport, recapture, verify
+from connector.verify import VerifyReport, recapture, rewrite_sets, verify
 from connector.zoho.client import ZohoClient
 from tests.pipeline.conftest import SCHEMA
 from tests.pipeline.test_subform_engine import (  # noqa: F401 (fixtures)
@@ -46,8 +47,9 @@ async def run_verify(shop: Shop, client: ZohoClient) -> VerifyReport:
     )
 
 
-async def repair(shop: Shop, report: VerifyReport) -> int:
-    """What `connector verify --repair` does with the report: re-capture its lines."""
+async def repair(shop: Shop, report: VerifyReport, *, rewrite: bool = False) -> int:
+    """What `connector verify --repair` does with the report: re-capture its lines and
+    (``rewrite``) mark each differing order's set to be written again."""
     done = await recapture(
         pipeline=lines(),
         keys=report.repair_keys(),
@@ -55,6 +57,13 @@ async def repair(shop: Shop, report: VerifyReport) -> int:
         state_dsn=shop.dsn,
         schema=SCHEMA,
     )
+    if rewrite:
+        report.sets_marked = await rewrite_sets(
+            pipeline=lines(),
+            keys=[m.key for m in report.different],
+            state_dsn=shop.dsn,
+            schema=SCHEMA,
+        )
     return done.total
 
 
@@ -155,8 +164,16 @@ async def test_rows_changed_in_the_crm_are_found_and_repaired(
     assert crm_lines(emu)["1"] == [("a", 1), ("b", 2)]
     assert crm_lines(emu)["2"] == [("c", 3)]
     report = await run_verify(shop, client)
-    assert [m.key for m in report.different] == ["4"]  # only a line change rewrites it
-    await client.update("Orders", [{"id": ids["4"], "Lines": []}])
+    assert [m.key for m in report.different] == ["4"]  # no line of its own to re-capture
+    # `--repair` also marks each differing order's set: the engine's pass writes it again
+    assert await repair(shop, report, rewrite=True) == 0
+    assert report.sets_marked == 1 and report.unrepairable() == []
+    for _ in range(100):
+        await child.drain()
+        if crm_lines(emu)["4"] == []:
+            break
+        await asyncio.sleep(0.2)
+    assert crm_lines(emu)["4"] == []
     report = await run_verify(shop, client)
     assert report.mismatches == 0 and report.dead_lettered == [], report.to_json()
     assert await open_letters(shop.dsn, "order_lines") == []
