@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from connector import verify as verify_mod
+from connector import verify_common
 from connector.emulator import EmulatorConfig, start_emulator
 from connector.emulator.server import EmulatorHandle
 from connector.errors import PermanentError
@@ -60,7 +61,7 @@ async def test_verify_reads_past_the_paging_reach(
 ) -> None:
     await execute(legacy, *insert_sql(ROWS))
     ids = await seed_crm(capped, legacy)
-    monkeypatch.setattr(verify_mod, "PROGRESS_EVERY", 2_000)
+    monkeypatch.setattr(verify_common, "PROGRESS_EVERY", 2_000)  # read there by the paging
     async with make_client(capped) as client:
         with caplog.at_level(logging.INFO, logger="connector.verify"):
             report = await run_verify(client, legacy)
