@@ -19,13 +19,16 @@
 5. drain, ``verify`` each pipeline against the CRM, print (and ``--report``) a summary.
 
 Exit 0 only when no verify finds a mismatch (and the CRM holds as many lines as the table).
+
+The configuration files are written by ``connector/demo_config.py``, the live view and the
+summary drawn by ``connector/demo_view.py``, the tables filled and changed by
+``connector/demo_workload.py``; the names other modules use are importable from here.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -33,280 +36,58 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
 
+from connector.demo_config import DEMO_ENV, demo_config, demo_emulator_config
+from connector.demo_view import (
+    SENT_APIS,
+    TABLES,
+    DemoResult,
+    LiveView,
+    Table,
+    TableResult,
+    _clean,
+    _console,
+    _credits,
+    _summary,
+    _sync_usage,
+    _watch,
+    crm_counts,
+    ledger_credits,
+    source_counts,
+)
 from connector.demo_workload import ShopWorkload, create_shop, customers_for
 
-if TYPE_CHECKING:
-    from connector.emulator import EmulatorConfig
+# the names other modules import from here, some defined in the split-out modules
+# (demo_config: the configuration; demo_view: the tables, the live view and the summary)
+__all__ = [
+    "DEMO_ENV",
+    "SENT_APIS",
+    "SYNC_APIS",
+    "TABLES",
+    "DemoResult",
+    "LiveView",
+    "Table",
+    "TableResult",
+    "crm_counts",
+    "demo_config",
+    "demo_emulator_config",
+    "ledger_credits",
+    "main",
+    "run_demo",
+    "source_counts",
+    "staleness_samples",
+]
 
 log = logging.getLogger(__name__)
-
-_CONFIG_HEAD = """\
-[crm]
-data_centre = "custom"
-accounts_url = "{emulator_url}"
-api_url = "{emulator_url}"
-upload_url = "{emulator_url}"
-client_id = "emulator-client-id"
-client_secret_env = "DEMO_ZOHO_CLIENT_SECRET"
-refresh_token_env = "DEMO_ZOHO_REFRESH_TOKEN"
-edition = "enterprise"
-# a local emulator answers in milliseconds; also how long a new owner waits after a crash
-request_timeout = "15s"
-daily_credit_budget = 50000
-credit_reserve = 1000
-
-[database]
-dsn = "{dsn}"
-pool_size = 8
-
-[server]
-host = "127.0.0.1"
-port = {port}
-drain_timeout = "20s"
-
-[logging]
-level = "warning"
-"""
-
-_CUSTOMERS_PIPELINE = """
-# the parent of the orders' lookup: listed first; a looked-up pipeline ignores (or marks)
-# deletes and is not slower than its children
-[[pipelines]]
-name = "customers"
-source_table = "public.customers"
-key_column = "id"
-module = "Accounts"
-key_field = "Legacy_Id"
-capture = "{capture}"
-max_staleness = "{max_staleness}"
-delete_mode = "ignore"
-ignore_columns = ["updated_at"]
-[pipelines.fields]
-name  = {{ field = "Account_Name", type = "text" }}
-email = {{ field = "Email", type = "email" }}
-phone = {{ field = "Phone", type = "phone" }}
-city  = {{ field = "Billing_City", type = "text" }}
-"""
-
-_ORDERS_PIPELINE = """
-[[pipelines]]
-name = "orders"
-source_table = "public.orders"
-key_column = "id"
-module = "Orders"
-capture = "{capture}"
-max_staleness = "{max_staleness}"
-delete_mode = "delete"
-ignore_columns = ["updated_at"]
-[pipelines.fields]
-order_number   = {{ field = "Name", type = "text" }}
-customer_email = {{ field = "Customer_Email", type = "email" }}
-status         = {{ field = "Status", type = "picklist" }}
-amount         = {{ field = "Amount", type = "currency" }}
-quantity       = {{ field = "Quantity", type = "integer" }}
-order_date     = {{ field = "Order_Date", type = "date" }}
-placed_at      = {{ field = "Placed_At", type = "datetime" }}
-notes          = {{ field = "Notes", type = "textarea" }}
-is_gift        = {{ field = "Is_Gift", type = "boolean" }}
-"""
-
-_LOOKUP_FIELD = (
-    'customer_id    = {{ field = "Account", type = "lookup", pipeline = "customers" }}\n'
-)
-
-_LINES_PIPELINE = """
-# order lines: the rows of each order's subform Lines; a change of a line rewrites its order's
-# complete line set (Update Records), after the order is in the CRM; an order deleted in the
-# CRM takes its rows with it
-[[pipelines]]
-name = "order_lines"
-source_table = "public.order_lines"
-key_column = "id"
-subform_of = {{ pipeline = "orders", field = "Lines", parent_column = "order_id" }}
-capture = "{capture}"
-max_staleness = "{max_staleness}"
-ignore_columns = ["updated_at"]
-[pipelines.fields]
-product    = {{ field = "Product", type = "text" }}
-quantity   = {{ field = "Qty", type = "integer" }}
-unit_price = {{ field = "Unit_Price", type = "currency" }}
-"""
-
-
-def demo_config(
-    *,
-    dsn: str,
-    emulator_url: str,
-    port: int,
-    max_staleness: str = "20s",
-    capture: str = "triggers",
-    related_tables: bool = False,
-    lines: bool = True,
-) -> str:
-    """The demo's connector.toml (secrets come from the environment, as in production).
-
-    ``related_tables`` (what ``connector demo`` writes): three pipelines over
-    :func:`~connector.demo_workload.create_shop`'s tables, customers → ``Accounts``, orders →
-    ``Orders`` with the ``Account`` lookup, order lines → the ``Lines`` subform (``lines``:
-    without it, the first two), for :func:`demo_emulator_config`. Without it: the ``orders``
-    pipeline alone, over :func:`~connector.demo_workload.create_orders`'s table and the
-    emulator's default configuration (what the tests and benchmarks use)."""
-    head = _CONFIG_HEAD.format(dsn=dsn, emulator_url=emulator_url, port=port)
-    fmt = {"capture": capture, "max_staleness": max_staleness}
-    orders = _ORDERS_PIPELINE.format(**fmt)
-    if not related_tables:
-        return head + orders
-    return (
-        head
-        + _CUSTOMERS_PIPELINE.format(**fmt)
-        + orders
-        + _LOOKUP_FIELD.format()
-        + (_LINES_PIPELINE.format(**fmt) if lines else "")
-    )
-
-
-def demo_emulator_config() -> EmulatorConfig:
-    """The emulator's default configuration plus what the three tables map to: an ``Accounts``
-    module (``Legacy_Id`` unique: Bulk Write finds an order's account by it) and, on
-    ``Orders``, the lookup ``Account`` → Accounts and the subform ``Lines`` (module
-    ``Order_Lines``: Product, Qty, Unit_Price). Bulk jobs take seconds (10,000 rows/s), calls
-    10-40 ms."""
-    from connector.emulator import EmulatorConfig
-    from connector.emulator.config import FieldSpec, ModuleSpec
-
-    cfg = EmulatorConfig.default()
-    orders = cfg.module("Orders")
-    assert orders is not None, "the emulator's default configuration has no Orders module"
-    orders.fields = [
-        *orders.fields,
-        FieldSpec(
-            api_name="Account", data_type="lookup", label="Account", lookup_module="Accounts"
-        ),
-        FieldSpec(
-            api_name="Lines",
-            data_type="subform",
-            label="Lines",
-            subform_module="Order_Lines",
-            subform_fields=[
-                FieldSpec(api_name="Product", label="Product"),
-                FieldSpec(api_name="Qty", data_type="integer", label="Qty"),
-                FieldSpec(api_name="Unit_Price", data_type="currency", label="Unit Price"),
-            ],
-        ),
-    ]
-    accounts = ModuleSpec(
-        api_name="Accounts",
-        singular_label="Account",
-        plural_label="Accounts",
-        id="4876876000000600001",
-        system_duplicate_check_fields=["Account_Name"],
-        fields=[
-            FieldSpec(api_name="Account_Name", label="Account Name", mandatory=True, length=255),
-            FieldSpec(api_name="Legacy_Id", label="Legacy Id", mandatory=True, unique=True),
-            FieldSpec(api_name="Email", data_type="email", label="Email"),
-            FieldSpec(api_name="Phone", data_type="phone", label="Phone"),
-            FieldSpec(api_name="Billing_City", label="Billing City"),
-        ],
-    )
-    data = cfg.model_dump()
-    data["modules"] = [*data["modules"], accounts.model_dump()]
-    demo = EmulatorConfig.from_dict(data)  # validated as a whole (lookup targets)
-    demo.bulk.rows_per_second = 10_000.0  # a 25,000-row job takes a few seconds
-    demo.bulk.queue_seconds = 0.5
-    demo.faults.latency = "uniform"
-    demo.faults.latency_ms = 10.0
-    demo.faults.latency_max_ms = 40.0
-    return demo
-
-
-DEMO_ENV = {
-    "DEMO_ZOHO_CLIENT_SECRET": "emulator-client-secret",
-    "DEMO_ZOHO_REFRESH_TOKEN": "emulator-refresh-token",
-}
 
 
 # --------------------------------------------------------------------------- the demo itself
 
 SYNC_APIS = ("upsert", "insert", "update", "delete", "bulk_write_job")
-SENT_APIS = ("upsert", "bulk", "update", "delete")
-
-
-@dataclass(frozen=True)
-class Table:
-    """One legacy table of the demo and where it goes in the CRM."""
-
-    pipeline: str
-    table: str
-    target: str  # what the live view and summary call it
-    module: str
-    key_field: str
-    # a subform pipeline's writes are Update Records of its parent module
-    history_apis: frozenset[str] | None = None
-
-
-TABLES = (
-    Table("customers", "customers", "Accounts", "Accounts", "Legacy_Id"),
-    Table("orders", "orders", "Orders", "Orders", "parent_id"),
-    Table(
-        "order_lines", "order_lines", "Orders.Lines", "Orders", "parent_id", frozenset({"update"})
-    ),
-)
-
-
-@dataclass
-class TableResult:
-    pipeline: str
-    target: str
-    rows_in_source: int = 0
-    records_in_crm: int = 0  # for order lines: subform rows
-    changes: int = 0  # rows written by the live workload
-    credits: int = 0  # this pipeline's credits (the connector's credit ledger)
-    initial_sync_seconds: float | None = None
-    verified: bool = False
-    mismatches: int = -1
-    missing: int = 0
-    extra: int = 0
-    different: int = 0
-    dead_lettered: int = 0
-    staleness_p50: float | None = None
-    staleness_p99: float | None = None
-    staleness_max: float | None = None
-    note: str = ""
-
-
-@dataclass
-class DemoResult:
-    rows_in_source: int = 0  # every table
-    records_in_crm: int = 0  # Accounts and Orders records and Lines rows
-    mismatches: int = -1  # over the pipelines verify compared
-    dead_lettered: int = 0
-    credits_used: int = 0
-    credits_initial_sync: int = 0
-    credits_naive: int = 0
-    upsert_calls: int = 0
-    update_calls: int = 0
-    bulk_jobs: int = 0
-    delete_calls: int = 0
-    changes: int = 0  # business operations (transactions) of the live workload
-    row_changes: int = 0  # rows they wrote, over the three tables
-    staleness_p50: float | None = None
-    staleness_p99: float | None = None
-    staleness_max: float | None = None
-    initial_sync_seconds: float = 0.0
-    total_seconds: float = 0.0
-    subform_rows_verified: bool = False
-    tables: dict[str, TableResult] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        doc = dict(vars(self))
-        doc["tables"] = {k: dict(vars(v)) for k, v in self.tables.items()}
-        return doc
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -315,15 +96,6 @@ def _percentile(values: list[float], q: float) -> float | None:
     s = sorted(values)
     i = min(len(s) - 1, max(0, round(q * (len(s) - 1))))
     return round(s[i], 3)
-
-
-def _sync_usage(emu: Any) -> dict[str, dict[str, int]]:
-    by_api: dict[str, dict[str, int]] = emu.usage()["by_api"]
-    return by_api
-
-
-def _credits(usage: dict[str, dict[str, int]]) -> int:
-    return sum(v.get("credits", 0) for v in usage.values())
 
 
 def staleness_samples(
@@ -360,190 +132,6 @@ def staleness_samples(
         if later:
             out.append(min(later) - t)
     return out
-
-
-def crm_counts(emu: Any, tables: tuple[Table, ...]) -> dict[str, int]:
-    """Records in the CRM per pipeline; for a subform pipeline, the rows of its subform."""
-    out: dict[str, int] = {}
-    for t in tables:
-        store = emu.state.store(t.module)
-        if t.history_apis is None:
-            out[t.pipeline] = len(store.records)
-        else:
-            out[t.pipeline] = sum(len(r.get("Lines") or ()) for r in store.records.values())
-    return out
-
-
-async def source_counts(dsn: str) -> dict[str, int]:
-    from psycopg import sql
-
-    out: dict[str, int] = {}
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        for t in TABLES:
-            q = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier("public", t.table))
-            row = await (await conn.execute(q)).fetchone()
-            out[t.pipeline] = int(row[0]) if row else 0
-    return out
-
-
-async def ledger_credits(dsn: str) -> dict[str, int]:
-    """Credits the connector recorded per pipeline (its credit ledger, flushed every 2 s)."""
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        cur = await conn.execute(
-            "SELECT coalesce(pipeline, ''), sum(credits) FROM connector.credit_ledger GROUP BY 1"
-        )
-        return {str(p): int(c) for p, c in await cur.fetchall()}
-
-
-class LiveView:
-    """What the connector does with each table, refreshed twice a second (rich on a terminal,
-    else a line every 5 s)."""
-
-    def __init__(
-        self,
-        runtime: Any,
-        emu: Any,
-        *,
-        workload: ShopWorkload,
-        dsn: str,
-        tables: tuple[Table, ...],
-        rows: dict[str, int],
-        max_staleness: str,
-    ) -> None:
-        self.console = _console()
-        self.runtime = runtime
-        self.emu = emu
-        self.workload = workload
-        self.dsn = dsn
-        self.tables = tables
-        self.initial_rows = rows
-        self.max_staleness = max_staleness
-        self.phase = "starting"
-        self.started = time.monotonic()
-        self._last_line = 0.0
-        self._last_refresh = 0.0
-        self.source: dict[str, int] = dict(rows)
-        self.ledger: dict[str, int] = {}
-
-    async def refresh(self) -> None:
-        """Rows in the tables and credits per pipeline: read from PostgreSQL every 2 s."""
-        if time.monotonic() - self._last_refresh < 2.0:
-            return
-        self._last_refresh = time.monotonic()
-        with contextlib.suppress(psycopg.Error):
-            self.source = await source_counts(self.dsn)
-            self.ledger = await ledger_credits(self.dsn)
-
-    def _metric(self, name: str, **labels: str) -> float:
-        value = self.runtime.metrics.registry.get_sample_value(name, labels)
-        return float(value or 0.0)
-
-    def table(self, t: Table) -> dict[str, Any]:
-        p = t.pipeline
-        sent = {
-            api: int(
-                self._metric(
-                    "connector_records_emitted_total", pipeline=p, api=api, outcome="success"
-                )
-            )
-            for api in SENT_APIS
-        }
-        return {
-            "snapshot": self._metric("connector_snapshot_progress_ratio", pipeline=p),
-            "source": self.source.get(p, 0),
-            "changes": self.workload.stats.rows(t.table),
-            "captured": int(self._metric("connector_outbox_lag_events", pipeline=p)),
-            "pending": int(self._metric("connector_pending_keys", pipeline=p)),
-            "oldest": self._metric("connector_oldest_pending_change_age_seconds", pipeline=p),
-            "sent": sent,
-            "credits": self.ledger.get(p, 0),
-        }
-
-    def snapshot(self) -> dict[str, Any]:
-        usage = _sync_usage(self.emu)
-        stats = self.workload.stats
-        return {
-            "phase": self.phase,
-            "elapsed": time.monotonic() - self.started,
-            "tables": {t.pipeline: self.table(t) for t in self.tables},
-            "crm": crm_counts(self.emu, self.tables),
-            "operations": stats.total,
-            "credits": _credits(usage),
-            "naive": sum(self.initial_rows.values()) + sum(stats.rows_changed.values()),
-            "upsert_calls": usage.get("upsert", {}).get("calls", 0),
-            "update_calls": usage.get("update", {}).get("calls", 0),
-            "bulk_jobs": usage.get("bulk_write_job", {}).get("calls", 0),
-        }
-
-    def render(self) -> Any:
-        from rich.table import Table as RichTable
-
-        s = self.snapshot()
-        t = RichTable(title=f"connector demo — {s['phase']}  ({s['elapsed']:.0f}s)", expand=False)
-        t.add_column("", style="bold")
-        docs = [s["tables"][x.pipeline] for x in self.tables]
-        for x in self.tables:
-            t.add_column(f"{x.table} → {x.target}", justify="right")
-
-        def row(label: str, cells: list[str]) -> None:
-            t.add_row(label, *cells)
-
-        row("initial sync", [f"{d['snapshot'] * 100:.0f}%" for d in docs])
-        row("rows in the table", [str(d["source"]) for d in docs])
-        row("records / rows in the CRM", [str(s["crm"][x.pipeline]) for x in self.tables])
-        row("rows changed live", [str(d["changes"]) for d in docs])
-        row("outbox events not checkpointed", [str(d["captured"]) for d in docs])
-        row("pending keys (coalesced)", [str(d["pending"]) for d in docs])
-        row(f"oldest pending (max {self.max_staleness})", [f"{d['oldest']:.1f}s" for d in docs])
-        row(
-            "sent upsert / bulk / update / delete",
-            [" / ".join(str(d["sent"][a]) for a in SENT_APIS) for d in docs],
-        )
-        row("credits (connector's ledger)", [str(d["credits"]) for d in docs])
-        t.add_section()
-        t.add_row(
-            "all tables",
-            f"{s['operations']} live operations",
-            f"{s['upsert_calls']} upsert / {s['update_calls']} update calls, "
-            f"{s['bulk_jobs']} bulk jobs",
-            f"{s['credits']} credits (one call per row: {s['naive']})",
-        )
-        return t
-
-    def line(self) -> None:
-        now = time.monotonic()
-        if now - self._last_line < 5:
-            return
-        self._last_line = now
-        s = self.snapshot()
-        parts = [
-            f"{p} pending {d['pending']} oldest {d['oldest']:.1f}s sync {d['snapshot'] * 100:.0f}%"
-            for p, d in s["tables"].items()
-        ]
-        self.console.print(
-            f"[{s['elapsed']:5.0f}s] {s['phase']}: {s['operations']} operations; "
-            + "; ".join(parts)
-            + f"; credits {s['credits']} (naive {s['naive']})"
-        )
-
-
-async def _watch(view: LiveView, stop: asyncio.Event) -> None:
-    if view.console.is_terminal:
-        from rich.live import Live
-
-        with Live(view.render(), console=view.console, refresh_per_second=4) as live:
-            while not stop.is_set():
-                await view.refresh()
-                live.update(view.render())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 0.5)
-            live.update(view.render())
-    else:
-        while not stop.is_set():
-            await view.refresh()
-            view.line()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.5)
 
 
 Q_SNAPSHOTS_DONE = """
@@ -811,92 +399,6 @@ async def run_demo(
             text = json.dumps(result.to_json(), indent=2) + "\n"
             await asyncio.to_thread(Path(report).write_text, text)
     return rc
-
-
-def _clean(r: DemoResult) -> bool:
-    """No verify found a mismatch, and every table's rows are in the CRM (for the lines, also
-    when ``verify`` could not compare them)."""
-    return r.mismatches == 0 and all(
-        tr.rows_in_source == tr.records_in_crm for tr in r.tables.values()
-    )
-
-
-def _console() -> Any:
-    """A rich console; into a file or pipe, 120 columns wide (rich's default there is 80, which
-    wraps the three tables' columns)."""
-    from rich.console import Console
-
-    console = Console()
-    return console if console.is_terminal else Console(width=max(console.width, 120))
-
-
-def _summary(
-    out: Any, r: DemoResult, verify_docs: dict[str, dict[str, Any]], max_staleness: str
-) -> None:
-    from rich.table import Table as RichTable
-
-    t = RichTable(title="connector demo: summary")
-    t.add_column("")
-    trs = list(r.tables.values())
-    for tr in trs:
-        t.add_column(f"{tr.pipeline} → {tr.target}", justify="right")
-
-    def row(label: str, cells: list[str]) -> None:
-        t.add_row(label, *cells)
-
-    def verdict(tr: TableResult) -> str:
-        if not tr.verified:
-            return "not verified"
-        return f"{tr.mismatches} ({tr.missing}/{tr.extra}/{tr.different})"
-
-    row("rows in source / in the CRM", [f"{x.rows_in_source} / {x.records_in_crm}" for x in trs])
-    row("verify mismatches (missing/extra/different)", [verdict(x) for x in trs])
-    row("dead-lettered", [str(x.dead_lettered) if x.verified else "-" for x in trs])
-    row("initial sync done after", [f"{x.initial_sync_seconds}s" for x in trs])
-    row("rows changed live", [str(x.changes) for x in trs])
-    row("credits (connector's ledger)", [str(x.credits) for x in trs])
-    row(
-        f"staleness p50 / p99 / max (max {max_staleness})",
-        [f"{x.staleness_p50}s / {x.staleness_p99}s / {x.staleness_max}s" for x in trs],
-    )
-    out.print(t)
-
-    s = RichTable(title="all tables", show_header=False)
-    s.add_column("")
-    s.add_column("", justify="right")
-    s.add_row("initial sync", f"{r.initial_sync_seconds}s, {r.credits_initial_sync} credits")
-    s.add_row("live changes", f"{r.changes} operations, {r.row_changes} rows")
-    s.add_row("credits used (one call per row would cost)", f"{r.credits_used} ({r.credits_naive})")
-    s.add_row(
-        "upsert / update calls, bulk jobs, delete calls",
-        f"{r.upsert_calls} / {r.update_calls}, {r.bulk_jobs}, {r.delete_calls}",
-    )
-    s.add_row(
-        "staleness p50 / p99 / max",
-        f"{r.staleness_p50}s / {r.staleness_p99}s / {r.staleness_max}s",
-    )
-    s.add_row("total time", f"{r.total_seconds}s")
-    out.print(s)
-    for tr in trs:
-        if tr.note:
-            out.print(f"[yellow]{tr.pipeline}: {tr.note}[/yellow]")
-        doc = verify_docs.get(tr.pipeline)
-        if doc and doc["mismatches"]:
-            out.print(f"{tr.pipeline}: examples {json.dumps(doc['examples'], default=str)}")
-        if tr.rows_in_source != tr.records_in_crm:
-            out.print(
-                f"[red]{tr.pipeline}: {tr.rows_in_source} rows in the table,"
-                f" {tr.records_in_crm} in the CRM[/red]"
-            )
-    if not _clean(r):
-        out.print("[red]verify found mismatches[/red]")
-    elif r.subform_rows_verified:
-        out.print("[green]verify: the CRM matches the tables[/green]")
-    else:
-        out.print(
-            "[green]verify: the CRM matches the tables it compared[/green] (customers, orders"
-            " and their lookups; the order lines' subform rows were not verified, only counted)"
-        )
 
 
 def main(args: argparse.Namespace) -> int:
