@@ -329,7 +329,7 @@ class EmulatorProcess:
 
 
 # --------------------------------------------------------------------------------------------
-# the connector's configuration and legacy table (the demo's, connector/demo.py)
+# the connector's configuration and legacy table (the demo's, connector/demo_config.py)
 
 
 def connector_env() -> dict[str, str]:

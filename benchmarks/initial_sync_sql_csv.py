@@ -47,7 +47,7 @@ NAME = "initial_sync_sql_csv"
 CHUNK = 25_000
 TARGET_CPU_US = 20.0  # issue 19: <= 20 connector CPU-s per million rows
 
-# The demo mapping's columns and CRM types (connector/demo.py), and the SQL that yields the
+# The demo mapping's columns and CRM types (connector/demo_config.py), and the SQL that yields the
 # CSV cell ``crm_values.csv_converter`` yields for a to_jsonb image of that column's value.
 # The fast paths of csv_converter decide the forms: a text type's string as is; an integer's
 # digits; a decimal in plain notation with its scale (numeric's own text); a date from

@@ -1,4 +1,4 @@
-"""`connector verify` of a subform pipeline (issue 21; ``connector/verify.py``
+"""`connector verify` of a subform pipeline (issue 21; ``connector/verify_subform.py``
 ``verify_subform``): each order's subform rows in the CRM, read by COQL on the subform module
 ``Order_Lines``, against its lines in the table, as the engine writes them; ``--repair``
 re-captures the lines of each differing order so the engine rewrites it.
