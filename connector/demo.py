@@ -4,7 +4,7 @@
    (bulk jobs processed at a realistic rate, small request latency), with an ``Accounts``
    module and, on ``Orders``, the ``Account`` lookup and the ``Lines`` subform
    (:func:`demo_emulator_config`);
-2. three related legacy tables filled with realistic rows (``--rows`` orders, default 50,000):
+2. three related legacy tables filled with realistic rows (``--rows`` orders, default 20,000):
    ``customers`` (one per 5 orders), ``orders`` (``customer_id`` names a customer) and
    ``order_lines`` (1-5 per order; ``order_id`` names an order, ``ON DELETE CASCADE``);
 3. a configuration file with three pipelines (trigger capture, ``max_staleness`` 20 s so
