@@ -83,6 +83,15 @@ SELECT %s, u.k, u.c FROM unnest(%s::text[], %s::text[]) AS u(k, c) ORDER BY u.k
 ON CONFLICT (pipeline, parent_key) DO UPDATE SET crm_id = EXCLUDED.crm_id, written_at = now()
 """
 
+# parents whose set changed while they read deleted (nothing to write then): '' is no CRM
+# id, so once such a parent is in the CRM again (inserted again, a new record) the pass below
+# finds it and writes its set
+Q_SETS_UNWRITTEN = """
+INSERT INTO {schema}.subform_sets AS s (pipeline, parent_key, crm_id)
+SELECT %s, k, '' FROM unnest(%s::text[]) AS k ORDER BY k
+ON CONFLICT (pipeline, parent_key) DO UPDATE SET crm_id = '', written_at = now()
+"""
+
 # parents in the CRM whose record is not the one their set was last written to
 Q_SETS_MOVED = """
 SELECT s.parent_key, p.crm_id
@@ -176,6 +185,22 @@ class SubformWrites:
             view = await parent_view(conn, self.schema, sorted(set(refs)))
         named: dict[str, dict[str, pf.RecordRef | None]] = {}
         gate: list[PendingEntry] = []
+        # orders whose set these lines change while their pipeline says deleted: nothing to
+        # write now, but one may be inserted again (a new record, without rows) before its
+        # pipeline sends it: its set is written once it is back (``rewrite_moved_sets``)
+        unwritten = sorted(
+            {
+                k
+                for ks in touched.values()
+                for k in ks
+                if isinstance(view.get(pf.RecordRef(parent.name, k)), pf.Deleted)
+            }
+        )
+        if unwritten:
+            async with self.pool.connection() as conn:
+                await conn.execute(
+                    _q(Q_SETS_UNWRITTEN, self.schema), (self.pipeline.name, unwritten)
+                )
         for e in entries:
             if e.key not in touched:
                 continue
