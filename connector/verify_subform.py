@@ -48,6 +48,7 @@ from psycopg.rows import tuple_row
 
 from connector import state
 from connector.config import PipelineConfig
+from connector.emitter_subform import Q_SETS_UNWRITTEN
 from connector.errors import ConfigError, DataError
 from connector.mapping import SubformMapper, line_order
 from connector.state_common import _q
@@ -258,13 +259,10 @@ async def verify_subform(
     return report
 
 
-# orders whose subform set the lines' engine writes again: '' is no CRM id, so each differs
-# from its order's key_state crm_id (emitter_subform.Q_SETS_MOVED, every 10 s)
-Q_SETS_STALE = """
-INSERT INTO {schema}.subform_sets AS s (pipeline, parent_key, crm_id)
-SELECT %s, k, '' FROM unnest(%s::text[]) AS k ORDER BY k
-ON CONFLICT (pipeline, parent_key) DO UPDATE SET crm_id = '', written_at = now()
-"""
+# orders whose subform set the lines' engine writes again: the statement the engine uses for
+# a set it could not write ('' is no CRM id, so the pass, emitter_subform.Q_SETS_MOVED, every
+# 10 s, writes the set again)
+Q_SETS_STALE = Q_SETS_UNWRITTEN
 
 
 async def rewrite_sets(
