@@ -464,6 +464,8 @@ UPDATE public.orders o
   FROM (SELECT sum(quantity * unit_price) AS amount, sum(quantity) AS quantity
           FROM public.order_lines WHERE order_id = %(id)s) AS t
  WHERE o.id = %(id)s
+   AND (o.amount, o.quantity)
+       IS DISTINCT FROM (coalesce(t.amount, 0), coalesce(t.quantity, 0))
 """
 
 
@@ -528,12 +530,15 @@ class ShopWorkload(Workload):
             column, value = "phone", f"+49 30 {rng.randint(0, 9_999_999):07d}"
         else:
             column, value = "city", rng.choice(CITIES)
-        await conn.execute(
-            sql.SQL("UPDATE public.customers SET {} = %s, updated_at = now() WHERE id = %s").format(
-                sql.Identifier(column)
-            ),
-            (value, key),
+        cur = await conn.execute(
+            sql.SQL(
+                "UPDATE public.customers SET {col} = %s, updated_at = now()"
+                " WHERE id = %s AND {col} IS DISTINCT FROM %s"
+            ).format(col=sql.Identifier(column)),
+            (value, key, value),
         )
+        if cur.rowcount == 0:  # the same value: nothing the CRM holds changes, no change to time
+            return
         self.stats.customer_edits += 1
         self._touch("customers", key)
 
@@ -573,17 +578,17 @@ class ShopWorkload(Workload):
 
     async def _edit_order(self, conn: psycopg.AsyncConnection[Any], key: int) -> None:
         rng = self._rng
+        notes = rng.choice([None, "address changed", "customer called", "rush"])
+        gift = rng.random() < 0.1
         cur = await conn.execute(
-            "UPDATE public.orders SET notes = %s, is_gift = %s, updated_at = now() WHERE id = %s",
-            (
-                rng.choice([None, "address changed", "customer called", "rush"]),
-                rng.random() < 0.1,
-                key,
-            ),
+            "UPDATE public.orders SET notes = %s, is_gift = %s, updated_at = now()"
+            " WHERE id = %s AND (notes, is_gift) IS DISTINCT FROM (%s::text, %s::boolean)",
+            (notes, gift, key, notes, gift),
         )
         if cur.rowcount == 0:
-            self._forget(key)
-            return
+            if not await self._exists(conn, key):
+                self._forget(key)
+            return  # the same values: no change the CRM could be late for
         self.stats.edits += 1
         self._touch("orders", key)
 
@@ -617,8 +622,13 @@ class ShopWorkload(Workload):
 
     async def _totals(self, conn: psycopg.AsyncConnection[Any], *orders: int) -> None:
         for order in orders:
-            await conn.execute(Q_TOTALS, {"id": order})
-            self._touch("orders", order)
+            cur = await conn.execute(Q_TOTALS, {"id": order})
+            if cur.rowcount:  # totals unchanged (a line edited to its own quantity): no change
+                self._touch("orders", order)
+
+    async def _exists(self, conn: psycopg.AsyncConnection[Any], key: int) -> bool:
+        cur = await conn.execute("SELECT 1 FROM public.orders WHERE id = %s", (key,))
+        return await cur.fetchone() is not None
 
     async def _a_line(self, conn: psycopg.AsyncConnection[Any], order: int) -> int | None:
         cur = await conn.execute(
@@ -654,10 +664,14 @@ class ShopWorkload(Workload):
         line = await self._a_line(conn, key)
         if line is None:
             return
-        await conn.execute(
-            "UPDATE public.order_lines SET quantity = %s, updated_at = now() WHERE id = %s",
-            (self._rng.randint(1, 6), line),
+        qty = self._rng.randint(1, 6)
+        cur = await conn.execute(
+            "UPDATE public.order_lines SET quantity = %s, updated_at = now()"
+            " WHERE id = %s AND quantity IS DISTINCT FROM %s",
+            (qty, line, qty),
         )
+        if cur.rowcount == 0:  # its own quantity again: nothing changes
+            return
         self.stats.line_edits += 1
         self._touch("order_lines", key)
         await self._totals(conn, key)
