@@ -32,7 +32,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from psycopg_pool import AsyncConnectionPool
 
@@ -44,7 +44,7 @@ from connector.emitter_outcome import EmitOutcome, _Results
 from connector.errors import DataError, TransientError
 from connector.events import Op
 from connector.latency import LatencyEstimator
-from connector.mapping import RecordMapper
+from connector.mapping import RecordMapper, SubformMapper
 from connector.state_common import AnyConn, _as_dict, _q
 from connector.zoho import coql
 from connector.zoho.client import ZohoClient
@@ -201,6 +201,10 @@ class ParentGate:
     _found: dict[pf.RecordRef, str]  # parents found by COQL: their CRM ids
     latency: LatencyEstimator
 
+    if TYPE_CHECKING:  # defined by the mixin SubformWrites
+
+        def _lines_mapper(self) -> SubformMapper: ...
+
     @property
     def _gated(self) -> bool:
         """Whether this pipeline maps a lookup (only then is anything here run)."""
@@ -279,6 +283,50 @@ class ParentGate:
             async with self.pool.connection() as conn:
                 await record_demand(conn, self.schema, needs)
         return Gated(go)
+
+    async def foresee(self, conn: AnyConn, entries: Sequence[PendingEntry]) -> int:
+        """Parents pulled forward when their children are read, not when they are sent: each
+        live write names its parents (lookups, or a line's order); those not in the CRM yet
+        (``parent_view`` leaves them out: a new customer, a new order) are needed by the
+        child's deadline less :meth:`_send_lead`, recorded as at send time
+        (:func:`record_demand`). Without it a child planned at its latest moment (economy)
+        first asks at its deadline: too late for the pull, so the lines of every new order
+        were held ``PARENT_NOT_SYNCED`` and sent again by themselves, after the bound (the
+        session-22 demo). Returns how many parents were pulled. Nothing for a pipeline that
+        names no parent."""
+        if not self._gated and self.pipeline.subform_of is None:
+            return 0
+        lead = self._send_lead()
+        wants: dict[pf.RecordRef, float] = {}
+        for e in entries:
+            if e.live_at is None:  # initial-sync rows: no deadline (dependency order instead)
+                continue
+            by = self._deadline(e) - lead
+            for ref in self._parents_now(e):
+                wants[ref] = min(wants.get(ref, math.inf), by)
+        if not wants:
+            return 0
+        view = await parent_view(conn, self.schema, sorted(wants))
+        needs = {ref: by for ref, by in wants.items() if ref not in view}
+        await record_demand(conn, self.schema, needs)
+        return len(needs)
+
+    def _parents_now(self, e: PendingEntry) -> list[pf.RecordRef]:
+        """The parents a write names now: its lookups' or, a line, its order (the order a
+        line left is in the CRM already, or its set needs no write)."""
+        row = e.event.row
+        if e.event.op is Op.DELETE or row is None:
+            return []
+        if self.pipeline.subform_of is None:
+            return [r for r in (self._named_parents(e) or {}).values() if r is not None]
+        mapper = self._lines_mapper()
+        if mapper.parent_column not in row:
+            return []
+        try:
+            key = mapper.parent_key(dict(row))
+        except DataError:
+            return []
+        return [] if key is None else [pf.RecordRef(mapper.parent.name, key)]
 
     def _named_parents(self, e: PendingEntry) -> dict[str, pf.RecordRef | None] | None:
         """Lookup field → the parent the entry's row names (None: NULL); None when there is

@@ -98,6 +98,8 @@ class OutboxReading:
             self.coalescer.add(ev, batch)
         for ev in ahead:  # after the batch: they release the batch's superseded versions
             self.coalescer.add_ahead(ev)
+        if events:
+            await self._foresee(reader, events)
         self._caught_up = not read_any
         self._read_pos = pos
         if await self._release_held(reader):
@@ -168,6 +170,26 @@ class OutboxReading:
             return
         self._moved_sets_at = now + MOVED_SETS_EVERY_S
         await self.emitter.rewrite_moved_sets()
+
+    async def _foresee(self, conn: psycopg.AsyncConnection[Any], events: list[ChangeEvent]) -> None:
+        """Parents first, ahead of time (``ParentGate.foresee``): the parents the batch's live
+        writes name and the CRM does not hold yet are pulled forward now, so the parent's
+        pipeline plans them before the children are due. Nothing for a pipeline without
+        parents."""
+        if self.emitter is None or (
+            self.pipeline.subform_of is None
+            and not any(m.type == "lookup" for m in self.pipeline.fields.values())
+        ):
+            return
+        pending = self.coalescer.pending()
+        keys = dict.fromkeys(ev.key for ev in events if ev.op not in (Op.SNAPSHOT, Op.DELETE))
+        entries = [pending[k] for k in keys if k in pending]
+        pulled = await self.emitter.foresee(conn, entries)
+        if pulled:
+            log.debug(
+                "parents pulled forward ahead of their children",
+                extra={"pipeline": self.pipeline.name, "parents": pulled},
+            )
 
     async def _read_demands(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Parents pulled forward (issue 21): the keys of this pipeline that waiting children

@@ -532,6 +532,47 @@ async def test_a_waiting_child_pulls_its_parent_forward(
         assert await parent_demands(conn, SCHEMA, "customers", 10) == {}
 
 
+async def test_a_child_read_pulls_its_new_parent_before_its_own_deadline(
+    shop: Shop, remu: EmulatorHandle, build: Build
+) -> None:
+    """Pull-forward when the child is read (session 22). In "economy" the order is planned at
+    its latest moment (here a minute); asking for its customer only then is too late for the
+    customer's pipeline to be pulled (it reads needs every 2 s, the order has one margin
+    left): the order asks by COQL, finds nothing and is held ``PARENT_NOT_SYNCED`` (the
+    demo's lines of every new order, after the bound). Read, the order records at once by
+    when it needs the new customer: its deadline less the send lead. An order whose customer
+    is in the CRM needs nothing; nothing is sent or asked before the order is due."""
+    await shop.write("INSERT INTO public.customers VALUES (1, 'Acme', 'Oslo'), (2, 'B', 'C')")
+    async with await psycopg.AsyncConnection.connect(shop.dsn, autocommit=True) as conn:
+        await conn.execute(
+            "INSERT INTO connector.key_state (pipeline, key, crm_id, status)"
+            " VALUES ('customers', '2', '99', 'synced')"
+        )
+    await shop.write("INSERT INTO public.orders VALUES (10, 'o10', 1), (20, 'o20', 2)")
+    child = await build(orders(max_staleness="60s", freshness="economy"))
+    stop = asyncio.Event()
+    task = asyncio.create_task(child.run(stop))
+    needs: dict[str, float] = {}
+    try:
+        async with await psycopg.AsyncConnection.connect(shop.dsn, autocommit=True) as conn:
+            for _ in range(400):  # at most 20 s; the order is due after 59 s
+                needs = await parent_demands(conn, SCHEMA, "customers", 10)
+                if needs:
+                    break
+                await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await task
+    assert list(needs) == ["1"]
+    pending = child.coalescer.pending()
+    assert set(pending) == {"10", "20"}  # nothing sent yet
+    deadline = pending["10"].live_at.timestamp() + 60  # type: ignore[union-attr]
+    lead = child.emitter._send_lead()  # type: ignore[union-attr]
+    assert needs["1"] == pytest.approx(deadline - lead, abs=0.01)
+    assert remu.records("Orders") == []
+    assert "coql" not in remu.state.usage_snapshot()["by_api"]
+
+
 async def test_children_needs_keep_the_earliest_and_end_when_the_parent_is_synced(
     shop: Shop,
 ) -> None:

@@ -21,6 +21,7 @@ from connector import state
 from connector.capture import logical, triggers
 from connector.config import PipelineConfig
 from connector.costs import CostModel
+from connector.emitter_parents import parent_demands
 from connector.emulator import start_emulator
 from connector.emulator.server import EmulatorHandle
 from connector.engine import Engine
@@ -277,6 +278,43 @@ async def test_lines_wait_for_their_order_are_held_then_released(
     assert crm_lines(emu) == {"1": []}
     await child.drain()  # released: the lines go by themselves
     assert crm_lines(emu) == await shop.lines() == {"1": [("a", 1), ("b", 2)]}
+    assert await open_letters(shop.dsn, "order_lines") == []
+
+
+async def test_lines_read_pull_their_new_order_forward_at_once(
+    shop: Shop, emu: EmulatorHandle, build: Build
+) -> None:
+    """Session 22: the lines of a new order, read, record at once by when they need their
+    order (their deadline less the send lead), long before they are due ("economy", a
+    minute): the orders' pipeline sends the order in time and the lines are never held (the
+    demo held the lines of every new order, after the bound). Lines of an order in the CRM
+    need nothing."""
+    await shop.write("INSERT INTO public.orders VALUES (1, 'o1'), (2, 'o2')")
+    async with await psycopg.AsyncConnection.connect(shop.dsn, autocommit=True) as conn:
+        await conn.execute(
+            "INSERT INTO connector.key_state (pipeline, key, crm_id, status)"
+            " VALUES ('orders', '2', '99', 'synced')"
+        )
+    await shop.write("INSERT INTO public.order_lines VALUES (1, 1, 'a', 1), (2, 2, 'b', 2)")
+    child = await build(lines(max_staleness="60s", freshness="economy"))
+    stop = asyncio.Event()
+    task = asyncio.create_task(child.run(stop))
+    needs: dict[str, float] = {}
+    try:
+        async with await psycopg.AsyncConnection.connect(shop.dsn, autocommit=True) as conn:
+            for _ in range(400):  # at most 20 s; the lines are due after 59 s
+                needs = await parent_demands(conn, SCHEMA, "orders", 10)
+                if needs:
+                    break
+                await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await task
+    assert list(needs) == ["1"]
+    line = child.coalescer.pending()["1"]
+    lead = child.emitter._send_lead()  # type: ignore[union-attr]
+    assert needs["1"] == pytest.approx(line.live_at.timestamp() + 60 - lead, abs=0.01)  # type: ignore[union-attr]
+    assert updates(emu) == 0
     assert await open_letters(shop.dsn, "order_lines") == []
 
 
