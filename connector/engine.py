@@ -46,7 +46,9 @@ from connector.engine_read import OutboxReading
 from connector.engine_replay import Replay, ReplayReport
 from connector.engine_snapshot import SnapshotRuns
 from connector.errors import TransientError
+from connector.latency import LatencyEstimator
 from connector.metrics import Metrics
+from connector.org import board_for
 from connector.outbox import OutboxWatcher, ReadPosition
 from connector.planner import PendingKey, Plan, PlannerInput, plan
 from connector.zoho.client import ZohoClient
@@ -212,6 +214,7 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
             self._pool = self._given_pool
             stack.callback(setattr, self, "_pool", None)
             stack.push_async_callback(self._flush_credits_quietly)
+            stack.callback(board_for(self.client.limiter).forget, self.pipeline.name)
             self.emitter = self._given_emitter
             await self.emitter.load_source_types()
             yield
@@ -405,13 +408,33 @@ class Engine(OutboxReading, OrphanFences, SnapshotRuns, Replay):
             freshness=self.pipeline.freshness,
             bulk_latency_by_size=bulk_by_size,
             retry_allowance=self.pipeline.retry_allowance.total_seconds(),
-            calls_ahead=self._calls_ahead(),
+            calls_ahead=self._calls_ahead() + self._org_calls_ahead(keys, max_staleness, est),
         )
         if self._drain_all or self._drain_once:
             self._flushing = self._drain_once
             self._drain_once = False
             return drain_plan(inp)
         return plan(inp)
+
+    def _org_calls_ahead(
+        self, keys: list[PendingKey], max_staleness: float, est: LatencyEstimator
+    ) -> int:
+        """One org (connector/org.py): publish this pipeline's live pending keys by deadline,
+        and count the calls the org's other pipelines need for keys due by this one's first
+        deadline plus the time the org's pending calls take (``OrgBoard.calls_ahead``): they
+        may hold the shared slots before its own calls."""
+        deadlines = [
+            pk.oldest_at + max_staleness for pk in keys if not pk.in_flight and not pk.backlog
+        ]
+        board = board_for(self.client.limiter)
+        board.publish(self.pipeline.name, deadlines, self.cost.upsert_batch)
+        if not deadlines:
+            return 0
+        round_s = est.upsert() + self.pipeline.retry_allowance.total_seconds()
+        own = -(-len(deadlines) // self.cost.upsert_batch)
+        return board.calls_ahead(
+            self.pipeline.name, min(deadlines), round_s, self.client.limiter.limit, own
+        )
 
     def _calls_ahead(self) -> int:
         """API calls a call planned now starts behind: those at the shared limiter (holding a

@@ -27,8 +27,10 @@ from connector.emitter_parents import parent_demands, record_demand
 from connector.emulator import start_emulator
 from connector.emulator.server import EmulatorHandle
 from connector.engine import Engine
+from connector.org import board_for
 from connector.parents import PARENT_NOT_SYNCED, RecordRef
 from connector.pipeline import build_pipeline, chain_credits
+from connector.planner import PendingKey
 from connector.verify import verify
 from connector.zoho.client import ZohoClient
 from tests.emulator.test_relations import relations_config
@@ -571,6 +573,36 @@ async def test_a_child_read_pulls_its_new_parent_before_its_own_deadline(
     assert needs["1"] == pytest.approx(deadline - lead, abs=0.01)
     assert remu.records("Orders") == []
     assert "coql" not in remu.state.usage_snapshot()["by_api"]
+
+
+async def test_engines_of_one_client_count_each_others_calls_due_together(
+    shop: Shop, build: Build
+) -> None:
+    """One org (connector/org.py): two engines on one client share its board; each publishes
+    its live pending keys at every plan and counts, as calls ahead of its own, the other's
+    calls due by the same moments. Planned alone, three pipelines due together queued their
+    calls past the bound (tests/unit/test_planner_org.py). Stopped, an engine leaves it."""
+    child = await build(orders())
+    parent = await build(customers())
+    assert child.client is parent.client
+    est = child._given_emitter.latency  # type: ignore[union-attr]
+    now = 1_000.0
+    due = [PendingKey(f"o{i}", now, False) for i in range(250)]  # three calls, all due at 1003
+    assert child._org_calls_ahead(due, 3.0, est) == 0  # the other has published nothing
+    mine = [PendingKey("c1", now + 1.0, False), PendingKey("c2", now, True)]  # one in flight
+    assert parent._org_calls_ahead(mine, 3.0, est) == 3
+    assert child._org_calls_ahead(due, 3.0, est) == 1
+    later = [PendingKey("c1", now + 500.0, False)]  # due long after: not ahead of anyone
+    assert parent._org_calls_ahead(later, 600.0, est) == 3
+    assert child._org_calls_ahead(due, 3.0, est) == 0
+    backlog = [PendingKey("c1", now, False, backlog=True)]  # initial-sync rows: no deadline
+    parent._org_calls_ahead(backlog, 3.0, est)
+    assert child._org_calls_ahead(due, 3.0, est) == 0
+    parent._org_calls_ahead(mine, 3.0, est)
+    stop = asyncio.Event()
+    stop.set()
+    await parent.run(stop)  # a run ends by leaving the board
+    assert board_for(parent.client.limiter).pipelines() == ["orders"]
 
 
 async def test_children_needs_keep_the_earliest_and_end_when_the_parent_is_synced(

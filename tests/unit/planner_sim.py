@@ -167,3 +167,123 @@ def simulate(
     for pos, j in enumerate(order):
         stale[j] = delivered.get(pos, math.inf) - changes[j][0]
     return SimResult(stale, spent, calls, jobs, plans, max_staleness)
+
+
+def simulate_org(
+    pipelines: dict[str, list[tuple[float, str]]],
+    *,
+    org: bool,
+    max_staleness: float = 60.0,
+    concurrency: int = 2,
+    upsert_latency: float = 1.0,
+    cost: CostModel | None = None,
+) -> dict[str, SimResult]:
+    """Several pipelines of one org, each planned by its own ``plan`` as its engine does, their
+    upsert calls sharing ``concurrency`` slots (FIFO, as the client's limiter) of a CRM that
+    answers each in ``upsert_latency`` (the planner is told exactly that). ``org``: each
+    planner's ``calls_ahead`` also counts the other pipelines' calls that may go before its
+    own (``OrgBoard.calls_ahead``), from an :class:`~connector.org.OrgBoard` every planner publishes to, as
+    ``Engine._org_calls_ahead`` does; otherwise only the calls sent and not answered (the
+    limiter's queue), as before session 22."""
+    from connector.org import OrgBoard
+
+    cost = cost or CostModel()
+    board = OrgBoard()
+    names = sorted(pipelines)
+    order = {n: sorted(range(len(pipelines[n])), key=lambda j: pipelines[n][j][0]) for n in names}
+    nxt = dict.fromkeys(names, 0)
+    pending: dict[str, dict[str, float]] = {n: {} for n in names}
+    newest: dict[str, dict[str, int]] = {n: {} for n in names}
+    by_key: dict[str, dict[str, list[int]]] = {n: {} for n in names}
+    in_flight: dict[str, set[str]] = {n: set() for n in names}
+    delivered: dict[str, dict[int, float]] = {n: {} for n in names}
+    spent = dict.fromkeys(names, 0)
+    calls = dict.fromkeys(names, 0)
+    wake = dict.fromkeys(names, None)  # type: dict[str, float | None]
+    done: list[tuple[float, int, str, list[tuple[str, int]]]] = []
+    slots = [0.0] * concurrency
+    seq = steps = 0
+    while True:
+        cand = [math.inf]
+        for n in names:
+            if nxt[n] < len(order[n]):
+                cand.append(pipelines[n][order[n][nxt[n]]][0])
+            w = wake[n]
+            if w is not None:
+                cand.append(w)
+        if done:
+            cand.append(done[0][0])
+        now = min(cand)
+        if now == math.inf:
+            assert not any(pending.values()), "stalled with pending changes"
+            break
+        while done and done[0][0] <= now:
+            t_done, _, n, items = heapq.heappop(done)
+            for key, v in items:
+                in_flight[n].discard(key)
+                for idx in by_key[n][key]:
+                    if idx <= v and idx not in delivered[n]:
+                        delivered[n][idx] = t_done
+        for n in names:
+            while nxt[n] < len(order[n]) and pipelines[n][order[n][nxt[n]]][0] <= now:
+                t, key = pipelines[n][order[n][nxt[n]]]
+                by_key[n].setdefault(key, []).append(nxt[n])
+                newest[n][key] = nxt[n]
+                pending[n].setdefault(key, t)
+                nxt[n] += 1
+        for n in names:
+            keys = [PendingKey(k, at, k in in_flight[n]) for k, at in pending[n].items()]
+            ahead = sum(1 for d in done)  # sent, not answered: the limiter's queue
+            if org:
+                dls = [pk.oldest_at + max_staleness for pk in keys if not pk.in_flight]
+                board.publish(n, dls, cost.upsert_batch)
+                if dls:
+                    own = -(-len(dls) // cost.upsert_batch)
+                    ahead += board.calls_ahead(n, min(dls), upsert_latency, concurrency, own)
+            if not keys:
+                wake[n] = None
+                continue
+            p = plan(
+                PlannerInput(
+                    now=now,
+                    pending=keys,
+                    max_staleness=max_staleness,
+                    credits_left=10**9,
+                    reserve=0,
+                    concurrency=concurrency,
+                    upsert_latency=upsert_latency,
+                    bulk_latency=600.0,
+                    cost=cost,
+                    calls_ahead=ahead,
+                )
+            )
+            assert not p.bulk, "the org simulation models upsert calls only"
+            spent[n] += p.credits(cost)
+            wake[n] = p.wake_at
+            for ks in p.upserts:
+                items = []
+                for k in ks:
+                    del pending[n][k]
+                    in_flight[n].add(k)
+                    items.append((k, newest[n][k]))
+                start = max(now, heapq.heappop(slots))
+                t_done = start + upsert_latency
+                heapq.heappush(slots, t_done)
+                calls[n] += 1
+                seq += 1
+                heapq.heappush(done, (t_done, seq, n, items))
+            if org:  # what it sent is in the limiter's queue now, not on the board
+                board.publish(
+                    n,
+                    [at + max_staleness for k, at in pending[n].items() if k not in in_flight[n]],
+                    cost.upsert_batch,
+                )
+        steps += 1
+        assert steps < 1_000_000, "planner loops"
+    out: dict[str, SimResult] = {}
+    for n in names:
+        stale = [math.inf] * len(pipelines[n])
+        for pos, j in enumerate(order[n]):
+            stale[j] = delivered[n].get(pos, math.inf) - pipelines[n][j][0]
+        out[n] = SimResult(stale, spent[n], calls[n], 0, [], max_staleness)
+    return out
