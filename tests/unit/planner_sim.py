@@ -182,8 +182,8 @@ def simulate_org(
     upsert calls sharing ``concurrency`` slots (FIFO, as the client's limiter) of a CRM that
     answers each in ``upsert_latency`` (the planner is told exactly that). ``org``: each
     planner's ``calls_ahead`` also counts the other pipelines' calls that may go before its
-    own (``OrgBoard.calls_ahead``), from an :class:`~connector.org.OrgBoard` every planner publishes to, as
-    ``Engine._org_calls_ahead`` does; otherwise only the calls sent and not answered (the
+    own (``OrgBoard.calls_ahead``, on a board every planner publishes to, as
+    ``Engine._org_calls_ahead`` does); otherwise only the calls sent and not answered (the
     limiter's queue), as before session 22."""
     from connector.org import OrgBoard
 

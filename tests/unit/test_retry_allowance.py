@@ -69,7 +69,7 @@ def test_engine_passes_the_configured_allowance_to_the_planner(
     allowance: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[PlannerInput] = []
-    import connector.engine as engine_mod
+    import connector.engine_plan as engine_mod
 
     def spy(inp: PlannerInput) -> Any:
         seen.append(inp)
@@ -97,7 +97,7 @@ async def test_engine_plans_behind_the_calls_already_queued_at_the_limiter(
     # PlannerInput.calls_ahead: the shared limiter's queue (every pipeline's calls) makes a
     # change leave sooner; without it a key planned behind a long queue arrived late
     seen: list[PlannerInput] = []
-    import connector.engine as engine_mod
+    import connector.engine_plan as engine_mod
 
     def spy(inp: PlannerInput) -> Any:
         seen.append(inp)
