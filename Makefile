@@ -23,8 +23,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict connector
 
+# two workers (pytest-xdist; each has its own embedded PostgreSQL): the suite is mostly waiting
+# on servers, so it fits the 15-minute budget on two cores; TEST_WORKERS=0 runs it in one process
+TEST_WORKERS ?= 2
+
 test: lint typecheck
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # the unit tier: no database, no connector process, without the minutes-long exhaustive
 # searches (tests/conftest.py sets the markers)
