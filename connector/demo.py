@@ -22,7 +22,8 @@ Exit 0 only when no verify finds a mismatch (and the CRM holds as many lines as 
 
 The configuration files are written by ``connector/demo_config.py``, the live view and the
 summary drawn by ``connector/demo_view.py``, the tables filled and changed by
-``connector/demo_workload.py``; the names other modules use are importable from here.
+``connector/demo_shop.py`` (over ``connector/demo_workload.py``); the names other modules use
+are importable from here.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from typing import Any
 import psycopg
 
 from connector.demo_config import DEMO_ENV, demo_config, demo_emulator_config
+from connector.demo_shop import ShopWorkload, create_shop, customers_for
 from connector.demo_view import (
     SENT_APIS,
     TABLES,
@@ -59,7 +61,6 @@ from connector.demo_view import (
     ledger_credits,
     source_counts,
 )
-from connector.demo_workload import ShopWorkload, create_shop, customers_for
 
 # the names other modules import from here, some defined in the split-out modules
 # (demo_config: the configuration; demo_view: the tables, the live view and the summary)

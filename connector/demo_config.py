@@ -119,7 +119,7 @@ def demo_config(
     """The demo's connector.toml (secrets come from the environment, as in production).
 
     ``related_tables`` (what ``connector demo`` writes): three pipelines over
-    :func:`~connector.demo_workload.create_shop`'s tables, customers → ``Accounts``, orders →
+    :func:`~connector.demo_shop.create_shop`'s tables, customers → ``Accounts``, orders →
     ``Orders`` with the ``Account`` lookup, order lines → the ``Lines`` subform (``lines``:
     without it, the first two), for :func:`demo_emulator_config`. Without it: the ``orders``
     pipeline alone, over :func:`~connector.demo_workload.create_orders`'s table and the

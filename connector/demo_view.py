@@ -16,7 +16,7 @@ from typing import Any
 
 import psycopg
 
-from connector.demo_workload import ShopWorkload
+from connector.demo_shop import ShopWorkload
 
 SENT_APIS = ("upsert", "bulk", "update", "delete")
 

@@ -10,7 +10,7 @@ import random
 
 import psycopg
 
-from connector.demo_workload import ShopWorkload, create_shop
+from connector.demo_shop import ShopWorkload, create_shop
 
 
 class _Fixed(random.Random):
