@@ -53,6 +53,9 @@ class Report:
     line_set_writes: int = 0  # writes of an order's subform rows read from the history
     dead_letters: int = 0
     dead_letter_codes: dict[str, int] = field(default_factory=dict)
+    # seconds from each live commit of a valid order row until the CRM held it or newer
+    # (``check_staleness``): p50 / p99 / max and how many were measured
+    staleness: dict[str, float] = field(default_factory=dict)
     problems: dict[str, list[str]] = field(default_factory=dict)
     counts: Counter[str] = field(default_factory=Counter)
 
@@ -79,6 +82,7 @@ class Report:
             "line_set_writes_checked": self.line_set_writes,
             "dead_letters": self.dead_letters,
             "dead_letter_codes": self.dead_letter_codes,
+            "staleness": self.staleness,
             "problem_counts": dict(self.counts),
             "problems": self.problems,
         }
@@ -192,6 +196,126 @@ def check_history(
                     f"key {key} record {rid}: Rev {last} then {tag}",
                 )
             last = max(last, rev)
+
+
+def check_staleness(
+    committed_at: list[tuple[float, int, int | None]],
+    history: dict[str, list[dict[str, Any]]],
+    dead_letters: list[DeadLetter],
+    report: Report,
+    *,
+    bound: float | None,
+) -> None:
+    """Staleness from the source (DESIGN invariant 10): for each live commit of an order (the
+    workload's wall clock just after the commit returned, so a little late: the figure errs
+    short), the seconds until the CRM first reflected it or something newer:
+
+    * a row (``Rev`` r): a write of ``Rev`` r or higher, or a CRM delete of the key after a
+      later source delete of it (the version was deleted before it was sent: coalesced);
+    * a delete: at once when the CRM holds no record of the key then (never sent, or deleted
+      already), else a CRM delete of the key after it, or a write of a ``Rev`` above every
+      one committed before it (inserted again before the delete was sent).
+
+    Keys with any dead letter are left out (a refused row, or a child held for its parent,
+    arrives when fixed: not a bound to keep), as are changes that never arrived (the end-state
+    checks say why). The figures go to the report; with ``bound`` (the fault-free baseline:
+    ``max_staleness`` plus a slack for the scheduling of two stacks on two cores) each change
+    over it is a problem ``change_late``, with the record's writes around it."""
+    import bisect
+
+    lettered = {d.key for d in dead_letters}
+    writes: dict[str, list[tuple[float, int, str]]] = {}
+    crm_deletes: dict[str, list[float]] = {}
+    for entries in history.values():
+        # a delete's entry need not carry the record's values: the record's key is the one
+        # its writes name
+        named = [(h.get("values") or {}).get("parent_id") for h in entries]
+        record_key = next((str(k) for k in named if k is not None), None)
+        for h in entries:
+            values = h.get("values") or {}
+            key = values.get("parent_id", record_key)
+            if key is None:
+                continue
+            ts = float(h.get("timestamp", 0.0))
+            if h.get("api") == "delete":
+                crm_deletes.setdefault(str(key), []).append(ts)
+            elif values.get("Rev") is not None:
+                writes.setdefault(str(key), []).append((ts, int(values["Rev"]), str(h.get("api"))))
+    arrivals: dict[str, tuple[list[int], list[float], list[str]]] = {}
+    for key, ws in writes.items():
+        ws.sort()
+        revs: list[int] = []
+        times: list[float] = []
+        apis: list[str] = []
+        for ts, rev, api in ws:  # the highest Rev held so far, since when, written by what
+            if not revs or rev > revs[-1]:
+                revs.append(rev)
+                times.append(ts)
+                apis.append(api)
+        arrivals[key] = (revs, times, apis)
+    for ds in crm_deletes.values():
+        ds.sort()
+    source_deletes: dict[str, list[float]] = {}
+    for at, k, rev in committed_at:
+        if rev is None:
+            source_deletes.setdefault(str(k), []).append(at)
+    for ds in source_deletes.values():
+        ds.sort()
+
+    def first_at_or_after(times: list[float], t: float) -> float | None:
+        i = bisect.bisect_left(times, t)
+        return times[i] if i < len(times) else None
+
+    samples: list[float] = []
+    top_rev: dict[str, int] = {}  # per key, the highest Rev committed so far (commit order)
+    for at, k, rev in sorted(committed_at, key=lambda c: c[0]):
+        key = str(k)
+        revs, times, apis = arrivals.get(key, ([], [], []))
+        dels = crm_deletes.get(key, [])
+        arrived: tuple[float, str] | None = None
+        if rev is not None:
+            top_rev[key] = max(top_rev.get(key, rev), rev)
+            i = bisect.bisect_left(revs, rev)
+            if i < len(revs):
+                arrived = (times[i], apis[i])
+            later = [t for t in source_deletes.get(key, []) if t > at]
+            crm_del = first_at_or_after(dels, later[0]) if later else None
+            if crm_del is not None and (arrived is None or crm_del < arrived[0]):
+                arrived = (crm_del, "delete")
+        else:
+            last_write = max((t for t in times if t <= at), default=None)
+            last_del = max((t for t in dels if t <= at), default=None)
+            crm_del = first_at_or_after(dels, at)
+            if last_write is None or (last_del is not None and last_del >= last_write):
+                arrived = (at, "no record in the CRM")  # nothing there to delete
+            elif crm_del is not None:
+                arrived = (crm_del, "delete")
+            i = bisect.bisect_right(revs, top_rev.get(key, 0))
+            j = bisect.bisect_left(times, at, lo=i)
+            if j < len(times) and (arrived is None or times[j] < arrived[0]):
+                arrived = (times[j], apis[j])
+        if key in lettered or arrived is None:
+            continue
+        s = max(0.0, arrived[0] - at)
+        samples.append(s)
+        if bound is not None and s > bound:
+            marks = [(t, f"Rev {r} by {a} at {t - at:+.1f}s") for r, t, a in zip(revs, times, apis)]
+            marks += [(t, f"delete at {t - at:+.1f}s") for t in dels]
+            seen = [text for _, text in sorted(marks)]
+            what = "deleted" if rev is None else f"Rev {rev}"
+            report.problem(
+                "change_late",
+                f"key {key} {what}: in the CRM {s:.1f}s after its commit (bound {bound:g}s), by"
+                f" {arrived[1]}; the record's writes: {', '.join(seen[-6:])}",
+            )
+    if samples:
+        samples.sort()
+        report.staleness = {
+            "measured": len(samples),
+            "p50": round(samples[(len(samples) - 1) // 2], 2),
+            "p99": round(samples[int(0.99 * (len(samples) - 1))], 2),
+            "max": round(samples[-1], 2),
+        }
 
 
 # ---- related tables (issue 21) ---------------------------------------------------------------

@@ -38,6 +38,7 @@ from typing import Any
 
 import psycopg
 
+from connector.config import parse_duration
 from connector.pgembed import EmbeddedPostgres, free_port
 from tests.chaos import checker
 from tests.chaos.procs import (
@@ -88,6 +89,10 @@ class Params:
     # 30 s: a bulk job (3-4 s here) plus the capture lag of a 30,000-row transaction fits; at
     # 10 s the same mass update went by bulk or by upsert (5x the credits) by a second of timing
     max_staleness: str = "30s"
+    # the fault-free baseline keeps ``max_staleness`` from each commit, give or take the
+    # scheduling of two stacks (two connectors, two emulators, two PostgreSQL, the workloads)
+    # on two cores: a change later than this over it is a problem ``change_late``
+    staleness_slack: float = 5.0
     bad_rate: float = 0.03
     drain_seconds: float = 40.0  # part of ``minutes`` kept for the drain
     # the drain fails when the backlog (rows missing, different or deleted-but-present in the
@@ -715,6 +720,12 @@ class Scenario:
         accounts = await self.emulator.all_history("Accounts", fields="Legacy_Id,Rev")
         checker.check_history(hist["history"], report)
         checker.check_history(accounts["history"], report, key_field="Legacy_Id")
+        bound = (
+            None
+            if self.faults
+            else parse_duration(self.p.max_staleness).total_seconds() + self.p.staleness_slack
+        )
+        checker.check_staleness(wl.committed_at, hist["history"], st.dls, report, bound=bound)
         checker.check_lookup_history(hist["history"], accounts["history"], report)
         if subforms_on():
             checker.check_line_history(hist["history"], report)

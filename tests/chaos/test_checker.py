@@ -412,3 +412,56 @@ def test_the_chaos_history_keeps_a_subform_only_where_a_write_replaced_it() -> N
         None,  # the same rows, kept by a write that did not name them
         [{"Product": "p1", "Qty": 3}],
     ]
+
+
+def _rev_write(ts: float, key: int, rev: int, api: str = "upsert") -> dict[str, Any]:
+    return {"timestamp": ts, "api": api, "values": {"parent_id": str(key), "Rev": rev}}
+
+
+def test_staleness_runs_from_each_commit_until_the_crm_holds_it_or_newer() -> None:
+    """Key 1: Rev 2 committed at 100 and Rev 3 at 101 arrive together at 110 (10 s and 9 s);
+    key 2: Rev 5 at 100 arrives at 140 in another record (40 s, over a 35 s bound); key 3
+    is dead-lettered (left out); key 4 never arrives (left to the end-state checks)."""
+    committed = [(100.0, 1, 2), (101.0, 1, 3), (100.0, 2, 5), (100.0, 3, 1), (100.0, 4, 1)]
+    history = {
+        "r1": [_rev_write(50.0, 1, 1), _rev_write(110.0, 1, 3)],
+        "r2": [_rev_write(60.0, 2, 4), _rev_write(70.0, 2, 4, api="delete")],
+        "r2b": [_rev_write(140.0, 2, 5)],
+        "r3": [_rev_write(300.0, 3, 1)],
+    }
+    letters = [checker.DeadLetter("3", 1, "INVALID_DATA", "Amount", "no", "open", None)]
+    report = checker.Report()
+    checker.check_staleness(committed, history, letters, report, bound=35.0)
+    assert report.staleness == {"measured": 3, "p50": 10.0, "p99": 10.0, "max": 40.0}
+    assert dict(report.counts) == {"change_late": 1}
+    assert report.problems["change_late"] == [
+        "key 2 Rev 5: in the CRM 40.0s after its commit (bound 35s), by upsert; the record's"
+        " writes: Rev 4 by upsert at -40.0s, delete at -30.0s, Rev 5 by upsert at +40.0s"
+    ]
+    # deletes: key 5's Rev 2 was deleted at 105 before it was sent; the CRM deleted the
+    # record at 120 (Rev 2 is reflected then, 20 s; the delete 15 s). Key 6 was deleted at
+    # 100 and inserted again (Rev 3) at 101 before the delete went: one write of Rev 3 at 110
+    # reflects both (10 s and 9 s). Key 7's delete at 100 is reflected by nothing yet.
+    deletes = [
+        (100.0, 5, 2),
+        (105.0, 5, None),
+        (100.0, 6, None),
+        (101.0, 6, 3),
+        (100.0, 7, None),
+        (100.0, 8, None),  # key 8 never reached the CRM: its delete has nothing to do (0 s)
+        (130.0, 8, 2),  # inserted again: its own write at 140 (10 s)
+    ]
+    history_d = {
+        # the delete's entry without values, as the emulator may keep it
+        "r5": [_rev_write(50.0, 5, 1), {"timestamp": 120.0, "api": "delete"}],
+        "r6": [_rev_write(50.0, 6, 2), _rev_write(110.0, 6, 3)],
+        "r7": [_rev_write(50.0, 7, 1)],
+        "r8": [_rev_write(140.0, 8, 2)],
+    }
+    with_deletes = checker.Report()
+    checker.check_staleness(deletes, history_d, [], with_deletes, bound=35.0)
+    assert with_deletes.ok, with_deletes.summary()
+    assert with_deletes.staleness == {"measured": 6, "p50": 10.0, "p99": 15.0, "max": 20.0}
+    faulty = checker.Report()  # the chaos stack: figures only, no bound
+    checker.check_staleness(committed, history, letters, faulty, bound=None)
+    assert faulty.ok and faulty.staleness["max"] == 40.0

@@ -189,6 +189,10 @@ class Workload:
         self.next_id = 1
         self.holders: list[Holder] = []
         self.stats = WorkloadStats()
+        # (wall clock just after the commit returned, key, Rev; None: deleted) of every valid
+        # order row committed live and every delete: the staleness check measures each until
+        # the CRM holds it or something newer
+        self.committed_at: list[tuple[float, int, int | None]] = []
         self._conn: psycopg.AsyncConnection[Any] | None = None
         # customers: committed rows, their keys (for a seeded choice), the highest rev each
         # reached, and those named by an order but not inserted yet (oldest first)
@@ -255,8 +259,14 @@ class Workload:
             self.stats.bad_writes += 1
         return row
 
-    def _commit_model(self, writes: dict[int, Row | None]) -> None:
+    def _commit_model(self, writes: dict[int, Row | None], *, at: float | None = None) -> None:
+        """The model after a commit; ``at``: when it returned (a live commit; not the initial
+        rows, nor a resync after a lost connection, whose commit moment is unknown)."""
         for k, row in writes.items():
+            if at is not None and row is None:
+                self.committed_at.append((at, k, None))
+            elif at is not None and row is not None and invalid_reason(row) is None:
+                self.committed_at.append((at, k, int(row["rev"])))
             slot = self.slots.setdefault(k, KeySlot(None, 0))
             slot.row = row
             if row is not None:
@@ -510,7 +520,7 @@ class Workload:
             await self._resync(set(writes))
             return
         if not rollback:
-            self._commit_model(writes)
+            self._commit_model(writes, at=time.time())
 
     async def _drop_main(self) -> None:
         if self._conn is not None:
@@ -573,7 +583,7 @@ class Workload:
             finally:
                 await h.conn.close()
             if h.commit:
-                self._commit_model(dict(h.writes))
+                self._commit_model(dict(h.writes), at=time.time())
 
     async def _mass_update(self, n: int) -> None:
         note = f"batch {n} of seed {self.seed}"
@@ -589,6 +599,7 @@ class Workload:
             await self._drop_main()
             await self._resync(set(self.live.items))
             return
+        at = time.time()
         for k in list(self.live.items):
             if k in self.locked:
                 continue
@@ -597,6 +608,8 @@ class Workload:
             row = dict(slot.row, rev=int(slot.row["rev"]) + 1, notes=note)
             slot.row = row
             slot.max_rev = max(slot.max_rev, int(row["rev"]))
+            if invalid_reason(row) is None:
+                self.committed_at.append((at, k, int(row["rev"])))
         self.stats.mass_updates += 1
         self.stats.row_writes += len(self.live) - len(locked)
         if self.on_mass_update is not None:
