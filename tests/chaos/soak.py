@@ -4,7 +4,8 @@
         [--workdir DIR] [--keep] [--json result.json]
 
 Prints the seed first and again when the run fails (rerun with ``--seed``); exit 0 only when
-every check passed (end state, dead letters, history, credits within 15 % of the fault-free
+every check passed (end state, dead letters, history, every change of the fault-free run in
+the CRM within ``max_staleness`` + 5 s of its commit, credits within 15 % of the fault-free
 run of the same seed, no secret in any output).
 """
 
