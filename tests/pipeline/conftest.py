@@ -222,3 +222,37 @@ def wait_for(pred: Callable[[], bool], timeout: float = 30.0) -> Any:
             await asyncio.sleep(0.02)
 
     return asyncio.wait_for(loop(), timeout)
+
+
+async def needs_read_while_running(
+    engine: Any, dsn: str, parent: str, synced: tuple[str, str]
+) -> dict[str, float]:
+    """Run ``engine`` until ``parent_demand`` names some key of ``parent`` (at most 20 s), with
+    ``synced`` = (pipeline, key) marked in the CRM first; returns the needs (session 22: a
+    child read pulls its new parents forward at once)."""
+    import asyncio
+
+    import psycopg
+
+    from connector.emitter_parents import parent_demands
+
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute(
+            "INSERT INTO connector.key_state (pipeline, key, crm_id, status)"
+            " VALUES (%s, %s, '99', 'synced')",
+            synced,
+        )
+    stop = asyncio.Event()
+    task = asyncio.create_task(engine.run(stop))
+    needs: dict[str, float] = {}
+    try:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            for _ in range(400):  # at most 20 s; the tests' children are due after 59 s
+                needs = await parent_demands(conn, SCHEMA, parent, 10)
+                if needs:
+                    break
+                await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await task
+    return needs

@@ -34,7 +34,7 @@ from connector.planner import PendingKey
 from connector.verify import verify
 from connector.zoho.client import ZohoClient
 from tests.emulator.test_relations import relations_config
-from tests.pipeline.conftest import FAST, SCHEMA, fetch, make_client
+from tests.pipeline.conftest import FAST, SCHEMA, fetch, make_client, needs_read_while_running
 
 DDL = """
 CREATE TABLE public.customers (id bigint PRIMARY KEY, name text, city text);
@@ -545,26 +545,9 @@ async def test_a_child_read_pulls_its_new_parent_before_its_own_deadline(
     when it needs the new customer: its deadline less the send lead. An order whose customer
     is in the CRM needs nothing; nothing is sent or asked before the order is due."""
     await shop.write("INSERT INTO public.customers VALUES (1, 'Acme', 'Oslo'), (2, 'B', 'C')")
-    async with await psycopg.AsyncConnection.connect(shop.dsn, autocommit=True) as conn:
-        await conn.execute(
-            "INSERT INTO connector.key_state (pipeline, key, crm_id, status)"
-            " VALUES ('customers', '2', '99', 'synced')"
-        )
     await shop.write("INSERT INTO public.orders VALUES (10, 'o10', 1), (20, 'o20', 2)")
     child = await build(orders(max_staleness="60s", freshness="economy"))
-    stop = asyncio.Event()
-    task = asyncio.create_task(child.run(stop))
-    needs: dict[str, float] = {}
-    try:
-        async with await psycopg.AsyncConnection.connect(shop.dsn, autocommit=True) as conn:
-            for _ in range(400):  # at most 20 s; the order is due after 59 s
-                needs = await parent_demands(conn, SCHEMA, "customers", 10)
-                if needs:
-                    break
-                await asyncio.sleep(0.05)
-    finally:
-        stop.set()
-        await task
+    needs = await needs_read_while_running(child, shop.dsn, "customers", ("customers", "2"))
     assert list(needs) == ["1"]
     pending = child.coalescer.pending()
     assert set(pending) == {"10", "20"}  # nothing sent yet

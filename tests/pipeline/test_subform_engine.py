@@ -21,7 +21,6 @@ from connector import state
 from connector.capture import logical, triggers
 from connector.config import PipelineConfig
 from connector.costs import CostModel
-from connector.emitter_parents import parent_demands
 from connector.emulator import start_emulator
 from connector.emulator.server import EmulatorHandle
 from connector.engine import Engine
@@ -30,7 +29,7 @@ from connector.metrics import Metrics
 from connector.parents import PARENT_NOT_SYNCED
 from connector.pipeline import build_pipeline, chain_credits
 from connector.zoho.client import ZohoClient
-from tests.pipeline.conftest import FAST, SCHEMA, make_client
+from tests.pipeline.conftest import FAST, SCHEMA, make_client, needs_read_while_running
 from tests.unit.test_mapping_subform import emulator_config
 
 DDL = """
@@ -290,26 +289,9 @@ async def test_lines_read_pull_their_new_order_forward_at_once(
     demo held the lines of every new order, after the bound). Lines of an order in the CRM
     need nothing."""
     await shop.write("INSERT INTO public.orders VALUES (1, 'o1'), (2, 'o2')")
-    async with await psycopg.AsyncConnection.connect(shop.dsn, autocommit=True) as conn:
-        await conn.execute(
-            "INSERT INTO connector.key_state (pipeline, key, crm_id, status)"
-            " VALUES ('orders', '2', '99', 'synced')"
-        )
     await shop.write("INSERT INTO public.order_lines VALUES (1, 1, 'a', 1), (2, 2, 'b', 2)")
     child = await build(lines(max_staleness="60s", freshness="economy"))
-    stop = asyncio.Event()
-    task = asyncio.create_task(child.run(stop))
-    needs: dict[str, float] = {}
-    try:
-        async with await psycopg.AsyncConnection.connect(shop.dsn, autocommit=True) as conn:
-            for _ in range(400):  # at most 20 s; the lines are due after 59 s
-                needs = await parent_demands(conn, SCHEMA, "orders", 10)
-                if needs:
-                    break
-                await asyncio.sleep(0.05)
-    finally:
-        stop.set()
-        await task
+    needs = await needs_read_while_running(child, shop.dsn, "orders", ("orders", "2"))
     assert list(needs) == ["1"]
     line = child.coalescer.pending()["1"]
     lead = child.emitter._send_lead()  # type: ignore[union-attr]
