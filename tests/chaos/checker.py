@@ -210,8 +210,9 @@ def check_staleness(
     workload's wall clock just after the commit returned, so a little late: the figure errs
     short), the seconds until the CRM first reflected it or something newer:
 
-    * a row (``Rev`` r): a write of ``Rev`` r or higher, or a CRM delete of the key after a
-      later source delete of it (the version was deleted before it was sent: coalesced);
+    * a row (``Rev`` r): a write of ``Rev`` r or higher, or, when the source deleted the row
+      later, the moment the CRM held no record of the key after that delete (at once when it
+      held none: inserted and deleted before anything was sent, or deleted already);
     * a delete: at once when the CRM holds no record of the key then (never sent, or deleted
       already), else a CRM delete of the key after it, or a write of a ``Rev`` above every
       one committed before it (inserted again before the delete was sent).
@@ -266,6 +267,18 @@ def check_staleness(
         i = bisect.bisect_left(times, t)
         return times[i] if i < len(times) else None
 
+    def gone_at(key: str, t: float) -> float | None:
+        """When the CRM first held no record of ``key`` at or after ``t``: ``t`` itself when
+        it held none then (never written, or its record deleted already), else its next
+        delete."""
+        times = arrivals.get(key, ([], [], []))[1]
+        dels = crm_deletes.get(key, [])
+        last_write = max((w for w in times if w <= t), default=None)
+        last_del = max((d for d in dels if d <= t), default=None)
+        if last_write is None or (last_del is not None and last_del >= last_write):
+            return t
+        return first_at_or_after(dels, t)
+
     samples: list[float] = []
     top_rev: dict[str, int] = {}  # per key, the highest Rev committed so far (commit order)
     for at, k, rev in sorted(committed_at, key=lambda c: c[0]):
@@ -279,17 +292,13 @@ def check_staleness(
             if i < len(revs):
                 arrived = (times[i], apis[i])
             later = [t for t in source_deletes.get(key, []) if t > at]
-            crm_del = first_at_or_after(dels, later[0]) if later else None
-            if crm_del is not None and (arrived is None or crm_del < arrived[0]):
-                arrived = (crm_del, "delete")
+            gone = gone_at(key, later[0]) if later else None
+            if gone is not None and (arrived is None or gone < arrived[0]):
+                arrived = (gone, "delete")  # deleted at the source before it was sent
         else:
-            last_write = max((t for t in times if t <= at), default=None)
-            last_del = max((t for t in dels if t <= at), default=None)
-            crm_del = first_at_or_after(dels, at)
-            if last_write is None or (last_del is not None and last_del >= last_write):
-                arrived = (at, "no record in the CRM")  # nothing there to delete
-            elif crm_del is not None:
-                arrived = (crm_del, "delete")
+            gone = gone_at(key, at)
+            if gone is not None:
+                arrived = (gone, "delete" if gone > at else "no record in the CRM")
             i = bisect.bisect_right(revs, top_rev.get(key, 0))
             j = bisect.bisect_left(times, at, lo=i)
             if j < len(times) and (arrived is None or times[j] < arrived[0]):

@@ -450,6 +450,9 @@ def test_staleness_runs_from_each_commit_until_the_crm_holds_it_or_newer() -> No
         (100.0, 7, None),
         (100.0, 8, None),  # key 8 never reached the CRM: its delete has nothing to do (0 s)
         (130.0, 8, 2),  # inserted again: its own write at 140 (10 s)
+        (200.0, 9, 3),  # key 9, deleted in the CRM at 60, inserted again at 200 and deleted
+        (212.0, 9, None),  # at 212 before anything was sent: both reflected at 212 (12 s, 0 s)
+        (400.0, 9, 5),  # inserted again: written at 410 (10 s)
     ]
     history_d = {
         # the delete's entry without values, as the emulator may keep it
@@ -457,11 +460,13 @@ def test_staleness_runs_from_each_commit_until_the_crm_holds_it_or_newer() -> No
         "r6": [_rev_write(50.0, 6, 2), _rev_write(110.0, 6, 3)],
         "r7": [_rev_write(50.0, 7, 1)],
         "r8": [_rev_write(140.0, 8, 2)],
+        "r9": [_rev_write(50.0, 9, 2), _rev_write(60.0, 9, 2, api="delete")],
+        "r9b": [_rev_write(410.0, 9, 5)],
     }
     with_deletes = checker.Report()
     checker.check_staleness(deletes, history_d, [], with_deletes, bound=35.0)
     assert with_deletes.ok, with_deletes.summary()
-    assert with_deletes.staleness == {"measured": 6, "p50": 10.0, "p99": 15.0, "max": 20.0}
+    assert with_deletes.staleness == {"measured": 9, "p50": 10.0, "p99": 15.0, "max": 20.0}
     faulty = checker.Report()  # the chaos stack: figures only, no bound
     checker.check_staleness(committed, history, letters, faulty, bound=None)
     assert faulty.ok and faulty.staleness["max"] == 40.0
