@@ -174,12 +174,9 @@ class OutboxReading:
     async def _foresee(self, conn: psycopg.AsyncConnection[Any], events: list[ChangeEvent]) -> None:
         """Parents first, ahead of time (``ParentGate.foresee``): the parents the batch's live
         writes name and the CRM does not hold yet are pulled forward now, so the parent's
-        pipeline plans them before the children are due. Nothing for a pipeline without
-        parents."""
-        if self.emitter is None or (
-            self.pipeline.subform_of is None
-            and not any(m.type == "lookup" for m in self.pipeline.fields.values())
-        ):
+        pipeline plans them before the children are due. A pipeline without parents asks
+        nothing (``ParentGate.foresee`` returns at once)."""
+        if self.emitter is None:
             return
         pending = self.coalescer.pending()
         keys = dict.fromkeys(ev.key for ev in events if ev.op not in (Op.SNAPSHOT, Op.DELETE))
